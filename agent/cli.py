@@ -1,0 +1,23 @@
+"""``ewtune agent ...``: commands a data holder runs. Each module below adds its own subcommands."""
+
+from __future__ import annotations
+
+import importlib
+
+_COMMAND_MODULES = (
+    "agent.train_cli",  # ewtune agent train-local
+    "agent.daemon_cli",  # ewtune agent start
+)
+
+
+def register(subparsers) -> None:
+    agent = subparsers.add_parser("agent", help="data-holder commands: private local training, the agent daemon")
+    commands = agent.add_subparsers(dest="agent_command", metavar="AGENT_COMMAND", required=True)
+    for module_name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as missing:
+            if missing.name != module_name:
+                raise
+            continue
+        module.register(commands)

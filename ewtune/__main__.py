@@ -1,0 +1,5 @@
+import sys
+
+from ewtune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""``ewtune``: one command, a subcommand group per part.
+
+Each part exposes ``register(subparsers)`` in a module that imports only argparse at import time, so that
+``ewtune accountant ...`` and ``ewtune ledger ...`` start without importing torch, transformers or flwr.
+A handler is the callable stored as ``func`` in the parsed namespace; it returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from accountant.errors import EwtuneError
+
+# (module, what it adds): each module defines ``register(subparsers)``.
+_PARTS = (
+    "accountant.cli",  # ewtune accountant
+    "accountant.ledger_cli",  # ewtune ledger
+    "agent.cli",  # ewtune agent
+    "coordinator.cli",  # ewtune coordinator
+    "ewtune.federation_cli",  # ewtune keys, ewtune demo
+    "ewtune.commands",  # ewtune bench
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ewtune",
+        description="Federated on-premise fine-tuning with differential privacy, accounted with a "
+        "certified (PLD) bound and the Edgeworth estimate beside it.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in _PARTS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as missing:
+            if missing.name != module_name:
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EwtuneError as error:
+        if args.debug:
+            raise
+        print(f"ewtune: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("ewtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""What a ledger's entries mean: per-holder accounts, replayed entry by entry, and each holder's spend.
+
+A holder's spend is the *composition* of every event recorded for it that can still release something:
+the committed events (steps actually run) plus the open reservations (planned, not yet committed or aborted).
+Epsilon is recomputed from that one composed event with the certified accountant (the guarantee); the
+Edgeworth estimate (arXiv 2206.04236) is computed beside it and labelled as an estimate. Epsilons are never
+summed: basic composition overstates them by 29-110% (notes/accountant.md, d.1).
+
+Both the writer (:mod:`accountant.ledger`, pre-flight) and the auditor (:mod:`accountant.verify`) replay
+entries through :class:`LedgerState`, so both read a ledger the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+from accountant.errors import EwtuneError, InvalidInputError, UnknownEventKindError
+from accountant.events import (
+    ComposedEvent,
+    DpEvent,
+    Neighbouring,
+    PoissonGaussianEvent,
+    event_from_json,
+    mechanisms,
+)
+from accountant.signing import load_public_key
+
+LEDGER_SCHEMA = 1
+KINDS = ("genesis", "holder", "reserve", "commit", "abort", "repair")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+MechanismKey = tuple[tuple[tuple[float, float, Neighbouring], int], ...]
+
+
+@dataclass(frozen=True)
+class HolderSpend:
+    """One holder's spend: ``epsilon_certified`` is the guarantee at ``budget_delta``; ``epsilon_edgeworth``
+    is the order-1 Edgeworth *estimate* of the same composition (None when it could not be computed)."""
+
+    holder_id: str
+    budget_epsilon: float
+    budget_delta: float
+    committed_events: tuple[DpEvent, ...]
+    open_reservations: Mapping[int, DpEvent]
+    epsilon_certified: float
+    epsilon_edgeworth: float | None
+
+    @property
+    def event(self) -> ComposedEvent:
+        return ComposedEvent(self.committed_events + tuple(self.open_reservations.values()))
+
+    @property
+    def budget_left_epsilon(self) -> float:
+        return max(0.0, self.budget_epsilon - self.epsilon_certified)
+
+    @property
+    def within_budget(self) -> bool:
+        return self.epsilon_certified <= self.budget_epsilon
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "holder": self.holder_id,
+            "budget_epsilon": self.budget_epsilon,
+            "budget_delta": self.budget_delta,
+            "epsilon_certified": self.epsilon_certified,
+            "epsilon_edgeworth_estimate": self.epsilon_edgeworth,
+            "budget_left_epsilon": self.budget_left_epsilon,
+            "mechanisms": [
+                {"sampling_rate": q, "noise_multiplier": sigma, "neighbouring": relation.value, "steps": steps}
+                for (q, sigma, relation), steps in _mechanism_key(self.event)
+            ],
+            "committed_events": len(self.committed_events),
+            "open_reservations": sorted(self.open_reservations),
+        }
+
+
+@dataclass
+class HolderAccount:
+    """A holder's budget and the events recorded for it so far, keyed by the seq of their entries."""
+
+    holder_id: str
+    public_key: str | None
+    budget_epsilon: float
+    budget_delta: float
+    committed: dict[int, DpEvent] = field(default_factory=dict)  # commit seq -> executed event
+    open: dict[int, DpEvent] = field(default_factory=dict)  # reserve seq -> planned event
+
+    def spend(self, committed: Iterable[DpEvent] = (), open_: Mapping[int, DpEvent] | None = None) -> HolderSpend:
+        """The spend now, or with hypothetical ``committed`` events added and ``open_`` replacing the open
+        reservations (the writer states the spend an entry leads to before it writes the entry)."""
+        committed_events = tuple(self.committed.values()) + tuple(committed)
+        open_events = dict(self.open if open_ is None else open_)
+        key = _mechanism_key(ComposedEvent(committed_events + tuple(open_events.values())))
+        return HolderSpend(
+            holder_id=self.holder_id,
+            budget_epsilon=self.budget_epsilon,
+            budget_delta=self.budget_delta,
+            committed_events=committed_events,
+            open_reservations=open_events,
+            epsilon_certified=certified_epsilon_cached(key, self.budget_delta),
+            epsilon_edgeworth=edgeworth_epsilon_cached(key, self.budget_delta),
+        )
+
+
+@dataclass(frozen=True)
+class Reservation:
+    seq: int
+    holder_id: str
+    run_id: str
+    round: int
+    event: DpEvent
+
+
+class LedgerState:
+    """Replays entries (already checked for chain and signature) and refuses any that breaks the rules:
+    holders registered once, reservations for known holders, each reservation closed once, a commit never
+    recording more steps than reserved. ``prepare`` validates without changing anything and returns the
+    change to apply, so a refused entry leaves the state as it was."""
+
+    def __init__(self) -> None:
+        self.writer: str | None = None
+        self.public_key: str | None = None
+        self.accountant: Any = None
+        self.holders: dict[str, HolderAccount] = {}
+        self.reservations: dict[int, Reservation] = {}
+        self.closed: dict[int, int] = {}  # reserve seq -> seq of the commit/abort that closed it
+        self.repairs: list[int] = []
+
+    def apply(self, entry: Mapping[str, Any]) -> str | None:
+        """Apply ``entry``; returns the holder whose spend it changed, if any."""
+        return self.prepare(entry)()
+
+    def prepare(self, entry: Mapping[str, Any]) -> Callable[[], str | None]:
+        kind = entry.get("kind")
+        if kind not in KINDS:
+            raise UnknownEventKindError(f"unknown entry kind {kind!r}: this release cannot account it")
+        payload = entry.get("payload")
+        if not isinstance(payload, dict):
+            raise InvalidInputError(f"the payload of a {kind} entry must be a JSON object")
+        if kind != "genesis" and self.writer is None:
+            raise InvalidInputError("the first entry must be the genesis entry")
+        return getattr(self, f"_prepare_{kind}")(entry["seq"], payload)
+
+    def spend(self, holder_id: str) -> HolderSpend:
+        return self.holders[holder_id].spend()
+
+    def open_reservation(self, seq: Any) -> Reservation:
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq not in self.reservations:
+            raise InvalidInputError(f"seq {seq!r} is not a reservation")
+        if seq in self.closed:
+            raise InvalidInputError(f"reservation {seq} was already closed by entry {self.closed[seq]}")
+        return self.reservations[seq]
+
+    def _prepare_genesis(self, seq: int, payload: dict) -> Callable[[], None]:
+        if self.writer is not None or seq != 0:
+            raise InvalidInputError("a ledger has exactly one genesis entry, at seq 0")
+        if payload.get("schema") != LEDGER_SCHEMA:
+            raise UnknownEventKindError(
+                f"unknown ledger schema {payload.get('schema')!r} (this release reads {LEDGER_SCHEMA})"
+            )
+        writer = _text(payload, "writer")
+        public_key = _public_key(payload)
+        policy = payload.get("policy")
+        if not isinstance(policy, dict):
+            raise InvalidInputError("genesis lacks the policy object")
+        account = HolderAccount(writer, public_key, *_budget(policy))
+        accountant = payload.get("accountant")
+
+        def change() -> None:
+            self.writer, self.public_key, self.accountant = writer, public_key, accountant
+            self.holders[writer] = account
+
+        return change
+
+    def _prepare_holder(self, seq: int, payload: dict) -> Callable[[], None]:
+        holder_id = _text(payload, "holder")
+        if holder_id in self.holders:
+            raise InvalidInputError(f"holder {holder_id!r} is already registered")
+        account = HolderAccount(holder_id, _public_key(payload), *_budget(payload))
+
+        def change() -> None:
+            self.holders[holder_id] = account
+
+        return change
+
+    def _prepare_reserve(self, seq: int, payload: dict) -> Callable[[], str]:
+        holder_id = _text(payload, "holder")
+        if holder_id not in self.holders:
+            raise InvalidInputError(f"reservation for the unregistered holder {holder_id!r}")
+        run_id = _text(payload, "run_id")
+        round_ = payload.get("round")
+        if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
+            raise InvalidInputError(f"round must be an integer >= 0, got {round_!r}")
+        reservation = Reservation(seq, holder_id, run_id, round_, _event(payload))
+
+        def change() -> str:
+            self.reservations[seq] = reservation
+            self.holders[holder_id].open[seq] = reservation.event
+            return holder_id
+
+        return change
+
+    def _prepare_commit(self, seq: int, payload: dict) -> Callable[[], str]:
+        reservation = self.open_reservation(payload.get("reservation"))
+        executed = _event(payload)
+        check_within(executed, reservation.event)
+        digest = payload.get("receipt_sha256")
+        if digest is not None and not (isinstance(digest, str) and _SHA256_HEX.fullmatch(digest)):
+            raise InvalidInputError("receipt_sha256 must be 64 lower-case hex digits")
+
+        def change() -> str:
+            account = self.holders[reservation.holder_id]
+            del account.open[reservation.seq]
+            account.committed[seq] = executed
+            self.closed[reservation.seq] = seq
+            return reservation.holder_id
+
+        return change
+
+    def _prepare_abort(self, seq: int, payload: dict) -> Callable[[], str]:
+        reservation = self.open_reservation(payload.get("reservation"))
+        _text(payload, "reason")
+
+        def change() -> str:
+            del self.holders[reservation.holder_id].open[reservation.seq]
+            self.closed[reservation.seq] = seq
+            return reservation.holder_id
+
+        return change
+
+    def _prepare_repair(self, seq: int, payload: dict) -> Callable[[], None]:
+        length = payload.get("torn_bytes")
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise InvalidInputError("a repair entry needs torn_bytes >= 1")
+        if not (isinstance(payload.get("torn_sha256"), str) and _SHA256_HEX.fullmatch(payload["torn_sha256"])):
+            raise InvalidInputError("a repair entry needs torn_sha256 (64 hex digits)")
+
+        def change() -> None:
+            self.repairs.append(seq)
+
+        return change
+
+
+def check_within(executed: DpEvent, planned: DpEvent) -> None:
+    """Refuse an executed event that is not a sub-composition of the planned one: it may run fewer steps
+    of each planned mechanism (stopped early), never more, and no mechanism that was not planned."""
+    planned_steps = mechanisms(planned)
+    for mechanism, steps in mechanisms(executed).items():
+        allowed = planned_steps.get(mechanism, 0)
+        if steps > allowed:
+            q, sigma, relation = mechanism
+            raise InvalidInputError(
+                f"commit records {steps} steps of (q={q!r}, sigma={sigma!r}, {relation.value}) "
+                f"but only {allowed} were reserved"
+            )
+
+
+def holder_spends(entries: Iterable[Mapping[str, Any]]) -> dict[str, HolderSpend]:
+    """Every holder's spend after ``entries`` (parsed ledger lines, in order)."""
+    state = replay(entries)
+    return {holder_id: state.spend(holder_id) for holder_id in state.holders}
+
+
+def spend_with(entries: Iterable[Mapping[str, Any]], holder_id: str, extra_event: DpEvent) -> HolderSpend:
+    """The spend ``holder_id`` would have after reserving ``extra_event`` as the next entry (the pre-flight
+    check)."""
+    entries = list(entries)
+    state = replay(entries)
+    if holder_id not in state.holders:
+        raise InvalidInputError(f"unknown holder {holder_id!r}")
+    account = state.holders[holder_id]
+    return account.spend(open_={**account.open, len(entries): extra_event})
+
+
+def replay(entries: Iterable[Mapping[str, Any]]) -> LedgerState:
+    state = LedgerState()
+    for entry in entries:
+        state.apply(entry)
+    return state
+
+
+def _mechanism_key(event: DpEvent) -> MechanismKey:
+    """Composition is commutative: the steps per distinct mechanism, sorted, identify the composed event,
+    so the writer and every verifier account exactly the same event (and the cache hits across reorders)."""
+    return tuple(sorted(mechanisms(event).items()))
+
+
+def _event_of(key: MechanismKey) -> ComposedEvent:
+    return ComposedEvent(tuple(PoissonGaussianEvent(q, sigma, steps, relation) for (q, sigma, relation), steps in key))
+
+
+@functools.lru_cache(maxsize=4096)
+def certified_epsilon_cached(key: MechanismKey, delta: float) -> float:
+    """The certified epsilon of the composition ``key`` at ``delta``; 0 when nothing was spent."""
+    if not key:
+        return 0.0
+    from accountant.certified import certified_epsilon
+
+    return float(certified_epsilon(_event_of(key), delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def edgeworth_epsilon_cached(key: MechanismKey, delta: float) -> float | None:
+    """The order-1 Edgeworth estimate beside the guarantee; None where the estimate cannot be computed."""
+    if not key:
+        return 0.0
+    from accountant.edgeworth import edgeworth_epsilon
+
+    try:
+        value = float(edgeworth_epsilon(_event_of(key), delta, order=1))
+    except EwtuneError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _text(payload: Mapping[str, Any], name: str) -> str:
+    value = payload.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidInputError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _public_key(payload: Mapping[str, Any]) -> str:
+    text = _text(payload, "public_key")
+    load_public_key(text)
+    return text
+
+
+def _budget(policy: Mapping[str, Any]) -> tuple[float, float]:
+    epsilon, delta = policy.get("budget_epsilon"), policy.get("budget_delta")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (0 < epsilon < math.inf):
+        raise InvalidInputError(f"budget epsilon must be a finite number > 0, got {epsilon!r}")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (0 < delta < 1):
+        raise InvalidInputError(f"budget delta must be in (0, 1), got {delta!r}")
+    return float(epsilon), float(delta)
+
+
+def _event(payload: Mapping[str, Any]) -> DpEvent:
+    event = event_from_json(payload.get("event"))
+    if not mechanisms(event):
+        raise InvalidInputError("an event with no steps cannot be reserved or committed")
+    return event

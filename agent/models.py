@@ -1,0 +1,188 @@
+"""Loading a Hugging Face model and its tokenizer from a local directory (never the hub), wrapping it for LoRA
+(Hu et al. 2021, through ``peft``) or full fine-tuning, and exchanging only its trainable parameters."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from accountant.errors import InvalidInputError
+
+TASKS = ("classification", "causal_lm")
+MODES = ("lora", "full")
+
+# LoRA on every attention projection, the setting of Yu et al. (ICLR 2022) for DP fine-tuning; model types not
+# listed fall back to peft's own defaults.
+DEFAULT_LORA_TARGETS = {
+    "bert": ("query", "key", "value"),
+    "roberta": ("query", "key", "value"),
+    "xlm-roberta": ("query", "key", "value"),
+    "electra": ("query", "key", "value"),
+    "mpnet": ("q", "k", "v"),
+    "distilbert": ("q_lin", "k_lin", "v_lin"),
+    "gpt2": ("c_attn",),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gemma3_text": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+
+
+def load_tokenizer(model_dir):
+    """The tokenizer in ``model_dir``; a pad token is set to EOS when the tokenizer has none (GPT-2)."""
+    from transformers import AutoTokenizer
+
+    model_dir = _checked_model_dir(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise InvalidInputError(f"cannot load a tokenizer from {model_dir}: {_first_line(error)}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise InvalidInputError(f"the tokenizer in {model_dir} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    model_dir,
+    task: str = "classification",
+    num_labels: int = 2,
+    mode: str = "lora",
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_target_modules=None,
+    pad_token_id: int | None = None,
+):
+    """The model in ``model_dir`` for ``task``, with LoRA adapters (``mode="lora"``; the classifier head stays
+    trainable) or every parameter trainable (``mode="full"``). Eager attention: per-example gradient hooks
+    see plain linear layers and softmax."""
+    if task not in TASKS:
+        raise InvalidInputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if mode not in MODES:
+        raise InvalidInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    model_dir = _checked_model_dir(model_dir)
+    model = _load_base_model(model_dir, task, num_labels)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    if mode == "full":
+        model.requires_grad_(True)
+        return model
+    return _with_lora(model, task, lora_rank, lora_alpha, lora_target_modules)
+
+
+def _load_base_model(model_dir: Path, task: str, num_labels: int):
+    import transformers
+
+    if task == "classification" and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2):
+        raise InvalidInputError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+    auto_class, extra = (
+        (transformers.AutoModelForSequenceClassification, {"num_labels": num_labels})
+        if task == "classification"
+        else (transformers.AutoModelForCausalLM, {})
+    )
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # a freshly initialised classifier head is expected here
+    transformers.logging.disable_progress_bar()
+    try:
+        return auto_class.from_pretrained(
+            model_dir, local_files_only=True, attn_implementation="eager", dtype=torch.float32, **extra
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise InvalidInputError(f"cannot load a {task} model from {model_dir}: {_first_line(error)}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+
+
+def _with_lora(model, task: str, rank: int, alpha: float, target_modules):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise InvalidInputError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+    targets = list(target_modules) if target_modules else default_lora_targets(model.config.model_type)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=targets,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        raise InvalidInputError(f"cannot add LoRA adapters to {targets}: {_first_line(error)}") from None
+
+
+def default_lora_targets(model_type: str) -> list[str]:
+    """The attention projections LoRA adapts for ``model_type``, or peft's defaults for other types."""
+    if model_type in DEFAULT_LORA_TARGETS:
+        return list(DEFAULT_LORA_TARGETS[model_type])
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    if model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+    raise InvalidInputError(f"no default LoRA target modules for model type {model_type!r}: name them explicitly")
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Copies of the trainable parameters, keyed by their names in ``model`` (stable for a given config)."""
+    return {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def load_trainable_state(model, state) -> None:
+    """Copy ``state`` into the trainable parameters; the names and shapes must match exactly."""
+    params = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise InvalidInputError(
+            f"trainable state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            value = torch.as_tensor(state[name])
+            if tuple(value.shape) != tuple(param.shape):
+                raise InvalidInputError(f"{name}: shape {tuple(value.shape)} != model's {tuple(param.shape)}")
+            param.copy_(value)
+
+
+def save_model(model, tokenizer, output_dir) -> Path:
+    """Save the LoRA adapter (loadable with ``peft.PeftModel.from_pretrained``) or the full model, both in
+    safetensors, with the tokenizer beside it."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def model_id(model_dir) -> str:
+    """``<directory name>-<first 12 hex of SHA-256 of config.json>``: names the base model a holder serves."""
+    config = _checked_model_dir(model_dir) / "config.json"
+    canonical = json.dumps(json.loads(config.read_text()), sort_keys=True).encode()
+    return f"{config.parent.name}-{hashlib.sha256(canonical).hexdigest()[:12]}"
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _checked_model_dir(model_dir) -> Path:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise InvalidInputError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise InvalidInputError(f"{path} is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

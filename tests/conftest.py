@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random Hugging Face models (with the real MiniLM WordPiece tokenizer) and a small MR
+CSV, all built once per test session in seconds and offline."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+VOCAB_SIZE = 30522  # the MiniLM (bert-base-uncased) WordPiece vocabulary
+
+
+def _copy_minilm_tokenizer(target) -> None:
+    from agent.assets import minilm_model_dir
+
+    source = minilm_model_dir()
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, target / name)
+
+
+def _save_tiny(model, directory):
+    import torch
+
+    model.save_pretrained(directory, safe_serialization=True)
+    _copy_minilm_tokenizer(directory)
+    torch.manual_seed(0)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A randomly initialised 1-layer BERT (hidden 32) for 2-way sequence classification, with the MiniLM
+    tokenizer, saved in Hugging Face format."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
+    return _save_tiny(BertForSequenceClassification(config), tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A randomly initialised 1-layer GPT-2 (hidden 32) causal LM over the MiniLM vocabulary (pad id 0)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        n_positions=128,
+        pad_token_id=0,
+        bos_token_id=101,
+        eos_token_id=102,
+    )
+    return _save_tiny(GPT2LMHeadModel(config), tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def mr_csv(tmp_path_factory):
+    """400 MR sentences (columns text,label), shuffled with seed 0."""
+    from agent.assets import write_mr_csv
+
+    return write_mr_csv(tmp_path_factory.mktemp("mr") / "mr.csv", max_rows=400, seed=0)

@@ -69,10 +69,7 @@ class HolderSpend:
             "epsilon_certified": self.epsilon_certified,
             "epsilon_edgeworth_estimate": self.epsilon_edgeworth,
             "budget_left_epsilon": self.budget_left_epsilon,
-            "mechanisms": [
-                {"sampling_rate": q, "noise_multiplier": sigma, "neighbouring": relation.value, "steps": steps}
-                for (q, sigma, relation), steps in _mechanism_key(self.event)
-            ],
+            "mechanisms": mechanism_rows(self.event),
             "committed_events": len(self.committed_events),
             "open_reservations": sorted(self.open_reservations),
         }
@@ -281,6 +278,14 @@ def replay(entries: Iterable[Mapping[str, Any]]) -> LedgerState:
     for entry in entries:
         state.apply(entry)
     return state
+
+
+def mechanism_rows(event: DpEvent) -> list[dict[str, Any]]:
+    """The steps per distinct mechanism of ``event`` as JSON rows (for reports)."""
+    return [
+        {"sampling_rate": q, "noise_multiplier": sigma, "neighbouring": relation.value, "steps": steps}
+        for (q, sigma, relation), steps in _mechanism_key(event)
+    ]
 
 
 def _mechanism_key(event: DpEvent) -> MechanismKey:

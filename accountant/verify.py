@@ -1,0 +1,216 @@
+"""Offline audit of a ledger: the chain, the signatures, the rules, and every epsilon recomputed from events.
+
+An auditor needs only the file and (ideally) the writer's public key, obtained out of band and pinned: a
+ledger re-signed from genesis with another key is self-consistent, and only the pinned key exposes it.
+Epsilon is recomputed by composing each holder's events with the certified accountant pinned in genesis;
+stated epsilons must match to a relative 1e-9 (the accountant is deterministic). When this release's
+accountant differs from the pinned one, the statements cannot be checked and the report says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from accountant.errors import InvalidInputError
+from accountant.ledger import STATED_EPSILONS, ChainChecker, parse_line, split_lines
+from accountant.signing import canonical_json
+from accountant.spend import HolderSpend, LedgerState, mechanism_rows
+
+RELATIVE_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class BadEntry:
+    """The first entry that fails: its seq (the expected one when the line is unreadable), 1-based line."""
+
+    seq: int
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"seq {self.seq} (line {self.line}): {self.reason}"
+
+
+@dataclass
+class VerificationReport:
+    path: str
+    writer: str | None = None
+    public_key: str | None = None
+    entries_verified: int = 0
+    first_bad: BadEntry | None = None
+    torn_tail: dict[str, Any] | None = None
+    accountant_mismatch: str | None = None
+    holders: dict[str, HolderSpend] = field(default_factory=dict)
+    reservations: list[dict[str, Any]] = field(default_factory=list)
+    repairs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.first_bad is None and self.accountant_mismatch is None
+
+    def summary(self) -> str:
+        """One line: what holds, or the first thing that does not."""
+        if self.first_bad is not None:
+            return f"ledger {self.path}: FAILED at {self.first_bad}"
+        if self.accountant_mismatch is not None:
+            return f"ledger {self.path}: NOT VERIFIED: {self.accountant_mismatch}"
+        return (
+            f"ledger {self.path}: OK: {self.entries_verified} entries by {self.writer!r}, chain, signatures, "
+            f"rules and {len(self.holders)} holder spend(s) verified" + (f", {len(self.repairs)} repair(s)" if self.repairs else "")
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "writer": self.writer,
+            "public_key": self.public_key,
+            "entries_verified": self.entries_verified,
+            "first_bad": None if self.first_bad is None else vars(self.first_bad),
+            "torn_tail": self.torn_tail,
+            "accountant_mismatch": self.accountant_mismatch,
+            "holders": {holder_id: spend.to_json() for holder_id, spend in self.holders.items()},
+            "reservations": self.reservations,
+            "repairs": self.repairs,
+        }
+
+
+def verify_ledger(path: str | Path, public_keys: str | Mapping[str, str] | None = None) -> VerificationReport:
+    """Verify the ledger at ``path``. ``public_keys`` pins the writer's key: one base64 key, or a mapping
+    from writer id to key. A file that is not a ledger at all raises ``InvalidInputError``; every other
+    defect is reported in the result, naming the first bad entry."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise InvalidInputError(f"cannot read ledger {path}: {error.strerror or error}") from None
+    split = split_lines(data)
+    report = VerificationReport(str(path))
+    writer = _genesis_writer(path, split.lines)
+    pinned = public_keys.get(writer) if isinstance(public_keys, Mapping) else public_keys
+    chain, state = ChainChecker(pinned), LedgerState()
+    offset = 0
+    for number, line in enumerate(split.lines, start=1):
+        seq = chain.next_seq  # the entry is named by the seq it should carry: its own may be the defect
+        try:
+            if isinstance(public_keys, Mapping) and pinned is None:
+                raise InvalidInputError(f"no pinned public key was given for the writer {writer!r}")
+            entry = parse_line(line)
+            chain.check(entry)
+            holder_id = state.apply(entry)
+            if number == 1:
+                report.writer, report.public_key = state.writer, state.public_key
+                report.accountant_mismatch = _accountant_mismatch(state.accountant)
+            _check_repair_offset(entry, offset)
+            if holder_id is not None and report.accountant_mismatch is None:
+                _check_spend(entry, state.spend(holder_id))
+        except InvalidInputError as error:
+            report.first_bad = BadEntry(seq, number, str(error))
+            break
+        if entry["kind"] == "repair":
+            report.repairs.append({"seq": entry["seq"], "line": number, **entry["payload"]})
+        report.entries_verified += 1
+        offset += len(line) + 1
+    if report.first_bad is None and split.torn_tail:
+        report.torn_tail = {
+            "line": len(split.lines) + 1,
+            "offset": split.torn_offset,
+            "bytes": len(split.torn_tail),
+            "sha256": hashlib.sha256(split.torn_tail).hexdigest(),
+        }
+        report.first_bad = BadEntry(
+            chain.next_seq,
+            len(split.lines) + 1,
+            f"torn last line: {len(split.torn_tail)} bytes without a newline (a crash mid-write); "
+            "opening the ledger for writing repairs it",
+        )
+    report.holders = _spends(state)
+    report.reservations = _reservations(state)
+    return report
+
+
+def _genesis_writer(path: Path, lines: tuple[bytes, ...]) -> str | None:
+    """The writer named by genesis; a file whose first line is not a genesis entry is not a ledger."""
+    if not lines:
+        raise InvalidInputError(f"{path} is not a ledger: it holds no complete line")
+    try:
+        genesis = parse_line(lines[0])
+    except InvalidInputError as error:
+        raise InvalidInputError(f"{path} is not a ledger: line 1: {error}") from None
+    if genesis["kind"] != "genesis" or not isinstance(genesis["payload"], dict):
+        raise InvalidInputError(f"{path} is not a ledger: line 1 is not a genesis entry")
+    return genesis["payload"].get("writer")
+
+
+def _accountant_mismatch(pinned: Any) -> str | None:
+    from accountant.certified import CERTIFIED_ACCOUNTANT
+
+    if canonical_json(pinned) == canonical_json(dict(CERTIFIED_ACCOUNTANT)):
+        return None
+    return (
+        f"the ledger pins the accountant {canonical_json(pinned).decode()} but this release has "
+        f"{canonical_json(dict(CERTIFIED_ACCOUNTANT)).decode()}: stated epsilons were not checked"
+    )
+
+
+def _check_repair_offset(entry: Mapping[str, Any], offset: int) -> None:
+    """A repair entry is appended right where the torn bytes were cut: its own line starts at that offset."""
+    if entry["kind"] == "repair" and entry["payload"].get("offset") != offset:
+        raise InvalidInputError(
+            f"the repair entry states offset {entry['payload'].get('offset')!r} but starts at byte {offset}"
+        )
+
+
+def _check_spend(entry: Mapping[str, Any], spend: HolderSpend) -> None:
+    """Stated epsilons must equal the recomputed spend the entry leads to; a reservation must fit the budget."""
+    if entry["kind"] == "reserve" and spend.epsilon_certified > spend.budget_epsilon * (1 + RELATIVE_TOLERANCE):
+        raise InvalidInputError(
+            f"the reservation takes holder {spend.holder_id!r} to certified epsilon "
+            f"{spend.epsilon_certified!r} beyond its budget {spend.budget_epsilon!r}"
+        )
+    recomputed = {"epsilon_certified": spend.epsilon_certified, "epsilon_edgeworth": spend.epsilon_edgeworth}
+    for name in STATED_EPSILONS:
+        if name not in entry["payload"]:
+            continue
+        stated, actual = entry["payload"][name], recomputed[name]
+        if isinstance(stated, bool) or not isinstance(stated, (int, float)):
+            raise InvalidInputError(f"{name} must be a number, got {stated!r}")
+        if actual is None or not math.isclose(stated, actual, rel_tol=RELATIVE_TOLERANCE, abs_tol=1e-12):
+            raise InvalidInputError(
+                f"{name} stated {stated!r} for holder {spend.holder_id!r}, recomputed from the events {actual!r}"
+            )
+
+
+def _spends(state: LedgerState) -> dict[str, HolderSpend]:
+    spends = {}
+    for holder_id in state.holders:
+        try:
+            spends[holder_id] = state.spend(holder_id)
+        except InvalidInputError:
+            continue  # an entry was refused for this reason already, or the accountant differs: reported
+    return spends
+
+
+def _reservations(state: LedgerState) -> list[dict[str, Any]]:
+    """One row per reservation: planned and executed mechanisms, and whether it is open, committed or aborted."""
+    rows = []
+    for seq, reservation in state.reservations.items():
+        closed_by = state.closed.get(seq)
+        executed = state.holders[reservation.holder_id].committed.get(closed_by)
+        status = "open" if closed_by is None else ("committed" if executed is not None else "aborted")
+        rows.append({
+            "seq": seq,
+            "holder": reservation.holder_id,
+            "run_id": reservation.run_id,
+            "round": reservation.round,
+            "status": status,
+            "closed_by": closed_by,
+            "planned": mechanism_rows(reservation.event),
+            "executed": None if executed is None else mechanism_rows(executed),
+        })
+    return rows
+

@@ -37,38 +37,41 @@ _STEP = 0.01  # grid step for mu <= 10; smaller for larger mu (see _grid)
 
 @dataclass(frozen=True)
 class SideCumulants:
-    """Cumulants kappa_1..kappa_5 of one side (X or Y) of a PLLR, plus the absolute central moments
-    E|W - kappa_1|, E|W - kappa_1|^3 and E(W - kappa_1)^4 that the finite-sample Edgeworth error bound
-    needs (arXiv 2101.05780, Thm 2.1). For a composition, ``kappa`` holds the sums K_j and the moments
-    hold the sums of the per-step moments (what the non-identically distributed bound uses)."""
+    """Cumulants kappa_1..kappa_5 of one side (X or Y) of a PLLR, plus the moments of the centred step
+    W - kappa_1 that the finite-sample Edgeworth error bound needs (arXiv 2101.05780, Thm 2.1 / A.2):
+    E|W - kappa_1|^3, E(W - kappa_1)^4 and E|W - kappa_1| * Var W. For a composition every field holds the
+    sum over steps (cumulants add; the bound for independent, non-identical steps uses these sums)."""
 
     kappa: tuple[float, float, float, float, float]
-    abs_moment_1: float
     abs_moment_3: float
     moment_4: float
+    abs_moment_1_times_variance: float
 
     def negated(self) -> "SideCumulants":
-        """Cumulants of -W: odd cumulants change sign, absolute moments do not."""
+        """Cumulants of -W: odd cumulants change sign, absolute and even moments do not."""
         signs = (-1.0, 1.0, -1.0, 1.0, -1.0)
         return SideCumulants(
-            tuple(s * k for s, k in zip(signs, self.kappa)), self.abs_moment_1, self.abs_moment_3, self.moment_4
+            tuple(s * k for s, k in zip(signs, self.kappa)),
+            self.abs_moment_3,
+            self.moment_4,
+            self.abs_moment_1_times_variance,
         )
 
     def scaled(self, count: int) -> "SideCumulants":
         """The sum of ``count`` independent copies."""
         return SideCumulants(
             tuple(count * k for k in self.kappa),
-            count * self.abs_moment_1,
             count * self.abs_moment_3,
             count * self.moment_4,
+            count * self.abs_moment_1_times_variance,
         )
 
     def __add__(self, other: "SideCumulants") -> "SideCumulants":
         return SideCumulants(
             tuple(a + b for a, b in zip(self.kappa, other.kappa)),
-            self.abs_moment_1 + other.abs_moment_1,
             self.abs_moment_3 + other.abs_moment_3,
             self.moment_4 + other.moment_4,
+            self.abs_moment_1_times_variance + other.abs_moment_1_times_variance,
         )
 
 
@@ -152,7 +155,7 @@ def _side(values: np.ndarray, weights: np.ndarray) -> SideCumulants:
     m2, m3, m4, m5 = m[1], m[2], m[3], m[4]
     return SideCumulants(
         kappa=(mean, m2, m3, m4 - 3.0 * m2 * m2, m5 - 10.0 * m3 * m2),
-        abs_moment_1=float(np.dot(weights, np.abs(centred)) / total),
         abs_moment_3=float(np.dot(weights, np.abs(powers[2])) / total),
         moment_4=m4,
+        abs_moment_1_times_variance=float(np.dot(weights, np.abs(centred)) / total) * m2,
     )

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy import integrate
 
 from accountant.cumulants import directions, step_cumulants
-from accountant.edgeworth import composed_cumulants, edgeworth_delta, edgeworth_epsilon
+from accountant.edgeworth import composed_cumulants, edgeworth_bound_epsilon, edgeworth_delta, edgeworth_epsilon
 from accountant.errors import InvalidInputError
 from accountant.events import Neighbouring, PoissonGaussianEvent, compose
 
@@ -174,3 +174,37 @@ def test_bad_delta_is_refused(delta):
 def test_bad_order_is_refused():
     with pytest.raises(InvalidInputError):
         edgeworth_epsilon(SST2, 1e-5, order=4)
+
+
+def test_bound_is_vacuous_at_practical_delta():
+    # notes (a.6): the uniform error alone is ~0.1-2 here, far above delta = 1e-5.
+    assert edgeworth_bound_epsilon(SST2, 1e-5) is None
+
+
+def test_bound_certifies_at_large_delta_and_many_steps():
+    event = PoissonGaussianEvent(0.01, 2.0, 20000)
+    bound = edgeworth_bound_epsilon(event, 0.1)
+    assert bound is not None and math.isfinite(bound)
+    assert bound >= _dp_accounting_pld_epsilon(event, 0.1, 1e-4)
+    assert bound >= edgeworth_epsilon(event, 0.1)
+
+
+@pytest.mark.slow
+def test_bound_on_the_edgeworth_papers_fixed_delta_example():
+    # arXiv 2206.04236's fixed-delta experiment: delta = 0.1, sigma = 0.8, q = 0.08 sqrt(log n / n), n = 1e6.
+    n = 10**6
+    event = PoissonGaussianEvent(0.08 * math.sqrt(math.log(n) / n), 0.8, n)
+    bound = edgeworth_bound_epsilon(event, 0.1)
+    assert bound is not None
+    assert bound >= _dp_accounting_pld_epsilon(event, 0.1, 1e-4)
+
+
+def test_uniform_error_is_at_least_its_leading_term_and_shrinks_with_n():
+    from accountant.edgeworth_error import uniform_error
+
+    k3, k3_tilde, k4, lam3 = 2.0, 3.0, 9.0, 1.0
+    errors = [uniform_error(n, k3, k3_tilde, k4, lam3) for n in (10**3, 10**4, 10**5)]
+    for n, error in zip((10**3, 10**4, 10**5), errors):
+        assert error >= 0.1995 * k3_tilde / math.sqrt(n)
+    assert errors[0] > errors[1] > errors[2]
+    assert uniform_error(10, k3, k3_tilde, 100.0, lam3) == math.inf  # Delta <= 0: theorem not applicable

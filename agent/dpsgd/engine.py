@@ -1,0 +1,164 @@
+"""Per-example clipping by book-keeping: one forward, one backward to the layer outputs, no second backward.
+
+``PerExampleClipper.clipped_grad_sum(batch)`` returns sum_i c_i g_i over the examples of a micro-batch,
+where g_i is example i's gradient of the trainable parameters and c_i = min(1, C / (||g_i|| + 1e-6)) (the
+Opacus convention; Abadi et al. 2016, Algorithm 1, clip step, with a guard against division by zero).
+
+How (Bu et al. 2023, "Differentially private optimization on large model at small cost", Algorithm 1):
+1. Forward hooks keep every call of a module that owns trainable parameters: its input and its output.
+2. ``torch.autograd.grad(sum_i loss_i, outputs)`` gives the gradients of the layer outputs only; autograd
+   forms no weight gradient ("ghost differentiation").
+3. Per layer, a rule (``rules``) turns (input, output gradient) into factored or direct per-example
+   gradients; ``ghost`` computes the squared norms (Gram matrices or instantiation, whichever is cheaper)
+   and, once the clip factors c_i are known, the clipped sum as one weighted matrix product per layer.
+
+Exactness needs each example's output to depend on that example only. Two ways this silently fails are
+caught: a module called with a batch of 1 broadcast over B (HF's default ``position_ids``, which this class
+therefore passes as [B, T] when the model takes them) raises, and so does an output changed in place after
+its module returned. Dropout is applied once in the forward pass, so every example keeps its own mask.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from accountant.errors import EwtuneError
+from agent.dpsgd.ghost import Use, squared_norms, weighted_sum
+from agent.dpsgd.rules import Call, rule_for
+
+CLIP_EPSILON = 1e-6
+
+LossFn = Callable[[object, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+class PerExampleGradientError(EwtuneError):
+    """The model mixes examples or changes a layer output in place, so per-example gradients are unsound."""
+
+
+@dataclass(frozen=True)
+class ClippedSum:
+    """The sum over a micro-batch of per-example gradients, each clipped to norm C."""
+
+    grads: dict[str, torch.Tensor]
+    per_example_norms: torch.Tensor
+    loss_sum: float
+    count: int
+
+
+def batch_size_of(batch: Mapping[str, torch.Tensor]) -> int:
+    """Number of examples in a batch: the first dimension of its ``input_ids`` (or of any tensor); 0 if empty."""
+    if not batch:
+        return 0
+    tensor = batch["input_ids"] if "input_ids" in batch else next(iter(batch.values()))
+    return tensor.shape[0]
+
+
+def _takes_position_ids(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "position_ids" in inspect.signature(base.forward).parameters
+
+
+class PerExampleClipper:
+    """Clipped per-example gradient sums of ``model``'s trainable parameters under ``loss_fn``.
+
+    ``loss_fn(outputs, batch)`` returns one loss per example (see ``losses``). The model is called with
+    every entry of the batch except ``labels``. Parameters are those with ``requires_grad`` at
+    construction time; the model's train/eval mode is left as it is.
+    """
+
+    def __init__(self, model: nn.Module, clip_norm: float, loss_fn: LossFn):
+        if not clip_norm > 0:
+            raise ValueError(f"clip_norm must be positive, got {clip_norm}")
+        self.model = model
+        self.clip_norm = float(clip_norm)
+        self.loss_fn = loss_fn
+        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self._names = {id(p): name for name, p in self.params.items()}
+        self._position_ids = _takes_position_ids(model)
+        self._calls: list[Call] | None = None
+        self._batch = 0
+        self._handles = []
+        for module in model.modules():
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                self._handles.append(module.register_forward_hook(self._record, with_kwargs=True))
+
+    def close(self) -> None:
+        """Remove the hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _record(self, module, args, kwargs, output):
+        if self._calls is None:
+            return
+        if not isinstance(output, torch.Tensor):
+            raise PerExampleGradientError(f"{type(module).__name__} returns {type(output).__name__}, not a tensor")
+        if output.dim() == 0 or output.shape[0] != self._batch:
+            raise PerExampleGradientError(
+                f"{type(module).__name__} ran on a batch of {tuple(output.shape)[:1]} for {self._batch} examples: "
+                "an input is broadcast across the batch (pass position_ids as [B, T])"
+            )
+        self._calls.append(Call(module, args, kwargs, output, output._version))
+
+    def _model_inputs(self, batch: Mapping[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        if self._position_ids and "position_ids" not in inputs and "input_ids" in inputs:
+            length = inputs["input_ids"].shape[1]
+            inputs["position_ids"] = torch.arange(length, device=inputs["input_ids"].device).expand(size, length)
+        return inputs
+
+    def _forward(self, batch: Mapping[str, torch.Tensor], size: int) -> tuple[torch.Tensor, list[Call]]:
+        self._calls, self._batch = [], size
+        try:
+            losses = self.loss_fn(self.model(**self._model_inputs(batch, size)), batch)
+            calls = self._calls
+        finally:
+            self._calls = None
+        if losses.shape != (size,):
+            raise PerExampleGradientError(f"the loss function returned shape {tuple(losses.shape)}, not ({size},)")
+        for call in calls:
+            if call.output._version != call.output_version:
+                raise PerExampleGradientError(f"the output of {type(call.module).__name__} is modified in place")
+        return losses, calls
+
+    def _per_example_uses(self, calls: list[Call], output_grads, size: int) -> dict[str, list[Use]]:
+        uses: dict[str, list[Use]] = {}
+        for call, grad_out in zip(calls, output_grads):
+            if grad_out is None:
+                continue
+            local = dict(call.module.named_parameters(recurse=False))
+            for local_name, use in rule_for(call.module)(call, grad_out, size).items():
+                name = self._names.get(id(local[local_name]))
+                if name is not None:
+                    uses.setdefault(name, []).append(use)
+        return uses
+
+    def zero_grads(self) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros_like(p) for name, p in self.params.items()}
+
+    def clipped_grad_sum(self, batch: Mapping[str, torch.Tensor]) -> ClippedSum:
+        """sum_i c_i g_i over the batch's examples, with their gradient norms ||g_i|| (float32)."""
+        size = batch_size_of(batch)
+        if size == 0:
+            return ClippedSum(self.zero_grads(), torch.zeros(0), 0.0, 0)
+        losses, calls = self._forward(batch, size)
+        output_grads = torch.autograd.grad(losses.sum(), [call.output for call in calls], allow_unused=True)
+        with torch.no_grad():
+            uses = self._per_example_uses(calls, output_grads, size)
+            del calls, output_grads
+            device = losses.device
+            norms_squared = torch.zeros(size, device=device)
+            for name_uses in uses.values():
+                norms_squared = norms_squared + squared_norms(name_uses, size)
+            norms = norms_squared.sqrt()
+            factors = (self.clip_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
+            grads = {
+                name: weighted_sum(uses[name], factors, p.dtype) if name in uses else torch.zeros_like(p)
+                for name, p in self.params.items()
+            }
+        return ClippedSum(grads, norms, float(losses.detach().sum()), size)

@@ -1,0 +1,104 @@
+"""One DP-SGD step on a Poisson-sampled logical batch (Abadi et al. 2016, Algorithm 1).
+
+    g = (sum_{i in batch} clip_C(g_i) + N(0, sigma^2 C^2 I)) / (q N)
+
+The logical batch may have any size, including 0, and is processed in physical micro-batches whose
+clipped sums are added up; the noise is drawn once per logical step, and the sum is divided by the
+*expected* batch size q N, never by the realised one, whose scale would then depend on the data (notes
+on DP-SGD, pitfalls 2 and 3; Opacus' ``expected_batch_size`` does the same). An empty batch still takes
+a step: a noise-only update, which the accountant counts like any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from agent.dpsgd.engine import PerExampleClipper, batch_size_of
+from agent.dpsgd.noise import gaussian_noise_like
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one logical step did: its realised batch size, summed loss and per-example norms."""
+
+    examples: int
+    micro_batches: int
+    loss_sum: float
+    clipped: int
+    per_example_norms: torch.Tensor
+
+
+def split_batch(batch: Mapping[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive micro-batches of at most ``size`` examples (none for an empty batch)."""
+    total = batch_size_of(batch)
+    return [{key: value[start : start + size] for key, value in batch.items()} for start in range(0, total, size)]
+
+
+class DPSGDStep:
+    """Clip, sum, noise once, scale by 1/(expected batch size), then ``optimizer.step()``."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        clipper: PerExampleClipper,
+        optimizer: torch.optim.Optimizer,
+        noise_multiplier: float,
+        clip_norm: float,
+        expected_batch_size: float,
+        physical_batch_size: int,
+        generator: torch.Generator | None = None,
+        secure_noise: bool = False,
+    ):
+        if not noise_multiplier >= 0:
+            raise ValueError(f"noise_multiplier must be non-negative, got {noise_multiplier}")
+        if clip_norm != clipper.clip_norm:
+            raise ValueError(f"clip_norm {clip_norm} differs from the clipper's {clipper.clip_norm}")
+        if not expected_batch_size > 0:
+            raise ValueError(f"expected_batch_size must be positive, got {expected_batch_size}")
+        if physical_batch_size < 1:
+            raise ValueError(f"physical_batch_size must be at least 1, got {physical_batch_size}")
+        self.model = model
+        self.clipper = clipper
+        self.optimizer = optimizer
+        self.noise_multiplier = float(noise_multiplier)
+        self.clip_norm = float(clip_norm)
+        self.expected_batch_size = float(expected_batch_size)
+        self.physical_batch_size = int(physical_batch_size)
+        self.generator = generator
+        self.secure_noise = secure_noise
+
+    def noisy_gradient(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], StepStats]:
+        """(sum of clipped gradients + noise) / expected batch size, and the step's statistics."""
+        sums = self.clipper.zero_grads()
+        norms, loss_sum, micro_batches = [], 0.0, split_batch(batch, self.physical_batch_size)
+        for micro_batch in micro_batches:
+            clipped = self.clipper.clipped_grad_sum(micro_batch)
+            for name, grad in clipped.grads.items():
+                sums[name].add_(grad)
+            norms.append(clipped.per_example_norms)
+            loss_sum += clipped.loss_sum
+        noise = gaussian_noise_like(
+            sums, self.noise_multiplier * self.clip_norm, generator=self.generator, secure=self.secure_noise
+        )
+        grads = {name: (sums[name] + noise[name]) / self.expected_batch_size for name in sums}
+        norms = torch.cat(norms) if norms else torch.zeros(0)
+        stats = StepStats(
+            examples=batch_size_of(batch),
+            micro_batches=len(micro_batches),
+            loss_sum=loss_sum,
+            clipped=int((norms > self.clip_norm).sum()),
+            per_example_norms=norms,
+        )
+        return grads, stats
+
+    def step(self, batch: Mapping[str, torch.Tensor]) -> StepStats:
+        """One private optimizer step on a (possibly empty) logical batch."""
+        grads, stats = self.noisy_gradient(batch)
+        for name, param in self.clipper.params.items():
+            param.grad = grads[name]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats

@@ -1,0 +1,233 @@
+"""The book-keeping engine against a brute-force per-example loop (batch of one, plain autograd).
+
+Tiny random BERT (classification) and GPT-2 (causal LM, tied embeddings) models in float32, LoRA and full
+fine-tuning, right padding, and a clip norm between the per-example norms so that some examples are
+clipped and some are not. Dropout is 0 so that the loop and the engine see the same function.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from agent.dpsgd import DPSGDStep, PerExampleClipper, PerExampleGradientError, causal_lm_loss, classification_loss
+from agent.dpsgd.engine import CLIP_EPSILON
+
+VOCAB, BATCH, LENGTH = 101, 6, 10
+LENGTHS = [10, 7, 4, 10, 2, 9]
+
+
+def _bert(mode: str) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+    )  # fmt: skip
+    model = BertForSequenceClassification(config)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"]))
+    return model
+
+
+def _gpt2(mode: str) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+        )
+    return model
+
+
+def _perturb_lora(model: nn.Module) -> None:
+    """LoRA's B starts at zero, which would leave A without gradient; move it away."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)
+
+
+def _batch(task: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    ids = torch.randint(1, VOCAB, (BATCH, LENGTH), generator=generator)
+    mask = torch.zeros(BATCH, LENGTH, dtype=torch.long)
+    for row, length in enumerate(LENGTHS):
+        mask[row, :length] = 1
+    ids[mask == 0] = 0  # padding token
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if task == "classification":
+        batch["labels"] = torch.randint(0, 3, (BATCH,), generator=generator)
+    else:
+        labels = ids.clone()
+        labels[mask == 0] = -100
+        batch["labels"] = labels
+    return batch
+
+
+def _reference(model, loss_fn, batch, params):
+    """Per-example gradients by a loop over batches of one: [B, P] in float64."""
+    rows = []
+    for i in range(BATCH):
+        single = {key: value[i : i + 1] for key, value in batch.items()}
+        outputs = model(**{key: value for key, value in single.items() if key != "labels"})
+        loss = loss_fn(outputs, single)[0]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+    return torch.stack(rows).double()
+
+
+def _check_against_reference(model, loss_fn, batch):
+    clipper_params = [p for p in model.parameters() if p.requires_grad]
+    per_example = _reference(model, loss_fn, batch, clipper_params)
+    norms = per_example.pow(2).sum(dim=1).sqrt()
+    clip_norm = float(norms.median())
+    factors = (clip_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
+    expected = (factors[:, None] * per_example).sum(dim=0)
+
+    clipper = PerExampleClipper(model, clip_norm, loss_fn)
+    result = clipper.clipped_grad_sum(batch)
+    got = torch.cat([result.grads[name].reshape(-1) for name in clipper.params]).double()
+
+    assert list(clipper.params.values()) == clipper_params
+    assert 0 < int((norms > clip_norm).sum()) < BATCH, "the test needs clipped and unclipped examples"
+    assert result.count == BATCH
+    torch.testing.assert_close(result.per_example_norms.double(), norms, rtol=1e-5, atol=0)
+    relative = (got - expected).norm() / expected.norm()
+    assert relative < 1e-5, f"clipped sum differs from the per-example loop by {relative:.2e} (relative L2)"
+    losses = loss_fn(model(**{k: v for k, v in batch.items() if k != "labels"}), batch)
+    assert result.loss_sum == pytest.approx(float(losses.detach().sum()), rel=1e-5)
+    clipper.close()
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_bert_classification_matches_per_example_loop(mode):
+    torch.manual_seed(0)
+    model = _bert(mode)
+    _perturb_lora(model)
+    model.train()
+    batch = _batch("classification", torch.Generator().manual_seed(1))
+    batch["token_type_ids"] = (torch.arange(LENGTH) >= 5).long().expand(BATCH, LENGTH).clone()
+    _check_against_reference(model, classification_loss, batch)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_gpt2_causal_lm_matches_per_example_loop(mode):
+    torch.manual_seed(0)
+    model = _gpt2(mode)
+    _perturb_lora(model)
+    model.train()
+    if mode == "full":  # the tied input/output embedding is one parameter used twice
+        assert model.lm_head.weight is model.transformer.wte.weight
+    _check_against_reference(model, causal_lm_loss, _batch("causal_lm", torch.Generator().manual_seed(2)))
+
+
+class _Scale(nn.Module):
+    """A layer with no dedicated rule: the engine must fall back to torch.func."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return x * self.weight / x.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()
+
+
+class _TinyClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16, padding_idx=0)
+        self.scale = _Scale(16)
+        self.proj = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask, positions=None):
+        hidden = self.norm(torch.tanh(self.proj(self.scale(self.embed(input_ids)))))
+        if positions is not None:
+            hidden = hidden + self.embed(positions)
+        pooled = (hidden * attention_mask.unsqueeze(-1)).sum(1) / attention_mask.sum(1, keepdim=True)
+        return type("Out", (), {"logits": self.head(pooled)})()
+
+
+def test_layers_without_rule_fall_back_to_torch_func():
+    torch.manual_seed(3)
+    model = _TinyClassifier()
+    _check_against_reference(model, classification_loss, _batch("classification", torch.Generator().manual_seed(4)))
+
+
+def test_broadcast_inputs_are_refused():
+    torch.manual_seed(3)
+    model = _TinyClassifier()
+    batch = _batch("classification", torch.Generator().manual_seed(4))
+    batch["positions"] = torch.arange(LENGTH).unsqueeze(0)  # one row broadcast over the batch
+    with pytest.raises(PerExampleGradientError, match="broadcast"):
+        PerExampleClipper(model, 1.0, classification_loss).clipped_grad_sum(batch)
+
+
+def test_empty_micro_batch_gives_zero_gradients():
+    model = _TinyClassifier()
+    batch = {key: value[:0] for key, value in _batch("classification", torch.Generator().manual_seed(5)).items()}
+    result = PerExampleClipper(model, 1.0, classification_loss).clipped_grad_sum(batch)
+    assert result.count == 0 and result.loss_sum == 0.0 and result.per_example_norms.numel() == 0
+    assert set(result.grads) == {name for name, _ in model.named_parameters()}
+    assert all(not grad.any() for grad in result.grads.values())
+
+
+def _sgd_step(model, noise_multiplier, expected_batch_size, physical_batch_size, batch, clip_norm=0.5, seed=7):
+    clipper = PerExampleClipper(model, clip_norm, classification_loss)
+    optimizer = torch.optim.SGD(clipper.params.values(), lr=1.0)
+    step = DPSGDStep(
+        model, clipper, optimizer, noise_multiplier, clip_norm, expected_batch_size, physical_batch_size,
+        generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+    before = {name: p.detach().clone() for name, p in clipper.params.items()}
+    stats = step.step(batch)
+    update = torch.cat([(before[name] - p.detach()).reshape(-1) for name, p in clipper.params.items()])
+    return clipper, stats, update
+
+
+def test_step_divides_the_clipped_sum_by_the_expected_batch_size():
+    torch.manual_seed(6)
+    model = _TinyClassifier()
+    batch = _batch("classification", torch.Generator().manual_seed(6))
+    clipped = PerExampleClipper(model, 0.5, classification_loss).clipped_grad_sum(batch)
+    expected_update = torch.cat([g.reshape(-1) for g in clipped.grads.values()]) / 10.0
+    _, stats, update = _sgd_step(model, 0.0, expected_batch_size=10.0, physical_batch_size=4, batch=batch)
+    assert stats.examples == BATCH and stats.micro_batches == 2
+    # before - after rounds at the scale of the parameters, hence a relative L2 comparison
+    assert (update - expected_update).norm() / expected_update.norm() < 1e-5
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_noise_is_added_once_per_logical_step():
+    """Six micro-batches of one still get noise of std sigma*C/(qN) in total, not sqrt(6) times more."""
+    torch.manual_seed(6)
+    model = _TinyClassifier()
+    batch = _batch("classification", torch.Generator().manual_seed(6))
+    clean = PerExampleClipper(model, 0.5, classification_loss).clipped_grad_sum(batch)
+    clean_update = torch.cat([g.reshape(-1) for g in clean.grads.values()]) / 4.0
+    _, stats, update = _sgd_step(model, 2.0, expected_batch_size=4.0, physical_batch_size=1, batch=batch)
+    assert stats.micro_batches == BATCH
+    noise = update - clean_update
+    assert noise.numel() > 1500  # enough draws for a 5% tolerance on the std (3 standard errors)
+    assert noise.std().item() == pytest.approx(2.0 * 0.5 / 4.0, rel=0.05)
+
+
+def test_empty_logical_batch_takes_a_noise_only_step():
+    model = _TinyClassifier()
+    batch = {key: value[:0] for key, value in _batch("classification", torch.Generator().manual_seed(8)).items()}
+    _, stats, update = _sgd_step(model, 1.5, expected_batch_size=8.0, physical_batch_size=4, batch=batch)
+    assert stats.examples == 0 and stats.micro_batches == 0 and stats.loss_sum == 0.0
+    assert update.std().item() == pytest.approx(1.5 * 0.5 / 8.0, rel=0.05)
+    assert update.mean().abs().item() < 4 * (1.5 * 0.5 / 8.0) / update.numel() ** 0.5

@@ -1,0 +1,69 @@
+"""Gaussian noise: scale sigma*C, normal shape, seeded reproducibility, fresh draws in secure mode."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from agent.dpsgd.noise import gaussian_noise_like, secure_standard_normal
+
+DRAWS = 100_000
+STD = 0.7
+
+
+def _check_gaussian(sample: torch.Tensor, std: float) -> None:
+    """Std within 2% (about 4.5 standard errors at 1e5 draws), mean and the one-sigma mass as N(0, std^2)."""
+    sample = sample.double()
+    assert sample.std().item() == pytest.approx(std, rel=0.02)
+    assert abs(sample.mean().item()) < 5 * std / math.sqrt(sample.numel())
+    inside = (sample.abs() < std).double().mean().item()
+    assert inside == pytest.approx(math.erf(1 / math.sqrt(2)), abs=0.01)
+
+
+def _grads():
+    return {"a": torch.zeros(DRAWS // 2), "b": torch.zeros(50, DRAWS // 100)}
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_noise_has_the_requested_scale_and_shape(secure):
+    noise = gaussian_noise_like(_grads(), STD, generator=torch.Generator().manual_seed(0), secure=secure)
+    assert noise["a"].shape == (DRAWS // 2,) and noise["b"].shape == (50, DRAWS // 100)
+    assert all(n.dtype == torch.float32 for n in noise.values())
+    _check_gaussian(torch.cat([n.reshape(-1) for n in noise.values()]), STD)
+
+
+def test_the_scale_test_can_fail():
+    noise = gaussian_noise_like(_grads(), STD * 1.03, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(AssertionError):
+        _check_gaussian(torch.cat([n.reshape(-1) for n in noise.values()]), STD)
+
+
+def test_seeded_noise_is_reproducible():
+    first = gaussian_noise_like(_grads(), STD, generator=torch.Generator().manual_seed(5))
+    second = gaussian_noise_like(_grads(), STD, generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_secure_noise_differs_across_calls_and_ignores_the_generator():
+    first = gaussian_noise_like(_grads(), STD, generator=torch.Generator().manual_seed(5), secure=True)
+    second = gaussian_noise_like(_grads(), STD, generator=torch.Generator().manual_seed(5), secure=True)
+    assert not torch.equal(first["a"], second["a"])
+    # independent draws: their difference has std sqrt(2) * STD
+    _check_gaussian(first["a"] - second["a"], math.sqrt(2) * STD)
+
+
+def test_secure_standard_normal_tails_and_odd_counts():
+    sample = secure_standard_normal(200_001)
+    assert sample.shape == (200_001,) and sample.dtype == torch.float64
+    beyond_two = (sample.abs() > 2).double().mean().item()
+    assert beyond_two == pytest.approx(math.erfc(2 / math.sqrt(2)), abs=0.003)
+
+
+def test_noise_follows_the_gradient_dtype_and_zero_std_is_zero():
+    grads = {"w": torch.zeros(4, 3, dtype=torch.bfloat16)}
+    assert gaussian_noise_like(grads, 1.0, secure=True)["w"].dtype == torch.bfloat16
+    assert not gaussian_noise_like(grads, 0.0)["w"].any()
+    with pytest.raises(ValueError):
+        gaussian_noise_like(grads, -1.0)

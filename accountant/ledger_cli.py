@@ -30,7 +30,8 @@ def register(subparsers) -> None:
         "show",
         help="per holder: events, certified epsilon, Edgeworth estimate, budget left",
         description="Show each holder's events, its certified epsilon (the guarantee), the Edgeworth "
-        "estimate beside it, its budget and what is left, and its open reservations.",
+        "estimate beside it, its budget and what is left, and its open reservations. The ledger is verified "
+        "first; exit 1 (after showing what verified) when it does not, 2 when it is not a readable ledger.",
     )
     show.add_argument("path", help="the ledger (JSON Lines)")
     show.add_argument("--json", action="store_true", help="print one JSON object")
@@ -64,7 +65,7 @@ def _show(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
         print("\n".join(_show_lines(report)))
-    return 0
+    return 0 if report.ok else 1
 
 
 def _show_lines(report) -> list[str]:
@@ -74,27 +75,40 @@ def _show_lines(report) -> list[str]:
         lines += [
             "",
             f"holder {holder_id}",
-            f"  budget                               epsilon {spend.budget_epsilon:g} at delta {spend.budget_delta:g}",
-            f"  certified epsilon (the guarantee)    {spend.epsilon_certified:.6f}",
-            f"  Edgeworth estimate (not a guarantee) {_estimate(spend.epsilon_edgeworth)}",
-            f"  budget left                          epsilon {spend.budget_left_epsilon:.6f}",
-            f"  open reservations                    {_seqs(spend.open_reservations)}",
-            "  seq  run  round  status     q  sigma  steps (planned)",
+            f"  budget                                epsilon {spend.budget_epsilon:g} at delta {spend.budget_delta:g}",
+            f"  certified epsilon (the guarantee)     {spend.epsilon_certified:.6f}",
+            f"  Edgeworth estimate (not a guarantee)  {_estimate(spend.epsilon_edgeworth)}",
+            f"  budget left                           epsilon {spend.budget_left_epsilon:.6f}",
+            f"  open reservations (counted as spent)  {_seqs(spend.open_reservations)}",
         ]
-        for row in report.reservations:
-            if row["holder"] == holder_id:
-                lines.append(f"  {row['seq']}  {row['run_id']}  {row['round']}  {row['status']}  {_events(row)}")
+        rows = [("seq", "run", "round", "status", "q", "sigma", "steps run", "steps reserved")]
+        for reservation in report.reservations:
+            if reservation["holder"] == holder_id:
+                rows += _reservation_rows(reservation)
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+        lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     return lines
 
 
-def _events(row) -> str:
-    executed = {(m["sampling_rate"], m["noise_multiplier"]): m["steps"] for m in row["executed"] or []}
-    parts = []
-    for mechanism in row["planned"]:
-        key = (mechanism["sampling_rate"], mechanism["noise_multiplier"])
-        ran = executed.get(key, 0) if row["status"] == "committed" else "-"
-        parts.append(f"{mechanism['sampling_rate']:g}  {mechanism['noise_multiplier']:g}  {ran} ({mechanism['steps']})")
-    return "; ".join(parts)
+def _reservation_rows(reservation) -> list[tuple[str, ...]]:
+    """One row per planned mechanism of a reservation, with the steps its commit recorded."""
+    executed = {
+        (m["sampling_rate"], m["noise_multiplier"]): m["steps"] for m in reservation["executed"] or []
+    }
+    rows = []
+    for planned in reservation["planned"]:
+        ran = executed.get((planned["sampling_rate"], planned["noise_multiplier"]), 0)
+        rows.append((
+            str(reservation["seq"]),
+            reservation["run_id"],
+            str(reservation["round"]),
+            reservation["status"],
+            f"{planned['sampling_rate']:g}",
+            f"{planned['noise_multiplier']:g}",
+            str(ran) if reservation["status"] == "committed" else "-",
+            str(planned["steps"]),
+        ))
+    return rows
 
 
 def _estimate(value) -> str:

@@ -21,10 +21,12 @@ a torn tail is saved to ``PATH.torn-<time>`` before it is cut off, and the cut i
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -110,6 +112,11 @@ def parse_line(line: bytes) -> dict[str, Any]:
     missing = [name for name in ENTRY_FIELDS if name not in entry]
     if missing:
         raise InvalidInputError(f"the entry lacks {', '.join(missing)}")
+    if isinstance(entry["seq"], bool) or not isinstance(entry["seq"], int):
+        raise InvalidInputError(f"seq must be an integer, got {entry['seq']!r}")
+    wrong = [name for name in ("time", "kind", "writer", "prev", "signature") if not isinstance(entry[name], str)]
+    if wrong or not isinstance(entry["payload"], dict):
+        raise InvalidInputError(f"the entry has fields of the wrong type: {', '.join(wrong) or 'payload'}")
     if canonical_json(entry) != line:
         raise InvalidInputError("the line is not in canonical JSON form (it was edited)")
     return entry
@@ -159,6 +166,17 @@ class ChainChecker:
         self.public_key, self.writer = public_key, payload.get("writer")
 
 
+def _serialised(method):
+    """Run a writing method under the ledger's thread lock: seq, prev and the pre-flight must not interleave."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class Ledger:
     """A ledger open for appending by its writer (the holder of the genesis key).
 
@@ -171,6 +189,7 @@ class Ledger:
         self._state = LedgerState()
         self._entries: list[dict[str, Any]] = []
         self._broken: str | None = None
+        self._lock = threading.RLock()  # one append at a time within the process (flock covers other processes)
         self.repair: dict[str, Any] | None = None  # the repair entry written when this open cut a torn tail
 
     # -- opening -----------------------------------------------------------------------------------------
@@ -301,6 +320,7 @@ class Ledger:
 
     # -- writing -----------------------------------------------------------------------------------------
 
+    @_serialised
     def register_holder(self, holder_id: str, public_key_text: str, budget_epsilon: float,
                         budget_delta: float) -> int:
         """Register a holder (coordinator ledgers) with its signing key and its own budget."""
@@ -312,6 +332,7 @@ class Ledger:
         }
         return self._append(self._new_entry("holder", payload))
 
+    @_serialised
     def reserve(self, holder_id: str, run_id: str, round: int, event: DpEvent) -> int:
         """Reserve ``event`` for a holder's round; refused when the holder's certified epsilon over its
         committed events, open reservations and this one, composed, would exceed its budget."""
@@ -329,6 +350,7 @@ class Ledger:
         payload.update(_statements(spend))
         return self._append(entry, change)
 
+    @_serialised
     def commit(self, reservation_seq: int, event: DpEvent, extra: Mapping[str, Any] | None = None) -> int:
         """Close a reservation with the event actually executed (its steps may be fewer than reserved,
         never more). ``extra`` may hold ``receipt_sha256`` and any other JSON facts worth keeping."""
@@ -349,6 +371,7 @@ class Ledger:
         payload.update(_statements(account.spend(committed=(event,), open_=still_open)))
         return self._append(entry, change)
 
+    @_serialised
     def abort(self, reservation_seq: int, reason: str) -> int:
         """Close a reservation that released nothing (the update never left the holder)."""
         return self._append(self._new_entry("abort", {"reservation": reservation_seq, "reason": reason}))

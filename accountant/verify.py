@@ -106,7 +106,7 @@ def verify_ledger(path: str | Path, public_keys: str | Mapping[str, str] | None 
                 report.writer, report.public_key = state.writer, state.public_key
                 report.accountant_mismatch = _accountant_mismatch(state.accountant)
             _check_repair_offset(entry, offset)
-            if holder_id is not None and report.accountant_mismatch is None:
+            if holder_id is not None and _states_or_reserves(entry) and report.accountant_mismatch is None:
                 _check_spend(entry, state.spend(holder_id))
         except InvalidInputError as error:
             report.first_bad = BadEntry(seq, number, str(error))
@@ -163,6 +163,12 @@ def _check_repair_offset(entry: Mapping[str, Any], offset: int) -> None:
         raise InvalidInputError(
             f"the repair entry states offset {entry['payload'].get('offset')!r} but starts at byte {offset}"
         )
+
+
+def _states_or_reserves(entry: Mapping[str, Any]) -> bool:
+    """Whether the spend an entry leads to needs recomputing: a reservation (checked against the budget) or
+    an entry stating an epsilon."""
+    return entry["kind"] == "reserve" or any(name in entry["payload"] for name in STATED_EPSILONS)
 
 
 def _check_spend(entry: Mapping[str, Any], spend: HolderSpend) -> None:

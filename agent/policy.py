@@ -1,0 +1,255 @@
+"""A data holder's policy and the daemon's configuration file (``agent.toml``).
+
+The policy is the holder's, not the coordinator's: its lifetime (epsilon, delta) budget, the clip norms and
+models it accepts, and the most DP-SGD steps it runs in one round. The daemon checks every round plan against
+it before any step runs, whatever the ClientApp (code shipped by the coordinator) asks.
+
+This module imports neither torch nor flwr.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from accountant.errors import EwtuneError, InvalidInputError
+
+
+class PlanRefused(EwtuneError):
+    """A round plan breaks the holder's policy or budget; nothing was charged."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class HolderPolicy:
+    """``max_epsilon_per_round`` (default: the whole budget) sets the daemon's own noise floor: the sigma at
+    which one round of the plan's (q, steps) alone has that certified epsilon. ``release_evaluation_metrics``:
+    evaluation metrics on the held-out split are released without DP noise, so a holder may switch them off."""
+
+    budget_epsilon: float
+    budget_delta: float
+    min_clip_norm: float = 1e-3
+    max_clip_norm: float = 100.0
+    allowed_models: tuple[str, ...] = ()  # empty: any model the holder itself configured
+    max_steps_per_round: int = 10_000
+    max_epsilon_per_round: float | None = None
+    release_evaluation_metrics: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_finite("budget epsilon", self.budget_epsilon)
+        if not _number(self.budget_delta) or not 0 < self.budget_delta < 1:
+            raise InvalidInputError(f"budget delta must be in (0, 1), got {self.budget_delta!r}")
+        _positive_finite("min clip norm", self.min_clip_norm)
+        _positive_finite("max clip norm", self.max_clip_norm)
+        if self.min_clip_norm > self.max_clip_norm:
+            raise InvalidInputError(f"min clip norm {self.min_clip_norm} exceeds max clip norm {self.max_clip_norm}")
+        if isinstance(self.max_steps_per_round, bool) or not isinstance(self.max_steps_per_round, int) or self.max_steps_per_round < 1:
+            raise InvalidInputError(f"max steps per round must be an integer >= 1, got {self.max_steps_per_round!r}")
+        if self.max_epsilon_per_round is not None:
+            _positive_finite("max epsilon per round", self.max_epsilon_per_round)
+        object.__setattr__(self, "allowed_models", tuple(self.allowed_models))
+
+    @property
+    def round_epsilon(self) -> float:
+        """The certified epsilon one round alone may reach (the noise floor's target)."""
+        cap = self.max_epsilon_per_round
+        return self.budget_epsilon if cap is None else min(cap, self.budget_epsilon)
+
+    def check_model(self, model_id: str) -> None:
+        if self.allowed_models and model_id not in self.allowed_models:
+            raise PlanRefused(f"model {model_id!r} is not allowed by this holder's policy {list(self.allowed_models)}")
+
+    def check_plan(self, plan: "RoundPlan", model_id: str) -> None:
+        """Refuse a plan outside the policy's static limits (the budget is checked against the ledger)."""
+        if plan.model_id is not None and plan.model_id != model_id:
+            raise PlanRefused(f"the plan is for model {plan.model_id!r} but this holder trains {model_id!r}")
+        self.check_model(model_id)
+        if not self.min_clip_norm <= plan.clip_norm <= self.max_clip_norm:
+            raise PlanRefused(
+                f"clip norm {plan.clip_norm} is outside this holder's allowed range "
+                f"[{self.min_clip_norm}, {self.max_clip_norm}]"
+            )
+        if plan.steps > self.max_steps_per_round:
+            raise PlanRefused(f"{plan.steps} steps exceed this holder's maximum of {self.max_steps_per_round} per round")
+
+    def genesis_policy(self) -> dict[str, Any]:
+        """What the holder's ledger records at genesis (budget_epsilon/budget_delta are read by the ledger)."""
+        return {name.name: _jsonable(getattr(self, name.name)) for name in fields(self)}
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """One round as the coordinator asks for it (the ``config`` of a train message)."""
+
+    run_id: str
+    round: int
+    steps: int
+    sampling_rate: float
+    noise_multiplier: float
+    clip_norm: float
+    learning_rate: float
+    delta: float | None = None
+    model_id: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "RoundPlan":
+        missing = [name for name in ("run_id", "round", "steps", "sampling_rate", "noise_multiplier", "clip_norm", "learning_rate") if name not in config]
+        if missing:
+            raise InvalidInputError(f"the round plan lacks {', '.join(missing)}")
+        plan = cls(
+            run_id=str(config["run_id"]),
+            round=_integer("round", config["round"], minimum=0),
+            steps=_integer("steps", config["steps"], minimum=1),
+            sampling_rate=_float("sampling_rate", config["sampling_rate"]),
+            noise_multiplier=_float("noise_multiplier", config["noise_multiplier"]),
+            clip_norm=_float("clip_norm", config["clip_norm"]),
+            learning_rate=_float("learning_rate", config["learning_rate"]),
+            delta=None if config.get("delta") is None else _float("delta", config["delta"]),
+            model_id=None if config.get("model_id") in (None, "") else str(config["model_id"]),
+        )
+        if not plan.run_id:
+            raise InvalidInputError("the round plan's run_id is empty")
+        if not 0 < plan.sampling_rate <= 1:
+            raise InvalidInputError(f"sampling rate must be in (0, 1], got {plan.sampling_rate}")
+        return plan
+
+
+@dataclass(frozen=True)
+class SuperNodeConfig:
+    """The holder's Flower SuperNode, started and supervised by the daemon (see :mod:`agent.supernode`)."""
+
+    superlink: str
+    root_certificates: Path | None
+    auth_private_key: Path | None
+    port: int = 9094
+    insecure: bool = False
+    executable: str | None = None
+    extra_node_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    holder_id: str
+    policy: HolderPolicy
+    ledger_path: Path
+    signing_key: Path
+    rpc_address: str
+    training: dict[str, Any]  # the fields of agent.training.TrainingConfig
+    supernode: SuperNodeConfig | None = None
+
+
+def load_agent_config(path: str | os.PathLike) -> AgentConfig:
+    """Read ``agent.toml``; relative paths are resolved against the file's directory."""
+    path = Path(path).expanduser().resolve()
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as error:
+        raise InvalidInputError(f"cannot read {path}: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as bad:
+        raise InvalidInputError(f"{path} is not valid TOML: {bad}") from None
+    base = path.parent
+    holder_id = _section(document, "holder", path).get("id")
+    if not isinstance(holder_id, str) or not holder_id:
+        raise InvalidInputError(f"{path}: [holder] needs id = \"...\"")
+    budget = _section(document, "budget", path)
+    policy_table = dict(document.get("policy", {}))
+    if "allowed_models" in policy_table:
+        policy_table["allowed_models"] = tuple(policy_table["allowed_models"])
+    try:
+        policy = HolderPolicy(budget_epsilon=budget.get("epsilon"), budget_delta=budget.get("delta"), **policy_table)
+    except TypeError as bad:
+        raise InvalidInputError(f"{path}: [policy] {bad}") from None
+    ledger = _section(document, "ledger", path)
+    training = dict(_section(document, "training", path))
+    for key in ("model_dir", "data_file"):
+        if key not in training:
+            raise InvalidInputError(f"{path}: [training] needs {key}")
+        training[key] = str(_resolve(base, training[key]))
+    if "lora_target_modules" in training:
+        training["lora_target_modules"] = tuple(training["lora_target_modules"])
+    return AgentConfig(
+        holder_id=holder_id,
+        policy=policy,
+        ledger_path=_resolve(base, _required(ledger, "path", "ledger", path)),
+        signing_key=_resolve(base, _required(ledger, "signing_key", "ledger", path)),
+        rpc_address=_rpc_address(base, _section(document, "rpc", path).get("address", "unix:agent.sock")),
+        training=training,
+        supernode=_supernode_config(base, document.get("supernode"), path),
+    )
+
+
+def _supernode_config(base: Path, table: Mapping[str, Any] | None, path: Path) -> SuperNodeConfig | None:
+    if not table:
+        return None
+    insecure = bool(table.get("insecure", False))
+    root, key = table.get("root_certificates"), table.get("auth_private_key")
+    if not insecure and (root is None or key is None):
+        raise InvalidInputError(f"{path}: [supernode] needs root_certificates and auth_private_key (or insecure = true)")
+    return SuperNodeConfig(
+        superlink=_required(table, "superlink", "supernode", path),
+        root_certificates=None if root is None else _resolve(base, root),
+        auth_private_key=None if key is None else _resolve(base, key),
+        port=_integer("supernode port", table.get("port", 9094), minimum=1),
+        insecure=insecure,
+        executable=table.get("executable"),
+        extra_node_config=dict(table.get("node_config", {})),
+    )
+
+
+def _rpc_address(base: Path, address: str) -> str:
+    if address.startswith("unix:"):
+        socket = address[len("unix:") :]
+        socket = socket[2:] if socket.startswith("//") else socket
+        return f"unix://{_resolve(base, socket)}"
+    return address
+
+
+def _section(document: Mapping[str, Any], name: str, path: Path) -> Mapping[str, Any]:
+    table = document.get(name)
+    if not isinstance(table, dict):
+        raise InvalidInputError(f"{path} lacks the [{name}] table")
+    return table
+
+
+def _required(table: Mapping[str, Any], key: str, section: str, path: Path) -> Any:
+    if key not in table:
+        raise InvalidInputError(f"{path}: [{section}] needs {key}")
+    return table[key]
+
+
+def _resolve(base: Path, value: Any) -> Path:
+    candidate = Path(str(value)).expanduser()
+    return candidate if candidate.is_absolute() else (base / candidate).resolve()
+
+
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def _positive_finite(name: str, value: Any) -> None:
+    if not _number(value) or not (value > 0 and math.isfinite(value)):
+        raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _float(name: str, value: Any) -> float:
+    if not _number(value) or not math.isfinite(value) or value <= 0:
+        raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

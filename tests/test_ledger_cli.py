@@ -1,0 +1,157 @@
+"""``ewtune ledger verify|show``: exit codes, one-line errors, the pinned key, and what is shown."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from test_ledger import WRITER, build_ledger, read_entries
+
+from accountant.signing import SigningKey
+from ewtune.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli")
+    path = directory / "ledger.jsonl"
+    return path, build_ledger(path)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_verify_ok_exits_0(built, capsys):
+    path, _ = built
+    code, out, err = run(capsys, "ledger", "verify", str(path))
+    assert code == 0 and err == ""
+    assert out.startswith(f"ledger {path}: OK: 6 entries by '{WRITER}'")
+
+
+def test_verify_with_the_pinned_key_inline_or_in_a_file(built, capsys, tmp_path):
+    path, key = built
+    assert run(capsys, "ledger", "verify", str(path), "--public-key", key.public_key_text)[0] == 0
+    text_file = tmp_path / "writer.pub"
+    text_file.write_text(key.public_key_text + "\n")
+    assert run(capsys, "ledger", "verify", str(path), "--public-key", str(text_file))[0] == 0
+    private_pem = tmp_path / "writer.pem"
+    key.save(private_pem)
+    assert run(capsys, "ledger", "verify", str(path), "--public-key", str(private_pem))[0] == 0
+    public_pem = tmp_path / "writer-public.pem"
+    public_pem.write_bytes(
+        SigningKey.load(private_pem)._private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    assert run(capsys, "ledger", "verify", str(path), "--public-key", str(public_pem))[0] == 0
+
+
+def test_verify_against_another_pinned_key_exits_1_naming_genesis(built, capsys):
+    path, _ = built
+    code, out, _ = run(capsys, "ledger", "verify", str(path), "--public-key", SigningKey.generate().public_key_text)
+    assert code == 1
+    assert out.splitlines()[0] == (
+        f"ledger {path}: FAILED at seq 0 (line 1): the genesis public key differs from the pinned public key"
+    )
+
+
+def test_verify_tampered_exits_1_with_one_line_naming_the_entry(built, capsys, tmp_path):
+    path = tmp_path / "tampered.jsonl"
+    lines = built[0].read_bytes().split(b"\n")
+    lines[4] = lines[4].replace(b"holder went offline", b"holder went offlinE")
+    path.write_bytes(b"\n".join(lines))
+    code, out, err = run(capsys, "ledger", "verify", str(path))
+    assert code == 1 and err == ""
+    assert out == f"ledger {path}: FAILED at seq 4 (line 5): the signature does not verify with the writer's public key\n"
+
+
+def test_verify_json_report(built, capsys):
+    path, key = built
+    code, out, _ = run(capsys, "ledger", "verify", str(path), "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ok"] is True and report["public_key"] == key.public_key_text
+    holder = report["holders"][WRITER]
+    assert holder["epsilon_certified"] == read_entries(path)[5]["payload"]["epsilon_certified"]
+    assert holder["mechanisms"] == [
+        {"sampling_rate": 0.01, "noise_multiplier": 1.0, "neighbouring": "add_remove", "steps": 350}
+    ]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"this is not json\n", "is not a ledger: line 1: the line is not valid JSON"),
+        (b"", "is not a ledger: it holds no complete line"),
+        (None, "cannot read ledger"),
+    ],
+)
+def test_malformed_or_unreadable_ledger_exits_2_with_one_line(capsys, tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    for command in ("verify", "show"):
+        code, out, err = run(capsys, "ledger", command, str(path))
+        assert code == 2 and out == ""
+        assert err.startswith("ewtune: error: ") and message in err and err.count("\n") == 1
+
+
+def test_bad_public_key_argument_exits_2(built, capsys):
+    code, _, err = run(capsys, "ledger", "verify", str(built[0]), "--public-key", "c2hvcnQ=")
+    assert code == 2 and "32 bytes" in err and err.count("\n") == 1
+
+
+def test_show_labels_the_guarantee_and_the_estimate(built, capsys):
+    path, _ = built
+    code, out, _ = run(capsys, "ledger", "show", str(path))
+    spend = json.loads(run(capsys, "ledger", "show", str(path), "--json")[1])["holders"][WRITER]
+    assert code == 0
+    assert f"certified epsilon (the guarantee)     {spend['epsilon_certified']:.6f}" in out
+    assert f"Edgeworth estimate (not a guarantee)  {spend['epsilon_edgeworth_estimate']:.6f}" in out
+    assert f"budget left                           epsilon {spend['budget_left_epsilon']:.6f}" in out
+    assert "open reservations (counted as spent)  5" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("1 ", "3 ", "5 "))]
+    assert rows == [
+        ["1", "run-1", "0", "committed", "0.01", "1", "150", "200"],
+        ["3", "run-1", "1", "aborted", "0.01", "1", "-", "200"],
+        ["5", "run-1", "2", "open", "0.01", "1", "-", "200"],
+    ]
+
+
+def test_a_fresh_process_recomputes_the_stated_epsilons_exactly(built):
+    path, key = built
+    result = subprocess.run(
+        [sys.executable, "-m", "ewtune.cli", "ledger", "verify", str(path), "--public-key", key.public_key_text],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: 6 entries" in result.stdout
+
+
+def test_the_installed_command_prints_no_traceback_and_starts_light(built, tmp_path):
+    """The real entry point on a malformed ledger: exit 2, one line on stderr; and the ledger modules do not
+    import torch, transformers or flwr."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\x00garbage")
+    result = subprocess.run(
+        [sys.executable, "-m", "ewtune.cli", "ledger", "verify", str(bad)],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120,
+    )
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.startswith("ewtune: error:") and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+    probe = (
+        "import sys, accountant.ledger_cli, accountant.verify, accountant.ledger, accountant.spend; "
+        "print(sorted(m for m in ('torch', 'transformers', 'flwr') if m in sys.modules))"
+    )
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert imported.stdout.strip() == "[]", imported.stderr

@@ -311,6 +311,14 @@ class Ledger:
             raise InvalidInputError(f"unknown holder {holder_id!r}")
         return self._state.spend(holder_id)
 
+    def spend_with(self, holder_id: str, event: DpEvent) -> HolderSpend:
+        """The spend ``holder_id`` would have with ``event`` reserved too (a pre-flight that writes nothing)."""
+        _check_event(event)
+        account = self._state.holders.get(holder_id)
+        if account is None:
+            raise InvalidInputError(f"unknown holder {holder_id!r}")
+        return account.spend(open_={**account.open, len(self._entries): event})
+
     def open_reservations(self, holder_id: str | None = None) -> dict[int, Reservation]:
         return {
             seq: reservation
@@ -340,8 +348,7 @@ class Ledger:
         payload = {"holder": holder_id, "run_id": run_id, "round": round, "event": event_to_json(event)}
         entry = self._new_entry("reserve", payload)
         change = self._state.prepare(entry)
-        account = self._state.holders[holder_id]
-        spend = account.spend(open_={**account.open, entry["seq"]: event})
+        spend = self.spend_with(holder_id, event)
         if not spend.within_budget:
             raise InvalidInputError(
                 f"reservation refused: holder {holder_id!r} would reach certified epsilon "

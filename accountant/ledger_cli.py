@@ -72,6 +72,9 @@ def _show_lines(report) -> list[str]:
     status = "verified" if report.ok else ("NOT VERIFIED: " + report.summary().split(": ", 1)[1])
     lines = [f"ledger {report.path}: writer {report.writer!r}, {report.entries_verified} entries, {status}"]
     for holder_id, spend in report.holders.items():
+        reservations = [row for row in report.reservations if row["holder"] == holder_id]
+        if holder_id == report.writer and len(report.holders) > 1 and not reservations:
+            continue  # a coordinator writing for registered holders spends nothing itself
         lines += [
             "",
             f"holder {holder_id}",
@@ -82,9 +85,8 @@ def _show_lines(report) -> list[str]:
             f"  open reservations (counted as spent)  {_seqs(spend.open_reservations)}",
         ]
         rows = [("seq", "run", "round", "status", "q", "sigma", "steps run", "steps reserved")]
-        for reservation in report.reservations:
-            if reservation["holder"] == holder_id:
-                rows += _reservation_rows(reservation)
+        for reservation in reservations:
+            rows += _reservation_rows(reservation)
         widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
         lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     return lines

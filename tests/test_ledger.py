@@ -246,6 +246,7 @@ def test_reservation_refused_when_only_the_open_ones_make_it_exceed(tmp_path, ke
         with pytest.raises(InvalidInputError, match="reservation refused"):
             ledger.reserve(WRITER, "run", 1, half)
         assert spend_with(ledger.entries, WRITER, half).epsilon_certified > budget["budget_epsilon"]
+        assert ledger.spend_with(WRITER, half) == spend_with(ledger.entries, WRITER, half)
 
 
 def test_early_stop_commit_spends_only_the_steps_run(tmp_path, key):

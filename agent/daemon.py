@@ -35,7 +35,6 @@ from accountant.events import PoissonGaussianEvent
 from accountant.ledger import Ledger
 from accountant.receipts import Receipt, sign_receipt, update_digest
 from accountant.signing import SigningKey, canonical_json
-from accountant.spend import spend_with
 from agent.policy import AgentConfig, HolderPolicy, PlanRefused, RoundPlan
 from agent.rpc import DaemonUnavailable
 
@@ -181,7 +180,7 @@ class Daemon:
             )
 
     def _check_budget(self, planned: PoissonGaussianEvent) -> None:
-        spend = spend_with(self.ledger.entries, self.holder_id, planned)
+        spend = self.ledger.spend_with(self.holder_id, planned)
         if not spend.within_budget:
             raise PlanRefused(
                 f"the plan would bring this holder's certified epsilon to {spend.epsilon_certified:.6g}, over its "

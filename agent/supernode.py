@@ -87,6 +87,8 @@ class SuperNodeSupervisor:
         self.command = command
         self.log_path = log_path
         self.environment = {**os.environ, **QUIET_ENVIRONMENT, **(environment or {})}
+        # The SuperNode starts `flower-superexec` by name: it must be found beside this Python.
+        self.environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.environment.get("PATH", "")])
         self.restarts = 0
         self._process: subprocess.Popen | None = None
         self._stopping = threading.Event()

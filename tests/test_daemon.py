@@ -387,6 +387,12 @@ def test_agent_toml_is_loaded_with_paths_resolved(tmp_path, tiny_bert_dir, mr_cs
         load_agent_config(tmp_path / "bad.toml")
 
 
+def test_the_example_agent_toml_is_valid():
+    config = load_agent_config(REPO / "deploy/agent.toml.example")
+    assert config.policy.budget_epsilon == 8.0 and config.rpc_address == "unix:///run/ewtune-agent/agent.sock"
+    assert config.supernode is None
+
+
 def test_ewtune_agent_start_serves_and_stops_cleanly_on_sigterm(tmp_path, tiny_bert_dir, mr_csv):
     config_path = _agent_toml(tmp_path, tiny_bert_dir, mr_csv)
     environment = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -431,3 +437,59 @@ def _wait_for_daemon(address, process, timeout=120.0):
         except DaemonError:
             time.sleep(0.3)
     raise AssertionError("the daemon did not come up")
+
+
+# --- the SuperNode supervisor -----------------------------------------------------------------------------
+
+
+def test_supernode_command_has_tls_auth_and_the_daemon_address(tmp_path):
+    from agent.policy import SuperNodeConfig
+    from agent.supernode import supernode_command
+
+    (tmp_path / "ca.crt").write_text("x")
+    (tmp_path / "node.key").write_text("x")
+    config = SuperNodeConfig("127.0.0.1:9092", tmp_path / "ca.crt", tmp_path / "node.key", port=9101)
+    command = supernode_command(config, "unix:///run/a.sock", HOLDER)
+    assert Path(command[0]).name == "flower-supernode"
+    joined = " ".join(command)
+    assert f"--root-certificates {tmp_path / 'ca.crt'}" in joined and "--insecure" not in joined
+    assert f"--auth-supernode-private-key {tmp_path / 'node.key'}" in joined and "--port 9101" in joined
+    assert command[-1] == 'daemon-address="unix:///run/a.sock" holder-id="holder0"'
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        supernode_command(SuperNodeConfig("127.0.0.1:9092", tmp_path / "no.crt", tmp_path / "node.key"), "unix:a", HOLDER)
+
+
+def test_the_supervisor_restarts_a_dead_supernode_and_stops_its_whole_process_group(tmp_path):
+    from agent.supernode import SuperNodeSupervisor
+
+    pids = tmp_path / "pids"
+    # A stand-in SuperNode that leaves a child behind (as flower-superexec is) and dies on its first run.
+    script = (
+        "import os, subprocess, sys, time\n"
+        f"pids = open({str(pids)!r}, 'a')\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        "pids.write(f'{os.getpid()} {child.pid}\\n'); pids.flush()\n"
+        "if sum(1 for _ in open(pids.name)) == 1: sys.exit(3)\n"
+        "time.sleep(600)\n"
+    )
+    supervisor = SuperNodeSupervisor([sys.executable, "-c", script]).start()
+    try:
+        deadline = time.monotonic() + 30
+        while (not pids.exists() or len(pids.read_text().splitlines()) < 2) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert supervisor.restarts == 1
+    finally:
+        supervisor.stop(timeout=10)
+    leader, child = (int(pid) for pid in pids.read_text().splitlines()[-1].split())
+    time.sleep(0.5)
+    for pid in (leader, child):
+        assert not _alive(pid), pid
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie has exited; only its parent has not reaped it yet
+        return stat.read().split(")")[-1].split()[0] != "Z"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -85,18 +86,28 @@ class HolderAccount:
     budget_delta: float
     committed: dict[int, DpEvent] = field(default_factory=dict)  # commit seq -> executed event
     open: dict[int, DpEvent] = field(default_factory=dict)  # reserve seq -> planned event
+    committed_steps: Counter = field(default_factory=Counter)  # steps per mechanism over ``committed``
+
+    def add_commit(self, seq: int, event: DpEvent) -> None:
+        self.committed[seq] = event
+        self.committed_steps.update(mechanisms(event))
 
     def spend(self, committed: Iterable[DpEvent] = (), open_: Mapping[int, DpEvent] | None = None) -> HolderSpend:
         """The spend now, or with hypothetical ``committed`` events added and ``open_`` replacing the open
         reservations (the writer states the spend an entry leads to before it writes the entry)."""
-        committed_events = tuple(self.committed.values()) + tuple(committed)
+        extra = tuple(committed)
         open_events = dict(self.open if open_ is None else open_)
-        key = _mechanism_key(ComposedEvent(committed_events + tuple(open_events.values())))
+        steps = Counter(self.committed_steps)
+        for event in extra + tuple(open_events.values()):
+            steps.update(mechanisms(event))  # kept incrementally: a long ledger is not recounted per entry
+        # Composition is commutative: the sorted steps per distinct mechanism identify the composed event,
+        # so the writer and every verifier account exactly the same event, and the cache hits across orders.
+        key = tuple(sorted(steps.items()))
         return HolderSpend(
             holder_id=self.holder_id,
             budget_epsilon=self.budget_epsilon,
             budget_delta=self.budget_delta,
-            committed_events=committed_events,
+            committed_events=tuple(self.committed.values()) + extra,
             open_reservations=open_events,
             epsilon_certified=certified_epsilon_cached(key, self.budget_delta),
             epsilon_edgeworth=edgeworth_epsilon_cached(key, self.budget_delta),
@@ -212,7 +223,7 @@ class LedgerState:
         def change() -> str:
             account = self.holders[reservation.holder_id]
             del account.open[reservation.seq]
-            account.committed[seq] = executed
+            account.add_commit(seq, executed)
             self.closed[reservation.seq] = seq
             return reservation.holder_id
 
@@ -284,14 +295,8 @@ def mechanism_rows(event: DpEvent) -> list[dict[str, Any]]:
     """The steps per distinct mechanism of ``event`` as JSON rows (for reports)."""
     return [
         {"sampling_rate": q, "noise_multiplier": sigma, "neighbouring": relation.value, "steps": steps}
-        for (q, sigma, relation), steps in _mechanism_key(event)
+        for (q, sigma, relation), steps in sorted(mechanisms(event).items())
     ]
-
-
-def _mechanism_key(event: DpEvent) -> MechanismKey:
-    """Composition is commutative: the steps per distinct mechanism, sorted, identify the composed event,
-    so the writer and every verifier account exactly the same event (and the cache hits across reorders)."""
-    return tuple(sorted(mechanisms(event).items()))
 
 
 def _event_of(key: MechanismKey) -> ComposedEvent:

@@ -1,0 +1,197 @@
+"""The federation plan: one schedule for everyone, one noise multiplier per holder.
+
+Every holder runs the same schedule (``rounds`` rounds of ``local_steps`` DP-SGD steps at an expected batch of
+``expected_batch_size`` records, clip norm C, learning rate); a holder with N records samples at q = B / N
+(Poisson). Its sigma is the certified calibration (:mod:`accountant.calibration`) of the *whole* plan,
+``rounds * local_steps`` steps at rate q, to min(target epsilon, the budget it has left), at the smaller of the
+federation's delta and its own budget delta. Holders whose budget cannot fund the plan are skipped with the
+reason, before anything is reserved or sent (DESIGN.md, one round, step 2).
+
+This module imports neither torch nor flwr.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from accountant.errors import InvalidInputError
+from accountant.events import PoissonGaussianEvent
+
+DESCRIPTION_FIELDS = ("holder_id", "dataset_size", "budget_epsilon", "budget_delta", "spent_epsilon_certified", "public_key")
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """The coordinator's schedule and privacy target (``[federation]`` of federation.toml)."""
+
+    rounds: int
+    local_steps: int
+    expected_batch_size: float
+    clip_norm: float
+    learning_rate: float
+    target_epsilon: float
+    delta: float
+    max_noise_multiplier: float = 50.0  # above it the update is noise: the holder is skipped instead
+    min_holders: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "local_steps", "min_holders"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("expected_batch_size", "clip_norm", "learning_rate", "target_epsilon", "max_noise_multiplier"):
+            _positive(name, getattr(self, name))
+        if not _number(self.delta) or not 0 < self.delta < 1:
+            raise InvalidInputError(f"delta must be in (0, 1), got {self.delta!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * self.local_steps
+
+
+@dataclass(frozen=True)
+class HolderDescription:
+    """What a holder's daemon says about itself in reply to the query message."""
+
+    node_id: int
+    holder_id: str
+    dataset_size: int
+    budget_epsilon: float
+    budget_delta: float
+    spent_epsilon_certified: float
+    public_key: str
+    model_id: str | None = None
+
+    @classmethod
+    def from_mapping(cls, node_id: int, values: Mapping[str, Any]) -> "HolderDescription":
+        missing = [name for name in DESCRIPTION_FIELDS if name not in values]
+        if missing:
+            raise InvalidInputError(f"node {node_id}'s description lacks {', '.join(missing)}")
+        size = values["dataset_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise InvalidInputError(f"node {node_id}'s dataset_size must be an integer >= 1, got {size!r}")
+        for name in ("budget_epsilon", "budget_delta"):
+            _positive(f"node {node_id}'s {name}", values[name])
+        spent = values["spent_epsilon_certified"]
+        if not _number(spent) or spent < 0:
+            raise InvalidInputError(f"node {node_id}'s spent_epsilon_certified must be a number >= 0, got {spent!r}")
+        for name in ("holder_id", "public_key"):
+            if not isinstance(values[name], str) or not values[name]:
+                raise InvalidInputError(f"node {node_id}'s {name} must be a non-empty string")
+        model_id = values.get("model_id")
+        return cls(
+            node_id=int(node_id),
+            holder_id=values["holder_id"],
+            dataset_size=size,
+            budget_epsilon=float(values["budget_epsilon"]),
+            budget_delta=float(values["budget_delta"]),
+            spent_epsilon_certified=float(spent),
+            public_key=values["public_key"],
+            model_id=str(model_id) if model_id else None,
+        )
+
+    @property
+    def budget_left_epsilon(self) -> float:
+        return max(0.0, self.budget_epsilon - self.spent_epsilon_certified)
+
+
+@dataclass(frozen=True)
+class HolderPlan:
+    """One holder's part of the plan: its sampling rate, its sigma and the certified epsilon of the whole
+    plan (the Edgeworth estimate beside it), at ``delta``."""
+
+    holder: HolderDescription
+    sampling_rate: float
+    noise_multiplier: float
+    epsilon_target: float
+    delta: float
+    epsilon_certified: float
+    epsilon_edgeworth: float | None
+
+    @property
+    def holder_id(self) -> str:
+        return self.holder.holder_id
+
+    def round_event(self, steps: int) -> PoissonGaussianEvent:
+        return PoissonGaussianEvent(self.sampling_rate, self.noise_multiplier, steps)
+
+
+@dataclass(frozen=True)
+class SkippedHolder:
+    holder: HolderDescription
+    reason: str
+
+
+@dataclass(frozen=True)
+class FederationPlan:
+    settings: FederationSettings
+    holders: tuple[HolderPlan, ...]
+    skipped: tuple[SkippedHolder, ...]
+
+    def by_holder(self) -> dict[str, HolderPlan]:
+        return {plan.holder_id: plan for plan in self.holders}
+
+
+def plan_federation(settings: FederationSettings, descriptions: Iterable[HolderDescription]) -> FederationPlan:
+    """Calibrate every holder's sigma for the whole plan; skip those whose budget cannot fund it.
+
+    Raises :class:`InvalidInputError` when fewer than ``settings.min_holders`` holders remain, or when two
+    nodes claim the same holder id."""
+    descriptions = list(descriptions)
+    seen: set[str] = set()
+    for description in descriptions:
+        if description.holder_id in seen:
+            raise InvalidInputError(f"two nodes claim the holder id {description.holder_id!r}")
+        seen.add(description.holder_id)
+    planned, skipped = [], []
+    for description in sorted(descriptions, key=lambda d: d.holder_id):
+        outcome = _plan_holder(settings, description)
+        (planned if isinstance(outcome, HolderPlan) else skipped).append(outcome)
+    if len(planned) < settings.min_holders:
+        reasons = "; ".join(f"{s.holder.holder_id}: {s.reason}" for s in skipped) or "no holder answered"
+        raise InvalidInputError(
+            f"only {len(planned)} holder(s) can fund the plan, {settings.min_holders} needed ({reasons})"
+        )
+    return FederationPlan(settings, tuple(planned), tuple(skipped))
+
+
+def _plan_holder(settings: FederationSettings, holder: HolderDescription) -> HolderPlan | SkippedHolder:
+    from accountant.calibration import calibrate_noise_multiplier
+
+    epsilon = min(settings.target_epsilon, holder.budget_left_epsilon)
+    if epsilon <= 0:
+        return SkippedHolder(holder, f"its budget is spent ({holder.spent_epsilon_certified:.4g} of {holder.budget_epsilon:g})")
+    delta = min(settings.delta, holder.budget_delta)
+    sampling_rate = min(1.0, settings.expected_batch_size / holder.dataset_size)
+    try:
+        calibration = calibrate_noise_multiplier(epsilon, delta, [(sampling_rate, settings.total_steps)], policy="certified")
+    except InvalidInputError as failure:
+        return SkippedHolder(holder, f"no noise multiplier reaches epsilon {epsilon:.4g}: {failure}")
+    sigma = float(calibration.noise_multiplier)
+    if not math.isfinite(sigma) or sigma > settings.max_noise_multiplier:
+        return SkippedHolder(
+            holder,
+            f"epsilon {epsilon:.4g} left needs noise multiplier {sigma:.4g} > {settings.max_noise_multiplier:g} "
+            f"for {settings.total_steps} steps at q={sampling_rate:.4g}",
+        )
+    return HolderPlan(
+        holder=holder,
+        sampling_rate=sampling_rate,
+        noise_multiplier=sigma,
+        epsilon_target=epsilon,
+        delta=delta,
+        epsilon_certified=float(calibration.epsilon_certified),
+        epsilon_edgeworth=None if calibration.epsilon_edgeworth is None else float(calibration.epsilon_edgeworth),
+    )
+
+
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _positive(name: str, value: Any) -> None:
+    if not _number(value) or value <= 0:
+        raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")

@@ -1,0 +1,71 @@
+"""The coordinator's check of a holder's train reply before its update may be aggregated.
+
+A reply is accepted only when (DESIGN.md, one round, step 4):
+- the receipt's signature verifies under the ledger key the holder gave at query time;
+- it names this run, this round and this holder;
+- its event is the planned mechanism (same q, same sigma, add/remove) with at most the planned steps, and at
+  least one step (an update with no step released nothing and is not an update);
+- the SHA-256 of the arrays received equals the receipt's ``update_sha256`` (:func:`accountant.receipts.update_digest`).
+Anything else raises :class:`ReceiptRejected` naming what is wrong; the update is then discarded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from accountant.errors import InvalidInputError
+from accountant.events import Neighbouring, PoissonGaussianEvent, mechanisms
+from accountant.receipts import Receipt, update_digest, verify_receipt
+
+
+class ReceiptRejected(InvalidInputError):
+    """A train reply failed verification; its update is not aggregated."""
+
+
+def check_receipt(
+    document: Any,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    public_key: str,
+    run_id: str,
+    round: int,
+    holder_id: str,
+    planned: PoissonGaussianEvent,
+) -> Receipt:
+    """The verified receipt of one train reply, or :class:`ReceiptRejected`."""
+    try:
+        receipt = verify_receipt(document, public_key)
+    except InvalidInputError as failure:
+        raise ReceiptRejected(f"receipt of {holder_id}: {failure}") from None
+    expected = {"run_id": run_id, "round": round, "holder_id": holder_id}
+    for name, value in expected.items():
+        if getattr(receipt, name) != value:
+            raise ReceiptRejected(f"receipt of {holder_id}: {name} is {getattr(receipt, name)!r}, expected {value!r}")
+    _check_event(receipt, planned)
+    try:
+        digest = update_digest(arrays)
+    except InvalidInputError as failure:
+        raise ReceiptRejected(f"update of {holder_id}: {failure}") from None
+    if digest != receipt.update_sha256:
+        raise ReceiptRejected(f"update of {holder_id} does not match its receipt (SHA-256 {digest[:12]}... != {receipt.update_sha256[:12]}...)")
+    return receipt
+
+
+def _check_event(receipt: Receipt, planned: PoissonGaussianEvent) -> None:
+    executed = mechanisms(receipt.event)
+    if len(executed) != 1:
+        raise ReceiptRejected(f"receipt of {receipt.holder_id}: the event mixes {len(executed)} mechanisms, one was planned")
+    ((q, sigma, relation), steps), = executed.items()
+    if relation != Neighbouring.ADD_REMOVE or relation != planned.neighbouring:
+        raise ReceiptRejected(f"receipt of {receipt.holder_id}: neighbouring {relation.value}, planned {planned.neighbouring.value}")
+    if not (math.isclose(q, planned.sampling_rate, rel_tol=1e-12) and math.isclose(sigma, planned.noise_multiplier, rel_tol=1e-12)):
+        raise ReceiptRejected(
+            f"receipt of {receipt.holder_id}: executed q={q:.6g}, sigma={sigma:.6g}; planned "
+            f"q={planned.sampling_rate:.6g}, sigma={planned.noise_multiplier:.6g}"
+        )
+    if not 1 <= steps <= planned.steps:
+        raise ReceiptRejected(f"receipt of {receipt.holder_id}: {steps} steps executed, planned at most {planned.steps}")

@@ -71,6 +71,12 @@ def _show(args: argparse.Namespace) -> int:
 def _show_lines(report) -> list[str]:
     status = "verified" if report.ok else ("NOT VERIFIED: " + report.summary().split(": ", 1)[1])
     lines = [f"ledger {report.path}: writer {report.writer!r}, {report.entries_verified} entries, {status}"]
+    if len(report.holders) > 1:  # a record lives at one holder: parallel composition (DESIGN.md)
+        worst = max(report.holders.values(), key=lambda spend: spend.epsilon_certified)
+        lines.append(
+            f"federation-wide record-level epsilon (max over holders, certified): {worst.epsilon_certified:.6f} "
+            f"({worst.holder_id})"
+        )
     for holder_id, spend in report.holders.items():
         reservations = [row for row in report.reservations if row["holder"] == holder_id]
         if holder_id == report.writer and len(report.holders) > 1 and not reservations:

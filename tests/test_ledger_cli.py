@@ -163,12 +163,14 @@ def test_show_a_coordinator_ledger_lists_each_registered_holder(capsys, tmp_path
 
     path = tmp_path / "coordinator.jsonl"
     with Ledger.create(path, SigningKey.generate(), "coordinator", {"budget_epsilon": 8.0, "budget_delta": 1e-5}) as ledger:
-        for holder, budget in (("bank", 2.0), ("clinic", 5.0)):
+        for holder, budget, steps in (("bank", 2.0, 100), ("clinic", 5.0, 300)):
             ledger.register_holder(holder, SigningKey.generate().public_key_text, budget, 1e-5)
-            ledger.reserve(holder, "run-7", 0, PoissonGaussianEvent(0.02, 1.1, 100))
+            ledger.reserve(holder, "run-7", 0, PoissonGaussianEvent(0.02, 1.1, steps))
     code, out, _ = run(capsys, "ledger", "show", str(path))
     assert code == 0
     assert "holder coordinator" not in out
     assert "holder bank" in out and "epsilon 2 at delta 1e-05" in out
     assert "holder clinic" in out and "epsilon 5 at delta 1e-05" in out
     assert out.count("run-7") == 2
+    clinic = json.loads(run(capsys, "ledger", "show", str(path), "--json")[1])["holders"]["clinic"]
+    assert f"(max over holders, certified): {clinic['epsilon_certified']:.6f} (clinic)" in out

@@ -1,0 +1,149 @@
+"""The certified accountant: an upper bound on epsilon(delta) that is never below the true value.
+
+The bound is the privacy loss distribution (PLD) of the composition, discretised pessimistically with
+connect-the-dots (Doroshenko, Ghazi, Kamath, Kumar, Manurangsi, "Connect the dots: tighter discrete
+approximations of privacy loss distributions", PETS 2022) and composed by FFT (Koskela, Jalko, Honkela
+2020; Koskela, Jalko, Prediger, Honkela 2021); truncated tails count as infinite loss (Meiser & Mohammadi
+2018, "privacy buckets"). Add/remove-one composes the remove pairs and the add pairs separately and takes
+the maximum at the end; replace-one uses its own (symmetric) pair. :mod:`accountant.pld_engine` states
+the soundness argument step by step.
+
+*Choice of the discretisation interval h.* Every interval gives a sound upper bound; a coarse one is
+merely loose. Connect-the-dots converges like h^2 (its error is the variance it adds, about h^2/6 per
+step), so the engine starts from a dyadic h a fraction of the per-step loss's standard deviation, halves
+it once, estimates the error of the finer result by Richardson's rule (e(h/2) - e(h)) / 3 and, if that
+exceeds ``TARGET_RELATIVE_ERROR`` of epsilon, jumps to the dyadic h that the h^2 law predicts meets it
+(checking again there). The answer is the smallest of the sound bounds computed, so it is always a
+certified upper bound; the tests check that it lies within 0.5% of a fine dp_accounting reference.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from accountant.errors import InvalidInputError
+from accountant.events import DpEvent, Neighbouring, mechanisms, neighbouring_of
+from accountant.pld_engine import ComposedPmf, Direction, cached_step_pmf, compose, loss_variance
+
+TARGET_RELATIVE_ERROR = 1e-3
+"""Aim of the interval choice (the documented promise, checked in tests, is 0.5%)."""
+
+_DEFAULT_TAIL = 1e-12  # mass allowed outside the grids in total; lowered for delta below 1e-8
+_MAX_REFINEMENTS = 3
+_FINEST_LOG2_INTERVAL = -26  # h >= 1.5e-8: a guard against runaway grids, never reached in practice
+
+CERTIFIED_ACCOUNTANT = {
+    "name": "ewtune-certified-pld",
+    "version": "1",
+    "discretisation": (
+        "connect-the-dots PLD, both directions, FFT composition; dyadic interval chosen per event by "
+        f"Richardson extrapolation for a relative error of {TARGET_RELATIVE_ERROR:g} in epsilon"
+    ),
+}
+
+_Mechanisms = tuple[tuple[float, float, int], ...]
+
+
+def certified_epsilon(event: DpEvent, delta: float) -> float:
+    """An upper bound on the epsilon at which ``event`` is (epsilon, delta)-DP; ``inf`` if none exists
+    below the mass that the bound must count as infinite loss."""
+    _check_delta(delta)
+    relation, mechs = _mechanisms_of(event)
+    tail = min(_DEFAULT_TAIL, 1e-4 * delta)
+    coarse = {d: _composed(d, mechs, _initial_log2_interval(d, mechs), tail).epsilon(delta) for d in _directions(relation)}
+    bound = 0.0
+    # A direction whose coarse (already sound) bound is below the other's refined bound needs no refining.
+    for direction in sorted(coarse, key=coarse.get, reverse=True):
+        if coarse[direction] > bound:
+            bound = max(bound, min(_refined_epsilons(direction, mechs, delta, tail).values()))
+    return bound
+
+
+def certified_delta(event: DpEvent, epsilon: float) -> float:
+    """An upper bound on delta(epsilon) of ``event``: the smallest of the bounds on every dyadic interval
+    from the initial one down to the finest that :func:`certified_epsilon` would use at that delta (so
+    that certified_delta(event, certified_epsilon(event, delta)) <= delta)."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (epsilon >= 0 and math.isfinite(epsilon)):
+        raise InvalidInputError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+    relation, mechs = _mechanisms_of(event)
+    return max(_delta_one_direction(direction, mechs, float(epsilon)) for direction in _directions(relation))
+
+
+def _refined_epsilons(direction: Direction, mechs: _Mechanisms, delta: float, tail: float) -> dict[int, float]:
+    """Epsilon bounds keyed by log2 of the interval, refined until Richardson's error estimate of the
+    finest meets TARGET_RELATIVE_ERROR (module docstring)."""
+    log2_interval = _initial_log2_interval(direction, mechs)
+    estimates: dict[int, float] = {}
+
+    def at(log2_h: int) -> float:
+        if log2_h not in estimates:
+            estimates[log2_h] = _composed(direction, mechs, log2_h, tail).epsilon(delta)
+        return estimates[log2_h]
+
+    coarse, fine = at(log2_interval), at(log2_interval - 1)
+    for _ in range(_MAX_REFINEMENTS):
+        if fine == 0.0 or math.isinf(fine):
+            break
+        error = max(coarse - fine, 0.0) / 3.0
+        if error <= TARGET_RELATIVE_ERROR * fine:
+            break
+        halvings = max(1, math.ceil(0.5 * math.log2(error / (TARGET_RELATIVE_ERROR * fine))))
+        finer = max(log2_interval - 1 - halvings, _FINEST_LOG2_INTERVAL)
+        if finer == log2_interval - 1:
+            break
+        finest = at(finer)
+        # Error of the new finest from the drop over `halvings` halvings: drop / (4^halvings - 1).
+        coarse, fine = finest + 3.0 * (fine - finest) / (4.0**halvings - 1.0), finest
+        log2_interval = finer + 1
+    return estimates
+
+
+def _delta_one_direction(direction: Direction, mechs: _Mechanisms, epsilon: float) -> float:
+    initial = _initial_log2_interval(direction, mechs)
+    probe = _composed(direction, mechs, initial - 1, _DEFAULT_TAIL).delta(epsilon)
+    if probe <= 0.0 or probe >= 1.0:
+        return min(probe, 1.0)
+    tail = _DEFAULT_TAIL if probe >= 1e-8 else 1e-4 * probe
+    finest = min(_refined_epsilons(direction, mechs, probe, tail))
+    return min(_composed(direction, mechs, log2_h, tail).delta(epsilon) for log2_h in range(initial, finest - 1, -1))
+
+
+@lru_cache(maxsize=64)
+def _composed(direction: Direction, mechs: _Mechanisms, log2_h: int, tail: float) -> ComposedPmf:
+    h = 2.0**log2_h
+    total_steps = sum(steps for _, _, steps in mechs)
+    step_tail = tail / (4 * total_steps)
+    pmfs = tuple((cached_step_pmf(direction, q, sigma, h, step_tail), steps) for q, sigma, steps in mechs)
+    return compose(pmfs, h, tail / 4)
+
+
+def _initial_log2_interval(direction: Direction, mechs: _Mechanisms) -> int:
+    """A dyadic h of about half the root-mean-square per-step standard deviation of the loss (the
+    variance connect-the-dots adds is then a few percent), at most 1/32."""
+    total_steps = sum(steps for _, _, steps in mechs)
+    variance = sum(steps * _loss_variance(direction, q, sigma) for q, sigma, steps in mechs)
+    rms_sd = math.sqrt(max(variance / total_steps, 1e-300))
+    return max(min(math.floor(math.log2(rms_sd / 2)), -5), _FINEST_LOG2_INTERVAL + 4)
+
+
+@lru_cache(maxsize=1024)
+def _loss_variance(direction: Direction, q: float, sigma: float) -> float:
+    return loss_variance(direction, q, sigma)
+
+
+def _directions(relation: Neighbouring) -> tuple[Direction, ...]:
+    if relation is Neighbouring.ADD_REMOVE:
+        return (Direction.REMOVE, Direction.ADD)
+    return (Direction.REPLACE,)
+
+
+def _mechanisms_of(event: DpEvent) -> tuple[Neighbouring, _Mechanisms]:
+    relation = neighbouring_of(event)
+    mechs = tuple(sorted((q, sigma, steps) for (q, sigma, _), steps in mechanisms(event).items()))
+    return relation, mechs
+
+
+def _check_delta(delta: float) -> None:
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (0.0 < delta < 1.0):
+        raise InvalidInputError(f"delta must be in (0, 1), got {delta!r}")

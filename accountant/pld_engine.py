@@ -1,0 +1,345 @@
+"""Pessimistic privacy loss distributions (PLD) of the Poisson-subsampled Gaussian, composed by FFT.
+
+Private engine of :mod:`accountant.certified`. Everything here errs on the safe side: every number it
+returns is an upper bound on the true hockey-stick divergence delta(epsilon) of the composed mechanism.
+
+The argument, in four steps:
+
+1. *Dominating pairs.* One step with sampling rate q and noise multiplier sigma (mu = 1/sigma) is, in the
+   add/remove relation, dominated by the one-dimensional pairs (remove) P = (1-q)N(0,1) + qN(mu,1) against
+   Q = N(0,1), and (add) the reversed pair; for replace-one by P = (1-q)N(0,1) + qN(mu,1) against
+   Q = (1-q)N(0,1) + qN(-mu,1) (Zhu, Dong, Wang 2022; dp_accounting's ``privacy_loss_mechanism``). In each
+   case the privacy loss L(w) = log dP/dQ(w) is increasing in the coordinate w used below, and
+   delta(eps) = E_P[(1 - e^{eps - L})_+] (Koskela et al. 2020, eq. 3; Meiser & Mohammadi 2018).
+2. *Connect-the-dots discretisation* (Doroshenko et al. 2022, "Connect the dots"). Cut the w-line at the
+   points where L equals a grid value k*h. On a cell whose losses lie in [k h, (k+1) h], replace the
+   P-mass a of the cell by two atoms at k h and (k+1) h that keep both a and the cell's Q-mass
+   b = E_P[e^{-L}; cell]. With u = e^{-L}, the function u -> (1 - e^{eps} u)_+ is convex, and the two-point
+   law on the end points of [e^{-(k+1)h}, e^{-kh}] with the same mean dominates every law on that interval
+   in the convex order; so the discrete pair has a larger delta(eps) for *every* eps. The lower tail below
+   the grid is moved up to the lowest grid point and the upper tail beyond the grid becomes an atom at
+   +infinity (counted as delta 1): both only increase delta. Round-off in a and b is covered by moving a
+   bounded extra amount of mass to the upper atom.
+3. *Composition.* If each step's pair is dominated by a discrete pair, the T-fold product is dominated by
+   the product of the discrete pairs (domination is a statement about trade-off functions and is kept by
+   composition: Dong, Roth, Su 2019, Lemma C.3; Doroshenko et al. 2022, Thm 3.3), whose loss is the sum of
+   independent discrete losses: its PMF is the convolution, computed here on a circle of N grid cells by
+   FFT, raising each mechanism's transform to its number of steps in one shot (Koskela et al. 2021).
+4. *Wrap-around and round-off.* Mass of the true sum above the circle's window may wrap to lower losses:
+   a Chernoff bound on it (from the discrete PMF's moment generating function) is added to delta. Mass
+   below the window wraps to higher losses, which only increases delta. After the inverse FFT, negative
+   round-off is clamped to zero, twice the largest negative excursion is added to every cell as a noise
+   floor, and any mass missing against the exact total is counted as infinite loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from functools import lru_cache
+
+import numpy as np
+from scipy import fft, signal, special
+
+_UNIT_ROUNDOFF = np.finfo(float).eps / 2
+
+
+class Direction(str, Enum):
+    """Which dominating pair of one step (see the module docstring, step 1)."""
+
+    REMOVE = "remove"
+    ADD = "add"
+    REPLACE = "replace"
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """P = (1-qp)N(0,1) + qp N(cp,1) against Q = (1-qq)N(0,1) + qq N(cq,1), loss increasing in w."""
+
+    direction: Direction
+    q: float
+    mu: float
+
+    @property
+    def p_mixture(self) -> tuple[float, float]:
+        return (0.0, 0.0) if self.direction is Direction.ADD else (self.q, self.mu)
+
+    @property
+    def q_mixture(self) -> tuple[float, float]:
+        return (0.0, 0.0) if self.direction is Direction.REMOVE else (self.q, -self.mu)
+
+    def loss(self, w: np.ndarray) -> np.ndarray:
+        """L(w) = log dP/dQ(w), with g(w) = log(1 - q + q exp(mu w - mu^2/2)) computed stably."""
+        if self.direction is Direction.REMOVE:
+            return self._g(w)
+        if self.direction is Direction.ADD:
+            return -self._g(-w)
+        return self._g(w) - self._g(-w)
+
+    def _g(self, w: np.ndarray) -> np.ndarray:
+        exponent = self.mu * np.asarray(w, dtype=float) - self.mu**2 / 2 + math.log(self.q)
+        if self.q == 1.0:
+            return exponent
+        return np.logaddexp(math.log1p(-self.q), exponent)
+
+    def threshold(self, eps: np.ndarray) -> np.ndarray:
+        """The w with L(w) = eps; -inf below the loss range, +inf above it."""
+        eps = np.asarray(eps, dtype=float)
+        if self.direction is Direction.REMOVE:
+            return self._g_inverse(eps)
+        if self.direction is Direction.ADD:
+            return -self._g_inverse(-eps)
+        return self._replace_threshold(eps)
+
+    def _g_inverse(self, value: np.ndarray) -> np.ndarray:
+        """w with g(w) = value: g ranges over (log(1-q), inf), so -inf at or below log(1-q)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inside = np.expm1(value) + self.q
+            w = (np.log(inside) - math.log(self.q) + self.mu**2 / 2) / self.mu
+        return np.where(inside > 0, w, -np.inf)
+
+    def _replace_threshold(self, eps: np.ndarray) -> np.ndarray:
+        """Safeguarded Newton (bisection when a step leaves the bracket) on the increasing
+        L(w) = g(w) - g(-w); for q = 1, L(w) = 2 mu w exactly."""
+        if self.q == 1.0:
+            return eps / (2 * self.mu)
+        w_lo, w_hi = self.w_range()
+        lo, hi = np.full_like(eps, w_lo - 100.0), np.full_like(eps, w_hi + 100.0)
+        w = np.clip(eps / (2 * self.mu), lo, hi)
+        for _ in range(200):
+            value = self.loss(w) - eps
+            lo, hi = np.where(value < 0, w, lo), np.where(value >= 0, w, hi)
+            slope = self.mu * (special.expit(self._logit(w)) + special.expit(self._logit(-w)))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                newton = w - value / slope
+            w_next = np.where((newton > lo) & (newton < hi), newton, (lo + hi) / 2)
+            done = np.all(np.abs(w_next - w) <= 4 * _UNIT_ROUNDOFF * (1 + np.abs(w)))
+            w = w_next
+            if done:
+                break
+        return w
+
+    def _logit(self, w: np.ndarray) -> np.ndarray:
+        return self.mu * w - self.mu**2 / 2 + math.log(self.q) - math.log1p(-self.q)
+
+    def w_range(self, tail: float = 1e-21) -> tuple[float, float]:
+        """A range of w outside which P has mass at most ``tail`` on each side."""
+        shifts = [0.0, self.p_mixture[1]]
+        width = -float(special.ndtri(tail))
+        return min(shifts) - width, max(shifts) + width
+
+
+class _CellMasses:
+    """Pr[cut_i < W <= cut_{i+1}] for W ~ N(shift, 1) and consecutive cuts, each as a difference of the
+    smaller normal tails (no cancellation against 1), with a bound on its absolute round-off error
+    (scipy's ``ndtr`` is accurate to a few ulps); the tails are evaluated once per cut and per shift."""
+
+    def __init__(self, cuts: np.ndarray) -> None:
+        self.cuts = cuts
+        self._by_shift: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+
+    def normal(self, shift: float) -> tuple[np.ndarray, np.ndarray]:
+        if shift not in self._by_shift:
+            z = self.cuts - shift
+            upper, lower = special.ndtr(-z), special.ndtr(z)
+            right = z[:-1] > 0
+            big = np.where(right, upper[:-1], lower[1:])
+            small = np.where(right, upper[1:], lower[:-1])
+            self._by_shift[shift] = np.maximum(big - small, 0.0), 8 * _UNIT_ROUNDOFF * big
+        return self._by_shift[shift]
+
+    def mixture(self, mixture: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+        weight, shift = mixture
+        mass, error = self.normal(0.0)
+        if weight == 0.0:
+            return mass, error
+        shifted, shifted_error = self.normal(shift)
+        return (
+            (1 - weight) * mass + weight * shifted,
+            (1 - weight) * error + weight * shifted_error + 2 * _UNIT_ROUNDOFF * mass,
+        )
+
+
+@dataclass(frozen=True)
+class StepPmf:
+    """One step's pessimistic discrete PLD: ``probs[j]`` at loss (offset + j) * h, ``infinite`` at +inf."""
+
+    offset: int
+    probs: np.ndarray
+    infinite: float
+
+
+def step_pmf(direction: Direction, q: float, sigma: float, h: float, tail: float) -> StepPmf:
+    """Connect-the-dots PMF of one step on the grid h*Z (module docstring, step 2); the grid spans the
+    losses of all but a P-mass ``tail`` on each side (the upper rest becomes infinite loss)."""
+    pair = _Pair(direction, q, 1.0 / sigma)
+    w_lo, w_hi = pair.w_range(tail)
+    loss_lo, loss_hi = pair.loss(np.array([w_lo, w_hi]))
+    k_lo, k_hi = math.floor(loss_lo / h), max(math.ceil(loss_hi / h), math.floor(loss_lo / h) + 1)
+    grid = np.arange(k_lo, k_hi + 1) * h
+    # Cells of w between consecutive cuts, plus the two tails beyond the grid.
+    cells = _CellMasses(np.concatenate(([-np.inf], pair.threshold(grid), [np.inf])))
+    a_all, a_error_all = cells.mixture(pair.p_mixture)
+    b_all, b_error_all = cells.mixture(pair.q_mixture)
+    a, a_error, b, b_error = a_all[1:-1], a_error_all[1:-1], b_all[1:-1], b_error_all[1:-1]
+    # Split a between k h and (k+1) h keeping the Q-mass b:  w_up = (a - b e^{kh}) / (1 - e^{-h}).
+    scale = np.exp(grid[:-1])
+    numerator = a - b * scale
+    numerator_error = a_error + b_error * scale + 4 * _UNIT_ROUNDOFF * (a + b * scale)
+    upper = np.clip((numerator + numerator_error) / -math.expm1(-h), 0.0, a)
+    probs = np.zeros(grid.size)
+    probs[:-1] += a - upper
+    probs[1:] += upper
+    probs[0] += a_all[0]
+    return StepPmf(k_lo, probs, float(a_all[-1] + a_error_all[-1] + a_error_all[0]))
+
+
+def loss_variance(direction: Direction, q: float, sigma: float) -> float:
+    """Variance of one step's loss under P by the trapezoid rule (spectrally accurate for these smooth,
+    Gaussian-decaying integrands); sizes the grids, never enters a bound."""
+    pair = _Pair(direction, q, 1.0 / sigma)
+    w = np.linspace(*pair.w_range(), 4001)
+    weight, shift = pair.p_mixture
+    density = (1 - weight) * np.exp(-(w**2) / 2) + weight * np.exp(-((w - shift) ** 2) / 2)
+    density /= np.sum(density)
+    loss = pair.loss(w)
+    mean = float(np.sum(density * loss))
+    return float(np.sum(density * (loss - mean) ** 2))
+
+
+@dataclass(frozen=True)
+class ComposedPmf:
+    """The composed pessimistic PLD: ``probs[i]`` at loss ``start + i*h``; ``infinite`` is the mass counted
+    as infinite loss (truncated tails, wrap-around bound, lost round-off), already pessimistic."""
+
+    start: float
+    h: float
+    probs: np.ndarray
+    infinite: float
+
+    def delta(self, epsilon: float) -> float:
+        """delta(eps) = infinite + sum over losses l > eps of (1 - e^{eps - l}) p(l)."""
+        losses = self.start + self.h * np.arange(self.probs.size)
+        above = losses > epsilon
+        return float(self.infinite + np.sum(-np.expm1(epsilon - losses[above]) * self.probs[above]))
+
+    def epsilon(self, delta: float) -> float:
+        """The smallest eps >= 0 with delta(eps) <= delta, solved exactly between grid points, where
+        delta(eps) = A - e^{eps - l} S with A, S tail sums; rounded up by a relative 1e-12."""
+        if self.infinite >= delta:
+            return math.inf
+        p = self.probs
+        tail_mass = np.cumsum(p[::-1])[::-1]  # A_j = sum_{i >= j} p_i
+        # S_j = sum_{i >= j} p_i e^{-(l_i - l_j)}: the recurrence S_j = p_j + e^{-h} S_{j+1}.
+        discounted = signal.lfilter([1.0], [1.0, -math.exp(-self.h)], p[::-1])[::-1]
+        # delta at grid loss l_j counts the cells above j: A_{j+1} + infinite - e^{-h} S_{j+1}.
+        delta_at_grid = np.append(tail_mass[1:] - math.exp(-self.h) * discounted[1:], 0.0) + self.infinite
+        over = np.nonzero(delta_at_grid > delta)[0]
+        if over.size == 0:
+            epsilon = self.start + math.log(max((tail_mass[0] + self.infinite - delta) / discounted[0], 1e-300))
+        else:
+            j = over[-1]
+            epsilon = self.start + self.h * (j + 1) + math.log((tail_mass[j + 1] + self.infinite - delta) / discounted[j + 1])
+        return max(0.0, epsilon) * (1 + 1e-12)
+
+
+def compose(pmfs: tuple[tuple[StepPmf, int], ...], h: float, tail_mass: float) -> ComposedPmf:
+    """The FFT composition of ``steps`` copies of each PMF (module docstring, steps 3 and 4), on a window
+    sized by Chernoff bounds so that at most about ``tail_mass`` of the sum lies outside it."""
+    base = sum(steps * pmf.offset for pmf, steps in pmfs)
+    support = sum(steps * (pmf.probs.size - 1) for pmf, steps in pmfs) + 1
+    finite_log_mass = sum(steps * math.log1p(-pmf.infinite) for pmf, steps in pmfs)
+    window_lo, window_hi, chernoff = _window(pmfs, support, tail_mass)
+    size = fft.next_fast_len(window_hi - window_lo + 1, real=True)
+    # The circle holds the sums J in [window_lo, window_lo + size); heavier sums wrap to lower losses.
+    wrapped_above = chernoff.mass_from(window_lo + size, support)
+    log_spectrum = 0.0
+    with np.errstate(divide="ignore"):
+        for pmf, steps in pmfs:
+            log_spectrum = log_spectrum + steps * np.log(fft.rfft(_wrap(pmf.probs, size)))
+    circle = fft.irfft(np.exp(log_spectrum), size)
+    noise = max(0.0, -float(circle.min()))
+    probs = np.maximum(np.roll(circle, -(window_lo % size)), 0.0) + 2 * noise
+    lost = max(0.0, math.exp(finite_log_mass) - float(np.sum(probs)))
+    infinite = -math.expm1(finite_log_mass) + wrapped_above + lost
+    return ComposedPmf((base + window_lo) * h, h, probs, min(1.0, infinite))
+
+
+def _wrap(probs: np.ndarray, size: int) -> np.ndarray:
+    rows = -(-probs.size // size)
+    padded = np.zeros(rows * size)
+    padded[: probs.size] = probs
+    return padded.reshape(rows, size).sum(axis=0)
+
+
+def _window(pmfs, support: int, tail_mass: float) -> tuple[int, int, "_Chernoff"]:
+    """Index range [lo, hi] (relative to the composed support's start) outside which the composed sum has
+    mass <= tail_mass on each side, by Chernoff's bound Pr[J >= x] <= E[e^{lam J}] e^{-lam x}."""
+    upper = _Chernoff(pmfs, 1.0, -math.log(tail_mass))
+    lower = _Chernoff(pmfs, -1.0, -math.log(tail_mass))
+    hi = min(support - 1, math.ceil(upper.edge))
+    return min(max(0, math.floor(lower.edge)), hi), hi, upper
+
+
+class _Chernoff:
+    """The Chernoff edge of the composed finite part (a sub-probability; J the sum of local grid indices)
+    on one side: x = min over lam > 0 of (K(lam) + c) / lam for K(lam) = log E[e^{sign lam J}], so that
+    Pr[sign J >= x] <= e^{-c}. The minimiser solves g(lam) = lam K'(lam) - K(lam) - c = 0, g increasing
+    (g' = lam K''); found by safeguarded Newton in log lam (K, K', K'' from one pass over the PMFs)."""
+
+    def __init__(self, pmfs, sign: float, log_inverse_tail: float) -> None:
+        self.sign = sign
+        self.supports = []
+        variance = 0.0
+        for pmf, steps in pmfs:
+            support = np.nonzero(pmf.probs > 0)[0]
+            self.supports.append((support.astype(float), np.log(pmf.probs[support]), steps))
+            index = np.arange(pmf.probs.size, dtype=float)
+            mass = float(np.sum(pmf.probs))
+            mean = float(np.sum(pmf.probs * index)) / mass
+            variance += steps * float(np.sum(pmf.probs * (index - mean) ** 2)) / mass
+        log_lam = 0.5 * math.log(2 * log_inverse_tail / max(variance, 1.0))  # the Gaussian optimum
+        bracket = [-math.inf, math.inf]
+        for _ in range(30):
+            lam = math.exp(log_lam)
+            k0, k1, k2 = self._cumulant_generating(lam)
+            g = lam * k1 - k0 - log_inverse_tail
+            if g < 0:
+                bracket[0] = log_lam
+            else:
+                bracket[1] = log_lam
+            step = -g / max(lam * lam * k2, 1e-300)  # Newton in log lam: dg/dlog lam = lam^2 K''
+            proposal = log_lam + max(min(step, 2.0), -2.0)
+            if not bracket[0] < proposal < bracket[1]:
+                proposal = (bracket[0] + bracket[1]) / 2 if math.isfinite(bracket[0] + bracket[1]) else proposal
+            if abs(proposal - log_lam) < 1e-3 or not math.isfinite(proposal):
+                break
+            log_lam = proposal
+        self.lam, self.log_mgf = lam, k0
+        self.edge = self.sign * (k0 + log_inverse_tail) / lam
+
+    def _cumulant_generating(self, lam: float) -> tuple[float, float, float]:
+        """K(lam), K'(lam), K''(lam) of sign * J."""
+        k0 = k1 = k2 = 0.0
+        for index, log_probs, steps in self.supports:
+            exponent = log_probs + self.sign * lam * index
+            peak = float(exponent.max())
+            weights = np.exp(exponent - peak)
+            total = float(np.sum(weights))
+            mean = float(np.sum(weights * index)) / total
+            k0 += steps * (peak + math.log(total))
+            k1 += steps * self.sign * mean
+            k2 += steps * float(np.sum(weights * (index - mean) ** 2)) / total
+        return k0, k1, k2
+
+    def mass_from(self, first: int, support: int) -> float:
+        """Bound on Pr[J >= first] (for the upper side); 0 when that lies beyond the support."""
+        if first >= support:
+            return 0.0
+        return math.exp(min(0.0, self.log_mgf - self.lam * first))
+
+
+@lru_cache(maxsize=256)
+def cached_step_pmf(direction: Direction, q: float, sigma: float, h: float, tail: float) -> StepPmf:
+    return step_pmf(direction, q, sigma, h, tail)

@@ -1,0 +1,196 @@
+"""The local trainer of a data holder: a model and its data loaded once, then DP-SGD runs (Abadi et al. 2016;
+EW-Tune, arXiv 2210.15042, Alg. 1) that report the DP event they actually executed.
+
+Per step: Poisson-sample a logical batch (:mod:`agent.sampler`), collate it, and hand it to the engine's
+:class:`agent.dpsgd.step.DPSGDStep`, which clips per example, sums over physical micro-batches, adds
+N(0, sigma^2 C^2) once, divides by the expected batch size qN and steps the optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from accountant.errors import InvalidInputError
+from accountant.events import PoissonGaussianEvent
+from agent import models
+from agent.data import DataSpec, collate, load_local_data
+from agent.evaluation import evaluate_model
+from agent.sampler import PoissonSampler
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What a holder trains on and how; fixed for the life of a :class:`LocalTrainer`."""
+
+    model_dir: str
+    data_file: str
+    task: str = "classification"
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    num_labels: int | None = None  # None: inferred from the labels (max label + 1, at least 2)
+    max_length: int = 128
+    mode: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_target_modules: tuple[str, ...] | None = None
+    eval_fraction: float = 0.1
+    seed: int = 0
+    physical_batch_size: int = 32
+    secure_noise: bool = False
+    max_examples: int | None = None
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One DP-SGD run: ``steps`` Poisson steps at rate ``sampling_rate`` with noise multiplier sigma."""
+
+    steps: int
+    sampling_rate: float
+    noise_multiplier: float
+    clip_norm: float
+    learning_rate: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise InvalidInputError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if not 0.0 < self.sampling_rate <= 1.0:
+            raise InvalidInputError(f"sampling rate must be in (0, 1], got {self.sampling_rate!r}")
+        for name in ("noise_multiplier", "clip_norm", "learning_rate"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise InvalidInputError(f"{name.replace('_', ' ')} must be a finite number > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """``event``: the mechanism executed (``None`` only when stopped before the first step);
+    ``trainable_state``: the updated trainable parameters; ``metrics``: loss (mean training loss of the sampled
+    examples), examples, steps, seconds."""
+
+    event: PoissonGaussianEvent | None
+    trainable_state: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class LocalTrainer:
+    """Loads the model and the data of ``config`` once; :meth:`train` runs DP-SGD on the training split."""
+
+    def __init__(self, config: TrainingConfig):
+        self.config = config
+        torch.manual_seed(config.seed)  # a fresh classifier head and LoRA factors are initialised from it
+        self.tokenizer = models.load_tokenizer(config.model_dir)
+        spec = DataSpec(
+            path=config.data_file,
+            task=config.task,
+            text_column=config.text_column,
+            text_pair_column=config.text_pair_column,
+            label_column=config.label_column,
+            num_labels=config.num_labels,
+            max_length=config.max_length,
+            eval_fraction=config.eval_fraction,
+            seed=config.seed,
+            max_examples=config.max_examples,
+        )
+        self.data = load_local_data(spec, self.tokenizer)
+        if config.physical_batch_size < 1:
+            raise InvalidInputError(f"physical batch size must be >= 1, got {config.physical_batch_size}")
+        self.model = models.load_model(
+            config.model_dir,
+            task=config.task,
+            num_labels=self.data.num_labels or 2,
+            mode=config.mode,
+            lora_rank=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_target_modules=config.lora_target_modules,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        self.model_id = models.model_id(config.model_dir)
+        # Separate streams, so that the batches drawn do not depend on how much noise was drawn.
+        self._sampling_generator = torch.Generator().manual_seed(config.seed)
+        self._noise_generator = torch.Generator().manual_seed(config.seed + 1)
+
+    @property
+    def dataset_size(self) -> int:
+        """Number of training examples N (the held-out split excluded): q = expected batch / N."""
+        return len(self.data.train)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return models.trainable_state(self.model)
+
+    def load_trainable_state(self, state) -> None:
+        models.load_trainable_state(self.model, state)
+
+    def collate(self, indices) -> dict[str, torch.Tensor]:
+        """The padded batch of the training examples at ``indices``."""
+        return collate(self.data.train, indices, self.pad_token_id, self.config.task)
+
+    def loss_fn(self):
+        from agent.dpsgd.losses import causal_lm_loss, classification_loss
+
+        return classification_loss if self.config.task == "classification" else causal_lm_loss
+
+    def train(
+        self,
+        plan: StepPlan,
+        should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int, object], None] | None = None,
+    ) -> TrainResult:
+        """Run up to ``plan.steps`` DP-SGD steps; ``should_stop()`` is asked before each step and ends the run
+        early. ``on_step(step_number, stats)`` is called after each step (progress bars). The returned event
+        counts exactly the steps executed."""
+        from agent.dpsgd.engine import PerExampleClipper
+        from agent.dpsgd.step import DPSGDStep
+
+        started = time.perf_counter()
+        self.model.train()
+        trainable = [param for param in self.model.parameters() if param.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=0.0)
+        clipper = PerExampleClipper(self.model, plan.clip_norm, self.loss_fn())
+        engine = DPSGDStep(
+            self.model,
+            clipper,
+            optimizer,
+            noise_multiplier=plan.noise_multiplier,
+            clip_norm=plan.clip_norm,
+            expected_batch_size=plan.sampling_rate * self.dataset_size,
+            physical_batch_size=self.config.physical_batch_size,
+            generator=self._noise_generator,
+            secure_noise=self.config.secure_noise,
+        )
+        sampler = PoissonSampler(self.dataset_size, plan.sampling_rate, plan.steps, self._sampling_generator)
+        executed, examples, loss_sum = 0, 0, 0.0
+        try:
+            for indices in sampler:
+                if should_stop is not None and should_stop():
+                    break
+                stats = engine.step(self.collate(indices))
+                executed += 1
+                examples += stats.examples
+                loss_sum += stats.loss_sum
+                if on_step is not None:
+                    on_step(executed, stats)
+        finally:
+            clipper.close()
+        event = PoissonGaussianEvent(plan.sampling_rate, plan.noise_multiplier, executed) if executed else None
+        metrics = {
+            "loss": loss_sum / examples if examples else math.nan,
+            "examples": examples,
+            "steps": executed,
+            "seconds": time.perf_counter() - started,
+        }
+        return TrainResult(event=event, trainable_state=self.trainable_state(), metrics=metrics)
+
+    def evaluate(self, batch_size: int | None = None) -> dict[str, float]:
+        """Metrics on the held-out split (see :func:`agent.evaluation.evaluate_model`)."""
+        size = batch_size or max(self.config.physical_batch_size, 32)
+        return evaluate_model(self.model, self.data.eval, self.pad_token_id, self.config.task, size)

@@ -57,7 +57,7 @@ def certified_epsilon(event: DpEvent, delta: float) -> float:
     for direction in sorted(coarse, key=coarse.get, reverse=True):
         if coarse[direction] > bound:
             bound = max(bound, min(_refined_epsilons(direction, mechs, delta, tail).values()))
-    return bound
+    return float(bound)
 
 
 def certified_delta(event: DpEvent, epsilon: float) -> float:
@@ -67,7 +67,7 @@ def certified_delta(event: DpEvent, epsilon: float) -> float:
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (epsilon >= 0 and math.isfinite(epsilon)):
         raise InvalidInputError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
     relation, mechs = _mechanisms_of(event)
-    return max(_delta_one_direction(direction, mechs, float(epsilon)) for direction in _directions(relation))
+    return float(max(_delta_one_direction(direction, mechs, float(epsilon)) for direction in _directions(relation)))
 
 
 def _refined_epsilons(direction: Direction, mechs: _Mechanisms, delta: float, tail: float) -> dict[int, float]:

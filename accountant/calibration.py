@@ -70,7 +70,7 @@ def calibrate_noise_multiplier(
     phases = _checked(epsilon, delta, phases, policy, neighbouring)
     event_at = lambda sigma: plan_event(phases, sigma, neighbouring)  # noqa: E731
     if policy == "edgeworth":
-        sigma = _ewtune_grid_search(lambda s: edgeworth_epsilon(event_at(s), delta), epsilon)
+        sigma = _ewtune_grid_search(lambda s: _edgeworth_estimate(event_at(s), delta), epsilon)
         evaluations, certified = 1, certified_epsilon(event_at(sigma), delta)
     else:
         search = _CertifiedSearch(lambda s: certified_epsilon(event_at(s), delta), epsilon)
@@ -79,7 +79,7 @@ def calibrate_noise_multiplier(
     return Calibration(
         noise_multiplier=sigma,
         epsilon_certified=certified,
-        epsilon_edgeworth=edgeworth_epsilon(event_at(sigma), delta),
+        epsilon_edgeworth=_edgeworth_estimate(event_at(sigma), delta),
         policy=policy,
         certified_evaluations=evaluations,
         seconds=time.perf_counter() - started,
@@ -105,7 +105,7 @@ def _checked(epsilon, delta, phases, policy, neighbouring) -> list[tuple[float, 
 def _edgeworth_start(event_at: Callable[[float], DpEvent], delta: float, epsilon: float) -> tuple[float, float]:
     """The sigma where the order-1 Edgeworth estimate meets epsilon, and d log eps / d log sigma there;
     a plain guess when the estimate is unusable (it is an estimate: any start works, a good one is fast)."""
-    estimate = lambda sigma: edgeworth_epsilon(event_at(sigma), delta)  # noqa: E731
+    estimate = lambda sigma: _edgeworth_estimate(event_at(sigma), delta)  # noqa: E731
     try:
         low, high = 0.3, 3.0
         while estimate(low) <= epsilon and low > MIN_SIGMA:
@@ -119,6 +119,14 @@ def _edgeworth_start(event_at: Callable[[float], DpEvent], delta: float, epsilon
     except (ArithmeticError, ValueError):
         pass
     return 1.0, -1.5
+
+
+def _edgeworth_estimate(event: DpEvent, delta: float) -> float:
+    """The order-1 Edgeworth estimate, or nan where the expansion breaks down (extreme sigma)."""
+    try:
+        return edgeworth_epsilon(event, delta)
+    except (ArithmeticError, ValueError, IndexError):
+        return math.nan
 
 
 class _CertifiedSearch:

@@ -1,0 +1,185 @@
+"""``ewtune coordinator start|run|status``: the coordinator operator's commands.
+
+Imports only argparse at import time; each handler imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from accountant.errors import EwtuneError, InvalidInputError
+
+
+def register(subparsers) -> None:
+    coordinator = subparsers.add_parser("coordinator", help="coordinator commands: the Flower SuperLink, federated runs, status")
+    commands = coordinator.add_subparsers(dest="coordinator_command", metavar="COORDINATOR_COMMAND", required=True)
+
+    start = commands.add_parser(
+        "start",
+        help="run the Flower SuperLink (TLS, SuperNode authentication, a database) and register the holders' keys",
+        description="Run the SuperLink until SIGTERM/SIGINT: TLS with the credentials of `ewtune keys init`, SuperNode "
+        "authentication, a SQLite database, telemetry and runtime dependency installation off. The Control API shares "
+        "the port and is unauthenticated in OSS Flower: keep --host 127.0.0.1 and expose only /v1/fleet/ to holders.",
+    )
+    start.add_argument("--credentials", required=True, help="the directory written by `ewtune keys init`")
+    start.add_argument("--state-dir", required=True, help="directory for the database, logs and the flwr connection")
+    start.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    start.add_argument("--port", type=int, default=9092)
+    start.add_argument("--no-register", action="store_true", help="do not register the holders listed in the credentials")
+    start.set_defaults(func=_start)
+
+    run = commands.add_parser("run", help="submit a federated run (federation.toml) and follow it", description="Submit the job with `flwr run` and show its progress until it ends.")
+    run.add_argument("--config", required=True, help="federation.toml")
+    run.add_argument("--state-dir", required=True, help="the --state-dir of `ewtune coordinator start`")
+    run.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up following after this many seconds")
+    run.set_defaults(func=_run)
+
+    status = commands.add_parser("status", help="rounds, holders, budgets and accuracy of a run", description="Show the status of the run of federation.toml.")
+    status.add_argument("--config", required=True, help="federation.toml")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+
+
+def _start(args: argparse.Namespace) -> int:
+    import signal
+
+    from coordinator import superlink
+    from ewtune.keys import load_credentials
+
+    credentials = load_credentials(args.credentials)
+    state = Path(args.state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    flwr_home = state / "flwr-home"
+    superlink.write_connection(flwr_home, f"{args.host}:{args.port}", credentials.ca_certificate)
+    command = superlink.superlink_command(
+        credentials.ca_certificate, credentials.server_certificate, credentials.server_key, state / "superlink.db", args.host, args.port
+    )
+    stopping = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.append(True))
+    with open(state / "superlink.log", "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=superlink.flower_environment(flwr_home), cwd=state, start_new_session=True)
+    try:
+        superlink.wait_for_port(args.host, args.port, 60, process)
+        print(f"ewtune coordinator: SuperLink on {args.host}:{args.port} (TLS, SuperNode authentication), log {state / 'superlink.log'}", flush=True)
+        if not args.no_register:
+            for holder_id, holder in credentials.holders.items():
+                try:
+                    node_id = superlink.register_supernode(flwr_home, holder.supernode_public_key, holder_id)
+                    print(f"registered {holder_id}: node {node_id}", flush=True)
+                except EwtuneError as failure:
+                    print(f"not registered {holder_id}: {failure}", flush=True)
+        while not stopping and process.poll() is None:
+            time.sleep(0.5)
+        if process.poll() is not None:
+            raise EwtuneError(f"the SuperLink exited with code {process.returncode}; see {state / 'superlink.log'}")
+    finally:
+        superlink.stop_process(process)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from coordinator import superlink
+    from coordinator.config import load_federation_config
+
+    config = load_federation_config(args.config)
+    flwr_home = Path(args.state_dir).resolve() / "flwr-home"
+    if not (flwr_home / "config.toml").is_file():
+        raise InvalidInputError(f"{flwr_home} has no connection: start the SuperLink with `ewtune coordinator start --state-dir {args.state_dir}`")
+    log_path = config.output_dir.parent / "flwr-run.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(superlink.run_command(config.path), stdout=log, stderr=subprocess.STDOUT, env=superlink.flower_environment(flwr_home), start_new_session=True)
+    try:
+        status = follow_run(process, config.output_dir / "status.json", print_progress, args.timeout)
+    finally:
+        superlink.stop_process(process)
+    print(status_table(status))
+    return 0 if status.get("state") in ("finished", "stopped") else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from coordinator.config import load_federation_config
+
+    config = load_federation_config(args.config)
+    path = config.output_dir / "status.json"
+    if not path.is_file():
+        raise InvalidInputError(f"no run has written {path} yet")
+    status = json.loads(path.read_text())
+    print(json.dumps(status, indent=2) if args.json else status_table(status))
+    return 0
+
+
+def follow_run(process: subprocess.Popen, status_path: Path, on_status: Callable[[dict], None] | None, timeout: float) -> dict[str, Any]:
+    """Poll ``status.json`` (calling ``on_status`` on every change) until the ServerApp writes a final state
+    or ``flwr run`` exits; a status written by an earlier run is ignored."""
+    previous = status_path.stat().st_mtime_ns if status_path.exists() else None
+    deadline = time.monotonic() + timeout
+    last_text, status = None, {}
+    while True:
+        if status_path.exists() and status_path.stat().st_mtime_ns != previous:
+            text = status_path.read_text()
+            if text != last_text:
+                last_text, status = text, json.loads(text)
+                if on_status is not None:
+                    on_status(status)
+        if status.get("state") in ("finished", "stopped", "failed"):
+            return status
+        if process.poll() is not None:
+            time.sleep(1.0)  # the final status is written before the ServerApp returns; allow the file to land
+            if status_path.exists() and status_path.read_text() != last_text:
+                status = json.loads(status_path.read_text())
+            if status.get("state") not in ("finished", "stopped", "failed"):
+                raise EwtuneError(f"`flwr run` exited ({process.returncode}) before the run finished; state {status.get('state')!r}")
+            return status
+        if time.monotonic() > deadline:
+            raise EwtuneError(f"the run did not finish within {timeout:g} s")
+        time.sleep(0.5)
+
+
+def print_progress(status: dict[str, Any]) -> None:
+    """One line per change of state or completed round."""
+    rounds = status.get("rounds", [])
+    done = len(rounds)
+    key = (status.get("state"), done)
+    if getattr(print_progress, "_last", None) == key:
+        return
+    print_progress._last = key
+    if rounds:
+        last = rounds[-1]
+        committed = [h for h, o in last["holders"].items() if o["status"] == "committed"]
+        print(f"  round {last['round']}/{status.get('rounds_planned')}: {len(committed)} update(s) verified and aggregated in {last['seconds']:.1f} s", flush=True)
+    else:
+        print(f"  {status.get('state')}", flush=True)
+
+
+def status_table(status: dict[str, Any]) -> str:
+    """The per-holder table: certified epsilon (the guarantee), the Edgeworth estimate, RDP, rounds, accuracy."""
+    lines = [
+        f"run {status.get('run_id')}: {status.get('state')}"
+        + (f" ({status['reason']})" if status.get("reason") else "")
+        + f", {status.get('rounds_completed', 0)}/{status.get('rounds_planned')} rounds",
+        "",
+        "| holder | budget eps | certified eps | Edgeworth (estimate) | RDP eps | sigma | rounds | accuracy per round (0 = initial) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for holder_id, holder in sorted(status.get("holders", {}).items()):
+        accuracy = " ".join(f"{int(r)}:{a:.3f}" for r, a in sorted(holder.get("accuracy", {}).items(), key=lambda item: int(item[0])))
+        lines.append(
+            f"| {holder_id} | {_fmt(holder.get('budget_epsilon'))} | {_fmt(holder.get('epsilon_certified'))} | "
+            f"{_fmt(holder.get('epsilon_edgeworth_estimate'))} | {_fmt(holder.get('epsilon_rdp'))} | {_fmt(holder.get('noise_multiplier'))} | "
+            f"{holder.get('rounds_committed', 0)} | {accuracy or '-'} |"
+        )
+    for holder_id, reason in sorted(status.get("skipped", {}).items()):
+        lines.append(f"| {holder_id} | skipped: {reason} | | | | | | |")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

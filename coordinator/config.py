@@ -1,0 +1,152 @@
+"""``federation.toml``: what ``ewtune coordinator run`` submits and the ServerApp reads.
+
+Relative paths are resolved against the file's directory (the ServerApp's working directory is the
+SuperLink's, so every path it uses is absolute)::
+
+    [federation]                 # coordinator.planner.FederationSettings
+    name = "demo"
+    rounds = 3
+    local_steps = 20
+    expected_batch_size = 64
+    clip_norm = 1.0
+    learning_rate = 0.002
+    target_epsilon = 8.0
+    delta = 1e-5
+    min_holders = 2
+
+    [coordinator]
+    id = "coordinator"
+    ledger = "coordinator/ledger.jsonl"      # created on first use
+    signing_key = "keys/coordinator/ledger.key"
+    output_dir = "coordinator/run"           # checkpoints, status.json
+
+    [model]
+    initial_weights = "init.safetensors"     # the global trainable parameters before round 1
+    base_model_dir = "models/minilm"         # optional: with mode = "lora", a PEFT adapter is saved at the end
+    mode = "lora"
+    task = "classification"
+    lora_alpha = 16.0
+    evaluate = "every_round"                 # or "final" or "never"
+
+    [timeouts]                               # seconds
+    nodes = 120          # wait for the expected number of nodes to connect
+    query = 60           # a node that does not describe itself in time is left out
+    round = 900          # a holder that does not answer a train message in time is aborted
+    evaluate = 300
+    run_deadline = 0     # > 0: no round starts after this many seconds (the run stops cleanly)
+
+This module imports neither torch nor flwr.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from accountant.errors import InvalidInputError
+from coordinator.planner import FederationSettings
+
+EVALUATE_MODES = ("every_round", "final", "never")
+RUN_CONFIG_KEY = "federation-config"  # the run config entry (Flower app config) naming this file
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    nodes: float = 120.0
+    query: float = 60.0
+    round: float = 900.0
+    evaluate: float = 300.0
+    run_deadline: float = 0.0
+    poll_interval: float = 0.1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    initial_weights: Path
+    base_model_dir: Path | None = None
+    mode: str = "lora"
+    task: str = "classification"
+    lora_alpha: float = 16.0
+    evaluate: str = "every_round"
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    path: Path
+    name: str
+    expected_holders: int
+    settings: FederationSettings
+    coordinator_id: str
+    ledger: Path
+    signing_key: Path
+    output_dir: Path
+    model: ModelConfig
+    timeouts: Timeouts
+
+
+def load_federation_config(path: str | os.PathLike) -> FederationConfig:
+    path = Path(path).expanduser().resolve()
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as error:
+        raise InvalidInputError(f"cannot read {path}: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as bad:
+        raise InvalidInputError(f"{path} is not valid TOML: {bad}") from None
+    base = path.parent
+    federation = dict(_table(document, "federation", path))
+    name = str(federation.pop("name", "federation"))
+    expected = federation.pop("expected_holders", federation.get("min_holders", 1))
+    settings = _build(FederationSettings, federation, "federation", path)
+    coordinator = _table(document, "coordinator", path)
+    model = dict(_table(document, "model", path))
+    model["initial_weights"] = _resolve(base, _required(model, "initial_weights", "model", path))
+    if model.get("base_model_dir"):
+        model["base_model_dir"] = _resolve(base, model["base_model_dir"])
+    model_config = _build(ModelConfig, model, "model", path)
+    if model_config.evaluate not in EVALUATE_MODES:
+        raise InvalidInputError(f"{path}: [model] evaluate must be one of {', '.join(EVALUATE_MODES)}")
+    timeouts = _build(Timeouts, dict(document.get("timeouts", {})), "timeouts", path)
+    if isinstance(expected, bool) or not isinstance(expected, int) or expected < settings.min_holders:
+        raise InvalidInputError(f"{path}: expected_holders must be an integer >= min_holders, got {expected!r}")
+    return FederationConfig(
+        path=path,
+        name=name,
+        expected_holders=expected,
+        settings=settings,
+        coordinator_id=str(coordinator.get("id", "coordinator")),
+        ledger=_resolve(base, _required(coordinator, "ledger", "coordinator", path)),
+        signing_key=_resolve(base, _required(coordinator, "signing_key", "coordinator", path)),
+        output_dir=_resolve(base, _required(coordinator, "output_dir", "coordinator", path)),
+        model=model_config,
+        timeouts=timeouts,
+    )
+
+
+def _build(cls, values: Mapping[str, Any], section: str, path: Path):
+    try:
+        return cls(**values)
+    except TypeError as bad:
+        raise InvalidInputError(f"{path}: [{section}] {bad}") from None
+    except InvalidInputError as bad:
+        raise InvalidInputError(f"{path}: [{section}] {bad}") from None
+
+
+def _table(document: Mapping[str, Any], name: str, path: Path) -> Mapping[str, Any]:
+    table = document.get(name)
+    if not isinstance(table, dict):
+        raise InvalidInputError(f"{path} lacks the [{name}] table")
+    return table
+
+
+def _required(table: Mapping[str, Any], key: str, section: str, path: Path) -> Any:
+    if key not in table:
+        raise InvalidInputError(f"{path}: [{section}] needs {key}")
+    return table[key]
+
+
+def _resolve(base: Path, value: Any) -> Path:
+    candidate = Path(str(value)).expanduser()
+    return candidate if candidate.is_absolute() else (base / candidate).resolve()

@@ -1,0 +1,144 @@
+"""The coordinator's Flower processes: the SuperLink (TLS, SuperNode authentication, a database, telemetry and
+runtime dependency installation off, every API on one loopback port), the registration of the holders'
+SuperNode keys, and ``flwr run`` of the federation app (notes/flower-1.42.md, sections 1.5, 2.1-2.3, 5).
+
+The Control API of OSS Flower is unauthenticated and shares the Fleet port, so the SuperLink binds to
+127.0.0.1 by default; expose only ``/v1/fleet/`` to holders through a reverse proxy (deploy/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+from accountant.errors import EwtuneError, InvalidInputError
+from coordinator.config import RUN_CONFIG_KEY
+
+APP_DIR = Path(__file__).resolve().parent / "flower_app"
+CONNECTION = "ewtune"
+QUIET_FLOWER_ENVIRONMENT = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # default 1 s between SuperExec polls (notes, section 6)
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def flower_environment(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of every Flower process: quiet, offline, ``FLWR_HOME`` set, and this Python's
+    scripts first on PATH (the SuperLink starts ``flower-superexec`` and ``flwr-serverapp`` by name)."""
+    environment = {**os.environ, **QUIET_FLOWER_ENVIRONMENT, "FLWR_HOME": str(flwr_home), **(extra or {})}
+    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
+    return environment
+
+
+def executable(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    if not beside.exists():
+        raise InvalidInputError(f"{name} is not installed beside {sys.executable} (pip install 'ewtune[federation]')")
+    return str(beside)
+
+
+def superlink_command(ca_certificate: Path, server_certificate: Path, server_key: Path, database: Path, host: str = "127.0.0.1", port: int = 9092) -> list[str]:
+    for path in (ca_certificate, server_certificate, server_key):
+        if not Path(path).is_file():
+            raise InvalidInputError(f"SuperLink credential {path} does not exist (run `ewtune keys init DIR`)")
+    return [
+        executable("flower-superlink"),
+        "--ssl-ca-certfile", str(ca_certificate),
+        "--ssl-certfile", str(server_certificate),
+        "--ssl-keyfile", str(server_key),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--database", str(database),
+        "--host", host,
+        "--port", str(port),
+    ]
+
+
+def write_connection(flwr_home: Path, address: str, ca_certificate: Path, name: str = CONNECTION) -> Path:
+    """``$FLWR_HOME/config.toml`` with one TLS connection, the default (notes, section 1.2)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n'
+        f'root-certificates = "{Path(ca_certificate).resolve()}"\n'
+    )
+    return path
+
+
+def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise EwtuneError(f"the process listening on {host}:{port} exited with code {process.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise EwtuneError(f"nothing listens on {host}:{port} after {timeout:g} s")
+
+
+def register_supernode(flwr_home: Path, public_key: Path, name: str) -> int:
+    """Register a holder's SuperNode public key with the SuperLink; returns its node id (fixed from now on)."""
+    result = subprocess.run(
+        [executable("flwr"), "supernode", "register", str(public_key), CONNECTION, "--name", name, "--format", "json"],
+        capture_output=True, text=True, env=flower_environment(flwr_home), timeout=120,
+    )
+    try:
+        answer = json.loads(result.stdout)
+    except ValueError:
+        answer = {}
+    if not answer.get("success"):
+        reason = answer.get("error-message") or result.stderr.strip() or result.stdout.strip()
+        raise EwtuneError(f"cannot register the SuperNode key of {name}: {reason.splitlines()[-1] if reason else 'no answer'}")
+    return int(answer["node-id"])
+
+
+def run_command(config_path: Path) -> list[str]:
+    """``flwr run`` of the federation app, pointed at ``federation.toml`` (absolute: the ServerApp's working
+    directory is the SuperLink's)."""
+    return [
+        executable("flwr"), "run", str(APP_DIR), CONNECTION,
+        "--run-config", f'{RUN_CONFIG_KEY}="{Path(config_path).resolve()}"',
+        "--stream",
+    ]
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM ``process`` (its whole group when it leads one), SIGKILL after ``timeout``; waits for it."""
+    if process.poll() is not None:
+        return
+    group = _own_group(process)
+    _signal(process, signal.SIGTERM, group)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _signal(process, signal.SIGKILL, group)
+        process.wait()
+
+
+def _own_group(process: subprocess.Popen) -> bool:
+    try:
+        return os.getpgid(process.pid) == process.pid
+    except ProcessLookupError:
+        return False
+
+
+def _signal(process: subprocess.Popen, signum: int, group: bool) -> None:
+    try:
+        if group:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+    except ProcessLookupError:
+        pass

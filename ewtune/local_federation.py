@@ -1,0 +1,279 @@
+"""A whole federation on one machine, on loopback: credentials, a real SuperLink (TLS, SuperNode
+authentication), one agent daemon per holder with its SuperNode, and ``flwr run`` of the coordinator's app.
+
+Used by ``ewtune demo``, ``ewtune bench federation`` and the end-to-end tests. Every process it starts is
+started in its own session and stopped by pid (its process group) in :meth:`LocalFederation.stop`, which
+also runs on failure and on Ctrl-C (``with LocalFederation(...) as federation``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accountant.errors import EwtuneError, InvalidInputError
+
+
+@dataclass(frozen=True)
+class HolderSetup:
+    """One data holder: its id, its CSV, its lifetime budget and its training settings (agent.toml)."""
+
+    holder_id: str
+    data_file: Path
+    budget_epsilon: float = 8.0
+    budget_delta: float = 1e-5
+    training: dict[str, Any] = field(default_factory=dict)  # agent.training.TrainingConfig fields
+    policy: dict[str, Any] = field(default_factory=dict)  # [policy] of agent.toml
+
+
+@dataclass(frozen=True)
+class FederationJob:
+    """The coordinator's side of federation.toml (see coordinator.config)."""
+
+    federation: dict[str, Any]
+    model: dict[str, Any]
+    timeouts: dict[str, Any] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def partition_csv(source: Path, directory: Path, parts: int, names: Sequence[str]) -> list[Path]:
+    """Split a CSV's rows round-robin into ``parts`` files named ``<name>.csv`` (disjoint holders' data)."""
+    with open(source, encoding="utf-8", newline="") as handle:
+        rows = list(csv.reader(handle))
+    header, body = rows[0], rows[1:]
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, name in enumerate(names[:parts]):
+        path = directory / f"{name}.csv"
+        with open(path, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(body[index::parts])
+        paths.append(path)
+    return paths
+
+
+def initial_weights(model_dir: Path, path: Path, training: dict[str, Any], num_labels: int = 2) -> Path:
+    """The global trainable parameters before round 1, from the holders' own model recipe (same seed)."""
+    import torch
+
+    from agent import models
+    from coordinator.checkpoints import save_weights
+
+    torch.manual_seed(int(training.get("seed", 0)))
+    model = models.load_model(
+        model_dir,
+        task=training.get("task", "classification"),
+        num_labels=num_labels,
+        mode=training.get("mode", "lora"),
+        lora_rank=int(training.get("lora_rank", 8)),
+        lora_alpha=float(training.get("lora_alpha", 16.0)),
+        lora_target_modules=training.get("lora_target_modules"),
+    )
+    return save_weights(path, {name: tensor.numpy() for name, tensor in models.trainable_state(model).items()})
+
+
+class LocalFederation:
+    """``with LocalFederation(work_dir, holders) as federation: federation.start(); federation.run(job)``."""
+
+    def __init__(self, work_dir: Path, holders: Sequence[HolderSetup], log: Callable[[str], None] | None = None):
+        self.work_dir = Path(work_dir).resolve()
+        self.holders = list(holders)
+        self.log = log or (lambda text: None)
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.port = free_port()
+        self.flwr_home = self.work_dir / "coordinator" / "flwr-home"
+        self.credentials = None
+        self.node_ids: dict[str, int] = {}
+
+    def __enter__(self) -> "LocalFederation":
+        self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self.stop()
+        finally:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+    # -- starting ------------------------------------------------------------------------------------------
+
+    def start(self, register: Sequence[str] | None = None) -> None:
+        """Credentials, the SuperLink, the registration of ``register`` (default: every holder) and one
+        daemon with its SuperNode per holder."""
+        from coordinator import superlink
+        from ewtune.keys import init_credentials
+
+        self.credentials = init_credentials(self.work_dir / "keys", [h.holder_id for h in self.holders])
+        self.log(f"credentials in {self.credentials.directory} (CA, SuperLink certificate, SuperNode and ledger keys)")
+        self.start_superlink()
+        for holder_id in register if register is not None else [h.holder_id for h in self.holders]:
+            self.node_ids[holder_id] = superlink.register_supernode(
+                self.flwr_home, self.credentials.holders[holder_id].supernode_public_key, holder_id
+            )
+        self.log(f"SuperLink on 127.0.0.1:{self.port} (TLS, SuperNode authentication); registered {', '.join(self.node_ids)}")
+        for holder in self.holders:
+            self.start_daemon(holder)
+        self.log(f"{len(self.holders)} agent daemons started, each with its SuperNode")
+
+    def start_superlink(self) -> None:
+        from coordinator import superlink
+
+        coordinator = self.work_dir / "coordinator"
+        coordinator.mkdir(parents=True, exist_ok=True)
+        credentials = self.credentials
+        superlink.write_connection(self.flwr_home, f"127.0.0.1:{self.port}", credentials.ca_certificate)
+        command = superlink.superlink_command(
+            credentials.ca_certificate, credentials.server_certificate, credentials.server_key, coordinator / "superlink.db", port=self.port
+        )
+        process = self._spawn("superlink", command, coordinator / "superlink.log", superlink.flower_environment(self.flwr_home), cwd=coordinator)
+        superlink.wait_for_port("127.0.0.1", self.port, 60, process)
+
+    def agent_toml(self, holder: HolderSetup) -> Path:
+        credentials = self.credentials.holders[holder.holder_id]
+        folder = self.work_dir / "holders" / holder.holder_id
+        folder.mkdir(parents=True, exist_ok=True)
+        training = {"data_file": str(holder.data_file), **holder.training}
+        document = {
+            "holder": {"id": holder.holder_id},
+            "budget": {"epsilon": holder.budget_epsilon, "delta": holder.budget_delta},
+            "policy": dict(holder.policy),
+            "ledger": {"path": str(folder / "ledger.jsonl"), "signing_key": str(credentials.ledger_key)},
+            "rpc": {"address": f"unix://{folder / 'agent.sock'}"},
+            "training": training,
+            "supernode": {
+                "superlink": f"127.0.0.1:{self.port}",
+                "root_certificates": str(self.credentials.ca_certificate),
+                "auth_private_key": str(credentials.supernode_private_key),
+                "port": free_port(),
+            },
+        }
+        path = folder / "agent.toml"
+        path.write_text(_toml(document))
+        return path
+
+    def start_daemon(self, holder: HolderSetup) -> None:
+        from coordinator import superlink
+
+        folder = self.work_dir / "holders" / holder.holder_id
+        command = [
+            sys.executable, "-m", "ewtune", "agent", "start", "--config", str(self.agent_toml(holder)),
+            "--supernode-log", str(folder / "supernode.log"), "--grace", "5",
+        ]
+        environment = superlink.flower_environment(self.flwr_home, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        self._spawn(f"agent:{holder.holder_id}", command, folder / "agent.log", environment, cwd=folder)
+
+    def wait_for_daemons(self, timeout: float = 300.0) -> None:
+        """Until every daemon says it is serving (its model and data are loaded)."""
+        deadline = time.monotonic() + timeout
+        pending = {h.holder_id for h in self.holders}
+        while pending:
+            for holder_id in list(pending):
+                process = self.processes[f"agent:{holder_id}"]
+                log = (self.work_dir / "holders" / holder_id / "agent.log").read_text(errors="replace")
+                if "serving on" in log:
+                    pending.discard(holder_id)
+                elif process.poll() is not None:
+                    raise EwtuneError(f"the agent daemon of {holder_id} exited ({process.returncode}): {_last_line(log)}")
+            if pending and time.monotonic() > deadline:
+                raise EwtuneError(f"agent daemons {sorted(pending)} not ready after {timeout:g} s")
+            time.sleep(0.3)
+
+    # -- running -------------------------------------------------------------------------------------------
+
+    def federation_toml(self, job: FederationJob, name: str = "federation.toml") -> Path:
+        coordinator = self.work_dir / "coordinator"
+        document = {
+            "federation": job.federation,
+            "coordinator": {
+                "id": "coordinator",
+                "ledger": str(coordinator / "ledger.jsonl"),
+                "signing_key": str(self.credentials.coordinator_ledger_key),
+                "output_dir": str(coordinator / "run"),
+            },
+            "model": job.model,
+            "timeouts": job.timeouts,
+        }
+        path = coordinator / name
+        path.write_text(_toml(document))
+        return path
+
+    def run(self, job: FederationJob, on_status: Callable[[dict], None] | None = None, timeout: float = 3600) -> dict[str, Any]:
+        """Submit the job with ``flwr run`` and follow ``status.json`` until the run ends; returns the status."""
+        from coordinator import superlink
+        from coordinator.cli import follow_run
+
+        config_path = self.federation_toml(job)
+        status_path = self.work_dir / "coordinator" / "run" / "status.json"
+        process = self._spawn(
+            "flwr-run", superlink.run_command(config_path), self.work_dir / "coordinator" / "flwr-run.log",
+            superlink.flower_environment(self.flwr_home), cwd=self.work_dir / "coordinator",
+        )
+        try:
+            return follow_run(process, status_path, on_status, timeout)
+        finally:
+            superlink.stop_process(process)
+
+    # -- stopping ------------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop every process started here, newest first, by pid (and its process group)."""
+        from coordinator.superlink import stop_process
+
+        for name in reversed(list(self.processes)):
+            stop_process(self.processes.pop(name), timeout=15)
+
+    def _spawn(self, name: str, command: list[str], log_path: Path, environment: dict[str, str], cwd: Path) -> subprocess.Popen:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as output:
+            process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment, cwd=cwd, start_new_session=True)
+        self.processes[name] = process
+        return process
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def _toml(document: dict[str, Any]) -> str:
+    """A TOML document of tables holding scalars, lists and inline tables (enough for these configs)."""
+    lines = []
+    for table, values in document.items():
+        lines.append(f"[{table}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))
+    raise InvalidInputError(f"cannot write {type(value).__name__} to TOML")

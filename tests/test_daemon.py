@@ -393,7 +393,7 @@ def test_the_example_agent_toml_is_valid():
     assert config.supernode is None
 
 
-def test_ewtune_agent_start_serves_and_stops_cleanly_on_sigterm(tmp_path, tiny_bert_dir, mr_csv):
+def test_ewtune_agent_start_serves_and_stops_cleanly_on_sigterm(tmp_path, tiny_bert_dir, mr_csv, trainer):
     config_path = _agent_toml(tmp_path, tiny_bert_dir, mr_csv)
     environment = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "ewtune", "agent", "start", "--config", str(config_path)]
@@ -403,8 +403,7 @@ def test_ewtune_agent_start_serves_and_stops_cleanly_on_sigterm(tmp_path, tiny_b
         description = _wait_for_daemon(address, process)
         assert description["holder_id"] == HOLDER
         with DaemonClient(address, timeout=120) as client:
-            weights = {name: np.zeros(shape, np.float32) for name, shape in _shapes(tiny_bert_dir, mr_csv).items()}
-            client.train(weights, PLAN)
+            client.train(_global_weights(trainer), PLAN)  # the same recipe and seed: the same parameters
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 0, stderr[-2000:]
@@ -417,13 +416,6 @@ def test_ewtune_agent_start_serves_and_stops_cleanly_on_sigterm(tmp_path, tiny_b
     assert verify_ledger(ledger_path).ok
     # the ledger is closed (its writer lock released): it opens again for writing
     Ledger.open(ledger_path, SigningKey.load(tmp_path / "ledger.key")).close()
-
-
-def _shapes(tiny_bert_dir, mr_csv):
-    from agent.training import LocalTrainer, TrainingConfig
-
-    trainer = LocalTrainer(TrainingConfig(**_training_config(tiny_bert_dir, mr_csv)))
-    return {name: tuple(tensor.shape) for name, tensor in trainer.trainable_state().items()}
 
 
 def _wait_for_daemon(address, process, timeout=120.0):

@@ -100,25 +100,27 @@ class _Pair:
         return np.where(inside > 0, w, -np.inf)
 
     def _replace_threshold(self, eps: np.ndarray) -> np.ndarray:
-        """Safeguarded Newton (bisection when a step leaves the bracket) on the increasing
-        L(w) = g(w) - g(-w); for q = 1, L(w) = 2 mu w exactly."""
+        """Safeguarded Newton on the odd, increasing L(w) = g(w) - g(-w). For eps >= 0 the root w >= 0,
+        where g(-w) lies in [log(1-q), log(1-q + q e^{-mu^2/2})]; inverting g at eps plus either end
+        brackets the root tightly. For q = 1, L(w) = 2 mu w exactly."""
         if self.q == 1.0:
             return eps / (2 * self.mu)
-        w_lo, w_hi = self.w_range()
-        lo, hi = np.full_like(eps, w_lo - 100.0), np.full_like(eps, w_hi + 100.0)
-        w = np.clip(eps / (2 * self.mu), lo, hi)
-        for _ in range(200):
-            value = self.loss(w) - eps
+        size = np.abs(eps)
+        lo = np.maximum(self._g_inverse(size + math.log1p(-self.q)), 0.0)
+        hi = self._g_inverse(size + float(np.logaddexp(math.log1p(-self.q), math.log(self.q) - self.mu**2 / 2)))
+        w = (lo + hi) / 2
+        for _ in range(100):
+            value = self.loss(w) - size
             lo, hi = np.where(value < 0, w, lo), np.where(value >= 0, w, hi)
             slope = self.mu * (special.expit(self._logit(w)) + special.expit(self._logit(-w)))
             with np.errstate(divide="ignore", invalid="ignore"):
                 newton = w - value / slope
-            w_next = np.where((newton > lo) & (newton < hi), newton, (lo + hi) / 2)
+            w_next = np.where((newton >= lo) & (newton <= hi), newton, (lo + hi) / 2)
             done = np.all(np.abs(w_next - w) <= 4 * _UNIT_ROUNDOFF * (1 + np.abs(w)))
             w = w_next
             if done:
                 break
-        return w
+        return np.sign(eps) * w
 
     def _logit(self, w: np.ndarray) -> np.ndarray:
         return self.mu * w - self.mu**2 / 2 + math.log(self.q) - math.log1p(-self.q)

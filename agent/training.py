@@ -114,6 +114,7 @@ class LocalTrainer:
         # Separate streams, so that the batches drawn do not depend on how much noise was drawn.
         self._sampling_generator = torch.Generator().manual_seed(config.seed)
         self._noise_generator = torch.Generator().manual_seed(config.seed + 1)
+        self._dropout_generator = torch.Generator().manual_seed(config.seed + 2)
 
     @property
     def dataset_size(self) -> int:
@@ -168,17 +169,11 @@ class LocalTrainer:
             secure_noise=self.config.secure_noise,
         )
         sampler = PoissonSampler(self.dataset_size, plan.sampling_rate, plan.steps, self._sampling_generator)
-        executed, examples, loss_sum = 0, 0, 0.0
+        dropout_seed = int(torch.randint(2**62, (1,), generator=self._dropout_generator))
         try:
-            for indices in sampler:
-                if should_stop is not None and should_stop():
-                    break
-                stats = engine.step(self.collate(indices))
-                executed += 1
-                examples += stats.examples
-                loss_sum += stats.loss_sum
-                if on_step is not None:
-                    on_step(executed, stats)
+            with torch.random.fork_rng():  # dropout masks from the trainer's own stream, not the global one
+                torch.manual_seed(dropout_seed)
+                executed, examples, loss_sum = _run_steps(engine, sampler, self.collate, should_stop, on_step)
         finally:
             clipper.close()
         event = PoissonGaussianEvent(plan.sampling_rate, plan.noise_multiplier, executed) if executed else None
@@ -194,3 +189,18 @@ class LocalTrainer:
         """Metrics on the held-out split (see :func:`agent.evaluation.evaluate_model`)."""
         size = batch_size or max(self.config.physical_batch_size, 32)
         return evaluate_model(self.model, self.data.eval, self.pad_token_id, self.config.task, size)
+
+
+def _run_steps(engine, sampler, collate_fn, should_stop, on_step) -> tuple[int, int, float]:
+    """(steps executed, examples seen, summed loss): one engine step per sampled batch until done or stopped."""
+    executed, examples, loss_sum = 0, 0, 0.0
+    for indices in sampler:
+        if should_stop is not None and should_stop():
+            break
+        stats = engine.step(collate_fn(indices))
+        executed += 1
+        examples += stats.examples
+        loss_sum += stats.loss_sum
+        if on_step is not None:
+            on_step(executed, stats)
+    return executed, examples, loss_sum

@@ -23,11 +23,8 @@ def _copy_minilm_tokenizer(target) -> None:
 
 
 def _save_tiny(model, directory):
-    import torch
-
     model.save_pretrained(directory, safe_serialization=True)
     _copy_minilm_tokenizer(directory)
-    torch.manual_seed(0)
     return directory
 
 
@@ -77,3 +74,17 @@ def mr_csv(tmp_path_factory):
     from agent.assets import write_mr_csv
 
     return write_mr_csv(tmp_path_factory.mktemp("mr") / "mr.csv", max_rows=400, seed=0)
+
+
+@pytest.fixture(scope="session")
+def minilm_1layer_dir(tmp_path_factory):
+    """The real all-MiniLM-L6-v2 weights cut to the first encoder layer (embeddings and pooler kept), with
+    its tokenizer: a pretrained model small enough for a private training run in CI."""
+    from transformers import AutoModel
+
+    from agent.assets import minilm_model_dir
+
+    directory = tmp_path_factory.mktemp("minilm_1layer")
+    AutoModel.from_pretrained(minilm_model_dir(), num_hidden_layers=1).save_pretrained(directory)
+    _copy_minilm_tokenizer(directory)
+    return directory

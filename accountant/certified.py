@@ -24,7 +24,7 @@ from functools import lru_cache
 
 from accountant.errors import InvalidInputError
 from accountant.events import DpEvent, Neighbouring, mechanisms, neighbouring_of
-from accountant.pld_engine import ComposedPmf, Direction, cached_step_pmf, compose, loss_variance
+from accountant.pld_engine import ComposedPmf, Direction, cached_step_pmf, compose, loss_moments
 
 TARGET_RELATIVE_ERROR = 1e-3
 """Aim of the interval choice (the documented promise, checked in tests, is 0.5%)."""
@@ -32,6 +32,9 @@ TARGET_RELATIVE_ERROR = 1e-3
 _DEFAULT_TAIL = 1e-12  # mass allowed outside the grids in total; lowered for delta below 1e-8
 _MAX_REFINEMENTS = 3
 _FINEST_LOG2_INTERVAL = -26  # h >= 1.5e-8: a guard against runaway grids, never reached in practice
+_BASELINE_INTERVAL = 1e-4  # dp_accounting's default: the bound aims to be at least as accurate as it
+_ERROR_FLOOR = 5e-5
+_MAX_GRID_CELLS = 2**22  # the composed window's expected size is kept below this (memory and time)
 
 CERTIFIED_ACCOUNTANT = {
     "name": "ewtune-certified-pld",
@@ -51,7 +54,7 @@ def certified_epsilon(event: DpEvent, delta: float) -> float:
     _check_delta(delta)
     relation, mechs = _mechanisms_of(event)
     tail = min(_DEFAULT_TAIL, 1e-4 * delta)
-    coarse = {d: _composed(d, mechs, _initial_log2_interval(d, mechs), tail).epsilon(delta) for d in _directions(relation)}
+    coarse = {d: _composed(d, mechs, _first_log2_interval(d, mechs) + 1, tail).epsilon(delta) for d in _directions(relation)}
     bound = 0.0
     # A direction whose coarse (already sound) bound is below the other's refined bound needs no refining.
     for direction in sorted(coarse, key=coarse.get, reverse=True):
@@ -72,8 +75,8 @@ def certified_delta(event: DpEvent, epsilon: float) -> float:
 
 def _refined_epsilons(direction: Direction, mechs: _Mechanisms, delta: float, tail: float) -> dict[int, float]:
     """Epsilon bounds keyed by log2 of the interval, refined until Richardson's error estimate of the
-    finest meets TARGET_RELATIVE_ERROR (module docstring)."""
-    log2_interval = _initial_log2_interval(direction, mechs)
+    finest meets :func:`_error_target` (module docstring)."""
+    log2_fine = _first_log2_interval(direction, mechs)
     estimates: dict[int, float] = {}
 
     def at(log2_h: int) -> float:
@@ -81,26 +84,33 @@ def _refined_epsilons(direction: Direction, mechs: _Mechanisms, delta: float, ta
             estimates[log2_h] = _composed(direction, mechs, log2_h, tail).epsilon(delta)
         return estimates[log2_h]
 
-    coarse, fine = at(log2_interval), at(log2_interval - 1)
+    # error(h) = c h^2: the drop from 2h to h is 3 c h^2.
+    c = (at(log2_fine + 1) - at(log2_fine)) / (3.0 * 4.0**log2_fine)
     for _ in range(_MAX_REFINEMENTS):
-        if fine == 0.0 or math.isinf(fine):
+        fine = estimates[log2_fine]
+        if c <= 0.0 or fine == 0.0 or math.isinf(fine):
             break
-        error = max(coarse - fine, 0.0) / 3.0
-        if error <= TARGET_RELATIVE_ERROR * fine:
+        error, target = c * 4.0**log2_fine, _error_target(c, fine)
+        if error <= target:
             break
-        halvings = max(1, math.ceil(0.5 * math.log2(error / (TARGET_RELATIVE_ERROR * fine))))
-        finer = max(log2_interval - 1 - halvings, _FINEST_LOG2_INTERVAL)
-        if finer == log2_interval - 1:
+        halvings = max(1, math.ceil(0.5 * math.log2(error / target)))
+        finer = max(log2_fine - halvings, _FINEST_LOG2_INTERVAL)
+        if finer == log2_fine:
             break
-        finest = at(finer)
-        # Error of the new finest from the drop over `halvings` halvings: drop / (4^halvings - 1).
-        coarse, fine = finest + 3.0 * (fine - finest) / (4.0**halvings - 1.0), finest
-        log2_interval = finer + 1
+        c = (fine - at(finer)) / (4.0**log2_fine - 4.0**finer)
+        log2_fine = finer
     return estimates
 
 
+def _error_target(c: float, epsilon: float) -> float:
+    """The error aimed at: what dp_accounting's default interval would leave (c * 1e-4^2, so that the
+    bound is at least as accurate as it), capped at TARGET_RELATIVE_ERROR and floored at
+    _ERROR_FLOOR of epsilon (finer than that buys nothing)."""
+    return max(_ERROR_FLOOR * epsilon, min(TARGET_RELATIVE_ERROR * epsilon, c * _BASELINE_INTERVAL**2))
+
+
 def _delta_one_direction(direction: Direction, mechs: _Mechanisms, epsilon: float) -> float:
-    initial = _initial_log2_interval(direction, mechs)
+    initial = _first_log2_interval(direction, mechs) + 1
     probe = _composed(direction, mechs, initial - 1, _DEFAULT_TAIL).delta(epsilon)
     if probe <= 0.0 or probe >= 1.0:
         return min(probe, 1.0)
@@ -118,18 +128,25 @@ def _composed(direction: Direction, mechs: _Mechanisms, log2_h: int, tail: float
     return compose(pmfs, h, tail / 4)
 
 
-def _initial_log2_interval(direction: Direction, mechs: _Mechanisms) -> int:
-    """A dyadic h of about half the root-mean-square per-step standard deviation of the loss (the
-    variance connect-the-dots adds is then a few percent), at most 1/32."""
+def _first_log2_interval(direction: Direction, mechs: _Mechanisms) -> int:
+    """The finer of the first two dyadic intervals: at most a quarter of the root-mean-square per-step
+    standard deviation of the loss (the variance connect-the-dots adds is then about 1%), but no finer
+    than keeps the composed window (mean plus 16 standard
+    deviations, a guide only) within _MAX_GRID_CELLS."""
     total_steps = sum(steps for _, _, steps in mechs)
-    variance = sum(steps * _loss_variance(direction, q, sigma) for q, sigma, steps in mechs)
-    rms_sd = math.sqrt(max(variance / total_steps, 1e-300))
-    return max(min(math.floor(math.log2(rms_sd / 2)), -5), _FINEST_LOG2_INTERVAL + 4)
+    moments = [(steps, *_loss_moments(direction, q, sigma)) for q, sigma, steps in mechs]
+    mean = sum(steps * m for steps, m, _ in moments)
+    variance = sum(steps * v for steps, _, v in moments)
+    per_step_sd = math.sqrt(max(variance / total_steps, 1e-300))
+    wanted = math.floor(math.log2(per_step_sd / 4))
+    window = abs(mean) + 16 * math.sqrt(variance)
+    affordable = math.ceil(math.log2(max(window, 1e-300) / _MAX_GRID_CELLS))
+    return min(max(wanted, affordable, _FINEST_LOG2_INTERVAL + 4), -2)
 
 
 @lru_cache(maxsize=1024)
-def _loss_variance(direction: Direction, q: float, sigma: float) -> float:
-    return loss_variance(direction, q, sigma)
+def _loss_moments(direction: Direction, q: float, sigma: float) -> tuple[float, float]:
+    return loss_moments(direction, q, sigma)
 
 
 def _directions(relation: Neighbouring) -> tuple[Direction, ...]:

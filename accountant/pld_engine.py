@@ -144,7 +144,9 @@ class _CellMasses:
     def normal(self, shift: float) -> tuple[np.ndarray, np.ndarray]:
         if shift not in self._by_shift:
             z = self.cuts - shift
-            upper, lower = special.ndtr(-z), special.ndtr(z)
+            smaller_tail = special.ndtr(-np.abs(z))
+            upper = np.where(z > 0, smaller_tail, 1.0 - smaller_tail)
+            lower = np.where(z > 0, 1.0 - smaller_tail, smaller_tail)
             right = z[:-1] > 0
             big = np.where(right, upper[:-1], lower[1:])
             small = np.where(right, upper[1:], lower[:-1])
@@ -197,9 +199,9 @@ def step_pmf(direction: Direction, q: float, sigma: float, h: float, tail: float
     return StepPmf(k_lo, probs, float(a_all[-1] + a_error_all[-1] + a_error_all[0]))
 
 
-def loss_variance(direction: Direction, q: float, sigma: float) -> float:
-    """Variance of one step's loss under P by the trapezoid rule (spectrally accurate for these smooth,
-    Gaussian-decaying integrands); sizes the grids, never enters a bound."""
+def loss_moments(direction: Direction, q: float, sigma: float) -> tuple[float, float]:
+    """Mean and variance of one step's loss under P by the trapezoid rule (spectrally accurate for these
+    smooth, Gaussian-decaying integrands); they size the grids and never enter a bound."""
     pair = _Pair(direction, q, 1.0 / sigma)
     w = np.linspace(*pair.w_range(), 4001)
     weight, shift = pair.p_mixture
@@ -207,7 +209,7 @@ def loss_variance(direction: Direction, q: float, sigma: float) -> float:
     density /= np.sum(density)
     loss = pair.loss(w)
     mean = float(np.sum(density * loss))
-    return float(np.sum(density * (loss - mean) ** 2))
+    return mean, float(np.sum(density * (loss - mean) ** 2))
 
 
 @dataclass(frozen=True)
@@ -275,64 +277,92 @@ def _wrap(probs: np.ndarray, size: int) -> np.ndarray:
     return padded.reshape(rows, size).sum(axis=0)
 
 
-def _window(pmfs, support: int, tail_mass: float) -> tuple[int, int, "_Chernoff"]:
+def _window(pmfs, support: int, tail_mass: float) -> tuple[int, int, "_ChernoffBound"]:
     """Index range [lo, hi] (relative to the composed support's start) outside which the composed sum has
     mass <= tail_mass on each side, by Chernoff's bound Pr[J >= x] <= E[e^{lam J}] e^{-lam x}."""
-    upper = _Chernoff(pmfs, 1.0, -math.log(tail_mass))
-    lower = _Chernoff(pmfs, -1.0, -math.log(tail_mass))
+    exact = [(_Support.of(pmf.probs), steps) for pmf, steps in pmfs]
+    coarse = [(support_.coarsened(_SEARCH_CELLS), steps) for support_, steps in exact]
+    variance = sum(steps * support_.variance() for support_, steps in exact)
+    start = 0.5 * math.log(2 * -math.log(tail_mass) / max(variance, 1.0))  # the Gaussian optimum of log lam
+    upper = _ChernoffBound(exact, coarse, 1.0, -math.log(tail_mass), start)
+    lower = _ChernoffBound(exact, coarse, -1.0, -math.log(tail_mass), start)
     hi = min(support - 1, math.ceil(upper.edge))
     return min(max(0, math.floor(lower.edge)), hi), hi, upper
 
 
-class _Chernoff:
-    """The Chernoff edge of the composed finite part (a sub-probability; J the sum of local grid indices)
-    on one side: x = min over lam > 0 of (K(lam) + c) / lam for K(lam) = log E[e^{sign lam J}], so that
-    Pr[sign J >= x] <= e^{-c}. The minimiser solves g(lam) = lam K'(lam) - K(lam) - c = 0, g increasing
-    (g' = lam K''); found by safeguarded Newton in log lam (K, K', K'' from one pass over the PMFs)."""
+_SEARCH_CELLS = 4096
 
-    def __init__(self, pmfs, sign: float, log_inverse_tail: float) -> None:
+
+@dataclass(frozen=True)
+class _Support:
+    """The positive cells of a PMF: grid indices (floats) and log-probabilities."""
+
+    index: np.ndarray
+    log_probs: np.ndarray
+
+    @classmethod
+    def of(cls, probs: np.ndarray) -> "_Support":
+        index = np.nonzero(probs > 0)[0]
+        return cls(index.astype(float), np.log(probs[index]))
+
+    def variance(self) -> float:
+        probs = np.exp(self.log_probs)
+        mean = float(np.sum(probs * self.index)) / float(np.sum(probs))
+        return float(np.sum(probs * (self.index - mean) ** 2)) / float(np.sum(probs))
+
+    def coarsened(self, cells: int) -> "_Support":
+        """Consecutive cells merged into about ``cells`` atoms at their mean index: the same mass and mean,
+        for *searching* lam cheaply (no bound is ever computed from it)."""
+        if self.index.size <= cells:
+            return self
+        starts = np.arange(0, self.index.size, -(-self.index.size // cells))
+        probs = np.exp(self.log_probs)
+        mass = np.add.reduceat(probs, starts)
+        keep = mass > 0
+        mean_index = np.add.reduceat(probs * self.index, starts)[keep] / mass[keep]
+        return _Support(mean_index, np.log(mass[keep]))
+
+    def cumulants(self, lam: float) -> tuple[float, float, float]:
+        """log E[e^{lam J}] and its first two derivatives in lam."""
+        exponent = self.log_probs + lam * self.index
+        peak = float(exponent.max())
+        weights = np.exp(exponent - peak)
+        total = float(np.sum(weights))
+        mean = float(np.sum(weights * self.index)) / total
+        return peak + math.log(total), mean, float(np.sum(weights * (self.index - mean) ** 2)) / total
+
+
+class _ChernoffBound:
+    """The Chernoff edge of the composed finite part (a sub-probability; J the sum of local grid indices)
+    on one side: x = (K(lam) + c) / lam with K(lam) = log E[e^{sign lam J}], so that
+    Pr[sign J >= x] <= e^{-c} for every lam > 0. The best lam solves g(lam) = lam K' - K - c = 0 (g is
+    increasing: g' = lam K''); it is sought by safeguarded Newton in log lam on coarsened PMFs, and the
+    edge is then computed from the exact PMFs at the lam found (any lam gives a valid bound)."""
+
+    def __init__(self, exact, coarse, sign: float, log_inverse_tail: float, log_lam: float) -> None:
         self.sign = sign
-        self.supports = []
-        variance = 0.0
-        for pmf, steps in pmfs:
-            support = np.nonzero(pmf.probs > 0)[0]
-            self.supports.append((support.astype(float), np.log(pmf.probs[support]), steps))
-            index = np.arange(pmf.probs.size, dtype=float)
-            mass = float(np.sum(pmf.probs))
-            mean = float(np.sum(pmf.probs * index)) / mass
-            variance += steps * float(np.sum(pmf.probs * (index - mean) ** 2)) / mass
-        log_lam = 0.5 * math.log(2 * log_inverse_tail / max(variance, 1.0))  # the Gaussian optimum
         bracket = [-math.inf, math.inf]
-        for _ in range(30):
+        for _ in range(60):
+            k0, k1, k2 = self._cumulants(coarse, math.exp(log_lam))
             lam = math.exp(log_lam)
-            k0, k1, k2 = self._cumulant_generating(lam)
             g = lam * k1 - k0 - log_inverse_tail
-            if g < 0:
-                bracket[0] = log_lam
-            else:
-                bracket[1] = log_lam
-            step = -g / max(lam * lam * k2, 1e-300)  # Newton in log lam: dg/dlog lam = lam^2 K''
-            proposal = log_lam + max(min(step, 2.0), -2.0)
-            if not bracket[0] < proposal < bracket[1]:
-                proposal = (bracket[0] + bracket[1]) / 2 if math.isfinite(bracket[0] + bracket[1]) else proposal
-            if abs(proposal - log_lam) < 1e-3 or not math.isfinite(proposal):
+            bracket[0 if g < 0 else 1] = log_lam
+            proposal = log_lam + max(min(-g / max(lam * lam * k2, 1e-300), 2.0), -2.0)  # dg/dlog lam = lam^2 K''
+            if not bracket[0] < proposal < bracket[1] and math.isfinite(bracket[0] + bracket[1]):
+                proposal = (bracket[0] + bracket[1]) / 2
+            if abs(proposal - log_lam) < 1e-3:
                 break
             log_lam = proposal
-        self.lam, self.log_mgf = lam, k0
-        self.edge = self.sign * (k0 + log_inverse_tail) / lam
+        self.lam = math.exp(log_lam)
+        self.log_mgf = self._cumulants(exact, self.lam)[0]
+        self.edge = sign * (self.log_mgf + log_inverse_tail) / self.lam
 
-    def _cumulant_generating(self, lam: float) -> tuple[float, float, float]:
+    def _cumulants(self, supports, lam: float) -> tuple[float, float, float]:
         """K(lam), K'(lam), K''(lam) of sign * J."""
         k0 = k1 = k2 = 0.0
-        for index, log_probs, steps in self.supports:
-            exponent = log_probs + self.sign * lam * index
-            peak = float(exponent.max())
-            weights = np.exp(exponent - peak)
-            total = float(np.sum(weights))
-            mean = float(np.sum(weights * index)) / total
-            k0 += steps * (peak + math.log(total))
-            k1 += steps * self.sign * mean
-            k2 += steps * float(np.sum(weights * (index - mean) ** 2)) / total
+        for support_, steps in supports:
+            c0, c1, c2 = support_.cumulants(self.sign * lam)
+            k0, k1, k2 = k0 + steps * c0, k1 + steps * self.sign * c1, k2 + steps * c2
         return k0, k1, k2
 
     def mass_from(self, first: int, support: int) -> float:

@@ -143,8 +143,6 @@ def _epsilon_for_pair(pair: PairCumulants, delta: float, order: int) -> float:
     def excess(eps: np.ndarray) -> np.ndarray:
         return _delta_curve(pair, eps, order) - delta
 
-    if excess(np.array([0.0]))[0] <= 0.0:
-        return 0.0
     high = _upper_end(pair)
     for _ in range(20):  # the tails vanish 40 standard deviations out; extend only in pathological cases
         if excess(np.array([high]))[0] <= 0.0:
@@ -155,6 +153,8 @@ def _epsilon_for_pair(pair: PairCumulants, delta: float, order: int) -> float:
     grid = np.linspace(0.0, high, _GRID_POINTS)
     values = excess(grid)
     crossings = np.flatnonzero((values[:-1] > 0.0) & (values[1:] <= 0.0))
+    if crossings.size == 0:  # delta_hat <= delta everywhere (it can even be negative at 0 when skewed)
+        return 0.0
     i = int(crossings[-1])
     if values[i + 1] == 0.0:
         return float(grid[i + 1])

@@ -208,3 +208,14 @@ def test_uniform_error_is_at_least_its_leading_term_and_shrinks_with_n():
         assert error >= 0.1995 * k3_tilde / math.sqrt(n)
     assert errors[0] > errors[1] > errors[2]
     assert uniform_error(10, k3, k3_tilde, 100.0, lam3) == math.inf  # Delta <= 0: theorem not applicable
+
+
+def test_a_negative_delta_hat_at_zero_does_not_hide_a_later_crossing():
+    # Very skewed PLLR (q = 1e-4, sigma = 0.5): the truncated series gives delta_hat(0) < 0, yet it rises
+    # above delta further out; epsilon is the last crossing, not 0. (It is still far below the true
+    # epsilon ~3.58: the regime where the notes (a) 4 call the estimate unusable.)
+    event = PoissonGaussianEvent(1e-4, 0.5, 10000)
+    for order in (1, 2, 3):
+        eps = edgeworth_epsilon(event, 1e-8, order)
+        assert eps > 0
+        assert edgeworth_delta(event, 0.9 * eps, order) > 1e-8

@@ -1,0 +1,100 @@
+"""The federation planner: one schedule, a certified sigma per holder for the whole plan, skips with reasons."""
+
+import pytest
+
+from accountant.certified import certified_epsilon
+from accountant.errors import InvalidInputError
+from accountant.events import PoissonGaussianEvent
+from coordinator.planner import FederationSettings, HolderDescription, plan_federation
+
+SETTINGS = FederationSettings(
+    rounds=2, local_steps=5, expected_batch_size=20, clip_norm=1.0, learning_rate=0.01, target_epsilon=4.0, delta=1e-5
+)
+
+
+def _holder(holder_id, size=200, budget=8.0, spent=0.0, delta=1e-5, node_id=None):
+    return HolderDescription.from_mapping(
+        node_id if node_id is not None else abs(hash(holder_id)) % 1000,
+        {
+            "holder_id": holder_id,
+            "dataset_size": size,
+            "budget_epsilon": budget,
+            "budget_delta": delta,
+            "spent_epsilon_certified": spent,
+            "public_key": "key-" + holder_id,
+            "model_id": "m",
+        },
+    )
+
+
+def _whole_plan_epsilon(plan, delta):
+    return certified_epsilon(PoissonGaussianEvent(plan.sampling_rate, plan.noise_multiplier, SETTINGS.total_steps), delta)
+
+
+def test_every_holder_is_calibrated_to_min_of_target_and_budget_left():
+    plan = plan_federation(SETTINGS, [_holder("a"), _holder("b", size=400), _holder("c", budget=5.0, spent=3.0)])
+    by_holder = plan.by_holder()
+    assert not plan.skipped
+    assert by_holder["a"].sampling_rate == pytest.approx(0.1)
+    assert by_holder["b"].sampling_rate == pytest.approx(0.05)
+    assert by_holder["c"].epsilon_target == pytest.approx(2.0)  # budget left 2 < target 4
+    for holder_id, cap in (("a", 4.0), ("b", 4.0), ("c", 2.0)):
+        holder_plan = by_holder[holder_id]
+        epsilon = _whole_plan_epsilon(holder_plan, 1e-5)
+        assert epsilon <= cap + 1e-9
+        assert epsilon > 0.95 * cap  # not over-noised: sigma is the calibrated one
+        assert holder_plan.epsilon_certified == pytest.approx(epsilon, rel=1e-6)
+    assert by_holder["c"].noise_multiplier > by_holder["a"].noise_multiplier > by_holder["b"].noise_multiplier
+
+
+def test_holder_delta_below_the_federation_delta_is_used():
+    plan = plan_federation(SETTINGS, [_holder("a", delta=1e-7)])
+    holder_plan = plan.holders[0]
+    assert holder_plan.delta == 1e-7
+    assert _whole_plan_epsilon(holder_plan, 1e-7) <= 4.0 + 1e-9
+
+
+def test_holders_that_cannot_fund_the_plan_are_skipped_with_the_reason():
+    settings = FederationSettings(**{**SETTINGS.__dict__, "max_noise_multiplier": 5.0})
+    plan = plan_federation(settings, [_holder("a"), _holder("spent", budget=3.0, spent=3.0), _holder("poor", budget=0.05)])
+    assert [p.holder_id for p in plan.holders] == ["a"]
+    reasons = {s.holder.holder_id: s.reason for s in plan.skipped}
+    assert "spent" in reasons["spent"]
+    assert "noise multiplier" in reasons["poor"] and "> 5" in reasons["poor"]
+
+
+def test_too_few_holders_left_is_an_error_naming_the_reasons():
+    settings = FederationSettings(**{**SETTINGS.__dict__, "min_holders": 2})
+    with pytest.raises(InvalidInputError, match="only 1 holder.*spent"):
+        plan_federation(settings, [_holder("a"), _holder("spent", budget=3.0, spent=3.0)])
+
+
+def test_two_nodes_claiming_one_holder_id_are_refused():
+    with pytest.raises(InvalidInputError, match="two nodes claim"):
+        plan_federation(SETTINGS, [_holder("a", node_id=1), _holder("a", node_id=2)])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"dataset_size": 0}, "dataset_size"),
+        ({"budget_epsilon": -1.0}, "budget_epsilon"),
+        ({"public_key": ""}, "public_key"),
+        ({"spent_epsilon_certified": float("nan")}, "spent_epsilon_certified"),
+    ],
+)
+def test_malformed_descriptions_are_refused(change, message):
+    values = {"holder_id": "a", "dataset_size": 10, "budget_epsilon": 1.0, "budget_delta": 1e-5, "spent_epsilon_certified": 0.0, "public_key": "k", **change}
+    with pytest.raises(InvalidInputError, match=message):
+        HolderDescription.from_mapping(1, values)
+
+
+def test_description_lacking_fields_is_refused():
+    with pytest.raises(InvalidInputError, match="lacks"):
+        HolderDescription.from_mapping(1, {"holder_id": "a"})
+
+
+@pytest.mark.parametrize("field, value", [("rounds", 0), ("delta", 1.0), ("target_epsilon", -1), ("local_steps", 1.5)])
+def test_invalid_settings_are_refused(field, value):
+    with pytest.raises(InvalidInputError):
+        FederationSettings(**{**SETTINGS.__dict__, field: value})

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 class TrainReply:
     arrays: dict[str, np.ndarray]  # the noised trainable weights after the round
     receipt: dict[str, Any]  # the signed receipt document
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # the trainer's (loss, examples, steps, seconds) and daemon_seconds
 
 
 class Daemon:
@@ -127,6 +127,7 @@ class Daemon:
 
     def train(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> TrainReply:
         with self._work:
+            started = time.perf_counter()
             self._refuse_if_stopping()
             plan = RoundPlan.from_config(config)
             self.policy.check_plan(plan, self.trainer.model_id)
@@ -136,7 +137,14 @@ class Daemon:
             with self._ledger_lock:
                 self._check_budget(planned)
                 reservation = self.ledger.reserve(self.holder_id, plan.run_id, plan.round, planned)
-            return self._train_reserved(plan, state, reservation)
+            reply = self._train_reserved(plan, state, reservation)
+            reply.metrics["daemon_seconds"] = time.perf_counter() - started
+            log.info(
+                "round %d of run %s: %d steps committed (reservation %d); %.2f s training, %.2f s in the daemon",
+                plan.round, plan.run_id, reply.metrics["steps"], reservation,
+                reply.metrics.get("seconds", math.nan), reply.metrics["daemon_seconds"],
+            )
+            return reply
 
     def evaluate(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
         """Metrics of ``arrays`` on the held-out split; the trainer's own weights are restored afterwards."""
@@ -210,9 +218,7 @@ class Daemon:
                 result.event,
                 extra={"receipt_sha256": hashlib.sha256(canonical_json(document)).hexdigest()},
             )
-        metrics = {name: float(value) for name, value in result.metrics.items()}
-        log.info("round %d of run %s: %d steps committed (reservation %d)", plan.round, plan.run_id, result.event.steps, reservation)
-        return TrainReply(update, document, metrics)
+        return TrainReply(update, document, {name: float(value) for name, value in result.metrics.items()})
 
     def _state_from_arrays(self, arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """The global weights as tensors, refused unless they are exactly the trainable parameters."""

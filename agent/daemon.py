@@ -253,9 +253,17 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def _calibrated_sigma(epsilon: float, delta: float, sampling_rate: float, steps: int) -> float:
-    from accountant.calibration import calibrate_noise_multiplier
+    """The certified calibration; where even the calibration's smallest sane sigma keeps the round within
+    ``epsilon``, that smallest sigma is the floor (a sigma below it is refused, whatever the budget)."""
+    from accountant.calibration import MIN_SIGMA, calibrate_noise_multiplier
+    from accountant.certified import certified_epsilon
 
-    return float(calibrate_noise_multiplier(epsilon, delta, [(sampling_rate, steps)], policy="certified").noise_multiplier)
+    try:
+        return float(calibrate_noise_multiplier(epsilon, delta, [(sampling_rate, steps)], policy="certified").noise_multiplier)
+    except InvalidInputError:
+        if certified_epsilon(PoissonGaussianEvent(sampling_rate, MIN_SIGMA, steps), delta) <= epsilon:
+            return MIN_SIGMA
+        raise
 
 
 def _check_budget_matches(policy: HolderPolicy, ledger: Ledger, holder_id: str) -> None:

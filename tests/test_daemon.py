@@ -145,6 +145,18 @@ def test_an_over_budget_plan_is_refused_and_nothing_more_is_charged(daemon_parts
     assert daemon.ledger.open_reservations() == {}
 
 
+def test_the_noise_floor_stays_within_the_calibrations_sane_range(tmp_path, trainer):
+    from accountant.calibration import MIN_SIGMA
+    from agent.daemon import Daemon
+
+    key, budget = SigningKey.generate(), {"budget_epsilon": 1e6, "budget_delta": 1e-5}
+    ledger = Ledger.create(tmp_path / "ledger.jsonl", key, HOLDER, budget)
+    daemon = Daemon(HOLDER, HolderPolicy(**budget), trainer, ledger, key)
+    assert daemon.noise_floor(0.02, 1) == MIN_SIGMA
+    with pytest.raises(PlanRefused, match="below this holder's own"):
+        daemon.train(_global_weights(trainer), dict(PLAN, noise_multiplier=MIN_SIGMA / 2))
+
+
 @pytest.mark.parametrize(
     "change, policy, reason",
     [

@@ -148,17 +148,21 @@ class PerExampleClipper:
             return ClippedSum(self.zero_grads(), torch.zeros(0), 0.0, 0)
         losses, calls = self._forward(batch, size)
         output_grads = torch.autograd.grad(losses.sum(), [call.output for call in calls], allow_unused=True)
-        with torch.no_grad():
+        device = losses.device
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # norms stay in float32
             uses = self._per_example_uses(calls, output_grads, size)
             del calls, output_grads
-            device = losses.device
-            norms_squared = torch.zeros(size, device=device)
-            for name_uses in uses.values():
-                norms_squared = norms_squared + squared_norms(name_uses, size)
+            norms_squared, instantiated, grams = torch.zeros(size, device=device), {}, {}
+            for name, name_uses in uses.items():
+                squares, instantiated[name] = squared_norms(name_uses, size, grams)
+                norms_squared += squares
+            del grams
             norms = norms_squared.sqrt()
             factors = (self.clip_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
-            grads = {
-                name: weighted_sum(uses[name], factors, p.dtype) if name in uses else torch.zeros_like(p)
+            grads = {  # pop: each layer's activations and output gradients are freed once summed
+                name: weighted_sum(uses.pop(name), factors, p.dtype, instantiated.pop(name))
+                if name in uses
+                else torch.zeros_like(p)
                 for name, p in self.params.items()
             }
         return ClippedSum(grads, norms, float(losses.detach().sum()), size)

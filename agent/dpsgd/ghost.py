@@ -72,8 +72,18 @@ def _length(factor: Factor) -> int:
     return factor.ids.shape[1] if isinstance(factor, OneHot) else factor.values.shape[1]
 
 
-def _gram(a: Factor, b: Factor) -> torch.Tensor:
-    """[B, T_a, T_b] inner products <a_t, b_s> per example, in float32."""
+def _gram(a: Factor, b: Factor, cache: dict | None = None) -> torch.Tensor:
+    """[B, T_a, T_b] inner products <a_t, b_s> per example, in float32.
+
+    ``cache`` keeps the Gram matrix of a dense factor with itself by storage, for the layers that read the
+    same input (a transformer's query, key and value projections).
+    """
+    if a is b and isinstance(a, Dense) and cache is not None:
+        values = a.values
+        key = (values.data_ptr(), values.shape, values.stride(), values.dtype)
+        if key not in cache:
+            cache[key] = _gram(a, b)
+        return cache[key]
     if isinstance(a, Dense) and isinstance(b, Dense):
         return torch.bmm(a.values.float(), b.values.float().transpose(1, 2))
     if isinstance(a, OneHot) and isinstance(b, OneHot):
@@ -111,25 +121,28 @@ def _prefers_ghost(use: Outer) -> bool:
     return 2 * length * length < _width(use.left) * _width(use.right)
 
 
-def _ghost_inner(u: Outer, v: Outer) -> torch.Tensor:
+def _ghost_inner(u: Outer, v: Outer, cache: dict | None) -> torch.Tensor:
     """<G_i^u, G_i^v> for every example from Gram matrices, [B]."""
-    return (_gram(u.left, v.left) * _gram(u.right, v.right)).sum(dim=(1, 2))
+    return (_gram(u.left, v.left, cache) * _gram(u.right, v.right, cache)).sum(dim=(1, 2))
 
 
-def squared_norms(uses: list[Use], batch: int) -> torch.Tensor:
-    """||sum_u G_i^u||^2 for every example i, [B] in float32."""
+def squared_norms(uses: list[Use], batch: int, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """||sum_u G_i^u||^2 for every example i ([B], float32), and the instantiated G_i when that was cheaper.
+
+    Pass the instantiation back to ``weighted_sum``, which then needs no second matrix product.
+    """
     if all(isinstance(use, Outer) for use in uses) and (len(uses) > 1 or _prefers_ghost(uses[0])):
         pairs = [(j, k) for j in range(len(uses)) for k in range(j, len(uses))]
-        return sum((1 if j == k else 2) * _ghost_inner(uses[j], uses[k]) for j, k in pairs)
+        return sum((1 if j == k else 2) * _ghost_inner(uses[j], uses[k], cache) for j, k in pairs), None
     grads = _instantiate(uses[0], batch)
     for use in uses[1:]:
         grads = grads + _instantiate(use, batch)
-    return grads.reshape(batch, -1).pow(2).sum(dim=1)
+    return grads.reshape(batch, -1).pow(2).sum(dim=1), grads
 
 
 def _weighted_outer(left: Factor, right: Factor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i sum_t left_{i,t} right_{i,t}^T as a [d_left, d_right] matrix."""
-    if isinstance(right, OneHot):
+    """sum_i w_i sum_t left_{i,t} right_{i,t}^T as a [d_left, d_right] matrix; the narrower factor is scaled."""
+    if isinstance(right, OneHot) or (isinstance(left, Dense) and _width(left) < _width(right)):
         return _weighted_outer(right, left, weights).T
     values = right.values
     scaled = (values * weights.to(values.dtype).view(-1, *([1] * (values.dim() - 1)))).reshape(-1, values.shape[-1])
@@ -139,8 +152,12 @@ def _weighted_outer(left: Factor, right: Factor, weights: torch.Tensor) -> torch
     return left.values.reshape(-1, left.values.shape[-1]).T @ scaled
 
 
-def weighted_sum(uses: list[Use], weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def weighted_sum(
+    uses: list[Use], weights: torch.Tensor, dtype: torch.dtype, instantiated: torch.Tensor | None = None
+) -> torch.Tensor:
     """sum_i w_i sum_u G_i^u, the book-keeping clipped sum when w_i is example i's clip factor."""
+    if instantiated is not None:
+        return torch.einsum("b,b...->...", weights, instantiated).to(dtype)
     total = None
     for use in uses:
         if isinstance(use, Direct):

@@ -42,6 +42,20 @@ def secure_standard_normal(count: int) -> torch.Tensor:
     return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
 
 
+def _noise_like(tensor: torch.Tensor, std: float, generator: torch.Generator | None, secure: bool) -> torch.Tensor:
+    if secure:
+        standard = secure_standard_normal(tensor.numel()).reshape(tensor.shape)
+        return (standard * std).to(device=tensor.device, dtype=tensor.dtype)
+    device = generator.device if generator is not None else tensor.device
+    standard = torch.randn(tensor.shape, generator=generator, device=device, dtype=torch.float32)
+    return standard.mul_(std).to(device=tensor.device, dtype=tensor.dtype)
+
+
+def _check_std(std: float) -> None:
+    if not std >= 0:
+        raise ValueError(f"the noise standard deviation must be non-negative, got {std}")
+
+
 def gaussian_noise_like(
     grads: dict[str, torch.Tensor],
     std: float,
@@ -49,19 +63,17 @@ def gaussian_noise_like(
     secure: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Independent N(0, std^2) noise shaped, typed and placed like each tensor of ``grads``."""
-    if not std >= 0:
-        raise ValueError(f"the noise standard deviation must be non-negative, got {std}")
-    if secure:
-        sizes = [g.numel() for g in grads.values()]
-        standard = secure_standard_normal(sum(sizes)).split(sizes)
-        return {
-            name: (z.reshape(g.shape) * std).to(device=g.device, dtype=g.dtype)
-            for (name, g), z in zip(grads.items(), standard)
-        }
-    device = generator.device if generator is not None else None
-    return {
-        name: (torch.randn(g.shape, generator=generator, device=device or g.device, dtype=torch.float32) * std).to(
-            device=g.device, dtype=g.dtype
-        )
-        for name, g in grads.items()
-    }
+    _check_std(std)
+    return {name: _noise_like(g, std, generator, secure) for name, g in grads.items()}
+
+
+def add_gaussian_noise_(
+    grads: dict[str, torch.Tensor],
+    std: float,
+    generator: torch.Generator | None = None,
+    secure: bool = False,
+) -> None:
+    """Add the noise of ``gaussian_noise_like`` in place, one tensor at a time (to bound memory)."""
+    _check_std(std)
+    for g in grads.values():
+        g.add_(_noise_like(g, std, generator, secure))

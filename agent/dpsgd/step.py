@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from agent.dpsgd.engine import PerExampleClipper, batch_size_of
-from agent.dpsgd.noise import gaussian_noise_like
+from agent.dpsgd.noise import add_gaussian_noise_
 
 
 @dataclass(frozen=True)
@@ -71,19 +71,26 @@ class DPSGDStep:
         self.secure_noise = secure_noise
 
     def noisy_gradient(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], StepStats]:
-        """(sum of clipped gradients + noise) / expected batch size, and the step's statistics."""
-        sums = self.clipper.zero_grads()
-        norms, loss_sum, micro_batches = [], 0.0, split_batch(batch, self.physical_batch_size)
+        """(sum of clipped gradients + noise) / expected batch size, and the step's statistics.
+
+        Sums, noise and scaling happen in place, so the step holds one gradient-sized buffer at a time.
+        """
+        sums, norms, loss_sum, micro_batches = None, [], 0.0, split_batch(batch, self.physical_batch_size)
         for micro_batch in micro_batches:
             clipped = self.clipper.clipped_grad_sum(micro_batch)
-            for name, grad in clipped.grads.items():
-                sums[name].add_(grad)
+            if sums is None:
+                sums = clipped.grads
+            else:
+                for name, grad in clipped.grads.items():
+                    sums[name].add_(grad)
             norms.append(clipped.per_example_norms)
             loss_sum += clipped.loss_sum
-        noise = gaussian_noise_like(
-            sums, self.noise_multiplier * self.clip_norm, generator=self.generator, secure=self.secure_noise
-        )
-        grads = {name: (sums[name] + noise[name]) / self.expected_batch_size for name in sums}
+        if sums is None:
+            sums = self.clipper.zero_grads()
+        std = self.noise_multiplier * self.clip_norm
+        add_gaussian_noise_(sums, std, generator=self.generator, secure=self.secure_noise)
+        for grad in sums.values():
+            grad.div_(self.expected_batch_size)
         norms = torch.cat(norms) if norms else torch.zeros(0)
         stats = StepStats(
             examples=batch_size_of(batch),
@@ -92,7 +99,7 @@ class DPSGDStep:
             clipped=int((norms > self.clip_norm).sum()),
             per_example_norms=norms,
         )
-        return grads, stats
+        return sums, stats
 
     def step(self, batch: Mapping[str, torch.Tensor]) -> StepStats:
         """One private optimizer step on a (possibly empty) logical batch."""

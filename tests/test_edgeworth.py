@@ -17,22 +17,31 @@ from accountant.events import Neighbouring, PoissonGaussianEvent, compose
 SST2 = PoissonGaussianEvent(0.029696060817532555, 0.7865, 660)
 
 
-def _quad_cumulants(q, sigma, side):
+def _quad_cumulants(q, sigma, side, pair="remove"):
     """Reference: central moments by QUADPACK on the real line (as the Edgeworth paper's code does)."""
     mu = 1.0 / sigma
 
-    def pllr(z):
-        return math.log1p(q * math.expm1(mu * z - mu * mu / 2))
+    def gauss(z, centre):
+        return math.exp(-((z - centre) ** 2) / 2) / math.sqrt(2 * math.pi)
 
-    def density(z):
-        phi = math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
-        if side == "null":
-            return phi
-        return (1 - q) * phi + q * math.exp(-(z - mu) ** 2 / 2) / math.sqrt(2 * math.pi)
+    def mixture(z, centre):
+        return (1 - q) * gauss(z, 0.0) + q * gauss(z, centre)
+
+    null_density = (lambda z: gauss(z, 0.0)) if pair == "remove" else (lambda z: mixture(z, -mu))
+
+    def log_mixture_over_gauss(z, centre):  # log(mixture(z, centre) / gauss(z, 0)), stably
+        return math.log1p(q * math.expm1(centre * z - mu * mu / 2))
+
+    def pllr(z):
+        if pair == "remove":
+            return log_mixture_over_gauss(z, mu)
+        return log_mixture_over_gauss(z, mu) - log_mixture_over_gauss(z, -mu)
+
+    density = null_density if side == "null" else (lambda z: mixture(z, mu))
 
     def expect(h):
-        # split at the centres of the two components so QUADPACK sees both bumps
-        points = [-60.0, 0.0, mu, mu + 60.0]
+        # split at the centres of the components so QUADPACK sees every bump
+        points = [-mu - 30.0, -mu, 0.0, mu, mu + 30.0]
         return sum(
             integrate.quad(lambda z: h(z) * density(z), a, b, epsabs=0, epsrel=1e-12, limit=400)[0]
             for a, b in zip(points[:-1], points[1:])
@@ -67,6 +76,15 @@ def test_add_direction_is_the_reversed_pair():
     remove, add = step_cumulants(0.05, 1.0, "remove"), step_cumulants(0.05, 1.0, "add")
     assert add.null.kappa == pytest.approx([(-1) ** j * k for j, k in enumerate(remove.alternative.kappa, 1)])
     assert add.alternative.kappa == pytest.approx([(-1) ** j * k for j, k in enumerate(remove.null.kappa, 1)])
+
+
+@pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")
+@pytest.mark.parametrize("side", ["null", "alternative"])
+def test_replace_one_cumulants_match_quadpack(side):
+    ours = getattr(step_cumulants(0.05, 0.8, "replace"), side).kappa
+    reference = _quad_cumulants(0.05, 0.8, side, pair="replace")
+    for j, (a, b) in enumerate(zip(ours, reference), start=1):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-14 * abs(reference[1])), f"kappa_{j}"
 
 
 def test_replace_one_pair_is_symmetric():

@@ -230,7 +230,8 @@ class ComposedPmf:
 
     def epsilon(self, delta: float) -> float:
         """The smallest eps >= 0 with delta(eps) <= delta, solved exactly between grid points, where
-        delta(eps) = A - e^{eps - l} S with A, S tail sums; rounded up by a relative 1e-12."""
+        delta(eps) = A - e^{eps - l} S with A, S tail sums; rounded up by 1e-10 (1 + eps), far above the
+        round-off of the sums and far below any accuracy that matters."""
         if self.infinite >= delta:
             return math.inf
         p = self.probs
@@ -245,7 +246,7 @@ class ComposedPmf:
         else:
             j = over[-1]
             epsilon = self.start + self.h * (j + 1) + math.log((tail_mass[j + 1] + self.infinite - delta) / discounted[j + 1])
-        return max(0.0, epsilon) * (1 + 1e-12)
+        return max(0.0, epsilon) + 1e-10 * (1 + max(0.0, epsilon))
 
 
 def compose(pmfs: tuple[tuple[StepPmf, int], ...], h: float, tail_mass: float) -> ComposedPmf:

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows-per-holder", type=int, default=600, help="MR sentences per holder (default 600)")
     parser.add_argument("--target-epsilon", type=float, default=8.0, help="certified target epsilon (default 8)")
     parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--learning-rate", type=float, default=0.02)
+    parser.add_argument("--learning-rate", type=float, default=0.003)
     parser.add_argument("--clip-norm", type=float, default=1.0)
     parser.add_argument("--max-length", type=int, default=40, help="tokens per sentence (default 40)")
     parser.add_argument("--work-dir", help="where credentials, ledgers, logs and checkpoints go (default: a new temporary directory, kept)")

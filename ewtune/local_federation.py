@@ -113,9 +113,9 @@ class LocalFederation:
 
     # -- starting ------------------------------------------------------------------------------------------
 
-    def start(self, register: Sequence[str] | None = None) -> None:
-        """Credentials, the SuperLink, the registration of ``register`` (default: every holder) and one
-        daemon with its SuperNode per holder."""
+    def start(self, register: Sequence[str] | None = None, daemons: bool = True) -> None:
+        """Credentials, the SuperLink, the registration of ``register`` (default: every holder) and, with
+        ``daemons``, one agent daemon with its SuperNode per holder."""
         from coordinator import superlink
         from ewtune.keys import init_credentials
 
@@ -127,9 +127,10 @@ class LocalFederation:
                 self.flwr_home, self.credentials.holders[holder_id].supernode_public_key, holder_id
             )
         self.log(f"SuperLink on 127.0.0.1:{self.port} (TLS, SuperNode authentication); registered {', '.join(self.node_ids)}")
-        for holder in self.holders:
-            self.start_daemon(holder)
-        self.log(f"{len(self.holders)} agent daemons started, each with its SuperNode")
+        if daemons:
+            for holder in self.holders:
+                self.start_daemon(holder)
+            self.log(f"{len(self.holders)} agent daemons started, each with its SuperNode")
 
     def start_superlink(self) -> None:
         from coordinator import superlink

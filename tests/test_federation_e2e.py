@@ -1,0 +1,100 @@
+"""End to end on 127.0.0.1 with real Flower processes: a TLS SuperLink with SuperNode authentication, one
+agent daemon (with its SuperNode) per holder, the coordinator's ServerApp, a tiny BERT with LoRA, two rounds.
+
+Holders h0 and h1 train; "poor" has a budget that cannot fund the plan, so the planner skips it and nothing
+is charged to it. Afterwards every ledger verifies, the coordinator's commits match the holders' ledgers, the
+global model moved, every holder's certified epsilon is within its budget, and the PEFT adapter loads."""
+
+import numpy as np
+import pytest
+
+from accountant.verify import verify_ledger
+from coordinator.checkpoints import load_weights
+from coordinator.ledger_crosscheck import cross_check, read_entries
+from ewtune.local_federation import FederationJob, HolderSetup, LocalFederation, initial_weights, partition_csv
+
+
+@pytest.fixture(scope="module")
+def federation_run(tiny_bert_dir, mr_csv, tmp_path_factory):
+    work = tmp_path_factory.mktemp("federation")
+    names = ["h0", "h1", "poor"]
+    partitions = partition_csv(mr_csv, work / "data", len(names), names)
+    training = {
+        "model_dir": str(tiny_bert_dir), "max_length": 32, "mode": "lora", "lora_rank": 4,
+        "lora_target_modules": ["query", "value"], "physical_batch_size": 32, "eval_fraction": 0.2,
+    }
+    holders = [
+        HolderSetup("h0", partitions[0], budget_epsilon=8.0, training=training),
+        HolderSetup("h1", partitions[1], budget_epsilon=6.0, training=training),
+        HolderSetup("poor", partitions[2], budget_epsilon=0.05, training=training),
+    ]
+    initial = initial_weights(tiny_bert_dir, work / "initial.safetensors", training)
+    job = FederationJob(
+        federation={
+            "name": "e2e", "rounds": 2, "local_steps": 3, "expected_batch_size": 16, "clip_norm": 1.0, "learning_rate": 0.01,
+            "target_epsilon": 8.0, "delta": 1e-5, "min_holders": 2, "expected_holders": 3, "max_noise_multiplier": 10.0,
+        },
+        model={"initial_weights": str(initial), "base_model_dir": str(tiny_bert_dir), "mode": "lora", "lora_alpha": 16.0},
+        timeouts={"nodes": 240, "query": 120, "round": 300, "evaluate": 120},
+    )
+    with LocalFederation(work, holders) as federation:
+        federation.start()
+        federation.wait_for_daemons()
+        status = federation.run(job, timeout=900)
+    return work, federation.credentials, status, initial
+
+
+def test_two_rounds_finish_with_both_funded_holders(federation_run):
+    _, _, status, _ = federation_run
+    assert status["state"] == "finished", status.get("reason")
+    assert status["rounds_completed"] == 2
+    for holder_id in ("h0", "h1"):
+        holder = status["holders"][holder_id]
+        assert holder["rounds_committed"] == 2
+        assert 0 < holder["epsilon_certified"] <= holder["budget_epsilon"]
+        assert set(holder["accuracy"]) == {"0", "1", "2"}  # round 0 = the initial model
+    assert status["holders"]["h1"]["noise_multiplier"] > status["holders"]["h0"]["noise_multiplier"]  # budget 6 < 8
+
+
+def test_every_ledger_verifies_and_the_coordinator_matches_the_holders(federation_run):
+    work, credentials, _, _ = federation_run
+    coordinator = work / "coordinator" / "ledger.jsonl"
+    report = verify_ledger(coordinator, credentials.coordinator_ledger_public_key)
+    assert report.ok, report.summary()
+    holder_entries = {}
+    for holder_id, holder in credentials.holders.items():
+        path = work / "holders" / holder_id / "ledger.jsonl"
+        own = verify_ledger(path, holder.ledger_public_key)
+        assert own.ok, own.summary()
+        holder_entries[holder_id] = read_entries(path)
+        if holder_id != "poor":
+            assert own.holders[holder_id].epsilon_certified == pytest.approx(report.holders[holder_id].epsilon_certified)
+    check = cross_check(read_entries(coordinator), holder_entries)
+    assert check.ok, check.mismatches
+    assert check.matched == 4 and not check.not_aggregated
+
+
+def test_a_holder_that_cannot_fund_the_plan_is_skipped_and_charged_nothing(federation_run):
+    work, credentials, status, _ = federation_run
+    assert "noise multiplier" in status["skipped"]["poor"]
+    assert [entry["kind"] for entry in read_entries(work / "holders" / "poor" / "ledger.jsonl")] == ["genesis"]
+    coordinator = read_entries(work / "coordinator" / "ledger.jsonl")
+    assert all(entry["payload"].get("holder") != "poor" for entry in coordinator)
+
+
+def test_the_global_model_moved_and_the_adapter_loads(federation_run, tiny_bert_dir):
+    work, _, status, initial = federation_run
+    before, after = load_weights(initial), load_weights(work / "coordinator" / "run" / "final.safetensors")
+    assert set(before) == set(after)
+    assert any(not np.array_equal(before[name], after[name]) for name in before)
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, local_files_only=True)
+    model = PeftModel.from_pretrained(base, status["adapter"])
+    trainable = {name: param for name, param in model.named_parameters() if "lora_" in name}
+    assert trainable
+    for name, param in trainable.items():
+        assert torch.equal(param.detach(), torch.from_numpy(after[name]))

@@ -159,8 +159,9 @@ class PerExampleClipper:
             del grams
             norms = norms_squared.sqrt()
             factors = (self.clip_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
+            scaled = {}
             grads = {  # pop: each layer's activations and output gradients are freed once summed
-                name: weighted_sum(uses.pop(name), factors, p.dtype, instantiated.pop(name))
+                name: weighted_sum(uses.pop(name), factors, p.dtype, instantiated.pop(name), scaled)
                 if name in uses
                 else torch.zeros_like(p)
                 for name, p in self.params.items()

@@ -140,22 +140,42 @@ def squared_norms(uses: list[Use], batch: int, cache: dict | None = None) -> tup
     return grads.reshape(batch, -1).pow(2).sum(dim=1), grads
 
 
-def _weighted_outer(left: Factor, right: Factor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i sum_t left_{i,t} right_{i,t}^T as a [d_left, d_right] matrix; the narrower factor is scaled."""
+def _storage_key(values: torch.Tensor) -> tuple:
+    return (values.data_ptr(), values.shape, values.stride(), values.dtype)
+
+
+def _weighted_outer(left: Factor, right: Factor, weights: torch.Tensor, cache: dict | None) -> torch.Tensor:
+    """sum_i w_i sum_t left_{i,t} right_{i,t}^T as a [d_left, d_right] matrix.
+
+    The narrower factor is scaled; ``cache`` keeps scaled factors by storage, for layers sharing an input.
+    """
     if isinstance(right, OneHot) or (isinstance(left, Dense) and _width(left) < _width(right)):
-        return _weighted_outer(right, left, weights).T
+        return _weighted_outer(right, left, weights, cache).T
     values = right.values
-    scaled = (values * weights.to(values.dtype).view(-1, *([1] * (values.dim() - 1)))).reshape(-1, values.shape[-1])
+    key = _storage_key(values)
+    scaled = cache.get(key) if cache is not None else None
+    if scaled is None:  # float32: a clip factor rounded to bfloat16 could let a gradient exceed C
+        scaled = (values.float() * weights.view(-1, *([1] * (values.dim() - 1)))).reshape(-1, values.shape[-1])
+        if cache is not None:
+            cache[key] = scaled
     if isinstance(left, OneHot):
         out = scaled.new_zeros(left.size, scaled.shape[-1])
         return out.index_add_(0, left.ids.reshape(-1), scaled)
-    return left.values.reshape(-1, left.values.shape[-1]).T @ scaled
+    return left.values.float().reshape(-1, left.values.shape[-1]).T @ scaled
 
 
 def weighted_sum(
-    uses: list[Use], weights: torch.Tensor, dtype: torch.dtype, instantiated: torch.Tensor | None = None
+    uses: list[Use],
+    weights: torch.Tensor,
+    dtype: torch.dtype,
+    instantiated: torch.Tensor | None = None,
+    cache: dict | None = None,
 ) -> torch.Tensor:
-    """sum_i w_i sum_u G_i^u, the book-keeping clipped sum when w_i is example i's clip factor."""
+    """sum_i w_i sum_u G_i^u, the book-keeping clipped sum when w_i is example i's clip factor.
+
+    ``instantiated`` is what ``squared_norms`` returned; ``cache`` is shared by all parameters of one batch
+    (same weights).
+    """
     if instantiated is not None:
         return torch.einsum("b,b...->...", weights, instantiated).to(dtype)
     total = None
@@ -163,7 +183,7 @@ def weighted_sum(
         if isinstance(use, Direct):
             part = torch.einsum("b,b...->...", weights, use.values.float())
         else:
-            part = _weighted_outer(use.left, use.right, weights).reshape(use.shape)
+            part = _weighted_outer(use.left, use.right, weights, cache).reshape(use.shape)
         part = part.to(dtype)
         total = part if total is None else total + part
     return total

@@ -259,11 +259,14 @@ def compose(pmfs: tuple[tuple[StepPmf, int], ...], h: float, tail_mass: float) -
     size = fft.next_fast_len(window_hi - window_lo + 1, real=True)
     # The circle holds the sums J in [window_lo, window_lo + size); heavier sums wrap to lower losses.
     wrapped_above = chernoff.mass_from(window_lo + size, support)
-    log_spectrum = 0.0
+    spectra = [(fft.rfft(_wrap(pmf.probs, size)), steps) for pmf, steps in pmfs]
     with np.errstate(divide="ignore"):
-        for pmf, steps in pmfs:
-            log_spectrum = log_spectrum + steps * np.log(fft.rfft(_wrap(pmf.probs, size)))
-    circle = fft.irfft(np.exp(log_spectrum), size)
+        log_modulus = sum(steps * np.log(np.abs(spectrum)) for spectrum, steps in spectra)
+        # Raising to the power only where the result is representable (the rest underflows to 0 anyway).
+        alive = log_modulus > -745.0
+        composed = np.zeros(log_modulus.size, dtype=complex)
+        composed[alive] = np.exp(sum(steps * np.log(spectrum[alive]) for spectrum, steps in spectra))
+    circle = fft.irfft(composed, size)
     noise = max(0.0, -float(circle.min()))
     probs = np.maximum(np.roll(circle, -(window_lo % size)), 0.0) + 2 * noise
     lost = max(0.0, math.exp(finite_log_mass) - float(np.sum(probs)))

@@ -197,7 +197,8 @@ class LocalFederation:
 
     # -- running -------------------------------------------------------------------------------------------
 
-    def federation_toml(self, job: FederationJob, name: str = "federation.toml") -> Path:
+    def federation_toml(self, job: FederationJob, name: str = "run") -> Path:
+        """federation.toml for ``job``; the run's checkpoints and status go to ``coordinator/<name>``."""
         coordinator = self.work_dir / "coordinator"
         document = {
             "federation": job.federation,
@@ -205,22 +206,22 @@ class LocalFederation:
                 "id": "coordinator",
                 "ledger": str(coordinator / "ledger.jsonl"),
                 "signing_key": str(self.credentials.coordinator_ledger_key),
-                "output_dir": str(coordinator / "run"),
+                "output_dir": str(coordinator / name),
             },
             "model": job.model,
             "timeouts": job.timeouts,
         }
-        path = coordinator / name
+        path = coordinator / f"{name}.toml"
         path.write_text(_toml(document))
         return path
 
-    def run(self, job: FederationJob, on_status: Callable[[dict], None] | None = None, timeout: float = 3600) -> dict[str, Any]:
+    def run(self, job: FederationJob, on_status: Callable[[dict], None] | None = None, timeout: float = 3600, name: str = "run") -> dict[str, Any]:
         """Submit the job with ``flwr run`` and follow ``status.json`` until the run ends; returns the status."""
         from coordinator import superlink
         from coordinator.cli import follow_run
 
-        config_path = self.federation_toml(job)
-        status_path = self.work_dir / "coordinator" / "run" / "status.json"
+        config_path = self.federation_toml(job, name)
+        status_path = self.work_dir / "coordinator" / name / "status.json"
         process = self._spawn(
             "flwr-run", superlink.run_command(config_path), self.work_dir / "coordinator" / "flwr-run.log",
             superlink.flower_environment(self.flwr_home), cwd=self.work_dir / "coordinator",

@@ -231,3 +231,41 @@ def test_empty_logical_batch_takes_a_noise_only_step():
     assert stats.examples == 0 and stats.micro_batches == 0 and stats.loss_sum == 0.0
     assert update.std().item() == pytest.approx(1.5 * 0.5 / 8.0, rel=0.05)
     assert update.mean().abs().item() < 4 * (1.5 * 0.5 / 8.0) / update.numel() ** 0.5
+
+
+class _InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.embed(input_ids)
+        hidden.mul_(2.0)  # changes the embedding's output after its hook saw it
+        return type("Out", (), {"logits": self.head(hidden.mean(1))})()
+
+
+def test_outputs_changed_in_place_are_refused():
+    batch = _batch("classification", torch.Generator().manual_seed(9))
+    with pytest.raises(PerExampleGradientError, match="in place"):
+        PerExampleClipper(_InPlace(), 1.0, classification_loss).clipped_grad_sum(batch)
+
+
+def test_causal_lm_loss_is_a_per_sequence_mean_over_real_tokens():
+    logits = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(10))
+    ids = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 0, 0], [6, 1, 0, 0, 0]]) % 7
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    outputs = type("Out", (), {"logits": logits})()
+    losses = causal_lm_loss(outputs, {"input_ids": ids, "attention_mask": mask})
+    for row in range(3):
+        real = int(mask[row].sum())
+        expected = torch.nn.functional.cross_entropy(logits[row, : real - 1], ids[row, 1:real])
+        assert losses[row].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_classification_loss_is_per_example_cross_entropy():
+    logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(11))
+    labels = torch.tensor([0, 2, 1, 2])
+    losses = classification_loss(type("Out", (), {"logits": logits})(), {"labels": labels})
+    expected = torch.stack([torch.nn.functional.cross_entropy(logits[i : i + 1], labels[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(losses, expected)

@@ -56,7 +56,7 @@ def test_secure_noise_differs_across_calls_and_ignores_the_generator():
 
 def test_secure_standard_normal_tails_and_odd_counts():
     sample = secure_standard_normal(200_001)
-    assert sample.shape == (200_001,) and sample.dtype == torch.float64
+    assert sample.shape == (200_001,) and sample.dtype == torch.float32
     beyond_two = (sample.abs() > 2).double().mean().item()
     assert beyond_two == pytest.approx(math.erfc(2 / math.sqrt(2)), abs=0.003)
 
@@ -65,5 +65,6 @@ def test_noise_follows_the_gradient_dtype_and_zero_std_is_zero():
     grads = {"w": torch.zeros(4, 3, dtype=torch.bfloat16)}
     assert gaussian_noise_like(grads, 1.0, secure=True)["w"].dtype == torch.bfloat16
     assert not gaussian_noise_like(grads, 0.0)["w"].any()
+    assert gaussian_noise_like({"empty": torch.zeros(0, 3)}, 1.0, secure=True)["empty"].shape == (0, 3)
     with pytest.raises(ValueError):
         gaussian_noise_like(grads, -1.0)

@@ -6,10 +6,11 @@ not acceptable in production (notes on DP-SGD, pitfall 11).
 
 Secure (``secure=True``): every call draws a fresh 256-bit key from ``os.urandom`` and expands it with
 AES-256 in counter mode (``cryptography``; a block-cipher keystream, the core of NIST SP 800-90A's
-CTR_DRBG, here without its reseeding since every call is freshly keyed) into 64-bit words; each pair of words gives two standard normals by the Box-Muller transform (Box & Muller
-1958) in float64, with 53-bit uniforms in (0, 1), so the tails are exact up to 8.6 standard deviations
-(mass beyond: 1e-17). The draws are rounded to the parameter's dtype at the end. This protects the noise
-from being predicted; it is no defence against floating-point attacks on the rounded samples
+CTR_DRBG, here without its reseeding since every call is freshly keyed); the Box-Muller transform (Box &
+Muller 1958) turns it into normals, with the radius from 53-bit uniforms in float64, so the tails are
+exact up to 8.6 standard deviations (mass beyond: 1e-17), and the angle from 32-bit uniforms. The draws
+are rounded to float32, then to the parameter's dtype. This protects the noise from being predicted;
+it is no defence against floating-point attacks on the rounded samples
 (Mironov 2012; Jin et al. 2022, "Are we there yet? Timing and floating-point attacks on DP systems"), which
 no mainstream DP-SGD library addresses either.
 """
@@ -19,26 +20,33 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 _UNIFORM_SCALE = 2.0**-53
+_ANGLE_SCALE = 2.0 * math.pi / 2.0**32
 
 
-def _secure_uniforms(count: int) -> torch.Tensor:
-    """``count`` float64 uniforms in (0, 1) from AES-256-CTR keyed by os.urandom."""
+def _secure_bytes(count: int) -> bytearray:
+    """``count`` bytes of AES-256-CTR keystream under a fresh key from os.urandom."""
     encryptor = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
-    words = np.frombuffer(encryptor.update(bytes(8 * count)), dtype=np.uint64)
-    return (torch.from_numpy((words >> np.uint64(11)).astype(np.float64)) + 0.5) * _UNIFORM_SCALE
+    return bytearray(encryptor.update(bytes(count)))
 
 
 def secure_standard_normal(count: int) -> torch.Tensor:
-    """``count`` float64 standard normals from a CSPRNG (Box-Muller on AES-CTR uniforms)."""
+    """``count`` float32 standard normals from a CSPRNG, by Box-Muller.
+
+    Per pair: a 53-bit uniform u in (0, 1) gives the radius sqrt(-2 ln u) in float64 (exact tails to 8.6
+    standard deviations), a 32-bit uniform gives the angle; cos and sin of the angle give two normals.
+    """
+    if count == 0:
+        return torch.zeros(0)
     pairs = (count + 1) // 2
-    uniforms = _secure_uniforms(2 * pairs)
-    radius = torch.sqrt(-2.0 * torch.log(uniforms[:pairs]))
-    angle = (2.0 * math.pi) * uniforms[pairs:]
+    raw = _secure_bytes(12 * pairs)
+    words = torch.frombuffer(raw, dtype=torch.int64, count=pairs)
+    uniforms = ((words >> 11) & ((1 << 53) - 1)).double().add_(0.5).mul_(_UNIFORM_SCALE)
+    radius = uniforms.log_().mul_(-2.0).sqrt_().float()
+    angle = torch.frombuffer(raw, dtype=torch.int32, offset=8 * pairs).float().mul_(_ANGLE_SCALE)
     return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
 
 

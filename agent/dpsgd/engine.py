@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from accountant.errors import EwtuneError
-from agent.dpsgd.ghost import Use, squared_norms, weighted_sum
+from agent.dpsgd.ghost import RecentCache, Use, squared_norms, weighted_sum
 from agent.dpsgd.rules import Call, rule_for
 
 CLIP_EPSILON = 1e-6
@@ -152,14 +152,14 @@ class PerExampleClipper:
         with torch.no_grad(), torch.autocast(device.type, enabled=False):  # norms stay in float32
             uses = self._per_example_uses(calls, output_grads, size)
             del calls, output_grads
-            norms_squared, instantiated, grams = torch.zeros(size, device=device), {}, {}
+            norms_squared, instantiated, grams = torch.zeros(size, device=device), {}, RecentCache()
             for name, name_uses in uses.items():
                 squares, instantiated[name] = squared_norms(name_uses, size, grams)
                 norms_squared += squares
             del grams
             norms = norms_squared.sqrt()
             factors = (self.clip_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
-            scaled = {}
+            scaled = RecentCache()
             grads = {  # pop: each layer's activations and output gradients are freed once summed
                 name: weighted_sum(uses.pop(name), factors, p.dtype, instantiated.pop(name), scaled)
                 if name in uses

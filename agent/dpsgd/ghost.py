@@ -22,6 +22,8 @@ All norms are sums of squares in float32 (``torch.linalg.vector_norm`` loses acc
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +66,29 @@ class Direct:
 Use = Outer | Direct
 
 
+class RecentCache:
+    """The few most recently used results, keyed by tensor storage.
+
+    Layers that read the same input (a transformer's query, key and value projections) run one after the
+    other, so a small least-recently-used window finds the repeats without holding every layer's result.
+    """
+
+    def __init__(self, size: int = 2):
+        self._items: OrderedDict = OrderedDict()
+        self._size = size
+
+    def get(self, values: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = (values.data_ptr(), values.shape, values.stride(), values.dtype)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key][1]
+        result = compute()
+        self._items[key] = (values, result)  # holding values keeps its address from being reused
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+        return result
+
+
 def _width(factor: Factor) -> int:
     return factor.size if isinstance(factor, OneHot) else factor.values.shape[-1]
 
@@ -72,18 +97,10 @@ def _length(factor: Factor) -> int:
     return factor.ids.shape[1] if isinstance(factor, OneHot) else factor.values.shape[1]
 
 
-def _gram(a: Factor, b: Factor, cache: dict | None = None) -> torch.Tensor:
-    """[B, T_a, T_b] inner products <a_t, b_s> per example, in float32.
-
-    ``cache`` keeps the Gram matrix of a dense factor with itself by storage, for the layers that read the
-    same input (a transformer's query, key and value projections).
-    """
+def _gram(a: Factor, b: Factor, cache: RecentCache | None = None) -> torch.Tensor:
+    """[B, T_a, T_b] inner products <a_t, b_s> per example, in float32 (``cache``: for a dense a = b)."""
     if a is b and isinstance(a, Dense) and cache is not None:
-        values = a.values
-        key = (values.data_ptr(), values.shape, values.stride(), values.dtype)
-        if key not in cache:
-            cache[key] = _gram(a, b)
-        return cache[key]
+        return cache.get(a.values, lambda: _gram(a, b))
     if isinstance(a, Dense) and isinstance(b, Dense):
         return torch.bmm(a.values.float(), b.values.float().transpose(1, 2))
     if isinstance(a, OneHot) and isinstance(b, OneHot):
@@ -121,12 +138,12 @@ def _prefers_ghost(use: Outer) -> bool:
     return 2 * length * length < _width(use.left) * _width(use.right)
 
 
-def _ghost_inner(u: Outer, v: Outer, cache: dict | None) -> torch.Tensor:
+def _ghost_inner(u: Outer, v: Outer, cache: RecentCache | None) -> torch.Tensor:
     """<G_i^u, G_i^v> for every example from Gram matrices, [B]."""
     return (_gram(u.left, v.left, cache) * _gram(u.right, v.right, cache)).sum(dim=(1, 2))
 
 
-def squared_norms(uses: list[Use], batch: int, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def squared_norms(uses: list[Use], batch: int, cache: RecentCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """||sum_u G_i^u||^2 for every example i ([B], float32), and the instantiated G_i when that was cheaper.
 
     Pass the instantiation back to ``weighted_sum``, which then needs no second matrix product.
@@ -140,24 +157,20 @@ def squared_norms(uses: list[Use], batch: int, cache: dict | None = None) -> tup
     return grads.reshape(batch, -1).pow(2).sum(dim=1), grads
 
 
-def _storage_key(values: torch.Tensor) -> tuple:
-    return (values.data_ptr(), values.shape, values.stride(), values.dtype)
-
-
-def _weighted_outer(left: Factor, right: Factor, weights: torch.Tensor, cache: dict | None) -> torch.Tensor:
+def _weighted_outer(left: Factor, right: Factor, weights: torch.Tensor, cache: RecentCache | None) -> torch.Tensor:
     """sum_i w_i sum_t left_{i,t} right_{i,t}^T as a [d_left, d_right] matrix.
 
-    The narrower factor is scaled; ``cache`` keeps scaled factors by storage, for layers sharing an input.
+    The narrower factor is scaled, in float32 (a clip factor rounded to bfloat16 could let a gradient
+    exceed C); ``cache`` finds the scaled factor of an input shared with the previous layer.
     """
     if isinstance(right, OneHot) or (isinstance(left, Dense) and _width(left) < _width(right)):
         return _weighted_outer(right, left, weights, cache).T
     values = right.values
-    key = _storage_key(values)
-    scaled = cache.get(key) if cache is not None else None
-    if scaled is None:  # float32: a clip factor rounded to bfloat16 could let a gradient exceed C
-        scaled = (values.float() * weights.view(-1, *([1] * (values.dim() - 1)))).reshape(-1, values.shape[-1])
-        if cache is not None:
-            cache[key] = scaled
+
+    def scale() -> torch.Tensor:
+        return (values.float() * weights.view(-1, *([1] * (values.dim() - 1)))).reshape(-1, values.shape[-1])
+
+    scaled = cache.get(values, scale) if cache is not None else scale()
     if isinstance(left, OneHot):
         out = scaled.new_zeros(left.size, scaled.shape[-1])
         return out.index_add_(0, left.ids.reshape(-1), scaled)
@@ -169,7 +182,7 @@ def weighted_sum(
     weights: torch.Tensor,
     dtype: torch.dtype,
     instantiated: torch.Tensor | None = None,
-    cache: dict | None = None,
+    cache: RecentCache | None = None,
 ) -> torch.Tensor:
     """sum_i w_i sum_u G_i^u, the book-keeping clipped sum when w_i is example i's clip factor.
 

@@ -118,8 +118,11 @@ def _grid(mu: float) -> np.ndarray:
 
 
 def _log_ratio_terms(z: np.ndarray, sampling_rate: float, mu: float) -> np.ndarray:
-    """log((1-q) + q exp(mu z - mu^2/2)) = log[((1-q) phi(z) + q phi(z - mu)) / phi(z)], stably."""
-    return np.log1p(sampling_rate * np.expm1(mu * z - 0.5 * mu * mu))
+    """log((1-q) + q exp(mu z - mu^2/2)) = log[((1-q) phi(z) + q phi(z - mu)) / phi(z)], stably: as a
+    log-sum-exp it neither overflows for large mu z nor loses the q = 1 case (log(1 - q) = -inf)."""
+    with np.errstate(divide="ignore"):
+        log_keep = np.log1p(-sampling_rate)
+    return np.logaddexp(log_keep, np.log(sampling_rate) + mu * z - 0.5 * mu * mu)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -128,15 +131,15 @@ def _integrate(sampling_rate: float, noise_multiplier: float, pair: str) -> Pair
     z = _grid(mu)
     step = z[1] - z[0]
     log_mix_plus = _log_ratio_terms(z, sampling_rate, mu)  # log of the mixture with N(mu,1), over phi
-    phi = np.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi)
+    log_phi = -0.5 * z * z - 0.5 * np.log(2.0 * np.pi)
     if pair == "remove":
         pllr = log_mix_plus
-        density_null = phi
+        density_null = np.exp(log_phi)
     else:  # replace: Q = (1-q) N(0,1) + q N(-mu,1)
         log_mix_minus = _log_ratio_terms(-z, sampling_rate, mu)
         pllr = log_mix_plus - log_mix_minus
-        density_null = phi * np.exp(log_mix_minus)
-    density_alternative = phi * np.exp(log_mix_plus)  # (1-q) phi(z) + q phi(z - mu)
+        density_null = np.exp(log_phi + log_mix_minus)
+    density_alternative = np.exp(log_phi + log_mix_plus)  # (1-q) phi(z) + q phi(z - mu)
     return PairCumulants(
         _side(pllr, density_null * step), _side(pllr, density_alternative * step)
     )

@@ -237,3 +237,24 @@ def test_a_negative_delta_hat_at_zero_does_not_hide_a_later_crossing():
         eps = edgeworth_epsilon(event, 1e-8, order)
         assert eps > 0
         assert edgeworth_delta(event, 0.9 * eps, order) > 1e-8
+
+
+def test_full_batch_is_exactly_gaussian_dp():
+    """q = 1: the PLLR is exactly Gaussian, every Edgeworth correction vanishes, and the estimate must equal
+    the analytic Gaussian mechanism's epsilon (Balle & Wang 2018, Thm 8) with mu = sqrt(T) / sigma."""
+    from scipy import optimize, stats
+
+    steps, sigma, delta = 10, 2.0, 1e-5
+    mu = math.sqrt(steps) / sigma
+
+    def gaussian_delta(eps):
+        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
+
+    exact = optimize.brentq(lambda e: gaussian_delta(e) - delta, 0.0, 100.0, xtol=1e-12)
+    estimate = edgeworth_epsilon(PoissonGaussianEvent(1.0, sigma, steps), delta, order=1)
+    assert estimate == pytest.approx(exact, rel=1e-6)
+
+
+def test_tiny_noise_gives_a_finite_number_not_an_overflow():
+    estimate = edgeworth_epsilon(PoissonGaussianEvent(0.5, 0.05, 100_000), 1e-5)
+    assert math.isfinite(estimate) and estimate > 1e5

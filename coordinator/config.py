@@ -27,6 +27,7 @@ SuperLink's, so every path it uses is absolute)::
     task = "classification"
     lora_alpha = 16.0
     evaluate = "every_round"                 # or "final" or "never"
+    pack_weights = true                      # one buffer per message instead of one Flower object per tensor
 
     [timeouts]                               # seconds
     nodes = 120          # wait for the expected number of nodes to connect
@@ -71,6 +72,7 @@ class ModelConfig:
     task: str = "classification"
     lora_alpha: float = 16.0
     evaluate: str = "every_round"
+    pack_weights: bool = True
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from accountant.errors import InvalidInputError
@@ -40,6 +40,7 @@ from coordinator.aggregation import weighted_average
 from coordinator.checkpoints import load_weights, round_checkpoint, save_peft_adapter, save_weights
 from coordinator.config import RUN_CONFIG_KEY, FederationConfig, load_federation_config
 from coordinator.exchange import exchange
+from coordinator.packing import weight_records, weights_of
 from coordinator.planner import FederationPlan, HolderDescription, HolderPlan, plan_federation
 from coordinator.receipts_check import ReceiptRejected, check_receipt
 
@@ -224,9 +225,9 @@ class Federation:
             holder_id: self.ledger.reserve(holder_id, self.run_id, round, state.plan.round_event(settings.local_steps))
             for holder_id, state in active.items()
         }
-        arrays = ArrayRecord({name: Array(array) for name, array in weights.items()})
+        arrays = weight_records(weights, self.config.model.pack_weights)
         evaluations = {
-            holder_id: Message(RecordDict({"arrays": arrays}), state.plan.holder.node_id, MessageType.EVALUATE, ttl=timeouts.round, group_id=str(round - 1))
+            holder_id: Message(RecordDict(arrays), state.plan.holder.node_id, MessageType.EVALUATE, ttl=timeouts.round, group_id=str(round - 1))
             for holder_id, state in active.items()
         } if evaluate_previous else {}
         trains = {holder_id: self._train_message(round, state, arrays) for holder_id, state in active.items()}
@@ -277,7 +278,7 @@ class Federation:
             raise InvalidInputError(f"round {round}: no holder returned a verified update")
         return weights
 
-    def _train_message(self, round: int, state: HolderState, arrays: ArrayRecord) -> Message:
+    def _train_message(self, round: int, state: HolderState, arrays: dict) -> Message:
         settings = self.config.settings
         plan = {
             "run_id": self.run_id,
@@ -291,7 +292,7 @@ class Federation:
         }
         if state.plan.holder.model_id:
             plan["model_id"] = state.plan.holder.model_id
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord(plan)})
+        content = RecordDict({**arrays, "config": ConfigRecord(plan)})
         return Message(content, state.plan.holder.node_id, MessageType.TRAIN, ttl=self.config.timeouts.round, group_id=str(round))
 
     def _verified_update(self, round: int, state: HolderState, reply: Message | None, weights: dict[str, np.ndarray]):
@@ -300,10 +301,9 @@ class Federation:
         if reply.has_error():
             raise InvalidInputError(f"refused or failed (code {reply.error.code}): {reply.error.reason}")
         content = reply.content
-        for name in ("arrays", "receipt"):
-            if name not in content:
-                raise InvalidInputError(f"train reply lacks {name!r}")
-        update = {name: array.numpy() for name, array in content["arrays"].items()}
+        if "receipt" not in content:
+            raise InvalidInputError("train reply lacks 'receipt'")
+        update = weights_of(content)
         document = content["receipt"].get("document")
         receipt = check_receipt(
             document,
@@ -321,9 +321,9 @@ class Federation:
         return update, json.loads(document), receipt, {k: float(v) for k, v in metrics.items()}
 
     def _evaluate(self, round: int, weights: dict[str, np.ndarray]) -> None:
-        arrays = ArrayRecord({name: Array(array) for name, array in weights.items()})
+        arrays = weight_records(weights, self.config.model.pack_weights)
         messages = {
-            holder_id: Message(RecordDict({"arrays": arrays}), state.plan.holder.node_id, MessageType.EVALUATE, ttl=self.config.timeouts.evaluate, group_id=str(round))
+            holder_id: Message(RecordDict(arrays), state.plan.holder.node_id, MessageType.EVALUATE, ttl=self.config.timeouts.evaluate, group_id=str(round))
             for holder_id, state in self._active().items()
         }
         replies = exchange(self.grid, list(messages.values()), self.config.timeouts.evaluate, self.config.timeouts.poll_interval)

@@ -5,10 +5,13 @@ aggregate, commit, checkpoint) minus the slowest holder's local DP-SGD time in t
 daemon). One real federation (TLS SuperLink with SuperNode authentication, three agent daemons with
 SuperNodes, MiniLM + MR, LoRA) runs the same plan twice on the same processes:
 
-- ``tuned``: the coordinator pushes and pulls messages itself every 0.1 s, SuperExec polls every 0.1 s, the
-  ClientApp is the torch-free shim in front of a long-lived daemon, and evaluation is left to the end;
-- ``flower-polling`` (the baseline): the same, but replies are pulled every 3 s, as ``Grid.send_and_receive``
-  does in flwr 1.42.
+- ``tuned``: the weights travel packed in one buffer per message (:mod:`coordinator.packing`) and the
+  coordinator pulls replies itself every 0.1 s;
+- ``flower-defaults`` (the baseline): one Flower ``Array`` per tensor, as ``ArrayRecord(state_dict)`` sends
+  them, and replies pulled every 3 s, as ``Grid.send_and_receive`` does in flwr 1.42.
+
+Both use the torch-free ClientApp shim in front of a long-lived daemon (the model stays loaded), SuperExec
+polling every 0.1 s, and no evaluation during the rounds.
 
 The table gives medians over rounds and the ratio baseline / tuned; the JSON keeps every round.
 """
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGURATIONS = {"tuned": 0.1, "flower-polling": 3.0}  # name -> reply polling interval (s)
+CONFIGURATIONS = {"tuned": (0.1, True), "flower-defaults": (3.0, False)}  # name -> (reply polling interval (s), packed weights)
 GOAL_SECONDS = 5.0
 
 
@@ -88,27 +91,65 @@ def _measure(work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     with LocalFederation(work, holders, log=print) as federation:
         federation.start()
         federation.wait_for_daemons()
-        for name, poll_interval in CONFIGURATIONS.items():
+        for name, (poll_interval, packed) in CONFIGURATIONS.items():
             job = FederationJob(
                 federation={
                     "name": f"bench-{name}", "rounds": args.rounds, "local_steps": args.local_steps, "expected_batch_size": args.batch_size,
                     "clip_norm": 1.0, "learning_rate": 0.003, "target_epsilon": 4.0, "delta": 1e-5, "min_holders": 3, "expected_holders": 3,
                 },
-                model={"initial_weights": str(weights), "mode": "lora", "evaluate": "never"},
+                model={"initial_weights": str(weights), "mode": "lora", "evaluate": "never", "pack_weights": packed},
                 timeouts={"nodes": 300, "query": 120, "round": 600, "poll_interval": poll_interval},
             )
-            print(f"running {args.rounds} rounds with replies polled every {poll_interval:g} s ({name})", flush=True)
-            statuses[name] = federation.run(job, name=name, timeout=3600)
-            if statuses[name].get("state") != "finished":
-                raise RuntimeError(f"the {name} run ended {statuses[name].get('state')}: {statuses[name].get('reason')}")
+            print(f"running {args.rounds} rounds ({name}: replies polled every {poll_interval:g} s, weights {'packed' if packed else 'one object per tensor'})", flush=True)
+            status = federation.run(job, name=name, timeout=3600)
+            if status.get("state") != "finished":
+                raise RuntimeError(f"the {name} run ended {status.get('state')}: {status.get('reason')}")
+            status["breakdown"] = ledger_breakdown(work, status["run_id"], names)
+            statuses[name] = status
     return statuses
+
+
+def ledger_breakdown(work: Path, run_id: str, holders) -> list[dict[str, Any]]:
+    """Per round and holder, from the ledgers' timestamps (one clock, one machine): ``deliver`` = coordinator
+    reserve -> holder reserve (Flower delivery, the ClientApp process start, the daemon's plan and budget
+    checks), ``train`` = holder reserve -> holder commit (DP-SGD and the holder's ledger), ``return`` = holder
+    commit -> coordinator commit (Flower's return path, receipt checks, aggregation, earlier commits)."""
+    from datetime import datetime
+
+    from coordinator.ledger_crosscheck import read_entries
+
+    def seconds(entry):
+        return datetime.strptime(entry["time"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+
+    def by_round(entries, holder):
+        reserves = {e["seq"]: e for e in entries if e["kind"] == "reserve" and e["payload"]["run_id"] == run_id and e["payload"].get("holder", holder) == holder}
+        commits = {e["payload"]["reservation"]: e for e in entries if e["kind"] == "commit" and e["payload"]["reservation"] in reserves}
+        return {reserves[seq]["payload"]["round"]: (reserves[seq], commit) for seq, commit in commits.items()}
+
+    coordinator = read_entries(work / "coordinator" / "ledger.jsonl")
+    rows = []
+    for holder in holders:
+        own = by_round(read_entries(work / "holders" / holder / "ledger.jsonl"), holder)
+        for round, (reserve, commit) in sorted(by_round(coordinator, holder).items()):
+            if round in own:
+                held_reserve, held_commit = own[round]
+                rows.append({
+                    "round": round, "holder": holder,
+                    "deliver_seconds": seconds(held_reserve) - seconds(reserve),
+                    "train_seconds": seconds(held_commit) - seconds(held_reserve),
+                    "return_seconds": seconds(commit) - seconds(held_commit),
+                })
+    return rows
 
 
 def _summary(status: dict[str, Any]) -> dict[str, Any]:
     rounds = status["rounds"]
     overheads = [r["overhead_seconds"] for r in rounds if r["overhead_seconds"] is not None]
+    breakdown = status.get("breakdown", [])
     return {
         "run_id": status["run_id"],
+        "breakdown": breakdown,
+        **{f"median_{part}_seconds": statistics.median(row[f"{part}_seconds"] for row in breakdown) for part in ("deliver", "train", "return") if breakdown},
         "rounds": [{k: r[k] for k in ("round", "seconds", "slowest_train_seconds", "overhead_seconds")} for r in rounds],
         "median_round_seconds": statistics.median(r["seconds"] for r in rounds),
         "median_slowest_train_seconds": statistics.median(r["slowest_train_seconds"] for r in rounds),
@@ -119,7 +160,7 @@ def _summary(status: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ratio(results: dict[str, dict[str, Any]]) -> float | None:
-    tuned, baseline = results.get("tuned"), results.get("flower-polling")
+    tuned, baseline = results.get("tuned"), results.get("flower-defaults")
     if not tuned or not baseline or tuned["median_overhead_seconds"] <= 0:
         return None
     return baseline["median_overhead_seconds"] / tuned["median_overhead_seconds"]
@@ -132,17 +173,22 @@ def _markdown(document: dict[str, Any]) -> str:
         f"`{document['command']}`; {document['definition']}; goal <= {document['goal_seconds']:g} s.",
         f"Load average before/after (1, 5, 15 min): {_load(document['load_average_before'])} / {_load(document['load_average_after'])} on {document['cpu_count']} CPUs.",
         "",
-        "| configuration | rounds | median round (s) | median slowest local training (s) | median overhead (s) | min-max overhead (s) |",
-        "|---|---|---|---|---|---|",
+        "| configuration | rounds | median round (s) | median slowest local training (s) | median overhead (s) | min-max overhead (s) | median deliver / train / return per holder (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, result in document["configurations"].items():
         lines.append(
             f"| {name} | {len(result['rounds'])} | {result['median_round_seconds']:.2f} | {result['median_slowest_train_seconds']:.2f} | "
-            f"{result['median_overhead_seconds']:.2f} | {result['min_overhead_seconds']:.2f}-{result['max_overhead_seconds']:.2f} |"
+            f"{result['median_overhead_seconds']:.2f} | {result['min_overhead_seconds']:.2f}-{result['max_overhead_seconds']:.2f} | "
+            f"{result.get('median_deliver_seconds', float('nan')):.1f} / {result.get('median_train_seconds', float('nan')):.1f} / {result.get('median_return_seconds', float('nan')):.1f} |"
         )
     ratio = document["ratio_baseline_over_tuned"]
     lines.append("")
-    lines.append(f"Ratio flower-polling / tuned (median overhead): {ratio:.2f}" if ratio else "Ratio: n/a")
+    lines.append(f"Ratio flower-defaults / tuned (median overhead): {ratio:.2f}" if ratio else "Ratio: n/a")
+    lines.append("")
+    lines.append("deliver = coordinator reserve -> holder reserve (Flower delivery, ClientApp process start, the daemon's plan and "
+                 "budget checks); train = holder reserve -> holder commit; return = holder commit -> coordinator commit "
+                 "(Flower's return path, receipt checks, aggregation). Times from the ledgers' timestamps.")
     return "\n".join(lines)
 
 

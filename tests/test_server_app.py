@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from accountant.events import PoissonGaussianEvent
@@ -17,6 +17,7 @@ from accountant.signing import SigningKey
 from accountant.verify import verify_ledger
 from coordinator.checkpoints import load_weights, save_weights
 from coordinator.config import load_federation_config
+from coordinator.packing import weight_records, weights_of
 from coordinator.server_app import Federation
 
 INITIAL = {"w": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
@@ -38,7 +39,7 @@ class Node:
         if self.forgery == "silent":
             return None  # a dead daemon: the train message is never answered
         plan = message.content["config"]
-        update = {name: array.numpy() + (1.0 + self.node_id) for name, array in message.content["arrays"].items()}
+        update = {name: array + (1.0 + self.node_id) for name, array in weights_of(message.content).items()}
         event = PoissonGaussianEvent(plan["sampling_rate"], plan["noise_multiplier"], plan["steps"])
         key = SigningKey.generate() if self.forgery == "wrong key" else self.key
         document = sign_receipt(key, Receipt(plan["run_id"], plan["round"], self.holder_id, event, update_digest(update)))
@@ -47,7 +48,7 @@ class Node:
         if self.forgery == "altered update":
             update["w"] = update["w"] + 1e-3
         content = RecordDict({
-            "arrays": ArrayRecord({name: Array(array) for name, array in update.items()}),
+            **weight_records(update, packed=True),
             "receipt": ConfigRecord({"document": json.dumps(document)}),
             "metrics": MetricRecord({"loss": 0.5, "examples": 10, "steps": plan["steps"], "seconds": 0.01}),
         })

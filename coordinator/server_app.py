@@ -36,7 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 from accountant.errors import InvalidInputError
 from accountant.ledger import Ledger, Policy
 from accountant.signing import SigningKey, canonical_json
-from coordinator.aggregation import weighted_average
+from coordinator.aggregation import check_update, weighted_average
 from coordinator.checkpoints import load_weights, round_checkpoint, save_peft_adapter, save_weights
 from coordinator.config import RUN_CONFIG_KEY, FederationConfig, load_federation_config
 from coordinator.exchange import exchange
@@ -314,8 +314,6 @@ class Federation:
             holder_id=state.plan.holder_id,
             planned=state.plan.round_event(self.config.settings.local_steps),
         )
-        from coordinator.aggregation import check_update
-
         check_update(update, weights)
         metrics = dict(content["metrics"]) if "metrics" in content else {}
         return update, json.loads(document), receipt, {k: float(v) for k, v in metrics.items()}

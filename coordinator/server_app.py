@@ -233,7 +233,12 @@ class Federation:
         trains = {holder_id: self._train_message(round, state, arrays) for holder_id, state in active.items()}
         _log(f"round {round}: training on {', '.join(active)}")
         arrivals: dict[str, float] = {}
-        replies = exchange(self.grid, [*evaluations.values(), *trains.values()], timeouts.round, timeouts.poll_interval, arrivals)
+        try:
+            replies = exchange(self.grid, [*evaluations.values(), *trains.values()], timeouts.round, timeouts.poll_interval, arrivals)
+        except Exception as failure:  # the SuperLink failed us: nothing of this round was received
+            for holder_id, seq in reservations.items():
+                self.ledger.abort(seq, f"round {round} not received: {type(failure).__name__}: {failure}"[:500])
+            raise
         exchanged = time.monotonic()
         for holder_id, message in evaluations.items():
             self._record_evaluation(holder_id, round - 1, replies.get(message.metadata.message_id))

@@ -16,6 +16,7 @@ Exactness needs each example's output to depend on that example only. Two ways t
 caught: a module called with a batch of 1 broadcast over B (HF's default ``position_ids``, which this class
 therefore passes as [B, T] when the model takes them) raises, and so does an output changed in place after
 its module returned. Dropout is applied once in the forward pass, so every example keeps its own mask.
+Not supported: activation checkpointing (the hooks see the first forward, not the recomputed one).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -113,7 +114,9 @@ def _with_lora(model, task: str, rank: int, alpha: float, target_modules):
         target_modules=targets,
     )
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft calls a transformers method that transformers 5 deprecates
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as error:
         raise InvalidInputError(f"cannot add LoRA adapters to {targets}: {_first_line(error)}") from None
 

@@ -67,7 +67,9 @@ def register(commands) -> None:
     parser.add_argument("--max-examples", type=int, default=None, help="use a seeded subset of this many examples")
     parser.add_argument("--physical-batch-size", type=int, default=32, help="micro-batch size (memory bound)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--secure-noise", action="store_true", help="draw the noise from a CSPRNG")
+    parser.add_argument(
+        "--secure-noise", action="store_true", help="noise from a CSPRNG, batch sampling seeded from os.urandom"
+    )
     parser.add_argument("--output", default=None, help="save the adapter (or full model) and run.json here")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run)

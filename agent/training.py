@@ -9,6 +9,7 @@ N(0, sigma^2 C^2) once, divides by the expected batch size qN and steps the opti
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ class TrainingConfig:
     eval_fraction: float = 0.1
     seed: int = 0
     physical_batch_size: int = 32
-    secure_noise: bool = False
+    secure_noise: bool = False  # noise from a CSPRNG, and batches from an unpredictably seeded generator
     max_examples: int | None = None
 
 
@@ -111,8 +112,10 @@ class LocalTrainer:
             pad_token_id=self.tokenizer.pad_token_id,
         )
         self.model_id = models.model_id(config.model_dir)
-        # Separate streams, so that the batches drawn do not depend on how much noise was drawn.
-        self._sampling_generator = torch.Generator().manual_seed(config.seed)
+        # Separate streams, so that the batches drawn do not depend on how much noise was drawn. With secure noise
+        # the batches are unpredictable too: amplification by subsampling assumes nobody knows who was sampled.
+        sampling_seed = secrets.randbits(63) if config.secure_noise else config.seed
+        self._sampling_generator = torch.Generator().manual_seed(sampling_seed)
         self._noise_generator = torch.Generator().manual_seed(config.seed + 1)
         self._dropout_generator = torch.Generator().manual_seed(config.seed + 2)
 

@@ -20,6 +20,25 @@ def register(subparsers) -> None:
     init.add_argument("--address", nargs="+", default=["127.0.0.1", "localhost"], help="addresses holders dial (certificate SANs)")
     init.set_defaults(func=_keys_init)
 
+    weights = subparsers.add_parser("weights", help="the global model's initial trainable weights for `ewtune coordinator run`")
+    weight_commands = weights.add_subparsers(dest="weights_command", metavar="WEIGHTS_COMMAND", required=True)
+    init_weights = weight_commands.add_parser(
+        "init",
+        help="write the initial trainable parameters ([model] initial_weights of federation.toml)",
+        description="Build the holders' model recipe (the same as agent.toml's [training]) and save its trainable "
+        "parameters in safetensors: LoRA factors and the classifier head, or every parameter with --mode full.",
+    )
+    init_weights.add_argument("output", help="the .safetensors file to write")
+    init_weights.add_argument("--model-dir", required=True, help="the base model directory the holders use")
+    init_weights.add_argument("--task", default="classification", choices=["classification", "causal_lm"])
+    init_weights.add_argument("--num-labels", type=int, default=2)
+    init_weights.add_argument("--mode", default="lora", choices=["lora", "full"])
+    init_weights.add_argument("--lora-rank", type=int, default=8)
+    init_weights.add_argument("--lora-alpha", type=float, default=16.0)
+    init_weights.add_argument("--lora-target-modules", nargs="+", help="default: the holders' default for the model type")
+    init_weights.add_argument("--seed", type=int, default=0)
+    init_weights.set_defaults(func=_weights_init)
+
     from ewtune import demo
 
     parser = subparsers.add_parser(
@@ -42,4 +61,18 @@ def _keys_init(args: argparse.Namespace) -> int:
     for holder_id, holder in credentials.holders.items():
         print(f"  {holder_id:<17} SuperNode key {holder.supernode_private_key}, ledger key {holder.ledger_key}")
     print(f"  registry          {credentials.registry}")
+    return 0
+
+
+def _weights_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ewtune.local_federation import initial_weights
+
+    training = {
+        "task": args.task, "mode": args.mode, "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
+        "lora_target_modules": args.lora_target_modules, "seed": args.seed,
+    }
+    path = initial_weights(Path(args.model_dir), Path(args.output), training, num_labels=args.num_labels)
+    print(f"initial trainable weights written to {path}")
     return 0

@@ -55,3 +55,13 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and all(line.startswith("ewtune: error: ") for line in errors)
     assert "rounds must be an integer >= 1" in errors[1]
+
+
+def test_weights_init_writes_the_lora_factors_and_the_head(tiny_bert_dir, tmp_path):
+    from coordinator.checkpoints import load_weights, lora_layout
+
+    output = tmp_path / "initial.safetensors"
+    assert main(["weights", "init", str(output), "--model-dir", str(tiny_bert_dir), "--lora-rank", "4", "--lora-target-modules", "query", "value"]) == 0
+    weights = load_weights(output)
+    assert lora_layout(weights) == (["query", "value"], 4)
+    assert any(".classifier." in name for name in weights)

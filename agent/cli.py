@@ -14,10 +14,5 @@ def register(subparsers) -> None:
     agent = subparsers.add_parser("agent", help="data-holder commands: private local training, the agent daemon")
     commands = agent.add_subparsers(dest="agent_command", metavar="AGENT_COMMAND", required=True)
     for module_name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as missing:
-            if missing.name != module_name:
-                raise
-            continue
+        module = importlib.import_module(module_name)
         module.register(commands)

@@ -108,3 +108,15 @@ def test_a_missing_model_directory_is_a_clear_error(tmp_path, mr_csv):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidInputError, match="no config.json"):
         LocalTrainer(_config(tmp_path / "empty", mr_csv))
+
+
+def test_accuracy_and_macro_f1_match_a_hand_count():
+    from agent.evaluation import accuracy_and_macro_f1
+
+    labels = [0, 0, 0, 1, 1, 2]
+    predictions = [0, 0, 1, 1, 2, 2]
+    accuracy, f1 = accuracy_and_macro_f1(predictions, labels)
+    # class 0: TP 2, FP 0, FN 1 -> 4/5; class 1: TP 1, FP 1, FN 1 -> 1/2; class 2: TP 1, FP 1, FN 0 -> 2/3
+    assert accuracy == pytest.approx(4 / 6)
+    assert f1 == pytest.approx((4 / 5 + 1 / 2 + 2 / 3) / 3)
+    assert all(math.isnan(value) for value in accuracy_and_macro_f1([], []))

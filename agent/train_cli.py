@@ -52,7 +52,8 @@ def register(commands) -> None:
     parser.add_argument("--epochs", type=float, default=1.0, help="expected passes over the data (default 1)")
     parser.add_argument("--expected-batch", type=int, default=64, help="expected Poisson batch size qN (default 64)")
     parser.add_argument("--mode", choices=("lora", "full"), default="lora", help="LoRA adapters or full fine-tuning")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="adamw, or sgd with momentum 0.9")
     parser.add_argument("--clip-norm", type=float, default=1.0, help="per-example gradient clip norm C (default 1)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
     parser.add_argument("--task", choices=("classification", "causal_lm"), default="classification")
@@ -164,6 +165,7 @@ def _training_config(args):
         physical_batch_size=args.physical_batch_size,
         secure_noise=args.secure_noise,
         max_examples=args.max_examples,
+        optimizer=args.optimizer,
     )
 
 

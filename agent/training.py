@@ -45,6 +45,21 @@ class TrainingConfig:
     physical_batch_size: int = 32
     secure_noise: bool = False  # noise from a CSPRNG, and batches from an unpredictably seeded generator
     max_examples: int | None = None
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9): see make_optimizer
+
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def make_optimizer(name: str, params, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW (no weight decay) or SGD with momentum 0.9. On noisy DP gradients AdamW's per-coordinate scaling
+    moves coordinates that carry almost no signal (a zero-initialised LoRA B) by about the learning rate at every
+    step, a random walk; SGD moves them by the noise itself, which is small."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate, momentum=0.9)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    raise InvalidInputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
 @dataclass(frozen=True)
@@ -158,7 +173,7 @@ class LocalTrainer:
         started = time.perf_counter()
         self.model.train()
         trainable = [param for param in self.model.parameters() if param.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=0.0)
+        optimizer = make_optimizer(self.config.optimizer, trainable, plan.learning_rate)
         clipper = PerExampleClipper(self.model, plan.clip_norm, self.loss_fn())
         engine = DPSGDStep(
             self.model,

@@ -23,7 +23,7 @@ def non_private_run(args) -> dict:
     import torch
 
     from agent.sampler import PoissonSampler
-    from agent.training import LocalTrainer
+    from agent.training import LocalTrainer, make_optimizer
 
     started = time.perf_counter()
     trainer = LocalTrainer(train_cli._training_config(args))
@@ -31,7 +31,7 @@ def non_private_run(args) -> dict:
     rate = args.expected_batch / size
     steps = max(1, round(args.epochs / rate))
     model, loss_fn = trainer.model, trainer.loss_fn()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    optimizer = make_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad], args.lr)
     sampler = PoissonSampler(size, rate, steps, torch.Generator().manual_seed(args.seed))
     model.train()
     loss_sum, examples = 0.0, 0

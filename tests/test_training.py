@@ -120,3 +120,14 @@ def test_accuracy_and_macro_f1_match_a_hand_count():
     assert accuracy == pytest.approx(4 / 6)
     assert f1 == pytest.approx((4 / 5 + 1 / 2 + 2 / 3) / 3)
     assert all(math.isnan(value) for value in accuracy_and_macro_f1([], []))
+
+
+def test_optimizer_choice():
+    from agent.training import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert isinstance(make_optimizer("adamw", params, 1e-3), torch.optim.AdamW)
+    sgd = make_optimizer("sgd", params, 0.5)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    with pytest.raises(InvalidInputError, match="optimizer must be one of"):
+        make_optimizer("lion", params, 1e-3)

@@ -176,6 +176,14 @@ def summarise(runs: list[dict], modes, engines, device: str) -> list[dict]:
     return rows
 
 
+def command_line(config: dict) -> str:
+    """The command that reproduces a report with this configuration."""
+    words = ["ewtune bench dpsgd", f"--mode {config['mode']}", f"--engines {config['engines']}"]
+    words += [f"--{name.replace('_', '-')} {config[name]}" for name in ("steps", "warmup", "repeats", "threads")]
+    words += [f"--batch-size {config['batch_size']}", f"--seq-len {config['seq_len']}", f"--device {config['device']}"]
+    return " ".join(words + (["--bf16"] if config["bf16"] else []))
+
+
 def _format(value, pattern: str) -> str:
     return "–" if value is None else pattern.format(value)
 
@@ -188,6 +196,8 @@ def markdown(report: dict) -> str:
         f"### ewtune bench dpsgd: all-MiniLM-L6-v2, batch {config['batch_size']} x {config['seq_len']} tokens, AdamW, "
         f"sigma=1, C=1, device {config['device']}{' (bf16 autocast)' if config['bf16'] else ''}, "
         f"{config['threads']} thread(s), torch {env['torch']}, opacus {env['opacus']}",
+        "",
+        f"Command: `{command_line(config)}`",
         "",
         f"Medians over {config['repeats']} interleaved runs (fresh process each) of the median of {config['steps']} steps "
         f"after {config['warmup']} warm-up steps. Load average at start {report['load_average_start'][0]:.2f}, "

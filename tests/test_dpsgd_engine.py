@@ -269,3 +269,55 @@ def test_classification_loss_is_per_example_cross_entropy():
     losses = classification_loss(type("Out", (), {"logits": logits})(), {"labels": labels})
     expected = torch.stack([torch.nn.functional.cross_entropy(logits[i : i + 1], labels[i : i + 1]) for i in range(4)])
     torch.testing.assert_close(losses, expected)
+
+
+def _dense_rows(factor, batch):
+    from agent.dpsgd.ghost import OneHot
+
+    if isinstance(factor, OneHot):
+        return torch.nn.functional.one_hot(factor.ids, factor.size).double()
+    return factor.values.double()
+
+
+def _explicit(use, batch):
+    from agent.dpsgd.ghost import Direct
+
+    if isinstance(use, Direct):
+        return use.values.double()
+    grads = torch.einsum("btl,btr->blr", _dense_rows(use.left, batch), _dense_rows(use.right, batch))
+    return grads.reshape(batch, *use.shape)
+
+
+@pytest.mark.parametrize(
+    "case", ["instantiated", "instantiated-wide-left", "ghost", "embedding", "tied", "mixed", "one-hot-right"]
+)
+def test_factored_norms_and_sums_match_explicit_per_example_gradients(case):
+    """Every norm route of ``ghost`` (Gram, instantiation, one-hot, several uses) against explicit G_i."""
+    from agent.dpsgd.ghost import Dense, Direct, OneHot, Outer, squared_norms, weighted_sum
+
+    generator = torch.Generator().manual_seed(12)
+    batch, length, vocab = 3, 4, 7
+
+    def dense(width, rows=length):
+        return Dense(torch.randn(batch, rows, width, generator=generator))
+
+    def ids(rows=length):
+        return OneHot(torch.randint(0, vocab, (batch, rows), generator=generator), vocab)
+
+    uses = {
+        "instantiated": [Outer(dense(3), dense(5), torch.Size((3, 5)))],
+        "instantiated-wide-left": [Outer(dense(5), dense(3), torch.Size((15,)))],
+        "ghost": [Outer(dense(20), dense(30), torch.Size((20, 30)))],
+        "embedding": [Outer(ids(), dense(6), torch.Size((vocab, 6)))],
+        "tied": [Outer(ids(), dense(6), torch.Size((vocab, 6))), Outer(dense(vocab, 5), dense(6, 5), torch.Size((vocab, 6)))],
+        "mixed": [Outer(ids(), dense(6), torch.Size((vocab, 6))), Direct(torch.randn(batch, vocab, 6, generator=generator))],
+        "one-hot-right": [Outer(dense(6), ids(), torch.Size((6, vocab))), Direct(torch.randn(batch, 6, vocab, generator=generator))],
+    }[case]
+    explicit = sum(_explicit(use, batch) for use in uses)
+    weights = torch.tensor([0.3, 1.0, 0.7])
+    squares, instantiated = squared_norms(uses, batch)
+    torch.testing.assert_close(squares.double(), explicit.reshape(batch, -1).pow(2).sum(1), rtol=1e-5, atol=1e-6)
+    expected_sum = torch.einsum("b,b...->...", weights.double(), explicit)
+    for reuse in (instantiated, None):
+        got = weighted_sum(uses, weights, torch.float32, reuse)
+        torch.testing.assert_close(got.double(), expected_sum, rtol=1e-5, atol=1e-6)

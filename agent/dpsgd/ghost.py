@@ -117,16 +117,18 @@ def _instantiate(use: Use, batch: int) -> torch.Tensor:
     if isinstance(use, Direct):
         return use.values.float()
     left, right = use.left, use.right
-    if isinstance(left, Dense) and isinstance(right, Dense):
+    if isinstance(left, OneHot) and isinstance(right, OneHot):
+        raise ValueError("a gradient with two one-hot factors has no rule")
+    # bmm is fastest with the narrow factor transposed; a one-hot factor goes left (scatter)
+    if isinstance(right, OneHot) or (isinstance(left, Dense) and _width(left) > _width(right)):
+        swapped = Outer(right, left, torch.Size((_width(right), _width(left))))
+        return _instantiate(swapped, batch).transpose(1, 2).reshape(batch, *use.shape)
+    if isinstance(left, Dense):
         grads = torch.bmm(left.values.float().transpose(1, 2), right.values.float())
-    elif isinstance(left, OneHot) and isinstance(right, Dense):
+    else:
         values = right.values.float()
         grads = values.new_zeros(batch, left.size, values.shape[-1])
         grads.scatter_add_(1, left.ids[:, :, None].expand_as(values), values)
-    elif isinstance(left, Dense) and isinstance(right, OneHot):
-        return _instantiate(Outer(right, left, use.shape), batch).transpose(1, 2).reshape(batch, *use.shape)
-    else:
-        raise ValueError("a gradient with two one-hot factors has no rule")
     return grads.reshape(batch, *use.shape)
 
 

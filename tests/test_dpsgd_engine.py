@@ -321,3 +321,27 @@ def test_factored_norms_and_sums_match_explicit_per_example_gradients(case):
     for reuse in (instantiated, None):
         got = weighted_sum(uses, weights, torch.float32, reuse)
         torch.testing.assert_close(got.double(), expected_sum, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_summary_takes_medians_and_ratios_to_non_private_and_best_opacus():
+    import argparse
+
+    from accountant.errors import InvalidInputError
+    from agent import bench
+
+    def run(engine, seconds, memory):
+        return {"mode": "full", "engine": engine, "batch_size": 32, "wall_seconds": [seconds + 1], "cpu_seconds": [seconds, seconds, 99.0],
+                "peak_memory_mb": memory, "memory_over_loaded_mb": memory - 1000, "load_average": [2.0, 2.0, 2.0]}  # fmt: skip
+
+    runs = [run("non-private", 2.0, 1400), run("non-private", 2.2, 1400), run("ewtune", 2.3, 1500),
+            run("opacus-hooks", 6.0, 5000), run("opacus-ghost", 4.0, 1600), {"mode": "full", "engine": "ewtune", "error": "x"}]  # fmt: skip
+    rows = {row["engine"]: row for row in bench.summarise(runs, ["full"], bench.ENGINES, "cpu")}
+    assert rows["non-private"]["seconds_per_step"] == pytest.approx(2.1)
+    assert rows["ewtune"]["ratio_to_non_private"] == pytest.approx(2.3 / 2.1)
+    assert rows["ewtune"]["best_opacus"] == "opacus-ghost"
+    assert rows["ewtune"]["ratio_to_best_opacus"] == pytest.approx(2.3 / 4.0)
+    assert rows["ewtune"]["failed_runs"] == 1
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    with pytest.raises(InvalidInputError, match="unknown engine"):
+        bench.run(parser.parse_args(["--engines", "ewtune,deepspeed"]))

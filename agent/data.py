@@ -82,7 +82,8 @@ def load_local_data(spec: DataSpec, tokenizer) -> LocalData:
         raise InvalidInputError(f"max_length must be >= 2, got {spec.max_length}")
     table = read_table(spec.path)
     classification = spec.task == "classification"
-    columns = [spec.text_column] + [c for c in (spec.text_pair_column,) if c] + ([spec.label_column] if classification else [])
+    columns = [spec.text_column] + [c for c in (spec.text_pair_column,) if c]
+    columns += [spec.label_column] if classification else []
     _require_columns(table, columns, spec.path)
     table = table.dropna(subset=columns)
     if len(table) == 0:
@@ -93,7 +94,9 @@ def load_local_data(spec: DataSpec, tokenizer) -> LocalData:
             raise InvalidInputError(f"max_examples must be >= 2, got {spec.max_examples}")
         order = order[: spec.max_examples]
     table = table.iloc[order].reset_index(drop=True)
-    labels, num_labels = (_checked_labels(table[spec.label_column], spec.num_labels) if classification else (None, None))
+    labels, num_labels = None, None
+    if classification:
+        labels, num_labels = _checked_labels(table[spec.label_column], spec.num_labels)
     num_eval = int(round(len(table) * spec.eval_fraction))
     if len(table) - num_eval < 1:
         raise InvalidInputError(f"{spec.path}: too few examples ({len(table)}) to hold out {num_eval}")
@@ -146,8 +149,7 @@ def _subset(encoded, labels, part: slice) -> Examples:
 
 def collate(examples: Examples, indices, pad_token_id: int, task: str = "classification") -> dict[str, torch.Tensor]:
     """Right-padded tensors for the examples at ``indices`` (possibly none: then every tensor has batch size 0
-    and length 1). ``position_ids`` are materialised per example as [B, T]: a [1, T] buffer broadcast over the
-    batch would hide the batch dimension from per-example gradient rules (see notes/dpsgd.md, pitfall 5)."""
+    and length 1). The clipper adds ``position_ids`` as [B, T] for the models that take them."""
     indices = [int(i) for i in indices]
     length = max((len(examples.input_ids[i]) for i in indices), default=1)
     input_ids = torch.full((len(indices), length), pad_token_id, dtype=torch.long)
@@ -156,11 +158,7 @@ def collate(examples: Examples, indices, pad_token_id: int, task: str = "classif
         ids = examples.input_ids[index]
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": torch.arange(length).expand(len(indices), length).clone(),
-    }
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if examples.token_type_ids is not None:
         token_type_ids = torch.zeros_like(input_ids)
         for row, index in enumerate(indices):

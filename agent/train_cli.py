@@ -53,7 +53,9 @@ def register(commands) -> None:
     parser.add_argument("--expected-batch", type=int, default=64, help="expected Poisson batch size qN (default 64)")
     parser.add_argument("--mode", choices=("lora", "full"), default="lora", help="LoRA adapters or full fine-tuning")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="adamw, or sgd with momentum 0.9")
+    parser.add_argument(
+        "--optimizer", choices=("adamw", "sgd"), default="adamw", help="adamw, or sgd with momentum 0.9"
+    )
     parser.add_argument("--clip-norm", type=float, default=1.0, help="per-example gradient clip norm C (default 1)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
     parser.add_argument("--task", choices=("classification", "causal_lm"), default="classification")
@@ -146,7 +148,8 @@ def resolve_data(name: str, seed: int = 0) -> str:
 def _training_config(args):
     from agent.training import TrainingConfig
 
-    targets = tuple(t.strip() for t in args.lora_target_modules.split(",") if t.strip()) if args.lora_target_modules else None
+    names = (args.lora_target_modules or "").split(",")
+    targets = tuple(name.strip() for name in names if name.strip()) or None
     return TrainingConfig(
         model_dir=resolve_model(args.model),
         data_file=resolve_data(args.data),
@@ -172,7 +175,8 @@ def _training_config(args):
 def _train_with_progress(trainer, plan, quiet: bool):
     from tqdm import tqdm
 
-    with tqdm(total=plan.steps, desc="DP-SGD", unit="step", file=sys.stderr, disable=quiet and not sys.stderr.isatty()) as bar:
+    hidden = quiet and not sys.stderr.isatty()
+    with tqdm(total=plan.steps, desc="DP-SGD", unit="step", file=sys.stderr, disable=hidden) as bar:
 
         def on_step(_, stats) -> None:
             bar.update(1)

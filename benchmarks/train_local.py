@@ -50,7 +50,7 @@ def non_private_run(args) -> dict:
     return {
         "mode": args.mode,
         "training_examples": size,
-        "plan": {"steps": steps, "sampling_rate": rate, "noise_multiplier": 0.0, "clip_norm": None, "learning_rate": args.lr},
+        "plan": {"steps": steps, "sampling_rate": rate, "noise_multiplier": 0.0, "learning_rate": args.lr},
         "train": {"loss": loss_sum / max(examples, 1), "examples": examples, "steps": steps},
         "eval": trainer.evaluate(),
         "seconds": time.perf_counter() - started,

@@ -67,14 +67,13 @@ def test_max_examples_takes_a_seeded_subset(tmp_path, tokenizer):
     assert (len(data.train), len(data.eval)) == (8, 2)
 
 
-def test_collate_pads_masks_and_materialises_position_ids(tmp_path, tokenizer):
+def test_collate_pads_and_masks(tmp_path, tokenizer):
     path = _write(tmp_path / "d.csv", _rows(), "csv")
     data = load_local_data(DataSpec(path=str(path), eval_fraction=0.0), tokenizer)
     batch = collate(data.train, [0, 1, 2], tokenizer.pad_token_id)
     lengths = [len(data.train.input_ids[i]) for i in range(3)]
     assert batch["input_ids"].shape == (3, max(lengths))
     assert batch["attention_mask"].sum(dim=1).tolist() == lengths
-    assert batch["position_ids"].shape == (3, max(lengths))
     assert batch["labels"].tolist() == data.train.labels[:3]
     empty = collate(data.train, torch.tensor([], dtype=torch.long), tokenizer.pad_token_id)
     assert empty["input_ids"].shape[0] == 0 and empty["labels"].shape == (0,)

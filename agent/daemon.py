@@ -40,12 +40,17 @@ from agent.rpc import DaemonUnavailable
 
 log = logging.getLogger(__name__)
 
+# What a train reply may carry besides the noised update: figures that do not depend on the records. The
+# training loss and the number of records Poisson-sampled are computed from the data without noise, so they
+# stay in the holder's log and never leave with the update.
+RELEASED_TRAINING_METRICS = ("steps", "seconds")
+
 
 @dataclass(frozen=True)
 class TrainReply:
     arrays: dict[str, np.ndarray]  # the noised trainable weights after the round
     receipt: dict[str, Any]  # the signed receipt document
-    metrics: dict[str, float]  # the trainer's (loss, examples, steps, seconds) and daemon_seconds
+    metrics: dict[str, float]  # RELEASED_TRAINING_METRICS and daemon_seconds
 
 
 class Daemon:
@@ -218,7 +223,10 @@ class Daemon:
                 result.event,
                 extra={"receipt_sha256": hashlib.sha256(canonical_json(document)).hexdigest()},
             )
-        return TrainReply(update, document, {name: float(value) for name, value in result.metrics.items()})
+        log.info("round %s: local training loss %.4f over %d examples (kept local)",
+                 plan.round, result.metrics.get("loss", math.nan), int(result.metrics.get("examples", 0)))
+        released = {name: float(result.metrics[name]) for name in RELEASED_TRAINING_METRICS if name in result.metrics}
+        return TrainReply(update, document, released)
 
     def _state_from_arrays(self, arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """The global weights as tensors, refused unless they are exactly the trainable parameters."""

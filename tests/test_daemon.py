@@ -106,6 +106,8 @@ def test_train_commits_the_executed_event_and_returns_a_receipt_that_verifies(da
     assert set(reply.arrays) == set(weights)
     assert any(not np.array_equal(reply.arrays[name], weights[name]) for name in weights)
     assert reply.metrics["steps"] == PLAN["steps"]
+    # the un-noised loss and sampled-record count are computed from the data: they never leave the holder
+    assert not {"loss", "examples"} & set(reply.metrics)
 
     assert _kinds(ledger_path) == ["genesis", "reserve", "commit"]
     assert verify_ledger(ledger_path).ok

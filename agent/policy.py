@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from accountant.errors import EwtuneError, InvalidInputError
+from accountant.tomlfiles import read_toml, required, resolve, table
 
 
 class PlanRefused(EwtuneError):
@@ -146,18 +146,12 @@ class AgentConfig:
 
 def load_agent_config(path: str | os.PathLike) -> AgentConfig:
     """Read ``agent.toml``; relative paths are resolved against the file's directory."""
-    path = Path(path).expanduser().resolve()
-    try:
-        document = tomllib.loads(path.read_text())
-    except OSError as error:
-        raise InvalidInputError(f"cannot read {path}: {error.strerror or error}") from None
-    except tomllib.TOMLDecodeError as bad:
-        raise InvalidInputError(f"{path} is not valid TOML: {bad}") from None
+    document, path = read_toml(path)
     base = path.parent
-    holder_id = _section(document, "holder", path).get("id")
+    holder_id = table(document, "holder", path).get("id")
     if not isinstance(holder_id, str) or not holder_id:
         raise InvalidInputError(f"{path}: [holder] needs id = \"...\"")
-    budget = _section(document, "budget", path)
+    budget = table(document, "budget", path)
     policy_table = dict(document.get("policy", {}))
     if "allowed_models" in policy_table:
         policy_table["allowed_models"] = tuple(policy_table["allowed_models"])
@@ -165,20 +159,20 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         policy = HolderPolicy(budget_epsilon=budget.get("epsilon"), budget_delta=budget.get("delta"), **policy_table)
     except TypeError as bad:
         raise InvalidInputError(f"{path}: [policy] {bad}") from None
-    ledger = _section(document, "ledger", path)
-    training = dict(_section(document, "training", path))
+    ledger = table(document, "ledger", path)
+    training = dict(table(document, "training", path))
     for key in ("model_dir", "data_file"):
         if key not in training:
             raise InvalidInputError(f"{path}: [training] needs {key}")
-        training[key] = str(_resolve(base, training[key]))
+        training[key] = str(resolve(base, training[key]))
     if "lora_target_modules" in training:
         training["lora_target_modules"] = tuple(training["lora_target_modules"])
     return AgentConfig(
         holder_id=holder_id,
         policy=policy,
-        ledger_path=_resolve(base, _required(ledger, "path", "ledger", path)),
-        signing_key=_resolve(base, _required(ledger, "signing_key", "ledger", path)),
-        rpc_address=_rpc_address(base, _section(document, "rpc", path).get("address", "unix:agent.sock")),
+        ledger_path=resolve(base, required(ledger, "path", "ledger", path)),
+        signing_key=resolve(base, required(ledger, "signing_key", "ledger", path)),
+        rpc_address=_rpc_address(base, table(document, "rpc", path).get("address", "unix:agent.sock")),
         training=training,
         supernode=_supernode_config(base, document.get("supernode"), path),
     )
@@ -192,9 +186,9 @@ def _supernode_config(base: Path, table: Mapping[str, Any] | None, path: Path) -
     if not insecure and (root is None or key is None):
         raise InvalidInputError(f"{path}: [supernode] needs root_certificates and auth_private_key (or insecure = true)")
     return SuperNodeConfig(
-        superlink=_required(table, "superlink", "supernode", path),
-        root_certificates=None if root is None else _resolve(base, root),
-        auth_private_key=None if key is None else _resolve(base, key),
+        superlink=required(table, "superlink", "supernode", path),
+        root_certificates=None if root is None else resolve(base, root),
+        auth_private_key=None if key is None else resolve(base, key),
         port=_integer("supernode port", table.get("port", 9094), minimum=1),
         insecure=insecure,
         executable=table.get("executable"),
@@ -206,26 +200,14 @@ def _rpc_address(base: Path, address: str) -> str:
     if address.startswith("unix:"):
         socket = address[len("unix:") :]
         socket = socket[2:] if socket.startswith("//") else socket
-        return f"unix://{_resolve(base, socket)}"
+        return f"unix://{resolve(base, socket)}"
     return address
 
 
-def _section(document: Mapping[str, Any], name: str, path: Path) -> Mapping[str, Any]:
-    table = document.get(name)
-    if not isinstance(table, dict):
-        raise InvalidInputError(f"{path} lacks the [{name}] table")
-    return table
 
 
-def _required(table: Mapping[str, Any], key: str, section: str, path: Path) -> Any:
-    if key not in table:
-        raise InvalidInputError(f"{path}: [{section}] needs {key}")
-    return table[key]
 
 
-def _resolve(base: Path, value: Any) -> Path:
-    candidate = Path(str(value)).expanduser()
-    return candidate if candidate.is_absolute() else (base / candidate).resolve()
 
 
 def _number(value: Any) -> bool:

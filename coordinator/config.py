@@ -42,12 +42,12 @@ This module imports neither torch nor flwr.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from accountant.errors import InvalidInputError
+from accountant.tomlfiles import read_toml, required, resolve, table
 from coordinator.planner import FederationSettings
 
 EVALUATE_MODES = ("every_round", "final", "never")
@@ -90,23 +90,17 @@ class FederationConfig:
 
 
 def load_federation_config(path: str | os.PathLike) -> FederationConfig:
-    path = Path(path).expanduser().resolve()
-    try:
-        document = tomllib.loads(path.read_text())
-    except OSError as error:
-        raise InvalidInputError(f"cannot read {path}: {error.strerror or error}") from None
-    except tomllib.TOMLDecodeError as bad:
-        raise InvalidInputError(f"{path} is not valid TOML: {bad}") from None
+    document, path = read_toml(path)
     base = path.parent
-    federation = dict(_table(document, "federation", path))
+    federation = dict(table(document, "federation", path))
     name = str(federation.pop("name", "federation"))
     expected = federation.pop("expected_holders", federation.get("min_holders", 1))
     settings = _build(FederationSettings, federation, "federation", path)
-    coordinator = _table(document, "coordinator", path)
-    model = dict(_table(document, "model", path))
-    model["initial_weights"] = _resolve(base, _required(model, "initial_weights", "model", path))
+    coordinator = table(document, "coordinator", path)
+    model = dict(table(document, "model", path))
+    model["initial_weights"] = resolve(base, required(model, "initial_weights", "model", path))
     if model.get("base_model_dir"):
-        model["base_model_dir"] = _resolve(base, model["base_model_dir"])
+        model["base_model_dir"] = resolve(base, model["base_model_dir"])
     model_config = _build(ModelConfig, model, "model", path)
     if model_config.evaluate not in EVALUATE_MODES:
         raise InvalidInputError(f"{path}: [model] evaluate must be one of {', '.join(EVALUATE_MODES)}")
@@ -119,9 +113,9 @@ def load_federation_config(path: str | os.PathLike) -> FederationConfig:
         expected_holders=expected,
         settings=settings,
         coordinator_id=str(coordinator.get("id", "coordinator")),
-        ledger=_resolve(base, _required(coordinator, "ledger", "coordinator", path)),
-        signing_key=_resolve(base, _required(coordinator, "signing_key", "coordinator", path)),
-        output_dir=_resolve(base, _required(coordinator, "output_dir", "coordinator", path)),
+        ledger=resolve(base, required(coordinator, "ledger", "coordinator", path)),
+        signing_key=resolve(base, required(coordinator, "signing_key", "coordinator", path)),
+        output_dir=resolve(base, required(coordinator, "output_dir", "coordinator", path)),
         model=model_config,
         timeouts=timeouts,
     )
@@ -136,19 +130,6 @@ def _build(cls, values: Mapping[str, Any], section: str, path: Path):
         raise InvalidInputError(f"{path}: [{section}] {bad}") from None
 
 
-def _table(document: Mapping[str, Any], name: str, path: Path) -> Mapping[str, Any]:
-    table = document.get(name)
-    if not isinstance(table, dict):
-        raise InvalidInputError(f"{path} lacks the [{name}] table")
-    return table
 
 
-def _required(table: Mapping[str, Any], key: str, section: str, path: Path) -> Any:
-    if key not in table:
-        raise InvalidInputError(f"{path}: [{section}] needs {key}")
-    return table[key]
 
-
-def _resolve(base: Path, value: Any) -> Path:
-    candidate = Path(str(value)).expanduser()
-    return candidate if candidate.is_absolute() else (base / candidate).resolve()

@@ -1,0 +1,42 @@
+"""Reading the TOML configuration files of the agent (``agent.toml``) and the coordinator
+(``federation.toml``): one-line errors that name the file and the table, paths relative to the file."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from accountant.errors import InvalidInputError
+
+
+def read_toml(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+    """The parsed document and the resolved path of the file (its directory anchors relative paths)."""
+    path = Path(path).expanduser().resolve()
+    try:
+        return tomllib.loads(path.read_text()), path
+    except OSError as error:
+        raise InvalidInputError(f"cannot read {path}: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as bad:
+        raise InvalidInputError(f"{path} is not valid TOML: {bad}") from None
+
+
+def table(document: Mapping[str, Any], name: str, path: Path) -> Mapping[str, Any]:
+    found = document.get(name)
+    if not isinstance(found, dict):
+        raise InvalidInputError(f"{path} lacks the [{name}] table")
+    return found
+
+
+def required(section_table: Mapping[str, Any], key: str, section: str, path: Path) -> Any:
+    if key not in section_table:
+        raise InvalidInputError(f"{path}: [{section}] needs {key}")
+    return section_table[key]
+
+
+def resolve(base: Path, value: Any) -> Path:
+    """``value`` as a path, relative ones taken from ``base`` (the configuration file's directory)."""
+    candidate = Path(str(value)).expanduser()
+    return candidate if candidate.is_absolute() else (base / candidate).resolve()

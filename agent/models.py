@@ -1,5 +1,6 @@
 """Loading a Hugging Face model and its tokenizer from a local directory (never the hub), wrapping it for LoRA
-(Hu et al. 2021, through ``peft``) or full fine-tuning, and exchanging only its trainable parameters."""
+(Hu et al. 2021, through ``peft``), full fine-tuning or head-only training (linear probing, a strong DP
+baseline: Tramer & Boneh 2021; De et al. 2022), and exchanging only its trainable parameters."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ import torch
 from accountant.errors import InvalidInputError
 
 TASKS = ("classification", "causal_lm")
-MODES = ("lora", "full")
+MODES = ("lora", "full", "head")
+
+# Where transformers' *ForSequenceClassification models keep their classification head: BERT, RoBERTa, ELECTRA,
+# DistilBERT ("classifier"); GPT-2, Llama, Mistral, Qwen2, Gemma ("score").
+CLASSIFIER_HEAD_NAMES = ("classifier", "score")
 
 # LoRA on every attention projection, the setting of Yu et al. (ICLR 2022) for DP fine-tuning; model types not
 # listed fall back to peft's own defaults.
@@ -60,12 +65,14 @@ def load_model(
     pad_token_id: int | None = None,
 ):
     """The model in ``model_dir`` for ``task``, with LoRA adapters (``mode="lora"``; the classifier head stays
-    trainable) or every parameter trainable (``mode="full"``). Eager attention: per-example gradient hooks
-    see plain linear layers and softmax."""
+    trainable), every parameter trainable (``mode="full"``) or only the classification head (``mode="head"``,
+    classification only). Eager attention: per-example gradient hooks see plain linear layers and softmax."""
     if task not in TASKS:
         raise InvalidInputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if mode not in MODES:
         raise InvalidInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "head" and task != "classification":
+        raise InvalidInputError(f"mode 'head' trains a classification head: it needs task classification, not {task!r}")
     model_dir = _checked_model_dir(model_dir)
     model = _load_base_model(model_dir, task, num_labels)
     if pad_token_id is not None:
@@ -73,6 +80,8 @@ def load_model(
     if mode == "full":
         model.requires_grad_(True)
         return model
+    if mode == "head":
+        return _with_only_head_trainable(model)
     return _with_lora(model, task, lora_rank, lora_alpha, lora_target_modules)
 
 
@@ -98,6 +107,19 @@ def _load_base_model(model_dir: Path, task: str, num_labels: int):
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
+
+
+def _with_only_head_trainable(model):
+    """Freeze ``model`` except its classification head (the first of ``CLASSIFIER_HEAD_NAMES`` it has)."""
+    head = next((getattr(model, name) for name in CLASSIFIER_HEAD_NAMES if hasattr(model, name)), None)
+    if not isinstance(head, torch.nn.Module):
+        raise InvalidInputError(
+            f"no classification head ({' or '.join(CLASSIFIER_HEAD_NAMES)}) in {type(model).__name__}: "
+            "use --mode lora or full"
+        )
+    model.requires_grad_(False)
+    head.requires_grad_(True)
+    return model
 
 
 def _with_lora(model, task: str, rank: int, alpha: float, target_modules):
@@ -154,8 +176,8 @@ def load_trainable_state(model, state) -> None:
 
 
 def save_model(model, tokenizer, output_dir) -> Path:
-    """Save the LoRA adapter (loadable with ``peft.PeftModel.from_pretrained``) or the full model, both in
-    safetensors, with the tokenizer beside it."""
+    """Save the LoRA adapter (loadable with ``peft.PeftModel.from_pretrained``) or, in full and head mode, the
+    whole model (loadable with ``from_pretrained``), in safetensors, with the tokenizer beside it."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir, safe_serialization=True)

@@ -51,7 +51,12 @@ def register(commands) -> None:
     parser.add_argument("--delta", type=float, required=True, help="target delta (well below 1/N)")
     parser.add_argument("--epochs", type=float, default=1.0, help="expected passes over the data (default 1)")
     parser.add_argument("--expected-batch", type=int, default=64, help="expected Poisson batch size qN (default 64)")
-    parser.add_argument("--mode", choices=("lora", "full"), default="lora", help="LoRA adapters or full fine-tuning")
+    parser.add_argument(
+        "--mode",
+        choices=("lora", "full", "head"),
+        default="lora",
+        help="LoRA adapters, full fine-tuning, or the classification head only (linear probing)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     parser.add_argument(
         "--optimizer", choices=("adamw", "sgd"), default="adamw", help="adamw, or sgd with momentum 0.9"
@@ -73,7 +78,7 @@ def register(commands) -> None:
     parser.add_argument(
         "--secure-noise", action="store_true", help="noise from a CSPRNG, batch sampling seeded from os.urandom"
     )
-    parser.add_argument("--output", default=None, help="save the adapter (or full model) and run.json here")
+    parser.add_argument("--output", default=None, help="save the adapter (full and head modes: the whole model) and run.json here")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run)
 

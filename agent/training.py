@@ -36,7 +36,7 @@ class TrainingConfig:
     label_column: str = "label"
     num_labels: int | None = None  # None: inferred from the labels (max label + 1, at least 2)
     max_length: int = 128
-    mode: str = "lora"
+    mode: str = "lora"  # "lora", "full" or "head" (the classification head only): see agent.models.load_model
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_target_modules: tuple[str, ...] | None = None

@@ -54,6 +54,21 @@ def test_full_run_saves_a_loadable_model_and_prints_the_report(tiny_bert_dir, mr
     assert not torch.equal(model.bert.embeddings.word_embeddings.weight, original.bert.embeddings.word_embeddings.weight)
 
 
+def test_head_run_saves_the_whole_model_with_only_the_head_changed(tiny_bert_dir, mr_csv, tmp_path, capsys):
+    output = tmp_path / "head"
+    argv = _argv(tiny_bert_dir, mr_csv, "--mode", "head", "--lr", "0.1", "--output", str(output), "--json")
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["mode"] == "head" and summary["trainable_parameters"] == 32 * 2 + 2
+    assert 0 < summary["epsilon_certified"] <= 8.0 * (1 + 1e-9)
+    from transformers import AutoModelForSequenceClassification
+
+    saved = dict(AutoModelForSequenceClassification.from_pretrained(output).named_parameters())
+    original = dict(AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).named_parameters())
+    changed = {name for name, value in saved.items() if not torch.equal(value, original[name])}
+    assert changed == {"classifier.weight", "classifier.bias"}
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -86,6 +86,30 @@ def test_secure_noise_full_fine_tuning_runs(tiny_bert_dir, mr_csv):
     assert all(torch.isfinite(value).all() for value in result.trainable_state.values())
 
 
+def test_head_mode_trains_only_the_classifier_within_its_certified_epsilon(tiny_bert_dir, mr_csv):
+    from accountant.calibration import calibrate_noise_multiplier
+    from accountant.certified import certified_epsilon
+
+    trainer = LocalTrainer(_config(tiny_bert_dir, mr_csv, max_examples=80, mode="head"))
+    head = {"classifier.weight", "classifier.bias"}
+    assert set(trainer.trainable_state()) == head
+    before = {name: value.detach().clone() for name, value in trainer.model.named_parameters()}
+    rate, steps, target, delta = 0.25, 4, 8.0, 1e-5
+    sigma = calibrate_noise_multiplier(target, delta, [(rate, steps)]).noise_multiplier
+    result = trainer.train(StepPlan(steps, rate, sigma, clip_norm=1.0, learning_rate=0.1))
+    changed = {name for name, value in trainer.model.named_parameters() if not torch.equal(before[name], value)}
+    assert changed == head
+    assert result.event == PoissonGaussianEvent(rate, sigma, steps)
+    assert certified_epsilon(result.event, delta) <= target * (1 + 1e-9)
+
+
+def test_head_mode_needs_a_classification_task(tiny_gpt2_dir):
+    from agent.models import load_model
+
+    with pytest.raises(InvalidInputError, match="needs task classification"):
+        load_model(tiny_gpt2_dir, task="causal_lm", mode="head")
+
+
 def test_causal_lm_run_reports_perplexity(tiny_gpt2_dir, mr_csv):
     trainer = LocalTrainer(_config(tiny_gpt2_dir, mr_csv, task="causal_lm", max_examples=40))
     before = trainer.evaluate()

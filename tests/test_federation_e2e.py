@@ -5,8 +5,8 @@ Holders h0 and h1 train; "poor" has a budget that cannot fund the plan, so the p
 is charged to it. Afterwards every ledger verifies, the coordinator's commits match the holders' ledgers, the
 global model moved, every holder's certified epsilon is within its budget, and the PEFT adapter loads.
 
-About 3.5 minutes on 2 busy cores (four daemons and Flower processes start), so it is marked slow:
-`scripts/test --slow tests/test_federation_e2e.py`."""
+About 2 to 3.5 minutes on 2 cores (four daemons and Flower processes start); it runs in CI because it is the
+one test of the whole federation with real processes."""
 
 import numpy as np
 import pytest
@@ -15,8 +15,6 @@ from accountant.verify import verify_ledger
 from coordinator.checkpoints import load_weights
 from coordinator.ledger_crosscheck import cross_check, read_entries
 from ewtune.local_federation import FederationJob, HolderSetup, LocalFederation, initial_weights, partition_csv
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

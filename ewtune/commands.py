@@ -10,7 +10,7 @@ import importlib
 
 # name -> (module, one-line help)
 BENCHMARKS = {
-    "accountant": ("accountant.bench", "certified, Edgeworth, RDP and peer accountants: epsilon and time per case"),
+    "accountant": ("ewtune.accountant_bench", "certified, Edgeworth, RDP and peer accountants: epsilon and time per case"),
     "dpsgd": ("agent.bench", "DP-SGD step time and memory against non-private training and Opacus"),
     "federation": ("ewtune.federation_bench", "coordination overhead per round with three holders on loopback"),
 }

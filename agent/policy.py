@@ -178,21 +178,21 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
     )
 
 
-def _supernode_config(base: Path, table: Mapping[str, Any] | None, path: Path) -> SuperNodeConfig | None:
-    if not table:
+def _supernode_config(base: Path, section: Mapping[str, Any] | None, path: Path) -> SuperNodeConfig | None:
+    if not section:
         return None
-    insecure = bool(table.get("insecure", False))
-    root, key = table.get("root_certificates"), table.get("auth_private_key")
+    insecure = bool(section.get("insecure", False))
+    root, key = section.get("root_certificates"), section.get("auth_private_key")
     if not insecure and (root is None or key is None):
         raise InvalidInputError(f"{path}: [supernode] needs root_certificates and auth_private_key (or insecure = true)")
     return SuperNodeConfig(
-        superlink=required(table, "superlink", "supernode", path),
+        superlink=required(section, "superlink", "supernode", path),
         root_certificates=None if root is None else resolve(base, root),
         auth_private_key=None if key is None else resolve(base, key),
-        port=_integer("supernode port", table.get("port", 9094), minimum=1),
+        port=_integer("supernode port", section.get("port", 9094), minimum=1),
         insecure=insecure,
-        executable=table.get("executable"),
-        extra_node_config=dict(table.get("node_config", {})),
+        executable=section.get("executable"),
+        extra_node_config=dict(section.get("node_config", {})),
     )
 
 

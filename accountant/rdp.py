@@ -45,10 +45,8 @@ def rdp_epsilon_and_order(event: DpEvent, delta: float) -> tuple[float, float]:
             "RDP accounting of Poisson sampling under replace-one is not supported (dp_accounting has no "
             "sound bound for it); use the certified accountant"
         )
-    accountant = rdp_privacy_accountant.RdpAccountant(
-        orders=list(RDP_ORDERS),
-        neighboring_relation=rdp_privacy_accountant.NeighborRel.ADD_OR_REMOVE_ONE,
-    )
-    accountant.compose(to_dp_accounting(event))
+    dp_event, relation = to_dp_accounting(event)
+    accountant = rdp_privacy_accountant.RdpAccountant(orders=list(RDP_ORDERS), neighboring_relation=relation)
+    accountant.compose(dp_event)
     epsilon, order = accountant.get_epsilon_and_optimal_order(delta)
     return float(epsilon), float(order)

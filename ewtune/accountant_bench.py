@@ -189,8 +189,9 @@ def _dp_accounting_pld(event, delta: float, interval: float) -> float:
 
     from accountant.events import to_dp_accounting
 
-    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
-    accountant.compose(to_dp_accounting(event))
+    dp_event, relation = to_dp_accounting(event)
+    accountant = pld_privacy_accountant.PLDAccountant(relation, value_discretization_interval=interval)
+    accountant.compose(dp_event)
     return float(accountant.get_epsilon(delta))
 
 

@@ -79,9 +79,34 @@ def test_mixed_neighbouring_relations_are_refused():
 def test_conversion_to_dp_accounting_preserves_parameters():
     import dp_accounting
 
-    converted = to_dp_accounting(compose(PoissonGaussianEvent(0.01, 1.5, 7)))
+    converted, relation = to_dp_accounting(compose(PoissonGaussianEvent(0.01, 1.5, 7)))
+    assert relation == dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
     assert isinstance(converted, dp_accounting.ComposedDpEvent)
     (inner,) = converted.events
     assert inner.count == 7
     assert inner.event.sampling_probability == 0.01
     assert inner.event.event.noise_multiplier == 1.5
+
+
+def test_dp_accounting_conversion_carries_the_replace_one_relation():
+    """Replace-one, q 0.01, sigma 1, 1000 steps, delta 1e-5: dp_accounting's PLD gives 1.83 when the relation
+    is dropped (its default is add/remove-one) and 2.84 with it, the value of our certified accountant."""
+    from dp_accounting.pld import pld_privacy_accountant
+
+    from accountant.certified import certified_epsilon
+
+    event = PoissonGaussianEvent(0.01, 1.0, 1000, Neighbouring.REPLACE_ONE)
+    converted, relation = to_dp_accounting(event)
+    carried = pld_privacy_accountant.PLDAccountant(relation, value_discretization_interval=1e-4)
+    carried.compose(converted)
+    dropped = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+    dropped.compose(converted)
+    assert dropped.get_epsilon(1e-5) == pytest.approx(1.83, abs=0.01)
+    assert carried.get_epsilon(1e-5) == pytest.approx(2.84, abs=0.01)
+    assert carried.get_epsilon(1e-5) == pytest.approx(certified_epsilon(event, 1e-5), rel=2e-3)
+
+
+def test_dp_accounting_conversion_refuses_mixed_relations():
+    event = compose(PoissonGaussianEvent(0.01, 1.0, 10), PoissonGaussianEvent(0.01, 1.0, 10, Neighbouring.REPLACE_ONE))
+    with pytest.raises(InvalidInputError, match="mixes"):
+        to_dp_accounting(event)

@@ -1,17 +1,21 @@
 """The coordinator's check of a holder's train reply before its update may be aggregated.
 
-A reply is accepted only when (DESIGN.md, one round, step 4):
+A reply is accepted only when:
 - the receipt's signature verifies under the ledger key the holder gave at query time;
 - it names this run, this round and this holder;
-- its event is the planned mechanism (same q, same sigma, add/remove) with at most the planned steps, and at
-  least one step (an update with no step released nothing and is not an update);
+- its event is the planned mechanism (the same q and sigma, compared exactly, add/remove) with at most the
+  planned steps, and at least one step (an update with no step released nothing and is not an update);
 - the SHA-256 of the arrays received equals the receipt's ``update_sha256`` (:func:`accountant.receipts.update_digest`).
 Anything else raises :class:`ReceiptRejected` naming what is wrong; the update is then discarded.
+
+q and sigma are compared for exact equality, the rule :meth:`accountant.ledger.Ledger.commit` applies to an
+executed event against its reservation: the planner's floats travel to the holder and back in JSON doubles,
+which round-trip exactly, so any difference at all is a different mechanism. A tolerance here would let
+through a receipt the ledger then refuses (and the epsilon of the two would not be the one reserved).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,10 +66,10 @@ def _check_event(receipt: Receipt, planned: PoissonGaussianEvent) -> None:
     ((q, sigma, relation), steps), = executed.items()
     if relation != Neighbouring.ADD_REMOVE or relation != planned.neighbouring:
         raise ReceiptRejected(f"receipt of {receipt.holder_id}: neighbouring {relation.value}, planned {planned.neighbouring.value}")
-    if not (math.isclose(q, planned.sampling_rate, rel_tol=1e-12) and math.isclose(sigma, planned.noise_multiplier, rel_tol=1e-12)):
+    if q != planned.sampling_rate or sigma != planned.noise_multiplier:
         raise ReceiptRejected(
-            f"receipt of {receipt.holder_id}: executed q={q:.6g}, sigma={sigma:.6g}; planned "
-            f"q={planned.sampling_rate:.6g}, sigma={planned.noise_multiplier:.6g}"
+            f"receipt of {receipt.holder_id}: executed q={q!r}, sigma={sigma!r}; planned "
+            f"q={planned.sampling_rate!r}, sigma={planned.noise_multiplier!r} (must be equal exactly)"
         )
     if not 1 <= steps <= planned.steps:
         raise ReceiptRejected(f"receipt of {receipt.holder_id}: {steps} steps executed, planned at most {planned.steps}")

@@ -82,3 +82,17 @@ def test_receipt_for_another_run_round_or_holder_is_rejected(key, field, value):
 def test_malformed_document_is_rejected(key):
     with pytest.raises(ReceiptRejected):
         _check("{not json", key)
+
+
+def test_a_single_mechanism_composed_event_is_accepted(key):
+    executed = compose(PoissonGaussianEvent(0.05, 1.3, 4), PoissonGaussianEvent(0.05, 1.3, 3))
+    assert _check(_signed(key, event=executed), key).event == executed
+
+
+@pytest.mark.parametrize("field", ["sampling_rate", "noise_multiplier"])
+def test_q_or_sigma_one_ulp_off_the_plan_is_rejected(key, field):
+    """The ledger commits only an exactly planned mechanism, so the receipt check demands the same."""
+    values = {"sampling_rate": PLANNED.sampling_rate, "noise_multiplier": PLANNED.noise_multiplier}
+    values[field] = float(np.nextafter(values[field], 2.0))
+    with pytest.raises(ReceiptRejected, match="must be equal exactly"):
+        _check(_signed(key, event=PoissonGaussianEvent(steps=10, **values)), key)

@@ -5,11 +5,18 @@ every hop (ServerApp -> SuperLink -> SuperNode -> ClientApp and back). A LoRA mo
 thus cost hundreds of requests per holder and round; one packed buffer costs a handful. The layout (name,
 dtype, shape, in order) travels beside the buffer as JSON. Both the ServerApp and the holder's ClientApp
 (:mod:`ewtune.flower_clientapp`) use it; a message without a layout carries plain named arrays.
+
+A layout comes from a holder and is not trusted: only the floating-point dtypes in :data:`WEIGHT_DTYPES`
+(float16, float32, float64, little-endian; a bfloat16 parameter travels as float32, which holds it exactly,
+since numpy has no bfloat16) and shapes of non-negative integers are accepted, so that a crafted layout
+(dtype object, a structured dtype, a negative or absurd shape) is a one-line refusal of that holder's reply
+rather than an exception from numpy deep in the round.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,6 +26,7 @@ from accountant.errors import InvalidInputError
 
 PACKED_NAME = "packed"  # the single entry of a packed ArrayRecord
 LAYOUT_KEY = "layout"  # the ConfigRecord beside it: {"json": layout}
+WEIGHT_DTYPES = tuple(np.dtype(name) for name in ("<f2", "<f4", "<f8"))  # the only dtypes weights travel in
 
 
 def pack(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
@@ -36,25 +44,50 @@ def pack(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
 
 
 def unpack(buffer: np.ndarray, layout_json: str) -> dict[str, np.ndarray]:
-    """The named arrays of :func:`pack`; a buffer whose size disagrees with the layout is refused."""
+    """The named arrays of :func:`pack`; a layout with a dtype outside :data:`WEIGHT_DTYPES`, a shape that is
+    not a list of non-negative integers, a repeated name, or a buffer whose size disagrees is refused."""
     try:
         layout = json.loads(layout_json)
-        entries = [(str(name), np.dtype(dtype), tuple(int(n) for n in shape)) for name, dtype, shape in layout]
-    except (ValueError, TypeError) as bad:
+    except ValueError as bad:
         raise InvalidInputError(f"malformed array layout: {bad}") from None
+    if not isinstance(layout, list):
+        raise InvalidInputError("malformed array layout: not a list of [name, dtype, shape]")
+    entries = [_layout_entry(entry) for entry in layout]
+    if len({name for name, _, _ in entries}) != len(entries):
+        raise InvalidInputError("the layout names an array twice")
     data = np.ascontiguousarray(buffer, dtype=np.uint8).reshape(-1)
     arrays, offset = {}, 0
     for name, dtype, shape in entries:
-        size = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        size = dtype.itemsize * math.prod(shape)  # Python integers: a huge shape cannot wrap around
         if offset + size > data.size:
             raise InvalidInputError(f"packed buffer too short for {name!r}")
         arrays[name] = data[offset : offset + size].view(dtype).reshape(shape).copy()
         offset += size
     if offset != data.size:
         raise InvalidInputError(f"packed buffer has {data.size - offset} bytes beyond its layout")
-    if len(arrays) != len(entries):
-        raise InvalidInputError("the layout names an array twice")
     return arrays
+
+
+def check_weight_dtype(name: str, dtype: np.dtype) -> None:
+    """Refuse an array whose dtype is not one weights travel in (:data:`WEIGHT_DTYPES`, either byte order)."""
+    if np.dtype(dtype).newbyteorder("<") not in WEIGHT_DTYPES:
+        raise InvalidInputError(f"array {name!r} has dtype {np.dtype(dtype).str!r}; weights travel as float16, float32 or float64")
+
+
+def _layout_entry(entry) -> tuple[str, np.dtype, tuple[int, ...]]:
+    if not isinstance(entry, list) or len(entry) != 3:
+        raise InvalidInputError("malformed array layout: each entry must be [name, dtype, shape]")
+    name, dtype_text, shape = entry
+    if not isinstance(name, str) or not isinstance(dtype_text, str):
+        raise InvalidInputError("malformed array layout: name and dtype must be strings")
+    try:
+        dtype = np.dtype(dtype_text)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"array {name!r} has an unknown dtype {dtype_text[:40]!r}") from None
+    check_weight_dtype(name, dtype)
+    if not isinstance(shape, list) or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in shape):
+        raise InvalidInputError(f"array {name!r} has shape {str(shape)[:60]}: it must be a list of integers >= 0")
+    return name, dtype, tuple(shape)
 
 
 def weight_records(arrays: Mapping[str, np.ndarray], packed: bool) -> dict:
@@ -66,12 +99,32 @@ def weight_records(arrays: Mapping[str, np.ndarray], packed: bool) -> dict:
 
 
 def weights_of(content: RecordDict) -> dict[str, np.ndarray]:
-    """The named arrays a message carries, packed or not."""
+    """The named arrays a message carries, packed or not, each in one of :data:`WEIGHT_DTYPES`."""
     if "arrays" not in content:
         raise InvalidInputError("the message carries no 'arrays'")
-    arrays = {name: array.numpy() for name, array in content["arrays"].items()}
-    if LAYOUT_KEY not in content:
-        return arrays
-    if set(arrays) != {PACKED_NAME}:
-        raise InvalidInputError(f"a packed message must carry exactly one array named {PACKED_NAME!r}")
-    return unpack(arrays[PACKED_NAME], str(content[LAYOUT_KEY].get("json", "")))
+    record = content["arrays"]
+    if not isinstance(record, ArrayRecord):
+        raise InvalidInputError("the message's 'arrays' is not an array record")
+    if LAYOUT_KEY in content:
+        if set(record) != {PACKED_NAME}:
+            raise InvalidInputError(f"a packed message must carry exactly one array named {PACKED_NAME!r}")
+        layout = content[LAYOUT_KEY]
+        if not isinstance(layout, ConfigRecord) or not isinstance(layout.get("json"), str):
+            raise InvalidInputError(f"the {LAYOUT_KEY!r} record must hold the layout as the string 'json'")
+        return unpack(_numpy(PACKED_NAME, record[PACKED_NAME], packed=True), layout["json"])
+    arrays = {name: _numpy(name, array, packed=False) for name, array in record.items()}
+    for name, array in arrays.items():
+        check_weight_dtype(name, array.dtype)
+    return arrays
+
+
+def _numpy(name: str, array: Array, packed: bool) -> np.ndarray:
+    """The array's values, or a one-line refusal: Flower deserialises the bytes a holder sent, and a
+    crafted ``Array`` (inconsistent dtype, shape and data) raises whatever numpy raises."""
+    try:
+        values = array.numpy()
+    except Exception as bad:  # noqa: BLE001 - any failure to decode is the holder's malformed reply
+        raise InvalidInputError(f"array {name!r} cannot be decoded: {type(bad).__name__}: {str(bad)[:120]}") from None
+    if packed and values.dtype != np.uint8:
+        raise InvalidInputError(f"the packed buffer must be uint8, got {values.dtype.str!r}")
+    return values

@@ -5,8 +5,9 @@ import pytest
 
 from accountant.errors import InvalidInputError
 from accountant.receipts import update_digest
-from coordinator.packing import LAYOUT_KEY, pack, unpack, weight_records, weights_of
-from flwr.app import RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from coordinator.packing import LAYOUT_KEY, PACKED_NAME, pack, unpack, weight_records, weights_of
 
 ARRAYS = {
     "layer.lora_A.default.weight": np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32),
@@ -44,3 +45,55 @@ def test_inconsistent_buffers_are_refused():
         unpack(np.concatenate([buffer, np.zeros(4, np.uint8)]), layout)
     with pytest.raises(InvalidInputError, match="malformed"):
         unpack(buffer, "{not json")
+
+
+def _layout(*entries):
+    import json
+
+    return json.dumps([list(entry) for entry in entries])
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (_layout(["w", "|O", [1]]), "dtype"),  # object: numpy would hand back pointers
+        (_layout(["w", "<i8", [1]]), "dtype"),  # integers are not weights
+        (_layout(["w", "<c16", [1]]), "dtype"),
+        (_layout(["w", "[('a', '<f4')]", [1]]), "dtype"),  # a structured dtype
+        (_layout(["w", "no such dtype", [1]]), "unknown dtype"),
+        (_layout(["w", "<f4", [-2, -4]]), "integers >= 0"),  # negative dims whose product is positive
+        (_layout(["w", "<f4", [2.5]]), "integers >= 0"),
+        (_layout(["w", "<f4", [True]]), "integers >= 0"),
+        (_layout(["w", "<f4", 8]), "integers >= 0"),
+        (_layout(["w", "<f4", [2**62, 2**62]]), "too short"),  # would wrap around in int64
+        (_layout(["w", "<f4"]), "malformed"),
+        ('{"w": 1}', "malformed"),
+        (_layout(["w", "<f4", [1]], ["w", "<f4", [1]]), "twice"),
+    ],
+)
+def test_crafted_layouts_are_refused_with_one_line(layout, message):
+    """A hostile holder's layout reaches unpack() through weights_of(): every crafted variant is an
+    InvalidInputError (the coordinator aborts that holder), never another exception."""
+    buffer = np.zeros(8, np.uint8)
+    content = RecordDict({"arrays": ArrayRecord({PACKED_NAME: Array(buffer)}), LAYOUT_KEY: ConfigRecord({"json": layout})})
+    with pytest.raises(InvalidInputError, match=message):
+        weights_of(content)
+
+
+def test_plain_arrays_outside_the_weight_dtypes_are_refused():
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.arange(4, dtype=np.int64))})})
+    with pytest.raises(InvalidInputError, match="dtype"):
+        weights_of(content)
+
+
+def test_an_undecodable_array_is_refused_with_one_line():
+    broken = Array(dtype="<f4", shape=(1_000,), stype="numpy.ndarray", data=b"not a .npy file")
+    with pytest.raises(InvalidInputError, match="cannot be decoded"):
+        weights_of(RecordDict({"arrays": ArrayRecord({"w": broken})}))
+
+
+def test_a_layout_that_is_not_a_string_is_refused():
+    buffer, _ = pack(ARRAYS)
+    content = RecordDict({"arrays": ArrayRecord({PACKED_NAME: Array(buffer)}), LAYOUT_KEY: ConfigRecord({"json": 3})})
+    with pytest.raises(InvalidInputError, match="layout"):
+        weights_of(content)

@@ -3,6 +3,14 @@ learning of deep networks from decentralized data", Alg. 1: w <- sum_k (n_k / n)
 
 Only verified updates reach this function; each is checked against the global weights it started from
 (same names, shapes, finite values) so that a malformed update fails loudly instead of broadcasting.
+
+Two limits keep one holder from steering the global model alone (a receipt proves the privacy of what a
+holder released, not that its update is honest):
+
+- :func:`capped_shares`: no holder's share of the average exceeds ``max_share`` (the excess is spread over
+  the others in proportion to their sizes);
+- :func:`check_update_norm`: an update whose change from the global weights exceeds a bound is refused;
+  :func:`default_update_norm_bound` derives the bound from the plan when the operator sets none.
 """
 
 from __future__ import annotations
@@ -13,6 +21,107 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from accountant.errors import InvalidInputError
+
+WEIGHT_DTYPES = tuple(np.dtype(name) for name in ("<f2", "<f4", "<f8"))  # the only dtypes weights travel in
+DEFAULT_MAX_SHARE = 0.5  # with two holders or more; one holder alone has the whole average
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which the holders' trainer uses
+
+
+def check_weight_dtype(name: str, dtype: np.dtype) -> None:
+    """Refuse an array whose dtype is not one weights travel in (:data:`WEIGHT_DTYPES`, either byte order):
+    float16, float32 or float64 (a bfloat16 parameter travels as float32, which holds it exactly)."""
+    if np.dtype(dtype).newbyteorder("<") not in WEIGHT_DTYPES:
+        raise InvalidInputError(f"array {name!r} has dtype {np.dtype(dtype).str!r}; weights travel as float16, float32 or float64")
+
+
+def capped_shares(sizes: Sequence[float], max_share: float | None = None) -> list[float]:
+    """Each holder's share of the FedAvg average: proportional to its dataset size N (McMahan et al.), with
+    no share above ``max_share`` (default :data:`DEFAULT_MAX_SHARE`); a capped holder's excess goes to the
+    uncapped ones in proportion to their sizes, repeatedly until no share exceeds the cap (water-filling).
+    Where the cap is below 1/k for k holders it cannot hold, and the shares are equal.
+
+    N is public metadata: each holder states it in its description (the planner derives q = B / N from it,
+    and it is recorded in the coordinator's status), and it is the FedAvg weight. It is not protected by DP
+    and not verified: a holder claiming a huge N gains weight only up to the cap. (Its own privacy does not rest
+    on N being true: it samples its real records at the planned q and is accounted at that q.)"""
+    sizes = [float(size) for size in sizes]
+    if not sizes:
+        raise InvalidInputError("no shares of nothing: no update to aggregate")
+    for size in sizes:
+        if not (size > 0 and math.isfinite(size)):
+            raise InvalidInputError(f"aggregation weights must be finite numbers > 0, got {size!r}")
+    cap = DEFAULT_MAX_SHARE if max_share is None else float(max_share)
+    if not 0 < cap <= 1:
+        raise InvalidInputError(f"max_weight_share must be in (0, 1], got {max_share!r}")
+    count = len(sizes)
+    if cap * count <= 1:
+        return [1.0 / count] * count
+    shares = [0.0] * count
+    free = set(range(count))
+    left = 1.0
+    while True:
+        total = sum(sizes[i] for i in free)
+        over = {i for i in free if left * sizes[i] / total > cap}
+        if not over:
+            for i in free:
+                shares[i] = left * sizes[i] / total
+            return shares
+        for i in over:
+            shares[i] = cap
+        left -= cap * len(over)
+        free -= over
+
+
+def adam_coordinate_step_bound(beta1: float = ADAM_BETAS[0], beta2: float = ADAM_BETAS[1]) -> float:
+    """The largest change of one coordinate in one Adam(W) step, in units of the learning rate (no weight
+    decay; epsilon only shrinks the step), whatever the gradients.
+
+    Step t moves a coordinate by lr * |m_t| / sqrt(v_t) * sqrt(1 - beta2^t) / (1 - beta1^t) (bias-corrected
+    moments). With m_t = (1 - beta1) sum_i beta1^(t-i) g_i and v_t = (1 - beta2) sum_i beta2^(t-i) g_i^2,
+    Cauchy-Schwarz gives |m_t| / sqrt(v_t) <= (1 - beta1) / sqrt(1 - beta2) * sqrt(sum_{j<t} (beta1^2/beta2)^j),
+    an equality for gradients growing like (beta1/beta2)^i. The bound is the supremum over t of the product;
+    it is 1 at t = 1 and tends to (1 - beta1) / sqrt((1 - beta2) (1 - beta1^2 / beta2)), about 7.27 for
+    beta = (0.9, 0.999). (Kingma & Ba's |step| <= lr is the usual case, not a bound.)"""
+    if not (0 <= beta1 < 1 and 0 < beta2 < 1 and beta1 * beta1 < beta2):
+        raise InvalidInputError(f"Adam betas must satisfy 0 <= beta1 < 1, 0 < beta2 < 1, beta1^2 < beta2; got {beta1}, {beta2}")
+    ratio = beta1 * beta1 / beta2
+    scale = (1 - beta1) / math.sqrt(1 - beta2)
+    best = scale / math.sqrt(1 - ratio)  # t -> infinity
+    for t in range(1, 1 << 16):  # the bias corrections make early steps larger than the limit for some betas
+        value = scale * math.sqrt((1 - ratio**t) / (1 - ratio)) * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        best = max(best, value)
+    return best
+
+
+def default_update_norm_bound(learning_rate: float, local_steps: int, coordinates: int) -> float:
+    """The ``max_update_norm`` used when federation.toml sets none: the largest L2 change an honest holder's
+    round of AdamW can make, learning rate x local steps x sqrt(trainable coordinates) x
+    :func:`adam_coordinate_step_bound` (each step moves every coordinate by at most lr x that bound, the
+    steps add up, and d coordinates each moved by at most a have norm at most a sqrt(d)).
+
+    It holds for the holders' AdamW without weight decay, whatever the data and the noise; with SGD (whose
+    step grows with the noised gradient) set ``max_update_norm`` explicitly. It does not stop a holder that
+    stays within it; it stops the model-replacement attack (an update scaled up to override the others)."""
+    if coordinates < 1:
+        raise InvalidInputError("the model has no trainable coordinate")
+    return float(learning_rate) * int(local_steps) * math.sqrt(coordinates) * adam_coordinate_step_bound()
+
+
+def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm of ``update - reference`` over every parameter, in float64."""
+    squares = 0.0
+    for name, base in reference.items():
+        difference = np.asarray(update[name], dtype=np.float64) - np.asarray(base, dtype=np.float64)
+        squares += float(np.dot(difference.ravel(), difference.ravel()))
+    return math.sqrt(squares)
+
+
+def check_update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], bound: float) -> float:
+    """The update's change from ``reference`` (L2), or :class:`InvalidInputError` when it exceeds ``bound``."""
+    norm = update_norm(update, reference)
+    if not norm <= bound:
+        raise InvalidInputError(f"update changes the global weights by {norm:.4g} (L2), more than the bound {bound:.4g}")
+    return norm
 
 
 def check_update(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:
@@ -25,7 +134,8 @@ def check_update(update: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
         array = np.asarray(array)
         if array.shape != np.shape(reference[name]):
             raise InvalidInputError(f"update {name!r} has shape {array.shape}, expected {np.shape(reference[name])}")
-        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+        check_weight_dtype(name, array.dtype)
+        if not np.isfinite(array).all():
             raise InvalidInputError(f"update {name!r} must hold finite floating-point values")
 
 

@@ -6,8 +6,8 @@ thus cost hundreds of requests per holder and round; one packed buffer costs a h
 dtype, shape, in order) travels beside the buffer as JSON. Both the ServerApp and the holder's ClientApp
 (:mod:`ewtune.flower_clientapp`) use it; a message without a layout carries plain named arrays.
 
-A layout comes from a holder and is not trusted: only the floating-point dtypes in :data:`WEIGHT_DTYPES`
-(float16, float32, float64, little-endian; a bfloat16 parameter travels as float32, which holds it exactly,
+A layout comes from a holder and is not trusted: only the floating-point dtypes of
+:data:`coordinator.aggregation.WEIGHT_DTYPES` (float16, float32, float64, little-endian; a bfloat16 parameter travels as float32, which holds it exactly,
 since numpy has no bfloat16) and shapes of non-negative integers are accepted, so that a crafted layout
 (dtype object, a structured dtype, a negative or absurd shape) is a one-line refusal of that holder's reply
 rather than an exception from numpy deep in the round.
@@ -23,10 +23,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from accountant.errors import InvalidInputError
+from coordinator.aggregation import WEIGHT_DTYPES, check_weight_dtype  # noqa: F401 - WEIGHT_DTYPES re-exported
 
 PACKED_NAME = "packed"  # the single entry of a packed ArrayRecord
 LAYOUT_KEY = "layout"  # the ConfigRecord beside it: {"json": layout}
-WEIGHT_DTYPES = tuple(np.dtype(name) for name in ("<f2", "<f4", "<f8"))  # the only dtypes weights travel in
 
 
 def pack(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
@@ -66,12 +66,6 @@ def unpack(buffer: np.ndarray, layout_json: str) -> dict[str, np.ndarray]:
     if offset != data.size:
         raise InvalidInputError(f"packed buffer has {data.size - offset} bytes beyond its layout")
     return arrays
-
-
-def check_weight_dtype(name: str, dtype: np.dtype) -> None:
-    """Refuse an array whose dtype is not one weights travel in (:data:`WEIGHT_DTYPES`, either byte order)."""
-    if np.dtype(dtype).newbyteorder("<") not in WEIGHT_DTYPES:
-        raise InvalidInputError(f"array {name!r} has dtype {np.dtype(dtype).str!r}; weights travel as float16, float32 or float64")
 
 
 def _layout_entry(entry) -> tuple[str, np.dtype, tuple[int, ...]]:

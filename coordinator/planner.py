@@ -5,7 +5,7 @@ Every holder runs the same schedule (``rounds`` rounds of ``local_steps`` DP-SGD
 (Poisson). Its sigma is the certified calibration (:mod:`accountant.calibration`) of the *whole* plan,
 ``rounds * local_steps`` steps at rate q, to min(target epsilon, the budget it has left), at the smaller of the
 federation's delta and its own budget delta. Holders whose budget cannot fund the plan are skipped with the
-reason, before anything is reserved or sent (DESIGN.md, one round, step 2).
+reason, before anything is reserved or sent.
 
 This module imports neither torch nor flwr.
 """
@@ -36,6 +36,11 @@ class FederationSettings:
     delta: float
     max_noise_multiplier: float = 50.0  # above it the update is noise: the holder is skipped instead
     min_holders: int = 1
+    # No holder's share of the FedAvg average exceeds it (coordinator.aggregation.capped_shares); None: 0.5.
+    max_weight_share: float | None = None
+    # An update that moves the global weights farther (L2) is refused; None: derived from the plan
+    # (coordinator.aggregation.default_update_norm_bound).
+    max_update_norm: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("rounds", "local_steps", "min_holders"):
@@ -46,6 +51,10 @@ class FederationSettings:
             _positive(name, getattr(self, name))
         if not _number(self.delta) or not 0 < self.delta < 1:
             raise InvalidInputError(f"delta must be in (0, 1), got {self.delta!r}")
+        if self.max_weight_share is not None and (not _number(self.max_weight_share) or not 0 < self.max_weight_share <= 1):
+            raise InvalidInputError(f"max_weight_share must be in (0, 1], got {self.max_weight_share!r}")
+        if self.max_update_norm is not None:
+            _positive("max_update_norm", self.max_update_norm)
 
     @property
     def total_steps(self) -> int:

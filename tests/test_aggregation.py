@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from accountant.errors import InvalidInputError
-from coordinator.aggregation import weighted_average
+from coordinator.aggregation import (
+    adam_coordinate_step_bound,
+    capped_shares,
+    check_update_norm,
+    default_update_norm_bound,
+    weighted_average,
+)
 
 
 def _weights(value, dtype=np.float32):
@@ -45,3 +51,78 @@ def test_refuses_empty_and_bad_weights():
         weighted_average([], _weights(0.0))
     with pytest.raises(InvalidInputError, match="weights"):
         weighted_average([(_weights(1.0), 0)], _weights(0.0))
+
+
+def test_shares_follow_dataset_sizes_below_the_cap():
+    assert capped_shares([100, 300], 0.8) == pytest.approx([0.25, 0.75])
+
+
+def test_a_huge_claimed_dataset_is_capped_and_its_excess_redistributed():
+    """A holder claiming N = 10^9 beside two holders of 100 records gets half the average, not all of it."""
+    shares = capped_shares([100, 100, 10**9])
+    assert shares == pytest.approx([0.25, 0.25, 0.5])
+    shares = capped_shares([1, 2, 3, 100], 0.4)
+    assert shares == pytest.approx([0.1, 0.2, 0.3, 0.4])  # the excess goes in proportion to the others' sizes
+    assert max(capped_shares([5, 10**6, 10**7, 1], 0.3)) <= 0.3 + 1e-12
+
+
+def test_a_cap_below_one_over_k_gives_equal_shares_and_one_holder_has_all():
+    assert capped_shares([1, 1000], 0.2) == pytest.approx([0.5, 0.5])
+    assert capped_shares([7]) == [1.0]
+
+
+def test_capped_average_limits_a_big_holder_s_pull():
+    reference = _weights(0.0)
+    shares = capped_shares([100, 10**9])
+    averaged = weighted_average([(_weights(1.0), shares[0]), (_weights(1000.0), shares[1])], reference)
+    np.testing.assert_allclose(averaged["a"], np.full((2, 3), 500.5))
+
+
+@pytest.mark.parametrize("share", [0, -0.1, 1.5, float("nan")])
+def test_invalid_caps_are_refused(share):
+    with pytest.raises(InvalidInputError, match="max_weight_share"):
+        capped_shares([1, 2], share)
+
+
+def test_adam_step_bound_holds_for_adversarial_gradients_and_is_reached():
+    """Simulate Adam's bias-corrected step on the gradient sequence that makes Cauchy-Schwarz tight
+    (g_i growing like (beta1/beta2)^i) and on random heavy-tailed ones: no step exceeds the bound, and the
+    adversarial sequence comes within 1% of it."""
+    beta1, beta2 = 0.9, 0.999
+    bound = adam_coordinate_step_bound(beta1, beta2)
+    assert 7.2 < bound < 7.3
+
+    def largest_step(gradients):
+        m = v = 0.0
+        largest = 0.0
+        for t, g in enumerate(gradients, start=1):
+            m = beta1 * m + (1 - beta1) * g
+            v = beta2 * v + (1 - beta2) * g * g
+            if v > 0:
+                largest = max(largest, abs(m / (1 - beta1**t)) / np.sqrt(v / (1 - beta2**t)))
+        return largest
+
+    t = 6000
+    # Cauchy-Schwarz is tight at step t; older terms are negligible (and would underflow when squared).
+    adversarial = [(beta1 / beta2) ** (t - i) if t - i < 400 else 0.0 for i in range(1, t + 1)]
+    assert bound * 0.99 < largest_step(adversarial) <= bound * (1 + 1e-9)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        assert largest_step(rng.standard_cauchy(300)) <= bound
+
+
+def test_default_update_norm_bound_is_lr_steps_sqrt_d_times_the_adam_bound():
+    assert default_update_norm_bound(0.01, 20, 400) == pytest.approx(0.01 * 20 * 20 * adam_coordinate_step_bound())
+
+
+def test_an_update_beyond_the_norm_bound_is_refused():
+    reference = _weights(0.0)
+    assert check_update_norm(_weights(0.1), reference, 1.0) == pytest.approx(0.1 * np.sqrt(10))
+    with pytest.raises(InvalidInputError, match="more than the bound"):
+        check_update_norm(_weights(100.0), reference, 1.0)
+
+
+def test_an_update_of_integers_is_refused():
+    update = {"a": np.zeros((2, 3), np.int32), "b": np.zeros(4, np.float32)}
+    with pytest.raises(InvalidInputError, match="dtype"):
+        weighted_average([(update, 1)], _weights(0.0))

@@ -307,8 +307,7 @@ def _step_function(engine: str, model, batch: dict, config: dict):
         from agent.dpsgd import DPSGDStep, PerExampleClipper, classification_loss
 
         clipper = PerExampleClipper(model, 1.0, classification_loss)
-        generator = torch.Generator(device=config["device"]).manual_seed(0)
-        dp_step = DPSGDStep(model, clipper, optimizer, 1.0, 1.0, size, size, generator=generator)
+        dp_step = DPSGDStep(model, clipper, optimizer, 1.0, 1.0, size, size)  # noise from the secure source, as shipped
         return lambda: dp_step.step(batch)
     if engine == "opacus-hooks":
         from opacus import GradSampleModule

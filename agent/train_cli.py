@@ -76,7 +76,10 @@ def register(commands) -> None:
     parser.add_argument("--physical-batch-size", type=int, default=32, help="micro-batch size (memory bound)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--secure-noise", action="store_true", help="noise from a CSPRNG, batch sampling seeded from os.urandom"
+        "--insecure-seeded-randomness",
+        action="store_true",
+        help="tests and benchmarks only: draw batches and noise from generators seeded with --seed, which anyone "
+        "who knows the seed can replay (no privacy); by default both come from the operating system's secure source",
     )
     parser.add_argument("--output", default=None, help="save the adapter (full and head modes: the whole model) and run.json here")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -89,6 +92,7 @@ def run(args) -> int:
     import torch
 
     from accountant.calibration import calibrate_noise_multiplier
+    from accountant.sampling import executable_sampling_rate
     from agent.training import LocalTrainer, StepPlan
 
     started = time.perf_counter()
@@ -96,7 +100,8 @@ def run(args) -> int:
     size = trainer.dataset_size
     if args.expected_batch > size:
         raise InvalidInputError(f"--expected-batch {args.expected_batch} exceeds the {size} training examples")
-    rate = args.expected_batch / size
+    _check_delta(args.delta, size)
+    rate = executable_sampling_rate(args.expected_batch / size)  # the rate the sampler realises, to the bit
     steps = max(1, round(args.epochs / rate))
     _say(args, f"{size} training examples; q = {args.expected_batch}/{size} = {rate:.5f}; "
          f"steps = round({args.epochs:g} epochs / q) = {steps}")
@@ -126,6 +131,16 @@ def _check_arguments(args) -> None:
     for name in ("expected_batch", "physical_batch_size", "max_length"):
         if getattr(args, name) < 1:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def _check_delta(delta: float, records: int) -> None:
+    """(epsilon, delta)-DP with delta >= 1/N allows releasing a record outright (publish each record with
+    probability delta): refuse it, naming the rule."""
+    if delta >= 1.0 / records:
+        raise InvalidInputError(
+            f"--delta {delta:g} is not below 1/N = 1/{records}: a guarantee with delta >= 1/N permits publishing "
+            "a record outright; use a delta well below 1/N (for example 1e-5)"
+        )
 
 
 def resolve_model(name: str) -> str:
@@ -171,7 +186,7 @@ def _training_config(args):
         eval_fraction=args.eval_fraction,
         seed=args.seed,
         physical_batch_size=args.physical_batch_size,
-        secure_noise=args.secure_noise,
+        insecure_seeded_randomness=args.insecure_seeded_randomness,
         max_examples=args.max_examples,
         optimizer=args.optimizer,
     )
@@ -217,6 +232,7 @@ def _summary(args, trainer, plan, result, evaluation, seconds) -> dict:
         "epsilon_certified": certified_epsilon(result.event, args.delta),
         "epsilon_edgeworth_estimate": edgeworth_epsilon(result.event, args.delta),
         "train": result.metrics,
+        "randomness": result.randomness,
         "eval": evaluation,
         "output": str(args.output) if args.output else None,
         "seconds": seconds,
@@ -246,6 +262,8 @@ def _report(summary: dict) -> str:
         f"saved               {summary['output'] or 'not saved (use --output DIR)'}",
         f"wall time           {summary['seconds']:.1f} s",
     ]
+    if summary["randomness"] != "os-secure":
+        lines.append(f"randomness          {summary['randomness']}: INSECURE, reproducible from the seed (tests only)")
     return "\n".join(lines)
 
 

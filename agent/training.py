@@ -9,17 +9,17 @@ N(0, sigma^2 C^2) once, divides by the expected batch size qN and steps the opti
 from __future__ import annotations
 
 import math
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from accountant.errors import InvalidInputError
+from accountant.errors import EwtuneError, InvalidInputError
 from accountant.events import PoissonGaussianEvent
 from agent import models
 from agent.data import DataSpec, collate, load_local_data
+from agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
 from agent.evaluation import evaluate_model
 from agent.sampler import PoissonSampler
 
@@ -43,7 +43,9 @@ class TrainingConfig:
     eval_fraction: float = 0.1
     seed: int = 0
     physical_batch_size: int = 32
-    secure_noise: bool = False  # noise from a CSPRNG, and batches from an unpredictably seeded generator
+    # Tests and benchmarks only: batches and noise from generators seeded with ``seed`` (predictable, so no
+    # privacy against anyone who knows or guesses the seed). The agent daemon refuses it.
+    insecure_seeded_randomness: bool = False
     max_examples: int | None = None
     optimizer: str = "adamw"  # or "sgd" (momentum 0.9): see make_optimizer
 
@@ -85,13 +87,25 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """``event``: the mechanism executed (``None`` only when stopped before the first step);
-    ``trainable_state``: the updated trainable parameters; ``metrics``: loss (mean training loss of the sampled
-    examples), examples, steps, seconds."""
+    """``event``: the mechanism executed, at the sampling rate actually realised (``None`` only when stopped
+    before the first step); ``trainable_state``: the updated trainable parameters; ``metrics``: loss (mean
+    training loss of the sampled examples), examples, steps, seconds; ``randomness``: the source of batches and
+    noise (``os-secure`` or ``insecure-seeded``)."""
 
     event: PoissonGaussianEvent | None
     trainable_state: dict[str, torch.Tensor]
     metrics: dict[str, float] = field(default_factory=dict)
+    randomness: str = SecureRandom.name
+
+
+class TrainingFailed(EwtuneError):
+    """A run failed after ``event``'s steps had executed (``None``: before the first): the privacy of those
+    steps is spent whatever happens to the update, so the caller must account ``event``."""
+
+    def __init__(self, event: PoissonGaussianEvent | None, cause: BaseException):
+        super().__init__(f"training failed after {event.steps if event else 0} step(s): {type(cause).__name__}: {cause}")
+        self.event = event
+        self.cause = cause
 
 
 class LocalTrainer:
@@ -127,12 +141,17 @@ class LocalTrainer:
             pad_token_id=self.tokenizer.pad_token_id,
         )
         self.model_id = models.model_id(config.model_dir)
-        # Separate streams, so that the batches drawn do not depend on how much noise was drawn. With secure noise
-        # the batches are unpredictable too: amplification by subsampling assumes nobody knows who was sampled.
-        sampling_seed = secrets.randbits(63) if config.secure_noise else config.seed
-        self._sampling_generator = torch.Generator().manual_seed(sampling_seed)
-        self._noise_generator = torch.Generator().manual_seed(config.seed + 1)
-        self._dropout_generator = torch.Generator().manual_seed(config.seed + 2)
+        # Batches and noise come from the operating system's secure source: amplification by subsampling assumes
+        # nobody knows who was sampled, and noise that can be predicted can be subtracted. The seeded streams of
+        # the insecure test mode are separate, so that the batches do not depend on how much noise was drawn.
+        self._sampling_source = _random_source(config, stream=0)
+        self._noise_source = _random_source(config, stream=1)
+        self._dropout_source = _random_source(config, stream=2)
+
+    @property
+    def randomness(self) -> str:
+        """The name of the source of batches and noise: ``os-secure`` or ``insecure-seeded``."""
+        return self._noise_source.name
 
     @property
     def dataset_size(self) -> int:
@@ -166,12 +185,15 @@ class LocalTrainer:
     ) -> TrainResult:
         """Run up to ``plan.steps`` DP-SGD steps; ``should_stop()`` is asked before each step and ends the run
         early. ``on_step(step_number, stats)`` is called after each step (progress bars). The returned event
-        counts exactly the steps executed."""
+        counts exactly the steps executed, at the rate the sampler realised (:mod:`agent.sampler`: the
+        requested rate rounded up to the 2^-53 grid). A failure after a step ran raises
+        :class:`TrainingFailed` carrying the event executed so far."""
         from agent.dpsgd.engine import PerExampleClipper
         from agent.dpsgd.step import DPSGDStep
 
         started = time.perf_counter()
         self.model.train()
+        sampler = PoissonSampler(self.dataset_size, plan.sampling_rate, plan.steps, self._sampling_source)
         trainable = [param for param in self.model.parameters() if param.requires_grad]
         optimizer = make_optimizer(self.config.optimizer, trainable, plan.learning_rate)
         clipper = PerExampleClipper(self.model, plan.clip_norm, self.loss_fn())
@@ -181,27 +203,27 @@ class LocalTrainer:
             optimizer,
             noise_multiplier=plan.noise_multiplier,
             clip_norm=plan.clip_norm,
-            expected_batch_size=plan.sampling_rate * self.dataset_size,
+            expected_batch_size=sampler.executed_rate * self.dataset_size,
             physical_batch_size=self.config.physical_batch_size,
-            generator=self._noise_generator,
-            secure_noise=self.config.secure_noise,
+            noise_source=self._noise_source,
         )
-        sampler = PoissonSampler(self.dataset_size, plan.sampling_rate, plan.steps, self._sampling_generator)
-        dropout_seed = int(torch.randint(2**62, (1,), generator=self._dropout_generator))
+        progress = _Progress()
+        dropout_seed = int(self._dropout_source.uniform_bits(1)[0])
         try:
             with torch.random.fork_rng():  # dropout masks from the trainer's own stream, not the global one
                 torch.manual_seed(dropout_seed)
-                executed, examples, loss_sum = _run_steps(engine, sampler, self.collate, should_stop, on_step)
+                _run_steps(engine, sampler, self.collate, should_stop, on_step, progress)
+        except Exception as failure:
+            raise TrainingFailed(progress.event(sampler, plan), failure) from failure
         finally:
             clipper.close()
-        event = PoissonGaussianEvent(plan.sampling_rate, plan.noise_multiplier, executed) if executed else None
         metrics = {
-            "loss": loss_sum / examples if examples else math.nan,
-            "examples": examples,
-            "steps": executed,
+            "loss": progress.loss_sum / progress.examples if progress.examples else math.nan,
+            "examples": progress.examples,
+            "steps": progress.executed,
             "seconds": time.perf_counter() - started,
         }
-        return TrainResult(event=event, trainable_state=self.trainable_state(), metrics=metrics)
+        return TrainResult(progress.event(sampler, plan), self.trainable_state(), metrics, self.randomness)
 
     def evaluate(self, batch_size: int | None = None) -> dict[str, float]:
         """Metrics on the held-out split (see :func:`agent.evaluation.evaluate_model`)."""
@@ -209,16 +231,32 @@ class LocalTrainer:
         return evaluate_model(self.model, self.data.eval, self.pad_token_id, self.config.task, size)
 
 
-def _run_steps(engine, sampler, collate_fn, should_stop, on_step) -> tuple[int, int, float]:
-    """(steps executed, examples seen, summed loss): one engine step per sampled batch until done or stopped."""
-    executed, examples, loss_sum = 0, 0, 0.0
+@dataclass
+class _Progress:
+    executed: int = 0
+    examples: int = 0
+    loss_sum: float = 0.0
+
+    def event(self, sampler: PoissonSampler, plan: StepPlan) -> PoissonGaussianEvent | None:
+        if not self.executed:
+            return None
+        return PoissonGaussianEvent(sampler.executed_rate, plan.noise_multiplier, self.executed)
+
+
+def _run_steps(engine, sampler, collate_fn, should_stop, on_step, progress: _Progress) -> None:
+    """One engine step per sampled batch until done or stopped, counted in ``progress`` as each step ends."""
     for indices in sampler:
         if should_stop is not None and should_stop():
             break
         stats = engine.step(collate_fn(indices))
-        executed += 1
-        examples += stats.examples
-        loss_sum += stats.loss_sum
+        progress.executed += 1
+        progress.examples += stats.examples
+        progress.loss_sum += stats.loss_sum
         if on_step is not None:
-            on_step(executed, stats)
-    return executed, examples, loss_sum
+            on_step(progress.executed, stats)
+
+
+def _random_source(config: TrainingConfig, stream: int) -> RandomSource:
+    if config.insecure_seeded_randomness:
+        return InsecureSeededRandom(config.seed + stream)
+    return SecureRandom()

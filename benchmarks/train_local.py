@@ -22,6 +22,7 @@ from agent import train_cli
 def non_private_run(args) -> dict:
     import torch
 
+    from agent.dpsgd.randomness import InsecureSeededRandom
     from agent.sampler import PoissonSampler
     from agent.training import LocalTrainer, make_optimizer
 
@@ -32,7 +33,7 @@ def non_private_run(args) -> dict:
     steps = max(1, round(args.epochs / rate))
     model, loss_fn = trainer.model, trainer.loss_fn()
     optimizer = make_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad], args.lr)
-    sampler = PoissonSampler(size, rate, steps, torch.Generator().manual_seed(args.seed))
+    sampler = PoissonSampler(size, rate, steps, InsecureSeededRandom(args.seed))  # non-private baseline
     model.train()
     loss_sum, examples = 0.0, 0
     for indices in sampler:

@@ -13,6 +13,7 @@ from torch import nn
 
 from agent.dpsgd import DPSGDStep, PerExampleClipper, PerExampleGradientError, causal_lm_loss, classification_loss
 from agent.dpsgd.engine import CLIP_EPSILON
+from agent.dpsgd.randomness import InsecureSeededRandom
 
 VOCAB, BATCH, LENGTH = 101, 6, 10
 LENGTHS = [10, 7, 4, 10, 2, 9]
@@ -189,7 +190,7 @@ def _sgd_step(model, noise_multiplier, expected_batch_size, physical_batch_size,
     optimizer = torch.optim.SGD(clipper.params.values(), lr=1.0)
     step = DPSGDStep(
         model, clipper, optimizer, noise_multiplier, clip_norm, expected_batch_size, physical_batch_size,
-        generator=torch.Generator().manual_seed(seed),
+        noise_source=InsecureSeededRandom(seed),
     )  # fmt: skip
     before = {name: p.detach().clone() for name, p in clipper.params.items()}
     stats = step.step(batch)
@@ -345,3 +346,39 @@ def test_bench_summary_takes_medians_and_ratios_to_non_private_and_best_opacus()
     bench.add_arguments(parser)
     with pytest.raises(InvalidInputError, match="unknown engine"):
         bench.run(parser.parse_args(["--engines", "ewtune,deepspeed"]))
+
+
+def _poisoned(model, batch, token=VOCAB - 1):
+    """The attack: weights chosen so that one record alone (the only one holding ``token``) gets a non-finite
+    gradient, which made the whole noised sum NaN and so revealed whether that record was in the batch."""
+    batch = {key: value.clone() for key, value in batch.items()}
+    batch["input_ids"][batch["input_ids"] == token] = 1
+    batch["input_ids"][0, 0] = token
+    with torch.no_grad():
+        model.embed.weight[token] = 3e38  # finite in float32; its square is not
+    return batch
+
+
+def test_a_record_with_a_non_finite_gradient_contributes_nothing():
+    torch.manual_seed(12)
+    model = _TinyClassifier()
+    batch = _poisoned(model, _batch("classification", torch.Generator().manual_seed(12)))
+    clipper = PerExampleClipper(model, 0.5, classification_loss)
+    result = clipper.clipped_grad_sum(batch)
+    assert not torch.isfinite(result.per_example_norms[0]), "the attack must produce a non-finite gradient"
+    assert torch.isfinite(result.per_example_norms[1:]).all()
+    others = clipper.clipped_grad_sum({key: value[1:] for key, value in batch.items()})
+    for name, grad in result.grads.items():
+        assert torch.isfinite(grad).all()
+        torch.testing.assert_close(grad, others.grads[name], rtol=1e-5, atol=1e-7)
+    assert result.count == BATCH
+
+
+def test_the_noised_step_stays_finite_under_the_attack():
+    torch.manual_seed(13)
+    model = _TinyClassifier()
+    batch = _poisoned(model, _batch("classification", torch.Generator().manual_seed(13)))
+    clipper = PerExampleClipper(model, 0.5, classification_loss)
+    step = DPSGDStep(model, clipper, torch.optim.SGD(clipper.params.values(), lr=0.1), 1.0, 0.5, 6.0, 2)
+    grads, _ = step.noisy_gradient(batch)
+    assert all(torch.isfinite(grad).all() for grad in grads.values())

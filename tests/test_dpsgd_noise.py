@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from agent.dpsgd.noise import gaussian_noise_like, secure_standard_normal
+from agent.dpsgd.noise import gaussian_noise_like
+from agent.dpsgd.randomness import InsecureSeededRandom, SecureRandom
 
 DRAWS = 100_000
 STD = 0.7
@@ -26,36 +27,36 @@ def _grads():
     return {"a": torch.zeros(DRAWS // 2), "b": torch.zeros(50, DRAWS // 100)}
 
 
-@pytest.mark.parametrize("secure", [False, True])
-def test_noise_has_the_requested_scale_and_shape(secure):
-    noise = gaussian_noise_like(_grads(), STD, generator=torch.Generator().manual_seed(0), secure=secure)
+@pytest.mark.parametrize("source", [InsecureSeededRandom(0), SecureRandom()], ids=["seeded", "secure"])
+def test_noise_has_the_requested_scale_and_shape(source):
+    noise = gaussian_noise_like(_grads(), STD, source)
     assert noise["a"].shape == (DRAWS // 2,) and noise["b"].shape == (50, DRAWS // 100)
     assert all(n.dtype == torch.float32 for n in noise.values())
     _check_gaussian(torch.cat([n.reshape(-1) for n in noise.values()]), STD)
 
 
 def test_the_scale_test_can_fail():
-    noise = gaussian_noise_like(_grads(), STD * 1.03, generator=torch.Generator().manual_seed(0))
+    noise = gaussian_noise_like(_grads(), STD * 1.03, InsecureSeededRandom(0))
     with pytest.raises(AssertionError):
         _check_gaussian(torch.cat([n.reshape(-1) for n in noise.values()]), STD)
 
 
 def test_seeded_noise_is_reproducible():
-    first = gaussian_noise_like(_grads(), STD, generator=torch.Generator().manual_seed(5))
-    second = gaussian_noise_like(_grads(), STD, generator=torch.Generator().manual_seed(5))
+    first = gaussian_noise_like(_grads(), STD, InsecureSeededRandom(5))
+    second = gaussian_noise_like(_grads(), STD, InsecureSeededRandom(5))
     assert all(torch.equal(first[name], second[name]) for name in first)
 
 
-def test_secure_noise_differs_across_calls_and_ignores_the_generator():
-    first = gaussian_noise_like(_grads(), STD, generator=torch.Generator().manual_seed(5), secure=True)
-    second = gaussian_noise_like(_grads(), STD, generator=torch.Generator().manual_seed(5), secure=True)
+def test_secure_noise_is_the_default_and_differs_across_calls():
+    first = gaussian_noise_like(_grads(), STD)
+    second = gaussian_noise_like(_grads(), STD)
     assert not torch.equal(first["a"], second["a"])
     # independent draws: their difference has std sqrt(2) * STD
     _check_gaussian(first["a"] - second["a"], math.sqrt(2) * STD)
 
 
 def test_secure_standard_normal_tails_and_odd_counts():
-    sample = secure_standard_normal(200_001)
+    sample = SecureRandom().standard_normal(200_001)
     assert sample.shape == (200_001,) and sample.dtype == torch.float32
     beyond_two = (sample.abs() > 2).double().mean().item()
     assert beyond_two == pytest.approx(math.erfc(2 / math.sqrt(2)), abs=0.003)
@@ -63,8 +64,8 @@ def test_secure_standard_normal_tails_and_odd_counts():
 
 def test_noise_follows_the_gradient_dtype_and_zero_std_is_zero():
     grads = {"w": torch.zeros(4, 3, dtype=torch.bfloat16)}
-    assert gaussian_noise_like(grads, 1.0, secure=True)["w"].dtype == torch.bfloat16
+    assert gaussian_noise_like(grads, 1.0)["w"].dtype == torch.bfloat16
     assert not gaussian_noise_like(grads, 0.0)["w"].any()
-    assert gaussian_noise_like({"empty": torch.zeros(0, 3)}, 1.0, secure=True)["empty"].shape == (0, 3)
+    assert gaussian_noise_like({"empty": torch.zeros(0, 3)}, 1.0)["empty"].shape == (0, 3)
     with pytest.raises(ValueError):
         gaussian_noise_like(grads, -1.0)

@@ -1,5 +1,6 @@
 """Poisson sampling is what the accountant assumes: batch sizes ~ Binomial(N, q), independent inclusion,
-empty batches allowed, exactly the requested number of steps, reproducible from a seed."""
+empty batches allowed, exactly the requested number of steps, reproducible from a seed (insecure mode), the
+rate executed known exactly and never below the rate requested."""
 
 import math
 
@@ -9,11 +10,13 @@ import torch
 from scipy import stats
 
 from accountant.errors import InvalidInputError
+from accountant.sampling import executable_sampling_rate
+from agent.dpsgd.randomness import InsecureSeededRandom, SecureRandom
 from agent.sampler import PoissonSampler
 
 
 def _batch_sizes(num_examples, rate, steps, seed=0):
-    sampler = PoissonSampler(num_examples, rate, steps, torch.Generator().manual_seed(seed))
+    sampler = PoissonSampler(num_examples, rate, steps, InsecureSeededRandom(seed))
     return np.array([len(indices) for indices in sampler])
 
 
@@ -36,7 +39,7 @@ def test_batch_sizes_follow_the_binomial_distribution():
 
 def test_every_example_joins_independently_with_probability_q():
     n, q, steps = 50, 0.2, 3000
-    sampler = PoissonSampler(n, q, steps, torch.Generator().manual_seed(1))
+    sampler = PoissonSampler(n, q, steps, InsecureSeededRandom(1))
     joins = np.zeros((steps, n), dtype=bool)
     for step, indices in enumerate(sampler):
         joins[step, indices.numpy()] = True
@@ -56,9 +59,9 @@ def test_empty_batches_occur_at_the_rate_of_the_binomial():
 
 
 def test_batches_are_sorted_unique_in_range_and_reproducible():
-    first = list(PoissonSampler(100, 0.1, 50, torch.Generator().manual_seed(7)))
-    second = list(PoissonSampler(100, 0.1, 50, torch.Generator().manual_seed(7)))
-    other = list(PoissonSampler(100, 0.1, 50, torch.Generator().manual_seed(8)))
+    first = list(PoissonSampler(100, 0.1, 50, InsecureSeededRandom(7)))
+    second = list(PoissonSampler(100, 0.1, 50, InsecureSeededRandom(7)))
+    other = list(PoissonSampler(100, 0.1, 50, InsecureSeededRandom(8)))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert any(not torch.equal(a, b) for a, b in zip(first, other))
     for indices in first:
@@ -74,7 +77,60 @@ def test_steps_executed_equal_steps_requested():
     assert sum(1 for _ in PoissonSampler(10, 0.5, 0)) == 0
 
 
-@pytest.mark.parametrize("args", [(0, 0.1, 1), (10, 0.0, 1), (10, 1.5, 1), (10, 0.1, -1), (10, 0.1, 1.5)])
+@pytest.mark.parametrize("args", [(0, 0.1, 1), (10, 0.0, 1), (10, 1.5, 1), (10, 0.1, -1), (10, 0.1, 1.5), (10, float("nan"), 1)])
 def test_invalid_parameters_are_refused(args):
     with pytest.raises(InvalidInputError):
         PoissonSampler(*args)
+
+
+class _Feed:
+    """A source that hands out chosen 53-bit draws, to pin the inclusion rule down exactly."""
+
+    name, secure = "feed", False
+
+    def __init__(self, draws):
+        self.draws = torch.tensor(draws, dtype=torch.int64)
+
+    def uniform_bits(self, count):
+        assert count == len(self.draws)
+        return self.draws
+
+
+def test_an_example_joins_exactly_when_its_draw_is_below_the_threshold():
+    q = 1e-12
+    sampler = PoissonSampler(5, q, 1, _Feed([0, 9007, 9008, 2**53 - 1, 9006]))
+    threshold = math.ceil(q * 2**53)
+    assert threshold == 9008 and sampler.threshold == threshold
+    (indices,) = list(sampler)
+    assert indices.tolist() == [0, 1, 4]
+    # The rate executed is threshold / 2^53 exactly, and that is what must be accounted.
+    assert sampler.executed_rate == threshold / 2**53 == executable_sampling_rate(q)
+    assert q <= sampler.executed_rate < q * (1 + 1e-3)
+
+
+def test_a_tiny_requested_rate_is_not_silently_raised_to_a_coarse_grid():
+    """The attack: torch.rand's 24-bit grid ran q = 1e-12 at 2^-24 (about 6e-8) while q was accounted. The
+    rate executed now stays within one part in 10^3 of the request, and is the one reported."""
+    q = 1e-12
+    assert executable_sampling_rate(q) < 2.0**-24 / 1000
+    old_grid_rate = math.ceil(q * 2**24) / 2**24
+    assert old_grid_rate > 5e4 * q  # what the old sampler really ran
+
+
+@pytest.mark.parametrize("q", [0.5, 0.25, 2.0**-40, 1.0])
+def test_rates_on_the_grid_are_executed_as_requested(q):
+    assert executable_sampling_rate(q) == q
+
+
+def test_rates_off_the_grid_are_rounded_up_never_down():
+    for q in (64 / 11477, 1 / 3, 0.1, 1e-7, 3e-300):
+        executed = executable_sampling_rate(q)
+        assert executed >= q and executed - q <= 2.0**-53
+
+
+def test_secure_sampling_has_the_requested_rate():
+    n, q, steps = 2000, 0.05, 400
+    sizes = np.array([len(indices) for indices in PoissonSampler(n, q, steps, SecureRandom())])
+    assert abs(sizes.mean() - n * q) < 5 * math.sqrt(n * q * (1 - q) / steps)
+    first, second = list(PoissonSampler(n, q, 2, SecureRandom())), list(PoissonSampler(n, q, 2, SecureRandom()))
+    assert not torch.equal(first[0], second[0])  # nothing replays across samplers

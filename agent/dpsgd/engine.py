@@ -2,7 +2,8 @@
 
 ``PerExampleClipper.clipped_grad_sum(batch)`` returns sum_i c_i g_i over the examples of a micro-batch,
 where g_i is example i's gradient of the trainable parameters and c_i = min(1, C / (||g_i|| + 1e-6)) (the
-Opacus convention; Abadi et al. 2016, Algorithm 1, clip step, with a guard against division by zero).
+Opacus convention; Abadi et al. 2016, Algorithm 1, clip step, with a guard against division by zero); an
+example whose loss or gradient norm is not finite has c_i = 0 and contributes nothing.
 
 How (Bu et al. 2023, "Differentially private optimization on large model at small cost", Algorithm 1):
 1. Forward hooks keep every call of a module that owns trainable parameters: its input and its output.
@@ -159,12 +160,32 @@ class PerExampleClipper:
                 norms_squared += squares
             del grams
             norms = norms_squared.sqrt()
-            factors = (self.clip_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
-            scaled = RecentCache()
-            grads = {  # pop: each layer's activations and output gradients are freed once summed
-                name: weighted_sum(uses.pop(name), factors, p.dtype, instantiated.pop(name), scaled)
-                if name in uses
-                else torch.zeros_like(p)
-                for name, p in self.params.items()
-            }
+            usable = torch.isfinite(norms) & torch.isfinite(losses.detach())
+            grads = self._weighted_sums(uses, instantiated, norms) if bool(usable.all()) else None
+        if grads is None:
+            del uses, instantiated
+            return self._sum_of_usable(batch, usable, norms)
         return ClippedSum(grads, norms, float(losses.detach().sum()), size)
+
+    def _weighted_sums(self, uses, instantiated, norms: torch.Tensor) -> dict[str, torch.Tensor]:
+        """sum_i c_i g_i per parameter, with c_i = min(1, C / (||g_i|| + 1e-6))."""
+        factors = (self.clip_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
+        scaled = RecentCache()
+        return {  # pop: each layer's activations and output gradients are freed once summed
+            name: weighted_sum(uses.pop(name), factors, p.dtype, instantiated.pop(name), scaled)
+            if name in uses
+            else torch.zeros_like(p)
+            for name, p in self.params.items()
+        }
+
+    def _sum_of_usable(self, batch: Mapping[str, torch.Tensor], usable: torch.Tensor, norms: torch.Tensor) -> ClippedSum:
+        """The clipped sum over the examples whose loss and gradient norm are finite; the others contribute
+        zero, as if clipped to norm 0. Multiplying a NaN gradient by a zero factor would still give NaN, and one
+        NaN makes the whole noised sum NaN, a release that says whether that record is present (weights chosen
+        by a coordinator can arrange it). So the usable examples are recomputed on their own, and the sum's
+        sensitivity stays at most C per record whatever the weights."""
+        keep = usable.nonzero(as_tuple=True)[0]
+        if keep.numel() == 0:
+            return ClippedSum(self.zero_grads(), norms, 0.0, batch_size_of(batch))
+        inner = self.clipped_grad_sum({key: value[keep] for key, value in batch.items()})
+        return ClippedSum(inner.grads, norms, inner.loss_sum, batch_size_of(batch))

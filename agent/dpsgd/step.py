@@ -18,6 +18,7 @@ import torch
 
 from agent.dpsgd.engine import PerExampleClipper, batch_size_of
 from agent.dpsgd.noise import add_gaussian_noise_
+from agent.dpsgd.randomness import RandomSource, SecureRandom
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ def split_batch(batch: Mapping[str, torch.Tensor], size: int) -> list[dict[str, 
 
 
 class DPSGDStep:
-    """Clip, sum, noise once, scale by 1/(expected batch size), then ``optimizer.step()``."""
+    """Clip, sum, noise once, scale by 1/(expected batch size), then ``optimizer.step()``. The noise comes from
+    ``noise_source``: the operating system's secure source unless a test passes a seeded one."""
 
     def __init__(
         self,
@@ -49,8 +51,7 @@ class DPSGDStep:
         clip_norm: float,
         expected_batch_size: float,
         physical_batch_size: int,
-        generator: torch.Generator | None = None,
-        secure_noise: bool = False,
+        noise_source: RandomSource | None = None,
     ):
         if not noise_multiplier >= 0:
             raise ValueError(f"noise_multiplier must be non-negative, got {noise_multiplier}")
@@ -67,8 +68,7 @@ class DPSGDStep:
         self.clip_norm = float(clip_norm)
         self.expected_batch_size = float(expected_batch_size)
         self.physical_batch_size = int(physical_batch_size)
-        self.generator = generator
-        self.secure_noise = secure_noise
+        self.noise_source = noise_source or SecureRandom()
 
     def noisy_gradient(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], StepStats]:
         """(sum of clipped gradients + noise) / expected batch size, and the step's statistics.
@@ -88,7 +88,7 @@ class DPSGDStep:
         if sums is None:
             sums = self.clipper.zero_grads()
         std = self.noise_multiplier * self.clip_norm
-        add_gaussian_noise_(sums, std, generator=self.generator, secure=self.secure_noise)
+        add_gaussian_noise_(sums, std, self.noise_source)
         for grad in sums.values():
             grad.div_(self.expected_batch_size)
         norms = torch.cat(norms) if norms else torch.zeros(0)

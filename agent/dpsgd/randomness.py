@@ -1,0 +1,97 @@
+"""Where the randomness of a private release comes from: the operating system's secure source, or, for tests
+and benchmarks only, a seeded generator whose name says that it is insecure.
+
+Both the batches (who is sampled) and the noise must be unpredictable: whoever can predict the noise subtracts
+it, and whoever knows who was sampled loses the amplification by subsampling that the accountant credits.
+
+:class:`SecureRandom` draws every call's bytes from AES-256 in counter mode under a fresh 256-bit key and nonce
+from ``os.urandom`` (a block-cipher keystream, the core of NIST SP 800-90A's CTR_DRBG, here without reseeding
+since every call is freshly keyed). Normals come from the Box-Muller transform (Box & Muller 1958), with the
+radius from 53-bit uniforms in float64, so the tails are exact to 8.6 standard deviations (mass beyond: 1e-17),
+and the angle from 32-bit uniforms; they are rounded to float32. This protects the noise from being predicted;
+it is no defence against floating-point attacks on the rounded samples (Mironov 2012; Jin et al. 2022, "Are we
+there yet? Timing and floating-point attacks on DP systems"), which no mainstream DP-SGD library addresses either.
+
+:class:`InsecureSeededRandom` is reproducible from its seed, and therefore predictable: the agent daemon refuses
+it, and a local run that uses it says so in its results.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Protocol
+
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from accountant.sampling import RATE_BITS
+
+_BITS_MASK = (1 << RATE_BITS) - 1
+_UNIFORM_SCALE = 2.0**-53
+_ANGLE_SCALE = 2.0 * math.pi / 2.0**32
+
+
+class RandomSource(Protocol):
+    """What the sampler and the noise draw from."""
+
+    name: str  # recorded with every run: "os-secure" or "insecure-seeded"
+    secure: bool
+
+    def uniform_bits(self, count: int) -> torch.Tensor:
+        """``count`` independent uniform integers in [0, 2^53), int64."""
+
+    def standard_normal(self, count: int) -> torch.Tensor:
+        """``count`` independent N(0, 1) draws, float32."""
+
+
+def _keystream(count: int) -> bytearray:
+    """``count`` bytes of AES-256-CTR keystream under a fresh key and nonce from os.urandom."""
+    encryptor = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
+    return bytearray(encryptor.update(bytes(count)))
+
+
+def _bits53(words: torch.Tensor) -> torch.Tensor:
+    return (words >> 11) & _BITS_MASK
+
+
+class SecureRandom:
+    """Randomness from the operating system's secure source (see the module docstring)."""
+
+    name = "os-secure"
+    secure = True
+
+    def uniform_bits(self, count: int) -> torch.Tensor:
+        if count == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        return _bits53(torch.frombuffer(_keystream(8 * count), dtype=torch.int64, count=count))
+
+    def standard_normal(self, count: int) -> torch.Tensor:
+        """Box-Muller: per pair, a 53-bit uniform u in (0, 1) gives the radius sqrt(-2 ln u) in float64, a
+        32-bit uniform gives the angle; cos and sin of the angle give two normals."""
+        if count == 0:
+            return torch.zeros(0)
+        pairs = (count + 1) // 2
+        raw = _keystream(12 * pairs)
+        words = torch.frombuffer(raw, dtype=torch.int64, count=pairs)
+        uniforms = _bits53(words).double().add_(0.5).mul_(_UNIFORM_SCALE)
+        radius = uniforms.log_().mul_(-2.0).sqrt_().float()
+        angle = torch.frombuffer(raw, dtype=torch.int32, offset=8 * pairs).float().mul_(_ANGLE_SCALE)
+        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
+
+
+class InsecureSeededRandom:
+    """A seeded torch generator: reproducible, hence predictable. For tests and benchmarks only."""
+
+    name = "insecure-seeded"
+    secure = False
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def uniform_bits(self, count: int) -> torch.Tensor:
+        return torch.randint(0, 1 << RATE_BITS, (count,), generator=self.generator, dtype=torch.int64)
+
+    def standard_normal(self, count: int) -> torch.Tensor:
+        return torch.randn(count, generator=self.generator, dtype=torch.float32)

@@ -9,9 +9,12 @@ Flower starts for every message is ready in about a second (no torch, no transfo
 Replies (the federation contract):
 - query: ``ConfigRecord`` "description" (holder_id, dataset_size, budget, spent certified epsilon, public key, model id...);
 - train: ``ArrayRecord`` "arrays", ``ConfigRecord`` "receipt" {"document": signed receipt as JSON text},
-  ``MetricRecord`` "metrics" (loss, examples, steps, seconds);
-- evaluate: ``MetricRecord`` "metrics" (accuracy, f1, loss, num_examples);
-- a refusal or failure: a Flower ``Error`` whose reason is the daemon's.
+  ``MetricRecord`` "metrics" (steps: the steps executed);
+- evaluate (the message carries ``ConfigRecord`` "config" {run_id, round}): ``MetricRecord`` "metrics"
+  (accuracy, f1, num_examples, noise_multiplier), computed from a noised confusion matrix and charged to the
+  holder's ledger, only when the holder's policy opts in to private evaluation; otherwise a refusal;
+- a refusal or failure: a Flower ``Error`` whose reason is the daemon's (generic for failures after work on
+  the data began).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ _STATUS_CODES = {
     "INVALID_ARGUMENT": INVALID,
     "UNAVAILABLE": UNAVAILABLE,
     "DEADLINE_EXCEEDED": UNAVAILABLE,
+    "RESOURCE_EXHAUSTED": INVALID,  # a message over the daemon's size limit
 }
 
 app = ClientApp()
@@ -56,7 +60,7 @@ def _forwarded(handler: Callable[[DaemonClient, Message], RecordDict]):
                 content = handler(daemon, msg)
         except DaemonError as failure:
             return Message(Error(code=_STATUS_CODES.get(failure.status, FAILED), reason=failure.reason), reply_to=msg)
-        except Exception as failure:  # noqa: BLE001 - a reply with the reason beats a crashed ClientApp
+        except Exception as failure:  # noqa: BLE001 - a reply beats a crashed ClientApp; no data reaches here
             return Message(Error(code=FAILED, reason=f"{type(failure).__name__}: {failure}"), reply_to=msg)
         return Message(content, reply_to=msg)
 
@@ -95,7 +99,8 @@ def train(daemon: DaemonClient, msg: Message) -> RecordDict:
 @app.evaluate()
 @_forwarded
 def evaluate(daemon: DaemonClient, msg: Message) -> RecordDict:
-    metrics = daemon.evaluate(_numpy_arrays(msg.content["arrays"]))
+    config = dict(msg.content["config"]) if "config" in msg.content else {}
+    metrics = daemon.evaluate(_numpy_arrays(msg.content["arrays"]), config)
     return RecordDict({"metrics": MetricRecord(_metric_values(metrics))})
 
 

@@ -1,23 +1,32 @@
 """The agent daemon: the only process of a data holder that touches its data.
 
 Long-lived: the model and the data are loaded once (:class:`agent.training.LocalTrainer`); the daemon also
-holds the holder's policy, its own ledger and its Ed25519 key. For every round plan it (DESIGN.md, one round):
+holds the holder's policy, its own ledger and its Ed25519 key. For every round plan it:
 
-1. checks the plan against the policy (model, clip norm, steps per round);
-2. computes its own noise floor for the plan's (q, steps) with the certified calibration, and refuses a
-   smaller sigma;
-3. refuses a plan whose certified epsilon, composed with everything committed or reserved in its ledger,
-   would exceed its lifetime budget;
-4. reserves the planned event in its ledger, trains, commits the executed event (or aborts when nothing was
-   released), and returns the update with a receipt signed by its key.
+1. checks the plan against the policy (model, clip norm, steps, the floors on sigma and on the expected batch)
+   and the weights against the model (names, shapes, each parameter's own dtype, finite values);
+2. accounts the sampling rate the sampler will actually execute (the requested rate rounded up to the 2^-53
+   grid, :mod:`accountant.sampling`), never the one requested;
+3. refuses a plan whose round alone exceeds the policy's per-round certified epsilon (its noise floor), or
+   whose certified epsilon, composed with everything committed or reserved in its ledger, would exceed the
+   lifetime budget;
+4. reserves the planned event in its ledger, trains, commits the executed event, and returns the update
+   with a receipt signed by its key. The update leaves only when it is finite.
 
-Requests are served one at a time. A refusal raises :class:`agent.policy.PlanRefused` before anything is
-written, so a refused plan charges nothing.
+What leaves the holder: the noised update, its receipt, the number of steps executed, and the public
+metadata of Describe (the data set size N, rounded if the policy says so; the budget and spend). Nothing
+measured from the data without noise leaves: not the training loss, not the sampled batch sizes, not the
+time a round took (it tracks the batch sizes). Evaluation metrics leave only when the policy opts in to
+private evaluation: a noised confusion matrix, charged to the ledger (:mod:`agent.evaluation`).
+
+A refusal raises :class:`agent.policy.PlanRefused` before anything is written, so it charges nothing. A
+failure after a step ran charges the steps that ran (their privacy is spent whatever becomes of the
+update) and answers with a generic :class:`agent.rpc.RequestFailed`; the detail stays in the holder's log,
+since an error text can depend on the data. Requests are served one at a time.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import math
@@ -25,47 +34,58 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
+from accountant.certified import certified_epsilon
 from accountant.errors import InvalidInputError
 from accountant.events import PoissonGaussianEvent
 from accountant.ledger import Ledger
 from accountant.receipts import Receipt, sign_receipt, update_digest
+from accountant.sampling import executable_sampling_rate
 from accountant.signing import SigningKey, canonical_json
+from agent.dpsgd.randomness import SecureRandom
 from agent.policy import AgentConfig, HolderPolicy, PlanRefused, RoundPlan
-from agent.rpc import DaemonUnavailable
+from agent.rpc import DaemonUnavailable, RequestFailed
 
 log = logging.getLogger(__name__)
 
-# What a train reply may carry besides the noised update: figures that do not depend on the records. The
-# training loss and the number of records Poisson-sampled are computed from the data without noise, so they
-# stay in the holder's log and never leave with the update.
-RELEASED_TRAINING_METRICS = ("steps", "seconds")
+# What a train reply carries besides the noised update and its receipt. The steps executed are the plan's
+# unless the daemon was stopping; the training loss, the sampled-record count and the training time are
+# computed from the data without noise, so they stay in the holder's log.
+RELEASED_TRAINING_METRICS = ("steps",)
+
+# Recorded in every commit: the randomness of the release, and the public metadata that left with it.
+RANDOMNESS = SecureRandom.name
+EVALUATION_PURPOSE = "evaluation"
 
 
 @dataclass(frozen=True)
 class TrainReply:
     arrays: dict[str, np.ndarray]  # the noised trainable weights after the round
     receipt: dict[str, Any]  # the signed receipt document
-    metrics: dict[str, float]  # RELEASED_TRAINING_METRICS and daemon_seconds
+    metrics: dict[str, float]  # RELEASED_TRAINING_METRICS
 
 
 class Daemon:
     """Serves one holder. ``trainer`` is a :class:`agent.training.LocalTrainer` (or anything with its
-    ``model_id``, ``dataset_size``, ``trainable_state``, ``load_trainable_state``, ``train``, ``evaluate``)."""
+    ``model_id``, ``dataset_size``, ``record_count``, ``randomness``, ``trainable_state``,
+    ``load_trainable_state``, ``train``, ``confusion_matrix``)."""
 
     def __init__(self, holder_id: str, policy: HolderPolicy, trainer: Any, ledger: Ledger, key: SigningKey):
         if ledger.writer_id != holder_id:
             raise InvalidInputError(f"ledger {ledger.path} belongs to {ledger.writer_id!r}, not {holder_id!r}")
         if ledger.public_key_text != key.public_key_text:
             raise InvalidInputError(f"the signing key is not the writer key of ledger {ledger.path}")
+        if getattr(trainer, "randomness", None) != RANDOMNESS:
+            raise InvalidInputError("the agent daemon draws batches and noise only from the operating system's secure source")
         _check_budget_matches(policy, ledger, holder_id)
+        _check_delta(policy.budget_delta, trainer.record_count)
         policy.check_model(trainer.model_id)
         self.holder_id, self.policy, self.trainer, self.ledger, self.key = holder_id, policy, trainer, ledger, key
-        self._shapes = {name: tuple(tensor.shape) for name, tensor in trainer.trainable_state().items()}
+        self._parameters = {name: (tuple(t.shape), _wire_dtype(t.dtype)) for name, t in trainer.trainable_state().items()}
         self._work = threading.Lock()  # one training or evaluation at a time
         self._ledger_lock = threading.Lock()  # describe reads while train writes
         self._stopping = threading.Event()
@@ -78,16 +98,17 @@ class Daemon:
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> "Daemon":
-        """Open (or create, with a genesis recording the budget) the ledger, then load model and data."""
+        """Open the ledger made by ``ewtune agent init`` (a missing one is an error, never a fresh budget),
+        then load model and data."""
         from agent.training import LocalTrainer, TrainingConfig
 
         key = SigningKey.load(config.signing_key)
-        if config.ledger_path.exists():
-            ledger = Ledger.open(config.ledger_path, key)
-        else:
-            config.ledger_path.parent.mkdir(parents=True, exist_ok=True)
-            budget = {"budget_epsilon": config.policy.budget_epsilon, "budget_delta": config.policy.budget_delta}
-            ledger = Ledger.create(config.ledger_path, key, config.holder_id, budget)
+        if not config.ledger_path.exists():
+            raise InvalidInputError(
+                f"ledger {config.ledger_path} does not exist: create it once with `ewtune agent init --config "
+                "agent.toml` (a missing ledger is never replaced by a new one, which would restore a full budget)"
+            )
+        ledger = Ledger.open(config.ledger_path, key, head_path=config.ledger_head)
         try:
             try:
                 training = TrainingConfig(**config.training)
@@ -104,9 +125,10 @@ class Daemon:
         with self._ledger_lock:
             spend = self.ledger.spend(self.holder_id)
             open_reservations = len(self.ledger.open_reservations(self.holder_id))
+        policy = self.policy
         description = {
             "holder_id": self.holder_id,
-            "dataset_size": int(self.trainer.dataset_size),
+            "dataset_size": self.released_dataset_size,
             "budget_epsilon": spend.budget_epsilon,
             "budget_delta": spend.budget_delta,
             "spent_epsilon_certified": spend.epsilon_certified,
@@ -114,13 +136,21 @@ class Daemon:
             "open_reservations": open_reservations,
             "public_key": self.key.public_key_text,
             "model_id": self.trainer.model_id,
-            "min_clip_norm": self.policy.min_clip_norm,
-            "max_clip_norm": self.policy.max_clip_norm,
-            "max_steps_per_round": self.policy.max_steps_per_round,
+            "min_clip_norm": policy.min_clip_norm,
+            "max_clip_norm": policy.max_clip_norm,
+            "max_steps_per_round": policy.max_steps_per_round,
+            "min_expected_batch": policy.min_expected_batch,
+            "min_noise_multiplier": policy.min_noise_multiplier,
+            "evaluation": policy.evaluation,
         }
         if spend.epsilon_edgeworth is not None:
             description["spent_epsilon_edgeworth_estimate"] = spend.epsilon_edgeworth
         return description
+
+    @property
+    def released_dataset_size(self) -> int:
+        """N as Describe releases it: public metadata (the FedAvg weight), rounded as the policy says."""
+        return self.policy.released_dataset_size(int(self.trainer.dataset_size))
 
     def health(self) -> dict[str, Any]:
         return {
@@ -132,39 +162,44 @@ class Daemon:
 
     def train(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> TrainReply:
         with self._work:
-            started = time.perf_counter()
             self._refuse_if_stopping()
             plan = RoundPlan.from_config(config)
             self.policy.check_plan(plan, self.trainer.model_id)
+            if plan.delta is not None:
+                _check_delta(plan.delta, self.trainer.record_count)
             state = self._state_from_arrays(arrays)
-            planned = PoissonGaussianEvent(plan.sampling_rate, plan.noise_multiplier, plan.steps)
-            self._check_noise_floor(plan)
+            planned = self.planned_event(plan)
+            self._check_round_epsilon(planned)
             with self._ledger_lock:
                 self._check_budget(planned)
                 reservation = self.ledger.reserve(self.holder_id, plan.run_id, plan.round, planned)
-            reply = self._train_reserved(plan, state, reservation)
-            reply.metrics["daemon_seconds"] = time.perf_counter() - started
-            log.info(
-                "round %d of run %s: %d steps committed (reservation %d); %.2f s training, %.2f s in the daemon",
-                plan.round, plan.run_id, reply.metrics["steps"], reservation,
-                reply.metrics.get("seconds", math.nan), reply.metrics["daemon_seconds"],
-            )
+            reply = self._train_reserved(plan, planned, state, reservation)
+            log.info("round %d of run %s: %d steps committed (reservation %d)", plan.round, plan.run_id,
+                     reply.metrics["steps"], reservation)
             return reply
 
-    def evaluate(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
-        """Metrics of ``arrays`` on the held-out split; the trainer's own weights are restored afterwards."""
-        if not self.policy.release_evaluation_metrics:
-            raise PlanRefused("this holder's policy does not release evaluation metrics")
+    def planned_event(self, plan: RoundPlan) -> PoissonGaussianEvent:
+        """The event the plan will execute: the rate the sampler realises, checked against the batch floor."""
+        rate = executable_sampling_rate(plan.sampling_rate)
+        self.policy.check_sampling(rate, int(self.trainer.dataset_size))
+        return PoissonGaussianEvent(rate, plan.noise_multiplier, plan.steps)
+
+    def evaluate(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Private evaluation of ``arrays`` on the held-out split (policy ``evaluation = "private"``): the
+        confusion matrix noised and charged to the ledger as one Gaussian-mechanism event; at most
+        ``max_evaluations_per_run`` per run. The trainer's own weights are restored afterwards."""
+        if self.policy.evaluation != "private":
+            raise PlanRefused('this holder releases no evaluation metrics (its policy has evaluation = "none")')
+        run_id, round = _evaluation_request(config)
+        event = PoissonGaussianEvent(1.0, self.policy.evaluation_noise_multiplier, 1)
         with self._work:
             self._refuse_if_stopping()
             state = self._state_from_arrays(arrays)
-            saved = {name: tensor.detach().clone() for name, tensor in self.trainer.trainable_state().items()}
-            try:
-                self.trainer.load_trainable_state(state)
-                metrics = self.trainer.evaluate()
-            finally:
-                self.trainer.load_trainable_state(saved)
-        return {name: float(value) for name, value in metrics.items()}
+            with self._ledger_lock:
+                self._check_evaluations_left(run_id)
+                self._check_budget(event)
+                reservation = self.ledger.reserve(self.holder_id, run_id, round, event)
+            return self._evaluate_reserved(state, event, reservation)
 
     def request_stop(self) -> None:
         """Refuse new work and end a running training at its next step (its executed steps are committed)."""
@@ -178,18 +213,16 @@ class Daemon:
 
     # -- the steps of a round ------------------------------------------------------------------------------
 
-    def noise_floor(self, sampling_rate: float, steps: int) -> float:
-        """The daemon's own sigma for one round of (q, steps): the certified calibration of that round alone
-        to the policy's per-round epsilon (default: the whole budget) at the budget's delta."""
-        return _calibrated_sigma(self.policy.round_epsilon, self.policy.budget_delta, sampling_rate, steps)
-
-    def _check_noise_floor(self, plan: RoundPlan) -> None:
-        floor = self.noise_floor(plan.sampling_rate, plan.steps)
-        if plan.noise_multiplier < floor:
+    def _check_round_epsilon(self, planned: PoissonGaussianEvent) -> None:
+        """The daemon's own noise floor: this round alone within the policy's per-round certified epsilon.
+        One epsilon evaluation, not a calibration: a sigma is above the floor exactly when the round's
+        epsilon is within the cap (epsilon falls as sigma grows), and the cost stays bounded whatever q."""
+        epsilon = certified_epsilon(planned, self.policy.budget_delta)
+        if epsilon > self.policy.round_epsilon:
             raise PlanRefused(
-                f"noise multiplier {plan.noise_multiplier:.6g} is below this holder's own {floor:.6g} for "
-                f"q={plan.sampling_rate:g}, {plan.steps} steps (certified epsilon {self.policy.round_epsilon:g} "
-                f"per round at delta {self.policy.budget_delta:g})"
+                f"noise multiplier {planned.noise_multiplier:.6g} is below this holder's own floor for "
+                f"q={planned.sampling_rate:.6g}, {planned.steps} steps: this round alone would have certified "
+                f"epsilon {epsilon:.6g} > {self.policy.round_epsilon:g} per round at delta {self.policy.budget_delta:g}"
             )
 
     def _check_budget(self, planned: PoissonGaussianEvent) -> None:
@@ -201,38 +234,88 @@ class Daemon:
                 f"{self.ledger.spend(self.holder_id).epsilon_certified:.6g}"
             )
 
-    def _train_reserved(self, plan: RoundPlan, state: dict[str, torch.Tensor], reservation: int) -> TrainReply:
-        from agent.training import StepPlan
+    def _train_reserved(self, plan: RoundPlan, planned: PoissonGaussianEvent, state: dict[str, torch.Tensor],
+                        reservation: int) -> TrainReply:
+        from agent.training import StepPlan, TrainingFailed
 
-        step_plan = StepPlan(plan.steps, plan.sampling_rate, plan.noise_multiplier, plan.clip_norm, plan.learning_rate)
+        step_plan = StepPlan(plan.steps, planned.sampling_rate, plan.noise_multiplier, plan.clip_norm, plan.learning_rate)
         try:
             self.trainer.load_trainable_state(state)
             result = self.trainer.train(step_plan, should_stop=self._stopping.is_set)
-            if result.event is None:
-                raise DaemonUnavailable("the daemon is stopping: no step ran and nothing was released")
-            update = {name: _to_numpy(tensor) for name, tensor in result.trainable_state.items()}
-            receipt = Receipt(plan.run_id, plan.round, self.holder_id, result.event, update_digest(update))
-            document = sign_receipt(self.key, receipt)
+        except TrainingFailed as failure:
+            self._charge_failure(reservation, failure.event, failure.cause)
         except BaseException as failure:
+            self._charge_failure(reservation, None, failure)
+        if result.event is None:
             with self._ledger_lock:
-                self.ledger.abort(reservation, f"no update released: {type(failure).__name__}: {failure}"[:500])
-            raise
+                self.ledger.abort(reservation, "the daemon stopped before the first step: nothing was released")
+            raise DaemonUnavailable("the daemon is stopping: no step ran and nothing was released")
+        update = {name: _to_numpy(tensor) for name, tensor in result.trainable_state.items()}
+        if not all(np.isfinite(array).all() for array in update.values()):
+            self._charge_failure(reservation, result.event, ValueError("the update is not finite"))
+        receipt = Receipt(plan.run_id, plan.round, self.holder_id, result.event, update_digest(update))
+        document = sign_receipt(self.key, receipt)
         with self._ledger_lock:  # committed before the update leaves; a failed commit releases nothing
-            self.ledger.commit(
-                reservation,
-                result.event,
-                extra={"receipt_sha256": hashlib.sha256(canonical_json(document)).hexdigest()},
-            )
-        log.info("round %s: local training loss %.4f over %d examples (kept local)",
-                 plan.round, result.metrics.get("loss", math.nan), int(result.metrics.get("examples", 0)))
+            self.ledger.commit(reservation, result.event, extra={
+                "receipt_sha256": hashlib.sha256(canonical_json(document)).hexdigest(),
+                **self._release_facts(),
+            })
+        log.info("round %s: local training loss %.4f over %d examples in %.1f s (kept local)", plan.round,
+                 result.metrics.get("loss", math.nan), int(result.metrics.get("examples", 0)),
+                 result.metrics.get("seconds", math.nan))
         released = {name: float(result.metrics[name]) for name in RELEASED_TRAINING_METRICS if name in result.metrics}
         return TrainReply(update, document, released)
 
+    def _charge_failure(self, reservation: int, executed: PoissonGaussianEvent | None, cause: BaseException) -> NoReturn:
+        """Close the reservation of a failed round and raise the generic error: steps that ran are committed
+        (spent, though nothing was released), a failure before any step is aborted."""
+        log.error("reservation %d failed after %d step(s): %s: %s", reservation, executed.steps if executed else 0,
+                  type(cause).__name__, cause, exc_info=cause)
+        with self._ledger_lock:
+            if executed is None:
+                self.ledger.abort(reservation, "failed before the first step: nothing was released")
+            else:
+                self.ledger.commit(reservation, executed, extra={"released": False, "randomness": RANDOMNESS})
+        raise RequestFailed(
+            "the round failed; any steps that ran were charged to the holder's ledger (details in the holder's log)"
+        ) from None
+
+    def _evaluate_reserved(self, state: dict[str, torch.Tensor], event: PoissonGaussianEvent, reservation: int) -> dict[str, float]:
+        from agent.evaluation import private_metrics
+
+        saved = {name: tensor.detach().clone() for name, tensor in self.trainer.trainable_state().items()}
+        try:
+            self.trainer.load_trainable_state(state)
+            metrics = private_metrics(self.trainer.confusion_matrix(), event.noise_multiplier)
+        except BaseException as failure:
+            log.error("evaluation (reservation %d) failed: %s: %s", reservation, type(failure).__name__, failure)
+            with self._ledger_lock:
+                self.ledger.abort(reservation, "the evaluation failed: nothing was released")
+            raise RequestFailed("the evaluation failed; nothing was released (details in the holder's log)") from None
+        finally:
+            self.trainer.load_trainable_state(saved)
+        with self._ledger_lock:
+            self.ledger.commit(reservation, event, extra={"purpose": EVALUATION_PURPOSE, **self._release_facts()})
+        return metrics
+
+    def _release_facts(self) -> dict[str, Any]:
+        return {"randomness": RANDOMNESS, "public": {"dataset_size": self.released_dataset_size}}
+
+    def _check_evaluations_left(self, run_id: str) -> None:
+        done = _evaluations_of_run(self.ledger.entries, run_id)
+        if done >= self.policy.max_evaluations_per_run:
+            raise PlanRefused(
+                f"run {run_id!r} has had its {done} private evaluation(s); this holder allows "
+                f"{self.policy.max_evaluations_per_run} per run"
+            )
+
     def _state_from_arrays(self, arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """The global weights as tensors, refused unless they are exactly the trainable parameters."""
+        """The global weights as tensors, refused unless they are exactly the trainable parameters: the same
+        names and shapes, each parameter's own dtype (a float64 1e300 would become inf in a float32
+        parameter), finite values."""
         names = set(arrays)
-        if names != set(self._shapes):
-            missing, unknown = sorted(set(self._shapes) - names), sorted(names - set(self._shapes))
+        if names != set(self._parameters):
+            missing, unknown = sorted(set(self._parameters) - names), sorted(names - set(self._parameters))
             raise InvalidInputError(
                 f"the weights do not match this holder's trainable parameters (missing {missing[:3]}"
                 f"{'...' if len(missing) > 3 else ''}, unknown {unknown[:3]}{'...' if len(unknown) > 3 else ''})"
@@ -240,16 +323,24 @@ class Daemon:
         state = {}
         for name, array in arrays.items():
             array = np.asarray(array)
-            if tuple(array.shape) != self._shapes[name]:
-                raise InvalidInputError(f"weight {name!r} has shape {tuple(array.shape)}, expected {self._shapes[name]}")
-            if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
-                raise InvalidInputError(f"weight {name!r} must hold finite floating-point values")
+            shape, dtype = self._parameters[name]
+            if tuple(array.shape) != shape:
+                raise InvalidInputError(f"weight {name!r} has shape {tuple(array.shape)}, expected {shape}")
+            if array.dtype != dtype:
+                raise InvalidInputError(f"weight {name!r} has dtype {array.dtype}, expected {dtype}")
+            if not np.isfinite(array).all():
+                raise InvalidInputError(f"weight {name!r} must hold finite values")
             state[name] = torch.from_numpy(np.array(array, copy=True))
         return state
 
     def _refuse_if_stopping(self) -> None:
         if self._stopping.is_set():
             raise DaemonUnavailable("the agent daemon is shutting down")
+
+
+def _wire_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype a parameter travels in (bfloat16, which numpy lacks, as float32, see ``_to_numpy``)."""
+    return np.dtype(np.float32) if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -259,19 +350,34 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy().copy()
 
 
-@functools.lru_cache(maxsize=256)
-def _calibrated_sigma(epsilon: float, delta: float, sampling_rate: float, steps: int) -> float:
-    """The certified calibration; where even the calibration's smallest sane sigma keeps the round within
-    ``epsilon``, that smallest sigma is the floor (a sigma below it is refused, whatever the budget)."""
-    from accountant.calibration import MIN_SIGMA, calibrate_noise_multiplier
-    from accountant.certified import certified_epsilon
+def _evaluation_request(config: Mapping[str, Any] | None) -> tuple[str, int]:
+    if not isinstance(config, Mapping) or not isinstance(config.get("run_id"), str) or not config["run_id"]:
+        raise InvalidInputError("an evaluation request needs a config with the run_id and the round it evaluates")
+    round = config.get("round", 0)
+    if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+        raise InvalidInputError(f"the evaluation's round must be an integer >= 0, got {round!r}")
+    return config["run_id"], round
 
-    try:
-        return float(calibrate_noise_multiplier(epsilon, delta, [(sampling_rate, steps)], policy="certified").noise_multiplier)
-    except InvalidInputError:
-        if certified_epsilon(PoissonGaussianEvent(sampling_rate, MIN_SIGMA, steps), delta) <= epsilon:
-            return MIN_SIGMA
-        raise
+
+def _evaluations_of_run(entries, run_id: str) -> int:
+    """Private evaluations committed for ``run_id``: commits marked with the evaluation purpose."""
+    runs = {entry["seq"]: entry["payload"].get("run_id") for entry in entries if entry["kind"] == "reserve"}
+    return sum(
+        1
+        for entry in entries
+        if entry["kind"] == "commit"
+        and entry["payload"].get("extra", {}).get("purpose") == EVALUATION_PURPOSE
+        and runs.get(entry["payload"].get("reservation")) == run_id
+    )
+
+
+def _check_delta(delta: float, records: int) -> None:
+    """(epsilon, delta)-DP with delta >= 1/N permits publishing a record outright: refused, naming the rule."""
+    if delta >= 1.0 / records:
+        raise PlanRefused(
+            f"delta {delta:g} is not below 1/N = 1/{records} (N: the records this holder's guarantee covers); "
+            "a guarantee with delta >= 1/N permits publishing a record outright"
+        )
 
 
 def _check_budget_matches(policy: HolderPolicy, ledger: Ledger, holder_id: str) -> None:

@@ -9,6 +9,17 @@ import argparse
 
 
 def register(commands) -> None:
+    init = commands.add_parser(
+        "init",
+        help="create the holder's ledger once (genesis with the lifetime budget) before the first start",
+        description="Create the ledger named in agent.toml: a genesis entry signed with the holder's key that "
+        "records the lifetime budget, and its anchored head file. Run once per holder; it refuses to touch an "
+        "existing ledger. `ewtune agent start` never creates one: a missing ledger stops it, since a new ledger "
+        "would restore a full budget.",
+    )
+    init.add_argument("--config", required=True, help="the holder's agent.toml")
+    init.add_argument("--json", action="store_true", help="print the result as JSON")
+    init.set_defaults(func=_init)
     parser = commands.add_parser(
         "start",
         help="run the agent daemon: model and data loaded once, policy and ledger enforced, local gRPC API",
@@ -21,6 +32,35 @@ def register(commands) -> None:
     parser.add_argument("--supernode-log", help="append the SuperNode's output to this file (default: discard)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds a running request may take to finish on shutdown")
     parser.set_defaults(func=_start)
+
+
+def _init(args: argparse.Namespace) -> int:
+    import json
+
+    from accountant.ledger import Ledger
+    from accountant.signing import SigningKey
+    from agent.policy import load_agent_config
+
+    config = load_agent_config(args.config)
+    key = SigningKey.load(config.signing_key)
+    config.ledger_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    budget = {"budget_epsilon": config.policy.budget_epsilon, "budget_delta": config.policy.budget_delta}
+    with Ledger.create(config.ledger_path, key, config.holder_id, budget, head_path=config.ledger_head) as ledger:
+        head, head_path = ledger.head, ledger.head_path
+    result = {
+        "holder_id": config.holder_id,
+        "ledger": str(config.ledger_path),
+        "head_file": str(head_path),
+        "head": str(head),
+        "public_key": key.public_key_text,
+        **budget,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"ledger {config.ledger_path} created for {config.holder_id}: budget epsilon "
+              f"{config.policy.budget_epsilon:g}, delta {config.policy.budget_delta:g}; head {head} anchored in {head_path}")
+    return 0
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -42,7 +82,7 @@ def _start(args: argparse.Namespace) -> int:
     daemon = Daemon.from_config(config)
     supervisor = None
     try:
-        server = serve(daemon, config.rpc_address)
+        server = serve(daemon, config.rpc_address, max_message_bytes=config.rpc_max_message_bytes)
         try:
             if config.supernode is not None and not args.no_supernode:
                 command = supernode_command(config.supernode, config.rpc_address, config.holder_id)

@@ -1,5 +1,14 @@
 """Held-out evaluation: accuracy and macro-averaged F1 for classification, perplexity for causal LM
-(the exponential of the mean next-token loss over all evaluated tokens)."""
+(the exponential of the mean next-token loss over all evaluated tokens); and the private release of a
+classification evaluation, its confusion matrix with Gaussian noise.
+
+Private evaluation (the only kind the agent daemon releases): the confusion matrix (true class x predicted
+class counts) has L2 sensitivity 1 under add/remove-one, whatever the model: a record adds 1 to exactly one
+cell. Adding N(0, sigma^2) to every cell is therefore the Gaussian mechanism with noise multiplier sigma, the
+event PoissonGaussianEvent(sampling_rate=1, sigma, steps=1) in the ledger. Accuracy, macro F1 and the count
+are computed from the noised matrix (post-processing, no further privacy cost). Predictions must depend on
+each record alone, which holds in eval mode (no batch statistics; padding is masked out).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ import math
 import torch
 
 from agent.data import IGNORE_INDEX, Examples, collate
+from agent.dpsgd.randomness import RandomSource, SecureRandom
 
 
 def accuracy_and_macro_f1(predictions, labels) -> tuple[float, float]:
@@ -69,3 +79,39 @@ def _causal_lm(model, examples, pad_token_id, batch_size):
         tokens += int((targets != IGNORE_INDEX).sum())
     loss = loss_sum / tokens if tokens else math.nan
     return {"loss": loss, "perplexity": math.exp(loss) if tokens else math.nan, "num_examples": len(examples)}
+
+
+@torch.no_grad()
+def confusion_matrix(model, examples: Examples, pad_token_id: int, num_labels: int, batch_size: int = 64) -> torch.Tensor:
+    """Counts [true class, predicted class] of ``model`` on ``examples`` (float64, num_labels x num_labels)."""
+    model.eval()
+    counts = torch.zeros(num_labels, num_labels, dtype=torch.float64)
+    for batch in _batches(examples, pad_token_id, "classification", batch_size):
+        predicted = model(**_inputs(batch)).logits.float().argmax(dim=-1).clamp(0, num_labels - 1)
+        counts.index_put_((batch["labels"], predicted), torch.ones(len(predicted), dtype=torch.float64), accumulate=True)
+    return counts
+
+
+def metrics_from_confusion(counts: torch.Tensor) -> dict[str, float]:
+    """Accuracy, macro F1 (over the classes with any weight) and the example count of a (possibly noised)
+    confusion matrix; negative cells, which only noise produces, count as zero."""
+    counts = counts.double().clamp(min=0.0)
+    total = float(counts.sum())
+    if total <= 0:
+        return {"accuracy": math.nan, "f1": math.nan, "num_examples": 0.0}
+    true_positive = counts.diagonal()
+    false_positive = counts.sum(dim=0) - true_positive
+    false_negative = counts.sum(dim=1) - true_positive
+    denominators = 2 * true_positive + false_positive + false_negative
+    present = denominators > 0
+    f1 = (2 * true_positive[present] / denominators[present]).mean().item() if bool(present.any()) else math.nan
+    return {"accuracy": float(true_positive.sum()) / total, "f1": f1, "num_examples": total}
+
+
+def private_metrics(counts: torch.Tensor, noise_multiplier: float, source: RandomSource | None = None) -> dict[str, float]:
+    """The metrics of ``counts`` after N(0, noise_multiplier^2) noise on every cell (see the module docstring)."""
+    source = source or SecureRandom()
+    noise = source.standard_normal(counts.numel()).double().reshape(counts.shape) * noise_multiplier
+    metrics = metrics_from_confusion(counts.double() + noise)
+    metrics["noise_multiplier"] = float(noise_multiplier)
+    return metrics

@@ -26,11 +26,26 @@ class PlanRefused(EwtuneError):
     exit_code = 3
 
 
+EVALUATION_MODES = ("none", "private")
+
+
 @dataclass(frozen=True)
 class HolderPolicy:
-    """``max_epsilon_per_round`` (default: the whole budget) sets the daemon's own noise floor: the sigma at
-    which one round of the plan's (q, steps) alone has that certified epsilon. ``release_evaluation_metrics``:
-    evaluation metrics on the held-out split are released without DP noise, so a holder may switch them off."""
+    """The holder's rules; the daemon checks every plan against them before any step runs.
+
+    - ``max_epsilon_per_round`` (default: the whole budget): one round of the plan alone must stay within this
+      certified epsilon; it is the daemon's own noise floor.
+    - ``min_expected_batch`` and ``min_noise_multiplier``: floors a plan must meet whatever the budget says. A
+      plan with a vanishing sampling rate makes any sigma look affordable to an accountant, and with tiny
+      expected batches the sampler's rounding and the accountant's numerics decide the guarantee; a sigma far
+      below 1 buys nothing at practical epsilons.
+    - ``evaluation``: ``"none"`` (default) releases no evaluation metrics at all; ``"private"`` releases the
+      confusion matrix of the held-out split with Gaussian noise of std ``evaluation_noise_multiplier`` per
+      cell (sensitivity 1 under add/remove-one), charged to the ledger as an event, at most
+      ``max_evaluations_per_run`` times per run.
+    - ``dataset_size_granularity``: the training set size N is released (it is public metadata, the FedAvg
+      weight) rounded down to a multiple of this (1: exact).
+    """
 
     budget_epsilon: float
     budget_delta: float
@@ -39,7 +54,12 @@ class HolderPolicy:
     allowed_models: tuple[str, ...] = ()  # empty: any model the holder itself configured
     max_steps_per_round: int = 10_000
     max_epsilon_per_round: float | None = None
-    release_evaluation_metrics: bool = True
+    min_expected_batch: float = 8.0
+    min_noise_multiplier: float = 0.5
+    evaluation: str = "none"
+    evaluation_noise_multiplier: float = 20.0
+    max_evaluations_per_run: int = 10
+    dataset_size_granularity: int = 1
 
     def __post_init__(self) -> None:
         _positive_finite("budget epsilon", self.budget_epsilon)
@@ -49,10 +69,16 @@ class HolderPolicy:
         _positive_finite("max clip norm", self.max_clip_norm)
         if self.min_clip_norm > self.max_clip_norm:
             raise InvalidInputError(f"min clip norm {self.min_clip_norm} exceeds max clip norm {self.max_clip_norm}")
-        if isinstance(self.max_steps_per_round, bool) or not isinstance(self.max_steps_per_round, int) or self.max_steps_per_round < 1:
-            raise InvalidInputError(f"max steps per round must be an integer >= 1, got {self.max_steps_per_round!r}")
+        _integer("max steps per round", self.max_steps_per_round, minimum=1)
         if self.max_epsilon_per_round is not None:
             _positive_finite("max epsilon per round", self.max_epsilon_per_round)
+        _positive_finite("min expected batch", self.min_expected_batch)
+        _positive_finite("min noise multiplier", self.min_noise_multiplier)
+        if self.evaluation not in EVALUATION_MODES:
+            raise InvalidInputError(f"evaluation must be one of {', '.join(EVALUATION_MODES)}, got {self.evaluation!r}")
+        _positive_finite("evaluation noise multiplier", self.evaluation_noise_multiplier)
+        _integer("max evaluations per run", self.max_evaluations_per_run, minimum=0)
+        _integer("dataset size granularity", self.dataset_size_granularity, minimum=1)
         object.__setattr__(self, "allowed_models", tuple(self.allowed_models))
 
     @property
@@ -77,6 +103,24 @@ class HolderPolicy:
             )
         if plan.steps > self.max_steps_per_round:
             raise PlanRefused(f"{plan.steps} steps exceed this holder's maximum of {self.max_steps_per_round} per round")
+        if plan.noise_multiplier < self.min_noise_multiplier:
+            raise PlanRefused(
+                f"noise multiplier {plan.noise_multiplier:g} is below this holder's minimum {self.min_noise_multiplier:g}"
+            )
+
+    def check_sampling(self, sampling_rate: float, dataset_size: int) -> None:
+        """Refuse an expected batch qN below the policy's floor (q: the rate the sampler will execute)."""
+        expected = sampling_rate * dataset_size
+        if expected < self.min_expected_batch:
+            raise PlanRefused(
+                f"expected batch q*N = {sampling_rate:.6g} * {dataset_size} = {expected:.6g} is below this holder's "
+                f"minimum of {self.min_expected_batch:g} records"
+            )
+
+    def released_dataset_size(self, dataset_size: int) -> int:
+        """N as released: rounded down to a multiple of ``dataset_size_granularity`` (at least that multiple)."""
+        granule = self.dataset_size_granularity
+        return max(granule, dataset_size // granule * granule)
 
     def genesis_policy(self) -> dict[str, Any]:
         """What the holder's ledger records at genesis (budget_epsilon/budget_delta are read by the ledger)."""
@@ -142,6 +186,8 @@ class AgentConfig:
     rpc_address: str
     training: dict[str, Any]  # the fields of agent.training.TrainingConfig
     supernode: SuperNodeConfig | None = None
+    rpc_max_message_bytes: int = 256 * 2**20  # the largest request or reply the daemon's gRPC accepts
+    ledger_head: Path | None = None  # the ledger's anchored head file (None: beside the ledger)
 
 
 def load_agent_config(path: str | os.PathLike) -> AgentConfig:
@@ -153,6 +199,11 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         raise InvalidInputError(f"{path}: [holder] needs id = \"...\"")
     budget = table(document, "budget", path)
     policy_table = dict(document.get("policy", {}))
+    if "release_evaluation_metrics" in policy_table:
+        raise InvalidInputError(
+            f"{path}: [policy] release_evaluation_metrics is gone: exact metrics are never released; "
+            'use evaluation = "none" (default) or evaluation = "private" (noised and charged to the ledger)'
+        )
     if "allowed_models" in policy_table:
         policy_table["allowed_models"] = tuple(policy_table["allowed_models"])
     try:
@@ -167,12 +218,16 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         training[key] = str(resolve(base, training[key]))
     if "lora_target_modules" in training:
         training["lora_target_modules"] = tuple(training["lora_target_modules"])
+    _refuse_insecure_randomness(training, path)
+    rpc = table(document, "rpc", path)
     return AgentConfig(
         holder_id=holder_id,
         policy=policy,
         ledger_path=resolve(base, required(ledger, "path", "ledger", path)),
         signing_key=resolve(base, required(ledger, "signing_key", "ledger", path)),
-        rpc_address=_rpc_address(base, table(document, "rpc", path).get("address", "unix:agent.sock")),
+        ledger_head=None if ledger.get("head") is None else resolve(base, ledger["head"]),
+        rpc_address=_rpc_address(base, rpc.get("address", "unix:agent.sock")),
+        rpc_max_message_bytes=int(_positive_float("[rpc] max_message_mb", rpc.get("max_message_mb", 256)) * 2**20),
         training=training,
         supernode=_supernode_config(base, document.get("supernode"), path),
     )
@@ -196,18 +251,26 @@ def _supernode_config(base: Path, section: Mapping[str, Any] | None, path: Path)
     )
 
 
+def _refuse_insecure_randomness(training: Mapping[str, Any], path: Path) -> None:
+    """The daemon draws batches and noise only from the operating system's secure source."""
+    if "secure_noise" in training:
+        raise InvalidInputError(
+            f"{path}: [training] secure_noise is gone: the agent daemon always draws noise and batches from the "
+            "operating system's secure source; remove the line"
+        )
+    if training.get("insecure_seeded_randomness"):
+        raise InvalidInputError(
+            f"{path}: [training] insecure_seeded_randomness is for tests and benchmarks only: the agent daemon "
+            "refuses predictable noise and batches"
+        )
+
+
 def _rpc_address(base: Path, address: str) -> str:
     if address.startswith("unix:"):
         socket = address[len("unix:") :]
         socket = socket[2:] if socket.startswith("//") else socket
         return f"unix://{resolve(base, socket)}"
     return address
-
-
-
-
-
-
 
 
 def _number(value: Any) -> bool:
@@ -217,6 +280,11 @@ def _number(value: Any) -> bool:
 def _positive_finite(name: str, value: Any) -> None:
     if not _number(value) or not (value > 0 and math.isfinite(value)):
         raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _positive_float(name: str, value: Any) -> float:
+    _positive_finite(name, value)
+    return float(value)
 
 
 def _float(name: str, value: Any) -> float:

@@ -31,7 +31,7 @@ from agent.policy import PlanRefused
 SERVICE = "ewtune.agent.v1.AgentDaemon"
 MAGIC = b"EWT1"
 _HEADER_LENGTH = struct.Struct(">I")
-_UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,13 @@ class DaemonUnavailable(EwtuneError):
     """The daemon is shutting down or cannot be reached."""
 
     exit_code = 4
+
+
+class RequestFailed(EwtuneError):
+    """A request failed after work on the data began. Its reason is generic on purpose: an error text can
+    depend on the records; the detail stays in the holder's log."""
+
+    exit_code = 5
 
 
 class DaemonError(EwtuneError):
@@ -102,21 +109,24 @@ def _arrays_from_bytes(blob: bytes) -> Arrays | None:
 # --- server ----------------------------------------------------------------------------------------------
 
 
-def serve(daemon: Any, address: str, max_workers: int = 4, socket_mode: int = 0o660) -> grpc.Server:
+def serve(daemon: Any, address: str, max_workers: int = 4, socket_mode: int = 0o660,
+          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Server:
     """Start serving ``daemon`` (an :class:`agent.daemon.Daemon` or anything with its four methods) on
-    ``address`` (``unix:///path.sock`` or a loopback ``host:port``) and return the started server.
+    ``address`` (``unix:///path.sock`` or a loopback ``host:port``) and return the started server; a
+    request larger than ``max_message_bytes`` is refused by gRPC before it is read into memory.
     Stop it with ``server.stop(grace)``."""
     socket_path = unix_socket_path(address)
     if socket_path is None:
         check_loopback(address)
     else:
         _remove_stale_socket(socket_path)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ewtune-rpc"), options=_UNLIMITED)
+    executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ewtune-rpc")
+    server = grpc.server(executor, options=_message_limits(max_message_bytes))
     handlers = {
         "Describe": _unary(lambda header, arrays: (daemon.describe(), None)),
         "Health": _unary(lambda header, arrays: (daemon.health(), None)),
         "Train": _unary(lambda header, arrays: _train(daemon, header, arrays)),
-        "Evaluate": _unary(lambda header, arrays: ({"metrics": daemon.evaluate(_required(arrays))}, None)),
+        "Evaluate": _unary(lambda header, arrays: ({"metrics": daemon.evaluate(_required(arrays), header.get("config"))}, None)),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     if server.add_insecure_port(address) == 0:
@@ -151,15 +161,23 @@ def _unary(method: Callable[[dict[str, Any], Arrays | None], tuple[dict[str, Any
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(refusal))
         except DaemonUnavailable as unavailable:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(unavailable))
+        except RequestFailed as failed:
+            context.abort(grpc.StatusCode.ABORTED, str(failed))
         except InvalidInputError as invalid:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(invalid))
         except EwtuneError as error:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        except Exception as crash:  # noqa: BLE001 - the caller gets a reason, the log gets the traceback
+        except Exception:  # noqa: BLE001 - the log gets the traceback; the caller a reason that says nothing of the data
             log.exception("agent daemon request failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(crash).__name__}: {crash}")
+            context.abort(grpc.StatusCode.INTERNAL, "internal error in the agent daemon (details in the holder's log)")
 
     return grpc.unary_unary_rpc_method_handler(handle)
+
+
+def _message_limits(max_message_bytes: int) -> list[tuple[str, int]]:
+    if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 1:
+        raise InvalidInputError(f"the message size limit must be a positive number of bytes, got {max_message_bytes!r}")
+    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
 
 
 def unix_socket_path(address: str) -> Path | None:
@@ -193,10 +211,10 @@ def _remove_stale_socket(path: Path) -> None:
 class DaemonClient:
     """Calls the daemon at ``address``; every failure becomes a :class:`DaemonError` with the daemon's reason."""
 
-    def __init__(self, address: str, timeout: float | None = None):
+    def __init__(self, address: str, timeout: float | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=_UNLIMITED)
+        self._channel = grpc.insecure_channel(address, options=_message_limits(max_message_bytes))
 
     def close(self) -> None:
         self._channel.close()
@@ -218,8 +236,9 @@ class DaemonClient:
         header, reply_arrays = self._call("Train", {"config": dict(config)}, arrays)
         return reply_arrays or {}, header["receipt"], header["metrics"]
 
-    def evaluate(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
-        return self._call("Evaluate", {}, arrays)[0]["metrics"]
+    def evaluate(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Private evaluation metrics of ``arrays``; ``config`` names the run and round evaluated."""
+        return self._call("Evaluate", {"config": dict(config or {})}, arrays)[0]["metrics"]
 
     def _call(self, method: str, header: dict[str, Any], arrays=None) -> tuple[dict[str, Any], Arrays | None]:
         stub = self._channel.unary_unary(f"/{SERVICE}/{method}")

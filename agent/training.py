@@ -225,6 +225,20 @@ class LocalTrainer:
         }
         return TrainResult(progress.event(sampler, plan), self.trainable_state(), metrics, self.randomness)
 
+    def confusion_matrix(self, batch_size: int | None = None) -> torch.Tensor:
+        """The held-out split's confusion matrix (classification only; see :mod:`agent.evaluation`)."""
+        from agent.evaluation import confusion_matrix
+
+        if self.config.task != "classification":
+            raise InvalidInputError("a confusion matrix needs a classification task")
+        size = batch_size or max(self.config.physical_batch_size, 32)
+        return confusion_matrix(self.model, self.data.eval, self.pad_token_id, self.data.num_labels or 2, size)
+
+    @property
+    def record_count(self) -> int:
+        """Every record the holder's guarantee covers: the training and the held-out split."""
+        return len(self.data.train) + len(self.data.eval)
+
     def evaluate(self, batch_size: int | None = None) -> dict[str, float]:
         """Metrics on the held-out split (see :func:`agent.evaluation.evaluate_model`)."""
         size = batch_size or max(self.config.physical_batch_size, 32)

@@ -18,10 +18,11 @@ from accountant.errors import InvalidInputError
 from accountant.events import PoissonGaussianEvent
 from accountant.ledger import Ledger
 from accountant.receipts import update_digest, verify_receipt
+from accountant.sampling import executable_sampling_rate
 from accountant.signing import SigningKey
 from accountant.verify import verify_ledger
 from agent.policy import HolderPolicy, PlanRefused, load_agent_config
-from agent.rpc import DaemonClient, DaemonError, DaemonUnavailable, decode, encode, serve
+from agent.rpc import DaemonClient, DaemonError, DaemonUnavailable, RequestFailed, decode, encode, serve
 
 HOLDER = "holder0"
 BUDGET = {"budget_epsilon": 8.0, "budget_delta": 1e-5}
@@ -84,10 +85,14 @@ def _entries(ledger_path):
 
 
 def _assert_nothing_charged(daemon, ledger_path):
-    assert _kinds(ledger_path) == ["genesis"]
-    assert verify_ledger(ledger_path).ok
+    _assert_nothing_charged_in(ledger_path)
     assert daemon.describe()["spent_epsilon_certified"] == 0.0
     assert daemon.ledger.open_reservations() == {}
+
+
+def _assert_nothing_charged_in(ledger_path):
+    assert _kinds(ledger_path) == ["genesis"]
+    assert verify_ledger(ledger_path).ok
 
 
 # --- one round --------------------------------------------------------------------------------------------
@@ -100,19 +105,20 @@ def test_train_commits_the_executed_event_and_returns_a_receipt_that_verifies(da
     reply = daemon.train(weights, PLAN)
 
     receipt = verify_receipt(reply.receipt, key.public_key_text)
-    executed = PoissonGaussianEvent(PLAN["sampling_rate"], PLAN["noise_multiplier"], PLAN["steps"])
+    executed = PoissonGaussianEvent(executable_sampling_rate(PLAN["sampling_rate"]), PLAN["noise_multiplier"], PLAN["steps"])
     assert (receipt.run_id, receipt.round, receipt.holder_id, receipt.event) == ("run-1", 1, HOLDER, executed)
     assert receipt.update_sha256 == update_digest(reply.arrays)
     assert set(reply.arrays) == set(weights)
     assert any(not np.array_equal(reply.arrays[name], weights[name]) for name in weights)
-    assert reply.metrics["steps"] == PLAN["steps"]
-    # the un-noised loss and sampled-record count are computed from the data: they never leave the holder
-    assert not {"loss", "examples"} & set(reply.metrics)
+    # the un-noised loss, the sampled-record count and the time taken (it tracks the batch sizes) are
+    # computed from the data without noise: they never leave the holder
+    assert reply.metrics == {"steps": PLAN["steps"]}
 
     assert _kinds(ledger_path) == ["genesis", "reserve", "commit"]
     assert verify_ledger(ledger_path).ok
     commit = _entries(ledger_path)[-1]["payload"]
     assert commit["event"]["event"]["steps"] == PLAN["steps"]
+    assert commit["extra"] == {"randomness": "os-secure", "public": {"dataset_size": trainer.dataset_size}}
     description = daemon.describe()
     from accountant.certified import certified_epsilon
 
@@ -123,10 +129,13 @@ def test_train_commits_the_executed_event_and_returns_a_receipt_that_verifies(da
 
 
 def test_a_sigma_below_the_daemons_own_is_refused_and_nothing_is_charged(daemon_parts, trainer):
+    from accountant.calibration import calibrate_noise_multiplier
+
     daemon = _daemon(daemon_parts, trainer, max_epsilon_per_round=1.0)
-    floor = daemon.noise_floor(PLAN["sampling_rate"], PLAN["steps"])
-    with pytest.raises(PlanRefused, match="below this holder's own"):
-        daemon.train(_global_weights(trainer), dict(PLAN, noise_multiplier=floor * 0.9))
+    rate = executable_sampling_rate(PLAN["sampling_rate"])
+    floor = calibrate_noise_multiplier(1.0, 1e-5, [(rate, PLAN["steps"])]).noise_multiplier
+    with pytest.raises(PlanRefused, match="below this holder's own floor"):
+        daemon.train(_global_weights(trainer), dict(PLAN, noise_multiplier=floor * 0.97))
     _assert_nothing_charged(daemon, daemon_parts[2])
 
 
@@ -138,7 +147,6 @@ def test_an_over_budget_plan_is_refused_and_nothing_more_is_charged(daemon_parts
     spent = daemon.describe()["spent_epsilon_certified"]
     assert spent < 8.0
     plan = dict(PLAN, steps=400, noise_multiplier=1.0)
-    assert plan["noise_multiplier"] >= daemon.noise_floor(plan["sampling_rate"], plan["steps"])
     with pytest.raises(PlanRefused, match="over its budget"):
         daemon.train(_global_weights(trainer), plan)
     assert _kinds(ledger_path) == ["genesis", "reserve", "commit"]
@@ -147,16 +155,51 @@ def test_an_over_budget_plan_is_refused_and_nothing_more_is_charged(daemon_parts
     assert daemon.ledger.open_reservations() == {}
 
 
-def test_the_noise_floor_stays_within_the_calibrations_sane_range(tmp_path, trainer):
-    from accountant.calibration import MIN_SIGMA
+def test_a_vanishing_sampling_rate_is_refused_by_the_expected_batch_floor(daemon_parts, trainer):
+    """The attack: q = 1e-12 made every sigma look affordable (the ledger would charge epsilon ~1e-10), while
+    the old 24-bit sampler really ran q ~ 6e-8 at the smallest sigma. The floor refuses such a plan."""
+    daemon = _daemon(daemon_parts, trainer)
+    with pytest.raises(PlanRefused, match="expected batch q\\*N"):
+        daemon.train(_global_weights(trainer), dict(PLAN, sampling_rate=1e-12, noise_multiplier=0.5, steps=2000))
+    _assert_nothing_charged(daemon, daemon_parts[2])
+
+
+def test_the_rate_accounted_is_the_rate_executed(daemon_parts, trainer):
+    """A rate off the 2^-53 grid is charged, receipted and committed at the rate the sampler realises."""
+    key, _, ledger_path = daemon_parts
+    daemon = _daemon(daemon_parts, trainer, min_expected_batch=1.0)
+    rate = 1 / 30  # not a dyadic fraction
+    executed = executable_sampling_rate(rate)
+    assert executed > rate
+    reply = daemon.train(_global_weights(trainer), dict(PLAN, sampling_rate=rate))
+    assert verify_receipt(reply.receipt, key.public_key_text).event.sampling_rate == executed
+    reserve, commit = _entries(ledger_path)[1:]
+    assert reserve["payload"]["event"]["event"]["sampling_rate"] == executed
+    assert commit["payload"]["event"]["event"]["sampling_rate"] == executed
+
+
+def test_a_sigma_below_the_policy_minimum_is_refused_whatever_the_budget(tmp_path, trainer):
     from agent.daemon import Daemon
 
     key, budget = SigningKey.generate(), {"budget_epsilon": 1e6, "budget_delta": 1e-5}
     ledger = Ledger.create(tmp_path / "ledger.jsonl", key, HOLDER, budget)
     daemon = Daemon(HOLDER, HolderPolicy(**budget), trainer, ledger, key)
-    assert daemon.noise_floor(0.02, 1) == MIN_SIGMA
-    with pytest.raises(PlanRefused, match="below this holder's own"):
-        daemon.train(_global_weights(trainer), dict(PLAN, noise_multiplier=MIN_SIGMA / 2))
+    with pytest.raises(PlanRefused, match="below this holder's minimum 0.5"):
+        daemon.train(_global_weights(trainer), dict(PLAN, noise_multiplier=0.3))
+    _assert_nothing_charged(daemon, tmp_path / "ledger.jsonl")
+
+
+def test_a_delta_at_or_above_one_over_n_is_refused(daemon_parts, trainer, tmp_path):
+    from agent.daemon import Daemon
+
+    daemon = _daemon(daemon_parts, trainer)
+    with pytest.raises(PlanRefused, match="not below 1/N = 1/200"):
+        daemon.train(_global_weights(trainer), dict(PLAN, delta=0.5))
+    _assert_nothing_charged(daemon, daemon_parts[2])
+    key, budget = SigningKey.generate(), {"budget_epsilon": 8.0, "budget_delta": 0.01}
+    ledger = Ledger.create(tmp_path / "wide.jsonl", key, HOLDER, budget)
+    with pytest.raises(PlanRefused, match="not below 1/N"):
+        Daemon(HOLDER, HolderPolicy(**budget), trainer, ledger, key)
 
 
 @pytest.mark.parametrize(
@@ -180,7 +223,7 @@ def test_a_model_outside_the_allowed_list_is_refused_at_start(daemon_parts, trai
         _daemon(daemon_parts, trainer, allowed_models=("org/allowed-model",))
 
 
-@pytest.mark.parametrize("damage", ["missing", "unknown", "shape", "nan"])
+@pytest.mark.parametrize("damage", ["missing", "unknown", "shape", "nan", "float64", "float64-overflow"])
 def test_weights_that_do_not_fit_the_model_are_rejected_before_anything_is_charged(daemon_parts, trainer, damage):
     daemon = _daemon(daemon_parts, trainer)
     weights = _global_weights(trainer)
@@ -191,6 +234,10 @@ def test_weights_that_do_not_fit_the_model_are_rejected_before_anything_is_charg
         weights["not.a.parameter"] = np.zeros(2, np.float32)
     elif damage == "shape":
         weights[name] = np.zeros((1, 1, 1), np.float32)
+    elif damage == "float64":
+        weights[name] = weights[name].astype(np.float64)
+    elif damage == "float64-overflow":  # finite as float64, inf once copied into a float32 parameter
+        weights[name] = np.full(weights[name].shape, 1e300)
     else:
         weights[name] = np.full_like(weights[name], np.nan)
     with pytest.raises(InvalidInputError):
@@ -199,7 +246,8 @@ def test_weights_that_do_not_fit_the_model_are_rejected_before_anything_is_charg
 
 
 class _FailingTrainer:
-    """The real trainer, whose training fails (crash) or is stopped before its first step."""
+    """The real trainer, whose training fails before its first step (crash), after two steps (late), or is
+    stopped before its first step."""
 
     def __init__(self, trainer, failure):
         self._trainer, self._failure = trainer, failure
@@ -211,39 +259,98 @@ class _FailingTrainer:
     def train(self, plan, should_stop=None):
         if self._failure == "crash":
             raise RuntimeError("CUDA out of memory (simulated)")
+        if self._failure == "late":
+            def fail_at_two(step, stats):
+                if step == 2:
+                    raise RuntimeError("record 17 says 'secret' (simulated data-dependent error)")
+
+            return self._trainer.train(plan, should_stop=should_stop, on_step=fail_at_two)
         self.daemon.request_stop()  # SIGTERM arrives just as training starts
         return self._trainer.train(plan, should_stop=should_stop)
 
 
-@pytest.mark.parametrize("failure, error", [("crash", RuntimeError), ("stopped", DaemonUnavailable)])
-def test_a_round_that_released_nothing_is_aborted(daemon_parts, trainer, failure, error):
+@pytest.mark.parametrize("failure, error", [("crash", RequestFailed), ("stopped", DaemonUnavailable)])
+def test_a_round_that_released_nothing_and_ran_no_step_is_aborted(daemon_parts, trainer, failure, error):
     from agent.daemon import Daemon
 
     key, ledger, ledger_path = daemon_parts
     failing = _FailingTrainer(trainer, failure)
     daemon = failing.daemon = Daemon(HOLDER, HolderPolicy(**BUDGET), failing, ledger, key)
-    with pytest.raises(error):
+    with pytest.raises(error) as raised:
         daemon.train(_global_weights(trainer), PLAN)
+    assert "CUDA" not in str(raised.value)
     assert _kinds(ledger_path) == ["genesis", "reserve", "abort"]
     assert verify_ledger(ledger_path).ok
     assert daemon.describe()["spent_epsilon_certified"] == 0.0
 
 
-def test_evaluate_returns_metrics_and_leaves_the_training_state_alone(daemon_parts, trainer):
+def test_a_failure_after_steps_ran_charges_them_and_says_nothing_of_the_data(daemon_parts, trainer):
+    """The attack: a failure after steps ran used to abort the reservation (retries for free) and return the
+    exception text (a data-dependent error leaked). Now the steps that ran are charged and the reason is generic."""
+    from agent.daemon import Daemon
+
+    key, ledger, ledger_path = daemon_parts
+    daemon = Daemon(HOLDER, HolderPolicy(**BUDGET), _FailingTrainer(trainer, "late"), ledger, key)
+    with pytest.raises(RequestFailed) as raised:
+        daemon.train(_global_weights(trainer), PLAN)
+    assert "secret" not in str(raised.value) and "17" not in str(raised.value)
+    assert _kinds(ledger_path) == ["genesis", "reserve", "commit"]
+    commit = _entries(ledger_path)[-1]["payload"]
+    assert commit["event"]["event"]["steps"] == 2 and commit["extra"]["released"] is False
+    assert verify_ledger(ledger_path).ok
+    assert daemon.describe()["spent_epsilon_certified"] > 0
+
+
+EVALUATION = {"run_id": "run-1", "round": 0}
+
+
+def test_no_evaluation_metrics_leave_by_default(daemon_parts, trainer):
+    """The attack: exact accuracy, F1, loss and count on the held-out split, for any weights the coordinator
+    sends, unlimited and unrecorded (16 chosen queries recovered which tokens held-out records contain)."""
     daemon = _daemon(daemon_parts, trainer)
+    with pytest.raises(PlanRefused, match="releases no evaluation metrics"):
+        daemon.evaluate(_global_weights(trainer), EVALUATION)
+    _assert_nothing_charged(daemon, daemon_parts[2])
+
+
+def test_private_evaluation_is_noised_charged_and_limited_per_run(daemon_parts, trainer):
+    from accountant.certified import certified_epsilon
+
+    daemon = _daemon(daemon_parts, trainer, evaluation="private", evaluation_noise_multiplier=5.0, max_evaluations_per_run=2)
     before = _global_weights(trainer)
     other = {name: array + np.float32(0.5) for name, array in before.items()}
-    metrics = daemon.evaluate(other)
-    assert {"accuracy", "loss", "num_examples"} <= set(metrics)
+    first, second = daemon.evaluate(other, EVALUATION), daemon.evaluate(other, dict(EVALUATION, round=1))
+    assert {"accuracy", "f1", "num_examples", "noise_multiplier"} <= set(first) and "loss" not in first
+    assert first["num_examples"] != second["num_examples"]  # noised counts: the same query, another answer
     after = _global_weights(trainer)
     assert all(np.array_equal(before[name], after[name]) for name in before)
-    assert _kinds(daemon_parts[2]) == ["genesis"]
+    kinds = _kinds(daemon_parts[2])
+    assert kinds == ["genesis", "reserve", "commit", "reserve", "commit"]
+    commit = _entries(daemon_parts[2])[-1]["payload"]
+    assert commit["extra"]["purpose"] == "evaluation"
+    spent = daemon.describe()["spent_epsilon_certified"]
+    assert spent == pytest.approx(certified_epsilon(PoissonGaussianEvent(1.0, 5.0, 2), 1e-5), rel=1e-9)
+    assert spent > certified_epsilon(PoissonGaussianEvent(1.0, 5.0, 1), 1e-5) > 0
+    with pytest.raises(PlanRefused, match="allows 2 per run"):
+        daemon.evaluate(other, dict(EVALUATION, round=2))
+    assert len(_kinds(daemon_parts[2])) == 5
+    assert daemon.evaluate(other, dict(EVALUATION, run_id="run-2"))["noise_multiplier"] == 5.0
+    with pytest.raises(InvalidInputError, match="run_id"):
+        daemon.evaluate(other, {})
 
 
-def test_evaluation_metrics_can_be_withheld_by_policy(daemon_parts, trainer):
-    daemon = _daemon(daemon_parts, trainer, release_evaluation_metrics=False)
-    with pytest.raises(PlanRefused, match="does not release evaluation"):
-        daemon.evaluate(_global_weights(trainer))
+def test_private_metrics_follow_the_noised_confusion_matrix():
+    import torch
+
+    from agent.dpsgd.randomness import InsecureSeededRandom
+    from agent.evaluation import metrics_from_confusion, private_metrics
+
+    counts = torch.tensor([[40.0, 10.0], [5.0, 45.0]])
+    exact = metrics_from_confusion(counts)
+    assert exact["accuracy"] == pytest.approx(0.85) and exact["num_examples"] == 100
+    assert exact["f1"] == pytest.approx((80 / 95 + 90 / 105) / 2)
+    draws = [private_metrics(counts, 2.0, InsecureSeededRandom(seed))["num_examples"] for seed in range(400)]
+    assert np.std(draws) == pytest.approx(4.0, rel=0.15)  # four cells of std 2: the total has std 4
 
 
 def test_a_budget_that_differs_from_the_ledgers_genesis_is_refused(daemon_parts, trainer):
@@ -285,8 +392,24 @@ def test_the_grpc_api_on_a_unix_socket(served, trainer, daemon_parts):
         with pytest.raises(DaemonError) as invalid:
             client.train({"x": np.zeros(1, np.float32)}, PLAN)
         assert invalid.value.status == "INVALID_ARGUMENT"
-        assert "accuracy" in client.evaluate(updated)
+        with pytest.raises(DaemonError) as withheld:
+            client.evaluate(updated, EVALUATION)
+        assert withheld.value.refused and "no evaluation metrics" in withheld.value.reason
     assert _kinds(ledger_path) == ["genesis", "reserve", "commit"]
+
+
+def test_the_grpc_api_refuses_messages_over_its_size_limit(daemon_parts, trainer, tmp_path):
+    address = f"unix://{tmp_path}/small.sock"
+    server = serve(_daemon(daemon_parts, trainer), address, max_message_bytes=64 * 1024)
+    try:
+        with DaemonClient(address, timeout=30) as client:
+            assert client.describe()["holder_id"] == HOLDER
+            with pytest.raises(DaemonError) as refused:
+                client.train({"x": np.zeros(100_000, np.float32)}, PLAN)
+            assert refused.value.status == "RESOURCE_EXHAUSTED"
+    finally:
+        server.stop(grace=None).wait()
+    _assert_nothing_charged_in(daemon_parts[2])
 
 
 def test_the_daemon_listens_only_on_a_unix_socket_or_loopback(daemon_parts, trainer):
@@ -340,8 +463,8 @@ def test_the_client_app_forwards_query_train_evaluate_and_refusals(served, train
     )
     assert refused.has_error() and refused.error.code == REFUSED and "maximum" in refused.error.reason
 
-    evaluated = app(_client_message("evaluate", RecordDict({"arrays": arrays})), context)
-    assert "accuracy" in evaluated.content["metrics"]
+    evaluated = app(_client_message("evaluate", RecordDict({"arrays": arrays, "config": ConfigRecord(EVALUATION)})), context)
+    assert evaluated.has_error() and evaluated.error.code == REFUSED
 
     lost = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
     assert app(_client_message("query", RecordDict({})), lost).has_error()
@@ -407,8 +530,48 @@ def test_the_example_agent_toml_is_valid():
     assert config.supernode is None
 
 
-def test_ewtune_agent_start_serves_and_stops_cleanly_on_sigterm(tmp_path, tiny_bert_dir, mr_csv, trainer):
+def test_the_daemon_refuses_insecure_randomness(tmp_path, tiny_bert_dir, mr_csv, daemon_parts):
+    """The attack: noise from a generator seeded with seed + 1 can be regenerated and subtracted exactly."""
+    from agent.daemon import Daemon
+    from agent.training import LocalTrainer, TrainingConfig
+
+    path = _agent_toml(tmp_path, tiny_bert_dir, mr_csv)
+    for line, message in (("secure_noise = false", "secure_noise is gone"),
+                          ("insecure_seeded_randomness = true", "refuses predictable noise")):
+        path.write_text(path.read_text().replace("[training]\n", f"[training]\n{line}\n"))
+        with pytest.raises(InvalidInputError, match=message):
+            load_agent_config(path)
+        path.write_text(path.read_text().replace(f"{line}\n", ""))
+    seeded = LocalTrainer(TrainingConfig(**_training_config(tiny_bert_dir, mr_csv), insecure_seeded_randomness=True))
+    key, ledger, _ = daemon_parts
+    with pytest.raises(InvalidInputError, match="secure source"):
+        Daemon(HOLDER, HolderPolicy(**BUDGET), seeded, ledger, key)
+
+
+def test_a_missing_ledger_stops_the_start_and_init_creates_it_once(tmp_path, tiny_bert_dir, mr_csv, capsys):
+    """The attack: deleting the ledger made the daemon start afresh with a full budget."""
+    from ewtune.cli import main
+
     config_path = _agent_toml(tmp_path, tiny_bert_dir, mr_csv)
+    assert main(["agent", "start", "--config", str(config_path)]) == 2
+    assert "ewtune agent init" in capsys.readouterr().err
+    assert not (tmp_path / "state/ledger.jsonl").exists()
+    assert main(["agent", "init", "--config", str(config_path), "--json"]) == 0
+    import json
+
+    created = json.loads(capsys.readouterr().out)
+    assert created["holder_id"] == HOLDER and created["budget_epsilon"] == 8.0
+    assert _kinds(tmp_path / "state/ledger.jsonl") == ["genesis"]
+    assert main(["agent", "init", "--config", str(config_path)]) == 2
+    assert "refusing" in capsys.readouterr().err
+    assert _kinds(tmp_path / "state/ledger.jsonl") == ["genesis"]
+
+
+def test_ewtune_agent_start_serves_and_stops_cleanly_on_sigterm(tmp_path, tiny_bert_dir, mr_csv, trainer):
+    from ewtune.cli import main
+
+    config_path = _agent_toml(tmp_path, tiny_bert_dir, mr_csv)
+    assert main(["agent", "init", "--config", str(config_path)]) == 0
     environment = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "ewtune", "agent", "start", "--config", str(config_path)]
     process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -417,7 +580,7 @@ def test_ewtune_agent_start_serves_and_stops_cleanly_on_sigterm(tmp_path, tiny_b
         description = _wait_for_daemon(address, process)
         assert description["holder_id"] == HOLDER
         with DaemonClient(address, timeout=120) as client:
-            client.train(_global_weights(trainer), PLAN)  # the same recipe and seed: the same parameters
+            client.train(_global_weights(trainer), PLAN)  # the same recipe and seed: the same initial parameters
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 0, stderr[-2000:]

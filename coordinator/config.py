@@ -13,11 +13,14 @@ SuperLink's, so every path it uses is absolute)::
     target_epsilon = 8.0
     delta = 1e-5
     min_holders = 2
+    max_weight_share = 0.5       # no holder's share of the FedAvg average above it (default 0.5)
+    max_update_norm = 10.0       # optional: default derived from the plan (coordinator.aggregation)
 
     [coordinator]
     id = "coordinator"
     ledger = "coordinator/ledger.jsonl"      # created on first use
     signing_key = "keys/coordinator/ledger.key"
+    registry = "keys/supernodes.json"        # required: SuperNode key -> holder id -> ledger key
     output_dir = "coordinator/run"           # checkpoints, status.json
 
     [model]
@@ -84,6 +87,7 @@ class FederationConfig:
     coordinator_id: str
     ledger: Path
     signing_key: Path
+    registry: Path
     output_dir: Path
     model: ModelConfig
     timeouts: Timeouts
@@ -115,6 +119,7 @@ def load_federation_config(path: str | os.PathLike) -> FederationConfig:
         coordinator_id=str(coordinator.get("id", "coordinator")),
         ledger=resolve(base, required(coordinator, "ledger", "coordinator", path)),
         signing_key=resolve(base, required(coordinator, "signing_key", "coordinator", path)),
+        registry=resolve(base, required(coordinator, "registry", "coordinator", path)),
         output_dir=resolve(base, required(coordinator, "output_dir", "coordinator", path)),
         model=model_config,
         timeouts=timeouts,

@@ -1,7 +1,7 @@
 """Send messages to nodes and collect their replies, polling the SuperLink at a short interval.
 
 ``Grid.send_and_receive`` sleeps a fixed 3 s between pulls (flwr 1.42, ``http_grid.py``); a round pays that
-on every stage, so this module pushes and pulls itself (notes/flower-1.42.md, section 6).
+on every stage, so this module pushes and pulls itself.
 """
 
 from __future__ import annotations

@@ -1,17 +1,27 @@
 """The Flower ServerApp (Message API): one federated DP fine-tuning run, recorded in the coordinator's ledger.
 
-Flow (DESIGN.md, one round, as data flows):
-1. query every connected node for its description (holder id, dataset size, budget left, ledger key);
+Flow of a run:
+1. query every connected node for its description (holder id, dataset size, budget left, ledger key); a node
+   is kept only when the SuperLink's record of its SuperNode key is in the holder registry and the holder id
+   and ledger key it claims are the ones registered with that key (:mod:`coordinator.registry`);
 2. plan: one schedule, one sigma per holder (:mod:`coordinator.planner`); holders that cannot fund it are
    skipped; every planned holder is registered in the ledger with its key and budget;
 3. per round: pre-flight every holder's round event against its budget (the run stops cleanly before a round
    that would exceed one), reserve, send train messages, verify each receipt, aggregate the verified updates
-   (weighted FedAvg), commit each verified holder's executed event (the ledger states the certified epsilon so
-   far with the Edgeworth estimate beside it) and abort every other reservation with the reason, save a
-   checkpoint. A holder that fails, refuses or does not answer within the round timeout is aborted and
-   dropped from later rounds.
+   (FedAvg with capped shares), commit each verified holder's executed event (the ledger states the certified
+   epsilon so far with the Edgeworth estimate beside it) and abort every other reservation with the reason,
+   save a checkpoint. A holder that fails, refuses, does not answer within the round timeout, or whose reply
+   is malformed in any way (a hostile or broken holder: any exception while reading its reply) is aborted
+   and dropped from later rounds; the round goes on with the others.
 4. evaluation of round r's global model rides with round r+1's train messages (same weights), so a node
-   runs both back to back instead of paying Flower's polling twice.
+   runs both back to back instead of paying Flower's polling twice. Evaluate messages carry a ConfigRecord
+   "config" {run_id, round} (the round whose global model is evaluated): a holder releases evaluation
+   metrics only by opting in, and its daemon ties what it releases to the run. An error reply to an
+   evaluation (the default: a holder releases none) is logged and changes nothing else.
+
+Holders' train replies carry no training time (it would leak the Poisson batch sizes), so the per-round
+``slowest_train_seconds`` and ``overhead_seconds`` of the status are None; ``ewtune bench federation``
+derives them from the holders' ledgers.
 
 Progress and results go to ``output_dir/status.json`` (rewritten atomically after every step), which
 ``ewtune coordinator status`` and ``ewtune demo`` read.
@@ -34,15 +44,18 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from accountant.errors import InvalidInputError
+from accountant.events import total_steps
 from accountant.ledger import Ledger, Policy
 from accountant.signing import SigningKey, canonical_json
-from coordinator.aggregation import check_update, weighted_average
+from accountant.spend import check_within
+from coordinator.aggregation import capped_shares, check_update, check_update_norm, default_update_norm_bound, weighted_average
 from coordinator.checkpoints import load_weights, round_checkpoint, save_peft_adapter, save_weights
 from coordinator.config import RUN_CONFIG_KEY, FederationConfig, load_federation_config
 from coordinator.exchange import exchange
 from coordinator.packing import weight_records, weights_of
 from coordinator.planner import FederationPlan, HolderDescription, HolderPlan, plan_federation
-from coordinator.receipts_check import ReceiptRejected, check_receipt
+from coordinator.receipts_check import check_receipt
+from coordinator.registry import Registry
 
 STATUS_FILE = "status.json"
 
@@ -65,7 +78,6 @@ class HolderState:
     rounds_committed: int = 0
     accuracy: dict[int, float] = field(default_factory=dict)
     evaluation: dict[int, dict[str, float]] = field(default_factory=dict)
-    train_seconds: dict[int, float] = field(default_factory=dict)
 
 
 class Federation:
@@ -89,6 +101,8 @@ class Federation:
         }
         self.holders: dict[str, HolderState] = {}
         self.ledger: Ledger | None = None
+        self.registry: Registry | None = None
+        self.max_update_norm: float | None = None
 
     # -- the run -------------------------------------------------------------------------------------------
 
@@ -106,13 +120,17 @@ class Federation:
 
     def _run(self) -> None:
         config = self.config
+        self.registry = Registry.load(config.registry)
+        weights = load_weights(config.model.initial_weights)
+        self.max_update_norm = config.settings.max_update_norm or default_update_norm_bound(
+            config.settings.learning_rate, config.settings.local_steps, sum(int(np.size(array)) for array in weights.values())
+        )
         nodes = self._wait_for_nodes()
         descriptions = self._query(nodes)
         plan = plan_federation(config.settings, descriptions)
         self._record_plan(plan)
         self.ledger = self._open_ledger()
         self._register(plan)
-        weights = load_weights(config.model.initial_weights)
         evaluate_each = config.model.evaluate == "every_round"
         for round in range(1, config.settings.rounds + 1):
             stop = self._reason_to_stop_before(round)
@@ -128,28 +146,37 @@ class Federation:
             self._evaluate(completed, weights)
         self._finish(weights)
 
-    def _wait_for_nodes(self) -> list[int]:
+    def _wait_for_nodes(self) -> dict[int, bytes]:
+        """The connected nodes, each with the SuperNode public key the SuperLink authenticated it with
+        (``NodeInfo.public_key``: the key registered with ``flwr supernode register``)."""
         deadline = time.monotonic() + self.config.timeouts.nodes
         while True:
-            nodes = sorted(node.node_id for node in self.grid.get_nodes() if getattr(node, "status", "online") in ("online", ""))
+            nodes = {
+                int(node.node_id): bytes(getattr(node, "public_key", b"") or b"")
+                for node in self.grid.get_nodes()
+                if getattr(node, "status", "online") in ("online", "")
+            }
             if len(nodes) >= self.config.expected_holders or time.monotonic() >= deadline:
                 _log(f"{len(nodes)} node(s) connected ({self.config.expected_holders} expected)")
-                return nodes
+                return dict(sorted(nodes.items()))
             time.sleep(0.5)
 
-    def _query(self, nodes: list[int]) -> list[HolderDescription]:
+    def _query(self, nodes: dict[int, bytes]) -> list[HolderDescription]:
         self.status["state"] = "querying"
         self._write_status()
         messages = {node: Message(RecordDict(), node, MessageType.QUERY, ttl=self.config.timeouts.query + 30) for node in nodes}
         replies = exchange(self.grid, list(messages.values()), self.config.timeouts.query, self.config.timeouts.poll_interval)
         descriptions = []
         for node, message in messages.items():
-            reply = replies.get(message.metadata.message_id)
             try:
-                descriptions.append(_description(node, reply))
-            except InvalidInputError as failure:
-                self.status["skipped"][f"node-{node}"] = str(failure)
-                _log(f"node {node} left out: {failure}")
+                description = _description(node, replies.get(message.metadata.message_id))
+                self.registry.check_node(node, nodes[node], description.holder_id, description.public_key)
+            except Exception as failure:  # noqa: BLE001 - a node's bad description leaves out that node only
+                reason = _reason(failure)
+                self.status["skipped"][f"node-{node}"] = reason
+                _log(f"node {node} left out: {reason}")
+                continue
+            descriptions.append(description)
         return descriptions
 
     def _record_plan(self, plan: FederationPlan) -> None:
@@ -162,6 +189,8 @@ class Federation:
             "learning_rate": settings.learning_rate,
             "target_epsilon": settings.target_epsilon,
             "delta": settings.delta,
+            "max_weight_share": settings.max_weight_share,
+            "max_update_norm": self.max_update_norm,
         }
         for skipped in plan.skipped:
             self.status["skipped"][skipped.holder.holder_id] = skipped.reason
@@ -227,8 +256,7 @@ class Federation:
         }
         arrays = weight_records(weights, self.config.model.pack_weights)
         evaluations = {
-            holder_id: Message(RecordDict(arrays), state.plan.holder.node_id, MessageType.EVALUATE, ttl=timeouts.round, group_id=str(round - 1))
-            for holder_id, state in active.items()
+            holder_id: self._evaluate_message(round - 1, state, arrays, timeouts.round) for holder_id, state in active.items()
         } if evaluate_previous else {}
         trains = {holder_id: self._train_message(round, state, arrays) for holder_id, state in active.items()}
         _log(f"round {round}: training on {', '.join(active)}")
@@ -242,35 +270,35 @@ class Federation:
         exchanged = time.monotonic()
         for holder_id, message in evaluations.items():
             self._record_evaluation(holder_id, round - 1, replies.get(message.metadata.message_id))
-        verified, outcomes = [], {}
+        committed, outcomes = [], {}
         for holder_id, message in trains.items():
             state = active[holder_id]
             try:
-                update, receipt_document, receipt, metrics = self._verified_update(round, state, replies.get(message.metadata.message_id), weights)
-            except (ReceiptRejected, InvalidInputError) as failure:
-                self.ledger.abort(reservations[holder_id], str(failure)[:500])
-                self._drop(holder_id, str(failure))
-                outcomes[holder_id] = {"status": "aborted", "reason": str(failure)}
+                update, receipt_document, receipt, metrics, norm = self._verified_update(round, state, replies.get(message.metadata.message_id), weights)
+                # The coordinator commits only what it aggregates (below); a commit states the epsilon so far itself.
+                self.ledger.commit(
+                    reservations[holder_id],
+                    receipt.event,
+                    extra={
+                        "receipt_sha256": hashlib.sha256(canonical_json(receipt_document)).hexdigest(),
+                        "update_sha256": receipt.update_sha256,
+                        "node_id": str(state.plan.holder.node_id),
+                    },
+                )
+            except Exception as failure:  # noqa: BLE001 - any failure of one holder's reply aborts that holder only
+                reason = _reason(failure)
+                self.ledger.abort(reservations[holder_id], reason[:500])
+                self._drop(holder_id, reason)
+                outcomes[holder_id] = {"status": "aborted", "reason": reason}
                 continue
-            verified.append((holder_id, update, receipt_document, receipt, metrics))
-        if verified:
-            weights = weighted_average([(update, active[h].plan.holder.dataset_size) for h, update, *_ in verified], weights)
-        for holder_id, update, receipt_document, receipt, metrics in verified:
-            # The coordinator commits only what it aggregated; a commit states the epsilon so far itself.
-            self.ledger.commit(
-                reservations[holder_id],
-                receipt.event,
-                extra={
-                    "receipt_sha256": hashlib.sha256(canonical_json(receipt_document)).hexdigest(),
-                    "update_sha256": receipt.update_sha256,
-                    "node_id": str(active[holder_id].plan.holder.node_id),
-                },
-            )
-            state = active[holder_id]
             state.rounds_committed += 1
-            if "seconds" in metrics:
-                state.train_seconds[round] = float(metrics["seconds"])
-            outcomes[holder_id] = {"status": "committed", "steps": receipt.event.steps, **metrics}
+            committed.append((holder_id, update))
+            outcomes[holder_id] = {"status": "committed", "steps": total_steps(receipt.event), "update_norm": norm, "metrics": metrics}
+        if committed:
+            shares = capped_shares([active[h].plan.holder.dataset_size for h, _ in committed], self.config.settings.max_weight_share)
+            weights = weighted_average([(update, share) for (_, update), share in zip(committed, shares)], weights)
+            for (holder_id, _), share in zip(committed, shares):
+                outcomes[holder_id]["weight_share"] = share
         for holder_id, message in trains.items():
             outcomes[holder_id]["reply_seconds"] = arrivals.get(message.metadata.message_id)
             if holder_id in evaluations:
@@ -279,9 +307,15 @@ class Federation:
         self.status["checkpoints"].append(str(checkpoint))
         finished = time.monotonic()
         self._record_round(round, started, exchanged, finished, outcomes, bool(evaluations))
-        if not verified:
+        if not committed:
             raise InvalidInputError(f"round {round}: no holder returned a verified update")
         return weights
+
+    def _evaluate_message(self, round: int, state: HolderState, arrays: dict, ttl: float) -> Message:
+        """An evaluate message for the global model after ``round`` (0: the initial model), naming the run
+        and the round so that a holder's daemon can decide (and record) what it releases."""
+        content = RecordDict({**arrays, "config": ConfigRecord({"run_id": self.run_id, "round": round})})
+        return Message(content, state.plan.holder.node_id, MessageType.EVALUATE, ttl=ttl, group_id=str(round))
 
     def _train_message(self, round: int, state: HolderState, arrays: dict) -> Message:
         settings = self.config.settings
@@ -301,32 +335,39 @@ class Federation:
         return Message(content, state.plan.holder.node_id, MessageType.TRAIN, ttl=self.config.timeouts.round, group_id=str(round))
 
     def _verified_update(self, round: int, state: HolderState, reply: Message | None, weights: dict[str, np.ndarray]):
+        """(update, receipt document, receipt, numeric metrics, update norm) of a train reply, or an exception
+        saying what is wrong with it (the caller aborts the holder whatever the exception)."""
         if reply is None:
             raise InvalidInputError(f"no reply within {self.config.timeouts.round:g} s")
         if reply.has_error():
             raise InvalidInputError(f"refused or failed (code {reply.error.code}): {reply.error.reason}")
         content = reply.content
-        if "receipt" not in content:
-            raise InvalidInputError("train reply lacks 'receipt'")
-        update = weights_of(content)
+        if "receipt" not in content or not isinstance(content["receipt"], ConfigRecord):
+            raise InvalidInputError("train reply lacks the ConfigRecord 'receipt'")
         document = content["receipt"].get("document")
+        if not isinstance(document, str):
+            raise InvalidInputError("the receipt record lacks the string 'document'")
+        update = weights_of(content)
+        planned = state.plan.round_event(self.config.settings.local_steps)
         receipt = check_receipt(
             document,
             update,
-            public_key=state.plan.holder.public_key,
+            public_key=self.registry.holder(state.plan.holder_id).ledger_public_key,  # the pinned key
             run_id=self.run_id,
             round=round,
             holder_id=state.plan.holder_id,
-            planned=state.plan.round_event(self.config.settings.local_steps),
+            planned=planned,
         )
+        check_within(receipt.event, planned)  # what Ledger.commit will demand, checked before anything is written
         check_update(update, weights)
-        metrics = dict(content["metrics"]) if "metrics" in content else {}
-        return update, json.loads(document), receipt, {k: float(v) for k, v in metrics.items()}
+        norm = check_update_norm(update, weights, self.max_update_norm)
+        metrics = _numeric_metrics(content["metrics"], f"holder {state.plan.holder_id}'s train metrics") if "metrics" in content else {}
+        return update, json.loads(document), receipt, metrics, norm
 
     def _evaluate(self, round: int, weights: dict[str, np.ndarray]) -> None:
         arrays = weight_records(weights, self.config.model.pack_weights)
         messages = {
-            holder_id: Message(RecordDict(arrays), state.plan.holder.node_id, MessageType.EVALUATE, ttl=self.config.timeouts.evaluate, group_id=str(round))
+            holder_id: self._evaluate_message(round, state, arrays, self.config.timeouts.evaluate)
             for holder_id, state in self._active().items()
         }
         replies = exchange(self.grid, list(messages.values()), self.config.timeouts.evaluate, self.config.timeouts.poll_interval)
@@ -334,11 +375,26 @@ class Federation:
             self._record_evaluation(holder_id, round, replies.get(message.metadata.message_id))
 
     def _record_evaluation(self, holder_id: str, round: int, reply: Message | None) -> None:
+        """Keep the numeric metrics of an evaluation reply. A holder releases none by default (its daemon
+        answers with an error): no reply, an error or anything malformed is logged and changes nothing else
+        (the holder is neither dropped nor aborted)."""
         state = self.holders[holder_id]
-        if reply is None or reply.has_error() or "metrics" not in reply.content:
-            _log(f"holder {holder_id}: no evaluation of round {round} ({reply.error.reason if reply is not None and reply.has_error() else 'no reply'})")
+        try:
+            if reply is None:
+                _log(f"holder {holder_id}: no evaluation of round {round} (no reply)")
+                return
+            if reply.has_error():
+                _log(f"holder {holder_id}: no evaluation of round {round} (code {reply.error.code}: {str(reply.error.reason)[:200]})")
+                return
+            if "metrics" not in reply.content:
+                _log(f"holder {holder_id}: evaluation reply of round {round} carries no metrics")
+                return
+            metrics = _numeric_metrics(reply.content["metrics"], f"holder {holder_id}'s evaluation metrics")
+        except Exception as failure:  # noqa: BLE001 - a malformed evaluation reply is ignored, not fatal
+            _log(f"holder {holder_id}: evaluation reply of round {round} ignored: {_reason(failure)}")
             return
-        metrics = {name: float(value) for name, value in reply.content["metrics"].items()}
+        if not metrics:
+            return
         state.evaluation[round] = metrics
         if "accuracy" in metrics:
             state.accuracy[round] = metrics["accuracy"]
@@ -356,14 +412,13 @@ class Federation:
 
     def _record_round(self, round: int, started: float, exchanged: float, finished: float, outcomes: dict, evaluated: bool) -> None:
         seconds = finished - started
-        local = [self.holders[h].train_seconds[round] for h in outcomes if round in self.holders[h].train_seconds]
-        slowest = max(local) if local else None
         record = {
             "round": round,
             "seconds": seconds,
             "exchange_seconds": exchanged - started,
-            "slowest_train_seconds": slowest,
-            "overhead_seconds": None if slowest is None else seconds - slowest,
+            # Holders no longer release their training time; `ewtune bench federation` reads their ledgers.
+            "slowest_train_seconds": None,
+            "overhead_seconds": None,
             "evaluation_included": evaluated,
             "holders": outcomes,
         }
@@ -371,7 +426,6 @@ class Federation:
         committed = sum(1 for outcome in outcomes.values() if outcome["status"] == "committed")
         _log(
             f"round {round}: {committed}/{len(outcomes)} update(s) verified and aggregated in {seconds:.1f} s"
-            + (f" (slowest local training {slowest:.1f} s)" if slowest is not None else "")
         )
 
     def _finish(self, weights: dict[str, np.ndarray]) -> None:
@@ -408,7 +462,6 @@ class Federation:
             "rounds_committed": state.rounds_committed,
             "accuracy": {str(k): v for k, v in sorted(state.accuracy.items())},
             "evaluation": {str(k): v for k, v in sorted(state.evaluation.items())},
-            "train_seconds": {str(k): v for k, v in sorted(state.train_seconds.items())},
         }
         if self.ledger is not None:
             spend = self.ledger.spend(holder_id)
@@ -427,9 +480,33 @@ def _description(node: int, reply: Message | None) -> HolderDescription:
         raise InvalidInputError("no description within the query timeout")
     if reply.has_error():
         raise InvalidInputError(f"query failed (code {reply.error.code}): {reply.error.reason}")
-    if "description" not in reply.content:
-        raise InvalidInputError("query reply lacks 'description'")
+    if "description" not in reply.content or not isinstance(reply.content["description"], ConfigRecord):
+        raise InvalidInputError("query reply lacks the ConfigRecord 'description'")
     return HolderDescription.from_mapping(node, dict(reply.content["description"]))
+
+
+def _numeric_metrics(record: Any, what: str) -> dict[str, float]:
+    """The finite numbers of a holder's metrics record; anything else (lists, strings, NaN, a record of
+    another kind) is left out with a log line."""
+    try:
+        items = list(record.items())
+    except Exception:  # noqa: BLE001 - not a mapping at all
+        _log(f"{what}: not a record of metrics, ignored")
+        return {}
+    metrics = {}
+    for name, value in items:
+        if isinstance(name, str) and not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value):
+            metrics[name] = float(value)
+        else:
+            _log(f"{what}: {str(name)[:40]!r} is not a finite number, ignored")
+    return metrics
+
+
+def _reason(failure: BaseException) -> str:
+    """A one-line reason: the message of an InvalidInputError, the type and message of anything else."""
+    if isinstance(failure, InvalidInputError):
+        return str(failure)
+    return f"{type(failure).__name__}: {failure}".splitlines()[0][:500] if str(failure) else type(failure).__name__
 
 
 def _rdp(spend) -> float | None:

@@ -1,57 +1,96 @@
 """The ServerApp's round logic in-process, against a fake Grid whose holders forge receipts (a receipt signed
 by another key, an event altered after signing, an update altered after signing) or never answer. Each such
 reply is aborted in the coordinator's ledger and never aggregated; the honest holder's update is the new global
-model. A second run on the same ledger stops cleanly before a round that would exceed a holder's budget."""
+model. A second run on the same ledger stops cleanly before a round that would exceed a holder's budget.
+
+Hostile or broken holders (crafted layouts, list-valued metrics, oversized updates, impersonation of another
+holder at query time) are each aborted or left out while the run goes on with the others."""
 
 import json
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from accountant.events import PoissonGaussianEvent
+from accountant.events import PoissonGaussianEvent, compose
 from accountant.ledger import parse_line, split_lines
 from accountant.receipts import Receipt, sign_receipt, update_digest
 from accountant.signing import SigningKey
 from accountant.verify import verify_ledger
 from coordinator.checkpoints import load_weights, save_weights
 from coordinator.config import load_federation_config
-from coordinator.packing import weight_records, weights_of
+from coordinator.packing import LAYOUT_KEY, PACKED_NAME, weight_records, weights_of
+from coordinator.registry import RegisteredHolder, new_registry
 from coordinator.server_app import Federation
 
 INITIAL = {"w": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
 
 
 class Node:
-    def __init__(self, node_id, holder_id, forgery=None):
+    """A holder's node: its SuperNode key (what the SuperLink reports as NodeInfo.public_key, PEM bytes),
+    its ledger key and what it does with each message. ``claims`` overrides what its description says."""
+
+    def __init__(self, node_id, holder_id, forgery=None, dataset_size=100, claims=None, registered=True, step=None):
         self.node_id, self.holder_id, self.forgery = node_id, holder_id, forgery
+        self.dataset_size, self.claims, self.registered = dataset_size, dict(claims or {}), registered
+        self.step = 1.0 + node_id if step is None else step
         self.status = "online"
         self.key = SigningKey.generate()
+        self.supernode_key = ec.generate_private_key(ec.SECP384R1())
+        self.public_key = self.supernode_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.evaluate_configs = []
+
+    def card(self):
+        line = self.supernode_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        return RegisteredHolder(self.holder_id, line, self.key.public_key_text)
 
     def reply(self, message):
         if message.metadata.message_type == MessageType.QUERY:
-            description = {"holder_id": self.holder_id, "dataset_size": 100, "budget_epsilon": 8.0, "budget_delta": 1e-5,
-                           "spent_epsilon_certified": 0.0, "public_key": self.key.public_key_text, "model_id": "m"}
+            description = {"holder_id": self.holder_id, "dataset_size": self.dataset_size, "budget_epsilon": 8.0, "budget_delta": 1e-5,
+                           "spent_epsilon_certified": 0.0, "public_key": self.key.public_key_text, "model_id": "m", **self.claims}
             return Message(RecordDict({"description": ConfigRecord(description)}), reply_to=message)
         if message.metadata.message_type == MessageType.EVALUATE:
+            self.evaluate_configs.append(dict(message.content["config"]))
+            if self.forgery == "no evaluation":  # the default of a holder: it releases no evaluation metrics
+                return Message(Error(code=0, reason="evaluation metrics are not released"), reply_to=message)
+            if self.forgery == "list metrics":
+                return Message(RecordDict({"metrics": MetricRecord({"accuracy": [0.5, 0.6], "loss": 0.25})}), reply_to=message)
             return Message(RecordDict({"metrics": MetricRecord({"accuracy": 0.5, "num_examples": 10})}), reply_to=message)
         if self.forgery == "silent":
             return None  # a dead daemon: the train message is never answered
         plan = message.content["config"]
-        update = {name: array + (1.0 + self.node_id) for name, array in weights_of(message.content).items()}
+        update = {name: array + self.step for name, array in weights_of(message.content).items()}
         event = PoissonGaussianEvent(plan["sampling_rate"], plan["noise_multiplier"], plan["steps"])
+        if self.forgery == "composed":  # a valid receipt whose event is a composition of one mechanism
+            event = compose(PoissonGaussianEvent(plan["sampling_rate"], plan["noise_multiplier"], 1),
+                            PoissonGaussianEvent(plan["sampling_rate"], plan["noise_multiplier"], plan["steps"] - 1))
         key = SigningKey.generate() if self.forgery == "wrong key" else self.key
         document = sign_receipt(key, Receipt(plan["run_id"], plan["round"], self.holder_id, event, update_digest(update)))
         if self.forgery == "altered event":
             document["receipt"]["event"]["event"]["noise_multiplier"] *= 2
         if self.forgery == "altered update":
             update["w"] = update["w"] + 1e-3
+        metrics = {"loss": 0.5, "examples": 10, "steps": plan["steps"]}
+        if self.forgery == "list metrics":
+            metrics["losses"] = [0.5, 0.4]
         content = RecordDict({
             **weight_records(update, packed=True),
             "receipt": ConfigRecord({"document": json.dumps(document)}),
-            "metrics": MetricRecord({"loss": 0.5, "examples": 10, "steps": plan["steps"], "seconds": 0.01}),
+            "metrics": MetricRecord(metrics),
         })
+        if self.forgery in ("object layout", "negative shape"):
+            # The layout is not covered by the receipt's digest of the arrays: rewrite it after signing.
+            layout = json.loads(content[LAYOUT_KEY]["json"])
+            if self.forgery == "object layout":
+                layout[0][1] = "|O"
+            else:
+                layout[0][2] = [-2, -2]
+            content[LAYOUT_KEY] = ConfigRecord({"json": json.dumps(layout)})
         return Message(content, reply_to=message)
 
 
@@ -78,7 +117,29 @@ class FakeGrid:
 
 
 def _federation(directory, nodes):
+    registry = new_registry(directory / "supernodes.json", ("127.0.0.1",))
+    for node in nodes:
+        if node.registered and node.holder_id not in {h.holder_id for h in registry.holders}:
+            registry = registry.with_holder(node.card())
+    registry.save()
     return Federation(FakeGrid(nodes), load_federation_config(directory / "federation.toml"), flower_run_id=7)
+
+
+FEDERATION_TOML = (
+    '[federation]\nname = "t"\nrounds = 2\nlocal_steps = 3\nexpected_batch_size = 10\nclip_norm = 1.0\nlearning_rate = 0.1\n'
+    'target_epsilon = 8.0\ndelta = 1e-5\nmin_holders = 1\nexpected_holders = {expected}\n{extra}'
+    '[coordinator]\nledger = "ledger.jsonl"\nsigning_key = "coordinator.key"\noutput_dir = "out"\nregistry = "supernodes.json"\n'
+    '[model]\ninitial_weights = "initial.safetensors"\nmode = "full"\nevaluate = "every_round"\n'
+    "[timeouts]\nnodes = 1\nquery = 5\nround = 1\nevaluate = 5\npoll_interval = 0.01\n"
+)
+
+
+def _directory(tmp_path, expected, extra=""):
+    key = SigningKey.generate()
+    key.save(tmp_path / "coordinator.key")
+    save_weights(tmp_path / "initial.safetensors", INITIAL)
+    (tmp_path / "federation.toml").write_text(FEDERATION_TOML.format(expected=expected, extra=extra))
+    return key
 
 
 @pytest.fixture()
@@ -86,16 +147,7 @@ def run(tmp_path, monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    key = SigningKey.generate()
-    key.save(tmp_path / "coordinator.key")
-    save_weights(tmp_path / "initial.safetensors", INITIAL)
-    (tmp_path / "federation.toml").write_text(
-        '[federation]\nname = "t"\nrounds = 2\nlocal_steps = 3\nexpected_batch_size = 10\nclip_norm = 1.0\nlearning_rate = 0.1\n'
-        'target_epsilon = 8.0\ndelta = 1e-5\nmin_holders = 1\nexpected_holders = 5\n'
-        '[coordinator]\nledger = "ledger.jsonl"\nsigning_key = "coordinator.key"\noutput_dir = "out"\n'
-        '[model]\ninitial_weights = "initial.safetensors"\nmode = "full"\nevaluate = "every_round"\n'
-        "[timeouts]\nnodes = 1\nquery = 5\nround = 1\nevaluate = 5\npoll_interval = 0.01\n"
-    )
+    key = _directory(tmp_path, expected=5)
     nodes = [Node(1, "honest"), Node(2, "forger-key", "wrong key"), Node(3, "forger-event", "altered event"),
              Node(4, "forger-update", "altered update"), Node(5, "dead", "silent")]
     federation = _federation(tmp_path, nodes)
@@ -143,3 +195,104 @@ def test_a_second_run_stops_before_a_round_that_would_exceed_a_budget(run):
     assert federation.status["rounds_completed"] == 0
     assert "honest's round 1 would bring its certified epsilon" in federation.status["reason"]
     assert verify_ledger(directory / "ledger.jsonl", key.public_key_text).ok
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """One run with honest holders beside broken and hostile ones, each through the real ServerApp path."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+        monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+        monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+        yield _hostile_run(tmp_path_factory.mktemp("hostile"))
+
+
+def _hostile_run(tmp_path):
+    key = _directory(tmp_path, expected=11)
+    other_ledger_key = SigningKey.generate().public_key_text
+    nodes = [
+        Node(1, "honest", step=1.0),
+        Node(2, "composed", "composed", step=1.0),
+        Node(3, "lists", "list metrics", step=1.0),
+        Node(4, "object", "object layout", step=1.0),
+        Node(5, "negative", "negative shape", step=1.0),
+        Node(6, "giant", step=1000.0),
+        Node(7, "mute", "no evaluation", step=1.0),
+        Node(8, "impostor", claims={"holder_id": "honest"}, step=1.0),
+        Node(9, "rekeyed", claims={"public_key": other_ledger_key}, step=1.0),
+        Node(10, "stranger", registered=False, step=1.0),
+        Node(11, "big", dataset_size=1000, step=2.0),
+    ]
+    federation = _federation(tmp_path, nodes)
+    federation.run()
+    return tmp_path, federation.status, key, {node.holder_id: node for node in nodes}
+
+
+def test_hostile_replies_abort_only_their_holder_and_the_round_goes_on(hostile):
+    directory, status, key, _ = hostile
+    assert status["state"] == "finished" and status["rounds_completed"] == 2, status["reason"]
+    holders = status["holders"]
+    for holder in ("honest", "composed", "lists", "mute", "big"):
+        assert holders[holder]["rounds_committed"] == 2 and holders[holder]["active"], holders[holder]
+    assert "dtype" in holders["object"]["reason"]  # a layout claiming dtype object
+    assert "integers >= 0" in holders["negative"]["reason"]  # a layout with a negative shape
+    assert "more than the bound" in holders["giant"]["reason"]  # a model-replacement-sized update
+    for holder in ("object", "negative", "giant"):
+        assert holders[holder]["rounds_committed"] == 0 and not holders[holder]["active"]
+    report = verify_ledger(directory / "ledger.jsonl", key.public_key_text)
+    assert report.ok, report.summary()
+    assert report.holders["giant"].epsilon_certified == 0.0  # its reservation was aborted
+
+
+def test_a_composed_event_and_list_metrics_are_accepted_without_the_lists(hostile):
+    _, status, _, _ = hostile
+    first = status["rounds"][0]["holders"]
+    assert first["composed"]["status"] == "committed" and first["composed"]["steps"] == 3
+    assert first["lists"]["metrics"] == {"loss": 0.5, "examples": 10.0, "steps": 3.0}  # "losses" (a list) left out
+    assert status["holders"]["lists"]["evaluation"]["1"] == {"loss": 0.25}  # the list-valued accuracy left out
+    assert all(r["slowest_train_seconds"] is None and r["overhead_seconds"] is None for r in status["rounds"])
+
+
+def test_nodes_impersonating_a_holder_or_unregistered_are_left_out(hostile):
+    """The attack: a registered node claims another holder's id (impostor -> honest), or its own id with a
+    ledger key other than the registered one; an unregistered SuperNode key describes itself. None of them
+    is planned, reserved or sent anything."""
+    directory, status, key, _ = hostile
+    skipped = status["skipped"]
+    assert "claims holder id 'honest' but its SuperNode key is registered to 'impostor'" in skipped["node-8"]
+    assert "ledger key other than the registered one" in skipped["node-9"]
+    assert "not in the holder registry" in skipped["node-10"]
+    assert not {"impostor", "rekeyed", "stranger"} & set(status["holders"])
+    assert status["holders"]["honest"]["rounds_committed"] == 2
+    report = verify_ledger(directory / "ledger.jsonl", key.public_key_text)
+    assert not {"impostor", "rekeyed", "stranger"} & set(report.holders)
+
+
+def test_a_holder_claiming_a_large_dataset_gets_at_most_half_the_average(hostile):
+    directory, status, _, _ = hostile
+    shares = {holder: outcome["weight_share"] for holder, outcome in status["rounds"][0]["holders"].items() if "weight_share" in outcome}
+    assert shares == pytest.approx({"honest": 0.125, "composed": 0.125, "lists": 0.125, "mute": 0.125, "big": 0.5})
+    final = load_weights(directory / "out" / "final.safetensors")
+    np.testing.assert_allclose(final["w"], np.full((2, 2), 3.0))  # 2 rounds of 0.5 * 2 + 0.5 * 1 (uncapped: 1.71 a round)
+
+
+def test_evaluations_name_the_run_and_round_and_an_error_reply_drops_nobody(hostile):
+    _, status, _, nodes = hostile
+    assert nodes["mute"].evaluate_configs == [{"run_id": "t-7", "round": r} for r in (0, 1, 2)]
+    mute = status["holders"]["mute"]
+    assert mute["active"] and mute["reason"] is None and mute["evaluation"] == {}
+    assert status["holders"]["honest"]["accuracy"] == {"0": 0.5, "1": 0.5, "2": 0.5}
+
+
+def test_a_configured_update_norm_bound_is_applied(tmp_path, monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    _directory(tmp_path, expected=2, extra="max_update_norm = 1.0\n")
+    nodes = [Node(1, "small", step=0.1), Node(2, "large", step=1.0)]
+    federation = _federation(tmp_path, nodes)
+    federation.run()
+    status = federation.status
+    assert status["plan"]["max_update_norm"] == 1.0
+    assert status["holders"]["small"]["rounds_committed"] == 2
+    assert "more than the bound 1" in status["holders"]["large"]["reason"]

@@ -1,0 +1,77 @@
+"""Cross-check of the coordinator's ledger against the holders' own ledgers (an auditor's second look).
+
+Each ledger is first verified on its own (:func:`accountant.verify.verify_ledger`: chain, signatures, rules,
+epsilons recomputed). Then, for every commit in the coordinator's ledger, the holder's ledger must hold a
+commit for the same run and round with the same executed event and the same receipt hash (SHA-256 of the
+canonical JSON of the signed receipt, which both sides record). A holder commit that the coordinator did not
+commit (an update it rejected or never received) is listed apart: the holder spent that privacy, so the
+holder's own ledger, never the coordinator's, is the record of what it has spent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from accountant.ledger import parse_line, split_lines
+
+
+@dataclass
+class CrossCheck:
+    matched: int = 0
+    mismatches: list[str] = field(default_factory=list)  # coordinator commits the holder's ledger contradicts
+    not_aggregated: list[str] = field(default_factory=list)  # holder commits absent from the coordinator's ledger
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def read_entries(path) -> list[dict[str, Any]]:
+    """Every complete line of a ledger, parsed (not verified: use :func:`accountant.verify.verify_ledger`)."""
+    with open(path, "rb") as handle:
+        return [parse_line(line) for line in split_lines(handle.read()).lines]
+
+
+def commits_by_round(entries: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """(holder, run_id, round) -> {"event": ..., "receipt_sha256": ...} for every commit of a ledger."""
+    reservations, commits = {}, {}
+    for entry in entries:
+        payload = entry["payload"]
+        if entry["kind"] == "reserve":
+            reservations[entry["seq"]] = (payload.get("holder", entry["writer"]), payload["run_id"], payload["round"])
+        elif entry["kind"] == "commit":
+            key = reservations[payload["reservation"]]
+            commits[key] = {"event": payload["event"], "receipt_sha256": payload.get("receipt_sha256")}
+    return commits
+
+
+def cross_check(coordinator_entries: Iterable[Mapping[str, Any]], holder_entries: Mapping[str, Iterable[Mapping[str, Any]]]) -> CrossCheck:
+    """Compare every coordinator commit with the holder ledgers in ``holder_entries`` (holder id -> entries)."""
+    result = CrossCheck()
+    coordinator = commits_by_round(coordinator_entries)
+    holders = {holder_id: commits_by_round(entries) for holder_id, entries in holder_entries.items()}
+    for (holder_id, run_id, round), commit in sorted(coordinator.items()):
+        if holder_id not in holders:
+            continue
+        own = holders[holder_id].get((holder_id, run_id, round))
+        where = f"{holder_id}, run {run_id}, round {round}"
+        if own is None:
+            result.mismatches.append(
+                f"{where}: committed by the coordinator, absent from the holder's ledger "
+                "(the holder's ledger was rolled back or truncated, or the commit was never written)"
+            )
+        elif own["event"] != commit["event"]:
+            result.mismatches.append(f"{where}: the executed events differ")
+        elif own["receipt_sha256"] != commit["receipt_sha256"]:
+            result.mismatches.append(f"{where}: the receipt hashes differ")
+        else:
+            result.matched += 1
+    runs = {run_id for (_, run_id, _) in coordinator}
+    for holder_id, commits in holders.items():
+        for key in sorted(commits):
+            if key[1] in runs and key not in coordinator:
+                result.not_aggregated.append(f"{holder_id}, run {key[1]}, round {key[2]}")
+    return result
+

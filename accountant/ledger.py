@@ -6,7 +6,7 @@ Each line is one entry in canonical JSON (:func:`accountant.signing.canonical_js
      "prev": sha256 of the previous line's canonical JSON (64 zeros for genesis),
      "signature": Ed25519 by the writer over the canonical JSON of the entry without "signature"}
 
-Kinds (a kind is never removed and its meaning never changes; see DESIGN.md, trust boundaries):
+Kinds (a kind is never removed and its meaning never changes, so that an old ledger always reads the same):
 genesis (writer, public key, budget policy, the pinned certified accountant, schema), holder (a coordinator
 registers a holder's id, public key and budget), reserve (a planned event for a holder, run and round),
 commit (the event actually executed for a reservation: its steps may be fewer, never more), abort (a
@@ -15,7 +15,20 @@ The writer is itself a holder with the genesis budget; a holder's own ledger has
 
 Durability: a line is written with O_APPEND and fsynced before the call returns; the directory is fsynced
 when the file is created; ``fcntl.flock`` keeps a second writer out. Nothing written is ever rewritten:
-a torn tail is saved to ``PATH.torn-<time>`` before it is cut off, and the cut is recorded as an entry.
+a torn tail that is a complete, valid entry (only its newline was lost) is completed with its newline; any
+other torn tail is saved to ``PATH.torn-<time>`` before it is cut off, and the cut is recorded as an entry.
+Files are created with mode 0600: a ledger says which data sets were trained on, and when.
+
+Rollback: the chain and the signatures prove that every entry of a file was written by the writer in that
+order, but not that the file is *all* the writer wrote: a copy cut at a line boundary, or an older backup,
+is a valid shorter ledger whose holder has spent less. So the ledger's head (seq and entry hash of its last
+entry) is anchored outside the file, in a head file signed by the writer key (default ``PATH.head``; an
+operator should put it on another volume or directory, which a restore of the ledger file cannot reach).
+Every append updates it after the line is fsynced, atomically (temporary file, fsync, rename, directory
+fsync). :meth:`Ledger.open` refuses a ledger that lacks the anchored entry or holds another one there. A
+ledger *ahead* of its head is accepted: each append fsyncs its line before it touches the head, so a crash
+in between leaves the ledger one entry ahead, and entries beyond the anchored one are signed by the writer
+and chained onto it: they can only add spend, never hide it. The head is then brought forward.
 """
 
 from __future__ import annotations
@@ -24,8 +37,10 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
+import secrets
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -41,6 +56,12 @@ GENESIS_PREV = "0" * 64
 ENTRY_FIELDS = ("seq", "time", "kind", "writer", "payload", "prev", "signature")
 STATED_EPSILONS = ("epsilon_certified", "epsilon_edgeworth")
 _TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+HEAD_TYPE = "ewtune-ledger-head"  # no ledger entry has a "type" field: a signed head never reads as an entry
+HEAD_FIELDS = ("type", "ledger", "writer", "seq", "hash", "time", "signature")
+FILE_MODE = 0o600
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,6 +147,144 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+# -- the head anchor -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Head:
+    """A ledger's last entry, named by seq and entry hash. The hash covers, through ``prev``, every entry
+    before it, so a head pins the whole prefix of the ledger up to ``seq``."""
+
+    seq: int
+    hash: str
+
+    def __str__(self) -> str:
+        return f"{self.seq}:{self.hash}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Head":
+        """``SEQ:HASH`` (as printed by ``str(head)``), e.g. from a head file or the coordinator's records."""
+        seq_text, _, digest = str(text).partition(":")
+        if not seq_text.isdigit() or not _SHA256_HEX.fullmatch(digest):
+            raise InvalidInputError(
+                f"a head is SEQ:HASH (an entry number and 64 lower-case hex digits), got {text!r}"
+            )
+        return cls(int(seq_text), digest)
+
+
+@dataclass(frozen=True)
+class HeadRecord:
+    """A head file's content, its signature verified: the ledger file name it anchors, the writer, when it
+    was written, and the head itself."""
+
+    path: Path
+    ledger: str
+    writer: str
+    time: str
+    head: Head
+
+
+def default_head_path(ledger_path: str | os.PathLike) -> Path:
+    """``<ledger path>.head``: next to the ledger, where a restore of the whole directory also reaches it;
+    pass another ``head_path`` to keep it out of reach."""
+    ledger_path = Path(ledger_path)
+    return ledger_path.with_name(ledger_path.name + ".head")
+
+
+def head_document(ledger_name: str, writer: str, head: Head, key: SigningKey) -> dict[str, Any]:
+    """The signed head: canonical JSON signed by the writer key, like an entry, but with a ``type`` field
+    that no entry has, so that one can never be passed off as the other."""
+    document: dict[str, Any] = {
+        "type": HEAD_TYPE,
+        "ledger": ledger_name,
+        "writer": writer,
+        "seq": head.seq,
+        "hash": head.hash,
+        "time": _format_time(datetime.now(timezone.utc)),
+    }
+    document["signature"] = key.sign(signed_bytes(document))
+    return document
+
+
+def parse_head(data: bytes, public_key_text: str, source: str | os.PathLike = "the head file") -> HeadRecord:
+    """A head file's bytes, checked: its fields, and its signature under ``public_key_text`` (the ledger's
+    genesis key, or the key an auditor pinned). Raises ``InvalidInputError`` naming what is wrong."""
+    try:
+        document = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidInputError(f"head file {source} is not valid JSON") from None
+    if not isinstance(document, dict) or document.get("type") != HEAD_TYPE:
+        raise InvalidInputError(f"head file {source} is not a ledger head")
+    missing = [name for name in HEAD_FIELDS if name not in document]
+    if missing:
+        raise InvalidInputError(f"head file {source} lacks {', '.join(missing)}")
+    seq, digest = document["seq"], document["hash"]
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise InvalidInputError(f"head file {source}: seq must be an integer >= 0, got {seq!r}")
+    if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
+        raise InvalidInputError(f"head file {source}: hash must be 64 lower-case hex digits")
+    if not all(isinstance(document[name], str) for name in ("ledger", "writer", "time", "signature")):
+        raise InvalidInputError(f"head file {source} has fields of the wrong type")
+    if not verify_signature(public_key_text, signed_bytes(document), document["signature"]):
+        raise InvalidInputError(
+            f"head file {source} is not signed by the ledger's writer key (forged, or the head of another ledger)"
+        )
+    return HeadRecord(Path(source), document["ledger"], document["writer"], document["time"], Head(seq, digest))
+
+
+def read_head(path: str | os.PathLike, public_key_text: str) -> HeadRecord:
+    """Read and verify a head file (for auditors: compare its head with a ledger copy, see
+    :func:`head_mismatch`). An unreadable file or a bad one raises ``InvalidInputError``."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise InvalidInputError(f"cannot read head file {path}: {error.strerror or error}") from None
+    return parse_head(data, public_key_text, path)
+
+
+def head_mismatch(entry_hashes: "list[str] | tuple[str, ...]", head: Head) -> str | None:
+    """Why a ledger whose entries hash to ``entry_hashes`` (in seq order) does not contain ``head``, or None
+    when it does. More entries than the head's are fine (they were appended after it was written)."""
+    if head.seq >= len(entry_hashes):
+        return (
+            f"it holds {len(entry_hashes)} entries but its head anchors seq {head.seq}: "
+            "the ledger was rolled back or truncated"
+        )
+    if entry_hashes[head.seq] != head.hash:
+        return (
+            f"entry {head.seq} has hash {entry_hashes[head.seq][:16]}... where its head anchors "
+            f"{head.hash[:16]}...: the ledger is an older or a different copy"
+        )
+    return None
+
+
+def write_head(path: str | os.PathLike, document: Mapping[str, Any], replace: bool = True) -> None:
+    """Write a head file atomically: a temporary file (mode 0600) in the same directory is written and
+    fsynced, then renamed over ``path`` (or, with ``replace=False``, linked to it, which fails rather than
+    overwrite an existing head), and the directory is fsynced. A reader sees the old head or the new one,
+    never a torn one."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        try:
+            os.fchmod(fd, FILE_MODE)
+            _write_all(fd, canonical_json(document) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)
+            os.unlink(temporary)
+    except BaseException:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(path)
+
+
 class ChainChecker:
     """Checks entries one after another: contiguous seq, ``prev`` hashes, one writer, Ed25519 signatures
     by the genesis key (or the key an auditor pinned), times non-decreasing. Raises ``InvalidInputError``
@@ -180,36 +339,51 @@ def _serialised(method):
 class Ledger:
     """A ledger open for appending by its writer (the holder of the genesis key).
 
-    Use :meth:`create` or :meth:`open`; close it (or use ``with``) to release the writer lock.
+    Use :meth:`create` or :meth:`open`; close it (or use ``with``) to release the writer lock. The head file
+    (``head_path``, default ``<path>.head``) anchors the last entry outside the ledger file; see the module
+    docstring for why, and :meth:`anchor` for an operator who moved a ledger on purpose.
     """
 
-    def __init__(self, path: Path, key: SigningKey, fd: int) -> None:
+    def __init__(self, path: Path, key: SigningKey, fd: int, head_path: Path | None = None) -> None:
         self._path, self._key, self._fd = path, key, fd
+        self._head_path = default_head_path(path) if head_path is None else Path(head_path)
         self._chain = ChainChecker()
         self._state = LedgerState()
         self._entries: list[dict[str, Any]] = []
         self._broken: str | None = None
         self._lock = threading.RLock()  # one append at a time within the process (flock covers other processes)
         self.repair: dict[str, Any] | None = None  # the repair entry written when this open cut a torn tail
+        self.completed_tail: dict[str, Any] | None = None  # the entry whose lost newline this open restored
 
     # -- opening -----------------------------------------------------------------------------------------
 
     @classmethod
     def create(cls, path: str | os.PathLike, key: SigningKey, writer_id: str,
-               policy: Policy | Mapping[str, Any]) -> "Ledger":
-        """A new ledger holding only its genesis entry; an existing file is never overwritten."""
+               policy: Policy | Mapping[str, Any], head_path: str | os.PathLike | None = None) -> "Ledger":
+        """A new ledger holding only its genesis entry, and its head file. An existing ledger is never
+        overwritten, and an existing head file refuses the creation too: it anchors a ledger that was
+        there (deleting a ledger must not hand its writer a fresh budget)."""
         from accountant.certified import CERTIFIED_ACCOUNTANT
 
         path = Path(path)
+        head_path = default_head_path(path) if head_path is None else Path(head_path)
         policy = Policy.coerce(policy)
+        if os.path.lexists(path):
+            raise InvalidInputError(f"refusing to overwrite the existing ledger {path}")
+        if os.path.lexists(head_path):
+            raise InvalidInputError(
+                f"refusing to create ledger {path}: the head file {head_path} exists, so a ledger was "
+                "written there before (restore it, or move the head away if that ledger is truly retired)"
+            )
         try:
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, FILE_MODE)
         except FileExistsError:
             raise InvalidInputError(f"refusing to overwrite the existing ledger {path}") from None
         except OSError as error:
             raise InvalidInputError(f"cannot create ledger {path}: {error.strerror or error}") from None
-        ledger = cls(path, key, fd)
+        ledger = cls(path, key, fd, head_path)
         try:
+            os.fchmod(fd, FILE_MODE)  # the umask may have narrowed it further, never widened: make it exact
             _lock(fd, path)
             genesis = {
                 "writer": writer_id,
@@ -219,8 +393,9 @@ class Ledger:
                 "estimate": {"name": "edgeworth", "order": 1},
                 "schema": LEDGER_SCHEMA,
             }
-            ledger._append(ledger._new_entry("genesis", genesis, writer=writer_id))
-            _fsync_directory(path)
+            ledger._append(ledger._new_entry("genesis", genesis, writer=writer_id), update_head=False)
+            _fsync_directory(path)  # the ledger's name is durable before a head can point at it
+            ledger._write_head(replace=False)
         except BaseException:
             ledger.close()
             path.unlink()  # nothing was acknowledged: a half-made ledger must not block a retry
@@ -228,22 +403,52 @@ class Ledger:
         return ledger
 
     @classmethod
-    def open(cls, path: str | os.PathLike, key: SigningKey) -> "Ledger":
+    def open(cls, path: str | os.PathLike, key: SigningKey, head_path: str | os.PathLike | None = None) -> "Ledger":
         """Open an existing ledger for appending. Every entry is checked (chain, signatures, rules) and
-        ``key`` must be the genesis key. A torn last line is saved to ``PATH.torn-<time>``, cut off, and
-        the cut recorded as a signed repair entry (``self.repair``)."""
-        path = Path(path)
+        ``key`` must be the genesis key. The head file must exist, be signed by that key, and anchor an
+        entry the ledger holds, with that hash: otherwise the ledger was rolled back, truncated or replaced
+        by another copy, and opening it would let its writer spend again what it already spent. A torn
+        last line that is a complete, valid next entry is completed with its newline; any other is saved
+        to ``PATH.torn-<time>``, cut off, and the cut recorded as a signed repair entry (``self.repair``).
+        All these checks come before the first write, so a refused ledger is left exactly as it was."""
+        return cls._open(Path(path), key, head_path, anchor=False)
+
+    @classmethod
+    def anchor(cls, path: str | os.PathLike, key: SigningKey, head_path: str | os.PathLike | None = None) -> Head:
+        """Write a head file for the ledger as it is now, accepting its current state as the truth: the
+        escape hatch for an operator who moved a ledger (or upgrades one written before head files). Only
+        when no head file exists: an existing head is evidence and is never overwritten. Logged."""
+        with cls._open(Path(path), key, head_path, anchor=True) as ledger:
+            return ledger.head
+
+    @classmethod
+    def _open(cls, path: Path, key: SigningKey, head_path: str | os.PathLike | None, anchor: bool) -> "Ledger":
         try:
             fd = os.open(path, os.O_RDWR | os.O_APPEND)
         except OSError as error:
             raise InvalidInputError(f"cannot open ledger {path}: {error.strerror or error}") from None
-        ledger = cls(path, key, fd)
+        ledger = cls(path, key, fd, head_path)
         try:
             _lock(fd, path)
             split = split_lines(_read_all(fd))
             ledger._load(split.lines)
-            if split.torn_tail:
+            tail = ledger._tail_entry(split.torn_tail) if split.torn_tail else None
+            if anchor:
+                ledger._refuse_existing_head()
+                anchored = None
+            else:
+                anchored = ledger._check_head([*ledger._entries, *([tail[0]] if tail else [])])
+            if tail is not None:
+                ledger._complete_tail(*tail)
+            elif split.torn_tail:
                 ledger._repair(split)
+            if anchor:
+                ledger._write_head(replace=False)
+                log.warning("ledger %s: head %s written to %s by `ewtune ledger anchor`, accepting the "
+                            "ledger's current state as the truth", path, ledger.head, ledger._head_path)
+            elif ledger.head != anchored:
+                ledger._write_head()  # a crash came between an fsynced append and its head update
+                log.info("ledger %s: head brought forward from seq %d to %d", path, anchored.seq, ledger.head.seq)
         except BaseException:
             ledger.close()
             raise
@@ -266,12 +471,76 @@ class Ledger:
         if self._chain.public_key != self._key.public_key_text:
             raise InvalidInputError(f"this signing key is not the writer key of {self._path}")
 
+    def _tail_entry(self, torn: bytes):
+        """The torn tail as ``(entry, change)`` when it is the complete next entry that lost only its
+        newline (canonical JSON, the rules, chain and writer signature all hold), else None. The rules are
+        checked before the chain, because a successful chain check advances the checker."""
+        try:
+            entry = parse_line(torn)
+            change = self._state.prepare(entry)
+            self._chain.check(entry)
+        except InvalidInputError:
+            return None
+        return entry, change
+
+    def _complete_tail(self, entry: dict[str, Any], change) -> None:
+        """Restore the newline of a complete last entry: it was signed and fully written, and may already
+        have been acknowledged (a reservation the caller relies on), so cutting it would lose it."""
+        try:
+            _write_all(self._fd, b"\n")
+            os.fsync(self._fd)
+        except OSError as error:
+            raise EwtuneError(f"cannot complete the last line of ledger {self._path}: {error.strerror or error}") from None
+        change()
+        self._entries.append(entry)
+        self.completed_tail = entry
+
+    def _check_head(self, entries: list[dict[str, Any]]) -> Head:
+        """The anchored head, once checked against ``entries`` (those loaded, and a completable tail)."""
+        path, head_path = self._path, self._head_path
+        if not os.path.lexists(head_path):
+            raise InvalidInputError(
+                f"refusing to open ledger {path}: its head file {head_path} is missing, so the ledger may have "
+                f"been restored from an older copy or moved; if you moved it on purpose, run `ewtune ledger "
+                f"anchor {path} --key KEY --head {head_path}` to accept its current state as the truth"
+            )
+        record = read_head(head_path, self._chain.public_key)
+        if record.ledger != path.name:
+            raise InvalidInputError(
+                f"refusing to open ledger {path}: its head file {head_path} anchors the ledger {record.ledger!r}"
+            )
+        reason = head_mismatch([entry_hash(entry) for entry in entries], record.head)
+        if reason is not None:
+            raise InvalidInputError(f"refusing to open ledger {path}: {reason} (head file {head_path})")
+        return record.head
+
+    def _refuse_existing_head(self) -> None:
+        if os.path.lexists(self._head_path):
+            raise InvalidInputError(
+                f"refusing to anchor ledger {self._path}: the head file {self._head_path} exists and is never "
+                "overwritten (open the ledger normally; remove that head by hand only if you are certain it is stale)"
+            )
+
+    def _write_head(self, replace: bool = True) -> None:
+        document = head_document(self._path.name, self._state.writer, self.head, self._key)
+        try:
+            write_head(self._head_path, document, replace=replace)
+        except FileExistsError:
+            raise InvalidInputError(f"refusing to overwrite the existing head file {self._head_path}") from None
+        except OSError as error:
+            self._broken = f"head file {self._head_path}: {error.strerror or error}"
+            raise EwtuneError(
+                f"entry {self.head.seq} is written to ledger {self._path} but its head file {self._head_path} "
+                f"could not be updated ({error.strerror or error}); reopen the ledger to bring the head forward"
+            ) from None
+
     def _repair(self, split: SplitFile) -> None:
         torn = split.torn_tail
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         saved = self._path.with_name(f"{self._path.name}.torn-{stamp}")
-        fd = os.open(saved, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(saved, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
+            os.fchmod(fd, FILE_MODE)
             _write_all(fd, torn)
             os.fsync(fd)
         finally:
@@ -285,7 +554,7 @@ class Ledger:
             "offset": split.torn_offset,
             "saved_as": saved.name,
         }
-        self._append(self._new_entry("repair", payload))
+        self._append(self._new_entry("repair", payload), update_head=False)  # the open writes the head
         self.repair = self._entries[-1]
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -293,6 +562,16 @@ class Ledger:
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def head_path(self) -> Path:
+        return self._head_path
+
+    @property
+    def head(self) -> Head:
+        """Seq and entry hash of the last entry: what the head file anchors, and what a holder or the
+        coordinator can keep to check a copy of this ledger later (``ewtune ledger verify --expect-head``)."""
+        return Head(self._entries[-1]["seq"], self._chain.last_hash)
 
     @property
     def writer_id(self) -> str:
@@ -406,7 +685,9 @@ class Ledger:
             "prev": self._chain.last_hash,
         }
 
-    def _append(self, entry: dict[str, Any], change=None) -> int:
+    def _append(self, entry: dict[str, Any], change=None, update_head: bool = True) -> int:
+        """Sign, write and fsync one line, then (``update_head``) anchor it in the head file. The head is
+        written only after the line is durable, so the head never anchors an entry the file may lack."""
         if self._fd < 0:
             raise InvalidInputError(f"ledger {self._path} is closed")
         if self._broken:
@@ -423,6 +704,8 @@ class Ledger:
             raise EwtuneError(f"cannot append to ledger {self._path}: {self._broken}") from None
         change()
         self._entries.append(entry)
+        if update_head:
+            self._write_head()
         return entry["seq"]
 
 

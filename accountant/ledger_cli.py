@@ -1,28 +1,28 @@
-"""``ewtune ledger verify|show``: audit a privacy ledger offline. Imports only argparse until a command runs."""
+"""``ewtune ledger verify|show|anchor``: audit a privacy ledger offline, anchor a moved one.
+
+Imports only argparse until a command runs."""
 
 from __future__ import annotations
 
 import argparse
 
+WITHHELD = "INVALID LEDGER, figures withheld"
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("ledger", help="verify or show a privacy ledger")
+    parser = subparsers.add_parser("ledger", help="verify, show or anchor a privacy ledger")
     actions = parser.add_subparsers(dest="ledger_command", metavar="ACTION", required=True)
 
     verify = actions.add_parser(
         "verify",
-        help="check chain, signatures, rules and every epsilon; exit 0 only when all holds",
+        help="check chain, signatures, rules, every epsilon, and the head; exit 0 only when all holds",
         description="Verify a ledger: JSON of every line, seq, prev hashes, Ed25519 signatures, times, "
-        "reserve/commit/abort rules, and every stated epsilon recomputed from the events. Exit 0 when all "
-        "holds, 1 naming the first bad entry, 2 when the file is not a readable ledger.",
+        "reserve/commit/abort rules, every stated epsilon recomputed from the events, and that it holds the "
+        "head kept outside it (a ledger cut at a line boundary or restored from an older copy is otherwise a "
+        "valid, shorter ledger). Exit 0 when all holds, 1 naming the first bad entry or the missing head, 2 "
+        "when the file is not a readable ledger.",
     )
-    verify.add_argument("path", help="the ledger (JSON Lines)")
-    verify.add_argument(
-        "--public-key",
-        metavar="KEY_OR_FILE",
-        help="pin the writer's Ed25519 public key (base64 of 32 raw bytes, or a file holding it or a PEM key); "
-        "without it the key in genesis is trusted",
-    )
+    _add_verification_arguments(verify)
     verify.add_argument("--json", action="store_true", help="print the report as one JSON object")
     verify.set_defaults(func=_verify)
 
@@ -31,20 +31,67 @@ def register(subparsers) -> None:
         help="per holder: events, certified epsilon, Edgeworth estimate, budget left",
         description="Show each holder's events, its certified epsilon (the guarantee), the Edgeworth "
         "estimate beside it, its budget and what is left, and its open reservations. The ledger is verified "
-        "first; exit 1 (after showing what verified) when it does not, 2 when it is not a readable ledger.",
+        "first (as by `ewtune ledger verify`); when it does not verify, no figure is shown: the failure is "
+        "printed with '" + WITHHELD + "' and the exit code is 1 (2 when it is not a readable ledger).",
     )
-    show.add_argument("path", help="the ledger (JSON Lines)")
+    _add_verification_arguments(show)
     show.add_argument("--json", action="store_true", help="print one JSON object")
     show.set_defaults(func=_show)
+
+    anchor = actions.add_parser(
+        "anchor",
+        help="write a head file for a ledger that has none (after moving it): accepts its current state",
+        description="Write a signed head file for the ledger as it is now. This ACCEPTS THE LEDGER'S CURRENT "
+        "STATE AS THE TRUTH: if the file was rolled back or restored from an older copy, the entries it lost "
+        "are forgotten for good. Use it only when you moved a ledger (or upgrade one written before head files) "
+        "and are certain it is the latest copy. It never overwrites an existing head file, and it is logged.",
+    )
+    anchor.add_argument("path", help="the ledger (JSON Lines)")
+    anchor.add_argument("--key", required=True, metavar="KEY_FILE", help="the writer's private key (PEM)")
+    anchor.add_argument("--head", metavar="PATH", help="the head file to write (default: LEDGER.head)")
+    anchor.set_defaults(func=_anchor)
+
+
+def _add_verification_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="the ledger (JSON Lines)")
+    parser.add_argument(
+        "--public-key",
+        metavar="KEY_OR_FILE",
+        help="pin the writer's Ed25519 public key (base64 of 32 raw bytes, or a file holding it or a PEM key); "
+        "without it the key in the ledger's own genesis is trusted, and the report says it was not pinned",
+    )
+    parser.add_argument(
+        "--head",
+        metavar="PATH",
+        help="a head file the ledger must contain (default: LEDGER.head when it exists; keep a copy elsewhere, "
+        "where a restore of the ledger cannot reach it)",
+    )
+    parser.add_argument(
+        "--expect-head",
+        metavar="SEQ:HASH",
+        help="a head kept by the holder or auditor (e.g. from the head file or the coordinator's records): the "
+        "ledger must hold entry SEQ with that entry hash",
+    )
+
+
+def _report(args: argparse.Namespace):
+    from pathlib import Path
+
+    from accountant.ledger import Head, default_head_path
+    from accountant.verify import verify_ledger
+
+    pinned = None if args.public_key is None else _public_key_argument(args.public_key)
+    expected = None if args.expect_head is None else Head.parse(args.expect_head)
+    head = args.head
+    if head is None and Path(default_head_path(args.path)).is_file():
+        head = default_head_path(args.path)
+    return verify_ledger(args.path, pinned, expect_head=expected, head_path=head)
 
 
 def _verify(args: argparse.Namespace) -> int:
     import json
 
-    from accountant.verify import verify_ledger
-
-    pinned = None if args.public_key is None else _public_key_argument(args.public_key)
-    report = verify_ledger(args.path, pinned)
+    report = _report(args)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
@@ -58,20 +105,34 @@ def _verify(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     import json
 
-    from accountant.verify import verify_ledger
-
-    report = verify_ledger(args.path)
+    report = _report(args)
     if args.json:
-        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
-    else:
+        print(json.dumps(report.to_json(figures=report.ok), indent=2, sort_keys=True))
+    elif report.ok:
         print("\n".join(_show_lines(report)))
+    else:
+        print(report.summary())
+        print(WITHHELD)
     return 0 if report.ok else 1
 
 
+def _anchor(args: argparse.Namespace) -> int:
+    from accountant.ledger import Ledger, default_head_path
+    from accountant.signing import SigningKey
+
+    head_path = args.head or default_head_path(args.path)
+    head = Ledger.anchor(args.path, SigningKey.load(args.key), head_path)
+    print(f"ledger {args.path}: head {head} written to {head_path}; the ledger's current state is now the truth")
+    return 0
+
+
 def _show_lines(report) -> list[str]:
-    status = "verified" if report.ok else ("NOT VERIFIED: " + report.summary().split(": ", 1)[1])
-    lines = [f"ledger {report.path}: writer {report.writer!r}, {report.entries_verified} entries, {status}"]
-    if len(report.holders) > 1:  # a record lives at one holder: parallel composition (DESIGN.md)
+    """The figures of a ledger that verified (the caller withholds them otherwise)."""
+    lines = [
+        f"ledger {report.path}: writer {report.writer!r}, {report.entries_verified} entries, verified "
+        f"({report.key_note})"
+    ]
+    if len(report.holders) > 1:  # a record lives at one holder: parallel composition
         worst = max(report.holders.values(), key=lambda spend: spend.epsilon_certified)
         lines.append(
             f"federation-wide record-level epsilon (max over holders, certified): {worst.epsilon_certified:.6f} "

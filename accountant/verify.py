@@ -2,9 +2,15 @@
 
 An auditor needs only the file and (ideally) the writer's public key, obtained out of band and pinned: a
 ledger re-signed from genesis with another key is self-consistent, and only the pinned key exposes it.
-Epsilon is recomputed by composing each holder's events with the certified accountant pinned in genesis;
-stated epsilons must match to a relative 1e-9 (the accountant is deterministic). When this release's
+Without a pinned key the report says which key it trusted (the ledger's own genesis key) and that it was not
+pinned. Epsilon is recomputed by composing each holder's events with the certified accountant pinned in
+genesis; stated epsilons must match to a relative 1e-9 (the accountant is deterministic). When this release's
 accountant differs from the pinned one, the statements cannot be checked and the report says so.
+
+A file alone cannot show that it is the whole ledger: a copy cut at a line boundary, or an older backup, is a
+valid shorter ledger. A head kept elsewhere (the writer's head file, or a ``SEQ:HASH`` a holder or the
+coordinator recorded) exposes it: the ledger must hold entry SEQ with that hash, which through the chain pins
+every entry before it. Entries after the head are fine: the head is a lower bound of what was written.
 """
 
 from __future__ import annotations
@@ -16,7 +22,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from accountant.errors import InvalidInputError
-from accountant.ledger import STATED_EPSILONS, ChainChecker, parse_line, split_lines
+from accountant.ledger import (
+    STATED_EPSILONS,
+    ChainChecker,
+    Head,
+    entry_hash,
+    head_mismatch,
+    parse_head,
+    parse_line,
+    split_lines,
+)
 from accountant.signing import canonical_json
 from accountant.spend import HolderSpend, LedgerState, mechanism_rows
 
@@ -40,59 +55,103 @@ class VerificationReport:
     path: str
     writer: str | None = None
     public_key: str | None = None
+    key_pinned: bool = False  # whether ``public_key`` was checked against a key given out of band
     entries_verified: int = 0
     first_bad: BadEntry | None = None
     torn_tail: dict[str, Any] | None = None
     accountant_mismatch: str | None = None
+    heads: list[dict[str, Any]] = field(default_factory=list)  # each head checked: source, seq, hash
+    head_failure: str | None = None
     holders: dict[str, HolderSpend] = field(default_factory=dict)
     reservations: list[dict[str, Any]] = field(default_factory=list)
     repairs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.first_bad is None and self.accountant_mismatch is None
+        return self.first_bad is None and self.accountant_mismatch is None and self.head_failure is None
+
+    @property
+    def key_note(self) -> str | None:
+        """Which key the signatures were checked against, and whether it was pinned."""
+        if self.public_key is None:
+            return None
+        if self.key_pinned:
+            return f"signatures checked against the pinned key {self.public_key}"
+        return (
+            f"signatures checked against the ledger's own genesis key {self.public_key}, "
+            "not pinned: pass --public-key to pin it"
+        )
 
     def summary(self) -> str:
         """One line: what holds, or the first thing that does not."""
         if self.first_bad is not None:
             return f"ledger {self.path}: FAILED at {self.first_bad}"
+        if self.head_failure is not None:
+            return f"ledger {self.path}: FAILED against its head: {self.head_failure}"
         if self.accountant_mismatch is not None:
             return f"ledger {self.path}: NOT VERIFIED: {self.accountant_mismatch}"
+        heads = "".join(f", head seq {head['seq']} ({head['source']}) matched" for head in self.heads)
         return (
             f"ledger {self.path}: OK: {self.entries_verified} entries by {self.writer!r}, chain, signatures, "
-            f"rules and {len(self.holders)} holder spend(s) verified" + (f", {len(self.repairs)} repair(s)" if self.repairs else "")
+            f"rules and {len(self.holders)} holder spend(s) verified"
+            + (f", {len(self.repairs)} repair(s)" if self.repairs else "")
+            + heads
+            + f" ({self.key_note})"
         )
 
-    def to_json(self) -> dict[str, Any]:
-        return {
+    def to_json(self, figures: bool = True) -> dict[str, Any]:
+        """The report as JSON; ``figures=False`` leaves out the spends and reservations (for a ledger that
+        did not verify, whose figures must not be read as valid)."""
+        report = {
             "path": self.path,
             "ok": self.ok,
+            "summary": self.summary(),
             "writer": self.writer,
             "public_key": self.public_key,
+            "public_key_pinned": self.key_pinned,
+            "key_note": self.key_note,
             "entries_verified": self.entries_verified,
             "first_bad": None if self.first_bad is None else vars(self.first_bad),
             "torn_tail": self.torn_tail,
             "accountant_mismatch": self.accountant_mismatch,
-            "holders": {holder_id: spend.to_json() for holder_id, spend in self.holders.items()},
-            "reservations": self.reservations,
+            "heads": self.heads,
+            "head_failure": self.head_failure,
             "repairs": self.repairs,
         }
+        if figures:
+            report["holders"] = {holder_id: spend.to_json() for holder_id, spend in self.holders.items()}
+            report["reservations"] = self.reservations
+        else:
+            report["figures_withheld"] = True
+        return report
 
 
-def verify_ledger(path: str | Path, public_keys: str | Mapping[str, str] | None = None) -> VerificationReport:
+def verify_ledger(path: str | Path, public_keys: str | Mapping[str, str] | None = None, *,
+                  expect_head: Head | str | None = None, head_path: str | Path | None = None) -> VerificationReport:
     """Verify the ledger at ``path``. ``public_keys`` pins the writer's key: one base64 key, or a mapping
-    from writer id to key. A file that is not a ledger at all raises ``InvalidInputError``; every other
-    defect is reported in the result, naming the first bad entry."""
+    from writer id to key. ``expect_head`` (a :class:`Head` or ``SEQ:HASH``) and ``head_path`` (a head
+    file, its signature checked under the pinned key, else the genesis key) are heads kept elsewhere that the
+    ledger must contain. A file that is not a ledger at all, or an unreadable head file, raises
+    ``InvalidInputError``; every other defect is reported in the result, naming the first bad entry."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as error:
         raise InvalidInputError(f"cannot read ledger {path}: {error.strerror or error}") from None
+    heads = [] if expect_head is None else [("expected", expect_head if isinstance(expect_head, Head) else Head.parse(expect_head))]
+    head_bytes = None
+    if head_path is not None:
+        try:
+            head_bytes = Path(head_path).read_bytes()
+        except OSError as error:
+            raise InvalidInputError(f"cannot read head file {head_path}: {error.strerror or error}") from None
     split = split_lines(data)
     report = VerificationReport(str(path))
     writer = _genesis_writer(path, split.lines)
     pinned = public_keys.get(writer) if isinstance(public_keys, Mapping) else public_keys
+    report.key_pinned = pinned is not None
     chain, state = ChainChecker(pinned), LedgerState()
+    hashes: list[str] = []
     offset = 0
     for number, line in enumerate(split.lines, start=1):
         seq = chain.next_seq  # the entry is named by the seq it should carry: its own may be the defect
@@ -114,23 +173,53 @@ def verify_ledger(path: str | Path, public_keys: str | Mapping[str, str] | None 
         if entry["kind"] == "repair":
             report.repairs.append({"seq": entry["seq"], "line": number, **entry["payload"]})
         report.entries_verified += 1
+        hashes.append(entry_hash(entry))
         offset += len(line) + 1
     if report.first_bad is None and split.torn_tail:
+        torn_seq = chain.next_seq  # before _is_next_entry, whose passing check advances the chain
         report.torn_tail = {
             "line": len(split.lines) + 1,
             "offset": split.torn_offset,
             "bytes": len(split.torn_tail),
             "sha256": hashlib.sha256(split.torn_tail).hexdigest(),
+            "complete_entry": _is_next_entry(split.torn_tail, chain, state),
         }
-        report.first_bad = BadEntry(
-            chain.next_seq,
-            len(split.lines) + 1,
-            f"torn last line: {len(split.torn_tail)} bytes without a newline (a crash mid-write); "
-            "opening the ledger for writing repairs it",
+        what = (
+            "a complete entry that lost its newline; opening the ledger for writing completes it"
+            if report.torn_tail["complete_entry"]
+            else "a crash mid-write; opening the ledger for writing saves it aside and cuts it"
         )
+        report.first_bad = BadEntry(
+            torn_seq,
+            len(split.lines) + 1,
+            f"torn last line: {len(split.torn_tail)} bytes without a newline ({what})",
+        )
+    if head_bytes is not None and report.public_key is not None:
+        try:
+            record = parse_head(head_bytes, pinned or report.public_key, head_path)
+            heads.append((f"head file {head_path}", record.head))
+        except InvalidInputError as error:
+            report.head_failure = str(error)
+    for source, head in heads:
+        report.heads.append({"source": source, "seq": head.seq, "hash": head.hash})
+        reason = head_mismatch(hashes, head) if report.public_key is not None else None
+        if reason is not None and report.head_failure is None:
+            report.head_failure = f"{reason} ({source} {head})"
     report.holders = _spends(state)
     report.reservations = _reservations(state)
     return report
+
+
+def _is_next_entry(torn: bytes, chain: ChainChecker, state: LedgerState) -> bool:
+    """Whether a torn tail is the complete next entry (rules, chain, signature), as :meth:`Ledger.open` tests
+    it before completing it. Called last: a passing chain check advances ``chain``."""
+    try:
+        entry = parse_line(torn)
+        state.prepare(entry)
+        chain.check(entry)
+    except InvalidInputError:
+        return False
+    return True
 
 
 def _genesis_writer(path: Path, lines: tuple[bytes, ...]) -> str | None:

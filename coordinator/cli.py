@@ -29,8 +29,14 @@ def register(subparsers) -> None:
     )
     start.add_argument("--credentials", required=True, help="the directory written by `ewtune keys init`")
     start.add_argument("--state-dir", required=True, help="directory for the database, logs and the flwr connection")
-    start.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    start.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only; see --behind-fleet-proxy)")
     start.add_argument("--port", type=int, default=9092)
+    start.add_argument(
+        "--behind-fleet-proxy",
+        action="store_true",
+        help="allow a non-loopback --host: you state that a reverse proxy in front passes only the Fleet API "
+        "(/v1/fleet/) to holders, since anyone reaching the unauthenticated Control API can run code here",
+    )
     start.add_argument("--no-register", action="store_true", help="do not register the holders listed in the credentials")
     start.set_defaults(func=_start)
 
@@ -52,6 +58,7 @@ def _start(args: argparse.Namespace) -> int:
     from coordinator import superlink
     from ewtune.keys import load_credentials
 
+    superlink.check_bind_address(args.host, args.behind_fleet_proxy)
     credentials = load_credentials(args.credentials)
     state = Path(args.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,16 @@
 """The coordinator's Flower processes: the SuperLink (TLS, SuperNode authentication, a database, telemetry and
 runtime dependency installation off, every API on one loopback port), the registration of the holders'
-SuperNode keys, and ``flwr run`` of the federation app (notes/flower-1.42.md, sections 1.5, 2.1-2.3, 5).
+SuperNode keys, and ``flwr run`` of the federation app.
 
-The Control API of OSS Flower is unauthenticated and shares the Fleet port, so the SuperLink binds to
-127.0.0.1 by default; expose only ``/v1/fleet/`` to holders through a reverse proxy (deploy/).
+The Control API of open-source Flower 1.42 is unauthenticated and shares the Fleet API's port: anyone who
+reaches it can submit a run, that is run code on the coordinator. The SuperLink therefore binds to
+127.0.0.1, and :func:`check_bind_address` refuses any other address unless the operator states that a
+reverse proxy passing only ``/v1/fleet/`` stands in front (``--behind-fleet-proxy``; see deploy/).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -27,7 +30,7 @@ QUIET_FLOWER_ENVIRONMENT = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # default 1 s between SuperExec polls (notes, section 6)
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # default 1 s between SuperExec polls
     "HF_HUB_OFFLINE": "1",
 }
 
@@ -45,6 +48,26 @@ def executable(name: str) -> str:
     if not beside.exists():
         raise InvalidInputError(f"{name} is not installed beside {sys.executable} (pip install 'ewtune[federation]')")
     return str(beside)
+
+
+def check_bind_address(host: str, behind_fleet_proxy: bool) -> None:
+    """Refuse a non-loopback bind address unless ``behind_fleet_proxy``: the Control API on the same port
+    would be open to whoever can reach it."""
+    if behind_fleet_proxy or is_loopback(host):
+        return
+    raise InvalidInputError(
+        f"--host {host} would expose Flower's unauthenticated Control API (anyone reaching it can run code on this "
+        "machine): bind to 127.0.0.1, or pass --behind-fleet-proxy if a reverse proxy in front forwards only /v1/fleet/"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def superlink_command(ca_certificate: Path, server_certificate: Path, server_key: Path, database: Path, host: str = "127.0.0.1", port: int = 9092) -> list[str]:
@@ -65,7 +88,7 @@ def superlink_command(ca_certificate: Path, server_certificate: Path, server_key
 
 
 def write_connection(flwr_home: Path, address: str, ca_certificate: Path, name: str = CONNECTION) -> Path:
-    """``$FLWR_HOME/config.toml`` with one TLS connection, the default (notes, section 1.2)."""
+    """``$FLWR_HOME/config.toml`` with one TLS connection, the default."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
     path.write_text(

@@ -1,4 +1,4 @@
-"""``ewtune keys init DIR`` and ``ewtune demo``. Imports only argparse at import time."""
+"""``ewtune keys init|add-holder``, ``ewtune weights init`` and ``ewtune demo``. Imports only argparse at import time."""
 
 from __future__ import annotations
 
@@ -6,19 +6,31 @@ import argparse
 
 
 def register(subparsers) -> None:
-    keys = subparsers.add_parser("keys", help="federation credentials: CA, SuperLink certificate, SuperNode and ledger keys")
+    keys = subparsers.add_parser("keys", help="coordinator credentials: CA, SuperLink certificate, ledger key, holder registry")
     key_commands = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
     init = key_commands.add_parser(
         "init",
-        help="create every credential of a federation in a new directory",
-        description="Write a P-384 CA, the SuperLink certificate (SANs for --address), per-holder SuperNode keys "
-        "(OpenSSH EC P-384, for `flwr supernode register`) and Ed25519 ledger keys for the holders and the coordinator. "
-        "`ewtune coordinator start --credentials DIR` registers the holders' SuperNode keys with the SuperLink.",
+        help="create the coordinator's credentials and an empty holder registry in a new directory",
+        description="Write a P-384 CA, the SuperLink certificate (SANs for --address), the coordinator's Ed25519 ledger "
+        "key and an empty holder registry (supernodes.json). Holders generate their own keys "
+        "(`ewtune agent keys init DIR --holder-id ID` on their machines); add each holder's public card with "
+        "`ewtune keys add-holder`.",
     )
     init.add_argument("directory", help="a new or empty directory")
-    init.add_argument("--holders", nargs="+", required=True, help="holder ids, e.g. hospital-a bank-b")
+    init.add_argument("--holders", nargs="+", help=argparse.SUPPRESS)  # the old flow: refused with a pointer
     init.add_argument("--address", nargs="+", default=["127.0.0.1", "localhost"], help="addresses holders dial (certificate SANs)")
     init.set_defaults(func=_keys_init)
+    add = key_commands.add_parser(
+        "add-holder",
+        help="register a holder's public card (holder.json from `ewtune agent keys init`)",
+        description="Append the holder's card {holder_id, supernode_public_key, ledger_public_key} to the registry of "
+        "DIR (supernodes.json): it pins the holder's SuperNode key to its id and its ledger key. A holder id, SuperNode "
+        "key or ledger key already registered is refused. `ewtune coordinator start` registers the SuperNode keys with "
+        "the SuperLink; the ServerApp reads the registry ([coordinator] registry of federation.toml).",
+    )
+    add.add_argument("directory", help="the directory of `ewtune keys init`")
+    add.add_argument("card", help="the holder's holder.json")
+    add.set_defaults(func=_keys_add_holder)
 
     weights = subparsers.add_parser("weights", help="the global model's initial trainable weights for `ewtune coordinator run`")
     weight_commands = weights.add_subparsers(dest="weights_command", metavar="WEIGHTS_COMMAND", required=True)
@@ -51,16 +63,29 @@ def register(subparsers) -> None:
 
 
 def _keys_init(args: argparse.Namespace) -> int:
+    from accountant.errors import InvalidInputError
     from ewtune.keys import init_credentials
 
-    credentials = init_credentials(args.directory, args.holders, args.address)
+    if args.holders:
+        raise InvalidInputError(
+            "--holders is gone: holders generate their own keys (`ewtune agent keys init DIR --holder-id ID` on their "
+            "machines) and you register each card with `ewtune keys add-holder DIR holder.json`"
+        )
+    credentials = init_credentials(args.directory, args.address)
     print(f"credentials in {credentials.directory}:")
     print(f"  CA                {credentials.ca_certificate}")
     print(f"  SuperLink         {credentials.server_certificate} (SANs: {', '.join(credentials.addresses)})")
     print(f"  coordinator key   {credentials.coordinator_ledger_key}")
-    for holder_id, holder in credentials.holders.items():
-        print(f"  {holder_id:<17} SuperNode key {holder.supernode_private_key}, ledger key {holder.ledger_key}")
-    print(f"  registry          {credentials.registry}")
+    print(f"  registry          {credentials.registry} (empty: add holders with `ewtune keys add-holder {credentials.directory} holder.json`)")
+    return 0
+
+
+def _keys_add_holder(args: argparse.Namespace) -> int:
+    from ewtune.keys import add_holder, load_credentials
+
+    holder = add_holder(args.directory, args.card)
+    registry = load_credentials(args.directory).registry
+    print(f"registered holder {holder.holder_id} in {registry}: SuperNode key {holder.supernode_public_key}, ledger key {holder.ledger_public_key}")
     return 0
 
 

@@ -1,19 +1,20 @@
-"""Credentials for a federation: TLS, SuperNode authentication and ledger signing keys.
+"""The coordinator's credentials: TLS, and the registry of the holders' public keys.
 
-``init_credentials(directory, holders, addresses)`` writes, with ``cryptography`` only:
+``init_credentials(directory, addresses)`` writes, with ``cryptography`` only:
 
 - ``ca/ca.crt``, ``ca/ca.key``: a P-384 certificate authority (the root every SuperNode and the ``flwr``
   CLI trust: ``--root-certificates`` / ``root-certificates``);
 - ``superlink/server.pem``, ``superlink/server.key``: the SuperLink certificate, signed by the CA, with a
   subject alternative name for every address clients dial and ``ExtendedKeyUsage(serverAuth)``
   (``flower-superlink --ssl-ca-certfile --ssl-certfile --ssl-keyfile``);
-- ``holders/<id>/supernode.key`` and ``supernode.pub``: the SuperNode authentication key pair in the
-  format Flower 1.42 requires, an EC key on a NIST curve, the private key in OpenSSH format
-  (``--auth-supernode-private-key``), the public key as an OpenSSH line (``flwr supernode register``);
-- ``holders/<id>/ledger.key`` and ``ledger.pub``: the holder's Ed25519 ledger and receipt key;
 - ``coordinator/ledger.key`` and ``ledger.pub``: the coordinator's Ed25519 ledger key;
-- ``supernodes.json``: the holders' public SuperNode keys (and ledger public keys) to register with the
-  SuperLink, one entry per holder.
+- ``supernodes.json``: the holder registry (:mod:`coordinator.registry`), empty at first.
+
+It generates no holder key: each holder runs ``ewtune agent keys init`` on its own machine
+(:mod:`agent.keys`) and hands over only its public card, which ``add_holder`` (``ewtune keys add-holder``)
+appends to the registry, writing the SuperNode public key to ``holders/<id>.pub`` for ``flwr supernode
+register``. A coordinator holding the holders' private keys could sign receipts and ledger entries as
+any of them.
 
 Private keys are created with mode 0600 and never overwritten. Every path is absolute.
 """
@@ -36,22 +37,22 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from accountant.errors import InvalidInputError
 from accountant.signing import SigningKey
+from agent.keys import SUPERNODE_CURVE, write_private as _write_private, write_public as _write_public
+from coordinator.registry import REGISTRY_FILE, Registry, holder_from_card, new_registry
 
 DEFAULT_ADDRESSES = ("127.0.0.1", "localhost")
-REGISTRY_FILE = "supernodes.json"
-_CURVE = ec.SECP384R1()
-_HOLDER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_CURVE = SUPERNODE_CURVE
 _CA_DAYS = 5 * 365
 _SERVER_DAYS = 365
 
 
 @dataclass(frozen=True)
 class HolderCredentials:
+    """What the coordinator knows of a holder: public keys only."""
+
     holder_id: str
-    supernode_private_key: Path  # OpenSSH EC P-384, for --auth-supernode-private-key
     supernode_public_key: Path  # OpenSSH line, for `flwr supernode register`
     supernode_public_key_line: str  # "ecdsa-sha2-nistp384 AAAA..."
-    ledger_key: Path  # Ed25519 PEM, accountant.signing.SigningKey.load
     ledger_public_key: str  # base64 of the raw 32 bytes
 
 
@@ -69,16 +70,15 @@ class Credentials:
     addresses: tuple[str, ...]
 
 
-def init_credentials(
-    directory: str | os.PathLike, holders: Sequence[str], addresses: Sequence[str] = DEFAULT_ADDRESSES
-) -> Credentials:
-    """Create every credential of a federation under ``directory`` (new or empty) and return their paths."""
-    holders = _checked_holders(holders)
+def init_credentials(directory: str | os.PathLike, addresses: Sequence[str] = DEFAULT_ADDRESSES) -> Credentials:
+    """Create the coordinator's credentials and an empty holder registry under ``directory`` (new or empty)."""
+    if not isinstance(addresses, str) and any(not isinstance(a, str) for a in addresses):
+        raise InvalidInputError("addresses must be strings")
     addresses = _checked_addresses(addresses)
     root = Path(directory).expanduser().resolve()
     if root.exists() and any(root.iterdir()):
         raise InvalidInputError(f"{root} is not empty: refusing to overwrite existing credentials")
-    for sub in ("ca", "superlink", "coordinator", *(f"holders/{h}" for h in holders)):
+    for sub in ("ca", "superlink", "coordinator", "holders"):
         (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
 
     ca_key = ec.generate_private_key(_CURVE)
@@ -91,34 +91,46 @@ def init_credentials(
     server_cert = _server_certificate(server_key, ca_key, ca_cert, addresses)
     _write_public(root / "superlink/server.pem", server_cert.public_bytes(serialization.Encoding.PEM))
 
-    _new_ledger_key(root / "coordinator")
-    entries = [_new_holder_keys(root / "holders" / holder, holder) for holder in holders]
-    _write_public(root / REGISTRY_FILE, _registry_json(entries, addresses))
+    key = SigningKey.generate()
+    key.save(root / "coordinator/ledger.key")
+    _write_public(root / "coordinator/ledger.pub", (key.public_key_text + "\n").encode())
+    new_registry(root / REGISTRY_FILE, addresses).save()
     return load_credentials(root)
+
+
+def add_holder(directory: str | os.PathLike, card_path: str | os.PathLike) -> HolderCredentials:
+    """Append a holder's public card (``holder.json`` of ``ewtune agent keys init``) to the registry;
+    a holder id, SuperNode key or ledger key already registered is refused."""
+    credentials = load_credentials(directory)
+    path = Path(card_path).expanduser()
+    try:
+        card = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidInputError(f"holder card {path} does not exist") from None
+    except (ValueError, UnicodeDecodeError) as bad:
+        raise InvalidInputError(f"holder card {path} is not JSON: {bad}") from None
+    holder = holder_from_card(card, f"holder card {path}")
+    registry = Registry.load(credentials.registry).with_holder(holder)
+    _write_public(credentials.directory / "holders" / f"{holder.holder_id}.pub", f"{holder.supernode_public_key} ewtune-{holder.holder_id}\n".encode())
+    registry.save()
+    return load_credentials(credentials.directory).holders[holder.holder_id]
 
 
 def load_credentials(directory: str | os.PathLike) -> Credentials:
     """The :class:`Credentials` of a directory made by :func:`init_credentials`."""
     root = Path(directory).expanduser().resolve()
-    registry = root / REGISTRY_FILE
-    if not registry.is_file():
+    path = root / REGISTRY_FILE
+    if not path.is_file():
         raise InvalidInputError(f"{root} holds no credentials (no {REGISTRY_FILE}); run `ewtune keys init {root}`")
-    try:
-        document = json.loads(registry.read_text())
-        entries = document["holders"]
-        addresses = tuple(document["addresses"])
-    except (ValueError, KeyError, TypeError) as bad:
-        raise InvalidInputError(f"{registry} is malformed: {bad}") from None
+    registry = Registry.load(path)
     holders = {
-        entry["holder_id"]: HolderCredentials(
-            holder_id=entry["holder_id"],
-            supernode_private_key=root / "holders" / entry["holder_id"] / "supernode.key",
-            supernode_public_key=root / "holders" / entry["holder_id"] / "supernode.pub",
-            supernode_public_key_line=entry["supernode_public_key"],
-            ledger_key=root / "holders" / entry["holder_id"] / "ledger.key",
-            ledger_public_key=entry["ledger_public_key"],
+        entry.holder_id: HolderCredentials(
+            holder_id=entry.holder_id,
+            supernode_public_key=root / "holders" / f"{entry.holder_id}.pub",
+            supernode_public_key_line=entry.supernode_public_key,
+            ledger_public_key=entry.ledger_public_key,
         )
-        for entry in entries
+        for entry in registry.holders
     }
     return Credentials(
         directory=root,
@@ -129,25 +141,9 @@ def load_credentials(directory: str | os.PathLike) -> Credentials:
         coordinator_ledger_key=root / "coordinator/ledger.key",
         coordinator_ledger_public_key=(root / "coordinator/ledger.pub").read_text().strip(),
         holders=holders,
-        registry=registry,
-        addresses=addresses,
+        registry=path,
+        addresses=registry.addresses,
     )
-
-
-def _checked_holders(holders: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(holders, str):
-        holders = [holders]
-    holders = tuple(holders)
-    if not holders:
-        raise InvalidInputError("at least one holder id is needed")
-    for holder in holders:
-        if not isinstance(holder, str) or not _HOLDER_ID.match(holder):
-            raise InvalidInputError(
-                f"invalid holder id {holder!r}: use 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
-            )
-    if len(set(holders)) != len(holders):
-        raise InvalidInputError(f"holder ids must be distinct, got {list(holders)}")
-    return holders
 
 
 def _checked_addresses(addresses: Sequence[str]) -> tuple[str, ...]:
@@ -234,49 +230,5 @@ def _key_usage(cert_sign: bool) -> x509.KeyUsage:
     )
 
 
-def _new_holder_keys(folder: Path, holder_id: str) -> dict[str, str]:
-    """Writes the holder's SuperNode and ledger key pairs; returns its entry in the registry."""
-    node_key = ec.generate_private_key(_CURVE)
-    _write_private(
-        folder / "supernode.key",
-        node_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        ),
-    )
-    public_line = node_key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    ).decode("ascii")
-    _write_public(folder / "supernode.pub", f"{public_line} ewtune-{holder_id}\n".encode())
-    return {
-        "holder_id": holder_id,
-        "supernode_public_key_file": str(folder / "supernode.pub"),
-        "supernode_public_key": public_line,
-        "ledger_public_key": _new_ledger_key(folder).public_key_text,
-    }
-
-
-def _new_ledger_key(folder: Path) -> SigningKey:
-    key = SigningKey.generate()
-    key.save(folder / "ledger.key")
-    _write_public(folder / "ledger.pub", (key.public_key_text + "\n").encode())
-    return key
-
-
-def _registry_json(entries: list[dict[str, str]], addresses: tuple[str, ...]) -> bytes:
-    return (json.dumps({"holders": entries, "addresses": list(addresses)}, indent=2) + "\n").encode()
-
-
 def _pkcs8_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)

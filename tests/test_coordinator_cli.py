@@ -1,5 +1,5 @@
-"""`ewtune keys init`, `ewtune coordinator status|run` argument handling: files written, tables printed,
-one-line errors with exit code 2 for bad input."""
+"""`ewtune keys init|add-holder`, `ewtune coordinator start|status|run` argument handling: files written,
+tables printed, one-line errors with exit code 2 for bad input, no Control API exposed by accident."""
 
 import json
 
@@ -19,17 +19,54 @@ delta = 1e-5
 ledger = "ledger.jsonl"
 signing_key = "coordinator.key"
 output_dir = "out"
+registry = "supernodes.json"
 [model]
 initial_weights = "initial.safetensors"
 """
 
 
-def test_keys_init_writes_the_credentials(tmp_path, capsys):
-    assert main(["keys", "init", str(tmp_path / "keys"), "--holders", "a", "b"]) == 0
-    for path in ("ca/ca.crt", "superlink/server.pem", "holders/a/supernode.key", "holders/b/ledger.key", "coordinator/ledger.key"):
+def test_keys_init_writes_the_credentials_and_add_holder_registers_cards(tmp_path, capsys):
+    assert main(["keys", "init", str(tmp_path / "keys")]) == 0
+    for path in ("ca/ca.crt", "superlink/server.pem", "coordinator/ledger.key", "supernodes.json"):
         assert (tmp_path / "keys" / path).is_file()
     assert "registry" in capsys.readouterr().out
-    assert main(["keys", "init", str(tmp_path / "keys"), "--holders", "a"]) == 2  # never overwrites
+    assert main(["keys", "init", str(tmp_path / "keys")]) == 2  # never overwrites
+    for holder in ("a", "b"):
+        assert main(["agent", "keys", "init", str(tmp_path / holder), "--holder-id", holder]) == 0
+        assert main(["keys", "add-holder", str(tmp_path / "keys"), str(tmp_path / holder / "holder.json")]) == 0
+    registry = json.loads((tmp_path / "keys" / "supernodes.json").read_text())
+    assert [entry["holder_id"] for entry in registry["holders"]] == ["a", "b"]
+    assert (tmp_path / "keys" / "holders" / "a.pub").is_file()
+    capsys.readouterr()
+    assert main(["keys", "add-holder", str(tmp_path / "keys"), str(tmp_path / "a" / "holder.json")]) == 2
+    assert "already registered" in capsys.readouterr().err
+
+
+def test_keys_init_with_holders_names_the_new_flow(tmp_path, capsys):
+    assert main(["keys", "init", str(tmp_path / "keys"), "--holders", "a", "b"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "ewtune agent keys init" in error and "ewtune keys add-holder" in error
+    assert not (tmp_path / "keys").exists()
+
+
+def test_coordinator_start_refuses_a_public_bind_address(tmp_path, capsys):
+    """The attack surface: flower-superlink on 0.0.0.0 would serve the unauthenticated Control API (submit a
+    run = run code here) to the network. Refused before any credential is read or process started."""
+    for host in ("0.0.0.0", "192.0.2.7", "::"):
+        assert main(["coordinator", "start", "--credentials", str(tmp_path / "none"), "--state-dir", str(tmp_path / "state"), "--host", host]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and "Control API" in error and "--behind-fleet-proxy" in error
+    assert not (tmp_path / "state").exists()
+    # With the operator's statement, the address passes this check (and fails later: no credentials here).
+    assert main(["coordinator", "start", "--credentials", str(tmp_path / "none"), "--state-dir", str(tmp_path / "state"), "--host", "0.0.0.0", "--behind-fleet-proxy"]) == 2
+    assert "holds no credentials" in capsys.readouterr().err
+
+
+def test_only_loopback_addresses_count_as_loopback():
+    from coordinator.superlink import is_loopback
+
+    assert all(is_loopback(host) for host in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"))
+    assert not any(is_loopback(host) for host in ("0.0.0.0", "::", "10.0.0.1", "coordinator.example.org", ""))
 
 
 def test_status_prints_the_holder_table(tmp_path, capsys):

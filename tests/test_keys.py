@@ -1,4 +1,5 @@
-"""Federation credentials: TLS certificates Python's ssl accepts, SuperNode keys in Flower's format."""
+"""The coordinator's credentials: TLS certificates Python's ssl accepts, its ledger key, and a registry of the
+holders' public cards (the holders generate their own keys: tests/test_agent_keys.py)."""
 
 import ipaddress
 import json
@@ -13,12 +14,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from accountant.errors import InvalidInputError
 from accountant.signing import SigningKey, verify_signature
-from ewtune.keys import init_credentials, load_credentials
+from agent.keys import init_holder_keys
+from ewtune.keys import add_holder, init_credentials, load_credentials
 
 
 @pytest.fixture(scope="module")
 def credentials(tmp_path_factory):
-    return init_credentials(tmp_path_factory.mktemp("creds") / "fed", ["holder0", "holder1"], ["127.0.0.1", "localhost"])
+    root = tmp_path_factory.mktemp("creds")
+    credentials = init_credentials(root / "fed", ["127.0.0.1", "localhost"])
+    for holder_id in ("holder0", "holder1"):
+        add_holder(credentials.directory, init_holder_keys(root / "holders" / holder_id, holder_id).card)
+    return load_credentials(credentials.directory)
 
 
 def test_server_certificate_has_the_sans_and_chains_to_the_ca(credentials):
@@ -63,49 +69,76 @@ def _handshake(server_context, client_context, hostname):
     raise AssertionError("handshake did not finish")
 
 
-def test_supernode_keys_are_in_the_format_flower_requires(credentials):
+def test_registered_public_keys_are_what_flwr_supernode_register_reads(credentials):
     from flwr.cli.supernode.register import try_load_public_key
 
     for holder in credentials.holders.values():
-        private = load_ssh_private_key(holder.supernode_private_key.read_bytes(), None)
-        assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
         public = load_ssh_public_key(holder.supernode_public_key.read_bytes())
-        assert public.public_numbers() == private.public_key().public_numbers()
+        assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
         assert holder.supernode_public_key_line.startswith("ecdsa-sha2-nistp384 ")
         assert try_load_public_key(holder.supernode_public_key)  # what `flwr supernode register` runs
 
 
-def test_ledger_keys_sign_and_registry_lists_every_holder(credentials):
+def test_registry_lists_every_holder_and_the_coordinator_holds_no_holder_private_key(credentials):
     registry = json.loads(credentials.registry.read_text())
     assert [entry["holder_id"] for entry in registry["holders"]] == ["holder0", "holder1"]
     for entry in registry["holders"]:
         holder = credentials.holders[entry["holder_id"]]
         assert entry["ledger_public_key"] == holder.ledger_public_key
         assert entry["supernode_public_key"] == holder.supernode_public_key_line
-        key = SigningKey.load(holder.ledger_key)
-        assert verify_signature(entry["ledger_public_key"], b"x", key.sign(b"x"))
     coordinator = SigningKey.load(credentials.coordinator_ledger_key)
     assert coordinator.public_key_text == credentials.coordinator_ledger_public_key
-    assert len({h.ledger_public_key for h in credentials.holders.values()} | {coordinator.public_key_text}) == 3
+    keys = [path for path in credentials.directory.rglob("*") if path.is_file() and path.suffix == ".key"]
+    assert sorted(path.relative_to(credentials.directory).as_posix() for path in keys) == [
+        "ca/ca.key", "coordinator/ledger.key", "superlink/server.key"
+    ]
 
 
 def test_private_keys_are_owner_only_and_load_credentials_round_trips(credentials):
-    private_files = [credentials.ca_key, credentials.server_key, credentials.coordinator_ledger_key]
-    for holder in credentials.holders.values():
-        private_files += [holder.supernode_private_key, holder.ledger_key]
-    for path in private_files:
+    for path in [credentials.ca_key, credentials.server_key, credentials.coordinator_ledger_key]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert load_credentials(credentials.directory) == credentials
 
 
+def test_duplicate_holder_ids_and_keys_are_refused(tmp_path, credentials):
+    """A second card with a registered holder id, SuperNode key or ledger key is refused; the registry is
+    unchanged."""
+    before = credentials.registry.read_text()
+    first = json.loads((credentials.directory.parent / "holders" / "holder0" / "holder.json").read_text())
+    fresh = init_holder_keys(tmp_path / "fresh", "fresh").card_document()
+    cases = {
+        "holder id 'holder0' is already registered": {**fresh, "holder_id": "holder0"},
+        "SuperNode key of 'copycat' is already registered to 'holder0'": {**fresh, "holder_id": "copycat", "supernode_public_key": first["supernode_public_key"]},
+        "ledger key of 'copycat' is already registered to 'holder0'": {**fresh, "holder_id": "copycat", "ledger_public_key": first["ledger_public_key"]},
+    }
+    for message, card in cases.items():
+        path = tmp_path / "card.json"
+        path.write_text(json.dumps(card))
+        with pytest.raises(InvalidInputError, match=message):
+            add_holder(credentials.directory, path)
+    assert credentials.registry.read_text() == before
+
+
+@pytest.mark.parametrize(
+    "card, message",
+    [
+        ({"holder_id": "x", "supernode_public_key": "ssh-ed25519 AAAA", "ledger_public_key": "x"}, "OpenSSH"),
+        ({"holder_id": "../evil", "supernode_public_key": "x", "ledger_public_key": "x"}, "invalid holder id"),
+        ({"holder_id": "x"}, "lacks"),
+        ([1, 2], "JSON object"),
+    ],
+)
+def test_malformed_cards_are_refused(tmp_path, credentials, card, message):
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(card))
+    with pytest.raises(InvalidInputError, match=message):
+        add_holder(credentials.directory, path)
+
+
 def test_bad_input_and_existing_credentials_are_refused(tmp_path, credentials):
     with pytest.raises(InvalidInputError, match="not empty"):
-        init_credentials(credentials.directory, ["holder0"])
-    with pytest.raises(InvalidInputError, match="distinct"):
-        init_credentials(tmp_path / "a", ["h", "h"])
-    with pytest.raises(InvalidInputError, match="invalid holder id"):
-        init_credentials(tmp_path / "b", ["../evil"])
+        init_credentials(credentials.directory)
     with pytest.raises(InvalidInputError, match="invalid address"):
-        init_credentials(tmp_path / "c", ["h"], ["127.0.0.1:9092"])
+        init_credentials(tmp_path / "c", ["127.0.0.1:9092"])
     with pytest.raises(InvalidInputError, match="no supernodes.json"):
         load_credentials(tmp_path)

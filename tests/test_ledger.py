@@ -1,7 +1,8 @@
 """The ledger writer: keys, canonical JSON, durability, the budget pre-flight, and the reserve/commit/abort rules.
 
-``build_ledger``, ``read_entries``, ``write_entries`` and ``resign`` are the test-side helpers the tamper and
-CLI tests share (they are not part of the package: a real writer never rewrites a ledger).
+``build_ledger``, ``read_entries``, ``write_entries``, ``resign`` and ``anchor_head_at`` are the test-side
+helpers the tamper, head and CLI tests share (they are not part of the package: a real writer never rewrites a
+ledger, nor moves its head back).
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from hypothesis import strategies as st
 
 from accountant.errors import InvalidInputError
 from accountant.events import PoissonGaussianEvent, compose
-from accountant.ledger import GENESIS_PREV, Ledger, entry_hash, signed_bytes
+from accountant.ledger import (
+    GENESIS_PREV,
+    Head,
+    Ledger,
+    default_head_path,
+    entry_hash,
+    head_document,
+    signed_bytes,
+    write_head,
+)
 from accountant.signing import SigningKey, canonical_json, verify_signature
 from accountant.spend import holder_spends, spend_with
 
@@ -64,6 +74,15 @@ def resign(entries: list[dict], key: SigningKey, start: int = 0) -> list[dict]:
         entry.pop("signature", None)
         entry["signature"] = key.sign(signed_bytes(entry))
     return entries
+
+
+def anchor_head_at(path: Path, key: SigningKey, seq: int, head_path: Path | None = None) -> Head:
+    """Sign and write the head as it stood when entry ``seq`` was the last: what a crash between an fsynced
+    append and its head update leaves behind."""
+    entries = read_entries(path)
+    head = Head(seq, entry_hash(entries[seq]))
+    write_head(head_path or default_head_path(path), head_document(path.name, entries[0]["writer"], head, key))
+    return head
 
 
 @pytest.fixture()
@@ -151,10 +170,20 @@ def test_append_fsyncs_before_returning_and_create_fsyncs_the_directory(tmp_path
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     path = tmp_path / "ledger.jsonl"
-    with Ledger.create(path, key, WRITER, BUDGET) as ledger:
-        assert synced == [str(path), str(tmp_path)]
+    anchors = tmp_path / "anchors"
+    anchors.mkdir()
+    head = anchors / "ledger.head"
+
+    def is_head_temporary(name):
+        return Path(name).parent == anchors and Path(name).name.startswith(".ledger.head.tmp-")
+
+    with Ledger.create(path, key, WRITER, BUDGET, head_path=head) as ledger:
+        # the line, the ledger's directory entry, then (only then) the head: temporary file, its directory
+        assert synced[:2] == [str(path), str(tmp_path)] and len(synced) == 4
+        assert is_head_temporary(synced[2]) and synced[3] == str(anchors)
         ledger.reserve(WRITER, "run", 0, ROUND)
-        assert synced[-1] == str(path) and len(synced) == 3
+        assert synced[4] == str(path) and is_head_temporary(synced[5]) and synced[6:] == [str(anchors)]
+    assert sorted(p.name for p in anchors.iterdir()) == ["ledger.head"]  # no temporary file left behind
 
 
 def test_create_refuses_an_existing_ledger_and_open_refuses_another_key(tmp_path, key):

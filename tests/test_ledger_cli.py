@@ -1,4 +1,4 @@
-"""``ewtune ledger verify|show``: exit codes, one-line errors, the pinned key, and what is shown."""
+"""``ewtune ledger verify|show``: exit codes, one-line errors, the pinned key, the head, and what is shown."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from test_ledger import WRITER, build_ledger, read_entries
 
+from accountant.ledger import entry_hash
 from accountant.signing import SigningKey
 from ewtune.cli import main
 
@@ -150,7 +151,7 @@ def test_the_installed_command_prints_no_traceback_and_starts_light(built, tmp_p
     assert result.stderr.startswith("ewtune: error:") and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
     probe = (
-        "import sys, accountant.ledger_cli, accountant.verify, accountant.ledger, accountant.spend; "
+        "import sys, accountant.ledger_cli, accountant.verify, accountant.ledger, accountant.spend, accountant.crosscheck; "
         "print(sorted(m for m in ('torch', 'transformers', 'flwr') if m in sys.modules))"
     )
     imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -174,3 +175,91 @@ def test_show_a_coordinator_ledger_lists_each_registered_holder(capsys, tmp_path
     assert out.count("run-7") == 2
     clinic = json.loads(run(capsys, "ledger", "show", str(path), "--json")[1])["holders"]["clinic"]
     assert f"(max over holders, certified): {clinic['epsilon_certified']:.6f} (clinic)" in out
+
+
+# -- which key, which head, and figures only from a ledger that verified -------------------------------------------
+
+
+def test_verify_says_whether_the_key_was_pinned(built, capsys):
+    path, key = built
+    code, out, _ = run(capsys, "ledger", "verify", str(path))
+    assert code == 0 and out.rstrip().endswith(
+        f"(signatures checked against the ledger's own genesis key {key.public_key_text}, "
+        "not pinned: pass --public-key to pin it)"
+    )
+    report = json.loads(run(capsys, "ledger", "verify", str(path), "--json")[1])
+    assert report["public_key_pinned"] is False and "not pinned" in report["key_note"]
+    code, out, _ = run(capsys, "ledger", "verify", str(path), "--public-key", key.public_key_text)
+    assert code == 0 and f"(signatures checked against the pinned key {key.public_key_text})" in out
+    assert "not pinned" not in out
+    report = json.loads(run(capsys, "ledger", "verify", str(path), "--public-key", key.public_key_text, "--json")[1])
+    assert report["public_key_pinned"] is True
+
+
+def test_verify_checks_the_head_file_next_to_the_ledger_by_default(built, capsys):
+    path, _ = built
+    code, out, _ = run(capsys, "ledger", "verify", str(path))
+    assert code == 0 and f"head seq 5 (head file {path}.head) matched" in out
+
+
+def _rolled_back(built, tmp_path):
+    """A copy of the built ledger cut at a line boundary (its open reservation dropped), with no head beside it."""
+    path = tmp_path / "rolled-back.jsonl"
+    path.write_bytes(b"".join(line + b"\n" for line in built[0].read_bytes().split(b"\n")[:-2]))
+    return path
+
+
+def test_expect_head_passes_on_the_right_head_and_fails_on_a_rolled_back_file(built, capsys, tmp_path):
+    path, _ = built
+    head = f"5:{entry_hash(read_entries(path)[5])}"
+    code, out, _ = run(capsys, "ledger", "verify", str(path), "--expect-head", head)
+    assert code == 0 and "head seq 5 (expected) matched" in out
+    earlier = f"2:{entry_hash(read_entries(path)[2])}"  # an older head: the ledger has grown since, fine
+    assert run(capsys, "ledger", "verify", str(path), "--expect-head", earlier)[0] == 0
+
+    rolled_back = _rolled_back(built, tmp_path)
+    assert run(capsys, "ledger", "verify", str(rolled_back))[0] == 0  # nothing to compare with: it looks fine
+    code, out, _ = run(capsys, "ledger", "verify", str(rolled_back), "--expect-head", head)
+    assert code == 1
+    assert out.startswith(f"ledger {rolled_back}: FAILED against its head: it holds 5 entries but its head "
+                          "anchors seq 5: the ledger was rolled back or truncated")
+    report = json.loads(run(capsys, "ledger", "verify", str(rolled_back), "--expect-head", head, "--json")[1])
+    assert report["ok"] is False and "rolled back" in report["head_failure"]
+
+
+def test_verify_against_a_head_file_kept_elsewhere_fails_on_a_rolled_back_file(built, capsys, tmp_path):
+    rolled_back = _rolled_back(built, tmp_path)
+    code, out, _ = run(capsys, "ledger", "verify", str(rolled_back), "--head", f"{built[0]}.head")
+    assert code == 1 and "FAILED against its head" in out and "rolled back or truncated" in out
+
+
+@pytest.mark.parametrize("argument", [["--expect-head", "5"], ["--expect-head", "five:" + "0" * 64],
+                                      ["--head", "/nonexistent/ledger.head"]])
+def test_a_bad_head_argument_exits_2_with_one_line(built, capsys, argument):
+    code, out, err = run(capsys, "ledger", "verify", str(built[0]), *argument)
+    assert code == 2 and out == "" and err.startswith("ewtune: error: ") and err.count("\n") == 1
+
+
+def test_show_withholds_the_figures_of_a_tampered_ledger(built, capsys, tmp_path):
+    path = tmp_path / "tampered.jsonl"
+    entries = read_entries(built[0])
+    stated = entries[2]["payload"]["epsilon_certified"]
+    path.write_bytes(built[0].read_bytes().replace(repr(stated).encode(), repr(stated / 2).encode()))
+    code, out, _ = run(capsys, "ledger", "show", str(path))
+    assert code == 1
+    assert out.splitlines() == [
+        f"ledger {path}: FAILED at seq 2 (line 3): the signature does not verify with the writer's public key",
+        "INVALID LEDGER, figures withheld",
+    ]
+    code, out, _ = run(capsys, "ledger", "show", str(path), "--json")
+    report = json.loads(out)
+    assert code == 1 and report["ok"] is False and report["figures_withheld"] is True
+    assert "holders" not in report and "reservations" not in report
+
+
+def test_show_withholds_the_figures_of_a_rolled_back_ledger(built, capsys, tmp_path):
+    rolled_back = _rolled_back(built, tmp_path)
+    assert run(capsys, "ledger", "show", str(rolled_back))[0] == 0  # alone, it is a valid shorter ledger
+    code, out, _ = run(capsys, "ledger", "show", str(rolled_back), "--head", f"{built[0]}.head")
+    assert code == 1 and "rolled back or truncated" in out and "INVALID LEDGER, figures withheld" in out
+    assert "certified epsilon" not in out and "budget left" not in out

@@ -6,10 +6,10 @@ import hashlib
 import shutil
 
 import pytest
-from test_ledger import BUDGET, ROUND, WRITER, build_ledger, read_entries, resign, write_entries
+from test_ledger import BUDGET, ROUND, WRITER, anchor_head_at, build_ledger, read_entries, resign, write_entries
 
 from accountant.errors import InvalidInputError
-from accountant.ledger import Ledger
+from accountant.ledger import Ledger, default_head_path, read_head
 from accountant.signing import SigningKey
 from accountant.spend import certified_epsilon_cached, edgeworth_epsilon_cached
 from accountant.verify import verify_ledger
@@ -24,8 +24,10 @@ def pristine(tmp_path_factory):
 
 @pytest.fixture()
 def ledger(pristine, tmp_path):
+    """A copy of the pristine ledger, with its head file."""
     path = tmp_path / "ledger.jsonl"
     shutil.copy(pristine[0], path)
+    shutil.copy(default_head_path(pristine[0]), default_head_path(path))
     return path, pristine[1]
 
 
@@ -93,13 +95,18 @@ def test_dropped_entry_is_named(ledger):
     assert_first_bad(path, 2, 3, "seq 3 where 2 was expected")
 
 
-def test_dropped_last_entry_still_verifies_as_a_shorter_ledger(ledger):
-    """A suffix cut at a line boundary is indistinguishable from a ledger written up to there: an auditor
-    compares the entry count (or the last hash) with the writer's statements, e.g. the last receipt."""
-    path, _ = ledger
+def test_dropped_last_entry_verifies_alone_and_fails_against_the_head(ledger):
+    """A suffix cut at a line boundary is, on its own, indistinguishable from a ledger written up to there:
+    only a head kept outside the file (the head file, or a SEQ:HASH someone recorded) exposes it."""
+    path, key = ledger
+    head = read_head(default_head_path(path), key.public_key_text).head
     write_lines(path, lines_of(path)[:-1])
     report = verify_ledger(path)
     assert report.ok and report.entries_verified == 5
+    for against in ({"head_path": default_head_path(path)}, {"expect_head": head}):
+        report = verify_ledger(path, key.public_key_text, **against)
+        assert not report.ok and report.first_bad is None
+        assert "holds 5 entries but its head anchors seq 5" in report.head_failure
 
 
 def test_reordered_entries_are_named(ledger):
@@ -226,6 +233,7 @@ def test_other_accountant_is_reported_not_mistaken_for_a_mismatch(ledger):
 
 def test_truncated_mid_line_is_reported_then_repaired_on_open(ledger):
     path, key = ledger
+    anchor_head_at(path, key, 4)  # the crash came while entry 5 was written: its head was never written
     data = path.read_bytes()
     cut = data.rfind(b"\n", 0, len(data) - 1) + 1 + 57  # 57 bytes into the last line
     path.write_bytes(data[:cut])
@@ -246,10 +254,12 @@ def test_truncated_mid_line_is_reported_then_repaired_on_open(ledger):
     assert report.ok, report.summary()
     assert [(r["seq"], r["torn_bytes"]) for r in report.repairs] == [(5, 57)]
     assert report.entries_verified == 7
+    assert read_head(default_head_path(path), key.public_key_text).head.seq == 6  # the repair and the reserve
 
 
 def test_forged_repair_offset_is_caught(ledger):
     path, key = ledger
+    anchor_head_at(path, key, 4)
     data = path.read_bytes()
     path.write_bytes(data[:-10])
     Ledger.open(path, key).close()

@@ -1,19 +1,26 @@
 """Cross-check of the coordinator's ledger against the holders' own ledgers (an auditor's second look).
 
 Each ledger is first verified on its own (:func:`accountant.verify.verify_ledger`: chain, signatures, rules,
-epsilons recomputed). Then, for every commit in the coordinator's ledger, the holder's ledger must hold a
-commit for the same run and round with the same executed event and the same receipt hash (SHA-256 of the
+epsilons recomputed); a holder's ledger is verified against the public key the coordinator registered for
+that holder, which pins it. Then, for every commit in the coordinator's ledger, the holder's ledger must hold
+a commit for the same run and round with the same executed event and the same receipt hash (SHA-256 of the
 canonical JSON of the signed receipt, which both sides record). A holder commit that the coordinator did not
 commit (an update it rejected or never received) is listed apart: the holder spent that privacy, so the
 holder's own ledger, never the coordinator's, is the record of what it has spent.
+
+This is also what catches a holder ledger rolled back together with its head file (a restore of the whole
+directory): such a ledger is a valid, shorter ledger on its own, but the coordinator's ledger, written on
+another machine, still records the commits the holder's copy lost.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from accountant.errors import InvalidInputError
 from accountant.ledger import parse_line, split_lines
 
 
@@ -75,3 +82,53 @@ def cross_check(coordinator_entries: Iterable[Mapping[str, Any]], holder_entries
                 result.not_aggregated.append(f"{holder_id}, run {key[1]}, round {key[2]}")
     return result
 
+
+@dataclass
+class LedgersCrossCheck:
+    """Each ledger's own verification (``reports``: "coordinator" and each holder id) and the cross-check of
+    their verified entries."""
+
+    reports: dict[str, Any]
+    check: CrossCheck
+
+    @property
+    def ok(self) -> bool:
+        return self.check.ok and all(report.ok for report in self.reports.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "ledgers": {name: report.to_json(figures=False) for name, report in self.reports.items()},
+            "matched": self.check.matched,
+            "mismatches": self.check.mismatches,
+            "not_aggregated": self.check.not_aggregated,
+        }
+
+
+def cross_check_ledgers(coordinator_path: str | Path, holder_paths: Mapping[str, str | Path],
+                        coordinator_key: str | None = None) -> LedgersCrossCheck:
+    """Verify the coordinator's ledger (against ``coordinator_key`` when given) and each holder's (against the
+    key the coordinator registered for it, when it did), then cross-check the entries that verified. Only
+    verified entries are compared: a defect past them is already reported by that ledger's verification."""
+    from accountant.verify import verify_ledger
+
+    coordinator = verify_ledger(coordinator_path, coordinator_key)
+    coordinator_entries = _verified_entries(coordinator_path, coordinator.entries_verified)
+    registered = {
+        entry["payload"]["holder"]: entry["payload"]["public_key"]
+        for entry in coordinator_entries
+        if entry["kind"] == "holder"
+    }
+    reports: dict[str, Any] = {"coordinator": coordinator}
+    holder_entries = {}
+    for holder_id, path in holder_paths.items():
+        if holder_id == "coordinator":
+            raise InvalidInputError("'coordinator' names the coordinator's ledger; give holders their own ids")
+        reports[holder_id] = report = verify_ledger(path, registered.get(holder_id))
+        holder_entries[holder_id] = _verified_entries(path, report.entries_verified)
+    return LedgersCrossCheck(reports, cross_check(coordinator_entries, holder_entries))
+
+
+def _verified_entries(path: str | Path, count: int) -> list[dict[str, Any]]:
+    lines = split_lines(Path(path).read_bytes()).lines[:count]
+    return [parse_line(line) for line in lines]

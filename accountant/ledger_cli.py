@@ -1,4 +1,4 @@
-"""``ewtune ledger verify|show|anchor``: audit a privacy ledger offline, anchor a moved one.
+"""``ewtune ledger verify|show|anchor|crosscheck``: audit a privacy ledger offline, anchor a moved one.
 
 Imports only argparse until a command runs."""
 
@@ -10,7 +10,7 @@ WITHHELD = "INVALID LEDGER, figures withheld"
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("ledger", help="verify, show or anchor a privacy ledger")
+    parser = subparsers.add_parser("ledger", help="verify, show, anchor or cross-check privacy ledgers")
     actions = parser.add_subparsers(dest="ledger_command", metavar="ACTION", required=True)
 
     verify = actions.add_parser(
@@ -50,6 +50,20 @@ def register(subparsers) -> None:
     anchor.add_argument("--key", required=True, metavar="KEY_FILE", help="the writer's private key (PEM)")
     anchor.add_argument("--head", metavar="PATH", help="the head file to write (default: LEDGER.head)")
     anchor.set_defaults(func=_anchor)
+
+    crosscheck = actions.add_parser(
+        "crosscheck",
+        help="verify the coordinator's and holders' ledgers and match every coordinator commit",
+        description="Verify the coordinator's ledger and each holder's (against the key the coordinator "
+        "registered for it), then check that every commit in the coordinator's ledger is in the holder's own "
+        "ledger with the same event and receipt: a holder ledger rolled back (even with its head file) lacks "
+        "commits the coordinator recorded. Exit 0 when all holds, 1 otherwise, 2 on unreadable input.",
+    )
+    crosscheck.add_argument("coordinator", help="the coordinator's ledger")
+    crosscheck.add_argument("holders", nargs="+", metavar="HOLDER_ID=HOLDER_LEDGER", help="a holder's own ledger")
+    crosscheck.add_argument("--public-key", metavar="KEY_OR_FILE", help="pin the coordinator's ledger key")
+    crosscheck.add_argument("--json", action="store_true", help="print one JSON object")
+    crosscheck.set_defaults(func=_crosscheck)
 
 
 def _add_verification_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,6 +138,37 @@ def _anchor(args: argparse.Namespace) -> int:
     head = Ledger.anchor(args.path, SigningKey.load(args.key), head_path)
     print(f"ledger {args.path}: head {head} written to {head_path}; the ledger's current state is now the truth")
     return 0
+
+
+def _crosscheck(args: argparse.Namespace) -> int:
+    import json
+
+    from accountant.crosscheck import cross_check_ledgers
+    from accountant.errors import InvalidInputError
+
+    holders = {}
+    for text in args.holders:
+        holder_id, separator, path = text.partition("=")
+        if not separator or not holder_id or not path:
+            raise InvalidInputError(f"a holder ledger is given as HOLDER_ID=PATH, got {text!r}")
+        if holder_id in holders:
+            raise InvalidInputError(f"holder {holder_id!r} is given twice")
+        holders[holder_id] = path
+    pinned = None if args.public_key is None else _public_key_argument(args.public_key)
+    result = cross_check_ledgers(args.coordinator, holders, pinned)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2, sort_keys=True))
+        return 0 if result.ok else 1
+    for name, report in result.reports.items():
+        print(f"{name}: {report.summary()}")
+    check = result.check
+    print(f"cross-check: {check.matched} coordinator commit(s) matched, {len(check.mismatches)} mismatch(es): "
+          + ("OK" if result.ok else "FAILED"))
+    for mismatch in check.mismatches:
+        print(f"  mismatch: {mismatch}")
+    for missing in check.not_aggregated:
+        print(f"  spent by a holder but not aggregated: {missing}")
+    return 0 if result.ok else 1
 
 
 def _show_lines(report) -> list[str]:

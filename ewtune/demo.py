@@ -1,6 +1,7 @@
 """``ewtune demo``: a real federation on one machine, loopback only.
 
-It generates credentials, starts a Flower SuperLink (TLS, SuperNode authentication), three agent daemons
+It generates the coordinator's credentials, lets each holder generate its own keys in its own folder and
+registers their public cards, starts a Flower SuperLink (TLS, SuperNode authentication), three agent daemons
 with their SuperNodes, each holding its own partition of the Rotten Tomatoes polarity sentences (MR), and
 runs a few rounds of LoRA fine-tuning of all-MiniLM-L6-v2 with DP-SGD at a certified target epsilon of 8
 (delta 1e-5). At the end it verifies every ledger (the coordinator's and each holder's), cross-checks them,

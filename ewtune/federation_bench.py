@@ -1,8 +1,10 @@
 """``ewtune bench federation``: coordination overhead per round with three holders on loopback.
 
 Overhead of a round = its wall time at the coordinator (reserve, send, wait for every reply, verify receipts,
-aggregate, commit, checkpoint) minus the slowest holder's local DP-SGD time in that round (reported by its
-daemon). One real federation (TLS SuperLink with SuperNode authentication, three agent daemons with
+aggregate, commit, checkpoint) minus the slowest holder's local DP-SGD time in that round, read from the
+holder's own ledger (its reserve -> commit time for the round). Holders do not release their training time
+in their replies (it would leak their Poisson batch sizes); on this one machine the benchmark can read their
+ledgers instead. One real federation (TLS SuperLink with SuperNode authentication, three agent daemons with
 SuperNodes, MiniLM + MR, LoRA) runs the same plan twice on the same processes:
 
 - ``tuned``: the weights travel packed in one buffer per message (:mod:`coordinator.packing`) and the
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     document = {
         "benchmark": "federation",
         "command": "ewtune bench federation " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items()) if k in ("rounds", "local_steps", "batch_size", "rows_per_holder")),
-        "definition": "overhead per round = round wall time at the coordinator - slowest holder's local DP-SGD time",
+        "definition": "overhead per round = round wall time at the coordinator - slowest holder's reserve->commit time in its own ledger",
         "holders": 3,
         "goal_seconds": GOAL_SECONDS,
         "load_average_before": load_before,
@@ -142,17 +144,38 @@ def ledger_breakdown(work: Path, run_id: str, holders) -> list[dict[str, Any]]:
     return rows
 
 
+def round_overheads(rounds: list[dict[str, Any]], breakdown: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per round: its wall time at the coordinator, the slowest holder's training time from the ledgers
+    (:func:`ledger_breakdown`'s ``train_seconds``, holder reserve -> holder commit) and their difference;
+    a round with no ledger row has None for both."""
+    slowest: dict[int, float] = {}
+    for row in breakdown:
+        slowest[row["round"]] = max(slowest.get(row["round"], 0.0), row["train_seconds"])
+    result = []
+    for record in rounds:
+        train = slowest.get(record["round"])
+        result.append({
+            "round": record["round"],
+            "seconds": record["seconds"],
+            "slowest_train_seconds": train,
+            "overhead_seconds": None if train is None else record["seconds"] - train,
+        })
+    return result
+
+
 def _summary(status: dict[str, Any]) -> dict[str, Any]:
-    rounds = status["rounds"]
-    overheads = [r["overhead_seconds"] for r in rounds if r["overhead_seconds"] is not None]
     breakdown = status.get("breakdown", [])
+    rounds = round_overheads(status["rounds"], breakdown)
+    overheads = [r["overhead_seconds"] for r in rounds if r["overhead_seconds"] is not None]
+    if not overheads:
+        raise RuntimeError(f"run {status['run_id']}: no holder ledger recorded a committed round")
     return {
         "run_id": status["run_id"],
         "breakdown": breakdown,
         **{f"median_{part}_seconds": statistics.median(row[f"{part}_seconds"] for row in breakdown) for part in ("deliver", "train", "return") if breakdown},
-        "rounds": [{k: r[k] for k in ("round", "seconds", "slowest_train_seconds", "overhead_seconds")} for r in rounds],
+        "rounds": rounds,
         "median_round_seconds": statistics.median(r["seconds"] for r in rounds),
-        "median_slowest_train_seconds": statistics.median(r["slowest_train_seconds"] for r in rounds),
+        "median_slowest_train_seconds": statistics.median(r["slowest_train_seconds"] for r in rounds if r["slowest_train_seconds"] is not None),
         "median_overhead_seconds": statistics.median(overheads),
         "min_overhead_seconds": min(overheads),
         "max_overhead_seconds": max(overheads),

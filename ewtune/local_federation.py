@@ -1,6 +1,12 @@
 """A whole federation on one machine, on loopback: credentials, a real SuperLink (TLS, SuperNode
 authentication), one agent daemon per holder with its SuperNode, and ``flwr run`` of the coordinator's app.
 
+Keys follow the real flow: the coordinator's credentials come from :func:`ewtune.keys.init_credentials`;
+each holder generates its own keys in its own folder with the holder-side function
+(:func:`agent.keys.init_holder_keys`, what ``ewtune agent keys init`` runs) and only its public card is
+registered (:func:`ewtune.keys.add_holder`). :meth:`LocalFederation.prepare_holder` is the one place where
+a holder's folder, keys and agent.toml are prepared.
+
 Used by ``ewtune demo``, ``ewtune bench federation`` and the end-to-end tests. Every process it starts is
 started in its own session and stopped by pid (its process group) in :meth:`LocalFederation.stop`, which
 also runs on failure and on Ctrl-C (``with LocalFederation(...) as federation``).
@@ -98,6 +104,8 @@ class LocalFederation:
         self.port = free_port()
         self.flwr_home = self.work_dir / "coordinator" / "flwr-home"
         self.credentials = None
+        self.holder_keys: dict[str, Any] = {}  # holder id -> agent.keys.HolderKeys (the holder's own files)
+        self.agent_configs: dict[str, Path] = {}
         self.node_ids: dict[str, int] = {}
 
     def __enter__(self) -> "LocalFederation":
@@ -113,13 +121,18 @@ class LocalFederation:
     # -- starting ------------------------------------------------------------------------------------------
 
     def start(self, register: Sequence[str] | None = None, daemons: bool = True) -> None:
-        """Credentials, the SuperLink, the registration of ``register`` (default: every holder) and, with
-        ``daemons``, one agent daemon with its SuperNode per holder."""
+        """The coordinator's credentials, each holder prepared in its own folder (its own keys, its card in
+        the coordinator's registry, agent.toml), the SuperLink, the registration of ``register`` (default:
+        every holder) with it and, with ``daemons``, one agent daemon with its SuperNode per holder."""
         from coordinator import superlink
-        from ewtune.keys import init_credentials
+        from ewtune.keys import init_credentials, load_credentials
 
-        self.credentials = init_credentials(self.work_dir / "keys", [h.holder_id for h in self.holders])
-        self.log(f"credentials in {self.credentials.directory} (CA, SuperLink certificate, SuperNode and ledger keys)")
+        self.credentials = init_credentials(self.work_dir / "keys")
+        self.log(f"coordinator credentials in {self.credentials.directory} (CA, SuperLink certificate, ledger key, registry)")
+        for holder in self.holders:
+            self.prepare_holder(holder, initialise=daemons)
+        self.credentials = load_credentials(self.credentials.directory)
+        self.log(f"holders {', '.join(self.holder_keys)} generated their own keys; their public cards are registered")
         self.start_superlink()
         for holder_id in register if register is not None else [h.holder_id for h in self.holders]:
             self.node_ids[holder_id] = superlink.register_supernode(
@@ -144,8 +157,38 @@ class LocalFederation:
         process = self._spawn("superlink", command, coordinator / "superlink.log", superlink.flower_environment(self.flwr_home), cwd=coordinator)
         superlink.wait_for_port("127.0.0.1", self.port, 60, process)
 
+    def prepare_holder(self, holder: HolderSetup, initialise: bool = True) -> Path:
+        """THE place where a holder is prepared, as the holder itself would on its machine: its folder
+        ``holders/<id>``, its own keys in ``holders/<id>/keys`` (``ewtune agent keys init``), its public card
+        handed to the coordinator (``ewtune keys add-holder``), its agent.toml and, with ``initialise`` (a
+        holder that will run a daemon), its ledger (``ewtune agent init``). Returns agent.toml."""
+        from agent.keys import init_holder_keys
+        from ewtune.keys import add_holder
+
+        folder = self.work_dir / "holders" / holder.holder_id
+        if holder.holder_id not in self.holder_keys:
+            folder.mkdir(parents=True, exist_ok=True)
+            keys = init_holder_keys(folder / "keys", holder.holder_id)  # holder side: private keys stay in its folder
+            add_holder(self.credentials.directory, keys.card)  # coordinator side: only the public card crosses over
+            self.holder_keys[holder.holder_id] = keys
+        path = self.agent_toml(holder)
+        if initialise and holder.holder_id not in self.agent_configs:
+            # Holder-side initialisation from agent.toml, after the keys and agent.toml exist and before any
+            # daemon starts: `ewtune agent init` creates the holder's ledger (the daemon never creates one).
+            self._holder_command(holder.holder_id, ["agent", "init", "--config", str(path)], folder / "agent-init.log")
+            self.agent_configs[holder.holder_id] = path
+        return path
+
+    def _holder_command(self, holder_id: str, arguments: list[str], log_path: Path) -> None:
+        """Run ``ewtune ARGUMENTS`` as the holder would (a separate process, output to ``log_path``)."""
+        with open(log_path, "ab") as output:
+            result = subprocess.run([sys.executable, "-m", "ewtune", *arguments], stdout=output, stderr=subprocess.STDOUT, timeout=300)
+        if result.returncode != 0:
+            raise EwtuneError(f"`ewtune {' '.join(arguments[:2])}` failed for {holder_id}: {_last_line(log_path.read_text(errors='replace'))}")
+
     def agent_toml(self, holder: HolderSetup) -> Path:
-        credentials = self.credentials.holders[holder.holder_id]
+        """Write ``holders/<id>/agent.toml`` from the holder's own keys and the SuperLink's address."""
+        keys = self.holder_keys[holder.holder_id]
         folder = self.work_dir / "holders" / holder.holder_id
         folder.mkdir(parents=True, exist_ok=True)
         training = {"data_file": str(holder.data_file), **holder.training}
@@ -153,13 +196,13 @@ class LocalFederation:
             "holder": {"id": holder.holder_id},
             "budget": {"epsilon": holder.budget_epsilon, "delta": holder.budget_delta},
             "policy": dict(holder.policy),
-            "ledger": {"path": str(folder / "ledger.jsonl"), "signing_key": str(credentials.ledger_key)},
+            "ledger": {"path": str(folder / "ledger.jsonl"), "signing_key": str(keys.ledger_key)},
             "rpc": {"address": f"unix://{folder / 'agent.sock'}"},
             "training": training,
             "supernode": {
                 "superlink": f"127.0.0.1:{self.port}",
                 "root_certificates": str(self.credentials.ca_certificate),
-                "auth_private_key": str(credentials.supernode_private_key),
+                "auth_private_key": str(keys.supernode_private_key),
                 "port": free_port(),
             },
         }
@@ -171,8 +214,9 @@ class LocalFederation:
         from coordinator import superlink
 
         folder = self.work_dir / "holders" / holder.holder_id
+        config = self.prepare_holder(holder)  # rewrites agent.toml; keys and ledger are made only once
         command = [
-            sys.executable, "-m", "ewtune", "agent", "start", "--config", str(self.agent_toml(holder)),
+            sys.executable, "-m", "ewtune", "agent", "start", "--config", str(config),
             "--supernode-log", str(folder / "supernode.log"), "--grace", "5",
         ]
         environment = superlink.flower_environment(self.flwr_home, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
@@ -205,6 +249,7 @@ class LocalFederation:
                 "id": "coordinator",
                 "ledger": str(coordinator / "ledger.jsonl"),
                 "signing_key": str(self.credentials.coordinator_ledger_key),
+                "registry": str(self.credentials.registry),
                 "output_dir": str(coordinator / name),
             },
             "model": job.model,

@@ -12,7 +12,7 @@ import pytest
 from coordinator.superlink import executable, flower_environment
 from ewtune.local_federation import HolderSetup, LocalFederation, free_port
 
-REFUSED = "ref-exit-codes/305"  # flwr's exit code 305: the SuperNode cannot connect (notes/flower-1.42.md, 2.1-2.2)
+REFUSED = "ref-exit-codes/305"  # flwr's exit code 305: the SuperNode cannot connect
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +55,13 @@ def _stop(process):
 
 
 def test_unregistered_key_and_plaintext_are_refused_registered_node_connects(superlink, tmp_path):
-    credentials = superlink.credentials
+    credentials, keys = superlink.credentials, superlink.holder_keys  # the holders' own keys, in their folders
     ca = ["--root-certificates", str(credentials.ca_certificate)]
     logs = {name: tmp_path / f"{name}.log" for name in ("stranger", "plaintext", "known")}
     processes = {
-        "stranger": _supernode(superlink, logs["stranger"], *ca, "--auth-supernode-private-key", str(credentials.holders["stranger"].supernode_private_key)),
+        "stranger": _supernode(superlink, logs["stranger"], *ca, "--auth-supernode-private-key", str(keys["stranger"].supernode_private_key)),
         "plaintext": _supernode(superlink, logs["plaintext"], "--insecure"),
-        "known": _supernode(superlink, logs["known"], *ca, "--auth-supernode-private-key", str(credentials.holders["known"].supernode_private_key)),
+        "known": _supernode(superlink, logs["known"], *ca, "--auth-supernode-private-key", str(keys["known"].supernode_private_key)),
     }
     try:
         stranger = _wait_for(logs["stranger"], REFUSED, 120)

@@ -2,7 +2,9 @@
 
 Every holder runs the same schedule (``rounds`` rounds of ``local_steps`` DP-SGD steps at an expected batch of
 ``expected_batch_size`` records, clip norm C, learning rate); a holder with N records samples at q = B / N
-(Poisson). Its sigma is the certified calibration (:mod:`accountant.calibration`) of the *whole* plan,
+(Poisson), rounded up to the rate its sampler executes exactly
+(:func:`accountant.sampling.executable_sampling_rate`): the receipt's event must equal the plan's to the bit,
+so the plan names the rate that will actually run. Its sigma is the certified calibration (:mod:`accountant.calibration`) of the *whole* plan,
 ``rounds * local_steps`` steps at rate q, to min(target epsilon, the budget it has left), at the smaller of the
 federation's delta and its own budget delta. Holders whose budget cannot fund the plan are skipped with the
 reason, before anything is reserved or sent.
@@ -169,12 +171,13 @@ def plan_federation(settings: FederationSettings, descriptions: Iterable[HolderD
 
 def _plan_holder(settings: FederationSettings, holder: HolderDescription) -> HolderPlan | SkippedHolder:
     from accountant.calibration import calibrate_noise_multiplier
+    from accountant.sampling import executable_sampling_rate
 
     epsilon = min(settings.target_epsilon, holder.budget_left_epsilon)
     if epsilon <= 0:
         return SkippedHolder(holder, f"its budget is spent ({holder.spent_epsilon_certified:.4g} of {holder.budget_epsilon:g})")
     delta = min(settings.delta, holder.budget_delta)
-    sampling_rate = min(1.0, settings.expected_batch_size / holder.dataset_size)
+    sampling_rate = executable_sampling_rate(min(1.0, settings.expected_batch_size / holder.dataset_size))
     try:
         calibration = calibrate_noise_multiplier(epsilon, delta, [(sampling_rate, settings.total_steps)], policy="certified")
     except InvalidInputError as failure:

@@ -98,3 +98,15 @@ def test_description_lacking_fields_is_refused():
 def test_invalid_settings_are_refused(field, value):
     with pytest.raises(InvalidInputError):
         FederationSettings(**{**SETTINGS.__dict__, field: value})
+
+
+def test_planned_rates_are_the_rates_the_sampler_executes():
+    """B / N is rarely on the sampler's 2^-53 grid (16 / 107 is not); the plan names the executed rate, so the
+    holder's receipt (which records what ran) equals the plan exactly and the receipt check can demand it."""
+    from accountant.sampling import executable_sampling_rate
+
+    settings = FederationSettings(rounds=2, local_steps=3, expected_batch_size=16, clip_norm=1.0, learning_rate=0.01,
+                                  target_epsilon=8.0, delta=1e-5)
+    (plan,) = plan_federation(settings, [_holder("odd", 107)]).holders
+    assert plan.sampling_rate != 16 / 107
+    assert plan.sampling_rate == executable_sampling_rate(16 / 107) == executable_sampling_rate(plan.sampling_rate)

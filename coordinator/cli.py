@@ -56,10 +56,9 @@ def _start(args: argparse.Namespace) -> int:
     import signal
 
     from coordinator import superlink
-    from ewtune.keys import load_credentials
 
     superlink.check_bind_address(args.host, args.behind_fleet_proxy)
-    credentials = load_credentials(args.credentials)
+    credentials = superlink.superlink_credentials(args.credentials)
     state = Path(args.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     flwr_home = state / "flwr-home"
@@ -76,9 +75,9 @@ def _start(args: argparse.Namespace) -> int:
         superlink.wait_for_port(args.host, args.port, 60, process)
         print(f"ewtune coordinator: SuperLink on {args.host}:{args.port} (TLS, SuperNode authentication), log {state / 'superlink.log'}", flush=True)
         if not args.no_register:
-            for holder_id, holder in credentials.holders.items():
+            for holder_id, public_key in credentials.supernode_public_keys.items():
                 try:
-                    node_id = superlink.register_supernode(flwr_home, holder.supernode_public_key, holder_id)
+                    node_id = superlink.register_supernode(flwr_home, public_key, holder_id)
                     print(f"registered {holder_id}: node {node_id}", flush=True)
                 except EwtuneError as failure:
                     print(f"not registered {holder_id}: {failure}", flush=True)

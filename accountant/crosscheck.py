@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from accountant.errors import InvalidInputError
-from accountant.ledger import parse_line, split_lines
+from accountant.ledger import EVALUATION_PURPOSE, parse_line, split_lines
 
 
 @dataclass
@@ -42,13 +42,14 @@ def read_entries(path) -> list[dict[str, Any]]:
 
 
 def commits_by_round(entries: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """(holder, run_id, round) -> {"event": ..., "receipt_sha256": ...} for every commit of a ledger."""
+    """(holder, run_id, round) -> {"event": ..., "receipt_sha256": ...} for every training commit of a ledger
+    (a holder's private evaluations are charged in its own ledger but never aggregated: they are left out)."""
     reservations, commits = {}, {}
     for entry in entries:
         payload = entry["payload"]
         if entry["kind"] == "reserve":
             reservations[entry["seq"]] = (payload.get("holder", entry["writer"]), payload["run_id"], payload["round"])
-        elif entry["kind"] == "commit":
+        elif entry["kind"] == "commit" and payload.get("extra", {}).get("purpose") != EVALUATION_PURPOSE:
             key = reservations[payload["reservation"]]
             commits[key] = {"event": payload["event"], "receipt_sha256": payload.get("receipt_sha256")}
     return commits

@@ -53,6 +53,9 @@ from accountant.signing import SigningKey, canonical_json, verify_signature
 from accountant.spend import LEDGER_SCHEMA, HolderSpend, LedgerState, Reservation
 
 GENESIS_PREV = "0" * 64
+# A commit's ``extra.purpose`` for a release that is not a training update (a holder's private evaluation):
+# charged like any event, but never aggregated, so the coordinator's ledger has no commit to match it.
+EVALUATION_PURPOSE = "evaluation"
 ENTRY_FIELDS = ("seq", "time", "kind", "writer", "payload", "prev", "signature")
 STATED_EPSILONS = ("epsilon_certified", "epsilon_edgeworth")
 _TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")

@@ -42,7 +42,7 @@ import torch
 from accountant.certified import certified_epsilon
 from accountant.errors import InvalidInputError
 from accountant.events import PoissonGaussianEvent
-from accountant.ledger import Ledger
+from accountant.ledger import EVALUATION_PURPOSE, Ledger
 from accountant.receipts import Receipt, sign_receipt, update_digest
 from accountant.sampling import executable_sampling_rate
 from accountant.signing import SigningKey, canonical_json
@@ -59,7 +59,6 @@ RELEASED_TRAINING_METRICS = ("steps",)
 
 # Recorded in every commit: the randomness of the release, and the public metadata that left with it.
 RANDOMNESS = SecureRandom.name
-EVALUATION_PURPOSE = "evaluation"
 
 
 @dataclass(frozen=True)

@@ -115,3 +115,24 @@ def test_the_coordinator_module_re_exports_the_accountant_cross_check():
     assert coordinator_crosscheck.cross_check is crosscheck.cross_check
     assert coordinator_crosscheck.read_entries is crosscheck.read_entries
     assert coordinator_crosscheck.CrossCheck is crosscheck.CrossCheck
+
+
+def test_a_holders_private_evaluations_do_not_shadow_its_training_commits(tmp_path):
+    """A private evaluation of round r's model is reserved under (run, r) like round r's training: charged in the
+    holder's ledger, never aggregated, so it must not replace the training commit the coordinator matches."""
+    from accountant.ledger import EVALUATION_PURPOSE
+
+    coordinator_key, holder_key = SigningKey.generate(), SigningKey.generate()
+    coordinator_path, holder_path = tmp_path / "coordinator.jsonl", tmp_path / "bank.jsonl"
+    evaluation = PoissonGaussianEvent(1.0, 20.0, 1)
+    with Ledger.create(coordinator_path, coordinator_key, "coordinator", BUDGET) as coordinator_ledger, \
+            Ledger.create(holder_path, holder_key, HOLDER, BUDGET) as holder_ledger:
+        coordinator_ledger.register_holder(HOLDER, holder_key.public_key_text, 8.0, 1e-5)
+        own = holder_ledger.reserve(HOLDER, RUN, 1, EVENT)
+        holder_ledger.commit(own, EVENT, extra={"receipt_sha256": receipt(1)})
+        seq = coordinator_ledger.reserve(HOLDER, RUN, 1, EVENT)
+        coordinator_ledger.commit(seq, EVENT, extra={"receipt_sha256": receipt(1)})
+        checked = holder_ledger.reserve(HOLDER, RUN, 1, evaluation)
+        holder_ledger.commit(checked, evaluation, extra={"purpose": EVALUATION_PURPOSE})
+    check = crosscheck.cross_check(crosscheck.read_entries(coordinator_path), {HOLDER: crosscheck.read_entries(holder_path)})
+    assert check.ok and check.matched == 1 and check.not_aggregated == []

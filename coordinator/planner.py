@@ -4,7 +4,8 @@ Every holder runs the same schedule (``rounds`` rounds of ``local_steps`` DP-SGD
 ``expected_batch_size`` records, clip norm C, learning rate); a holder with N records samples at q = B / N
 (Poisson), rounded up to the rate its sampler executes exactly
 (:func:`accountant.sampling.executable_sampling_rate`): the receipt's event must equal the plan's to the bit,
-so the plan names the rate that will actually run. Its sigma is the certified calibration (:mod:`accountant.calibration`) of the *whole* plan,
+so the plan names the rate that will actually run. It meets each holder's stated floors (its minimum expected
+batch q*N and minimum noise multiplier; its daemon refuses a plan below them) and delta < 1/N. Its sigma is the certified calibration (:mod:`accountant.calibration`) of the *whole* plan,
 ``rounds * local_steps`` steps at rate q, to min(target epsilon, the budget it has left), at the smaller of the
 federation's delta and its own budget delta. Holders whose budget cannot fund the plan are skipped with the
 reason, before anything is reserved or sent.
@@ -75,6 +76,8 @@ class HolderDescription:
     spent_epsilon_certified: float
     public_key: str
     model_id: str | None = None
+    min_expected_batch: float = 0.0  # the holder's floors, as its daemon states them (0: none stated)
+    min_noise_multiplier: float = 0.0
 
     @classmethod
     def from_mapping(cls, node_id: int, values: Mapping[str, Any]) -> "HolderDescription":
@@ -93,6 +96,11 @@ class HolderDescription:
             if not isinstance(values[name], str) or not values[name]:
                 raise InvalidInputError(f"node {node_id}'s {name} must be a non-empty string")
         model_id = values.get("model_id")
+        floors = {}
+        for name in ("min_expected_batch", "min_noise_multiplier"):
+            if name in values:
+                _positive(f"node {node_id}'s {name}", values[name])
+                floors[name] = float(values[name])
         return cls(
             node_id=int(node_id),
             holder_id=values["holder_id"],
@@ -102,6 +110,7 @@ class HolderDescription:
             spent_epsilon_certified=float(spent),
             public_key=values["public_key"],
             model_id=str(model_id) if model_id else None,
+            **floors,
         )
 
     @property
@@ -177,11 +186,19 @@ def _plan_holder(settings: FederationSettings, holder: HolderDescription) -> Hol
     if epsilon <= 0:
         return SkippedHolder(holder, f"its budget is spent ({holder.spent_epsilon_certified:.4g} of {holder.budget_epsilon:g})")
     delta = min(settings.delta, holder.budget_delta)
+    if delta >= 1.0 / holder.dataset_size:
+        return SkippedHolder(holder, f"delta {delta:g} is not below 1/N = 1/{holder.dataset_size}")
     sampling_rate = executable_sampling_rate(min(1.0, settings.expected_batch_size / holder.dataset_size))
+    if sampling_rate * holder.dataset_size < holder.min_expected_batch:
+        return SkippedHolder(
+            holder, f"expected batch {sampling_rate * holder.dataset_size:.4g} is below its minimum {holder.min_expected_batch:g}"
+        )
     try:
         calibration = calibrate_noise_multiplier(epsilon, delta, [(sampling_rate, settings.total_steps)], policy="certified")
     except InvalidInputError as failure:
         return SkippedHolder(holder, f"no noise multiplier reaches epsilon {epsilon:.4g}: {failure}")
+    if calibration.noise_multiplier < holder.min_noise_multiplier:  # more noise than needed: epsilon falls
+        calibration = _at_sigma(holder.min_noise_multiplier, delta, sampling_rate, settings.total_steps)
     sigma = float(calibration.noise_multiplier)
     if not math.isfinite(sigma) or sigma > settings.max_noise_multiplier:
         return SkippedHolder(
@@ -198,6 +215,26 @@ def _plan_holder(settings: FederationSettings, holder: HolderDescription) -> Hol
         epsilon_certified=float(calibration.epsilon_certified),
         epsilon_edgeworth=None if calibration.epsilon_edgeworth is None else float(calibration.epsilon_edgeworth),
     )
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    noise_multiplier: float
+    epsilon_certified: float
+    epsilon_edgeworth: float | None
+
+
+def _at_sigma(sigma: float, delta: float, sampling_rate: float, steps: int) -> _Calibration:
+    """The plan's epsilons at a sigma fixed by a holder's floor instead of the calibration."""
+    from accountant.certified import certified_epsilon
+    from accountant.edgeworth import edgeworth_epsilon
+
+    event = PoissonGaussianEvent(sampling_rate, sigma, steps)
+    try:
+        estimate = float(edgeworth_epsilon(event, delta))
+    except InvalidInputError:
+        estimate = None
+    return _Calibration(sigma, float(certified_epsilon(event, delta)), estimate)
 
 
 def _number(value: Any) -> bool:

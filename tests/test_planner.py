@@ -110,3 +110,36 @@ def test_planned_rates_are_the_rates_the_sampler_executes():
     (plan,) = plan_federation(settings, [_holder("odd", 107)]).holders
     assert plan.sampling_rate != 16 / 107
     assert plan.sampling_rate == executable_sampling_rate(16 / 107) == executable_sampling_rate(plan.sampling_rate)
+
+
+def _with_floors(holder_id, **floors):
+    description = dict(
+        holder_id=holder_id, dataset_size=200, budget_epsilon=1000.0, budget_delta=1e-5, spent_epsilon_certified=0.0,
+        public_key="key-" + holder_id, model_id="m", **floors,
+    )
+    return HolderDescription.from_mapping(7, description)
+
+
+def test_the_plan_meets_each_holders_floors():
+    """A daemon refuses a sigma below its minimum or an expected batch below its minimum: the planner raises
+    sigma to the floor (epsilon only falls) and skips a holder whose expected batch is too small."""
+    generous = FederationSettings(
+        rounds=1, local_steps=2, expected_batch_size=20, clip_norm=1.0, learning_rate=0.01, target_epsilon=20.0, delta=1e-5
+    )
+    unconstrained = plan_federation(generous, [_with_floors("a")]).by_holder()["a"]
+    assert unconstrained.noise_multiplier < 0.5
+    plan = plan_federation(generous, [_with_floors("a", min_noise_multiplier=0.5), _with_floors("b", min_expected_batch=30)])
+    planned = plan.by_holder()["a"]
+    assert planned.noise_multiplier == 0.5
+    assert planned.epsilon_certified == pytest.approx(
+        certified_epsilon(PoissonGaussianEvent(planned.sampling_rate, 0.5, 2), 1e-5)
+    )
+    assert [(s.holder.holder_id, "below its minimum 30" in s.reason) for s in plan.skipped] == [("b", True)]
+
+
+def test_a_delta_not_below_one_over_n_skips_the_holder():
+    wide = FederationSettings(rounds=1, local_steps=2, expected_batch_size=20, clip_norm=1.0, learning_rate=0.01,
+                              target_epsilon=8.0, delta=0.005, min_holders=1)
+    plan = plan_federation(wide, [_holder("small", size=100, delta=0.005), _holder("large", size=1000, delta=0.005)])
+    assert [s.holder.holder_id for s in plan.skipped] == ["large"] and "1/N = 1/1000" in plan.skipped[0].reason
+    assert [p.holder_id for p in plan.holders] == ["small"]

@@ -107,20 +107,19 @@ def new_supernode_key(private_path: Path, public_path: Path, comment: str) -> st
 
 def write_private(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 (exactly, whatever the umask); an existing file is never replaced."""
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise InvalidInputError(f"{path} exists: refusing to overwrite a key") from None
-    with os.fdopen(descriptor, "wb") as handle:
-        os.fchmod(handle.fileno(), 0o600)
-        handle.write(data)
+    _create(path, data, 0o600, "a key")
 
 
 def write_public(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0644; an existing file is never replaced."""
+    _create(path, data, 0o644, "it")
+
+
+def _create(path: Path, data: bytes, mode: int, what: str) -> None:
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
-        raise InvalidInputError(f"{path} exists: refusing to overwrite it") from None
+        raise InvalidInputError(f"{path} exists: refusing to overwrite {what}") from None
     with os.fdopen(descriptor, "wb") as handle:
+        os.fchmod(handle.fileno(), mode)
         handle.write(data)

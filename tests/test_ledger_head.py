@@ -10,6 +10,7 @@ import stat
 
 import pytest
 from test_ledger import BUDGET, ROUND, WRITER, anchor_head_at, build_ledger, read_entries
+from test_ledger_tamper import ledger, lines_of, pristine  # noqa: F401 - fixtures shared with the tamper tests
 
 from accountant.errors import EwtuneError, InvalidInputError
 from accountant.ledger import (
@@ -24,25 +25,6 @@ from accountant.ledger import (
 from accountant.signing import SigningKey
 from accountant.verify import verify_ledger
 from ewtune.cli import main
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    """genesis, reserve r0, commit r0, reserve r1, abort r1, reserve r2 (open), with its head at seq 5."""
-    path = tmp_path_factory.mktemp("pristine") / "ledger.jsonl"
-    return path, build_ledger(path)
-
-
-@pytest.fixture()
-def ledger(pristine, tmp_path):
-    path = tmp_path / "ledger.jsonl"
-    shutil.copy(pristine[0], path)
-    shutil.copy(default_head_path(pristine[0]), default_head_path(path))
-    return path, pristine[1]
-
-
-def lines_of(path):
-    return path.read_bytes().split(b"\n")[:-1]
 
 
 def head_of(path, key):

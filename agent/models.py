@@ -1,6 +1,9 @@
 """Loading a Hugging Face model and its tokenizer from a local directory (never the hub), wrapping it for LoRA
 (Hu et al. 2021, through ``peft``), full fine-tuning or head-only training (linear probing, a strong DP
-baseline: Tramer & Boneh 2021; De et al. 2022), and exchanging only its trainable parameters."""
+baseline: Tramer & Boneh 2021; De et al. 2022), and exchanging only its trainable parameters.
+
+A classifier on a sentence-transformers checkpoint sits on the pooled sentence embedding the checkpoint was
+trained for (:mod:`agent.heads`); other checkpoints use transformers' own sequence-classification head."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 import torch
 
 from accountant.errors import InvalidInputError
+from agent.heads import PooledClassifier, copy_pooling_files, read_pooling
 
 TASKS = ("classification", "causal_lm")
 MODES = ("lora", "full", "head")
@@ -90,6 +94,9 @@ def _load_base_model(model_dir: Path, task: str, num_labels: int):
 
     if task == "classification" and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2):
         raise InvalidInputError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+    pooling = read_pooling(model_dir) if task == "classification" else None
+    if pooling is not None:
+        return _pooled_classifier(model_dir, pooling, num_labels)
     auto_class, extra = (
         (transformers.AutoModelForSequenceClassification, {"num_labels": num_labels})
         if task == "classification"
@@ -107,6 +114,30 @@ def _load_base_model(model_dir: Path, task: str, num_labels: int):
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
+
+
+def _pooled_classifier(model_dir: Path, pooling, num_labels: int):
+    """The encoder of ``model_dir`` with a linear head on its pooled embedding (the saved head, if any)."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # a checkpoint saved with a pooler or a head loads without them
+    transformers.logging.disable_progress_bar()
+    try:
+        encoder = transformers.AutoModel.from_pretrained(
+            model_dir, local_files_only=True, attn_implementation="eager", dtype=torch.float32, add_pooling_layer=False
+        )
+    except TypeError:  # encoders without a pooler take no add_pooling_layer
+        encoder = transformers.AutoModel.from_pretrained(model_dir, local_files_only=True, attn_implementation="eager", dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as error:
+        raise InvalidInputError(f"cannot load an encoder from {model_dir}: {_first_line(error)}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+    model = PooledClassifier(encoder, pooling, num_labels)
+    model.source_dir = Path(model_dir)
+    model.load_head(model_dir)
+    return model
 
 
 def _with_only_head_trainable(model):
@@ -128,13 +159,11 @@ def _with_lora(model, task: str, rank: int, alpha: float, target_modules):
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise InvalidInputError(f"LoRA rank must be an integer >= 1, got {rank!r}")
     targets = list(target_modules) if target_modules else default_lora_targets(model.config.model_type)
-    config = LoraConfig(
-        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=0.0,
-        target_modules=targets,
-    )
+    if isinstance(model, PooledClassifier):  # a plain module: peft's generic model, the head trained in full
+        task_settings = {"modules_to_save": ["classifier"]}
+    else:
+        task_settings = {"task_type": TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM}
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, **task_settings)
     try:
         with warnings.catch_warnings():  # peft calls a transformers method that transformers 5 deprecates
             warnings.simplefilter("ignore", FutureWarning)
@@ -176,13 +205,30 @@ def load_trainable_state(model, state) -> None:
 
 
 def save_model(model, tokenizer, output_dir) -> Path:
-    """Save the LoRA adapter (loadable with ``peft.PeftModel.from_pretrained``) or, in full and head mode, the
-    whole model (loadable with ``from_pretrained``), in safetensors, with the tokenizer beside it."""
+    """Save the LoRA adapter (loadable with :func:`load_adapter`, or ``peft.PeftModel.from_pretrained`` on the
+    base model) or, in full and head mode, the whole model (loadable with :func:`load_model`), in safetensors,
+    with the tokenizer beside it."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
+    if isinstance(model, PooledClassifier):
+        model.save(output_dir, model.source_dir)
+    else:
+        model.save_pretrained(output_dir, safe_serialization=True)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else None
+        if isinstance(base, PooledClassifier):  # the adapter says nothing of the pooling: keep its files beside it
+            copy_pooling_files(base.source_dir, output_dir, base.pooling)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def load_adapter(base_model_dir, adapter_dir, num_labels: int = 2):
+    """A classifier with the LoRA adapter (and head) saved by :func:`save_model` in ``adapter_dir``."""
+    from peft import PeftModel
+
+    model = _load_base_model(_checked_model_dir(base_model_dir), "classification", num_labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return PeftModel.from_pretrained(model, Path(adapter_dir))
 
 
 def model_id(model_dir) -> str:

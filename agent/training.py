@@ -4,6 +4,11 @@ EW-Tune, arXiv 2210.15042, Alg. 1) that report the DP event they actually execut
 Per step: Poisson-sample a logical batch (:mod:`agent.sampler`), collate it, and hand it to the engine's
 :class:`agent.dpsgd.step.DPSGDStep`, which clips per example, sums over physical micro-batches, adds
 N(0, sigma^2 C^2) once, divides by the expected batch size qN and steps the optimizer.
+
+A head-only run (``mode = "head"``, or phase 1 of linear-probe-then-fine-tune, ``StepPlan.head_only``) on a
+pooled-embedding classifier (:mod:`agent.heads`) trains on each record's embedding, computed once with the
+frozen encoder in eval mode and reused at every step: a deterministic function of that record alone, so the
+cache costs no privacy, and a step costs a linear layer instead of the encoder (Kumar et al. 2022, LP-FT).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +27,7 @@ from agent import models
 from agent.data import DataSpec, collate, load_local_data
 from agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
 from agent.evaluation import evaluate_model
+from agent.heads import PooledClassifier
 from agent.sampler import PoissonSampler
 
 
@@ -73,6 +80,7 @@ class StepPlan:
     noise_multiplier: float
     clip_norm: float
     learning_rate: float
+    head_only: bool = False  # only the classification head trains (linear probing; phase 1 of LP-FT)
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -147,6 +155,7 @@ class LocalTrainer:
         self._sampling_source = _random_source(config, stream=0)
         self._noise_source = _random_source(config, stream=1)
         self._dropout_source = _random_source(config, stream=2)
+        self._features: torch.Tensor | None = None  # the training records' embeddings, for head-only runs
 
     @property
     def randomness(self) -> str:
@@ -167,6 +176,8 @@ class LocalTrainer:
 
     def load_trainable_state(self, state) -> None:
         models.load_trainable_state(self.model, state)
+        if any(not _is_head(name) for name in state):
+            self._features = None  # the encoder may have changed: its embeddings are computed again when needed
 
     def collate(self, indices) -> dict[str, torch.Tensor]:
         """The padded batch of the training examples at ``indices``."""
@@ -188,10 +199,26 @@ class LocalTrainer:
         counts exactly the steps executed, at the rate the sampler realised (:mod:`agent.sampler`: the
         requested rate rounded up to the 2^-53 grid). A failure after a step ran raises
         :class:`TrainingFailed` carrying the event executed so far."""
+        started = time.perf_counter()
+        head_only = plan.head_only or self.config.mode == "head"
+        if head_only and self.config.task != "classification":
+            raise InvalidInputError("a head-only run needs a classification task")
+        collate_fn = self._feature_batch if head_only and self._embeds_sentences else self.collate
+        if collate_fn == self._feature_batch and self._features is None:
+            self._features = self._train_features()
+        try:
+            with _only_head_trainable(self.model, head_only):
+                event, metrics = self._train(plan, collate_fn, should_stop, on_step)
+        finally:
+            if not head_only:
+                self._features = None  # the encoder trained: its embeddings changed
+        metrics["seconds"] = time.perf_counter() - started
+        return TrainResult(event, self.trainable_state(), metrics, self.randomness)
+
+    def _train(self, plan: StepPlan, collate_fn, should_stop, on_step):
         from agent.dpsgd.engine import PerExampleClipper
         from agent.dpsgd.step import DPSGDStep
 
-        started = time.perf_counter()
         self.model.train()
         sampler = PoissonSampler(self.dataset_size, plan.sampling_rate, plan.steps, self._sampling_source)
         trainable = [param for param in self.model.parameters() if param.requires_grad]
@@ -212,7 +239,7 @@ class LocalTrainer:
         try:
             with torch.random.fork_rng():  # dropout masks from the trainer's own stream, not the global one
                 torch.manual_seed(dropout_seed)
-                _run_steps(engine, sampler, self.collate, should_stop, on_step, progress)
+                _run_steps(engine, sampler, collate_fn, should_stop, on_step, progress)
         except Exception as failure:
             raise TrainingFailed(progress.event(sampler, plan), failure) from failure
         finally:
@@ -221,9 +248,34 @@ class LocalTrainer:
             "loss": progress.loss_sum / progress.examples if progress.examples else math.nan,
             "examples": progress.examples,
             "steps": progress.executed,
-            "seconds": time.perf_counter() - started,
         }
-        return TrainResult(progress.event(sampler, plan), self.trainable_state(), metrics, self.randomness)
+        return progress.event(sampler, plan), metrics
+
+    @property
+    def _embeds_sentences(self) -> bool:
+        return isinstance(_base(self.model), PooledClassifier)
+
+    @torch.no_grad()
+    def _train_features(self) -> torch.Tensor:
+        """Every training record's pooled embedding, from the encoder in eval mode (no dropout)."""
+        base = _base(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        size = max(self.config.physical_batch_size, 64)
+        try:
+            chunks = [
+                base.embed(**{k: v for k, v in self.collate(range(start, min(start + size, self.dataset_size))).items() if k != "labels"})
+                for start in range(0, self.dataset_size, size)
+            ]
+        finally:
+            self.model.train(was_training)
+        return torch.cat(chunks).detach()
+
+    def _feature_batch(self, indices) -> dict[str, torch.Tensor]:
+        """The cached embeddings and the labels of the training records at ``indices``."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        labels = torch.as_tensor(self.data.train.labels, dtype=torch.int64)
+        return {"features": self._features[indices], "labels": labels[indices]}
 
     def confusion_matrix(self, batch_size: int | None = None) -> torch.Tensor:
         """The held-out split's confusion matrix (classification only; see :mod:`agent.evaluation`)."""
@@ -268,6 +320,33 @@ def _run_steps(engine, sampler, collate_fn, should_stop, on_step, progress: _Pro
         progress.loss_sum += stats.loss_sum
         if on_step is not None:
             on_step(progress.executed, stats)
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _is_head(name: str) -> bool:
+    """Whether a parameter name belongs to the classification head (plain, or saved whole under peft)."""
+    return any(part in models.CLASSIFIER_HEAD_NAMES for part in name.split("."))
+
+
+@contextmanager
+def _only_head_trainable(model, head_only: bool):
+    """Within the block, only the head's parameters require gradients (when ``head_only``)."""
+    if not head_only:
+        yield
+        return
+    frozen = [param for name, param in model.named_parameters() if param.requires_grad and not _is_head(name)]
+    if not any(param.requires_grad for name, param in model.named_parameters() if _is_head(name)):
+        raise InvalidInputError("this model has no trainable classification head for a head-only run")
+    for param in frozen:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
 
 
 def _random_source(config: TrainingConfig, stream: int) -> RandomSource:

@@ -88,3 +88,30 @@ def minilm_1layer_dir(tmp_path_factory):
     AutoModel.from_pretrained(minilm_model_dir(), num_hidden_layers=1).save_pretrained(directory)
     _copy_minilm_tokenizer(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_pooled_dir(tmp_path_factory):
+    """A randomly initialised 1-layer BERT encoder saved as a sentence-transformers checkpoint: modules.json
+    with mean pooling and normalisation, as all-MiniLM-L6-v2 ships them."""
+    import json
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128,
+    )  # fmt: skip
+    directory = _save_tiny(BertModel(config), tmp_path_factory.mktemp("tiny_pooled"))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (directory / "modules.json").write_text(json.dumps(modules))
+    (directory / "1_Pooling").mkdir()
+    pooling = {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    return directory

@@ -178,3 +178,21 @@ def test_a_failure_after_steps_ran_reports_the_steps_executed(tiny_trainer):
     with pytest.raises(TrainingFailed) as failed:
         tiny_trainer.train(StepPlan(10, 0.25, 1.0, 1.0, 1e-3), on_step=fail_after_two)
     assert failed.value.event == PoissonGaussianEvent(0.25, 1.0, 2)
+
+
+def test_lp_ft_phase_one_trains_only_the_head_on_cached_embeddings_then_phase_two_the_adapters(tiny_pooled_dir, mr_csv):
+    trainer = LocalTrainer(_config(tiny_pooled_dir, mr_csv, max_examples=80, lora_rank=2, lora_target_modules=("query", "value")))
+    encoder_calls = []
+    trainer.model.get_base_model().encoder.register_forward_hook(lambda *args: encoder_calls.append(1))
+    before = trainer.trainable_state()
+    probe = trainer.train(StepPlan(3, 0.25, 1.0, 1.0, 0.1, head_only=True))
+    embedded_once = len(encoder_calls)
+    assert embedded_once == math.ceil(trainer.dataset_size / 64)  # the embeddings, computed once
+    changed = {name for name, value in probe.trainable_state.items() if not torch.equal(before[name], value)}
+    assert changed and all("classifier" in name for name in changed)
+    assert all(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" in n)  # flags restored
+    trainer.train(StepPlan(2, 0.25, 1.0, 1.0, 0.1, head_only=True))
+    assert len(encoder_calls) == embedded_once  # reused across runs while the encoder is unchanged
+    tuned = trainer.train(StepPlan(2, 0.25, 1.0, 1.0, 1e-2))
+    assert len(encoder_calls) > embedded_once
+    assert any(not torch.equal(probe.trainable_state[n], v) for n, v in tuned.trainable_state.items() if "lora_" in n)

@@ -25,6 +25,30 @@ PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 (exactly, whatever the umask); an existing file is never replaced (that
+    would lose a key whose signatures are already in ledgers)."""
+    _create(path, data, 0o600)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0644; an existing file is never replaced."""
+    _create(path, data, 0o644)
+
+
+def _create(path: Path, data: bytes, mode: int) -> None:
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise InvalidInputError(f"{path} exists: refusing to overwrite it") from None
+    except OSError as error:
+        raise InvalidInputError(f"cannot create {path}: {error.strerror or error}") from None
+    with os.fdopen(descriptor, "wb") as handle:
+        os.fchmod(handle.fileno(), mode)  # the umask may have narrowed it, never widened: make it exact
+        handle.write(data)
+        os.fsync(handle.fileno())
+
+
 def canonical_json(obj: Any) -> bytes:
     """``obj`` as canonical JSON: keys sorted, no whitespace, UTF-8, floats as Python's shortest round-trip
     ``repr``. NaN and infinities are refused (JSON has no spelling for them), and so are non-string keys,
@@ -78,18 +102,7 @@ class SigningKey:
         pem = self._private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise InvalidInputError(f"refusing to overwrite the existing key file {path}") from None
-        except OSError as error:
-            raise InvalidInputError(f"cannot create key file {path}: {error.strerror or error}") from None
-        try:
-            os.fchmod(fd, 0o600)  # the umask may have narrowed it further, never widened: make it exact
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_private(Path(path), pem)
 
     @property
     def public_key_text(self) -> str:

@@ -1,20 +1,14 @@
-"""The Flower ClientApp (Message API): a thin shim that forwards to the holder's agent daemon.
+"""The Flower ClientApp (Message API) that every holder's SuperNode runs: a thin shim that forwards to the
+holder's agent daemon.
 
-It has no access to data and no signing key: query, train and evaluate messages are passed to the daemon at
-``context.node_config["daemon-address"]`` (set with ``flower-supernode --node-config``), and its answers or
-refusals are passed back. The daemon enforces the holder's policy whatever this shim (shipped by the
-coordinator in the FAB) asks. It imports only flwr, numpy, grpc and accountant, so that the fresh process
-Flower starts for every message is ready in about a second (no torch, no transformers).
-
-Replies (the federation contract):
-- query: ``ConfigRecord`` "description" (holder_id, dataset_size, budget, spent certified epsilon, public key, model id...);
-- train: ``ArrayRecord`` "arrays", ``ConfigRecord`` "receipt" {"document": signed receipt as JSON text},
-  ``MetricRecord`` "metrics" (steps: the steps executed);
-- evaluate (the message carries ``ConfigRecord`` "config" {run_id, round}): ``MetricRecord`` "metrics"
-  (accuracy, f1, num_examples, noise_multiplier), computed from a noised confusion matrix and charged to the
-  holder's ledger, only when the holder's policy opts in to private evaluation; otherwise a refusal;
-- a refusal or failure: a Flower ``Error`` whose reason is the daemon's (generic for failures after work on
-  the data began).
+It has no access to data and no signing key: query, train and evaluate messages (:mod:`federation.messages`)
+are passed to the daemon at ``context.node_config["daemon-address"]`` (set with ``flower-supernode
+--node-config``), and its answers or refusals are passed back. Weights that arrive packed in one buffer
+(:mod:`federation.packing`) are unpacked before the daemon sees them, and the update is packed again; the
+daemon, its checks and the receipt (whose digest covers the named arrays) never see a layout. The daemon
+enforces the holder's policy whatever this shim (the coordinator's code, shipped in the FAB) asks. It
+imports only flwr, numpy, grpc, accountant and federation, so that the fresh process Flower starts for every
+message is ready in about a second (no torch, no transformers).
 """
 
 from __future__ import annotations
@@ -25,19 +19,27 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from accountant.errors import InvalidInputError
 from agent.rpc import DaemonClient, DaemonError
-
-DAEMON_ADDRESS_KEY = "daemon-address"
-DAEMON_TIMEOUT_KEY = "daemon-timeout-s"
-
-# Flower Error codes of this app's replies.
-REFUSED = 4001  # the holder's policy or budget refuses the plan; nothing was charged
-INVALID = 4002  # the message was malformed (weights or plan)
-UNAVAILABLE = 4003  # the daemon is down, stopping or timed out
-FAILED = 4000  # anything else (the reason says what)
+from federation.messages import (
+    CONFIG,
+    DAEMON_ADDRESS_KEY,
+    DAEMON_TIMEOUT_KEY,
+    DESCRIPTION,
+    FAILED,
+    INVALID,
+    METRICS,
+    RECEIPT,
+    RECEIPT_DOCUMENT,
+    REFUSED,
+    UNAVAILABLE,
+    unpack_in_place,
+    weight_records,
+    weights_of,
+)
 
 _STATUS_CODES = {
     "FAILED_PRECONDITION": REFUSED,
@@ -50,14 +52,19 @@ _STATUS_CODES = {
 app = ClientApp()
 
 
-def _forwarded(handler: Callable[[DaemonClient, Message], RecordDict]):
-    """Run ``handler`` against the node's daemon; any failure becomes an ``Error`` reply with its reason."""
+def _forwarded(handler: Callable[[DaemonClient, Message, bool], RecordDict]):
+    """Unpack the message's weights and run ``handler`` against the node's daemon (told whether the weights
+    came packed); any failure becomes an ``Error`` reply with its reason."""
 
     @functools.wraps(handler)
     def reply(msg: Message, context: Context) -> Message:
         try:
+            packed = msg.has_content() and unpack_in_place(msg.content)
+        except InvalidInputError as bad:
+            return Message(Error(code=INVALID, reason=str(bad)), reply_to=msg)
+        try:
             with _daemon(context.node_config) as daemon:
-                content = handler(daemon, msg)
+                content = handler(daemon, msg, packed)
         except DaemonError as failure:
             return Message(Error(code=_STATUS_CODES.get(failure.status, FAILED), reason=failure.reason), reply_to=msg)
         except Exception as failure:  # noqa: BLE001 - a reply beats a crashed ClientApp; no data reaches here
@@ -77,35 +84,29 @@ def _daemon(node_config: Mapping[str, Any]) -> DaemonClient:
 
 @app.query()
 @_forwarded
-def query(daemon: DaemonClient, msg: Message) -> RecordDict:
-    return RecordDict({"description": ConfigRecord(_config_values(daemon.describe()))})
+def query(daemon: DaemonClient, msg: Message, packed: bool) -> RecordDict:
+    return RecordDict({DESCRIPTION: ConfigRecord(_config_values(daemon.describe()))})
 
 
 @app.train()
 @_forwarded
-def train(daemon: DaemonClient, msg: Message) -> RecordDict:
-    arrays = _numpy_arrays(msg.content["arrays"])
-    plan = dict(msg.content["config"])
-    updated, receipt, metrics = daemon.train(arrays, plan)
+def train(daemon: DaemonClient, msg: Message, packed: bool) -> RecordDict:
+    updated, receipt, metrics = daemon.train(weights_of(msg.content), dict(msg.content[CONFIG]))
     return RecordDict(
         {
-            "arrays": ArrayRecord({name: Array(array) for name, array in updated.items()}),
-            "receipt": ConfigRecord({"document": json.dumps(receipt, sort_keys=True)}),
-            "metrics": MetricRecord(_metric_values(metrics)),
+            **weight_records(updated, packed),
+            RECEIPT: ConfigRecord({RECEIPT_DOCUMENT: json.dumps(receipt, sort_keys=True)}),
+            METRICS: MetricRecord(_metric_values(metrics)),
         }
     )
 
 
 @app.evaluate()
 @_forwarded
-def evaluate(daemon: DaemonClient, msg: Message) -> RecordDict:
-    config = dict(msg.content["config"]) if "config" in msg.content else {}
-    metrics = daemon.evaluate(_numpy_arrays(msg.content["arrays"]), config)
-    return RecordDict({"metrics": MetricRecord(_metric_values(metrics))})
-
-
-def _numpy_arrays(record: ArrayRecord) -> dict[str, Any]:
-    return {name: array.numpy() for name, array in record.items()}
+def evaluate(daemon: DaemonClient, msg: Message, packed: bool) -> RecordDict:
+    config = dict(msg.content[CONFIG]) if CONFIG in msg.content else {}
+    metrics = daemon.evaluate(weights_of(msg.content), config)
+    return RecordDict({METRICS: MetricRecord(_metric_values(metrics))})
 
 
 def _config_values(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -114,8 +115,8 @@ def _config_values(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _metric_values(values: Mapping[str, Any]) -> dict[str, int | float]:
-    """Counts as ints, the rest as floats; a metric that is not a finite number (a loss over zero examples)
-    is left out rather than sent as NaN."""
+    """Counts as ints, the rest as floats; a metric that is not a finite number is left out rather than sent
+    as NaN."""
     metrics: dict[str, int | float] = {}
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

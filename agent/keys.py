@@ -10,8 +10,8 @@ ledger and receipts would prove nothing against it. ``init_holder_keys`` writes 
   coordinator passes to ``flwr supernode register``);
 - ``ledger.key`` (0600) and ``ledger.pub``: the Ed25519 key that signs the holder's ledger and its receipts
   (:class:`accountant.signing.SigningKey`);
-- ``holder.json``: the card ``{holder_id, supernode_public_key, ledger_public_key}`` to hand to the
-  coordinator (``ewtune keys add-holder``), which pins SuperNode key -> holder id -> ledger key.
+- ``holder.json``: the card (:mod:`federation.cards`) to hand to the coordinator (``ewtune keys add-holder``),
+  which pins SuperNode key -> holder id -> ledger key.
 
 No file is ever overwritten: a second ``init`` in the same folder is refused before anything is written.
 This module imports neither torch nor flwr nor the ``ewtune`` CLI package (it runs on a bare holder).
@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from accountant.errors import InvalidInputError
-from accountant.signing import SigningKey
+from accountant.signing import SigningKey, write_private, write_public
+from federation.cards import CARD_FILE, SUPERNODE_CURVE, HolderCard, check_holder_id
 
-CARD_FILE = "holder.json"
-SUPERNODE_CURVE = ec.SECP384R1()
-HOLDER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FILES = ("supernode.key", "supernode.pub", "ledger.key", "ledger.pub", CARD_FILE)
 
 
@@ -49,20 +45,8 @@ class HolderKeys:
     ledger_public_key: str  # base64 of the raw 32 bytes
     card: Path  # holder.json
 
-    def card_document(self) -> dict[str, str]:
-        return {
-            "holder_id": self.holder_id,
-            "supernode_public_key": self.supernode_public_key_line,
-            "ledger_public_key": self.ledger_public_key,
-        }
-
-
-def check_holder_id(holder_id: Any) -> str:
-    if not isinstance(holder_id, str) or not HOLDER_ID_PATTERN.match(holder_id):
-        raise InvalidInputError(
-            f"invalid holder id {holder_id!r}: use 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
-        )
-    return holder_id
+    def public_card(self) -> HolderCard:
+        return HolderCard(self.holder_id, self.supernode_public_key_line, self.ledger_public_key)
 
 
 def init_holder_keys(directory: str | os.PathLike, holder_id: str) -> HolderKeys:
@@ -89,7 +73,7 @@ def init_holder_keys(directory: str | os.PathLike, holder_id: str) -> HolderKeys
         ledger_public_key=ledger.public_key_text,
         card=folder / CARD_FILE,
     )
-    write_public(keys.card, (json.dumps(keys.card_document(), indent=2) + "\n").encode())
+    write_public(keys.card, (json.dumps(keys.public_card().to_json(), indent=2) + "\n").encode())
     return keys
 
 
@@ -103,23 +87,3 @@ def new_supernode_key(private_path: Path, public_path: Path, comment: str) -> st
     line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode("ascii")
     write_public(public_path, f"{line} {comment}\n".encode())
     return line
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 (exactly, whatever the umask); an existing file is never replaced."""
-    _create(path, data, 0o600, "a key")
-
-
-def write_public(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0644; an existing file is never replaced."""
-    _create(path, data, 0o644, "it")
-
-
-def _create(path: Path, data: bytes, mode: int, what: str) -> None:
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise InvalidInputError(f"{path} exists: refusing to overwrite {what}") from None
-    with os.fdopen(descriptor, "wb") as handle:
-        os.fchmod(handle.fileno(), mode)
-        handle.write(data)

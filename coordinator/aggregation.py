@@ -21,17 +21,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from accountant.errors import InvalidInputError
+from federation.packing import check_weight_dtype
 
-WEIGHT_DTYPES = tuple(np.dtype(name) for name in ("<f2", "<f4", "<f8"))  # the only dtypes weights travel in
 DEFAULT_MAX_SHARE = 0.5  # with two holders or more; one holder alone has the whole average
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which the holders' trainer uses
-
-
-def check_weight_dtype(name: str, dtype: np.dtype) -> None:
-    """Refuse an array whose dtype is not one weights travel in (:data:`WEIGHT_DTYPES`, either byte order):
-    float16, float32 or float64 (a bfloat16 parameter travels as float32, which holds it exactly)."""
-    if np.dtype(dtype).newbyteorder("<") not in WEIGHT_DTYPES:
-        raise InvalidInputError(f"array {name!r} has dtype {np.dtype(dtype).str!r}; weights travel as float16, float32 or float64")
 
 
 def capped_shares(sizes: Sequence[float], max_share: float | None = None) -> list[float]:

@@ -56,9 +56,10 @@ def _start(args: argparse.Namespace) -> int:
     import signal
 
     from coordinator import superlink
+    from coordinator.credentials import load_credentials
 
     superlink.check_bind_address(args.host, args.behind_fleet_proxy)
-    credentials = superlink.superlink_credentials(args.credentials)
+    credentials = load_credentials(args.credentials)
     state = Path(args.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     flwr_home = state / "flwr-home"

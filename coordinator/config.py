@@ -54,7 +54,6 @@ from accountant.tomlfiles import read_toml, required, resolve, table
 from coordinator.planner import FederationSettings
 
 EVALUATE_MODES = ("every_round", "final", "never")
-RUN_CONFIG_KEY = "federation-config"  # the run config entry (Flower app config) naming this file
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The holder registry (``supernodes.json``): which SuperNode key belongs to which holder, and which ledger key
 that holder signs with.
 
-Each holder generates its own keys (``ewtune agent keys init``) and hands the coordinator a public card;
-``ewtune keys add-holder`` appends it here. The registry pins SuperNode public key -> holder id -> ledger
+Each holder generates its own keys (``ewtune agent keys init``) and hands the coordinator a public card
+(:mod:`federation.cards`); ``ewtune keys add-holder`` appends it here. The registry pins SuperNode public key -> holder id -> ledger
 public key. Flower authenticates a SuperNode by its key (``flwr supernode register``), but the description a
 node sends at query time is just data: without the pin, a registered node could claim another holder's id
 (and be charged against, or speak for, that holder) or a ledger key of its choosing. The ServerApp therefore
@@ -23,60 +23,23 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from accountant.errors import InvalidInputError
-from accountant.signing import load_public_key
+from federation.cards import HolderCard, UnsupportedKey, holder_card, public_key_der
 
 REGISTRY_FILE = "supernodes.json"
-_HOLDER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-@dataclass(frozen=True)
-class RegisteredHolder:
-    holder_id: str
-    supernode_public_key: str  # the OpenSSH line, as the holder's card gave it
-    ledger_public_key: str  # base64 of the raw Ed25519 key
-
-    @property
-    def supernode_key_der(self) -> bytes:
-        return _der(_ssh_key(self.supernode_public_key, self.holder_id))
-
-    def to_json(self) -> dict[str, str]:
-        return {"holder_id": self.holder_id, "supernode_public_key": self.supernode_public_key, "ledger_public_key": self.ledger_public_key}
-
-
-def holder_from_card(card: Any, source: str = "holder card") -> RegisteredHolder:
-    """A registry entry from a holder's card; every field is checked (the card comes from outside)."""
-    if not isinstance(card, Mapping):
-        raise InvalidInputError(f"{source} must be a JSON object")
-    missing = [name for name in ("holder_id", "supernode_public_key", "ledger_public_key") if not isinstance(card.get(name), str)]
-    if missing:
-        raise InvalidInputError(f"{source} lacks the string field(s) {', '.join(missing)}")
-    holder_id = card["holder_id"]
-    if not _HOLDER_ID.match(holder_id):
-        raise InvalidInputError(f"{source}: invalid holder id {holder_id!r}")
-    line = " ".join(card["supernode_public_key"].split()[:2])  # drop a trailing comment
-    _ssh_key(line, holder_id)
-    try:
-        load_public_key(card["ledger_public_key"])
-    except InvalidInputError as bad:
-        raise InvalidInputError(f"{source}: ledger_public_key: {bad}") from None
-    return RegisteredHolder(holder_id, line, card["ledger_public_key"])
 
 
 @dataclass(frozen=True)
 class Registry:
     path: Path
-    holders: tuple[RegisteredHolder, ...]
+    holders: tuple[HolderCard, ...]
     addresses: tuple[str, ...]
 
     @classmethod
@@ -95,10 +58,10 @@ class Registry:
             raise InvalidInputError(f"holder registry {path}: 'addresses' must be a list of strings")
         registry = cls(path, (), tuple(addresses))
         for index, entry in enumerate(document["holders"]):
-            registry = registry.with_holder(holder_from_card(entry, f"{path}: holder {index}"))
+            registry = registry.with_holder(holder_card(entry, f"{path}: holder {index}"))
         return registry
 
-    def with_holder(self, holder: RegisteredHolder) -> "Registry":
+    def with_holder(self, holder: HolderCard) -> "Registry":
         """This registry plus ``holder``; refused when its holder id, SuperNode key or ledger key is taken."""
         for other in self.holders:
             if other.holder_id == holder.holder_id:
@@ -117,13 +80,13 @@ class Registry:
         os.chmod(partial, 0o644)
         os.replace(partial, self.path)
 
-    def holder(self, holder_id: str) -> RegisteredHolder:
+    def holder(self, holder_id: str) -> HolderCard:
         for holder in self.holders:
             if holder.holder_id == holder_id:
                 return holder
         raise InvalidInputError(f"holder {holder_id!r} is not in the registry {self.path}")
 
-    def check_node(self, node_id: int, node_public_key: Any, holder_id: str, ledger_public_key: str) -> RegisteredHolder:
+    def check_node(self, node_id: int, node_public_key: Any, holder_id: str, ledger_public_key: str) -> HolderCard:
         """The registered holder of a node, or :class:`InvalidInputError` with the reason to leave it out.
 
         ``node_public_key`` is what the SuperLink reports for the node (``NodeInfo.public_key``: PEM
@@ -147,34 +110,13 @@ def new_registry(path: str | os.PathLike, addresses: tuple[str, ...]) -> Registr
     return Registry(Path(path).expanduser().resolve(), (), tuple(addresses))
 
 
-def _ssh_key(line: str, holder_id: str) -> ec.EllipticCurvePublicKey:
-    try:
-        key = serialization.load_ssh_public_key(line.encode("ascii"))
-    except (ValueError, UnicodeEncodeError, TypeError, UnsupportedAlgorithm):
-        raise InvalidInputError(f"the SuperNode public key of {holder_id!r} is not an OpenSSH public key line") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
-        raise InvalidInputError(f"the SuperNode public key of {holder_id!r} must be an EC key on a NIST curve (Flower requires it)")
-    return key
-
-
 def _node_key_der(value: Any) -> bytes | None:
     if not value:
         return None
     data = value if isinstance(value, bytes) else str(value).encode("ascii", "replace")
     for loader in (serialization.load_pem_public_key, serialization.load_der_public_key, serialization.load_ssh_public_key):
         try:
-            return _der(loader(data.strip() if loader is serialization.load_ssh_public_key else data))
+            return public_key_der(loader(data.strip() if loader is serialization.load_ssh_public_key else data))
         except (ValueError, TypeError, UnsupportedAlgorithm, UnsupportedKey):
             continue
     return None
-
-
-class UnsupportedKey(Exception):
-    """A key cryptography loaded but cannot express as SubjectPublicKeyInfo."""
-
-
-def _der(key) -> bytes:
-    try:
-        return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    except (ValueError, TypeError):
-        raise UnsupportedKey from None

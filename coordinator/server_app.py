@@ -50,12 +50,13 @@ from accountant.signing import SigningKey, canonical_json
 from accountant.spend import check_within
 from coordinator.aggregation import capped_shares, check_update, check_update_norm, default_update_norm_bound, weighted_average
 from coordinator.checkpoints import load_weights, round_checkpoint, save_peft_adapter, save_weights
-from coordinator.config import RUN_CONFIG_KEY, FederationConfig, load_federation_config
+from coordinator.config import FederationConfig, load_federation_config
 from coordinator.exchange import exchange
-from coordinator.packing import weight_records, weights_of
 from coordinator.planner import FederationPlan, HolderDescription, HolderPlan, plan_federation
 from coordinator.receipts_check import check_receipt
 from coordinator.registry import Registry
+from federation.apps import RUN_CONFIG_KEY
+from federation.messages import CONFIG, DESCRIPTION, METRICS, RECEIPT, RECEIPT_DOCUMENT, weight_records, weights_of
 
 STATUS_FILE = "status.json"
 
@@ -314,7 +315,7 @@ class Federation:
     def _evaluate_message(self, round: int, state: HolderState, arrays: dict, ttl: float) -> Message:
         """An evaluate message for the global model after ``round`` (0: the initial model), naming the run
         and the round so that a holder's daemon can decide (and record) what it releases."""
-        content = RecordDict({**arrays, "config": ConfigRecord({"run_id": self.run_id, "round": round})})
+        content = RecordDict({**arrays, CONFIG: ConfigRecord({"run_id": self.run_id, "round": round})})
         return Message(content, state.plan.holder.node_id, MessageType.EVALUATE, ttl=ttl, group_id=str(round))
 
     def _train_message(self, round: int, state: HolderState, arrays: dict) -> Message:
@@ -331,7 +332,7 @@ class Federation:
         }
         if state.plan.holder.model_id:
             plan["model_id"] = state.plan.holder.model_id
-        content = RecordDict({**arrays, "config": ConfigRecord(plan)})
+        content = RecordDict({**arrays, CONFIG: ConfigRecord(plan)})
         return Message(content, state.plan.holder.node_id, MessageType.TRAIN, ttl=self.config.timeouts.round, group_id=str(round))
 
     def _verified_update(self, round: int, state: HolderState, reply: Message | None, weights: dict[str, np.ndarray]):
@@ -342,9 +343,9 @@ class Federation:
         if reply.has_error():
             raise InvalidInputError(f"refused or failed (code {reply.error.code}): {reply.error.reason}")
         content = reply.content
-        if "receipt" not in content or not isinstance(content["receipt"], ConfigRecord):
+        if RECEIPT not in content or not isinstance(content[RECEIPT], ConfigRecord):
             raise InvalidInputError("train reply lacks the ConfigRecord 'receipt'")
-        document = content["receipt"].get("document")
+        document = content[RECEIPT].get(RECEIPT_DOCUMENT)
         if not isinstance(document, str):
             raise InvalidInputError("the receipt record lacks the string 'document'")
         update = weights_of(content)
@@ -361,7 +362,7 @@ class Federation:
         check_within(receipt.event, planned)  # what Ledger.commit will demand, checked before anything is written
         check_update(update, weights)
         norm = check_update_norm(update, weights, self.max_update_norm)
-        metrics = _numeric_metrics(content["metrics"], f"holder {state.plan.holder_id}'s train metrics") if "metrics" in content else {}
+        metrics = _numeric_metrics(content[METRICS], f"holder {state.plan.holder_id}'s train metrics") if METRICS in content else {}
         return update, json.loads(document), receipt, metrics, norm
 
     def _evaluate(self, round: int, weights: dict[str, np.ndarray]) -> None:
@@ -386,10 +387,10 @@ class Federation:
             if reply.has_error():
                 _log(f"holder {holder_id}: no evaluation of round {round} (code {reply.error.code}: {str(reply.error.reason)[:200]})")
                 return
-            if "metrics" not in reply.content:
+            if METRICS not in reply.content:
                 _log(f"holder {holder_id}: evaluation reply of round {round} carries no metrics")
                 return
-            metrics = _numeric_metrics(reply.content["metrics"], f"holder {holder_id}'s evaluation metrics")
+            metrics = _numeric_metrics(reply.content[METRICS], f"holder {holder_id}'s evaluation metrics")
         except Exception as failure:  # noqa: BLE001 - a malformed evaluation reply is ignored, not fatal
             _log(f"holder {holder_id}: evaluation reply of round {round} ignored: {_reason(failure)}")
             return
@@ -480,9 +481,9 @@ def _description(node: int, reply: Message | None) -> HolderDescription:
         raise InvalidInputError("no description within the query timeout")
     if reply.has_error():
         raise InvalidInputError(f"query failed (code {reply.error.code}): {reply.error.reason}")
-    if "description" not in reply.content or not isinstance(reply.content["description"], ConfigRecord):
+    if DESCRIPTION not in reply.content or not isinstance(reply.content[DESCRIPTION], ConfigRecord):
         raise InvalidInputError("query reply lacks the ConfigRecord 'description'")
-    return HolderDescription.from_mapping(node, dict(reply.content["description"]))
+    return HolderDescription.from_mapping(node, dict(reply.content[DESCRIPTION]))
 
 
 def _numeric_metrics(record: Any, what: str) -> dict[str, float]:

@@ -18,15 +18,12 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 from accountant.errors import EwtuneError, InvalidInputError
-from coordinator.config import RUN_CONFIG_KEY
-from coordinator.registry import REGISTRY_FILE, Registry
+from federation.apps import APP_DIR, RUN_CONFIG_KEY
 
-APP_DIR = Path(__file__).resolve().parent / "flower_app"
 CONNECTION = "ewtune"
 QUIET_FLOWER_ENVIRONMENT = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -50,30 +47,6 @@ def executable(name: str) -> str:
     if not beside.exists():
         raise InvalidInputError(f"{name} is not installed beside {sys.executable} (pip install 'ewtune[federation]')")
     return str(beside)
-
-
-@dataclass(frozen=True)
-class SuperLinkCredentials:
-    """The files of ``ewtune keys init DIR`` that the SuperLink needs, and the registered holders' SuperNode
-    public key files (``DIR/holders/<id>.pub``, written by ``ewtune keys add-holder``)."""
-
-    ca_certificate: Path
-    server_certificate: Path
-    server_key: Path
-    supernode_public_keys: dict[str, Path]
-
-
-def superlink_credentials(directory: str | os.PathLike) -> SuperLinkCredentials:
-    root = Path(directory).expanduser().resolve()
-    if not (root / REGISTRY_FILE).is_file():
-        raise InvalidInputError(f"{root} holds no credentials (no {REGISTRY_FILE}); run `ewtune keys init {root}`")
-    registry = Registry.load(root / REGISTRY_FILE)
-    return SuperLinkCredentials(
-        ca_certificate=root / "ca/ca.crt",
-        server_certificate=root / "superlink/server.pem",
-        server_key=root / "superlink/server.key",
-        supernode_public_keys={holder.holder_id: root / "holders" / f"{holder.holder_id}.pub" for holder in registry.holders},
-    )
 
 
 def check_bind_address(host: str, behind_fleet_proxy: bool) -> None:

@@ -7,7 +7,7 @@ in their replies (it would leak their Poisson batch sizes); on this one machine 
 ledgers instead. One real federation (TLS SuperLink with SuperNode authentication, three agent daemons with
 SuperNodes, MiniLM + MR, LoRA) runs the same plan twice on the same processes:
 
-- ``tuned``: the weights travel packed in one buffer per message (:mod:`coordinator.packing`) and the
+- ``tuned``: the weights travel packed in one buffer per message (:mod:`federation.packing`) and the
   coordinator pulls replies itself every 0.1 s;
 - ``flower-defaults`` (the baseline): one Flower ``Array`` per tensor, as ``ArrayRecord(state_dict)`` sends
   them, and replies pulled every 3 s, as ``Grid.send_and_receive`` does in flwr 1.42.

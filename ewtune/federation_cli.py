@@ -64,7 +64,7 @@ def register(subparsers) -> None:
 
 def _keys_init(args: argparse.Namespace) -> int:
     from accountant.errors import InvalidInputError
-    from ewtune.keys import init_credentials
+    from coordinator.credentials import init_credentials
 
     if args.holders:
         raise InvalidInputError(
@@ -81,7 +81,7 @@ def _keys_init(args: argparse.Namespace) -> int:
 
 
 def _keys_add_holder(args: argparse.Namespace) -> int:
-    from ewtune.keys import add_holder, load_credentials
+    from coordinator.credentials import add_holder, load_credentials
 
     holder = add_holder(args.directory, args.card)
     registry = load_credentials(args.directory).registry

@@ -1,10 +1,10 @@
 """A whole federation on one machine, on loopback: credentials, a real SuperLink (TLS, SuperNode
 authentication), one agent daemon per holder with its SuperNode, and ``flwr run`` of the coordinator's app.
 
-Keys follow the real flow: the coordinator's credentials come from :func:`ewtune.keys.init_credentials`;
+Keys follow the real flow: the coordinator's credentials come from :func:`coordinator.credentials.init_credentials`;
 each holder generates its own keys in its own folder with the holder-side function
 (:func:`agent.keys.init_holder_keys`, what ``ewtune agent keys init`` runs) and only its public card is
-registered (:func:`ewtune.keys.add_holder`). :meth:`LocalFederation.prepare_holder` is the one place where
+registered (:func:`coordinator.credentials.add_holder`). :meth:`LocalFederation.prepare_holder` is the one place where
 a holder's folder, keys and agent.toml are prepared.
 
 Used by ``ewtune demo``, ``ewtune bench federation`` and the end-to-end tests. Every process it starts is
@@ -125,7 +125,7 @@ class LocalFederation:
         the coordinator's registry, agent.toml), the SuperLink, the registration of ``register`` (default:
         every holder) with it and, with ``daemons``, one agent daemon with its SuperNode per holder."""
         from coordinator import superlink
-        from ewtune.keys import init_credentials, load_credentials
+        from coordinator.credentials import init_credentials, load_credentials
 
         self.credentials = init_credentials(self.work_dir / "keys")
         self.log(f"coordinator credentials in {self.credentials.directory} (CA, SuperLink certificate, ledger key, registry)")
@@ -163,7 +163,7 @@ class LocalFederation:
         handed to the coordinator (``ewtune keys add-holder``), its agent.toml and, with ``initialise`` (a
         holder that will run a daemon), its ledger (``ewtune agent init``). Returns agent.toml."""
         from agent.keys import init_holder_keys
-        from ewtune.keys import add_holder
+        from coordinator.credentials import add_holder
 
         folder = self.work_dir / "holders" / holder.holder_id
         if holder.holder_id not in self.holder_keys:

@@ -105,22 +105,11 @@ def test_weights_init_writes_the_lora_factors_and_the_head(tiny_bert_dir, tmp_pa
 
 
 def test_superlink_credentials_list_the_registered_holders_public_keys(tmp_path):
-    from coordinator.superlink import superlink_credentials
+    from coordinator.credentials import load_credentials
 
     assert main(["keys", "init", str(tmp_path / "keys")]) == 0
     assert main(["agent", "keys", "init", str(tmp_path / "a"), "--holder-id", "a"]) == 0
     assert main(["keys", "add-holder", str(tmp_path / "keys"), str(tmp_path / "a" / "holder.json")]) == 0
-    credentials = superlink_credentials(tmp_path / "keys")
+    credentials = load_credentials(tmp_path / "keys")
     assert credentials.server_key.is_file() and credentials.ca_certificate.is_file()
     assert list(credentials.supernode_public_keys) == ["a"] and credentials.supernode_public_keys["a"].is_file()
-
-
-def test_coordinator_imports_neither_agent_nor_the_ewtune_package():
-    import re
-    from pathlib import Path
-
-    import coordinator
-
-    pattern = re.compile(r"^\s*(from|import)\s+(agent|ewtune)\b", re.MULTILINE)
-    offenders = [path.name for path in Path(coordinator.__file__).parent.glob("*.py") if pattern.search(path.read_text())]
-    assert offenders == []

@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from accountant.errors import InvalidInputError
 from accountant.signing import SigningKey, verify_signature
 from agent.keys import init_holder_keys
-from ewtune.keys import add_holder, init_credentials, load_credentials
+from coordinator.credentials import add_holder, init_credentials, load_credentials
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_duplicate_holder_ids_and_keys_are_refused(tmp_path, credentials):
     unchanged."""
     before = credentials.registry.read_text()
     first = json.loads((credentials.directory.parent / "holders" / "holder0" / "holder.json").read_text())
-    fresh = init_holder_keys(tmp_path / "fresh", "fresh").card_document()
+    fresh = init_holder_keys(tmp_path / "fresh", "fresh").public_card().to_json()
     cases = {
         "holder id 'holder0' is already registered": {**fresh, "holder_id": "holder0"},
         "SuperNode key of 'copycat' is already registered to 'holder0'": {**fresh, "holder_id": "copycat", "supernode_public_key": first["supernode_public_key"]},

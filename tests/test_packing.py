@@ -7,7 +7,8 @@ from accountant.errors import InvalidInputError
 from accountant.receipts import update_digest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from coordinator.packing import LAYOUT_KEY, PACKED_NAME, pack, unpack, weight_records, weights_of
+from federation.messages import LAYOUT, PACKED_NAME, weight_records, weights_of
+from federation.packing import pack, unpack
 
 ARRAYS = {
     "layer.lora_A.default.weight": np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32),
@@ -31,7 +32,7 @@ def test_round_trip_is_bit_exact_and_keeps_the_digest():
 def test_records_round_trip_packed_and_plain():
     for packed in (True, False):
         content = RecordDict(weight_records(ARRAYS, packed))
-        assert (LAYOUT_KEY in content) == packed
+        assert (LAYOUT in content) == packed
         assert len(content["arrays"]) == (1 if packed else len(ARRAYS))
         restored = weights_of(content)
         assert update_digest(restored) == update_digest(ARRAYS)
@@ -75,7 +76,7 @@ def test_crafted_layouts_are_refused_with_one_line(layout, message):
     """A hostile holder's layout reaches unpack() through weights_of(): every crafted variant is an
     InvalidInputError (the coordinator aborts that holder), never another exception."""
     buffer = np.zeros(8, np.uint8)
-    content = RecordDict({"arrays": ArrayRecord({PACKED_NAME: Array(buffer)}), LAYOUT_KEY: ConfigRecord({"json": layout})})
+    content = RecordDict({"arrays": ArrayRecord({PACKED_NAME: Array(buffer)}), LAYOUT: ConfigRecord({"json": layout})})
     with pytest.raises(InvalidInputError, match=message):
         weights_of(content)
 
@@ -94,6 +95,6 @@ def test_an_undecodable_array_is_refused_with_one_line():
 
 def test_a_layout_that_is_not_a_string_is_refused():
     buffer, _ = pack(ARRAYS)
-    content = RecordDict({"arrays": ArrayRecord({PACKED_NAME: Array(buffer)}), LAYOUT_KEY: ConfigRecord({"json": 3})})
+    content = RecordDict({"arrays": ArrayRecord({PACKED_NAME: Array(buffer)}), LAYOUT: ConfigRecord({"json": 3})})
     with pytest.raises(InvalidInputError, match="layout"):
         weights_of(content)

@@ -10,7 +10,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from accountant.errors import InvalidInputError
 from accountant.signing import SigningKey
-from coordinator.registry import Registry, holder_from_card, new_registry
+from coordinator.registry import Registry, new_registry
+from federation.cards import holder_card
 
 
 def _holder(holder_id):
@@ -18,7 +19,7 @@ def _holder(holder_id):
     line = node_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     pem = node_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     ledger = SigningKey.generate().public_key_text
-    return holder_from_card({"holder_id": holder_id, "supernode_public_key": f"{line} ewtune-{holder_id}", "ledger_public_key": ledger}), pem
+    return holder_card({"holder_id": holder_id, "supernode_public_key": f"{line} ewtune-{holder_id}", "ledger_public_key": ledger}), pem
 
 
 @pytest.fixture()

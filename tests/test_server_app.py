@@ -22,8 +22,9 @@ from accountant.signing import SigningKey
 from accountant.verify import verify_ledger
 from coordinator.checkpoints import load_weights, save_weights
 from coordinator.config import load_federation_config
-from coordinator.packing import LAYOUT_KEY, PACKED_NAME, weight_records, weights_of
-from coordinator.registry import RegisteredHolder, new_registry
+from federation.messages import LAYOUT, PACKED_NAME, weight_records, weights_of
+from coordinator.registry import new_registry
+from federation.cards import HolderCard
 from coordinator.server_app import Federation
 
 INITIAL = {"w": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
@@ -47,7 +48,7 @@ class Node:
 
     def card(self):
         line = self.supernode_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-        return RegisteredHolder(self.holder_id, line, self.key.public_key_text)
+        return HolderCard(self.holder_id, line, self.key.public_key_text)
 
     def reply(self, message):
         if message.metadata.message_type == MessageType.QUERY:
@@ -85,12 +86,12 @@ class Node:
         })
         if self.forgery in ("object layout", "negative shape"):
             # The layout is not covered by the receipt's digest of the arrays: rewrite it after signing.
-            layout = json.loads(content[LAYOUT_KEY]["json"])
+            layout = json.loads(content[LAYOUT]["json"])
             if self.forgery == "object layout":
                 layout[0][1] = "|O"
             else:
                 layout[0][2] = [-2, -2]
-            content[LAYOUT_KEY] = ConfigRecord({"json": json.dumps(layout)})
+            content[LAYOUT] = ConfigRecord({"json": json.dumps(layout)})
         return Message(content, reply_to=message)
 
 

@@ -11,7 +11,7 @@
 - ``supernodes.json``: the holder registry (:mod:`coordinator.registry`), empty at first.
 
 It generates no holder key: each holder runs ``ewtune agent keys init`` on its own machine
-(:mod:`agent.keys`) and hands over only its public card, which ``add_holder`` (``ewtune keys add-holder``)
+(:mod:`agent.keys`) and hands over only its public card (:mod:`federation.cards`), which ``add_holder`` (``ewtune keys add-holder``)
 appends to the registry, writing the SuperNode public key to ``holders/<id>.pub`` for ``flwr supernode
 register``. A coordinator holding the holders' private keys could sign receipts and ledger entries as
 any of them.
@@ -36,9 +36,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from accountant.errors import InvalidInputError
-from accountant.signing import SigningKey
-from agent.keys import SUPERNODE_CURVE, write_private as _write_private, write_public as _write_public
-from coordinator.registry import REGISTRY_FILE, Registry, holder_from_card, new_registry
+from accountant.signing import SigningKey, write_private, write_public
+from coordinator.registry import REGISTRY_FILE, Registry, new_registry
+from federation.cards import SUPERNODE_CURVE, holder_card
 
 DEFAULT_ADDRESSES = ("127.0.0.1", "localhost")
 _CURVE = SUPERNODE_CURVE
@@ -69,6 +69,11 @@ class Credentials:
     registry: Path  # supernodes.json
     addresses: tuple[str, ...]
 
+    @property
+    def supernode_public_keys(self) -> dict[str, Path]:
+        """Each registered holder's SuperNode public key file, for ``flwr supernode register``."""
+        return {holder_id: holder.supernode_public_key for holder_id, holder in self.holders.items()}
+
 
 def init_credentials(directory: str | os.PathLike, addresses: Sequence[str] = DEFAULT_ADDRESSES) -> Credentials:
     """Create the coordinator's credentials and an empty holder registry under ``directory`` (new or empty)."""
@@ -83,17 +88,17 @@ def init_credentials(directory: str | os.PathLike, addresses: Sequence[str] = DE
 
     ca_key = ec.generate_private_key(_CURVE)
     ca_cert = _ca_certificate(ca_key)
-    _write_private(root / "ca/ca.key", _pkcs8_pem(ca_key))
-    _write_public(root / "ca/ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
+    write_private(root / "ca/ca.key", _pkcs8_pem(ca_key))
+    write_public(root / "ca/ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
 
     server_key = ec.generate_private_key(_CURVE)
-    _write_private(root / "superlink/server.key", _pkcs8_pem(server_key))
+    write_private(root / "superlink/server.key", _pkcs8_pem(server_key))
     server_cert = _server_certificate(server_key, ca_key, ca_cert, addresses)
-    _write_public(root / "superlink/server.pem", server_cert.public_bytes(serialization.Encoding.PEM))
+    write_public(root / "superlink/server.pem", server_cert.public_bytes(serialization.Encoding.PEM))
 
     key = SigningKey.generate()
     key.save(root / "coordinator/ledger.key")
-    _write_public(root / "coordinator/ledger.pub", (key.public_key_text + "\n").encode())
+    write_public(root / "coordinator/ledger.pub", (key.public_key_text + "\n").encode())
     new_registry(root / REGISTRY_FILE, addresses).save()
     return load_credentials(root)
 
@@ -109,9 +114,9 @@ def add_holder(directory: str | os.PathLike, card_path: str | os.PathLike) -> Ho
         raise InvalidInputError(f"holder card {path} does not exist") from None
     except (ValueError, UnicodeDecodeError) as bad:
         raise InvalidInputError(f"holder card {path} is not JSON: {bad}") from None
-    holder = holder_from_card(card, f"holder card {path}")
+    holder = holder_card(card, f"holder card {path}")
     registry = Registry.load(credentials.registry).with_holder(holder)
-    _write_public(credentials.directory / "holders" / f"{holder.holder_id}.pub", f"{holder.supernode_public_key} ewtune-{holder.holder_id}\n".encode())
+    write_public(credentials.directory / "holders" / f"{holder.holder_id}.pub", f"{holder.supernode_public_key} ewtune-{holder.holder_id}\n".encode())
     registry.save()
     return load_credentials(credentials.directory).holders[holder.holder_id]
 

@@ -1,0 +1,14 @@
+"""The contract between a data holder and the coordinator: what they exchange over Flower.
+
+- :mod:`federation.messages`: the records of query, train and evaluate messages and their replies, the
+  error codes of a refusal, the SuperNode's node config keys;
+- :mod:`federation.packing`: the named trainable weights as one buffer and a layout, and the dtypes
+  weights may travel in;
+- :mod:`federation.cards`: the holder card (holder id, SuperNode key, ledger key) a holder hands the
+  coordinator;
+- :mod:`federation.apps`: the Flower app bundle and its entry points, ``coordinator.server_app:app`` and
+  ``agent.client_app:app``.
+
+``agent/`` and ``coordinator/`` import this package and never each other. It imports numpy, flwr,
+cryptography and ``accountant`` only (never torch).
+"""

@@ -1,0 +1,97 @@
+"""The messages a holder and the coordinator exchange over Flower, and how weights ride in them.
+
+The exchange (Flower's Message API; every reply answers one message of the ServerApp):
+
+- ``query`` (empty) -> :data:`DESCRIPTION`: the holder's public description (holder_id, dataset_size, budget,
+  spent certified epsilon, ledger public key, model id, policy limits; ``agent.daemon.Daemon.describe``);
+- ``train``: :data:`ARRAYS` (the global trainable weights, packed with :data:`LAYOUT` or plain) and
+  :data:`CONFIG` (the holder's plan: run_id, round, sampling rate, noise multiplier, steps, clip norm,
+  learning rate, delta) -> :data:`ARRAYS` (the noised weights, packed as the request was),
+  :data:`RECEIPT` {:data:`RECEIPT_DOCUMENT`: the signed receipt as JSON text} and :data:`METRICS`
+  {steps: the steps executed};
+- ``evaluate``: :data:`ARRAYS` and :data:`CONFIG` {run_id, round} -> :data:`METRICS` (accuracy, f1,
+  num_examples, noise_multiplier) from a noised confusion matrix, only when the holder opts in to private
+  evaluation; otherwise a refusal.
+
+A refusal or failure is a Flower ``Error`` with one of the codes below and the daemon's reason (generic for
+failures after work on the data began). Nothing else leaves a holder (SECURITY.md, "What leaves a holder").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from accountant.errors import InvalidInputError
+from federation.packing import check_weight_dtype, pack, unpack
+
+DESCRIPTION = "description"  # ConfigRecord: the reply to a query
+ARRAYS = "arrays"  # ArrayRecord: trainable weights, by parameter name or packed
+LAYOUT = "layout"  # ConfigRecord {"json": layout} beside packed weights
+PACKED_NAME = "packed"  # the single entry of a packed ArrayRecord
+CONFIG = "config"  # ConfigRecord: the plan of a train message, {run_id, round} of an evaluate message
+RECEIPT = "receipt"  # ConfigRecord {RECEIPT_DOCUMENT: JSON text}
+RECEIPT_DOCUMENT = "document"
+METRICS = "metrics"  # MetricRecord
+
+# Flower Error codes of the holder's replies.
+FAILED = 4000  # anything else (the reason says what)
+REFUSED = 4001  # the holder's policy or budget refuses the plan; nothing was charged
+INVALID = 4002  # the message was malformed (weights or plan)
+UNAVAILABLE = 4003  # the daemon is down, stopping or timed out
+
+# The SuperNode's node config (``flower-supernode --node-config``), read by the ClientApp.
+DAEMON_ADDRESS_KEY = "daemon-address"
+DAEMON_TIMEOUT_KEY = "daemon-timeout-s"
+HOLDER_ID_KEY = "holder-id"
+
+
+def weight_records(arrays: Mapping[str, np.ndarray], packed: bool) -> dict:
+    """The records that carry ``arrays``: :data:`ARRAYS`, plus :data:`LAYOUT` when packed."""
+    if not packed:
+        return {ARRAYS: ArrayRecord({name: Array(np.asarray(array)) for name, array in arrays.items()})}
+    buffer, layout = pack(arrays)
+    return {ARRAYS: ArrayRecord({PACKED_NAME: Array(buffer)}), LAYOUT: ConfigRecord({"json": layout})}
+
+
+def unpack_in_place(content: RecordDict) -> bool:
+    """Replace packed weights in ``content`` by the named arrays; True when they were packed."""
+    if LAYOUT not in content:
+        return False
+    content[ARRAYS] = weight_records(weights_of(content), packed=False)[ARRAYS]
+    del content[LAYOUT]
+    return True
+
+
+def weights_of(content: RecordDict) -> dict[str, np.ndarray]:
+    """The named arrays a message carries, packed or not, each in one of :data:`WEIGHT_DTYPES`."""
+    if ARRAYS not in content:
+        raise InvalidInputError(f"the message carries no {ARRAYS!r}")
+    record = content[ARRAYS]
+    if not isinstance(record, ArrayRecord):
+        raise InvalidInputError(f"the message's {ARRAYS!r} is not an array record")
+    if LAYOUT in content:
+        if set(record) != {PACKED_NAME}:
+            raise InvalidInputError(f"a packed message must carry exactly one array named {PACKED_NAME!r}")
+        layout = content[LAYOUT]
+        if not isinstance(layout, ConfigRecord) or not isinstance(layout.get("json"), str):
+            raise InvalidInputError(f"the {LAYOUT!r} record must hold the layout as the string 'json'")
+        return unpack(_numpy(PACKED_NAME, record[PACKED_NAME], packed=True), layout["json"])
+    arrays = {name: _numpy(name, array, packed=False) for name, array in record.items()}
+    for name, array in arrays.items():
+        check_weight_dtype(name, array.dtype)
+    return arrays
+
+
+def _numpy(name: str, array: Array, packed: bool) -> np.ndarray:
+    """The array's values, or a one-line refusal: Flower deserialises the bytes a holder sent, and a
+    crafted ``Array`` (inconsistent dtype, shape and data) raises whatever numpy raises."""
+    try:
+        values = array.numpy()
+    except Exception as bad:  # noqa: BLE001 - any failure to decode is the holder's malformed reply
+        raise InvalidInputError(f"array {name!r} cannot be decoded: {type(bad).__name__}: {str(bad)[:120]}") from None
+    if packed and values.dtype != np.uint8:
+        raise InvalidInputError(f"the packed buffer must be uint8, got {values.dtype.str!r}")
+    return values

@@ -1,9 +1,12 @@
 """``ewtune agent train-local``: a data holder's standalone private fine-tuning run.
 
-The noise multiplier is calibrated once for the whole run so that the certified (PLD) epsilon of
-``steps = round(epochs / q)`` Poisson steps at q = expected batch / N stays within the target; after training,
-the certified epsilon of the steps actually executed is printed as the guarantee, with the Edgeworth estimate
-(arXiv 2206.04236) beside it. Only argparse is imported at module import time.
+The recipe (:mod:`agent.recipe`) is linear probe, then fine-tune: a probe phase trains the classification head
+on cached embeddings, a tune phase continues with LoRA or full fine-tuning; each phase runs
+``steps = round(epochs / q)`` Poisson steps at q = expected batch / N. Both phases' noise multipliers are
+calibrated together with the certified (PLD) accountant so that the composition stays within the target; after
+training, the certified epsilon of the steps actually executed, composed over the phases, is printed as the
+guarantee, with the Edgeworth estimate (arXiv 2206.04236) beside it, and the held-out accuracy with macro F1
+and the majority-class baseline. Only argparse is imported at module import time.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 from accountant.errors import InvalidInputError
+from agent.recipe import OPTIMIZERS, RECIPE_MODES, Recipe
 
 PACKAGED_MODELS = ("minilm",)
 PACKAGED_DATA = ("mr", "sms_spam")
@@ -29,9 +33,10 @@ Model and data shortcuts, for a first run with no files of your own:
   --data sms_spam  SMS Spam Collection (label 1 = spam)
   The data sets are written as CSV (columns text,label) under $EWTUNE_DATA_DIR (default ~/.cache/ewtune/data).
 
-Example (about 10 minutes on 2 CPU cores):
-  ewtune agent train-local --model minilm --data mr --max-examples 3000 --max-length 64 \\
-      --epsilon 8 --delta 1e-5 --epochs 3 --expected-batch 64 --lr 2e-3 --output runs/mr-lora
+Examples (defaults: the recipe of agent/recipe.py, chosen on public data that is not the evaluation data):
+  ewtune agent train-local --model minilm --data mr --epsilon 8 --delta 1e-5            # linear probe
+  ewtune agent train-local --model minilm --data mr --epsilon 8 --delta 1e-5 \\
+      --tune-epochs 1 --output runs/mr-lpft                                              # then LoRA
 """
 
 
@@ -49,19 +54,26 @@ def register(commands) -> None:
     parser.add_argument("--data", required=True, help="CSV, JSON Lines or Parquet file, or 'mr' / 'sms_spam'")
     parser.add_argument("--epsilon", type=float, required=True, help="target certified epsilon for the whole run")
     parser.add_argument("--delta", type=float, required=True, help="target delta (well below 1/N)")
-    parser.add_argument("--epochs", type=float, default=1.0, help="expected passes over the data (default 1)")
-    parser.add_argument("--expected-batch", type=int, default=64, help="expected Poisson batch size qN (default 64)")
+    defaults = Recipe()
     parser.add_argument(
         "--mode",
-        choices=("lora", "full", "head"),
-        default="lora",
-        help="LoRA adapters, full fine-tuning, or the classification head only (linear probing)",
+        choices=RECIPE_MODES,
+        default=defaults.mode,
+        help=f"lora or full: a probe phase then a tune phase of LoRA adapters or the whole model; head: the probe "
+        f"alone (linear probing) (default {defaults.mode})",
     )
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    parser.add_argument(
-        "--optimizer", choices=("adamw", "sgd"), default="adamw", help="adamw, or sgd with momentum 0.9"
-    )
-    parser.add_argument("--clip-norm", type=float, default=1.0, help="per-example gradient clip norm C (default 1)")
+    probe = parser.add_argument_group("probe phase (the classification head alone, on cached embeddings; SGD)")
+    probe.add_argument("--probe-epochs", type=float, default=defaults.probe_epochs, help=f"expected passes (default {defaults.probe_epochs:g}; 0: no probe)")
+    probe.add_argument("--probe-batch", type=int, default=defaults.probe_expected_batch, help=f"expected Poisson batch (default {defaults.probe_expected_batch})")
+    probe.add_argument("--probe-lr", type=float, default=defaults.probe_learning_rate, help=f"learning rate (default {defaults.probe_learning_rate:g})")
+    probe.add_argument("--probe-share", type=float, default=defaults.probe_budget_share,
+                       help=f"share of the epsilon budget for the probe when a tune phase follows (default {defaults.probe_budget_share:g})")
+    tune = parser.add_argument_group("tune phase (LoRA or full fine-tuning from the probed head; lora and full modes)")
+    tune.add_argument("--tune-epochs", type=float, default=defaults.tune_epochs, help=f"expected passes (default {defaults.tune_epochs:g}: no tune phase)")
+    tune.add_argument("--tune-batch", type=int, default=defaults.tune_expected_batch, help=f"expected Poisson batch (default {defaults.tune_expected_batch})")
+    tune.add_argument("--tune-lr", type=float, default=defaults.tune_learning_rate, help=f"learning rate (default {defaults.tune_learning_rate:g})")
+    tune.add_argument("--tune-optimizer", choices=OPTIMIZERS, default=defaults.tune_optimizer, help=f"(default {defaults.tune_optimizer}; sgd has momentum 0.9)")
+    parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm, help=f"per-example gradient clip norm C, both phases (default {defaults.clip_norm:g})")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
     parser.add_argument("--task", choices=("classification", "causal_lm"), default="classification")
     parser.add_argument("--text-column", default="text")
@@ -88,37 +100,53 @@ def register(commands) -> None:
 
 def run(args) -> int:
     _check_arguments(args)
+    recipe = _recipe(args)  # bad recipe settings are reported before torch loads
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from accountant.calibration import calibrate_noise_multiplier
-    from accountant.sampling import executable_sampling_rate
     from agent.training import LocalTrainer, StepPlan
 
     started = time.perf_counter()
     trainer = LocalTrainer(_training_config(args))
     size = trainer.dataset_size
-    if args.expected_batch > size:
-        raise InvalidInputError(f"--expected-batch {args.expected_batch} exceeds the {size} training examples")
     _check_delta(args.delta, size)
-    rate = executable_sampling_rate(args.expected_batch / size)  # the rate the sampler realises, to the bit
-    steps = max(1, round(args.epochs / rate))
-    _say(args, f"{size} training examples; q = {args.expected_batch}/{size} = {rate:.5f}; "
-         f"steps = round({args.epochs:g} epochs / q) = {steps}")
-    calibration = calibrate_noise_multiplier(args.epsilon, args.delta, [(rate, steps)], policy="certified")
-    _say(args, f"noise multiplier sigma = {calibration.noise_multiplier:.4f} (certified calibration to "
-         f"epsilon {args.epsilon:g}, delta {args.delta:g}, {calibration.seconds:.1f} s)")
-    plan = StepPlan(steps, rate, calibration.noise_multiplier, args.clip_norm, args.lr)
+    calibrated = recipe.calibrate(args.epsilon, args.delta, size)
     torch.manual_seed(args.seed)
-    result = _train_with_progress(trainer, plan, quiet=args.json)
-    if result.event is None:
-        raise InvalidInputError("no step was executed")
+    results = []
+    for done in calibrated:
+        name, event = done.phase.name, done.event
+        _say(args, f"{name}: q = {event.sampling_rate:.5f} ({size} training examples), {event.steps} steps, sigma "
+             f"{event.noise_multiplier:.4f}; certified epsilon after this phase {done.epsilon_certified_so_far:.4f}")
+        plan = StepPlan(event.steps, event.sampling_rate, event.noise_multiplier, recipe.clip_norm, recipe.learning_rate(name),
+                        head_only=name == "probe", optimizer=recipe.optimizer(name))
+        result = _train_with_progress(trainer, plan, name, quiet=args.json)
+        if result.event is None:
+            raise InvalidInputError(f"no step of the {name} phase was executed")
+        results.append((done, result))
     evaluation = trainer.evaluate()
-    summary = _summary(args, trainer, plan, result, evaluation, time.perf_counter() - started)
+    evaluation["majority_baseline"] = _majority(trainer.data.eval.labels)
+    summary = _summary(args, trainer, recipe, results, evaluation, time.perf_counter() - started)
     if args.output:
         _save(trainer, args.output, summary)
     print(json.dumps(summary, indent=2) if args.json else _report(summary))
     return 0
+
+
+def _recipe(args):
+    from agent.recipe import Recipe
+
+    return Recipe(
+        mode=args.mode, probe_epochs=args.probe_epochs, probe_expected_batch=args.probe_batch, probe_learning_rate=args.probe_lr,
+        probe_budget_share=args.probe_share, tune_epochs=args.tune_epochs, tune_expected_batch=args.tune_batch,
+        tune_learning_rate=args.tune_lr, tune_optimizer=args.tune_optimizer, clip_norm=args.clip_norm,
+    )  # fmt: skip
+
+
+def _majority(labels) -> float:
+    """The accuracy of always predicting the most frequent class of ``labels``."""
+    from collections import Counter
+
+    return max(Counter(labels).values()) / len(labels) if labels else math.nan
 
 
 def _check_arguments(args) -> None:
@@ -126,9 +154,7 @@ def _check_arguments(args) -> None:
         raise InvalidInputError(f"--epsilon must be a finite number > 0, got {args.epsilon}")
     if not 0 < args.delta < 1:
         raise InvalidInputError(f"--delta must be in (0, 1), got {args.delta}")
-    if not (args.epochs > 0 and math.isfinite(args.epochs)):
-        raise InvalidInputError(f"--epochs must be > 0, got {args.epochs}")
-    for name in ("expected_batch", "physical_batch_size", "max_length"):
+    for name in ("physical_batch_size", "max_length"):
         if getattr(args, name) < 1:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
@@ -188,15 +214,14 @@ def _training_config(args):
         physical_batch_size=args.physical_batch_size,
         insecure_seeded_randomness=args.insecure_seeded_randomness,
         max_examples=args.max_examples,
-        optimizer=args.optimizer,
     )
 
 
-def _train_with_progress(trainer, plan, quiet: bool):
+def _train_with_progress(trainer, plan, name: str, quiet: bool):
     from tqdm import tqdm
 
     hidden = quiet and not sys.stderr.isatty()
-    with tqdm(total=plan.steps, desc="DP-SGD", unit="step", file=sys.stderr, disable=hidden) as bar:
+    with tqdm(total=plan.steps, desc=f"DP-SGD {name}", unit="step", file=sys.stderr, disable=hidden) as bar:
 
         def on_step(_, stats) -> None:
             bar.update(1)
@@ -206,34 +231,45 @@ def _train_with_progress(trainer, plan, quiet: bool):
         return trainer.train(plan, on_step=on_step)
 
 
-def _summary(args, trainer, plan, result, evaluation, seconds) -> dict:
+def _summary(args, trainer, recipe, results, evaluation, seconds) -> dict:
     from accountant.certified import certified_epsilon
     from accountant.edgeworth import edgeworth_epsilon
-    from accountant.events import event_to_json
+    from accountant.events import compose, event_to_json
     from agent.models import count_parameters
 
+    executed = [result.event for _, result in results]
+    event = executed[0] if len(executed) == 1 else compose(*executed)
     trainable, total = count_parameters(trainer.model)
+    phases = [
+        {
+            "phase": done.phase.name,
+            "planned_steps": done.event.steps,
+            "event": event_to_json(result.event),
+            "learning_rate": recipe.learning_rate(done.phase.name),
+            "optimizer": recipe.optimizer(done.phase.name),
+            "planned_epsilon_certified_after": done.epsilon_certified_so_far,
+            "train": result.metrics,
+        }
+        for done, result in results
+    ]
     return {
         "model_id": trainer.model_id,
         "mode": args.mode,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "training_examples": trainer.dataset_size,
-        "plan": {
-            "steps": plan.steps,
-            "sampling_rate": plan.sampling_rate,
-            "noise_multiplier": plan.noise_multiplier,
-            "clip_norm": plan.clip_norm,
-            "learning_rate": plan.learning_rate,
-        },
-        "event": event_to_json(result.event),
+        "clip_norm": recipe.clip_norm,
+        "phases": phases,
+        "event": event_to_json(event),
         "delta": args.delta,
         "target_epsilon": args.epsilon,
-        "epsilon_certified": certified_epsilon(result.event, args.delta),
-        "epsilon_edgeworth_estimate": edgeworth_epsilon(result.event, args.delta),
-        "train": result.metrics,
-        "randomness": result.randomness,
+        "epsilon_certified": certified_epsilon(event, args.delta),
+        "epsilon_edgeworth_estimate": edgeworth_epsilon(event, args.delta),
+        "accuracy": evaluation.get("accuracy"),
+        "macro_f1": evaluation.get("f1"),
+        "majority_baseline": evaluation["majority_baseline"],
         "eval": evaluation,
+        "randomness": results[-1][1].randomness,
         "output": str(args.output) if args.output else None,
         "seconds": seconds,
     }
@@ -247,18 +283,27 @@ def _save(trainer, output, summary) -> None:
 
 
 def _report(summary: dict) -> str:
-    plan, evaluation = summary["plan"], summary["eval"]
-    quality = ", ".join(
-        f"{name} {evaluation[name]:.4f}" for name in ("accuracy", "f1", "perplexity", "loss") if name in evaluation
-    )
-    lines = [
-        f"steps executed      {summary['event']['event']['steps']} of {plan['steps']} "
-        f"(q {plan['sampling_rate']:.5f}, sigma {plan['noise_multiplier']:.4f}, C {plan['clip_norm']:g})",
+    evaluation = summary["eval"]
+    lines = []
+    for phase in summary["phases"]:
+        event = phase["event"]["event"]
+        lines.append(
+            f"{phase['phase']:<20}{event['steps']} of {phase['planned_steps']} steps (q {event['sampling_rate']:.5f}, "
+            f"sigma {event['noise_multiplier']:.4f}, C {summary['clip_norm']:g}, lr {phase['learning_rate']:g} {phase['optimizer']})"
+        )
+    lines += [
         f"epsilon (certified) {summary['epsilon_certified']:.4f}  at delta {summary['delta']:g}  "
-        f"(target {summary['target_epsilon']:g}): the guarantee",
+        f"(target {summary['target_epsilon']:g}): the guarantee, composed over the phases",
         f"epsilon (Edgeworth) {summary['epsilon_edgeworth_estimate']:.4f}  estimate only, not a guarantee",
-        f"held-out            {quality} on {evaluation['num_examples']} examples",
-        f"training loss       {summary['train']['loss']:.4f} over {summary['train']['examples']} sampled examples",
+    ]
+    if "accuracy" in evaluation:
+        lines.append(
+            f"held-out            accuracy {evaluation['accuracy']:.4f}, macro F1 {evaluation['f1']:.4f}, majority-class "
+            f"baseline {evaluation['majority_baseline']:.4f}, on {evaluation['num_examples']} examples"
+        )
+    else:
+        lines.append(f"held-out            perplexity {evaluation['perplexity']:.4f}, loss {evaluation['loss']:.4f} on {evaluation['num_examples']} examples")
+    lines += [
         f"saved               {summary['output'] or 'not saved (use --output DIR)'}",
         f"wall time           {summary['seconds']:.1f} s",
     ]

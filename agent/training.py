@@ -28,6 +28,7 @@ from agent.data import DataSpec, collate, load_local_data
 from agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
 from agent.evaluation import evaluate_model
 from agent.heads import PooledClassifier
+from agent.recipe import OPTIMIZERS
 from agent.sampler import PoissonSampler
 
 
@@ -57,7 +58,6 @@ class TrainingConfig:
     optimizer: str = "adamw"  # or "sgd" (momentum 0.9): see make_optimizer
 
 
-OPTIMIZERS = ("adamw", "sgd")
 
 
 def make_optimizer(name: str, params, learning_rate: float) -> torch.optim.Optimizer:
@@ -81,6 +81,7 @@ class StepPlan:
     clip_norm: float
     learning_rate: float
     head_only: bool = False  # only the classification head trains (linear probing; phase 1 of LP-FT)
+    optimizer: str | None = None  # None: the trainer's (TrainingConfig.optimizer)
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -222,7 +223,7 @@ class LocalTrainer:
         self.model.train()
         sampler = PoissonSampler(self.dataset_size, plan.sampling_rate, plan.steps, self._sampling_source)
         trainable = [param for param in self.model.parameters() if param.requires_grad]
-        optimizer = make_optimizer(self.config.optimizer, trainable, plan.learning_rate)
+        optimizer = make_optimizer(plan.optimizer or self.config.optimizer, trainable, plan.learning_rate)
         clipper = PerExampleClipper(self.model, plan.clip_norm, self.loss_fn())
         engine = DPSGDStep(
             self.model,

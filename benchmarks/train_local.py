@@ -1,11 +1,12 @@
-"""Private against non-private fine-tuning on the same model, data and settings.
+"""Private against non-private fine-tuning on the same model, data and recipe.
 
     python benchmarks/train_local.py --non-private --model minilm --data mr ... [the train-local options]
 
-runs the non-private baseline of ``ewtune agent train-local``: the same trainer, data split, Poisson sampler,
-steps = round(epochs / q), optimizer and learning rate, but the mean loss of each sampled batch is minimised
-directly (no clipping, no noise, sigma = 0). It prints one JSON object. Without ``--non-private`` it runs the
-private command itself, so both halves of a comparison come from one argument list.
+runs the non-private baseline of ``ewtune agent train-local``: the same trainer, data split, recipe phases
+(probe on the cached embeddings, then tune), Poisson sampler, steps = round(epochs / q), optimizers and
+learning rates, but the mean loss of each sampled batch is minimised directly (no clipping, no noise,
+sigma = 0). It prints one JSON object. Without ``--non-private`` it runs the private command itself, so both
+halves of a comparison come from one argument list.
 """
 
 from __future__ import annotations
@@ -20,27 +21,54 @@ from agent import train_cli
 
 
 def non_private_run(args) -> dict:
-    import torch
-
     from agent.dpsgd.randomness import InsecureSeededRandom
     from agent.sampler import PoissonSampler
-    from agent.training import LocalTrainer, make_optimizer
+    from agent.training import LocalTrainer, _only_head_trainable, make_optimizer
 
     started = time.perf_counter()
+    recipe = train_cli._recipe(args)
     trainer = LocalTrainer(train_cli._training_config(args))
     size = trainer.dataset_size
-    rate = args.expected_batch / size
-    steps = max(1, round(args.epochs / rate))
+    phases = []
+    for phase in recipe.phases(size):
+        head_only = phase.name == "probe"
+        with _only_head_trainable(trainer.model, head_only):
+            collate = trainer._feature_batch if head_only and trainer._embeds_sentences else trainer.collate
+            if collate == trainer._feature_batch and trainer._features is None:
+                trainer._features = trainer._train_features()
+            sampler = PoissonSampler(size, phase.sampling_rate, phase.steps, InsecureSeededRandom(args.seed))
+            loss = _minimise(trainer, sampler, collate, make_optimizer(recipe.optimizer(phase.name), _trainable(trainer), recipe.learning_rate(phase.name)), args.physical_batch_size)
+        phases.append({"phase": phase.name, "steps": phase.steps, "sampling_rate": phase.sampling_rate, "noise_multiplier": 0.0,
+                       "learning_rate": recipe.learning_rate(phase.name), "train_loss": loss})
+    evaluation = trainer.evaluate()
+    evaluation["majority_baseline"] = train_cli._majority(trainer.data.eval.labels)
+    return {
+        "mode": args.mode,
+        "training_examples": size,
+        "phases": phases,
+        "accuracy": evaluation.get("accuracy"),
+        "macro_f1": evaluation.get("f1"),
+        "majority_baseline": evaluation["majority_baseline"],
+        "eval": evaluation,
+        "seconds": time.perf_counter() - started,
+        "load_average": os.getloadavg(),
+    }
+
+
+def _trainable(trainer):
+    return [p for p in trainer.model.parameters() if p.requires_grad]
+
+
+def _minimise(trainer, sampler, collate, optimizer, physical_batch_size) -> float:
+    """Plain minibatch training over the sampler's batches; the mean training loss."""
     model, loss_fn = trainer.model, trainer.loss_fn()
-    optimizer = make_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad], args.lr)
-    sampler = PoissonSampler(size, rate, steps, InsecureSeededRandom(args.seed))  # non-private baseline
     model.train()
     loss_sum, examples = 0.0, 0
     for indices in sampler:
         if len(indices) == 0:
             continue
-        for start in range(0, len(indices), args.physical_batch_size):
-            batch = trainer.collate(indices[start : start + args.physical_batch_size])
+        for start in range(0, len(indices), physical_batch_size):
+            batch = collate(indices[start : start + physical_batch_size])
             inputs = {key: value for key, value in batch.items() if key != "labels"}
             losses = loss_fn(model(**inputs), batch)
             (losses.sum() / len(indices)).backward()
@@ -48,15 +76,7 @@ def non_private_run(args) -> dict:
         examples += len(indices)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return {
-        "mode": args.mode,
-        "training_examples": size,
-        "plan": {"steps": steps, "sampling_rate": rate, "noise_multiplier": 0.0, "learning_rate": args.lr},
-        "train": {"loss": loss_sum / max(examples, 1), "examples": examples, "steps": steps},
-        "eval": trainer.evaluate(),
-        "seconds": time.perf_counter() - started,
-        "load_average": os.getloadavg(),
-    }
+    return loss_sum / max(examples, 1)
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
-"""``ewtune agent train-local`` end to end on a tiny model: calibrates, trains, evaluates, saves an adapter
-peft can load, and reports the certified epsilon (the guarantee) with the Edgeworth estimate beside it."""
+"""``ewtune agent train-local`` end to end on a tiny model: calibrates both phases of the recipe under one
+budget, trains, evaluates (accuracy with macro F1 and the majority-class baseline), saves an adapter peft can
+load, and reports the certified epsilon of the composition (the guarantee) with the Edgeworth estimate beside it."""
 
 import json
 
@@ -12,7 +13,8 @@ from ewtune.cli import main
 def _argv(model_dir, data_file, *extra):
     return [
         "agent", "train-local", "--model", str(model_dir), "--data", str(data_file),
-        "--epsilon", "8", "--delta", "1e-5", "--epochs", "1", "--expected-batch", "16",
+        "--epsilon", "8", "--delta", "1e-5", "--probe-epochs", "1", "--probe-batch", "16", "--probe-lr", "0.5",
+        "--tune-epochs", "1", "--tune-batch", "16",
         "--max-examples", "80", "--max-length", "24", "--physical-batch-size", "16", *extra,
     ]  # fmt: skip
 
@@ -23,11 +25,23 @@ def test_lora_run_saves_an_adapter_peft_loads(tiny_bert_dir, mr_csv, tmp_path, c
     summary = json.loads(capsys.readouterr().out)
     size = summary["training_examples"]
     assert size == 72  # 80 examples, 10% held out
-    event = summary["event"]["event"]
-    assert event["steps"] == round(1 / (16 / size)) and event["sampling_rate"] == pytest.approx(16 / size)
-    assert 0 < summary["epsilon_certified"] <= 8.0 * (1 + 1e-9)
-    assert 0 < summary["epsilon_edgeworth_estimate"] < 20
-    assert summary["eval"]["num_examples"] == 8 and 0 <= summary["eval"]["accuracy"] <= 1
+    probe, tune = summary["phases"]
+    assert (probe["phase"], tune["phase"]) == ("probe", "tune")
+    for phase in (probe, tune):
+        event = phase["event"]["event"]
+        assert event["steps"] == round(1 / (16 / size)) and event["sampling_rate"] == pytest.approx(16 / size)
+    assert probe["planned_epsilon_certified_after"] <= 8.0 * 0.8 + 1e-9  # the probe's share of the budget
+    composed = summary["event"]["event"]
+    assert composed["kind"] == "composed" and [e["noise_multiplier"] for e in composed["events"]] == [
+        probe["event"]["event"]["noise_multiplier"], tune["event"]["event"]["noise_multiplier"]]
+    from accountant.certified import certified_epsilon
+    from accountant.events import event_from_json
+
+    assert summary["epsilon_certified"] == certified_epsilon(event_from_json(summary["event"]), 1e-5)
+    assert 7.9 < summary["epsilon_certified"] <= 8.0 * (1 + 1e-9)
+    assert summary["eval"]["num_examples"] == 8
+    assert summary["accuracy"] == summary["eval"]["accuracy"] and summary["macro_f1"] == summary["eval"]["f1"]
+    assert summary["majority_baseline"] in {k / 8 for k in range(4, 9)}  # the most frequent class of 8 held out
     assert json.loads((output / "run.json").read_text())["event"] == summary["event"]
     assert summary["randomness"] == "os-secure"
 
@@ -46,7 +60,8 @@ def test_full_run_saves_a_loadable_model_and_prints_the_report(tiny_bert_dir, mr
     captured = capsys.readouterr()
     assert "epsilon (certified)" in captured.out and "the guarantee" in captured.out
     assert "epsilon (Edgeworth)" in captured.out and "estimate" in captured.out
-    assert "steps = round(1 epochs / q)" in captured.err
+    assert "macro F1" in captured.out and "majority-class baseline" in captured.out
+    assert "probe: q = " in captured.err and "tune: q = " in captured.err
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(output)
@@ -57,11 +72,12 @@ def test_full_run_saves_a_loadable_model_and_prints_the_report(tiny_bert_dir, mr
 
 def test_head_run_saves_the_whole_model_with_only_the_head_changed(tiny_bert_dir, mr_csv, tmp_path, capsys):
     output = tmp_path / "head"
-    argv = _argv(tiny_bert_dir, mr_csv, "--mode", "head", "--lr", "0.1", "--output", str(output), "--json")
+    argv = _argv(tiny_bert_dir, mr_csv, "--mode", "head", "--probe-lr", "0.1", "--output", str(output), "--json")
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["mode"] == "head" and summary["trainable_parameters"] == 32 * 2 + 2
-    assert 0 < summary["epsilon_certified"] <= 8.0 * (1 + 1e-9)
+    assert [phase["phase"] for phase in summary["phases"]] == ["probe"]  # head mode: the probe alone
+    assert 7.9 < summary["epsilon_certified"] <= 8.0 * (1 + 1e-9)
     from transformers import AutoModelForSequenceClassification
 
     saved = dict(AutoModelForSequenceClassification.from_pretrained(output).named_parameters())
@@ -75,7 +91,9 @@ def test_head_run_saves_the_whole_model_with_only_the_head_changed(tiny_bert_dir
     [
         (("--model", "/nonexistent/model"), "does not exist"),
         (("--label-column", "sentiment"), "no column 'sentiment'"),
-        (("--expected-batch", "500"), "exceeds the 72 training examples"),
+        (("--probe-batch", "500"), "exceeds the 72 training records"),
+        (("--probe-share", "1.5"), "--probe-share must be in (0, 1)"),
+        (("--probe-epochs", "0", "--tune-epochs", "0"), "runs no phase"),
         (("--epsilon", "-1"), "--epsilon must be"),
         (("--delta", "0.5"), "is not below 1/N = 1/72"),
         (("--delta", "0.014"), "is not below 1/N = 1/72"),

@@ -93,19 +93,21 @@ def confusion_matrix(model, examples: Examples, pad_token_id: int, num_labels: i
 
 
 def metrics_from_confusion(counts: torch.Tensor) -> dict[str, float]:
-    """Accuracy, macro F1 (over the classes with any weight) and the example count of a (possibly noised)
-    confusion matrix; negative cells, which only noise produces, count as zero."""
+    """Accuracy, macro F1 (over the classes with any weight), the majority-class baseline (the accuracy of
+    always predicting the most frequent true class) and the example count of a (possibly noised) confusion
+    matrix; negative cells, which only noise produces, count as zero."""
     counts = counts.double().clamp(min=0.0)
     total = float(counts.sum())
     if total <= 0:
-        return {"accuracy": math.nan, "f1": math.nan, "num_examples": 0.0}
+        return {"accuracy": math.nan, "f1": math.nan, "majority_baseline": math.nan, "num_examples": 0.0}
     true_positive = counts.diagonal()
     false_positive = counts.sum(dim=0) - true_positive
     false_negative = counts.sum(dim=1) - true_positive
     denominators = 2 * true_positive + false_positive + false_negative
     present = denominators > 0
     f1 = (2 * true_positive[present] / denominators[present]).mean().item() if bool(present.any()) else math.nan
-    return {"accuracy": float(true_positive.sum()) / total, "f1": f1, "num_examples": total}
+    majority = float(counts.sum(dim=1).max()) / total
+    return {"accuracy": float(true_positive.sum()) / total, "f1": f1, "majority_baseline": majority, "num_examples": total}
 
 
 def private_metrics(counts: torch.Tensor, noise_multiplier: float, source: RandomSource | None = None) -> dict[str, float]:

@@ -93,6 +93,10 @@ def register(commands) -> None:
         help="tests and benchmarks only: draw batches and noise from generators seeded with --seed, which anyone "
         "who knows the seed can replay (no privacy); by default both come from the operating system's secure source",
     )
+    parser.add_argument("--ledger", default=None, help="charge the run to this holder ledger (made by `ewtune agent init`): "
+                        "the recipe is refused if it would exceed the ledger's budget; each phase is reserved, then "
+                        "committed with the steps it executed")
+    parser.add_argument("--signing-key", default=None, help="the ledger's Ed25519 key (with --ledger)")
     parser.add_argument("--output", default=None, help="save the adapter (full and head modes: the whole model) and run.json here")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run)
@@ -107,22 +111,19 @@ def run(args) -> int:
     from agent.training import LocalTrainer, StepPlan
 
     started = time.perf_counter()
-    trainer = LocalTrainer(_training_config(args))
-    size = trainer.dataset_size
-    _check_delta(args.delta, size)
-    calibrated = recipe.calibrate(args.epsilon, args.delta, size)
-    torch.manual_seed(args.seed)
-    results = []
-    for done in calibrated:
-        name, event = done.phase.name, done.event
-        _say(args, f"{name}: q = {event.sampling_rate:.5f} ({size} training examples), {event.steps} steps, sigma "
-             f"{event.noise_multiplier:.4f}; certified epsilon after this phase {done.epsilon_certified_so_far:.4f}")
-        plan = StepPlan(event.steps, event.sampling_rate, event.noise_multiplier, recipe.clip_norm, recipe.learning_rate(name),
-                        head_only=name == "probe", optimizer=recipe.optimizer(name))
-        result = _train_with_progress(trainer, plan, name, quiet=args.json)
-        if result.event is None:
-            raise InvalidInputError(f"no step of the {name} phase was executed")
-        results.append((done, result))
+    ledger = _open_ledger(args)
+    try:
+        trainer = LocalTrainer(_training_config(args))
+        size = trainer.dataset_size
+        _check_delta(args.delta, size)
+        calibrated = recipe.calibrate(args.epsilon, args.delta, size)
+        if ledger is not None:
+            _check_ledger_budget(ledger, calibrated)
+        torch.manual_seed(args.seed)
+        results = _run_phases(args, trainer, recipe, calibrated, ledger)
+    finally:
+        if ledger is not None:
+            ledger.close()
     evaluation = trainer.evaluate()
     evaluation["majority_baseline"] = _majority(trainer.data.eval.labels)
     summary = _summary(args, trainer, recipe, results, evaluation, time.perf_counter() - started)
@@ -130,6 +131,75 @@ def run(args) -> int:
         _save(trainer, args.output, summary)
     print(json.dumps(summary, indent=2) if args.json else _report(summary))
     return 0
+
+
+def _run_phases(args, trainer, recipe, calibrated, ledger) -> list:
+    """Each phase in turn; with a ledger, reserved before it runs and committed with what it executed (the
+    steps that ran are committed even when the phase fails)."""
+    from datetime import datetime, timezone
+
+    from agent.training import StepPlan, TrainingFailed
+
+    size, results = trainer.dataset_size, []
+    run_id = "train-local-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    for index, done in enumerate(calibrated):
+        name, event = done.phase.name, done.event
+        _say(args, f"{name}: q = {event.sampling_rate:.5f} ({size} training examples), {event.steps} steps, sigma "
+             f"{event.noise_multiplier:.4f}; certified epsilon after this phase {done.epsilon_certified_so_far:.4f}")
+        plan = StepPlan(event.steps, event.sampling_rate, event.noise_multiplier, recipe.clip_norm, recipe.learning_rate(name),
+                        head_only=name == "probe", optimizer=recipe.optimizer(name))
+        if name == "probe":
+            _say(args, f"probe: embedding the {size} training records once with the frozen encoder")
+        reservation = None if ledger is None else ledger.reserve(ledger.writer_id, run_id, index, event)
+        try:
+            result = _train_with_progress(trainer, plan, name, quiet=args.json)
+        except TrainingFailed as failure:
+            if reservation is not None:
+                _close(ledger, reservation, failure.event, {"phase": name, "released": False})
+            raise
+        if reservation is not None:
+            _close(ledger, reservation, result.event, {"phase": name, "randomness": result.randomness})
+        if result.event is None:
+            raise InvalidInputError(f"no step of the {name} phase was executed")
+        results.append((done, result))
+    return results
+
+
+def _open_ledger(args):
+    if args.ledger is None:
+        if args.signing_key is not None:
+            raise InvalidInputError("--signing-key goes with --ledger")
+        return None
+    if args.signing_key is None:
+        raise InvalidInputError("--ledger needs --signing-key (the ledger's Ed25519 key)")
+    from accountant.ledger import Ledger
+    from accountant.signing import SigningKey
+
+    ledger = Ledger.open(args.ledger, SigningKey.load(args.signing_key))
+    budget_delta = ledger.spend(ledger.writer_id).budget_delta
+    if args.delta != budget_delta:
+        ledger.close()
+        raise InvalidInputError(f"--delta {args.delta:g} differs from the ledger's budget delta {budget_delta:g}: use the ledger's")
+    return ledger
+
+
+def _check_ledger_budget(ledger, calibrated) -> None:
+    """Refuse, before any step, a recipe that would bring the ledger's certified epsilon over its budget."""
+    from accountant.phases import composed
+
+    spend = ledger.spend_with(ledger.writer_id, composed(calibrated))
+    if not spend.within_budget:
+        raise InvalidInputError(
+            f"the recipe would bring {ledger.writer_id}'s certified epsilon to {spend.epsilon_certified:.4g}, over its "
+            f"budget {spend.budget_epsilon:g} (spent so far {ledger.spend(ledger.writer_id).epsilon_certified:.4g})"
+        )
+
+
+def _close(ledger, reservation: int, executed, extra: dict) -> None:
+    if executed is None:
+        ledger.abort(reservation, f"no step of the {extra['phase']} phase ran: nothing was released")
+    else:
+        ledger.commit(reservation, executed, extra=extra)
 
 
 def _recipe(args):

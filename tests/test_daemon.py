@@ -348,6 +348,7 @@ def test_private_metrics_follow_the_noised_confusion_matrix():
     counts = torch.tensor([[40.0, 10.0], [5.0, 45.0]])
     exact = metrics_from_confusion(counts)
     assert exact["accuracy"] == pytest.approx(0.85) and exact["num_examples"] == 100
+    assert exact["majority_baseline"] == pytest.approx(0.5)
     assert exact["f1"] == pytest.approx((80 / 95 + 90 / 105) / 2)
     draws = [private_metrics(counts, 2.0, InsecureSeededRandom(seed))["num_examples"] for seed in range(400)]
     assert np.std(draws) == pytest.approx(4.0, rel=0.15)  # four cells of std 2: the total has std 4

@@ -120,3 +120,38 @@ def test_the_insecure_seeded_mode_says_so_in_its_results(tiny_bert_dir, mr_csv, 
     assert "insecure-seeded: INSECURE" in out
     assert main(_argv(tiny_bert_dir, mr_csv, "--mode", "head", "--insecure-seeded-randomness", "--json")) == 0
     assert json.loads(capsys.readouterr().out)["randomness"] == "insecure-seeded"
+
+
+def _holder_ledger(tmp_path, epsilon):
+    from accountant.ledger import Ledger
+    from accountant.signing import SigningKey
+
+    key = SigningKey.generate()
+    key.save(tmp_path / "ledger.key")
+    Ledger.create(tmp_path / "ledger.jsonl", key, "holder", {"budget_epsilon": epsilon, "budget_delta": 1e-5}).close()
+    return ["--ledger", str(tmp_path / "ledger.jsonl"), "--signing-key", str(tmp_path / "ledger.key")]
+
+
+def _entries(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_run_charged_to_the_ledger_composes_its_phases_to_the_certified_total(tiny_bert_dir, mr_csv, tmp_path, capsys):
+    from accountant.verify import verify_ledger
+
+    argv = _argv(tiny_bert_dir, mr_csv, *_holder_ledger(tmp_path, 8.0), "--insecure-seeded-randomness", "--json")
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    entries = _entries(tmp_path / "ledger.jsonl")
+    assert [e["kind"] for e in entries] == ["genesis", "reserve", "commit", "reserve", "commit"]
+    assert [e["payload"]["extra"]["phase"] for e in entries if e["kind"] == "commit"] == ["probe", "tune"]
+    # the seeded, insecure mode is recorded with what it released
+    assert {e["payload"]["extra"]["randomness"] for e in entries if e["kind"] == "commit"} == {"insecure-seeded"}
+    assert entries[-1]["payload"]["epsilon_certified"] == pytest.approx(summary["epsilon_certified"], rel=1e-12)
+    assert verify_ledger(tmp_path / "ledger.jsonl").ok
+
+
+def test_a_recipe_over_the_ledgers_budget_is_refused_before_any_step(tiny_bert_dir, mr_csv, tmp_path, capsys):
+    assert main(_argv(tiny_bert_dir, mr_csv, *_holder_ledger(tmp_path, 4.0))) == 2
+    assert "over its budget 4" in capsys.readouterr().err
+    assert [e["kind"] for e in _entries(tmp_path / "ledger.jsonl")] == ["genesis"]

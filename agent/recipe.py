@@ -3,8 +3,8 @@
 Phase 1 ("probe") trains only the classification head, on embeddings cached once per run; phase 2 ("tune")
 continues from the trained head with LoRA (or full fine-tuning). Each phase has its own expected batch,
 epochs, learning rate and optimizer; the probe takes ``probe_budget_share`` of the epsilon budget and the
-tune phase the rest, both calibrated together (:mod:`accountant.phases`). Head mode is the probe alone with
-the whole budget; ``tune_epochs = 0`` likewise.
+tune phase the rest, both calibrated together (:mod:`accountant.phases`). Head mode (the default) is the probe
+alone with the whole budget; ``tune_epochs = 0`` likewise. LP-FT: ``mode = "lora"`` with ``tune_epochs > 0``.
 
 The defaults were chosen by a sweep on public data that is not the evaluation data (the SMS Spam
 Collection; ``benchmarks/recipe_sweep.py``, results in ``benchmarks/results/recipe_sweep.md``), so that they
@@ -12,8 +12,10 @@ leak nothing about any holder's records. Why these values:
 
 - the probe: unit-norm embeddings give per-record head gradients of norm at most 2, so clip norm 1 clips
   little and loses little signal; SGD with momentum and a large learning rate moves the 770 head weights
-  far enough in the few hundred steps the budget affords; large expected batches (hundreds) lower the noise
-  per step (its std over the batch is sigma C / (q N)) at the same epsilon;
+  far enough in the few hundred steps the budget affords; large expected batches (about a thousand) lower the
+  noise per step (its std over the batch is sigma C / (q N)) at the same epsilon, and many epochs at that batch
+  average it out. The sweep's landscape is flat near the top (mean macro F1 0.89 to 0.90 for a dozen settings),
+  so these values are a robust choice rather than a sharp optimum;
 - the tune phase: LoRA's factors carry little signal per coordinate, so it gets a smaller share and SGD
   (AdamW turns noise on signal-free coordinates into learning-rate-sized random steps).
 """
@@ -32,10 +34,10 @@ OPTIMIZERS = ("adamw", "sgd")  # see agent.training.make_optimizer
 
 @dataclass(frozen=True)
 class Recipe:
-    mode: str = "lora"
-    probe_epochs: float = 8.0
-    probe_expected_batch: int = 512
-    probe_learning_rate: float = 2.0
+    mode: str = "head"
+    probe_epochs: float = 20.0
+    probe_expected_batch: int = 1024
+    probe_learning_rate: float = 4.0
     probe_optimizer: str = "sgd"
     probe_budget_share: float = 0.8
     tune_epochs: float = 0.0

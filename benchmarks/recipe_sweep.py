@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LEARNING_RATES = (0.5, 1.0, 2.0, 4.0)
-BATCHES = (128, 256, 512)
-EPOCHS = (2, 5, 10)
+LEARNING_RATES = (1.0, 2.0, 4.0, 8.0)
+BATCHES = (256, 512, 1024)
+EPOCHS = (5, 10, 20)
 EPSILONS = (1.0, 8.0)
 
 
@@ -44,7 +44,7 @@ def main() -> int:
     from agent.train_cli import resolve_data, resolve_model
     from agent.training import LocalTrainer, StepPlan, TrainingConfig
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one thread: the machine is shared, and oversubscribed threads spin
     started = time.perf_counter()
     config = TrainingConfig(model_dir=resolve_model("minilm"), data_file=resolve_data(args.data), mode="head",
                             max_length=args.max_length, insecure_seeded_randomness=True)

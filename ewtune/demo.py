@@ -2,9 +2,10 @@
 
 It generates the coordinator's credentials, lets each holder generate its own keys in its own folder and
 registers their public cards, starts a Flower SuperLink (TLS, SuperNode authentication), three agent daemons
-with their SuperNodes, each holding its own partition of the Rotten Tomatoes polarity sentences (MR), and
-runs a few rounds of LoRA fine-tuning of all-MiniLM-L6-v2 with DP-SGD at a certified target epsilon of 8
-(delta 1e-5). At the end it verifies every ledger (the coordinator's and each holder's), cross-checks them,
+with their SuperNodes, each holding its own quarter of the Rotten Tomatoes polarity sentences (MR), and runs
+federated linear probing of all-MiniLM-L6-v2 with DP-SGD at a certified target epsilon of 8 (delta 1e-5): a
+linear head on the mean-pooled sentence embedding, trained on embeddings each daemon computes once, with the
+probe recipe of agent/recipe.py (expected batch 1024, SGD at learning rate 4, 20 epochs over the rounds). At the end it verifies every ledger (the coordinator's and each holder's), cross-checks them,
 and prints per holder: the certified epsilon (the guarantee), the Edgeworth estimate and RDP beside it, and the
 rounds. Holders release no evaluation metrics (their default policy), so the demo measures the global model
 itself: after each round, on a fourth share of MR that it keeps and no holder sees, with macro F1 and the
@@ -21,20 +22,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.recipe import Recipe
+
 HOLDERS = ("hospital-a", "bank-b", "clinic-c")
 TEST_SPLIT = "demo-held-out"  # the demo's own share of MR: no holder sees it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end (progress goes to stderr)")
-    parser.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
-    parser.add_argument("--local-steps", type=int, default=8, help="DP-SGD steps per holder per round (default 8)")
-    parser.add_argument("--batch-size", type=float, default=32, help="expected (Poisson) batch size (default 32)")
-    parser.add_argument("--rows-per-holder", type=int, default=600, help="MR sentences per holder (default 600)")
+    recipe = Recipe()
+    parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
+    parser.add_argument("--local-steps", type=int, default=10, help="DP-SGD steps per holder per round (default 10)")
+    parser.add_argument("--batch-size", type=float, default=recipe.probe_expected_batch,
+                        help=f"expected (Poisson) batch size (default {recipe.probe_expected_batch}, the probe recipe's)")
+    parser.add_argument("--rows-per-holder", type=int, default=3188,
+                        help="MR sentences per holder and for the demo's own held-out share (default 3188: all of MR in quarters)")
     parser.add_argument("--target-epsilon", type=float, default=8.0, help="certified target epsilon (default 8)")
     parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--learning-rate", type=float, default=0.003)
-    parser.add_argument("--clip-norm", type=float, default=1.0)
+    parser.add_argument("--learning-rate", type=float, default=recipe.probe_learning_rate,
+                        help=f"SGD learning rate (default {recipe.probe_learning_rate:g}, the probe recipe's)")
+    parser.add_argument("--clip-norm", type=float, default=recipe.clip_norm)
     parser.add_argument("--max-length", type=int, default=40, help="tokens per sentence (default 40)")
     parser.add_argument("--work-dir", help="where credentials, ledgers, logs and checkpoints go (default: a new temporary directory, kept)")
 
@@ -51,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if any(work.iterdir()):
         raise InvalidInputError(f"--work-dir {work} is not empty")
-    progress(f"ewtune demo: 3 holders, {args.rounds} rounds of LoRA DP-SGD on MiniLM + MR at certified epsilon {args.target_epsilon:g} "
+    progress(f"ewtune demo: 3 holders, {args.rounds} rounds of DP-SGD linear probing of MiniLM on MR at certified epsilon {args.target_epsilon:g} "
              f"(delta {args.delta:g}); working in {work}")
     result = run_federation(work, args, progress)
     result["wall_seconds"] = time.monotonic() - started
@@ -73,16 +80,14 @@ def run_federation(work: Path, args: argparse.Namespace, progress) -> dict[str, 
         "model_dir": str(model_dir),
         "task": "classification",
         "max_length": args.max_length,
-        "mode": "lora",
-        "lora_rank": 8,
-        "lora_alpha": 16.0,
-        "lora_target_modules": ["query", "key", "value"],
+        "mode": "head",
+        "optimizer": "sgd",
         "physical_batch_size": 32,
         "eval_fraction": 0.2,
         "seed": 0,
     }
     holders = [HolderSetup(holder, path, args.target_epsilon, args.delta, training) for holder, path in zip(HOLDERS, partitions)]
-    progress("writing the initial global weights (LoRA factors and classifier head)")
+    progress("writing the initial global weights (the classification head)")
     weights = initial_weights(model_dir, work / "coordinator" / "initial.safetensors", training)
     job = FederationJob(
         federation={
@@ -97,7 +102,7 @@ def run_federation(work: Path, args: argparse.Namespace, progress) -> dict[str, 
             "min_holders": 2,
             "expected_holders": len(HOLDERS),
         },
-        model={"initial_weights": str(weights), "base_model_dir": str(model_dir), "mode": "lora", "task": "classification", "lora_alpha": 16.0},
+        model={"initial_weights": str(weights), "base_model_dir": str(model_dir), "mode": "head", "task": "classification"},
         timeouts={"nodes": 300, "query": 120, "round": 1200, "evaluate": 600},
     )
     with LocalFederation(work, holders, log=progress) as federation:
@@ -127,8 +132,8 @@ def global_accuracy(model_dir: Path, training: dict[str, Any], test_csv: Path, w
     tokenizer = models.load_tokenizer(model_dir)
     data = load_local_data(DataSpec(path=str(test_csv), max_length=training["max_length"], eval_fraction=0.0), tokenizer)
     model = models.load_model(
-        model_dir, num_labels=data.num_labels or 2, mode=training["mode"], lora_rank=training["lora_rank"],
-        lora_alpha=training["lora_alpha"], lora_target_modules=training["lora_target_modules"],
+        model_dir, num_labels=data.num_labels or 2, mode=training["mode"], lora_rank=training.get("lora_rank", 8),
+        lora_alpha=training.get("lora_alpha", 16.0), lora_target_modules=training.get("lora_target_modules"),
         pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     majority = float(np.bincount(data.train.labels).max() / len(data.train))

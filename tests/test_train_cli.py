@@ -14,7 +14,7 @@ def _argv(model_dir, data_file, *extra):
     return [
         "agent", "train-local", "--model", str(model_dir), "--data", str(data_file),
         "--epsilon", "8", "--delta", "1e-5", "--probe-epochs", "1", "--probe-batch", "16", "--probe-lr", "0.5",
-        "--tune-epochs", "1", "--tune-batch", "16",
+        "--mode", "lora", "--tune-epochs", "1", "--tune-batch", "16",
         "--max-examples", "80", "--max-length", "24", "--physical-batch-size", "16", *extra,
     ]  # fmt: skip
 

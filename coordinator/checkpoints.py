@@ -68,6 +68,11 @@ def save_peft_adapter(
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets, rank = lora_layout(arrays)
+    if task == "classification" and (Path(base_model_dir) / "modules.json").is_file():
+        raise InvalidInputError(
+            f"{base_model_dir} is a sentence-transformers checkpoint: the holders classify on its pooled embedding, "
+            "which transformers' sequence-classification head does not reproduce"
+        )
     if task == "classification":
         heads = [np.shape(a)[0] for n, a in arrays.items() if n.endswith(".weight") and ".modules_to_save." in n]
         auto, extra, task_type = transformers.AutoModelForSequenceClassification, {"num_labels": heads[0] if heads else 2}, TaskType.SEQ_CLS

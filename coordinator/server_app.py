@@ -434,7 +434,11 @@ class Federation:
         save_weights(output / "final.safetensors", weights, {"run_id": self.run_id})
         model = self.config.model
         if model.mode == "lora" and model.base_model_dir is not None:
-            self.status["adapter"] = str(save_peft_adapter(weights, model.base_model_dir, output / "adapter", model.task, model.lora_alpha))
+            try:
+                self.status["adapter"] = str(save_peft_adapter(weights, model.base_model_dir, output / "adapter", model.task, model.lora_alpha))
+            except InvalidInputError as failure:  # the final weights are saved: the adapter is a convenience
+                self.status["adapter_error"] = str(failure)
+                _log(f"no PEFT adapter written ({failure}); the final weights are in {output / 'final.safetensors'}")
         if self.status["reason"] is None:
             self.status["state"] = "finished"
         else:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from accountant.errors import InvalidInputError
 from accountant.events import DpEvent, Neighbouring, mechanisms, neighbouring_of
+from accountant.privacy_accountant import Kind, PrivacyAccountant, check_delta, check_epsilon
 from accountant.pld_engine import ComposedPmf, Direction, cached_step_pmf, compose, loss_moments
 
 TARGET_RELATIVE_ERROR = 1e-3
@@ -52,10 +52,24 @@ CERTIFIED_ACCOUNTANT = {
 _Mechanisms = tuple[tuple[float, float, int], ...]
 
 
+class CertifiedAccountant(PrivacyAccountant):
+    """The certified bound (:func:`certified_epsilon`, :func:`certified_delta`): the guarantee."""
+
+    name = "certified"
+    label = "certified epsilon (PLD upper bound: the guarantee)"
+    kind = Kind.BOUND
+
+    def _epsilon(self, event: DpEvent, delta: float) -> float:
+        return certified_epsilon(event, delta)
+
+    def _delta(self, event: DpEvent, epsilon: float) -> float:
+        return certified_delta(event, epsilon)
+
+
 def certified_epsilon(event: DpEvent, delta: float) -> float:
     """An upper bound on the epsilon at which ``event`` is (epsilon, delta)-DP; ``inf`` if none exists
     below the mass that the bound must count as infinite loss."""
-    _check_delta(delta)
+    check_delta(delta)
     relation, mechs = _mechanisms_of(event)
     tail = min(_DEFAULT_TAIL, 1e-4 * delta)
     coarse = {d: _composed(d, mechs, _first_log2_interval(d, mechs) + 1, tail).epsilon(delta) for d in _directions(relation)}
@@ -72,10 +86,9 @@ def certified_delta(event: DpEvent, epsilon: float) -> float:
     """An upper bound on delta(epsilon) of ``event``: the smallest of the bounds on every dyadic interval
     from the initial one down to the finest that :func:`certified_epsilon` would use at that delta (so
     that certified_delta(event, certified_epsilon(event, delta)) <= delta)."""
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (epsilon >= 0 and math.isfinite(epsilon)):
-        raise InvalidInputError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+    epsilon = check_epsilon(epsilon)
     relation, mechs = _mechanisms_of(event)
-    return float(max(_delta_one_direction(direction, mechs, float(epsilon)) for direction in _directions(relation)))
+    return float(max(_delta_one_direction(direction, mechs, epsilon) for direction in _directions(relation)))
 
 
 def _refined_epsilons(
@@ -169,8 +182,3 @@ def _mechanisms_of(event: DpEvent) -> tuple[Neighbouring, _Mechanisms]:
     relation = neighbouring_of(event)
     mechs = tuple(sorted((q, sigma, steps) for (q, sigma, _), steps in mechanisms(event).items()))
     return relation, mechs
-
-
-def _check_delta(delta: float) -> None:
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (0.0 < delta < 1.0):
-        raise InvalidInputError(f"delta must be in (0, 1), got {delta!r}")

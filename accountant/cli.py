@@ -1,7 +1,8 @@
 """``ewtune accountant epsilon`` and ``ewtune accountant sigma``.
 
 Only argparse and the standard library are imported at module level, so that the whole ``ewtune``
-command starts fast; the accountants (scipy, dp_accounting) are imported inside the handlers. Numbers are
+command starts fast; the accountants (:func:`accountant.accountants.standard_accountants`; scipy,
+dp_accounting) are imported inside the handlers. Numbers are
 parsed by the handlers rather than by argparse so that a malformed value gets the same one-line
 ``ewtune: error: ...`` (exit 2) as an out-of-range one.
 """
@@ -29,13 +30,16 @@ def register(subparsers) -> None:
 
     epsilon = commands.add_parser(
         "epsilon",
-        help="epsilon of q, sigma, steps at delta: certified, Edgeworth orders 1-3, Edgeworth bound, RDP",
+        help="epsilon of q, sigma, steps at delta: certified, Edgeworth orders 1-3, Edgeworth bound (RDP with --rdp)",
         description="Epsilon of the Poisson-subsampled Gaussian (DP-SGD) after STEPS steps. The certified "
         "value is the guarantee; the Edgeworth values are estimates shown beside it.",
     )
     _add_mechanism_arguments(epsilon)
     epsilon.add_argument("--noise-multiplier", required=True, metavar="S", help="sigma = noise std / clip norm")
     epsilon.add_argument("--delta", required=True, metavar="D", help="target delta, in (0, 1)")
+    epsilon.add_argument(
+        "--rdp", action="store_true", help="also the RDP bound of dp_accounting (imports it: about a second more)"
+    )
     epsilon.add_argument("--json", action="store_true", help="print one JSON object")
     epsilon.set_defaults(func=run_epsilon)
 
@@ -77,7 +81,7 @@ def run_epsilon(args: argparse.Namespace) -> int:
         Neighbouring(args.neighbouring),
     )
     delta = _delta(args.delta)
-    rows = _epsilon_rows(event, delta)
+    rows = _epsilon_rows(event, delta, args.rdp)
     if args.json:
         document: dict[str, Any] = {
             "sampling_rate": event.sampling_rate,
@@ -112,32 +116,18 @@ class _Row:
         self.key, self.label, self.value, self.seconds, self.note = key, label, value, seconds, note
 
 
-def _epsilon_rows(event, delta: float) -> list[_Row]:
-    from accountant.certified import certified_epsilon
-    from accountant.edgeworth import edgeworth_bound_epsilon, edgeworth_epsilon
-    from accountant.rdp import rdp_epsilon
+def _epsilon_rows(event, delta: float, rdp: bool) -> list[_Row]:
+    from accountant.accountants import standard_accountants
 
-    value, seconds = _timed(lambda: certified_epsilon(event, delta))
-    rows = [_Row("epsilon_certified", "certified epsilon (PLD upper bound: the guarantee)", value, seconds)]
-    for order in (1, 2, 3):
-        value, seconds = _timed(lambda order=order: edgeworth_epsilon(event, delta, order))
-        key = "epsilon_edgeworth" if order == 1 else f"epsilon_edgeworth_order{order}"
-        rows.append(_Row(key, f"Edgeworth estimate, order {order} (not a guarantee)", value, seconds))
-    value, seconds = _timed(lambda: edgeworth_bound_epsilon(event, delta))
-    rows.append(
-        _Row(
-            "epsilon_edgeworth_bound",
-            "Edgeworth bound (rigorous, arXiv 2206.04236)",
-            value,
-            seconds,
-            None if value is not None else "vacuous",
-        )
-    )
-    try:
-        value, seconds = _timed(lambda: rdp_epsilon(event, delta))
-        rows.append(_Row("epsilon_rdp", "RDP (upper bound, dp_accounting)", value, seconds))
-    except InvalidInputError as refused:
-        rows.append(_Row("epsilon_rdp", "RDP (upper bound, dp_accounting)", None, 0.0, f"n/a: {refused}"))
+    rows = []
+    for accountant in standard_accountants(rdp=rdp):
+        key = f"epsilon_{accountant.name}"
+        refusal = accountant.refusal(event)
+        if refusal is not None:
+            rows.append(_Row(key, accountant.label, None, 0.0, f"n/a: {refusal}"))
+            continue
+        value, seconds = _timed(lambda: accountant.compose(event).get_epsilon(delta))
+        rows.append(_Row(key, accountant.label, value, seconds, None if value is not None else "vacuous"))
     return rows
 
 
@@ -230,10 +220,9 @@ def _sampling_rate(text: str) -> float:
 
 
 def _delta(text: str) -> float:
-    value = _number(text, "delta")
-    if not 0.0 < value < 1.0:
-        raise InvalidInputError(f"delta must be in (0, 1), got {text}")
-    return value
+    from accountant.privacy_accountant import check_delta
+
+    return check_delta(_number(text, "delta"))
 
 
 def _steps(text: str) -> int:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import optimize, special
+from scipy import special
 
 from accountant.cumulants import PairCumulants, SideCumulants, directions, step_cumulants
 from accountant.edgeworth_error import uniform_error
 from accountant.errors import InvalidInputError
 from accountant.events import DpEvent, mechanisms, neighbouring_of, total_steps
+from accountant.privacy_accountant import Kind, PrivacyAccountant, check_delta, check_epsilon
 
 ORDERS = (1, 2, 3)
 _GRID_POINTS = 2001
@@ -46,8 +47,7 @@ def composed_cumulants(event: DpEvent, direction: str) -> PairCumulants:
 def edgeworth_delta(event: DpEvent, epsilon: float, order: int = 1) -> float:
     """Edgeworth estimate of delta(epsilon), clipped to [0, 1]; max over the directions of the relation."""
     _check_order(order)
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0):
-        raise InvalidInputError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+    check_epsilon(epsilon)
     estimate = max(
         float(_delta_curve(composed_cumulants(event, d), np.array([float(epsilon)]), order)[0])
         for d in directions(neighbouring_of(event))
@@ -57,10 +57,10 @@ def edgeworth_delta(event: DpEvent, epsilon: float, order: int = 1) -> float:
 
 def edgeworth_epsilon(event: DpEvent, delta: float, order: int = 1) -> float:
     """Edgeworth estimate of epsilon(delta): the largest root of delta_hat(eps) = delta (last sign change
-    on a grid, refined by Brent's method), max over the directions of the relation. EW-Tune uses order 1
+    on a grid, refined by bisection), max over the directions of the relation. EW-Tune uses order 1
     (arXiv 2210.15042, Sec. 4) on the remove direction only; the remove direction dominates in its runs."""
     _check_order(order)
-    _check_delta(delta)
+    check_delta(delta)
     return max(
         _epsilon_for_pair(composed_cumulants(event, d), float(delta), order)
         for d in directions(neighbouring_of(event))
@@ -78,7 +78,7 @@ def edgeworth_bound_epsilon(event: DpEvent, delta: float) -> float | None:
     the true epsilon. The curve never drops below about e_Y ~ 0.2 K~_3/sqrt(T), which is 1e-3..1e-1 for
     DP-SGD, so at practical delta (<= 1e-5) the answer is None: nothing is certified. Rigorous up to the
     quadrature and floating-point error of the cumulants."""
-    _check_delta(delta)
+    check_delta(delta)
     worst = 0.0
     for direction in directions(neighbouring_of(event)):
         bound = _bound_for_pair(composed_cumulants(event, direction), total_steps(event), float(delta))
@@ -88,18 +88,40 @@ def edgeworth_bound_epsilon(event: DpEvent, delta: float) -> float | None:
     return worst
 
 
+def edgeworth_bound_delta(event: DpEvent, epsilon: float) -> float:
+    """The rigorous Edgeworth bound on delta(epsilon) (arXiv 2206.04236, Sec. 4.2; the upper curve of
+    :func:`edgeworth_bound_epsilon`), max over the directions of the relation, clipped to [0, 1]; 1 where
+    the uniform error is not finite."""
+    bound = 0.0
+    for direction in directions(neighbouring_of(event)):
+        pair = composed_cumulants(event, direction)
+        value = _upper_delta(pair, _errors(pair, total_steps(event)), float(epsilon))
+        bound = max(bound, value if math.isfinite(value) else 1.0)
+    return min(bound, 1.0)
+
+
+def _errors(pair: PairCumulants, steps: int) -> tuple[float, float]:
+    return _uniform_error(pair.null, steps), _uniform_error(pair.alternative, steps)
+
+
+def _upper_delta(pair: PairCumulants, errors: tuple[float, float], eps: float) -> float:
+    """min(S_Y + e_Y, 1) - e^eps max(S_X - e_X, 0): an upper bound on the true delta(eps)."""
+    error_x, error_y = errors
+    x_y, correction_y = _standardise(pair.alternative, np.array([eps]), 1)
+    x_x, correction_x = _standardise(pair.null, np.array([eps]), 1)
+    survival_y = special.ndtr(-x_y) + np.exp(-0.5 * x_y * x_y - _LOG_SQRT_2PI) * correction_y
+    survival_x = special.ndtr(-x_x) + np.exp(-0.5 * x_x * x_x - _LOG_SQRT_2PI) * correction_x
+    lower_x = max(float(survival_x[0]) - error_x, 0.0)
+    return min(float(survival_y[0]) + error_y, 1.0) - (math.exp(eps) * lower_x if lower_x > 0 else 0.0)
+
+
 def _bound_for_pair(pair: PairCumulants, steps: int, delta: float) -> float | None:
-    error_x, error_y = (_uniform_error(side, steps) for side in (pair.null, pair.alternative))
-    if not (error_y < delta):  # the upper curve tends to e_Y as eps grows (inf or nan: no bound at all)
+    errors = _errors(pair, steps)
+    if not (errors[1] < delta):  # the upper curve tends to e_Y as eps grows (inf or nan: no bound at all)
         return None
 
     def upper_delta(eps: float) -> float:
-        x_y, correction_y = _standardise(pair.alternative, np.array([eps]), 1)
-        x_x, correction_x = _standardise(pair.null, np.array([eps]), 1)
-        survival_y = special.ndtr(-x_y) + np.exp(-0.5 * x_y * x_y - _LOG_SQRT_2PI) * correction_y
-        survival_x = special.ndtr(-x_x) + np.exp(-0.5 * x_x * x_x - _LOG_SQRT_2PI) * correction_x
-        lower_x = max(float(survival_x[0]) - error_x, 0.0)
-        return min(float(survival_y[0]) + error_y, 1.0) - (math.exp(eps) * lower_x if lower_x > 0 else 0.0)
+        return _upper_delta(pair, errors, eps)
 
     if upper_delta(0.0) <= delta:
         return 0.0
@@ -134,11 +156,6 @@ def _check_order(order: int) -> None:
         raise InvalidInputError(f"Edgeworth order must be one of {ORDERS}, got {order!r}")
 
 
-def _check_delta(delta: float) -> None:
-    if not (isinstance(delta, (int, float)) and 0.0 < delta < 1.0):
-        raise InvalidInputError(f"delta must be in (0, 1), got {delta!r}")
-
-
 def _epsilon_for_pair(pair: PairCumulants, delta: float, order: int) -> float:
     def excess(eps: np.ndarray) -> np.ndarray:
         return _delta_curve(pair, eps, order) - delta
@@ -158,7 +175,21 @@ def _epsilon_for_pair(pair: PairCumulants, delta: float, order: int) -> float:
     i = int(crossings[-1])
     if values[i + 1] == 0.0:
         return float(grid[i + 1])
-    return float(optimize.brentq(lambda e: excess(np.array([e]))[0], grid[i], grid[i + 1], xtol=1e-12, rtol=1e-12))
+    return _bisect(lambda e: excess(np.array([e]))[0], float(grid[i]), float(grid[i + 1]))
+
+
+def _bisect(excess, low: float, high: float) -> float:
+    """The root of ``excess`` (positive at ``low``, at most 0 at ``high``) within 1e-12 (relative above 1):
+    the end where excess <= 0, so that delta_hat(epsilon) <= delta holds at the value returned."""
+    while high - low > 1e-12 * max(1.0, high):
+        middle = 0.5 * (low + high)
+        if middle in (low, high):
+            break
+        if excess(middle) > 0.0:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 def _upper_end(pair: PairCumulants) -> float:
@@ -211,3 +242,36 @@ def _hermite(x: np.ndarray) -> list[np.ndarray]:
     for n in range(1, 8):
         he.append(x * he[n] - n * he[n - 1])
     return he
+
+
+class EdgeworthAccountant(PrivacyAccountant):
+    """The Edgeworth estimate of order 1, 2 or 3 (:func:`edgeworth_epsilon`): not a guarantee."""
+
+    kind = Kind.ESTIMATE
+
+    def __init__(self, order: int = 1) -> None:
+        super().__init__()
+        _check_order(order)
+        self.order = order
+        self.name = "edgeworth" if order == 1 else f"edgeworth_order{order}"
+        self.label = f"Edgeworth estimate, order {order} (not a guarantee)"
+
+    def _epsilon(self, event: DpEvent, delta: float) -> float:
+        return edgeworth_epsilon(event, delta, self.order)
+
+    def _delta(self, event: DpEvent, epsilon: float) -> float:
+        return edgeworth_delta(event, epsilon, self.order)
+
+
+class EdgeworthBoundAccountant(PrivacyAccountant):
+    """The rigorous Edgeworth bound (:func:`edgeworth_bound_epsilon`); its epsilon is None where vacuous."""
+
+    name = "edgeworth_bound"
+    label = "Edgeworth bound (rigorous, arXiv 2206.04236)"
+    kind = Kind.BOUND
+
+    def _epsilon(self, event: DpEvent, delta: float) -> float | None:
+        return edgeworth_bound_epsilon(event, delta)
+
+    def _delta(self, event: DpEvent, epsilon: float) -> float:
+        return edgeworth_bound_delta(event, epsilon)

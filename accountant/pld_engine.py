@@ -34,13 +34,14 @@ The argument, in four steps:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
 
 import numpy as np
-from scipy import fft, signal, special
+from scipy import fft, special
 
 _UNIT_ROUNDOFF = np.finfo(float).eps / 2
 
@@ -236,15 +237,30 @@ class ComposedPmf:
             return math.inf
         p = self.probs
         tail_mass = np.cumsum(p[::-1])[::-1]  # A_j = sum_{i >= j} p_i
-        # S_j = sum_{i >= j} p_i e^{-(l_i - l_j)}: the recurrence S_j = p_j + e^{-h} S_{j+1}.
-        discounted = signal.lfilter([1.0], [1.0, -math.exp(-self.h)], p[::-1])[::-1]
-        # delta at grid loss l_j counts the cells above j: A_{j+1} + infinite - e^{-h} S_{j+1}.
-        delta_at_grid = np.append(tail_mass[1:] - math.exp(-self.h) * discounted[1:], 0.0) + self.infinite
-        over = np.nonzero(delta_at_grid > delta)[0]
-        if over.size == 0:
+        # S_j = sum_{i >= j} p_i e^{-(l_i - l_j)}: the recurrence S_j = p_j + e^{-h} S_{j+1}, run downwards
+        # (a closed form through e^{+h j} would overflow). delta at grid loss l_j counts the cells above j:
+        # A_{j+1} + infinite - e^{-h} S_{j+1}. The answer lies above the last j where that exceeds delta,
+        # which the scan from the top meets first, usually high in the upper tail: it stops there.
+        decay = math.exp(-self.h)
+        discounted = np.empty(p.size)
+        end, last_over, carried = p.size, None, 0.0
+        while end > 0 and last_over is None:
+            start = max(0, end - _SCAN_CELLS)
+            chain = itertools.accumulate(p[start:end][::-1].tolist(), lambda s, x: x + decay * s, initial=carried)
+            discounted[start:end] = np.fromiter(chain, float, end - start + 1)[1:][::-1]
+            carried = float(discounted[start])
+            above = min(end, p.size - 1)
+            delta_at_grid = tail_mass[start + 1 : above + 1] - decay * discounted[start + 1 : above + 1] + self.infinite
+            if above < end:  # the top cell: nothing above it but the infinite mass
+                delta_at_grid = np.append(delta_at_grid, 0.0 + self.infinite)
+            over = np.nonzero(delta_at_grid > delta)[0]
+            if over.size:
+                last_over = start + int(over[-1])
+            end = start
+        if last_over is None:
             epsilon = self.start + math.log(max((tail_mass[0] + self.infinite - delta) / discounted[0], 1e-300))
         else:
-            j = over[-1]
+            j = last_over
             epsilon = self.start + self.h * (j + 1) + math.log((tail_mass[j + 1] + self.infinite - delta) / discounted[j + 1])
         return max(0.0, epsilon) + 1e-10 * (1 + max(0.0, epsilon))
 
@@ -295,6 +311,7 @@ def _window(pmfs, support: int, tail_mass: float) -> tuple[int, int, "_ChernoffB
 
 
 _SEARCH_CELLS = 4096
+_SCAN_CELLS = 4096  # cells per step of ComposedPmf.epsilon's downward scan
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,12 @@ summed over steps, converted once to (epsilon, delta) with dp_accounting's conve
 Steinke 2020, Prop. 12 / Asoodeh et al. 2021), never the "classic" eps = R - log(delta)/(alpha - 1).
 A valid upper bound, typically 5-15% above the tight (PLD) epsilon. The order grid extends well past
 dp_accounting's default (which stops at 63 and then jumps 128, 256, ...): for small epsilon the optimal
-order lies in the hundreds or thousands, and an optimum at the grid edge inflates epsilon (notes (c):
-+23% at q = 0.01, sigma = 10, T = 1000 with a grid ending at 63).
+order lies in the hundreds or thousands, and an optimum at the grid edge inflates epsilon
+(+23% at q = 0.01, sigma = 10, T = 1000 with a grid ending at 63).
+
+dp_accounting logs through absl a warning per order at which its series for fractional orders fails to
+converge (``_compute_log_a_frac``); that order's RDP is then taken as infinite, which only loosens the
+bound, so the warnings carry nothing a user can act on and are silenced.
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ import numpy as np
 
 from accountant.errors import InvalidInputError
 from accountant.events import DpEvent, Neighbouring, neighbouring_of, to_dp_accounting
+from accountant.privacy_accountant import Kind, PrivacyAccountant, check_delta
+
+_REFUSAL = (
+    "RDP accounting of Poisson sampling under replace-one is not supported (dp_accounting has no sound bound "
+    "for it); use the certified accountant"
+)
 
 RDP_ORDERS: tuple[float, ...] = tuple(
     [1.0 + x / 20.0 for x in range(1, 20)]  # 1.05 .. 1.95: large epsilon
@@ -38,15 +48,42 @@ def rdp_epsilon_and_order(event: DpEvent, delta: float) -> tuple[float, float]:
     grid is too short."""
     from dp_accounting.rdp import rdp_privacy_accountant
 
-    if not (isinstance(delta, (int, float)) and 0.0 < delta < 1.0):
-        raise InvalidInputError(f"delta must be in (0, 1), got {delta!r}")
+    check_delta(delta)
+    epsilon, order = _dp_accounting_rdp(event).get_epsilon_and_optimal_order(delta)
+    return float(epsilon), float(order)
+
+
+def _dp_accounting_rdp(event: DpEvent):
+    """dp_accounting's RdpAccountant with ``event`` composed; its absl warnings are silenced (module
+    docstring)."""
+    from absl import logging as absl_logging
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     if neighbouring_of(event) is not Neighbouring.ADD_REMOVE:
-        raise InvalidInputError(
-            "RDP accounting of Poisson sampling under replace-one is not supported (dp_accounting has no "
-            "sound bound for it); use the certified accountant"
-        )
+        raise InvalidInputError(_REFUSAL)
     dp_event, relation = to_dp_accounting(event)
     accountant = rdp_privacy_accountant.RdpAccountant(orders=list(RDP_ORDERS), neighboring_relation=relation)
-    accountant.compose(dp_event)
-    epsilon, order = accountant.get_epsilon_and_optimal_order(delta)
-    return float(epsilon), float(order)
+    previous = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        accountant.compose(dp_event)
+    finally:
+        absl_logging.set_verbosity(previous)
+    return accountant
+
+
+class RdpAccountant(PrivacyAccountant):
+    """RDP with dp_accounting (:func:`rdp_epsilon`): an upper bound, add/remove-one only."""
+
+    name = "rdp"
+    label = "RDP (upper bound, dp_accounting)"
+    kind = Kind.BOUND
+
+    def refusal(self, event: DpEvent) -> str | None:
+        return _REFUSAL if neighbouring_of(event) is not Neighbouring.ADD_REMOVE else None
+
+    def _epsilon(self, event: DpEvent, delta: float) -> float:
+        return rdp_epsilon(event, delta)
+
+    def _delta(self, event: DpEvent, epsilon: float) -> float:
+        return float(_dp_accounting_rdp(event).get_delta(epsilon))

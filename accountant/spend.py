@@ -4,7 +4,7 @@ A holder's spend is the *composition* of every event recorded for it that can st
 the committed events (steps actually run) plus the open reservations (planned, not yet committed or aborted).
 Epsilon is recomputed from that one composed event with the certified accountant (the guarantee); the
 Edgeworth estimate (arXiv 2206.04236) is computed beside it and labelled as an estimate. Epsilons are never
-summed: basic composition overstates them by 29-110% (notes/accountant.md, d.1).
+summed: basic composition overstates them (by 29-110% in the heterogeneous cases of ``ewtune bench accountant``).
 
 Both the writer (:mod:`accountant.ledger`, pre-flight) and the auditor (:mod:`accountant.verify`) replay
 entries through :class:`LedgerState`, so both read a ledger the same way.

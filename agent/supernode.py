@@ -1,6 +1,6 @@
 """Start and supervise the holder's Flower SuperNode (flwr 1.42), with TLS and SuperNode authentication.
 
-The command follows shared/notes/flower-1.42.md, sections 1.5 and 2.1-2.2::
+The command (flwr 1.42's ``flower-supernode``; deploy/README.md shows it as a systemd unit)::
 
     flower-supernode --superlink HOST:PORT --root-certificates ca.crt \\
         --auth-supernode-private-key supernode.key --port 9094 \\
@@ -35,7 +35,7 @@ QUIET_ENVIRONMENT = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    # SuperExec polls for a new ClientApp task every 1 s by default (notes, section 6).
+    # SuperExec polls for a new ClientApp task every 1 s by default (flwr 1.42).
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
     "HF_HUB_OFFLINE": "1",
 }

@@ -1,19 +1,11 @@
-"""``ewtune bench ...``: benchmark commands, one per part, each in a module of that part.
-
-A benchmark module defines ``add_arguments(parser)`` and ``run(args) -> int`` and keeps its top-level
-imports light (no torch/flwr at import time), so that registering it costs nothing.
-"""
+"""``ewtune bench ...``: one subcommand per benchmark of :data:`bench.BENCHMARKS` (the package docstring
+says how to add one)."""
 
 from __future__ import annotations
 
 import importlib
 
-# name -> (module, one-line help)
-BENCHMARKS = {
-    "accountant": ("ewtune.accountant_bench", "certified, Edgeworth, RDP and peer accountants: epsilon and time per case"),
-    "dpsgd": ("agent.bench", "DP-SGD step time and memory against non-private training and Opacus"),
-    "federation": ("ewtune.federation_bench", "coordination overhead per round with three holders on loopback"),
-}
+from bench import BENCHMARKS
 
 
 def register(subparsers) -> None:

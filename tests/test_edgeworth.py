@@ -99,12 +99,12 @@ def test_reproduces_ew_tune_sst2():
 
 
 def test_ew_tune_estimate_is_below_the_true_epsilon():
-    # Tight PLD gives about 8.289 here (notes b.2): the order-1 estimate is on the unsafe side.
+    # Tight PLD gives about 8.289 here (the certified accountant): the order-1 estimate is on the unsafe side.
     assert edgeworth_epsilon(SST2, 1e-5, order=1) < 8.2
 
 
 def test_higher_orders_approach_the_true_epsilon_in_a_good_regime():
-    # sigma >= 1, T >= 1000 (notes (a) 4): each added order brings the estimate closer to the tight value
+    # sigma >= 1, T >= 1000: each added order brings the estimate closer to the tight value
     # (dp_accounting PLD, max of add and remove); order 3 is within 1% here.
     event = PoissonGaussianEvent(0.1, 2.0, 1000)
     reference = _dp_accounting_pld_epsilon(event, 1e-5, 1e-4)
@@ -178,7 +178,7 @@ def test_composing_identical_events_equals_self_composition(q, sigma, parts, ord
     order=st.sampled_from([1, 2, 3]),
 )
 def test_epsilon_decreases_in_sigma(q, sigma, steps, ratio, order):
-    # The regime the notes (a) 4 call well behaved: sigma >= 1 and T >= 1000.
+    # The well-behaved regime: sigma >= 1 and T >= 1000.
     low = edgeworth_epsilon(PoissonGaussianEvent(q, sigma, steps), 1e-5, order)
     high = edgeworth_epsilon(PoissonGaussianEvent(q, sigma * ratio, steps), 1e-5, order)
     assert high <= low
@@ -196,7 +196,7 @@ def test_bad_order_is_refused():
 
 
 def test_bound_is_vacuous_at_practical_delta():
-    # notes (a.6): the uniform error alone is ~0.1-2 here, far above delta = 1e-5.
+    # The uniform error alone is ~0.1-2 here, far above delta = 1e-5.
     assert edgeworth_bound_epsilon(SST2, 1e-5) is None
 
 
@@ -232,7 +232,7 @@ def test_uniform_error_is_at_least_its_leading_term_and_shrinks_with_n():
 def test_a_negative_delta_hat_at_zero_does_not_hide_a_later_crossing():
     # Very skewed PLLR (q = 1e-4, sigma = 0.5): the truncated series gives delta_hat(0) < 0, yet it rises
     # above delta further out; epsilon is the last crossing, not 0. (It is still far below the true
-    # epsilon ~3.58: the regime where the notes (a) 4 call the estimate unusable.)
+    # epsilon ~3.58: a regime where the estimate is unusable.)
     event = PoissonGaussianEvent(1e-4, 0.5, 10000)
     for order in (1, 2, 3):
         eps = edgeworth_epsilon(event, 1e-8, order)

@@ -10,7 +10,7 @@ from accountant.rdp import RDP_ORDERS, rdp_epsilon, rdp_epsilon_and_order
 
 CASES = [
     (0.029696060817532555, 0.7865, 660, 1e-5),  # EW-Tune SST-2
-    (0.01, 10.0, 1000, 1e-5),  # optimum far above order 64 (notes (c))
+    (0.01, 10.0, 1000, 1e-5),  # optimum far above order 64
     (1e-3, 1.0, 2000, 1e-8),
 ]
 
@@ -38,7 +38,7 @@ def test_extended_orders_beat_a_grid_that_stops_at_63():
 
 
 def test_ew_tune_sst2_rdp_is_above_the_tight_value():
-    # notes (b): PLD 8.289 at EW-Tune's sigma; modern RDP over-states it by 5-15%.
+    # PLD 8.289 at EW-Tune's sigma; modern RDP over-states it by 5-15%.
     assert 8.4 < rdp_epsilon(PoissonGaussianEvent(0.029696060817532555, 0.7865, 660), 1e-5) < 9.6
 
 

@@ -1,0 +1,88 @@
+"""The interface every accountant here implements, after dp_accounting's ``PrivacyAccountant``.
+
+An accountant is told which events ran (:meth:`PrivacyAccountant.compose`) and answers queries about their
+composition (:meth:`PrivacyAccountant.get_epsilon`, :meth:`PrivacyAccountant.get_delta`). Unlike
+dp_accounting's accountants it keeps no privacy state beyond the composed event, so that every answer is
+a function of the events alone (the ledger's verifiers recompute it from the events). Each accountant
+says whether its answer is a guarantee (:attr:`PrivacyAccountant.kind`): a bound, never below the true
+epsilon, or an estimate, which can be. Caches belong to the accountant object that fills them.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from enum import Enum
+from typing import Any
+
+from accountant.errors import InvalidInputError
+from accountant.events import ComposedEvent, DpEvent
+
+
+class Kind(str, Enum):
+    BOUND = "bound"  # never below the true epsilon
+    ESTIMATE = "estimate"  # can fall below the true epsilon
+
+
+def check_delta(delta: Any) -> float:
+    """``delta`` as a float in (0, 1), or a one-line error."""
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (0.0 < delta < 1.0):
+        raise InvalidInputError(f"delta must be in (0, 1), got {delta!r}")
+    return float(delta)
+
+
+def check_epsilon(epsilon: Any) -> float:
+    """``epsilon`` as a finite float >= 0, or a one-line error."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (epsilon >= 0 and math.isfinite(epsilon)):
+        raise InvalidInputError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+    return float(epsilon)
+
+
+class PrivacyAccountant(abc.ABC):
+    """Composes events; answers epsilon(delta) and delta(epsilon) for their composition."""
+
+    name: str  # short key: "certified", "edgeworth_order2", "rdp"...
+    label: str  # one line for tables
+    kind: Kind
+
+    def __init__(self) -> None:
+        self._events: list[DpEvent] = []
+
+    def supports(self, event: DpEvent) -> bool:
+        """Whether this accountant can account ``event`` (composed with what it holds already)."""
+        return self.refusal(event) is None
+
+    def refusal(self, event: DpEvent) -> str | None:
+        """Why ``event`` cannot be accounted here, or None; accountants that refuse some events override it."""
+        return None
+
+    def compose(self, event: DpEvent, count: int = 1) -> "PrivacyAccountant":
+        """Add ``count`` runs of ``event``; returns self, so that calls chain."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise InvalidInputError(f"count must be an integer >= 1, got {count!r}")
+        reason = self.refusal(ComposedEvent((*self._events, event)))
+        if reason is not None:
+            raise InvalidInputError(f"{self.label}: {reason}")
+        self._events.extend([event] * count)
+        return self
+
+    @property
+    def event(self) -> DpEvent:
+        """The composition of every event composed so far."""
+        if not self._events:
+            raise InvalidInputError("nothing has been composed yet")
+        return self._events[0] if len(self._events) == 1 else ComposedEvent(tuple(self._events))
+
+    def get_epsilon(self, delta: float) -> float | None:
+        """Epsilon at ``delta`` of the composition; None when this accountant certifies nothing there."""
+        return self._epsilon(self.event, check_delta(delta))
+
+    def get_delta(self, epsilon: float) -> float:
+        """Delta at ``epsilon`` of the composition."""
+        return self._delta(self.event, check_epsilon(epsilon))
+
+    @abc.abstractmethod
+    def _epsilon(self, event: DpEvent, delta: float) -> float | None: ...
+
+    @abc.abstractmethod
+    def _delta(self, event: DpEvent, epsilon: float) -> float: ...

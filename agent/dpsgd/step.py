@@ -4,8 +4,8 @@
 
 The logical batch may have any size, including 0, and is processed in physical micro-batches whose
 clipped sums are added up; the noise is drawn once per logical step, and the sum is divided by the
-*expected* batch size q N, never by the realised one, whose scale would then depend on the data (notes
-on DP-SGD, pitfalls 2 and 3; Opacus' ``expected_batch_size`` does the same). An empty batch still takes
+*expected* batch size q N, never by the realised one, whose scale would then depend on the data and
+leak the batch size (Opacus' ``expected_batch_size`` does the same). An empty batch still takes
 a step: a noise-only update, which the accountant counts like any other.
 """
 

@@ -25,8 +25,16 @@ _PARTS = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments get one line naming the option and exit code 2, as every other input error does
+    (argparse's default prints the whole usage block first). Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="ewtune",
         description="Federated on-premise fine-tuning with differential privacy, accounted with a "
         "certified (PLD) bound and the Edgeworth estimate beside it.",

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from accountant.errors import InvalidInputError
+from accountant.errors import EwtuneError, InvalidInputError
 
 ENGINES = ("non-private", "ewtune", "opacus-hooks", "opacus-ghost")
 MODES = ("lora", "full")
@@ -249,7 +249,7 @@ def _resident_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    raise EwtuneError(f"{field} not in /proc/self/status")
 
 
 def _reset_peak_rss() -> None:
@@ -339,7 +339,7 @@ def _step_function(engine: str, model, batch: dict, config: dict):
             dp_optimizer.zero_grad(set_to_none=True)
 
         return step
-    raise ValueError(f"unknown engine {engine}")
+    raise InvalidInputError(f"unknown engine {engine}")
 
 
 def worker(config: dict) -> dict:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from accountant.errors import EwtuneError
+from accountant.errors import EwtuneError, InvalidInputError
 from agent.dpsgd.ghost import RecentCache, Use, squared_norms, weighted_sum
 from agent.dpsgd.rules import Call, rule_for
 
@@ -75,7 +75,7 @@ class PerExampleClipper:
 
     def __init__(self, model: nn.Module, clip_norm: float, loss_fn: LossFn):
         if not clip_norm > 0:
-            raise ValueError(f"clip_norm must be positive, got {clip_norm}")
+            raise InvalidInputError(f"clip_norm must be positive, got {clip_norm}")
         self.model = model
         self.clip_norm = float(clip_norm)
         self.loss_fn = loss_fn

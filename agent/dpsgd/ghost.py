@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from accountant.errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class Dense:
@@ -118,7 +120,7 @@ def _instantiate(use: Use, batch: int) -> torch.Tensor:
         return use.values.float()
     left, right = use.left, use.right
     if isinstance(left, OneHot) and isinstance(right, OneHot):
-        raise ValueError("a gradient with two one-hot factors has no rule")
+        raise InvalidInputError("a gradient with two one-hot factors has no rule")
     # bmm is fastest with the narrow factor transposed; a one-hot factor goes left (scatter)
     if isinstance(right, OneHot) or (isinstance(left, Dense) and _width(left) > _width(right)):
         swapped = Outer(right, left, torch.Size((_width(right), _width(left))))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from accountant.errors import InvalidInputError
 from agent.dpsgd.randomness import RandomSource, SecureRandom
 
 
@@ -15,7 +16,7 @@ def _noise_like(tensor: torch.Tensor, std: float, source: RandomSource) -> torch
 
 def _check_std(std: float) -> None:
     if not std >= 0:
-        raise ValueError(f"the noise standard deviation must be non-negative, got {std}")
+        raise InvalidInputError(f"the noise standard deviation must be non-negative, got {std}")
 
 
 def gaussian_noise_like(

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from accountant.errors import InvalidInputError
 from agent.dpsgd.ghost import Dense, Direct, OneHot, Outer, Use
 
 try:
@@ -59,7 +60,7 @@ def _conv1d(call: Call, grad_out: torch.Tensor, batch: int) -> dict[str, Use]:
 def _embedding(call: Call, grad_out: torch.Tensor, batch: int) -> dict[str, Use]:
     module = call.module
     if module.max_norm is not None or module.scale_grad_by_freq:
-        raise ValueError("embeddings with max_norm or scale_grad_by_freq have no per-example rule")
+        raise InvalidInputError("embeddings with max_norm or scale_grad_by_freq have no per-example rule")
     ids = call.args[0].reshape(batch, -1)
     e = _rows(grad_out, batch)
     if module.padding_idx is not None:  # the padding row receives no gradient

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from accountant.errors import InvalidInputError
 from agent.dpsgd.engine import PerExampleClipper, batch_size_of
 from agent.dpsgd.noise import add_gaussian_noise_
 from agent.dpsgd.randomness import RandomSource, SecureRandom
@@ -54,13 +55,13 @@ class DPSGDStep:
         noise_source: RandomSource | None = None,
     ):
         if not noise_multiplier >= 0:
-            raise ValueError(f"noise_multiplier must be non-negative, got {noise_multiplier}")
+            raise InvalidInputError(f"noise_multiplier must be non-negative, got {noise_multiplier}")
         if clip_norm != clipper.clip_norm:
-            raise ValueError(f"clip_norm {clip_norm} differs from the clipper's {clipper.clip_norm}")
+            raise InvalidInputError(f"clip_norm {clip_norm} differs from the clipper's {clipper.clip_norm}")
         if not expected_batch_size > 0:
-            raise ValueError(f"expected_batch_size must be positive, got {expected_batch_size}")
+            raise InvalidInputError(f"expected_batch_size must be positive, got {expected_batch_size}")
         if physical_batch_size < 1:
-            raise ValueError(f"physical_batch_size must be at least 1, got {physical_batch_size}")
+            raise InvalidInputError(f"physical_batch_size must be at least 1, got {physical_batch_size}")
         self.model = model
         self.clipper = clipper
         self.optimizer = optimizer

@@ -126,7 +126,7 @@ def global_accuracy(model_dir: Path, training: dict[str, Any], test_csv: Path, w
 
     from agent import models
     from agent.data import DataSpec, load_local_data
-    from agent.evaluation import evaluate_model
+    from agent.evaluation import accuracy_and_macro_f1, evaluate_model
     from coordinator.checkpoints import load_weights
 
     tokenizer = models.load_tokenizer(model_dir)
@@ -137,13 +137,33 @@ def global_accuracy(model_dir: Path, training: dict[str, Any], test_csv: Path, w
         pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     majority = float(np.bincount(data.train.labels).max() / len(data.train))
+    embedded = _embedded(model, data.train, tokenizer.pad_token_id) if training["mode"] == "head" else None
     rows = []
     for round, path in enumerate(weight_files):
         models.load_trainable_state(model, {name: torch.from_numpy(array) for name, array in load_weights(path).items()})
-        metrics = evaluate_model(model, data.train, tokenizer.pad_token_id, "classification", 64)
-        rows.append({"round": round, "accuracy": metrics["accuracy"], "macro_f1": metrics["f1"],
-                     "majority_baseline": majority, "num_examples": metrics["num_examples"]})
+        if embedded is None:
+            metrics = evaluate_model(model, data.train, tokenizer.pad_token_id, "classification", 64)
+            accuracy, f1 = metrics["accuracy"], metrics["f1"]
+        else:  # only the head changes between rounds: the sentences are embedded once
+            with torch.no_grad():
+                accuracy, f1 = accuracy_and_macro_f1(model(features=embedded).logits.argmax(-1), data.train.labels)
+        rows.append({"round": round, "accuracy": accuracy, "macro_f1": f1, "majority_baseline": majority,
+                     "num_examples": len(data.train)})
     return rows
+
+
+def _embedded(model, examples, pad_token_id: int):
+    """The pooled embeddings of ``examples`` (a pooled-embedding classifier), or None for other models."""
+    import torch
+
+    from agent.data import collate
+
+    if not hasattr(model, "embed"):
+        return None
+    model.eval()
+    with torch.no_grad():
+        batches = (collate(examples, range(i, min(i + 64, len(examples))), pad_token_id) for i in range(0, len(examples), 64))
+        return torch.cat([model.embed(**{k: v for k, v in batch.items() if k != "labels"}) for batch in batches])
 
 
 def _result(work: Path, status: dict[str, Any], credentials) -> dict[str, Any]:

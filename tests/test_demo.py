@@ -29,3 +29,28 @@ def test_global_accuracy_per_round_with_f1_and_the_majority_baseline(tiny_bert_d
     # the constant predictor: accuracy is the share of class 1, macro F1 is that of the constant classifier
     assert rows[1]["accuracy"] == pytest.approx(ones)
     assert rows[1]["macro_f1"] == pytest.approx((2 * ones / (1 + ones)) / 2)
+
+
+def test_head_mode_embeds_once_and_scores_like_the_full_forward(tiny_pooled_dir, mr_csv, tmp_path):
+    training = {"max_length": 24, "mode": "head"}
+    first = initial_weights(tiny_pooled_dir, tmp_path / "round-0.safetensors", training)
+    weights = load_weights(first)
+    weights["classifier.bias"] = np.array([0.0, 1e4], dtype=np.float32)  # a different head (always class 1)
+    second = save_weights(tmp_path / "round-1.safetensors", weights)
+    cached = global_accuracy(tiny_pooled_dir, training, mr_csv, [first, second])
+
+    import torch
+
+    from agent import models
+    from agent.data import DataSpec, load_local_data
+    from agent.evaluation import evaluate_model
+
+    tokenizer = models.load_tokenizer(tiny_pooled_dir)
+    data = load_local_data(DataSpec(path=str(mr_csv), max_length=24, eval_fraction=0.0), tokenizer)
+    model = models.load_model(tiny_pooled_dir, mode="head")
+    for by_cache, path in zip(cached, [first, second]):
+        models.load_trainable_state(model, {name: torch.from_numpy(a) for name, a in load_weights(path).items()})
+        by_forward = evaluate_model(model, data.train, tokenizer.pad_token_id, "classification", 64)
+        assert by_cache["accuracy"] == pytest.approx(by_forward["accuracy"])
+        assert by_cache["macro_f1"] == pytest.approx(by_forward["f1"])
+    assert cached[0]["accuracy"] != cached[1]["accuracy"] or cached[0]["macro_f1"] != cached[1]["macro_f1"]

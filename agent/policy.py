@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +122,6 @@ class HolderPolicy:
         granule = self.dataset_size_granularity
         return max(granule, dataset_size // granule * granule)
 
-    def genesis_policy(self) -> dict[str, Any]:
-        """What the holder's ledger records at genesis (budget_epsilon/budget_delta are read by the ledger)."""
-        return {name.name: _jsonable(getattr(self, name.name)) for name in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -299,7 +296,3 @@ def _integer(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
-
-
-def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value

@@ -15,7 +15,6 @@ also runs on failure and on Ctrl-C (``with LocalFederation(...) as federation``)
 from __future__ import annotations
 
 import csv
-import json
 import signal
 import socket
 import subprocess
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accountant.errors import EwtuneError, InvalidInputError
+from accountant.errors import EwtuneError
 
 
 @dataclass(frozen=True)
@@ -302,24 +301,17 @@ def _last_line(text: str) -> str:
 
 
 def _toml(document: dict[str, Any]) -> str:
-    """A TOML document of tables holding scalars, lists and inline tables (enough for these configs)."""
-    lines = []
-    for table, values in document.items():
-        lines.append(f"[{table}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None)
-        lines.append("")
-    return "\n".join(lines)
+    """The TOML text of ``document`` (tables of values; None values are left out, paths written as text)."""
+    import tomli_w
+
+    return tomli_w.dumps({table: {key: _plain(value) for key, value in values.items() if value is not None} for table, values in document.items()})
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+        return [_plain(item) for item in value]
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + "}"
-    if isinstance(value, (str, Path)):
-        return json.dumps(str(value))
-    raise InvalidInputError(f"cannot write {type(value).__name__} to TOML")
+        return {key: _plain(item) for key, item in value.items()}
+    return value

@@ -156,17 +156,24 @@ def test_heterogeneous_composition_is_the_sum_of_cumulants():
             assert getattr(total, side).kappa == pytest.approx(expected, rel=1e-12)
 
 
-@settings(max_examples=15, deadline=None)
-@given(
-    q=st.floats(1e-3, 0.5),
-    sigma=st.floats(0.6, 5.0),
-    parts=st.lists(st.integers(1, 400), min_size=1, max_size=4),
-    order=st.sampled_from([1, 2, 3]),
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        (PoissonGaussianEvent(0.01, 1.0, 500), PoissonGaussianEvent(0.05, 2.0, 200)),
+        (PoissonGaussianEvent(0.002, 0.8, 3000), PoissonGaussianEvent(0.1, 3.0, 50)),
+        (PoissonGaussianEvent(0.05, 1.0, 1000), PoissonGaussianEvent(0.02, 0.8, 2000)),
+    ],
 )
-def test_composing_identical_events_equals_self_composition(q, sigma, parts, order):
-    split = compose(*(PoissonGaussianEvent(q, sigma, n) for n in parts))
-    whole = PoissonGaussianEvent(q, sigma, sum(parts))
-    assert edgeworth_epsilon(split, 1e-5, order) == pytest.approx(edgeworth_epsilon(whole, 1e-5, order), rel=1e-9)
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_a_heterogeneous_composition_is_estimated_near_its_certified_epsilon(first, second, order):
+    """The estimate of two different mechanisms composed (the cumulants of both, summed) stays within 6% of
+    the certified epsilon of the same composition (measured: 1.8% to 4.4% above it); leaving out or
+    double-counting either mechanism moves it far outside."""
+    from accountant.certified import certified_epsilon
+
+    estimate = edgeworth_epsilon(compose(first, second), 1e-5, order)
+    assert estimate == pytest.approx(certified_epsilon(compose(first, second), 1e-5), rel=0.06)
+    assert estimate == edgeworth_epsilon(compose(second, first), 1e-5, order)
 
 
 @settings(max_examples=15, deadline=None)

@@ -128,7 +128,13 @@ class Federation:
         )
         nodes = self._wait_for_nodes()
         descriptions = self._query(nodes)
-        plan = plan_federation(config.settings, descriptions)
+        missing = self._registered_but_silent(descriptions)
+        try:
+            plan = plan_federation(config.settings, descriptions)
+        except InvalidInputError as failure:
+            if not missing:
+                raise
+            raise InvalidInputError(f"{failure}; registered holders that did not answer: {', '.join(missing)}") from None
         self._record_plan(plan)
         self.ledger = self._open_ledger()
         self._register(plan)
@@ -179,6 +185,16 @@ class Federation:
                 continue
             descriptions.append(description)
         return descriptions
+
+    def _registered_but_silent(self, descriptions: list[HolderDescription]) -> list[str]:
+        """The registered holders that no connected node described: named, so an operator knows whom to call."""
+        answered = {description.holder_id for description in descriptions}
+        missing = sorted(card.holder_id for card in self.registry.holders if card.holder_id not in answered)
+        for holder_id in missing:
+            reason = f"registered, but no node of {holder_id} connected and described itself in time"
+            self.status["skipped"].setdefault(holder_id, reason)
+            _log(f"holder {holder_id} left out: {reason}")
+        return missing
 
     def _record_plan(self, plan: FederationPlan) -> None:
         settings = plan.settings

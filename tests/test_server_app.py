@@ -117,9 +117,10 @@ class FakeGrid:
         return [self.replies.pop(message_id) for message_id in list(message_ids) if message_id in self.replies]
 
 
-def _federation(directory, nodes):
+def _federation(directory, nodes, absent=()):
+    """A federation over ``nodes``; the ``absent`` ones are registered but never connect."""
     registry = new_registry(directory / "supernodes.json", ("127.0.0.1",))
-    for node in nodes:
+    for node in (*nodes, *absent):
         if node.registered and node.holder_id not in {h.holder_id for h in registry.holders}:
             registry = registry.with_holder(node.card())
     registry.save()
@@ -297,3 +298,14 @@ def test_a_configured_update_norm_bound_is_applied(tmp_path, monkeypatch):
     assert status["plan"]["max_update_norm"] == 1.0
     assert status["holders"]["small"]["rounds_committed"] == 2
     assert "more than the bound 1" in status["holders"]["large"]["reason"]
+
+
+def test_a_registered_holder_whose_node_never_connects_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    _directory(tmp_path, expected=2)
+    federation = _federation(tmp_path, [Node(1, "present")], absent=[Node(2, "absent")])
+    federation.run()
+    assert "no node of absent connected" in federation.status["skipped"]["absent"]
+    assert federation.status["holders"]["present"]["rounds_committed"] == 2

@@ -166,6 +166,17 @@ def print_progress(status: dict[str, Any]) -> None:
         print(f"  {status.get('state')}", flush=True)
 
 
+def _evaluation(round: str, holder: dict[str, Any]) -> str:
+    """``round:accuracy/f1 (majority)`` from a holder's private evaluation of that round's global model."""
+    metrics = holder.get("evaluation", {}).get(round, {})
+    text = f"{int(round)}:{holder['accuracy'][round]:.3f}"
+    if "f1" in metrics:
+        text += f"/{metrics['f1']:.3f}"
+    if "majority_baseline" in metrics:
+        text += f" ({metrics['majority_baseline']:.3f})"
+    return text
+
+
 def status_table(status: dict[str, Any]) -> str:
     """The per-holder table: certified epsilon (the guarantee), the Edgeworth estimate, RDP, rounds, accuracy."""
     lines = [
@@ -173,11 +184,12 @@ def status_table(status: dict[str, Any]) -> str:
         + (f" ({status['reason']})" if status.get("reason") else "")
         + f", {status.get('rounds_completed', 0)}/{status.get('rounds_planned')} rounds",
         "",
-        "| holder | budget eps | certified eps | Edgeworth (estimate) | RDP eps | sigma | rounds | accuracy per round (0 = initial) |",
+        "| holder | budget eps | lifetime certified eps | Edgeworth (estimate) | RDP eps | sigma | rounds | "
+        "private evaluation per round (0 = initial): accuracy / macro F1 (majority-class baseline), noised by the holder |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for holder_id, holder in sorted(status.get("holders", {}).items()):
-        accuracy = " ".join(f"{int(r)}:{a:.3f}" for r, a in sorted(holder.get("accuracy", {}).items(), key=lambda item: int(item[0])))
+        accuracy = " ".join(_evaluation(r, holder) for r in sorted(holder.get("accuracy", {}), key=int))
         lines.append(
             f"| {holder_id} | {_fmt(holder.get('budget_epsilon'))} | {_fmt(holder.get('epsilon_certified'))} | "
             f"{_fmt(holder.get('epsilon_edgeworth_estimate'))} | {_fmt(holder.get('epsilon_rdp'))} | {_fmt(holder.get('noise_multiplier'))} | "

@@ -75,13 +75,15 @@ def test_status_prints_the_holder_table(tmp_path, capsys):
     status = {
         "run_id": "t-1", "state": "finished", "reason": None, "rounds_completed": 2, "rounds_planned": 2,
         "holders": {"a": {"budget_epsilon": 8.0, "epsilon_certified": 7.9, "epsilon_edgeworth_estimate": 6.1, "epsilon_rdp": 9.5,
-                          "noise_multiplier": 0.7, "rounds_committed": 2, "accuracy": {"0": 0.5, "1": 0.61, "2": 0.7}}},
+                          "noise_multiplier": 0.7, "rounds_committed": 2, "accuracy": {"0": 0.5, "1": 0.61, "2": 0.7},
+                          "evaluation": {"2": {"accuracy": 0.7, "f1": 0.66, "majority_baseline": 0.58}}}},
         "skipped": {"b": "its budget is spent"},
     }
     (tmp_path / "out" / "status.json").write_text(json.dumps(status))
     assert main(["coordinator", "status", "--config", str(tmp_path / "federation.toml")]) == 0
     out = capsys.readouterr().out
-    assert "| a | 8.000 | 7.900 | 6.100 | 9.500 | 0.700 | 2 | 0:0.500 1:0.610 2:0.700 |" in out
+    assert "| a | 8.000 | 7.900 | 6.100 | 9.500 | 0.700 | 2 | 0:0.500 1:0.610 2:0.700/0.660 (0.580) |" in out
+    assert "lifetime certified eps" in out and "majority-class baseline" in out
     assert "skipped: its budget is spent" in out
 
 

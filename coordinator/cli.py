@@ -118,9 +118,12 @@ def _status(args: argparse.Namespace) -> int:
     path = config.output_dir / "status.json"
     if not path.is_file():
         raise InvalidInputError(f"no run has written {path} yet")
-    status = json.loads(path.read_text())
+    try:
+        status = json.loads(path.read_text())
+    except ValueError as bad:
+        raise InvalidInputError(f"{path} is not valid JSON: {bad}") from None
     print(json.dumps(status, indent=2) if args.json else status_table(status))
-    return 0
+    return 1 if status.get("state") == "failed" else 0  # scripts can tell a failed run from one that ran
 
 
 def follow_run(process: subprocess.Popen, status_path: Path, on_status: Callable[[dict], None] | None, timeout: float) -> dict[str, Any]:

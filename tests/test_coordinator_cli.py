@@ -85,6 +85,9 @@ def test_status_prints_the_holder_table(tmp_path, capsys):
     assert "| a | 8.000 | 7.900 | 6.100 | 9.500 | 0.700 | 2 | 0:0.500 1:0.610 2:0.700/0.660 (0.580) |" in out
     assert "lifetime certified eps" in out and "majority-class baseline" in out
     assert "skipped: its budget is spent" in out
+    (tmp_path / "out" / "status.json").write_text(json.dumps(dict(status, state="failed", reason="no holder answered")))
+    assert main(["coordinator", "status", "--config", str(tmp_path / "federation.toml")]) == 1
+    assert "failed (no holder answered)" in capsys.readouterr().out
 
 
 def test_bad_input_is_a_one_line_error(tmp_path, capsys):

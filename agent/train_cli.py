@@ -104,7 +104,8 @@ def register(commands) -> None:
 
 def run(args) -> int:
     _check_arguments(args)
-    recipe = _recipe(args)  # bad recipe settings are reported before torch loads
+    recipe = _recipe(args)  # bad settings and paths are reported before torch loads
+    _check_paths(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -200,6 +201,21 @@ def _close(ledger, reservation: int, executed, extra: dict) -> None:
         ledger.abort(reservation, f"no step of the {extra['phase']} phase ran: nothing was released")
     else:
         ledger.commit(reservation, executed, extra=extra)
+
+
+def _check_paths(args) -> None:
+    if args.model not in PACKAGED_MODELS:
+        model = Path(args.model)
+        if not model.is_dir():
+            raise InvalidInputError(f"--model {model}: no such model directory")
+        if not (model / "config.json").is_file():
+            raise InvalidInputError(f"--model {model} is not a Hugging Face model directory (no config.json)")
+    if args.data not in PACKAGED_DATA:
+        data = Path(args.data)
+        if data.is_dir():
+            raise InvalidInputError(f"--data {data} is a directory, not a data file (CSV, JSON Lines or Parquet)")
+        if not data.is_file():
+            raise InvalidInputError(f"--data {data}: no such file")
 
 
 def _recipe(args):

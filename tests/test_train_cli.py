@@ -89,7 +89,9 @@ def test_head_run_saves_the_whole_model_with_only_the_head_changed(tiny_bert_dir
 @pytest.mark.parametrize(
     "change, message",
     [
-        (("--model", "/nonexistent/model"), "does not exist"),
+        (("--model", "/nonexistent/model"), "no such model directory"),
+        (("--data", "/"), "is a directory, not a data file"),
+        (("--data", "/nonexistent.csv"), "no such file"),
         (("--label-column", "sentiment"), "no column 'sentiment'"),
         (("--probe-batch", "500"), "exceeds the 72 training records"),
         (("--probe-share", "1.5"), "--probe-share must be in (0, 1)"),

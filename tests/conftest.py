@@ -10,6 +10,18 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+pytest_plugins = ("pytester",)  # tests/test_suite_rules.py runs inner pytest sessions
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test skipped because something failed to import is a failure: a missing install step must not pass
+    as a skipped test in CI."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and "could not import" in str(report.longrepr):
+        report.outcome = "failed"
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 VOCAB_SIZE = 30522  # the MiniLM (bert-base-uncased) WordPiece vocabulary
 

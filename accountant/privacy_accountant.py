@@ -38,6 +38,15 @@ def check_epsilon(epsilon: Any) -> float:
     return float(epsilon)
 
 
+def delta_too_large(delta: float, records: int) -> str | None:
+    """Why ``delta`` is meaningless for a guarantee over ``records`` records, or None: (epsilon, delta)-DP with
+    delta >= 1/N permits publishing a record outright (each with probability delta). Callers raise their own
+    error type with this reason."""
+    if delta >= 1.0 / records:
+        return f"delta {delta:g} is not below 1/N = 1/{records}: a guarantee with delta >= 1/N permits publishing a record outright"
+    return None
+
+
 class PrivacyAccountant(abc.ABC):
     """Composes events; answers epsilon(delta) and delta(epsilon) for their composition."""
 

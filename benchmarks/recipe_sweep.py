@@ -40,7 +40,8 @@ def main() -> int:
 
     from accountant.phases import Phase, calibrate_phases
     from accountant.sampling import executable_sampling_rate
-    from agent.evaluation import metrics_from_confusion
+    from agent.evaluation import majority_baseline, metrics_from_confusion
+    from agent.heads import embed_examples
     from agent.train_cli import resolve_data, resolve_model
     from agent.training import LocalTrainer, StepPlan, TrainingConfig
 
@@ -50,9 +51,9 @@ def main() -> int:
                             max_length=args.max_length, insecure_seeded_randomness=True)
     trainer = LocalTrainer(config)
     size, labels = trainer.dataset_size, torch.tensor(trainer.data.eval.labels)
-    eval_features = _embeddings(trainer, trainer.data.eval)
+    eval_features = embed_examples(trainer.model, trainer.data.eval, trainer.pad_token_id)
     initial = trainer.trainable_state()
-    majority = float(torch.bincount(labels).max()) / len(labels)
+    majority = majority_baseline(labels)
     rows = []
     for rate_lr, batch, epochs, epsilon in itertools.product(LEARNING_RATES, BATCHES, EPOCHS, EPSILONS):
         rate = executable_sampling_rate(batch / size)
@@ -91,21 +92,6 @@ def main() -> int:
     output.with_suffix(".md").write_text(_markdown(document))
     print(_markdown(document))
     return 0
-
-
-def _embeddings(trainer, examples):
-    import torch
-
-    from agent.data import collate
-
-    base = trainer.model
-    base.eval()
-    with torch.no_grad():
-        chunks = [
-            base.embed(**{k: v for k, v in collate(examples, range(i, min(i + 64, len(examples))), trainer.pad_token_id).items() if k != "labels"})
-            for i in range(0, len(examples), 64)
-        ]
-    return torch.cat(chunks)
 
 
 def _markdown(document) -> str:

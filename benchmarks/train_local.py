@@ -22,6 +22,7 @@ from agent import train_cli
 
 def non_private_run(args) -> dict:
     from agent.dpsgd.randomness import InsecureSeededRandom
+    from agent.evaluation import majority_baseline
     from agent.sampler import PoissonSampler
     from agent.training import LocalTrainer, _only_head_trainable, make_optimizer
 
@@ -41,7 +42,7 @@ def non_private_run(args) -> dict:
         phases.append({"phase": phase.name, "steps": phase.steps, "sampling_rate": phase.sampling_rate, "noise_multiplier": 0.0,
                        "learning_rate": recipe.learning_rate(phase.name), "train_loss": loss})
     evaluation = trainer.evaluate()
-    evaluation["majority_baseline"] = train_cli._majority(trainer.data.eval.labels)
+    evaluation["majority_baseline"] = majority_baseline(trainer.data.eval.labels)
     return {
         "mode": args.mode,
         "training_examples": size,

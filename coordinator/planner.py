@@ -22,6 +22,7 @@ from typing import Any
 
 from accountant.errors import InvalidInputError
 from accountant.events import PoissonGaussianEvent
+from accountant.privacy_accountant import delta_too_large
 
 DESCRIPTION_FIELDS = ("holder_id", "dataset_size", "budget_epsilon", "budget_delta", "spent_epsilon_certified", "public_key")
 
@@ -186,8 +187,9 @@ def _plan_holder(settings: FederationSettings, holder: HolderDescription) -> Hol
     if epsilon <= 0:
         return SkippedHolder(holder, f"its budget is spent ({holder.spent_epsilon_certified:.4g} of {holder.budget_epsilon:g})")
     delta = min(settings.delta, holder.budget_delta)
-    if delta >= 1.0 / holder.dataset_size:
-        return SkippedHolder(holder, f"delta {delta:g} is not below 1/N = 1/{holder.dataset_size}")
+    too_large = delta_too_large(delta, holder.dataset_size)
+    if too_large:
+        return SkippedHolder(holder, too_large)
     sampling_rate = executable_sampling_rate(min(1.0, settings.expected_batch_size / holder.dataset_size))
     if sampling_rate * holder.dataset_size < holder.min_expected_batch:
         return SkippedHolder(

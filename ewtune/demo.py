@@ -126,7 +126,8 @@ def global_accuracy(model_dir: Path, training: dict[str, Any], test_csv: Path, w
 
     from agent import models
     from agent.data import DataSpec, load_local_data
-    from agent.evaluation import accuracy_and_macro_f1, evaluate_model
+    from agent.evaluation import accuracy_and_macro_f1, evaluate_model, majority_baseline
+    from agent.heads import embed_examples
     from coordinator.checkpoints import load_weights
 
     tokenizer = models.load_tokenizer(model_dir)
@@ -136,8 +137,8 @@ def global_accuracy(model_dir: Path, training: dict[str, Any], test_csv: Path, w
         lora_alpha=training.get("lora_alpha", 16.0), lora_target_modules=training.get("lora_target_modules"),
         pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    majority = float(np.bincount(data.train.labels).max() / len(data.train))
-    embedded = _embedded(model, data.train, tokenizer.pad_token_id) if training["mode"] == "head" else None
+    majority = majority_baseline(data.train.labels)
+    embedded = embed_examples(model, data.train, tokenizer.pad_token_id) if training["mode"] == "head" and hasattr(model, "embed") else None
     rows = []
     for round, path in enumerate(weight_files):
         models.load_trainable_state(model, {name: torch.from_numpy(array) for name, array in load_weights(path).items()})
@@ -150,20 +151,6 @@ def global_accuracy(model_dir: Path, training: dict[str, Any], test_csv: Path, w
         rows.append({"round": round, "accuracy": accuracy, "macro_f1": f1, "majority_baseline": majority,
                      "num_examples": len(data.train)})
     return rows
-
-
-def _embedded(model, examples, pad_token_id: int):
-    """The pooled embeddings of ``examples`` (a pooled-embedding classifier), or None for other models."""
-    import torch
-
-    from agent.data import collate
-
-    if not hasattr(model, "embed"):
-        return None
-    model.eval()
-    with torch.no_grad():
-        batches = (collate(examples, range(i, min(i + 64, len(examples))), pad_token_id) for i in range(0, len(examples), 64))
-        return torch.cat([model.embed(**{k: v for k, v in batch.items() if k != "labels"}) for batch in batches])
 
 
 def _result(work: Path, status: dict[str, Any], credentials) -> dict[str, Any]:

@@ -179,7 +179,7 @@ def _central(features, labels, recipe, privacy) -> tuple[_Head, float | None, fl
     from accountant.calibration import calibrate_noise_multiplier
     from accountant.sampling import executable_sampling_rate
 
-    rate = executable_sampling_rate(recipe.probe_expected_batch / len(labels))
+    rate = executable_sampling_rate(min(1.0, recipe.probe_expected_batch / len(labels)))
     steps = max(1, round(recipe.probe_epochs / rate))
     head = _Head(features.shape[1], int(labels.max()) + 1)
     if privacy is None:

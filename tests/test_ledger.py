@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import stat
 import threading
 from pathlib import Path
@@ -158,32 +157,6 @@ def test_entries_are_chained_signed_and_monotone(tmp_path):
     assert genesis["accountant"] == json.loads(canonical_json(dict(CERTIFIED_ACCOUNTANT)))
     assert genesis["policy"] == BUDGET and genesis["writer"] == WRITER
     assert entries[2]["payload"]["receipt_sha256"] == DIGEST
-
-
-def test_append_fsyncs_before_returning_and_create_fsyncs_the_directory(tmp_path, key, monkeypatch):
-    synced = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd):
-        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    path = tmp_path / "ledger.jsonl"
-    anchors = tmp_path / "anchors"
-    anchors.mkdir()
-    head = anchors / "ledger.head"
-
-    def is_head_temporary(name):
-        return Path(name).parent == anchors and Path(name).name.startswith(".ledger.head.tmp-")
-
-    with Ledger.create(path, key, WRITER, BUDGET, head_path=head) as ledger:
-        # the line, the ledger's directory entry, then (only then) the head: temporary file, its directory
-        assert synced[:2] == [str(path), str(tmp_path)] and len(synced) == 4
-        assert is_head_temporary(synced[2]) and synced[3] == str(anchors)
-        ledger.reserve(WRITER, "run", 0, ROUND)
-        assert synced[4] == str(path) and is_head_temporary(synced[5]) and synced[6:] == [str(anchors)]
-    assert sorted(p.name for p in anchors.iterdir()) == ["ledger.head"]  # no temporary file left behind
 
 
 def test_create_refuses_an_existing_ledger_and_open_refuses_another_key(tmp_path, key):

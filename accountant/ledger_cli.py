@@ -1,4 +1,5 @@
-"""``ewtune ledger verify|show|anchor|crosscheck``: audit a privacy ledger offline, anchor a moved one.
+"""``ewtune ledger verify|show|anchor|crosscheck|report``: audit a privacy ledger offline, anchor a moved one,
+draw an auditor's HTML report.
 
 Imports only argparse until a command runs."""
 
@@ -64,6 +65,25 @@ def register(subparsers) -> None:
     crosscheck.add_argument("--public-key", metavar="KEY_OR_FILE", help="pin the coordinator's ledger key")
     crosscheck.add_argument("--json", action="store_true", help="print one JSON object")
     crosscheck.set_defaults(func=_crosscheck)
+
+
+    report = actions.add_parser(
+        "report",
+        help="an HTML report with PNG plots, readable offline: epsilon per round, budgets, every entry, receipts",
+        description="Verify each ledger and write DIR/report.html (self-contained: plots embedded, no script or "
+        "file from elsewhere) and the plots as PNG files: per holder, epsilon against rounds under every "
+        "accountant (the certified epsilon, the guarantee, solid; the Edgeworth estimates and RDP beside it) "
+        "with the budget as a line; budget spent and left; accuracy against rounds (with --accuracy); every "
+        "entry; the verification of each ledger and, given a coordinator's ledger with holders' ledgers, the "
+        "cross-check of its commits and receipt hashes. Figures of a ledger that fails are withheld. Exit 0 "
+        "when everything verifies, 1 otherwise (the report is written either way), 2 on unreadable input.",
+    )
+    report.add_argument("ledgers", nargs="+", metavar="LEDGER", help="ledgers (JSON Lines): a coordinator's, holders'")
+    report.add_argument("--out", required=True, metavar="DIR", help="directory for report.html and the PNG plots")
+    report.add_argument("--accuracy", metavar="JSON",
+                        help="accuracy by round: the demo's --json result or a coordinator's status.json")
+    report.add_argument("--json", action="store_true", help="print the report's figures as one JSON object")
+    report.set_defaults(func=_write_report)
 
 
 def _add_verification_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,6 +189,27 @@ def _crosscheck(args: argparse.Namespace) -> int:
     for missing in check.not_aggregated:
         print(f"  spent by a holder but not aggregated: {missing}")
     return 0 if result.ok else 1
+
+
+def _write_report(args: argparse.Namespace) -> int:
+    import json
+
+    from accountant.audit_report import build_report
+    from accountant.report_html import write_report
+
+    report = build_report(args.ledgers, args.accuracy)
+    page = write_report(report, args.out)
+    if args.json:
+        print(json.dumps({**report.to_json(), "html": str(page)}, indent=2, sort_keys=True))
+    else:
+        for verification in report.ledgers:
+            print(verification.summary())
+        receipts = report.receipts
+        print("receipts: " + (f"{receipts['matched']} coordinator commit(s) matched, "
+                              + ("OK" if receipts["ok"] else "FAILED") if receipts["checked"]
+                              else f"not cross-checked ({receipts['why']})"))
+        print(f"report: {page}")
+    return 0 if report.ok else 1
 
 
 def _show_lines(report) -> list[str]:

@@ -1,0 +1,109 @@
+"""``ewtune ledger report``: the auditor's HTML page and PNG plots, built from verified ledgers only."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import struct
+
+import pytest
+
+from accountant.audit_report import build_report
+from accountant.certified import certified_epsilon
+from accountant.events import ComposedEvent, PoissonGaussianEvent
+from accountant.ledger import Ledger
+from accountant.signing import SigningKey
+from ewtune.cli import main
+
+RUN = "run-1"
+BUDGET = {"budget_epsilon": 8.0, "budget_delta": 1e-5}
+EVENTS = (PoissonGaussianEvent(0.02, 1.0, 60), PoissonGaussianEvent(0.02, 1.0, 40), PoissonGaussianEvent(0.02, 1.3, 50))
+HOLDERS = ("bank", "clinic")
+
+
+def receipt(holder: str, round_: int) -> str:
+    return format(hash((holder, round_)) & (2**256 - 1), "064x")
+
+
+@pytest.fixture(scope="module")
+def ledgers(tmp_path_factory):
+    """A coordinator's ledger and two holders' own, each holder committing three rounds (the third with
+    another sigma), and a demo result with the global model's accuracy by round."""
+    directory = tmp_path_factory.mktemp("report")
+    coordinator_path = directory / "coordinator.jsonl"
+    paths = [coordinator_path]
+    with Ledger.create(coordinator_path, SigningKey.generate(), "coordinator", BUDGET) as coordinator:
+        for holder in HOLDERS:
+            key = SigningKey.generate()
+            coordinator.register_holder(holder, key.public_key_text, 8.0, 1e-5)
+            paths.append(directory / f"{holder}.jsonl")
+            with Ledger.create(paths[-1], key, holder, BUDGET) as own:
+                for round_, event in enumerate(EVENTS):
+                    own.commit(own.reserve(holder, RUN, round_, event), event, extra={"receipt_sha256": receipt(holder, round_)})
+                    seq = coordinator.reserve(holder, RUN, round_, event)
+                    coordinator.commit(seq, event, extra={"receipt_sha256": receipt(holder, round_)})
+    accuracy = directory / "demo.json"
+    accuracy.write_text(json.dumps({"accuracy_by_round": [
+        {"round": r, "accuracy": a, "macro_f1": a, "majority_baseline": 0.55, "num_examples": 100}
+        for r, a in enumerate((0.5, 0.7, 0.74, 0.76))]}))  # fmt: skip
+    return paths, accuracy
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_curves_compose_the_committed_events_round_by_round(ledgers):
+    paths, _ = ledgers
+    report = build_report(paths[1:2])
+    (curve,) = report.curves
+    assert curve.holder_id == "bank" and curve.labels == [f"{RUN}:{r}" for r in range(3)]
+    for count, value in enumerate(curve.epsilons["certified"], start=1):
+        assert value == pytest.approx(certified_epsilon(ComposedEvent(EVENTS[:count]), 1e-5), rel=1e-12)
+    assert curve.epsilons["certified"] == sorted(curve.epsilons["certified"])  # spend only grows
+    assert curve.epsilons["rdp"][-1] > curve.epsilons["certified"][-1]  # RDP is the looser bound
+    assert curve.epsilon_certified == curve.epsilons["certified"][-1]
+    assert curve.budget_left_epsilon == pytest.approx(8.0 - curve.epsilon_certified)
+
+
+def test_the_report_page_embeds_every_plot_and_names_the_verification(ledgers, tmp_path, capsys):
+    paths, accuracy = ledgers
+    code = main(["ledger", "report", *map(str, paths), "--out", str(tmp_path), "--accuracy", str(accuracy)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "receipts: 6 coordinator commit(s) matched, OK" in out
+    page = (tmp_path / "report.html").read_text()
+    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    # each holder twice: in the coordinator's ledger and in its own
+    assert pngs == ["accuracy.png", "budget.png", "epsilon-1-bank.png", "epsilon-2-clinic.png", "epsilon-3-bank.png",
+                    "epsilon-4-clinic.png"]
+    assert len(uris) == len(pngs)
+    assert sorted(png_size(base64.b64decode(uri)) for uri in uris) == [(900, 400)] * 6
+    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing loaded from elsewhere: readable offline
+    assert page.count("<span class=ok>verified</span>") == 1 + 3 + 1  # overall, three ledgers, receipts
+    for holder in HOLDERS:
+        assert f"{RUN}" in page and f"<td>{holder}</td>" in page
+
+
+def test_a_ledger_that_fails_is_reported_and_its_figures_withheld(ledgers, tmp_path, capsys):
+    paths, _ = ledgers
+    broken = tmp_path / "bank.jsonl"
+    lines = paths[1].read_bytes().split(b"\n")
+    broken.write_bytes(b"\n".join(lines[:2] + [lines[2].replace(b'"steps":60', b'"steps":6')] + lines[3:]))
+    code = main(["ledger", "report", str(broken), str(paths[2]), "--out", str(tmp_path / "out"), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 1 and not result["ok"]
+    assert [h["holder"] for h in result["holders"]] == ["clinic"]
+    assert list(result["entries"]) == [str(paths[2])]
+    assert "FAILED" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_bad_accuracy_input_is_a_one_line_error(ledgers, tmp_path, capsys):
+    paths, _ = ledgers
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    assert main(["ledger", "report", str(paths[1]), "--out", str(tmp_path), "--accuracy", str(bad)]) == 2
+    assert "holds neither a demo result nor a coordinator status" in capsys.readouterr().err

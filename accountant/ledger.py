@@ -129,7 +129,7 @@ def parse_line(line: bytes) -> dict[str, Any]:
     """One line as an entry object; it must be exactly the canonical JSON of what it parses to."""
     try:
         entry = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
         raise InvalidInputError("the line is not valid JSON") from None
     if not isinstance(entry, dict):
         raise InvalidInputError("the line is not a JSON object")
@@ -168,7 +168,7 @@ class Head:
     def parse(cls, text: str) -> "Head":
         """``SEQ:HASH`` (as printed by ``str(head)``), e.g. from a head file or the coordinator's records."""
         seq_text, _, digest = str(text).partition(":")
-        if not seq_text.isdigit() or not _SHA256_HEX.fullmatch(digest):
+        if not (seq_text.isascii() and seq_text.isdigit()) or not _SHA256_HEX.fullmatch(digest):  # int() refuses "²"
             raise InvalidInputError(
                 f"a head is SEQ:HASH (an entry number and 64 lower-case hex digits), got {text!r}"
             )
@@ -214,7 +214,7 @@ def parse_head(data: bytes, public_key_text: str, source: str | os.PathLike = "t
     genesis key, or the key an auditor pinned). Raises ``InvalidInputError`` naming what is wrong."""
     try:
         document = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise InvalidInputError(f"head file {source} is not valid JSON") from None
     if not isinstance(document, dict) or document.get("type") != HEAD_TYPE:
         raise InvalidInputError(f"head file {source} is not a ledger head")

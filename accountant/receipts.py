@@ -120,7 +120,7 @@ def verify_receipt(document: Any, public_key_text: str) -> Receipt:
     if isinstance(document, (str, bytes)):
         try:
             document = json.loads(document)
-        except ValueError as bad:
+        except (ValueError, RecursionError) as bad:  # RecursionError: nesting deeper than the parser goes
             raise InvalidInputError(f"receipt document is not valid JSON: {bad}") from None
     if not isinstance(document, dict) or set(document) != {"receipt", "signature"}:
         raise InvalidInputError("a signed receipt must be an object with exactly the keys 'receipt' and 'signature'")

@@ -16,9 +16,11 @@ def read_toml(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     """The parsed document and the resolved path of the file (its directory anchors relative paths)."""
     path = Path(path).expanduser().resolve()
     try:
-        return tomllib.loads(path.read_text()), path
+        return tomllib.loads(path.read_text(encoding="utf-8")), path
     except OSError as error:
         raise InvalidInputError(f"cannot read {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as bad:
+        raise InvalidInputError(f"{path} is not UTF-8 text (byte {bad.start}): not a TOML file") from None
     except tomllib.TOMLDecodeError as bad:
         raise InvalidInputError(f"{path} is not valid TOML: {bad}") from None
 

@@ -79,7 +79,7 @@ def decode(message: bytes) -> tuple[dict[str, Any], Arrays | None]:
     (length,) = _HEADER_LENGTH.unpack_from(message, len(MAGIC))
     try:
         header = json.loads(message[start : start + length].decode("utf-8"))
-    except ValueError as bad:
+    except (ValueError, RecursionError) as bad:  # RecursionError: nesting deeper than the parser goes
         raise InvalidInputError(f"agent message header is not JSON: {bad}") from None
     if not isinstance(header, dict):
         raise InvalidInputError("agent message header must be a JSON object")

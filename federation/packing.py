@@ -52,7 +52,7 @@ def unpack(buffer: np.ndarray, layout_json: str) -> dict[str, np.ndarray]:
     not a list of non-negative integers, a repeated name, or a buffer whose size disagrees is refused."""
     try:
         layout = json.loads(layout_json)
-    except ValueError as bad:
+    except (ValueError, RecursionError) as bad:  # RecursionError: nesting deeper than the parser goes
         raise InvalidInputError(f"malformed array layout: {bad}") from None
     if not isinstance(layout, list):
         raise InvalidInputError("malformed array layout: not a list of [name, dtype, shape]")

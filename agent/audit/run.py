@@ -1,0 +1,276 @@
+"""``run_audit``: one DP-SGD run of the real engine with Dirac canaries, and its one-run lower bound on epsilon.
+
+Each holder (one for a local audit) trains a linear classifier on its own synthetic records (a linear head over
+cached features: the canaries' mechanism is the engine's, so a small model suffices and the audit takes seconds
+on a CPU) with the agent's components, put together as :mod:`agent.training` puts them: the Poisson sampler over
+N + (included canaries) records, the per-example clipper, ``DPSGDStep`` (noise from the OS's secure source unless
+a test seeds it, division by q N) and the trainer's step loop. Each holder's canaries own disjoint coordinates
+of the audit block (:mod:`agent.audit.canaries`), each included with probability 1/2.
+
+A release is a holder's update after ``local_steps`` steps (a federated round; 1: every step, the white-box
+view of a local run): the change of the holder's own audit coordinates, divided by -lr C / (q N) (SGD without
+momentum, so a step moves a coordinate by exactly -lr times the engine's privatized gradient), is what the
+coordinator sees of each canary, the sum of the round's x = B + sigma z. The scores use only those and the
+claimed q and sigma (:mod:`accountant.canary_scores`); the bound is Steinke et al.'s
+(:mod:`accountant.one_run_audit`), per holder and pooled over all canaries (each canary belongs to one holder,
+so the whole federation is (epsilon, delta)-DP with respect to each). After the rounds the holders' states are
+averaged, weighted by their record counts (FedAvg), into the next round's start.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from accountant.canary_scores import likelihood_ratio_scores
+from accountant.certified import certified_epsilon
+from accountant.edgeworth import edgeworth_epsilon
+from accountant.errors import InvalidInputError
+from accountant.events import PoissonGaussianEvent
+from accountant.sampling import executable_sampling_rate
+from accountant.one_run_audit import DEFAULT_CONFIDENCE, OneRunBound, one_run_bound
+from agent import models
+from agent.audit import checks
+from agent.audit.canaries import AuditedModel, CanaryCollator, audited_loss
+from agent.dpsgd.engine import PerExampleClipper
+from agent.dpsgd.losses import classification_loss
+from agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
+from agent.dpsgd.step import DPSGDStep
+from agent.sampler import PoissonSampler
+from agent.training import _Progress, _run_steps
+
+SENSITIVITY_BATCH = 24  # real records in the leave-one-out check, plus up to 8 canaries
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The claimed mechanism (q, steps, sigma, C, delta) and the audit's design."""
+
+    canaries: int = 1000
+    sampling_rate: float = 0.1
+    steps: int = 50  # per holder
+    noise_multiplier: float = 2.0
+    clip_norm: float = 1.0
+    delta: float = 1e-5
+    raw_norm: float = 10.0  # a canary's gradient norm, in units of C: above 1, so clipping is exercised
+    records: int = 1000  # synthetic records per holder
+    features: int = 20
+    learning_rate: float = 0.5
+    holders: int = 1
+    local_steps: int = 1  # steps per release (a federated round)
+    confidence: float = DEFAULT_CONFIDENCE
+    seed: int | None = None  # None: the OS's secure source; an integer: seeded, predictable (tests only)
+
+    def __post_init__(self) -> None:
+        for name in ("canaries", "steps", "records", "features", "holders", "local_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"{name.replace('_', ' ')} must be an integer >= 1, got {value!r}")
+        if self.canaries < 2 * self.holders:
+            raise InvalidInputError(f"at least 2 canaries per holder are needed, got {self.canaries} for {self.holders}")
+        if self.steps % self.local_steps:
+            raise InvalidInputError(f"steps ({self.steps}) must be a multiple of local steps ({self.local_steps})")
+        if not 0.0 < self.sampling_rate <= 1.0:
+            raise InvalidInputError(f"sampling rate must be in (0, 1], got {self.sampling_rate!r}")
+        for name in ("noise_multiplier", "clip_norm", "learning_rate"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise InvalidInputError(f"{name.replace('_', ' ')} must be a finite number > 0, got {value!r}")
+        if not self.raw_norm > 1.0:
+            raise InvalidInputError(f"the canaries' raw norm must exceed 1 (in units of C), got {self.raw_norm!r}")
+        if not 0.0 < self.delta < 1.0:
+            raise InvalidInputError(f"delta must be in (0, 1), got {self.delta!r}")
+
+    @property
+    def rounds(self) -> int:
+        return self.steps // self.local_steps
+
+
+@dataclass(frozen=True)
+class HolderAudit:
+    """One holder's canaries: what the coordinator saw of them, their inclusion bits and the bound."""
+
+    holder: int
+    observations: np.ndarray  # [releases, canaries]
+    scores: np.ndarray
+    included: np.ndarray
+    bound: OneRunBound
+    event: PoissonGaussianEvent
+    checks: tuple[checks.Check, ...]
+
+
+@dataclass(frozen=True)
+class AuditRun:
+    config: AuditConfig
+    epsilon_certified: float  # of the claimed mechanism, per holder (the guarantee)
+    epsilon_edgeworth: float  # the Edgeworth estimate of the same, labelled as an estimate
+    holders: tuple[HolderAudit, ...]
+    pooled: OneRunBound
+    randomness: str
+    seconds: float = field(default=0.0)
+
+    @property
+    def checks_ok(self) -> bool:
+        return all(check.ok for holder in self.holders for check in holder.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        config = vars(self.config).copy()
+        return {
+            "config": config,
+            "epsilon_certified": self.epsilon_certified,
+            "epsilon_edgeworth_estimate": self.epsilon_edgeworth,
+            "audit": self.pooled.to_json(),
+            "lower_bound_exceeds_certified": self.pooled.epsilon > self.epsilon_certified,
+            "holders": [
+                {"holder": h.holder, "audit": h.bound.to_json(), "checks": [c.to_json() for c in h.checks]}
+                for h in self.holders
+            ],
+            "checks_ok": self.checks_ok,
+            "randomness": self.randomness,
+            "seconds": self.seconds,
+        }
+
+
+class FeatureClassifier(nn.Module):
+    """A linear classifier on feature vectors (the head of :class:`agent.heads.PooledClassifier` on cached
+    embeddings)."""
+
+    def __init__(self, features: int, labels: int = 2):
+        super().__init__()
+        self.classifier = nn.Linear(features, labels)
+
+    def forward(self, features: torch.Tensor) -> SequenceClassifierOutput:
+        return SequenceClassifierOutput(logits=self.classifier(features))
+
+
+def synthetic_records(count: int, features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` records: standard normal features, the label a noisy linear rule (a fixed public recipe:
+    these records stand in for a holder's data and are nobody's secret)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, features, generator=generator)
+    direction = torch.randn(features, generator=generator)
+    labels = ((x @ direction + 0.5 * torch.randn(count, generator=generator)) > 0).to(torch.int64)
+    return x, labels
+
+
+class _Holder:
+    """One holder's engine over its records and its share of the canaries (coordinates ``offset`` onward)."""
+
+    def __init__(self, index: int, model: AuditedModel, config: AuditConfig, offset: int, count: int, sources):
+        self.index, self.offset, self.count, self.config = index, offset, count, config
+        self.sampling_source, noise_source, secret_source = sources
+        self.model = model
+        bits = secret_source.uniform_bits(2 * count)
+        self.included = (bits[:count] & 1).bool().numpy()
+        self.tie_break = bits[count:].double().numpy()
+        features, labels = synthetic_records(config.records, config.features, seed=1000 + index)
+        own = torch.arange(offset, offset + count)
+        self.collator = CanaryCollator(features, labels, own[torch.from_numpy(self.included)])
+        self.clipper = PerExampleClipper(model, config.clip_norm, audited_loss(classification_loss, config.raw_norm * config.clip_norm))
+        self.rate = executable_sampling_rate(config.sampling_rate)
+        trainable = [param for param in model.parameters() if param.requires_grad]
+        self.engine = DPSGDStep(
+            model,
+            self.clipper,
+            torch.optim.SGD(trainable, lr=config.learning_rate),
+            noise_multiplier=config.noise_multiplier,
+            clip_norm=config.clip_norm,
+            expected_batch_size=self.rate * self.collator.size,
+            physical_batch_size=256,
+            noise_source=noise_source,
+        )
+        self.progress = _Progress()
+        self.sampled = 0
+        self.observations: list[np.ndarray] = []
+
+    def release(self, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Train ``local_steps`` steps from ``start``; record what the update shows of each own canary."""
+        models.load_trainable_state(self.model, start)
+        before = self.model.audit_coordinates()
+        sampler = PoissonSampler(self.collator.size, self.config.sampling_rate, self.config.local_steps, self.sampling_source)
+        _run_steps(self.engine, sampler, self.collator, None, self._count, self.progress)
+        change = (self.model.audit_coordinates() - before)[self.offset : self.offset + self.count].double()
+        scale = -self.engine.expected_batch_size / (self.config.learning_rate * self.config.clip_norm)
+        self.observations.append((change * scale).numpy())
+        return models.trainable_state(self.model)
+
+    def _count(self, _, stats) -> None:
+        self.sampled += stats.examples
+
+    def audit(self, run_config: AuditConfig, epsilon_claimed: float) -> HolderAudit:
+        observations = np.stack(self.observations)
+        scores = likelihood_ratio_scores(observations, run_config.sampling_rate, run_config.noise_multiplier, run_config.local_steps)
+        bound = one_run_bound(scores, self.included, run_config.delta, self.tie_break, run_config.confidence)
+        event = PoissonGaussianEvent(self.rate, run_config.noise_multiplier, self.progress.executed)
+        found = (
+            checks.sensitivity(self.clipper, self._sensitivity_batch(), run_config.clip_norm),
+            checks.executed_accounting(self.rate, run_config.noise_multiplier, self.progress.executed, self.sampled,
+                                       self.collator.size, run_config.delta, epsilon_claimed),
+            checks.noise_scale(observations, self.included, run_config.noise_multiplier, run_config.local_steps),
+        )
+        self.clipper.close()
+        return HolderAudit(self.index, observations, scores, self.included, bound, event, found)
+
+    def _sensitivity_batch(self) -> dict[str, torch.Tensor]:
+        real = torch.arange(min(SENSITIVITY_BATCH, self.config.records))
+        virtual = torch.arange(self.config.records, min(self.collator.size, self.config.records + 8))
+        return self.collator(torch.cat([real, virtual]))
+
+
+def run_audit(config: AuditConfig) -> AuditRun:
+    """Train with canaries and audit (module docstring). Raises ``InvalidInputError`` for a bad config."""
+    import time
+
+    started = time.perf_counter()
+    claimed = PoissonGaussianEvent(executable_sampling_rate(config.sampling_rate), config.noise_multiplier, config.steps)
+    epsilon_certified = certified_epsilon(claimed, config.delta)
+    torch.manual_seed(0 if config.seed is None else config.seed)  # the classifier's initial weights (public)
+    template = AuditedModel(FeatureClassifier(config.features), config.canaries)
+    shares = np.array_split(np.arange(config.canaries), config.holders)
+    holders = [
+        _Holder(h, copy.deepcopy(template), config, int(share[0]), len(share), _sources(config.seed, h))
+        for h, share in enumerate(shares)
+    ]
+    state = models.trainable_state(template)
+    weights = [holder.collator.size for holder in holders]
+    for _ in range(config.rounds):
+        states = [holder.release(state) for holder in holders]
+        state = {name: sum(w * s[name] for w, s in zip(weights, states)) / sum(weights) for name in state}
+    audits = tuple(holder.audit(config, epsilon_certified) for holder in holders)
+    pooled = one_run_bound(
+        np.concatenate([a.scores for a in audits]),
+        np.concatenate([a.included for a in audits]),
+        config.delta,
+        np.concatenate([holder.tie_break for holder in holders]),
+        config.confidence,
+    )
+    return AuditRun(
+        config=config,
+        epsilon_certified=epsilon_certified,
+        epsilon_edgeworth=_edgeworth(claimed, config.delta),
+        holders=audits,
+        pooled=pooled,
+        randomness=holders[0].engine.noise_source.name,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _sources(seed: int | None, holder: int) -> tuple[RandomSource, RandomSource, RandomSource]:
+    """Batches, noise and the canaries' secrets (inclusion bits, tie-breakers): separate streams."""
+    if seed is None:
+        return SecureRandom(), SecureRandom(), SecureRandom()
+    return tuple(InsecureSeededRandom(seed * 1000 + 10 * holder + stream) for stream in range(3))
+
+
+def _edgeworth(event: PoissonGaussianEvent, delta: float) -> float:
+    try:
+        return edgeworth_epsilon(event, delta)
+    except (ArithmeticError, ValueError, IndexError):
+        return math.nan

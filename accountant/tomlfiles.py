@@ -32,6 +32,18 @@ def table(document: Mapping[str, Any], name: str, path: Path) -> Mapping[str, An
     return found
 
 
+def optional_table(document: Mapping[str, Any], name: str, path: Path) -> Mapping[str, Any]:
+    """The ``[name]`` table, or an empty one when the file has none."""
+    return table(document, name, path) if name in document else {}
+
+
+def strings(value: Any, what: str, path: Path) -> tuple[str, ...]:
+    """A TOML array of strings as a tuple."""
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise InvalidInputError(f"{path}: {what} must be an array of strings, got {value!r}")
+    return tuple(value)
+
+
 def required(section_table: Mapping[str, Any], key: str, section: str, path: Path) -> Any:
     if key not in section_table:
         raise InvalidInputError(f"{path}: [{section}] needs {key}")
@@ -40,5 +52,7 @@ def required(section_table: Mapping[str, Any], key: str, section: str, path: Pat
 
 def resolve(base: Path, value: Any) -> Path:
     """``value`` as a path, relative ones taken from ``base`` (the configuration file's directory)."""
-    candidate = Path(str(value)).expanduser()
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise InvalidInputError(f"a path must be a non-empty string without NUL, got {value!r}")
+    candidate = Path(value).expanduser()
     return candidate if candidate.is_absolute() else (base / candidate).resolve()

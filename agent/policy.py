@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from accountant.errors import EwtuneError, InvalidInputError
-from accountant.tomlfiles import read_toml, required, resolve, table
+from accountant.tomlfiles import optional_table, read_toml, required, resolve, strings, table
 
 
 class PlanRefused(EwtuneError):
@@ -195,14 +195,14 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
     if not isinstance(holder_id, str) or not holder_id:
         raise InvalidInputError(f"{path}: [holder] needs id = \"...\"")
     budget = table(document, "budget", path)
-    policy_table = dict(document.get("policy", {}))
+    policy_table = dict(optional_table(document, "policy", path))
     if "release_evaluation_metrics" in policy_table:
         raise InvalidInputError(
             f"{path}: [policy] release_evaluation_metrics is gone: exact metrics are never released; "
             'use evaluation = "none" (default) or evaluation = "private" (noised and charged to the ledger)'
         )
     if "allowed_models" in policy_table:
-        policy_table["allowed_models"] = tuple(policy_table["allowed_models"])
+        policy_table["allowed_models"] = strings(policy_table["allowed_models"], "[policy] allowed_models", path)
     try:
         policy = HolderPolicy(budget_epsilon=budget.get("epsilon"), budget_delta=budget.get("delta"), **policy_table)
     except TypeError as bad:
@@ -214,7 +214,7 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
             raise InvalidInputError(f"{path}: [training] needs {key}")
         training[key] = str(resolve(base, training[key]))
     if "lora_target_modules" in training:
-        training["lora_target_modules"] = tuple(training["lora_target_modules"])
+        training["lora_target_modules"] = strings(training["lora_target_modules"], "[training] lora_target_modules", path)
     _refuse_insecure_randomness(training, path)
     rpc = table(document, "rpc", path)
     return AgentConfig(
@@ -226,7 +226,7 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         rpc_address=_rpc_address(base, rpc.get("address", "unix:agent.sock")),
         rpc_max_message_bytes=int(_positive_float("[rpc] max_message_mb", rpc.get("max_message_mb", 256)) * 2**20),
         training=training,
-        supernode=_supernode_config(base, document.get("supernode"), path),
+        supernode=_supernode_config(base, optional_table(document, "supernode", path), path),
     )
 
 
@@ -244,7 +244,7 @@ def _supernode_config(base: Path, section: Mapping[str, Any] | None, path: Path)
         port=_integer("supernode port", section.get("port", 9094), minimum=1),
         insecure=insecure,
         executable=section.get("executable"),
-        extra_node_config=dict(section.get("node_config", {})),
+        extra_node_config=dict(optional_table(section, "node_config", path)),
     )
 
 
@@ -262,7 +262,9 @@ def _refuse_insecure_randomness(training: Mapping[str, Any], path: Path) -> None
         )
 
 
-def _rpc_address(base: Path, address: str) -> str:
+def _rpc_address(base: Path, address: Any) -> str:
+    if not isinstance(address, str):
+        raise InvalidInputError(f"[rpc] address must be a string, got {address!r}")
     if address.startswith("unix:"):
         socket = address[len("unix:") :]
         socket = socket[2:] if socket.startswith("//") else socket

@@ -19,6 +19,7 @@ _PARTS = (
     "accountant.cli",  # ewtune accountant
     "accountant.ledger_cli",  # ewtune ledger
     "agent.cli",  # ewtune agent
+    "agent.audit_cli",  # ewtune audit
     "coordinator.cli",  # ewtune coordinator
     "ewtune.federation_cli",  # ewtune keys, ewtune demo
     "ewtune.commands",  # ewtune bench

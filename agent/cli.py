@@ -7,6 +7,7 @@ import importlib
 _COMMAND_MODULES = (
     "agent.train_cli",  # ewtune agent train-local
     "agent.daemon_cli",  # ewtune agent start
+    "agent.status_cli",  # ewtune agent status
     "agent.keys_cli",  # ewtune agent keys init
 )
 

@@ -22,7 +22,9 @@ private evaluation: a noised confusion matrix, charged to the ledger (:mod:`agen
 A refusal raises :class:`agent.policy.PlanRefused` before anything is written, so it charges nothing. A
 failure after a step ran charges the steps that ran (their privacy is spent whatever becomes of the
 update) and answers with a generic :class:`agent.rpc.RequestFailed`; the detail stays in the holder's log,
-since an error text can depend on the data. Requests are served one at a time.
+since an error text can depend on the data. Requests are served one at a time. A crash between reserve and
+commit (SIGKILL, power loss) is reconciled at the next start from the progress journal, which records each
+step before it may run and the receipt before the commit (:mod:`agent.recovery`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -40,7 +43,7 @@ import numpy as np
 import torch
 
 from accountant.certified import certified_epsilon
-from accountant.errors import InvalidInputError
+from accountant.errors import EwtuneError, InvalidInputError
 from accountant.events import PoissonGaussianEvent
 from accountant.ledger import EVALUATION_PURPOSE, Ledger
 from accountant.privacy_accountant import delta_too_large
@@ -49,6 +52,7 @@ from accountant.sampling import executable_sampling_rate
 from accountant.signing import SigningKey, canonical_json
 from agent.dpsgd.randomness import SecureRandom
 from agent.policy import AgentConfig, HolderPolicy, PlanRefused, RoundPlan
+from agent.recovery import ProgressJournal, journal_path, reconcile
 from agent.rpc import DaemonUnavailable, RequestFailed
 
 log = logging.getLogger(__name__)
@@ -74,7 +78,8 @@ class Daemon:
     ``model_id``, ``dataset_size``, ``record_count``, ``randomness``, ``trainable_state``,
     ``load_trainable_state``, ``train``, ``confusion_matrix``)."""
 
-    def __init__(self, holder_id: str, policy: HolderPolicy, trainer: Any, ledger: Ledger, key: SigningKey):
+    def __init__(self, holder_id: str, policy: HolderPolicy, trainer: Any, ledger: Ledger, key: SigningKey,
+                 journal: str | os.PathLike | None = None):
         if ledger.writer_id != holder_id:
             raise InvalidInputError(f"ledger {ledger.path} belongs to {ledger.writer_id!r}, not {holder_id!r}")
         if ledger.public_key_text != key.public_key_text:
@@ -90,11 +95,10 @@ class Daemon:
         self._ledger_lock = threading.Lock()  # describe reads while train writes
         self._stopping = threading.Event()
         self._started = time.monotonic()
-        for seq, reservation in ledger.open_reservations(holder_id).items():
-            log.warning(
-                "open reservation %d (run %s, round %d) from an earlier crash stays counted as spent",
-                seq, reservation.run_id, reservation.round,
-            )
+        journal = journal_path(ledger.path) if journal is None else journal
+        self.recovered = reconcile(ledger, holder_id, journal, self._release_facts())
+        self._journal = ProgressJournal(journal)
+        self._journal.finish(ledger)
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> "Daemon":
@@ -172,8 +176,11 @@ class Daemon:
             self._check_round_epsilon(planned)
             with self._ledger_lock:
                 self._check_budget(planned)
-                reservation = self.ledger.reserve(self.holder_id, plan.run_id, plan.round, planned)
-            reply = self._train_reserved(plan, planned, state, reservation)
+                reservation = self._reserve(plan.run_id, plan.round, planned)
+            try:
+                reply = self._train_reserved(plan, planned, state, reservation)
+            finally:
+                self._finish_journal()
             log.info("round %d of run %s: %d steps committed (reservation %d)", plan.round, plan.run_id,
                      reply.metrics["steps"], reservation)
             return reply
@@ -198,8 +205,11 @@ class Daemon:
             with self._ledger_lock:
                 self._check_evaluations_left(run_id)
                 self._check_budget(event)
-                reservation = self.ledger.reserve(self.holder_id, run_id, round, event)
-            return self._evaluate_reserved(state, event, reservation)
+                reservation = self._reserve(run_id, round, event)
+            try:
+                return self._evaluate_reserved(state, event, reservation)
+            finally:
+                self._finish_journal()
 
     def request_stop(self) -> None:
         """Refuse new work and end a running training at its next step (its executed steps are committed)."""
@@ -210,8 +220,36 @@ class Daemon:
         self.request_stop()
         with self._work, self._ledger_lock:
             self.ledger.close()
+            self._journal.close()
 
     # -- the steps of a round ------------------------------------------------------------------------------
+
+    def _reserve(self, run_id: str, round: int, event: PoissonGaussianEvent) -> int:
+        """Reserve ``event`` in the ledger, its ``begin`` journaled first (:mod:`agent.recovery`)."""
+        expected = self.ledger.head.seq + 1
+        self._journal.begin(expected)
+        reservation = self.ledger.reserve(self.holder_id, run_id, round, event)
+        if reservation != expected:
+            raise EwtuneError(f"the ledger reserved seq {reservation}, where the journal expected {expected}")
+        return reservation
+
+    def _finish_journal(self) -> None:
+        with self._ledger_lock:
+            self._journal.finish(self.ledger)
+
+    def _step_gate(self, reservation: int):
+        """``should_stop`` for the trainer, asked before each step: a step is journaled before it may run."""
+        started = 0
+
+        def should_stop() -> bool:
+            nonlocal started
+            if self._stopping.is_set():
+                return True
+            started += 1
+            self._journal.step(reservation, started)
+            return False
+
+        return should_stop
 
     def _check_round_epsilon(self, planned: PoissonGaussianEvent) -> None:
         """The daemon's own noise floor: this round alone within the policy's per-round certified epsilon.
@@ -241,7 +279,7 @@ class Daemon:
         step_plan = StepPlan(plan.steps, planned.sampling_rate, plan.noise_multiplier, plan.clip_norm, plan.learning_rate)
         try:
             self.trainer.load_trainable_state(state)
-            result = self.trainer.train(step_plan, should_stop=self._stopping.is_set)
+            result = self.trainer.train(step_plan, should_stop=self._step_gate(reservation))
         except TrainingFailed as failure:
             self._charge_failure(reservation, failure.event, failure.cause)
         except BaseException as failure:
@@ -255,6 +293,7 @@ class Daemon:
             self._charge_failure(reservation, result.event, ValueError("the update is not finite"))
         receipt = Receipt(plan.run_id, plan.round, self.holder_id, result.event, update_digest(update))
         document = sign_receipt(self.key, receipt)
+        self._journal.receipt(reservation, document)
         with self._ledger_lock:  # committed before the update leaves; a failed commit releases nothing
             self.ledger.commit(reservation, result.event, extra={
                 "receipt_sha256": hashlib.sha256(canonical_json(document)).hexdigest(),
@@ -286,6 +325,7 @@ class Daemon:
         saved = {name: tensor.detach().clone() for name, tensor in self.trainer.trainable_state().items()}
         try:
             self.trainer.load_trainable_state(state)
+            self._journal.step(reservation, 1)
             metrics = private_metrics(self.trainer.confusion_matrix(), event.noise_multiplier)
         except BaseException as failure:
             log.error("evaluation (reservation %d) failed: %s: %s", reservation, type(failure).__name__, failure)

@@ -1,4 +1,4 @@
-"""``ewtune coordinator start|run|status``: the coordinator operator's commands.
+"""``ewtune coordinator start|run|status|serve-status``: the coordinator operator's commands.
 
 Imports only argparse at import time; each handler imports what it needs.
 """
@@ -44,7 +44,24 @@ def register(subparsers) -> None:
     run.add_argument("--config", required=True, help="federation.toml")
     run.add_argument("--state-dir", required=True, help="the --state-dir of `ewtune coordinator start`")
     run.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up following after this many seconds")
+    run.add_argument("--status-port", type=int, metavar="PORT",
+                     help="also serve the read-only status page on 127.0.0.1:PORT while the run goes on")
     run.set_defaults(func=_run)
+
+    serve = commands.add_parser(
+        "serve-status",
+        help="serve a read-only status page and status.json of the run (loopback; TLS when exposed)",
+        description="Serve the run's status page (holders, their state, certified epsilon spent and left, round, "
+        "accuracy so far, recent events; it refreshes every 2 s) and GET /status.json until SIGTERM/SIGINT. "
+        "Read-only: every method but GET and HEAD is answered 405. Binds to 127.0.0.1 unless --host; any other "
+        "address needs TLS with the SuperLink certificate of --credentials.",
+    )
+    serve.add_argument("--config", required=True, help="federation.toml")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8480, help="port (default 8480)")
+    serve.add_argument("--credentials", metavar="DIR",
+                       help="serve over TLS with the SuperLink certificate and key of `ewtune keys init` DIR")
+    serve.set_defaults(func=_serve_status)
 
     status = commands.add_parser("status", help="rounds, holders, budgets and accuracy of a run", description="Show the status of the run of federation.toml.")
     status.add_argument("--config", required=True, help="federation.toml")
@@ -103,10 +120,18 @@ def _run(args: argparse.Namespace) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(superlink.run_command(config.path), stdout=log, stderr=subprocess.STDOUT, env=superlink.flower_environment(flwr_home), start_new_session=True)
+    page = None
     try:
+        if args.status_port is not None:
+            from coordinator.status_server import StatusServer
+
+            page = StatusServer(config.output_dir / "status.json", port=args.status_port).start()
+            print(f"status page: {page.url}", flush=True)
         status = follow_run(process, config.output_dir / "status.json", print_progress, args.timeout)
     finally:
         superlink.stop_process(process)
+        if page is not None:
+            page.stop()
     print(status_table(status))
     return 0 if status.get("state") in ("finished", "stopped") else 1
 
@@ -124,6 +149,29 @@ def _status(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"{path} is not valid JSON: {bad}") from None
     print(json.dumps(status, indent=2) if args.json else status_table(status))
     return 1 if status.get("state") == "failed" else 0  # scripts can tell a failed run from one that ran
+
+
+def _serve_status(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from coordinator.config import load_federation_config
+    from coordinator.status_server import StatusServer
+
+    config = load_federation_config(args.config)
+    tls = {}
+    if args.credentials is not None:
+        from coordinator.credentials import load_credentials
+
+        credentials = load_credentials(args.credentials)
+        tls = {"certificate": credentials.server_certificate, "key": credentials.server_key}
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    with StatusServer(config.output_dir / "status.json", args.host, args.port, **tls) as page:
+        print(f"status page of {config.output_dir / 'status.json'}: {page.url} (read-only)", flush=True)
+        stopping.wait()
+    return 0
 
 
 def follow_run(process: subprocess.Popen, status_path: Path, on_status: Callable[[dict], None] | None, timeout: float) -> dict[str, Any]:

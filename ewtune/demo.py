@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"SGD learning rate (default {recipe.probe_learning_rate:g}, the probe recipe's)")
     parser.add_argument("--clip-norm", type=float, default=recipe.clip_norm)
     parser.add_argument("--max-length", type=int, default=40, help="tokens per sentence (default 40)")
+    parser.add_argument("--status-port", type=int, metavar="PORT",
+                        help="serve the read-only status page on 127.0.0.1:PORT while the run goes on")
     parser.add_argument("--work-dir", help="where credentials, ledgers, logs and checkpoints go (default: a new temporary directory, kept)")
 
 
@@ -110,7 +112,8 @@ def run_federation(work: Path, args: argparse.Namespace, progress) -> dict[str, 
         progress("loading MiniLM and the data in each daemon")
         federation.wait_for_daemons()
         progress("submitting the federated run (flwr run)")
-        status = federation.run(job, on_status=_progress_from_status(progress))
+        with _status_page(work, args.status_port, progress):
+            status = federation.run(job, on_status=_progress_from_status(progress))
     progress("all processes stopped; verifying the ledgers")
     result = _result(work, status, federation.credentials)
     progress(f"evaluating the global model after each round on the demo's own held-out sentences ({test_csv.name})")
@@ -262,6 +265,19 @@ def _progress_from_status(progress):
                     progress(f"    {holder_id}: private (noised) accuracy of the global model after round {round}: {accuracy:.3f}")
 
     return on_status
+
+
+def _status_page(work: Path, port: int | None, progress):
+    """The status page of the run on 127.0.0.1:``port`` while it goes on (nothing without a port)."""
+    import contextlib
+
+    if port is None:
+        return contextlib.nullcontext()
+    from coordinator.status_server import StatusServer
+
+    page = StatusServer(work / "coordinator" / "run" / "status.json", port=port)
+    progress(f"status page: {page.url}")
+    return page
 
 
 def _printer(stream):

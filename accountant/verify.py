@@ -65,6 +65,7 @@ class VerificationReport:
     holders: dict[str, HolderSpend] = field(default_factory=dict)
     reservations: list[dict[str, Any]] = field(default_factory=list)
     repairs: list[dict[str, Any]] = field(default_factory=list)
+    audits: list[dict[str, Any]] = field(default_factory=list)  # audit runs' lower bounds (see audit_statement)
 
     @property
     def ok(self) -> bool:
@@ -96,6 +97,7 @@ class VerificationReport:
             f"rules and {len(self.holders)} holder spend(s) verified"
             + (f", {len(self.repairs)} repair(s)" if self.repairs else "")
             + heads
+            + _audits_note(self.audits)
             + f" ({self.key_note})"
         )
 
@@ -121,6 +123,7 @@ class VerificationReport:
         if figures:
             report["holders"] = {holder_id: spend.to_json() for holder_id, spend in self.holders.items()}
             report["reservations"] = self.reservations
+            report["audits"] = self.audits
         else:
             report["figures_withheld"] = True
         return report
@@ -167,6 +170,9 @@ def verify_ledger(path: str | Path, public_keys: str | Mapping[str, str] | None 
             _check_repair_offset(entry, offset)
             if holder_id is not None and _states_or_reserves(entry) and report.accountant_mismatch is None:
                 _check_spend(entry, state.spend(holder_id))
+                audit = audit_statement(entry, state.spend(holder_id).budget_delta)
+                if audit is not None:
+                    report.audits.append(audit)
         except InvalidInputError as error:
             report.first_bad = BadEntry(seq, number, str(error))
             break
@@ -208,6 +214,46 @@ def verify_ledger(path: str | Path, public_keys: str | Mapping[str, str] | None 
     report.holders = _spends(state)
     report.reservations = _reservations(state)
     return report
+
+
+def audit_statement(entry: Mapping[str, Any], delta: float) -> dict[str, Any] | None:
+    """The lower bound of an audit run's commit (``extra.audit``, written by ``ewtune audit --ledger``) beside
+    the certified epsilon of that commit's event alone, recomputed here (the stated lifetime epsilon is checked
+    like any other); None for any other entry. A malformed statement raises ``InvalidInputError``."""
+    extra = entry["payload"].get("extra")
+    if entry["kind"] != "commit" or not isinstance(extra, dict) or "audit" not in extra:
+        return None
+    audit = extra["audit"]
+    if not isinstance(audit, dict):
+        raise InvalidInputError("extra.audit must be a JSON object")
+    bound, confidence, canaries = audit.get("epsilon_lower_bound"), audit.get("confidence"), audit.get("canaries")
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 <= bound < math.inf:
+        raise InvalidInputError(f"extra.audit.epsilon_lower_bound must be a number >= 0, got {bound!r}")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise InvalidInputError(f"extra.audit.confidence must be in (0, 1), got {confidence!r}")
+    if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 1:
+        raise InvalidInputError(f"extra.audit.canaries must be an integer >= 1, got {canaries!r}")
+    from accountant.certified import certified_epsilon
+    from accountant.events import event_from_json
+
+    certified = certified_epsilon(event_from_json(entry["payload"]["event"]), delta)
+    return {
+        "seq": entry["seq"],
+        "epsilon_lower_bound": bound,
+        "confidence": confidence,
+        "canaries": canaries,
+        "epsilon_certified_run": certified,
+        "exceeds_certified": bound > certified,
+    }
+
+
+def _audits_note(audits: list[dict[str, Any]]) -> str:
+    if not audits:
+        return ""
+    alarms = [str(audit["seq"]) for audit in audits if audit["exceeds_certified"]]
+    if alarms:
+        return f", {len(audits)} audit(s), AUDIT ALARM at seq {', '.join(alarms)}: lower bound above the certified epsilon"
+    return f", {len(audits)} audit(s) with lower bound at most the certified epsilon"
 
 
 def _is_next_entry(torn: bytes, chain: ChainChecker, state: LedgerState) -> bool:

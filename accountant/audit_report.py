@@ -12,6 +12,7 @@ epsilon is the guarantee; the Edgeworth values are estimates, RDP and the Edgewo
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from accountant.errors import EwtuneError, InvalidInputError
-from accountant.events import ComposedEvent, event_from_json
+from accountant.events import ComposedEvent, PoissonGaussianEvent, event_from_json, mechanisms
 from accountant.spend import LedgerState, mechanism_rows
 from accountant.verify import VerificationReport
 
@@ -96,8 +97,6 @@ def build_report(paths: Sequence[str | Path], accuracy_path: str | Path | None =
 def holder_curves(path: str, entries: Sequence[Mapping[str, Any]]) -> list[HolderCurve]:
     """The epsilon of each holder of one verified ledger after each of its committed rounds. A coordinator's
     own (writer) account, which spends nothing while holders are registered, has no curve."""
-    from accountant.accountants import standard_accountants
-
     state, reserved = LedgerState(), {}
     points: dict[str, list[tuple[str, ComposedEvent]]] = {}
     for entry in entries:
@@ -120,9 +119,9 @@ def holder_curves(path: str, entries: Sequence[Mapping[str, Any]]) -> list[Holde
         )  # fmt: skip
         for label, event in points.get(holder_id, []):
             curve.labels.append(label)
-            for accountant in standard_accountants():
-                curve.accountant_labels[accountant.name] = accountant.label
-                curve.epsilons.setdefault(accountant.name, []).append(_epsilon(accountant, event, account.budget_delta))
+            for name, (text, value) in epsilons_by_accountant(_key(event), account.budget_delta).items():
+                curve.accountant_labels[name] = text
+                curve.epsilons.setdefault(name, []).append(value)
         curves.append(curve)
     return curves
 
@@ -204,6 +203,21 @@ def _verified_entries(path, count: int) -> list[dict[str, Any]]:
     from accountant.ledger import parse_line, split_lines
 
     return [parse_line(line) for line in split_lines(Path(path).read_bytes()).lines[:count]]
+
+
+@functools.lru_cache(maxsize=1024)
+def epsilons_by_accountant(key: tuple, delta: float) -> dict[str, tuple[str, float | None]]:
+    """accountant name -> (its label, its epsilon) for the composition ``key`` (steps per distinct mechanism,
+    sorted), for every accountant of :func:`standard_accountants`. Cached: a coordinator's ledger and the
+    holder's own record the same compositions."""
+    from accountant.accountants import standard_accountants
+
+    event = ComposedEvent(tuple(PoissonGaussianEvent(q, sigma, steps, relation) for (q, sigma, relation), steps in key))
+    return {accountant.name: (accountant.label, _epsilon(accountant, event, delta)) for accountant in standard_accountants()}
+
+
+def _key(event: ComposedEvent) -> tuple:
+    return tuple(sorted(mechanisms(event).items()))
 
 
 def _epsilon(accountant, event: ComposedEvent, delta: float) -> float | None:

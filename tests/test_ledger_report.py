@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
 import re
 import struct
 
 import pytest
+from browser import chromium_page, loaded_images
 
 from accountant.audit_report import build_report
 from accountant.certified import certified_epsilon
@@ -50,6 +53,16 @@ def ledgers(tmp_path_factory):
     return paths, accuracy
 
 
+@pytest.fixture(scope="module")
+def written(ledgers, tmp_path_factory):
+    """``ewtune ledger report`` of all three ledgers with the accuracy: (exit code, stdout, output directory)."""
+    paths, accuracy = ledgers
+    out_dir = tmp_path_factory.mktemp("written")
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        code = main(["ledger", "report", *map(str, paths), "--out", str(out_dir), "--accuracy", str(accuracy)])
+    return code, stdout.getvalue(), out_dir
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     return struct.unpack(">II", data[16:24])
@@ -68,10 +81,8 @@ def test_curves_compose_the_committed_events_round_by_round(ledgers):
     assert curve.budget_left_epsilon == pytest.approx(8.0 - curve.epsilon_certified)
 
 
-def test_the_report_page_embeds_every_plot_and_names_the_verification(ledgers, tmp_path, capsys):
-    paths, accuracy = ledgers
-    code = main(["ledger", "report", *map(str, paths), "--out", str(tmp_path), "--accuracy", str(accuracy)])
-    out = capsys.readouterr().out
+def test_the_report_page_embeds_every_plot_and_names_the_verification(written):
+    code, out, tmp_path = written
     assert code == 0, out
     assert "receipts: 6 coordinator commit(s) matched, OK" in out
     page = (tmp_path / "report.html").read_text()
@@ -107,3 +118,15 @@ def test_bad_accuracy_input_is_a_one_line_error(ledgers, tmp_path, capsys):
     bad.write_text("[1, 2]")
     assert main(["ledger", "report", str(paths[1]), "--out", str(tmp_path), "--accuracy", str(bad)]) == 2
     assert "holds neither a demo result nor a coordinator status" in capsys.readouterr().err
+
+
+def test_every_plot_loads_in_chromium_offline(written, tmp_path):
+    page_path = written[2] / "report.html"
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "report.html").write_bytes(page_path.read_bytes())  # the page alone, without the PNG files beside it
+    with chromium_page(offline=True) as page:
+        page.goto((alone / "report.html").as_uri())
+        page.wait_for_load_state("load")
+        assert loaded_images(page) == [[True, 900, 400]] * 6
+        assert page.locator("h1").text_content() == "Privacy audit report"

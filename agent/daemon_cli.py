@@ -39,8 +39,10 @@ def _init(args: argparse.Namespace) -> int:
 
     from accountant.ledger import Ledger
     from accountant.signing import SigningKey
+    from agent.config_check import check_agent_config
     from agent.policy import load_agent_config
 
+    check_agent_config(args.config).raise_if_any()
     config = load_agent_config(args.config)
     key = SigningKey.load(config.signing_key)
     config.ledger_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -69,12 +71,14 @@ def _start(args: argparse.Namespace) -> int:
     import threading
     from pathlib import Path
 
+    from agent.config_check import check_agent_config
     from agent.daemon import Daemon
     from agent.policy import load_agent_config
     from agent.rpc import serve
     from agent.supernode import SuperNodeSupervisor, supernode_command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    check_agent_config(args.config).raise_if_any()  # every problem of agent.toml at once; nothing starts
     config = load_agent_config(args.config)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

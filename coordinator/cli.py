@@ -111,7 +111,9 @@ def _start(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from coordinator import superlink
     from coordinator.config import load_federation_config
+    from coordinator.config_check import check_federation_config
 
+    check_federation_config(args.config).raise_if_any()  # every problem of federation.toml at once
     config = load_federation_config(args.config)
     flwr_home = Path(args.state_dir).resolve() / "flwr-home"
     if not (flwr_home / "config.toml").is_file():

@@ -23,6 +23,7 @@ _PARTS = (
     "coordinator.cli",  # ewtune coordinator
     "ewtune.federation_cli",  # ewtune keys, ewtune demo
     "ewtune.commands",  # ewtune bench
+    "ewtune.config_cli",  # ewtune config check
 )
 
 

@@ -20,10 +20,10 @@ STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 70em; }
 h1, h2, h3 { font-weight: 600; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f2f2f2; }
-.ok { color: #11701f; font-weight: 600; }
-.failed { color: #b00020; font-weight: 600; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; overflow-wrap: anywhere; }
+th { background: #f2f2f2; overflow-wrap: normal; }
+.ok { color: #11701f; font-weight: 600; white-space: nowrap; }
+.failed { color: #b00020; font-weight: 600; white-space: nowrap; }
 .note { color: #555; font-size: 0.9em; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
 code { font-size: 0.85em; word-break: break-all; }
@@ -58,7 +58,7 @@ def render_html(report: AuditReport, images: dict[str, str]) -> str:
         "pessimistic PLD bound), the Edgeworth values are <i>estimates</i> shown beside it, RDP a looser bound.</p>",
         "<h2>Verification</h2>",
         _table(["ledger", "result", "details"],
-               [[html.escape(r.path), _verdict(r.ok), html.escape(r.summary())] for r in report.ledgers]),
+               [[html.escape(r.path), _verdict(r.ok), html.escape(_details(r))] for r in report.ledgers]),
         "<h3>Receipts</h3>",
         _receipts(report.receipts),
     ]
@@ -98,11 +98,17 @@ def _epsilon_figure(curve: HolderCurve):
                   linewidth=2.5 if guarantee else 1.2, linestyle="-" if guarantee else "--",
                   label=curve.accountant_labels[name], zorder=3 if guarantee else 2)
     axes.axhline(curve.budget_epsilon, color="black", linestyle=":", label=f"budget {curve.budget_epsilon:g}")
-    axes.set_xlabel("committed rounds (ledger order)")
+    runs = {label.rpartition(":")[0] for label in curve.labels}
+    if len(runs) == 1:  # one run: the ticks are its rounds
+        axes.set_xlabel(f"committed rounds of run {runs.pop()}")
+        ticks = [label.rpartition(":")[2] for label in curve.labels]
+    else:
+        axes.set_xlabel("committed rounds (ledger order), run:round")
+        ticks = curve.labels
     axes.set_ylabel(f"epsilon at delta {curve.budget_delta:g}")
     axes.set_title(f"{curve.holder_id}: epsilon spent against rounds ({_whose(curve)})")
     if len(rounds) <= 12:
-        axes.set_xticks(rounds, curve.labels, rotation=30, fontsize=7)
+        axes.set_xticks(rounds, ticks, rotation=30 if len(runs) > 1 else 0, fontsize=7)
     axes.set_ylim(bottom=0)
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return figure
@@ -164,6 +170,11 @@ def _curve_key(curve: HolderCurve) -> str:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40]
+
+
+def _details(report) -> str:
+    """The verification summary without the path the table already shows."""
+    return report.summary().removeprefix(f"ledger {report.path}: ")
 
 
 def _verdict(ok: bool) -> str:

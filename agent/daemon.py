@@ -175,6 +175,7 @@ class Daemon:
             planned = self.planned_event(plan)
             self._check_round_epsilon(planned)
             with self._ledger_lock:
+                self._refuse_replay(plan)
                 self._check_budget(planned)
                 reservation = self._reserve(plan.run_id, plan.round, planned)
             try:
@@ -261,6 +262,16 @@ class Daemon:
                 f"noise multiplier {planned.noise_multiplier:.6g} is below this holder's own floor for "
                 f"q={planned.sampling_rate:.6g}, {planned.steps} steps: this round alone would have certified "
                 f"epsilon {epsilon:.6g} > {self.policy.round_epsilon:g} per round at delta {self.policy.budget_delta:g}"
+            )
+
+    def _refuse_replay(self, plan: RoundPlan) -> None:
+        """A round of a run is trained once: a request for a round at or before one whose update this holder
+        already released in that run is a replay (or a stale request) and is refused before anything runs."""
+        released = _released_rounds(self.ledger.entries, plan.run_id)
+        if released and plan.round <= max(released):
+            raise PlanRefused(
+                f"run {plan.run_id!r} round {plan.round} is a replay: this holder already released its update for "
+                f"round {max(released)} of that run"
             )
 
     def _check_budget(self, planned: PoissonGaussianEvent) -> None:
@@ -409,6 +420,18 @@ def _evaluations_of_run(entries, run_id: str) -> int:
         and entry["payload"].get("extra", {}).get("purpose") == EVALUATION_PURPOSE
         and runs.get(entry["payload"].get("reservation")) == run_id
     )
+
+
+def _released_rounds(entries, run_id: str) -> list[int]:
+    """Rounds of ``run_id`` whose training update was released: commits that carry a receipt's digest."""
+    reserved = {entry["seq"]: entry["payload"] for entry in entries if entry["kind"] == "reserve"}
+    return [
+        reserved[entry["payload"]["reservation"]]["round"]
+        for entry in entries
+        if entry["kind"] == "commit"
+        and "receipt_sha256" in entry["payload"]
+        and reserved.get(entry["payload"]["reservation"], {}).get("run_id") == run_id
+    ]
 
 
 def _check_delta(delta: float, records: int) -> None:

@@ -29,6 +29,9 @@ from federation.messages import (
     DAEMON_ADDRESS_KEY,
     DAEMON_TIMEOUT_KEY,
     DESCRIPTION,
+    EVALUATE,
+    EVALUATION,
+    EVALUATION_REFUSED,
     FAILED,
     INVALID,
     METRICS,
@@ -91,14 +94,27 @@ def query(daemon: DaemonClient, msg: Message, packed: bool) -> RecordDict:
 @app.train()
 @_forwarded
 def train(daemon: DaemonClient, msg: Message, packed: bool) -> RecordDict:
-    updated, receipt, metrics = daemon.train(weights_of(msg.content), dict(msg.content[CONFIG]))
+    weights = weights_of(msg.content)
+    evaluation = _evaluate_first(daemon, weights, msg.content[EVALUATE]) if EVALUATE in msg.content else {}
+    updated, receipt, metrics = daemon.train(weights, dict(msg.content[CONFIG]))
     return RecordDict(
         {
             **weight_records(updated, packed),
             RECEIPT: ConfigRecord({RECEIPT_DOCUMENT: json.dumps(receipt, sort_keys=True)}),
             METRICS: MetricRecord(_metric_values(metrics)),
+            **evaluation,
         }
     )
+
+
+def _evaluate_first(daemon: DaemonClient, weights, request: ConfigRecord) -> dict:
+    """The evaluation a train message asks for, of its own incoming weights: the daemon's metrics (released
+    and charged only when the holder's policy opts in) or its refusal, which never stops the training."""
+    try:
+        metrics = daemon.evaluate(weights, dict(request))
+    except DaemonError as refusal:
+        return {EVALUATION_REFUSED: ConfigRecord({"reason": refusal.reason[:500]})}
+    return {EVALUATION: MetricRecord(_metric_values(metrics))}
 
 
 @app.evaluate()

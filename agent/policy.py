@@ -172,6 +172,9 @@ class SuperNodeConfig:
     insecure: bool = False
     executable: str | None = None
     extra_node_config: dict[str, Any] = field(default_factory=dict)
+    # "warm": one long-lived task loop serves every message (agent.warm_supernode); "subprocess": Flower's
+    # default, a fresh ClientApp process per message.
+    isolation: str = "warm"
 
 
 @dataclass(frozen=True)
@@ -245,7 +248,17 @@ def _supernode_config(base: Path, section: Mapping[str, Any] | None, path: Path)
         insecure=insecure,
         executable=section.get("executable"),
         extra_node_config=dict(optional_table(section, "node_config", path)),
+        isolation=_choice("supernode isolation", section.get("isolation", "warm"), SUPERNODE_ISOLATIONS, path),
     )
+
+
+SUPERNODE_ISOLATIONS = ("warm", "subprocess")
+
+
+def _choice(what: str, value: Any, choices: tuple[str, ...], path: Path) -> str:
+    if value not in choices:
+        raise InvalidInputError(f"{path}: {what} must be one of {', '.join(choices)}, not {value!r}")
+    return value
 
 
 def _refuse_insecure_randomness(training: Mapping[str, Any], path: Path) -> None:

@@ -6,6 +6,10 @@ The command (flwr 1.42's ``flower-supernode``; deploy/README.md shows it as a sy
         --auth-supernode-private-key supernode.key --port 9094 \\
         --node-config 'daemon-address="unix:///run/ewtune/agent.sock" holder-id="holder0"'
 
+By default the SuperNode runs in ``--isolation process`` under :mod:`agent.warm_supernode`, whose one task
+loop serves every message with the ClientApp already imported; ``isolation = "subprocess"`` in ``[supernode]``
+keeps Flower's default (a fresh ClientApp process per message, started by ``flower-superexec``).
+
 The node id is fixed when the operator registers the public key (``flwr supernode register``), so restarts
 keep it. The SuperNode runs in its own process group: stopping it also stops its ``flower-superexec`` and
 ClientApp children. A SuperNode that exits is restarted with exponential backoff (1 s doubling up to 60 s,
@@ -35,8 +39,6 @@ QUIET_ENVIRONMENT = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    # SuperExec polls for a new ClientApp task every 1 s by default (flwr 1.42).
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
     "HF_HUB_OFFLINE": "1",
 }
 
@@ -56,8 +58,14 @@ def node_config_text(values: Mapping[str, Any]) -> str:
 
 
 def supernode_command(config: SuperNodeConfig, daemon_address: str, holder_id: str) -> list[str]:
-    """The ``flower-supernode`` command line for this holder."""
-    command = [_executable(config), "--superlink", config.superlink, "--port", str(config.port)]
+    """The SuperNode command line for this holder: ``python -m agent.warm_supernode`` (flower-supernode's
+    arguments, one warm task loop for every message) or, with ``isolation = "subprocess"``, Flower's own
+    ``flower-supernode`` (a ClientApp process per message)."""
+    if config.isolation == "warm":
+        command = [sys.executable, "-m", "agent.warm_supernode"]
+    else:
+        command = [_executable(config)]
+    command += ["--superlink", config.superlink, "--port", str(config.port)]
     if config.insecure:
         command.append("--insecure")
     else:

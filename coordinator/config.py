@@ -38,6 +38,8 @@ SuperLink's, so every path it uses is absolute)::
     round = 900          # a holder that does not answer a train message in time is aborted
     evaluate = 300
     run_deadline = 0     # > 0: no round starts after this many seconds (the run stops cleanly)
+    poll_interval = 0.1  # how often the ServerApp pulls replies (Flower's send_and_receive: 3 s)
+    short_waits = true   # re-pull a reply whose objects lag its header after 50 ms (Flower: 1 s, doubling)
 
 This module imports neither torch nor flwr.
 """
@@ -64,6 +66,7 @@ class Timeouts:
     evaluate: float = 300.0
     run_deadline: float = 0.0
     poll_interval: float = 0.1
+    short_waits: bool = True
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ Flow of a run:
    save a checkpoint. A holder that fails, refuses, does not answer within the round timeout, or whose reply
    is malformed in any way (a hostile or broken holder: any exception while reading its reply) is aborted
    and dropped from later rounds; the round goes on with the others.
-4. evaluation of round r's global model rides with round r+1's train messages (same weights), so a node
-   runs both back to back instead of paying Flower's polling twice. Evaluate messages carry a ConfigRecord
-   "config" {run_id, round} (the round whose global model is evaluated): a holder releases evaluation
-   metrics only by opting in, and its daemon ties what it releases to the run. An error reply to an
-   evaluation (the default: a holder releases none) is logged and changes nothing else.
+4. evaluation of round r's global model rides inside round r+1's train message (same weights, one message
+   per holder per round): the record "evaluate" {run_id, round} asks the holder to evaluate the incoming
+   weights first, and the reply carries "evaluation" (metrics) or "evaluation_refused" (the default: a
+   holder releases none unless it opts in, and its daemon ties what it releases to the run). The model
+   after the last round is evaluated with evaluate messages. A refusal is logged and changes nothing else.
 
 Holders' train replies carry no training time (it would leak the Poisson batch sizes), so the per-round
 ``slowest_train_seconds`` and ``overhead_seconds`` of the status are None; ``ewtune bench federation``
@@ -56,7 +56,19 @@ from coordinator.planner import FederationPlan, HolderDescription, HolderPlan, p
 from coordinator.receipts_check import check_receipt
 from coordinator.registry import Registry
 from federation.apps import RUN_CONFIG_KEY
-from federation.messages import CONFIG, DESCRIPTION, METRICS, RECEIPT, RECEIPT_DOCUMENT, weight_records, weights_of
+from federation.flower_internals import shorten_serverapp_object_backoff
+from federation.messages import (
+    CONFIG,
+    DESCRIPTION,
+    EVALUATE,
+    EVALUATION,
+    EVALUATION_REFUSED,
+    METRICS,
+    RECEIPT,
+    RECEIPT_DOCUMENT,
+    weight_records,
+    weights_of,
+)
 
 STATUS_FILE = "status.json"
 
@@ -68,7 +80,10 @@ def main(grid: Grid, context: Context) -> None:
     path = context.run_config.get(RUN_CONFIG_KEY)
     if not path:
         raise InvalidInputError(f"run config lacks {RUN_CONFIG_KEY!r}: submit with `ewtune coordinator run --config federation.toml`")
-    Federation(grid, load_federation_config(str(path)), flower_run_id=context.run_id).run()
+    config = load_federation_config(str(path))
+    if config.timeouts.short_waits:
+        shorten_serverapp_object_backoff()
+    Federation(grid, config, flower_run_id=context.run_id).run()
 
 
 @dataclass
@@ -272,21 +287,20 @@ class Federation:
             for holder_id, state in active.items()
         }
         arrays = weight_records(weights, self.config.model.pack_weights)
-        evaluations = {
-            holder_id: self._evaluate_message(round - 1, state, arrays, timeouts.round) for holder_id, state in active.items()
-        } if evaluate_previous else {}
-        trains = {holder_id: self._train_message(round, state, arrays) for holder_id, state in active.items()}
+        evaluated_round = round - 1 if evaluate_previous else None
+        trains = {holder_id: self._train_message(round, state, arrays, evaluated_round) for holder_id, state in active.items()}
         _log(f"round {round}: training on {', '.join(active)}")
         arrivals: dict[str, float] = {}
         try:
-            replies = exchange(self.grid, [*evaluations.values(), *trains.values()], timeouts.round, timeouts.poll_interval, arrivals)
+            replies = exchange(self.grid, list(trains.values()), timeouts.round, timeouts.poll_interval, arrivals)
         except Exception as failure:  # the SuperLink failed us: nothing of this round was received
             for holder_id, seq in reservations.items():
                 self.ledger.abort(seq, f"round {round} not received: {type(failure).__name__}: {failure}"[:500])
             raise
         exchanged = time.monotonic()
-        for holder_id, message in evaluations.items():
-            self._record_evaluation(holder_id, round - 1, replies.get(message.metadata.message_id))
+        if evaluated_round is not None:
+            for holder_id, message in trains.items():
+                self._record_evaluation(holder_id, evaluated_round, replies.get(message.metadata.message_id), inside_train=True)
         committed, outcomes = [], {}
         for holder_id, message in trains.items():
             state = active[holder_id]
@@ -318,12 +332,10 @@ class Federation:
                 outcomes[holder_id]["weight_share"] = share
         for holder_id, message in trains.items():
             outcomes[holder_id]["reply_seconds"] = arrivals.get(message.metadata.message_id)
-            if holder_id in evaluations:
-                outcomes[holder_id]["evaluation_reply_seconds"] = arrivals.get(evaluations[holder_id].metadata.message_id)
         checkpoint = round_checkpoint(self.config.output_dir, round, weights, self.run_id)
         self.status["checkpoints"].append(str(checkpoint))
         finished = time.monotonic()
-        self._record_round(round, started, exchanged, finished, outcomes, bool(evaluations))
+        self._record_round(round, started, exchanged, finished, outcomes, evaluate_previous)
         if not committed:
             raise InvalidInputError(f"round {round}: no holder returned a verified update")
         return weights
@@ -334,7 +346,9 @@ class Federation:
         content = RecordDict({**arrays, CONFIG: ConfigRecord({"run_id": self.run_id, "round": round})})
         return Message(content, state.plan.holder.node_id, MessageType.EVALUATE, ttl=ttl, group_id=str(round))
 
-    def _train_message(self, round: int, state: HolderState, arrays: dict) -> Message:
+    def _train_message(self, round: int, state: HolderState, arrays: dict, evaluated_round: int | None) -> Message:
+        """The round's train message; with ``evaluated_round``, it also asks the holder to evaluate the incoming
+        weights (the global model after that round) before training."""
         settings = self.config.settings
         plan = {
             "run_id": self.run_id,
@@ -349,6 +363,8 @@ class Federation:
         if state.plan.holder.model_id:
             plan["model_id"] = state.plan.holder.model_id
         content = RecordDict({**arrays, CONFIG: ConfigRecord(plan)})
+        if evaluated_round is not None:
+            content[EVALUATE] = ConfigRecord({"run_id": self.run_id, "round": evaluated_round})
         return Message(content, state.plan.holder.node_id, MessageType.TRAIN, ttl=self.config.timeouts.round, group_id=str(round))
 
     def _verified_update(self, round: int, state: HolderState, reply: Message | None, weights: dict[str, np.ndarray]):
@@ -391,11 +407,13 @@ class Federation:
         for holder_id, message in messages.items():
             self._record_evaluation(holder_id, round, replies.get(message.metadata.message_id))
 
-    def _record_evaluation(self, holder_id: str, round: int, reply: Message | None) -> None:
-        """Keep the numeric metrics of an evaluation reply. A holder releases none by default (its daemon
-        answers with an error): no reply, an error or anything malformed is logged and changes nothing else
-        (the holder is neither dropped nor aborted)."""
+    def _record_evaluation(self, holder_id: str, round: int, reply: Message | None, inside_train: bool = False) -> None:
+        """Keep the numeric metrics of an evaluation: an evaluate reply's "metrics", or a train reply's
+        "evaluation" (``inside_train``). A holder releases none by default (its daemon refuses): no reply, a
+        refusal, an error or anything malformed is logged and changes nothing else (the holder is neither
+        dropped nor aborted for it)."""
         state = self.holders[holder_id]
+        record = EVALUATION if inside_train else METRICS
         try:
             if reply is None:
                 _log(f"holder {holder_id}: no evaluation of round {round} (no reply)")
@@ -403,10 +421,14 @@ class Federation:
             if reply.has_error():
                 _log(f"holder {holder_id}: no evaluation of round {round} (code {reply.error.code}: {str(reply.error.reason)[:200]})")
                 return
-            if METRICS not in reply.content:
-                _log(f"holder {holder_id}: evaluation reply of round {round} carries no metrics")
+            if inside_train and EVALUATION_REFUSED in reply.content:
+                reason = reply.content[EVALUATION_REFUSED].get("reason")
+                _log(f"holder {holder_id}: no evaluation of round {round} (refused: {str(reason)[:200]})")
                 return
-            metrics = _numeric_metrics(reply.content[METRICS], f"holder {holder_id}'s evaluation metrics")
+            if record not in reply.content:
+                _log(f"holder {holder_id}: reply of round {round} carries no evaluation metrics")
+                return
+            metrics = _numeric_metrics(reply.content[record], f"holder {holder_id}'s evaluation metrics")
         except Exception as failure:  # noqa: BLE001 - a malformed evaluation reply is ignored, not fatal
             _log(f"holder {holder_id}: evaluation reply of round {round} ignored: {_reason(failure)}")
             return

@@ -38,6 +38,7 @@ class HolderSetup:
     budget_delta: float = 1e-5
     training: dict[str, Any] = field(default_factory=dict)  # agent.training.TrainingConfig fields
     policy: dict[str, Any] = field(default_factory=dict)  # [policy] of agent.toml
+    supernode: dict[str, Any] = field(default_factory=dict)  # more [supernode] settings of agent.toml (isolation)
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,7 @@ class LocalFederation:
                 "root_certificates": str(self.credentials.ca_certificate),
                 "auth_private_key": str(keys.supernode_private_key),
                 "port": free_port(),
+                **holder.supernode,
             },
         }
         path = folder / "agent.toml"

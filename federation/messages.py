@@ -6,12 +6,15 @@ The exchange (Flower's Message API; every reply answers one message of the Serve
   spent certified epsilon, ledger public key, model id, policy limits; ``agent.daemon.Daemon.describe``);
 - ``train``: :data:`ARRAYS` (the global trainable weights, packed with :data:`LAYOUT` or plain) and
   :data:`CONFIG` (the holder's plan: run_id, round, sampling rate, noise multiplier, steps, clip norm,
-  learning rate, delta) -> :data:`ARRAYS` (the noised weights, packed as the request was),
-  :data:`RECEIPT` {:data:`RECEIPT_DOCUMENT`: the signed receipt as JSON text} and :data:`METRICS`
-  {steps: the steps executed};
+  learning rate, delta), and optionally :data:`EVALUATE` {run_id, round}: evaluate the same incoming weights
+  (the global model after that round) first -> :data:`ARRAYS` (the noised weights, packed as the request
+  was), :data:`RECEIPT` {:data:`RECEIPT_DOCUMENT`: the signed receipt as JSON text}, :data:`METRICS`
+  {steps: the steps executed} and, when :data:`EVALUATE` was asked, either :data:`EVALUATION` (the
+  evaluation's metrics, as below) or :data:`EVALUATION_REFUSED` {reason}. Evaluation rides inside the train
+  message so that a round costs one message per holder;
 - ``evaluate``: :data:`ARRAYS` and :data:`CONFIG` {run_id, round} -> :data:`METRICS` (accuracy, f1,
   num_examples, noise_multiplier) from a noised confusion matrix, only when the holder opts in to private
-  evaluation; otherwise a refusal.
+  evaluation; otherwise a refusal. Sent alone only after the last round.
 
 A refusal or failure is a Flower ``Error`` with one of the codes below and the daemon's reason (generic for
 failures after work on the data began). Nothing else leaves a holder (SECURITY.md, "What leaves a holder").
@@ -35,6 +38,9 @@ CONFIG = "config"  # ConfigRecord: the plan of a train message, {run_id, round} 
 RECEIPT = "receipt"  # ConfigRecord {RECEIPT_DOCUMENT: JSON text}
 RECEIPT_DOCUMENT = "document"
 METRICS = "metrics"  # MetricRecord
+EVALUATE = "evaluate"  # ConfigRecord {run_id, round} in a train message: evaluate the incoming weights first
+EVALUATION = "evaluation"  # MetricRecord in a train reply: the metrics of that evaluation
+EVALUATION_REFUSED = "evaluation_refused"  # ConfigRecord {"reason": text} in a train reply: none released
 
 # Flower Error codes of the holder's replies.
 FAILED = 4000  # anything else (the reason says what)

@@ -3,6 +3,7 @@ the gRPC API on a Unix socket, the ClientApp shim, and a clean shutdown of ``ewt
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -620,7 +621,9 @@ def test_supernode_command_has_tls_auth_and_the_daemon_address(tmp_path):
     (tmp_path / "node.key").write_text("x")
     config = SuperNodeConfig("127.0.0.1:9092", tmp_path / "ca.crt", tmp_path / "node.key", port=9101)
     command = supernode_command(config, "unix:///run/a.sock", HOLDER)
-    assert Path(command[0]).name == "flower-supernode"
+    assert command[:3] == [sys.executable, "-m", "agent.warm_supernode"]  # the default: one warm task loop
+    flower_default = supernode_command(dataclasses.replace(config, isolation="subprocess"), "unix:///run/a.sock", HOLDER)
+    assert Path(flower_default[0]).name == "flower-supernode" and flower_default[1:] == command[3:]
     joined = " ".join(command)
     assert f"--root-certificates {tmp_path / 'ca.crt'}" in joined and "--insecure" not in joined
     assert f"--auth-supernode-private-key {tmp_path / 'node.key'}" in joined and "--port 9101" in joined

@@ -50,18 +50,25 @@ class Node:
         line = self.supernode_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
         return HolderCard(self.holder_id, line, self.key.public_key_text)
 
+    def evaluation(self, request):
+        """The metrics this node releases for an evaluation request, or None (a refusal)."""
+        self.evaluate_configs.append(dict(request))
+        if self.forgery == "no evaluation":  # the default of a holder: it releases no evaluation metrics
+            return None
+        if self.forgery == "list metrics":
+            return MetricRecord({"accuracy": [0.5, 0.6], "loss": 0.25})
+        return MetricRecord({"accuracy": 0.5, "num_examples": 10})
+
     def reply(self, message):
         if message.metadata.message_type == MessageType.QUERY:
             description = {"holder_id": self.holder_id, "dataset_size": self.dataset_size, "budget_epsilon": 8.0, "budget_delta": 1e-5,
                            "spent_epsilon_certified": 0.0, "public_key": self.key.public_key_text, "model_id": "m", **self.claims}
             return Message(RecordDict({"description": ConfigRecord(description)}), reply_to=message)
-        if message.metadata.message_type == MessageType.EVALUATE:
-            self.evaluate_configs.append(dict(message.content["config"]))
-            if self.forgery == "no evaluation":  # the default of a holder: it releases no evaluation metrics
+        if message.metadata.message_type == MessageType.EVALUATE:  # after the last round
+            metrics = self.evaluation(message.content["config"])
+            if metrics is None:
                 return Message(Error(code=0, reason="evaluation metrics are not released"), reply_to=message)
-            if self.forgery == "list metrics":
-                return Message(RecordDict({"metrics": MetricRecord({"accuracy": [0.5, 0.6], "loss": 0.25})}), reply_to=message)
-            return Message(RecordDict({"metrics": MetricRecord({"accuracy": 0.5, "num_examples": 10})}), reply_to=message)
+            return Message(RecordDict({"metrics": metrics}), reply_to=message)
         if self.forgery == "silent":
             return None  # a dead daemon: the train message is never answered
         plan = message.content["config"]
@@ -84,6 +91,12 @@ class Node:
             "receipt": ConfigRecord({"document": json.dumps(document)}),
             "metrics": MetricRecord(metrics),
         })
+        if "evaluate" in message.content:  # the previous round's model, evaluated inside the train message
+            evaluation = self.evaluation(message.content["evaluate"])
+            if evaluation is None:
+                content["evaluation_refused"] = ConfigRecord({"reason": "evaluation metrics are not released"})
+            else:
+                content["evaluation"] = evaluation
         if self.forgery in ("object layout", "negative shape"):
             # The layout is not covered by the receipt's digest of the arrays: rewrite it after signing.
             layout = json.loads(content[LAYOUT]["json"])
@@ -99,6 +112,7 @@ class FakeGrid:
     def __init__(self, nodes):
         self.nodes = {node.node_id: node for node in nodes}
         self.replies = {}
+        self.pushed = []  # (message type, destination node) of every message pushed, in order
 
     def get_nodes(self):
         return list(self.nodes.values())
@@ -107,6 +121,7 @@ class FakeGrid:
         ids = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = message.object_id
+            self.pushed.append((message.metadata.message_type, message.metadata.dst_node_id))
             reply = self.nodes[message.metadata.dst_node_id].reply(message)
             if reply is not None:
                 self.replies[message.object_id] = reply
@@ -227,11 +242,11 @@ def _hostile_run(tmp_path):
     ]
     federation = _federation(tmp_path, nodes)
     federation.run()
-    return tmp_path, federation.status, key, {node.holder_id: node for node in nodes}
+    return tmp_path, federation.status, key, {node.holder_id: node for node in nodes}, federation.grid.pushed
 
 
 def test_hostile_replies_abort_only_their_holder_and_the_round_goes_on(hostile):
-    directory, status, key, _ = hostile
+    directory, status, key, _, _ = hostile
     assert status["state"] == "finished" and status["rounds_completed"] == 2, status["reason"]
     holders = status["holders"]
     for holder in ("honest", "composed", "lists", "mute", "big"):
@@ -247,7 +262,7 @@ def test_hostile_replies_abort_only_their_holder_and_the_round_goes_on(hostile):
 
 
 def test_a_composed_event_and_list_metrics_are_accepted_without_the_lists(hostile):
-    _, status, _, _ = hostile
+    _, status, _, _, _ = hostile
     first = status["rounds"][0]["holders"]
     assert first["composed"]["status"] == "committed" and first["composed"]["steps"] == 3
     assert first["lists"]["metrics"] == {"loss": 0.5, "examples": 10.0, "steps": 3.0}  # "losses" (a list) left out
@@ -259,7 +274,7 @@ def test_nodes_impersonating_a_holder_or_unregistered_are_left_out(hostile):
     """The attack: a registered node claims another holder's id (impostor -> honest), or its own id with a
     ledger key other than the registered one; an unregistered SuperNode key describes itself. None of them
     is planned, reserved or sent anything."""
-    directory, status, key, _ = hostile
+    directory, status, key, _, _ = hostile
     skipped = status["skipped"]
     assert "claims holder id 'honest' but its SuperNode key is registered to 'impostor'" in skipped["node-8"]
     assert "ledger key other than the registered one" in skipped["node-9"]
@@ -271,7 +286,7 @@ def test_nodes_impersonating_a_holder_or_unregistered_are_left_out(hostile):
 
 
 def test_a_holder_claiming_a_large_dataset_gets_at_most_half_the_average(hostile):
-    directory, status, _, _ = hostile
+    directory, status, _, _, _ = hostile
     shares = {holder: outcome["weight_share"] for holder, outcome in status["rounds"][0]["holders"].items() if "weight_share" in outcome}
     assert shares == pytest.approx({"honest": 0.125, "composed": 0.125, "lists": 0.125, "mute": 0.125, "big": 0.5})
     final = load_weights(directory / "out" / "final.safetensors")
@@ -279,11 +294,25 @@ def test_a_holder_claiming_a_large_dataset_gets_at_most_half_the_average(hostile
 
 
 def test_evaluations_name_the_run_and_round_and_an_error_reply_drops_nobody(hostile):
-    _, status, _, nodes = hostile
+    _, status, _, nodes, _ = hostile
     assert nodes["mute"].evaluate_configs == [{"run_id": "t-7", "round": r} for r in (0, 1, 2)]
     mute = status["holders"]["mute"]
     assert mute["active"] and mute["reason"] is None and mute["evaluation"] == {}
     assert status["holders"]["honest"]["accuracy"] == {"0": 0.5, "1": 0.5, "2": 0.5}
+
+
+def test_each_round_sends_one_message_per_holder_with_the_evaluation_inside(hostile):
+    """Evaluation of round r-1's model rides inside round r's train message: no evaluate message until the
+    model after the last round, and never two messages to a holder in one round."""
+    _, status, _, _, pushed = hostile
+    types = [kind for kind, _ in pushed]
+    first_train, last_train = types.index(MessageType.TRAIN), len(types) - 1 - types[::-1].index(MessageType.TRAIN)
+    assert set(types[:first_train]) == {MessageType.QUERY}
+    assert set(types[first_train:last_train + 1]) == {MessageType.TRAIN}
+    assert set(types[last_train + 1:]) == {MessageType.EVALUATE}
+    trains = [node for kind, node in pushed if kind == MessageType.TRAIN]
+    round_1 = [node for node in trains[: len(status["rounds"][0]["holders"])]]
+    assert len(round_1) == len(set(round_1))  # one train message per holder in round 1
 
 
 def test_a_configured_update_norm_bound_is_applied(tmp_path, monkeypatch):

@@ -1,0 +1,78 @@
+"""The one module that touches Flower internals (federation/flower_internals.py): it refuses a flwr that is not
+the pinned one or lacks a name it patches, and its waits are short only while a run is active."""
+
+import functools
+
+import pytest
+
+from federation import flower_internals
+from federation.flower_internals import (
+    ActivePolling,
+    FlowerInternalsError,
+    check_flower_internals,
+    shorten_serverapp_object_backoff,
+    shorten_supernode_waits,
+)
+
+
+def test_the_pinned_flwr_passes_the_check():
+    check_flower_internals()
+
+
+def test_another_flwr_version_is_refused():
+    with pytest.raises(FlowerInternalsError, match=r"flwr 1\.43\.0 is installed, 1\.42\.0 is pinned"):
+        check_flower_internals(version="1.43.0")
+
+
+def test_a_missing_internal_name_is_refused_by_name(monkeypatch):
+    from flwr.supernode import start_client_internal
+
+    monkeypatch.delattr(start_client_internal, "_pull_and_store_message")
+    with pytest.raises(FlowerInternalsError, match=r"start_client_internal\._pull_and_store_message is missing"):
+        check_flower_internals()
+    with pytest.raises(FlowerInternalsError):
+        shorten_supernode_waits()  # nothing is patched on a flwr that differs
+
+
+def test_a_missing_internal_module_is_refused(monkeypatch):
+    monkeypatch.setitem(flower_internals.REQUIRED_INTERNALS, "flwr.no_such_module", ("x",))
+    with pytest.raises(FlowerInternalsError, match="flwr.no_such_module does not import"):
+        check_flower_internals()
+
+
+def test_polling_is_fast_only_within_the_active_window(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(flower_internals.time, "monotonic", lambda: now[0])
+    polling = ActivePolling(fast_poll=0.1, reply_wait=0.02, active_window=120.0)
+    assert polling.interval(3) == 3  # an idle node polls as flwr does
+    polling.message_seen()
+    assert polling.interval(3) == 0.1  # a run is active: poll fast
+    assert polling.interval(0.5) == 0.02  # waits for a reply or an object are short
+    now[0] += 121.0
+    assert polling.interval(3) == 3  # back to flwr's interval once the run has gone quiet
+    assert polling.monotonic is flower_internals.time.monotonic  # any other attribute is the time module's
+
+
+def test_the_supernode_waits_are_rebound_and_activity_is_noted(monkeypatch):
+    from flwr.supernode import start_client_internal as node
+
+    for name in ("time", "_pull_and_store_message", "pull_objects"):
+        monkeypatch.setattr(node, name, getattr(node, name))  # restored after the test
+    calls = []
+    monkeypatch.setattr(node, "_pull_and_store_message", lambda **kwargs: calls.append(kwargs) or kwargs.get("run_id"))
+    polling = shorten_supernode_waits(ActivePolling(active_window=60.0))
+    assert node.time is polling
+    assert isinstance(node.pull_objects, functools.partial) and node.pull_objects.keywords["initial_backoff"] == 0.05
+    assert node._pull_and_store_message(run_id=None) is None and polling.interval(3) == 3
+    assert node._pull_and_store_message(run_id=7) == 7 and polling.interval(3) == polling.fast_poll
+
+
+def test_the_serverapp_object_backoff_is_rebound_once(monkeypatch):
+    from flwr.superlink.grid import http_grid
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
+    shorten_serverapp_object_backoff()
+    shorten_serverapp_object_backoff()
+    assert isinstance(http_grid.pull_objects, functools.partial)
+    assert not isinstance(http_grid.pull_objects.func, functools.partial)  # not wrapped twice
+    assert http_grid.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}

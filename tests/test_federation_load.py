@@ -29,15 +29,15 @@ def _resident_bytes() -> int:
 class CountingGrid(FakeGrid):
     def __init__(self, nodes):
         super().__init__(nodes)
-        self.pushed, self.pulled, self.resident = 0, 0, []
+        self.sent, self.answered, self.resident = 0, 0, []
 
     def push_messages(self, messages):
-        self.pushed += len(messages)
+        self.sent += len(messages)
         return super().push_messages(messages)
 
     def pull_messages(self, message_ids):
         replies = super().pull_messages(message_ids)
-        self.pulled += len(replies)
+        self.answered += len(replies)
         self.resident.append(_resident_bytes())
         return replies
 
@@ -57,7 +57,7 @@ def test_twenty_holders_six_rounds_lose_nothing_and_memory_stays_flat(tmp_path, 
     federation.run()
     status = federation.status
     assert status["state"] == "finished" and status["rounds_completed"] == ROUNDS, status["reason"]
-    assert grid.pushed == grid.pulled == HOLDERS * (ROUNDS + 1)  # a query and a train message per round, each answered
+    assert grid.sent == grid.answered == HOLDERS * (ROUNDS + 1)  # a query and a train message per round, each answered
     assert all(status["holders"][node.holder_id]["rounds_committed"] == ROUNDS for node in nodes)
     entries = [parse_line(line) for line in split_lines((tmp_path / "ledger.jsonl").read_bytes()).lines]
     assert sum(entry["kind"] == "commit" for entry in entries) == HOLDERS * ROUNDS

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -98,7 +97,11 @@ def register(commands) -> None:
                         "committed with the steps it executed")
     parser.add_argument("--signing-key", default=None, help="the ledger's Ed25519 key (with --ledger)")
     parser.add_argument("--output", default=None, help="save the adapter (full and head modes: the whole model) and run.json here")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout; progress "
+                        "(phases, steps with loss and examples per second) as JSON lines on stderr")
+    from federation.progress import add_quiet_flag
+
+    add_quiet_flag(parser)
     parser.set_defaults(func=run)
 
 
@@ -111,9 +114,11 @@ def run(args) -> int:
 
     from accountant.privacy_accountant import delta_too_large
     from agent.evaluation import majority_baseline
-    from agent.training import LocalTrainer, StepPlan
+    from agent.training import LocalTrainer
+    from federation.progress import Progress
 
     started = time.perf_counter()
+    progress = Progress.from_args(args)
     ledger = _open_ledger(args)
     try:
         trainer = LocalTrainer(_training_config(args))
@@ -125,8 +130,9 @@ def run(args) -> int:
         if ledger is not None:
             _check_ledger_budget(ledger, calibrated)
         torch.manual_seed(args.seed)
-        results = _run_phases(args, trainer, recipe, calibrated, ledger)
+        results = _run_phases(args, trainer, recipe, calibrated, ledger, progress)
     finally:
+        progress.close()
         if ledger is not None:
             ledger.close()
     evaluation = trainer.evaluate()
@@ -138,7 +144,7 @@ def run(args) -> int:
     return 0
 
 
-def _run_phases(args, trainer, recipe, calibrated, ledger) -> list:
+def _run_phases(args, trainer, recipe, calibrated, ledger, progress) -> list:
     """Each phase in turn; with a ledger, reserved before it runs and committed with what it executed (the
     steps that ran are committed even when the phase fails)."""
     from datetime import datetime, timezone
@@ -149,15 +155,19 @@ def _run_phases(args, trainer, recipe, calibrated, ledger) -> list:
     run_id = "train-local-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     for index, done in enumerate(calibrated):
         name, event = done.phase.name, done.event
-        _say(args, f"{name}: q = {event.sampling_rate:.5f} ({size} training examples), {event.steps} steps, sigma "
-             f"{event.noise_multiplier:.4f}; certified epsilon after this phase {done.epsilon_certified_so_far:.4f}")
+        progress.event(
+            "phase", f"{name}: q = {event.sampling_rate:.5f} ({size} training examples), {event.steps} steps, sigma "
+            f"{event.noise_multiplier:.4f}; certified epsilon after this phase {done.epsilon_certified_so_far:.4f}",
+            phase=name, training_examples=size, sampling_rate=event.sampling_rate, steps=event.steps,
+            noise_multiplier=event.noise_multiplier, planned_epsilon_certified_after=done.epsilon_certified_so_far,
+        )  # fmt: skip
         plan = StepPlan(event.steps, event.sampling_rate, event.noise_multiplier, recipe.clip_norm, recipe.learning_rate(name),
                         head_only=name == "probe", optimizer=recipe.optimizer(name))
         if name == "probe":
-            _say(args, f"probe: embedding the {size} training records once with the frozen encoder")
+            progress.event("embedding", f"probe: embedding the {size} training records once with the frozen encoder", phase=name)
         reservation = None if ledger is None else ledger.reserve(ledger.writer_id, run_id, index, event)
         try:
-            result = _train_with_progress(trainer, plan, name, quiet=args.json)
+            result = _train_with_progress(trainer, plan, name, progress)
         except TrainingFailed as failure:
             if reservation is not None:
                 _close(ledger, reservation, failure.event, {"phase": name, "released": False})
@@ -290,18 +300,52 @@ def _training_config(args):
     )
 
 
-def _train_with_progress(trainer, plan, name: str, quiet: bool):
-    from tqdm import tqdm
+def _train_with_progress(trainer, plan, name: str, progress):
+    """Trains one phase, reporting each step (its batch's mean training loss, local to the holder, and the
+    examples per second since the first step ended, so that the probe's one-off embedding is left out) and the
+    phase's end."""
+    rate = _ExampleRate()
 
-    hidden = quiet and not sys.stderr.isatty()
-    with tqdm(total=plan.steps, desc=f"DP-SGD {name}", unit="step", file=sys.stderr, disable=hidden) as bar:
+    def on_step(step: int, stats) -> None:
+        per_second = rate.add(stats.examples)
+        loss = stats.loss_sum / stats.examples if stats.examples else None
+        progress.update(
+            "step", f"DP-SGD {name}: step {step}/{plan.steps}, loss {_figure(loss, '.3f')}, {_figure(per_second, '.0f')} examples/s",
+            phase=name, step=step, steps=plan.steps, batch=stats.examples, loss=loss, examples_per_second=per_second,
+        )  # fmt: skip
 
-        def on_step(_, stats) -> None:
-            bar.update(1)
-            if stats.examples:
-                bar.set_postfix(batch=stats.examples, loss=f"{stats.loss_sum / stats.examples:.3f}", refresh=False)
+    result = trainer.train(plan, on_step=on_step)
+    metrics = result.metrics
+    progress.event(
+        "phase_end", f"{name}: {metrics['steps']} of {plan.steps} steps in {metrics['seconds']:.1f} s, mean training loss "
+        f"{_figure(metrics['loss'], '.4f')}, {_figure(rate.per_second, '.0f')} examples/s",
+        phase=name, steps=metrics["steps"], planned_steps=plan.steps, loss=metrics["loss"], examples=metrics["examples"],
+        examples_per_second=rate.per_second, seconds=metrics["seconds"],
+    )  # fmt: skip
+    return result
 
-        return trainer.train(plan, on_step=on_step)
+
+class _ExampleRate:
+    """Examples per second over the steps after the first (the first may include one-off work such as the
+    probe's embedding pass); ``None`` until two steps have ended."""
+
+    def __init__(self):
+        self._first: float | None = None
+        self._examples = 0
+        self.per_second: float | None = None
+
+    def add(self, examples: int) -> float | None:
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = now
+        else:
+            self._examples += examples
+            self.per_second = self._examples / (now - self._first) if now > self._first else None
+        return self.per_second
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
 def _summary(args, trainer, recipe, results, evaluation, seconds) -> dict:
@@ -384,7 +428,3 @@ def _report(summary: dict) -> str:
         lines.append(f"randomness          {summary['randomness']}: INSECURE, reproducible from the seed (tests only)")
     return "\n".join(lines)
 
-
-def _say(args, message: str) -> None:
-    if not args.json:
-        print(message, file=sys.stderr)

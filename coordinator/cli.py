@@ -40,12 +40,22 @@ def register(subparsers) -> None:
     start.add_argument("--no-register", action="store_true", help="do not register the holders listed in the credentials")
     start.set_defaults(func=_start)
 
-    run = commands.add_parser("run", help="submit a federated run (federation.toml) and follow it", description="Submit the job with `flwr run` and show its progress until it ends.")
+    run = commands.add_parser(
+        "run",
+        help="submit a federated run (federation.toml) and follow it",
+        description="Submit the job with `flwr run` and show its progress on stderr until it ends (each holder's plan, "
+        "each round: updates committed and aborted, its seconds, the certified epsilon spent), then the per-holder "
+        "table on stdout.",
+    )
     run.add_argument("--config", required=True, help="federation.toml")
     run.add_argument("--state-dir", required=True, help="the --state-dir of `ewtune coordinator start`")
     run.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up following after this many seconds")
     run.add_argument("--status-port", type=int, metavar="PORT",
                      help="also serve the read-only status page on 127.0.0.1:PORT while the run goes on")
+    run.add_argument("--json", action="store_true", help="print the final status as one JSON document on stdout; progress as JSON lines on stderr")
+    from federation.progress import add_quiet_flag
+
+    add_quiet_flag(run)
     run.set_defaults(func=_run)
 
     serve = commands.add_parser(
@@ -112,6 +122,8 @@ def _run(args: argparse.Namespace) -> int:
     from coordinator import superlink
     from coordinator.config import load_federation_config
     from coordinator.config_check import check_federation_config
+    from coordinator.run_progress import RunProgress
+    from federation.progress import Progress
 
     check_federation_config(args.config).raise_if_any()  # every problem of federation.toml at once
     config = load_federation_config(args.config)
@@ -122,19 +134,20 @@ def _run(args: argparse.Namespace) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(superlink.run_command(config.path), stdout=log, stderr=subprocess.STDOUT, env=superlink.flower_environment(flwr_home), start_new_session=True)
-    page = None
+    page, progress = None, Progress.from_args(args)
     try:
         if args.status_port is not None:
             from coordinator.status_server import StatusServer
 
             page = StatusServer(config.output_dir / "status.json", port=args.status_port).start()
-            print(f"status page: {page.url}", flush=True)
-        status = follow_run(process, config.output_dir / "status.json", print_progress, args.timeout)
+            progress.event("status_page", f"status page: {page.url}", url=page.url)
+        status = follow_run(process, config.output_dir / "status.json", RunProgress(progress), args.timeout)
     finally:
+        progress.close()
         superlink.stop_process(process)
         if page is not None:
             page.stop()
-    print(status_table(status))
+    print(json.dumps(status, indent=2) if args.json else status_table(status))
     return 0 if status.get("state") in ("finished", "stopped") else 1
 
 
@@ -201,22 +214,6 @@ def follow_run(process: subprocess.Popen, status_path: Path, on_status: Callable
         if time.monotonic() > deadline:
             raise EwtuneError(f"the run did not finish within {timeout:g} s")
         time.sleep(0.5)
-
-
-def print_progress(status: dict[str, Any]) -> None:
-    """One line per change of state or completed round."""
-    rounds = status.get("rounds", [])
-    done = len(rounds)
-    key = (status.get("state"), done)
-    if getattr(print_progress, "_last", None) == key:
-        return
-    print_progress._last = key
-    if rounds:
-        last = rounds[-1]
-        committed = [h for h, o in last["holders"].items() if o["status"] == "committed"]
-        print(f"  round {last['round']}/{status.get('rounds_planned')}: {len(committed)} update(s) verified and aggregated in {last['seconds']:.1f} s", flush=True)
-    else:
-        print(f"  {status.get('state')}", flush=True)
 
 
 def _evaluation(round: str, holder: dict[str, Any]) -> str:

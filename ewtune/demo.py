@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,10 @@ TEST_SPLIT = "demo-held-out"  # the demo's own share of MR: no holder sees it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object at the end (progress goes to stderr)")
+    from federation.progress import add_quiet_flag
+
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end on stdout; progress as JSON lines on stderr")
+    add_quiet_flag(parser)
     recipe = Recipe()
     parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
     parser.add_argument("--local-steps", type=int, default=10, help="DP-SGD steps per holder per round (default 10)")
@@ -54,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("rounds", "local_steps", "rows_per_holder", "max_length"):
         if getattr(args, name) < 1:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1")
-    progress = _printer(sys.stderr if args.json else sys.stdout)
+    from federation.progress import Progress
+
+    reporter = Progress.from_args(args)
+    progress = reporter.printer("demo")
     started = time.monotonic()
     work = Path(args.work_dir).resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="ewtune-demo-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -62,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--work-dir {work} is not empty")
     progress(f"ewtune demo: 3 holders, {args.rounds} rounds of DP-SGD linear probing of MiniLM on MR at certified epsilon {args.target_epsilon:g} "
              f"(delta {args.delta:g}); working in {work}")
-    result = run_federation(work, args, progress)
+    with reporter:
+        result = run_federation(work, args, reporter)
     result["wall_seconds"] = time.monotonic() - started
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
@@ -71,10 +77,12 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result["state"] in ("finished", "stopped") and result["ledger_verified"] else 1
 
 
-def run_federation(work: Path, args: argparse.Namespace, progress) -> dict[str, Any]:
+def run_federation(work: Path, args: argparse.Namespace, reporter) -> dict[str, Any]:
     from agent.assets import minilm_model_dir, write_mr_csv
+    from coordinator.run_progress import RunProgress
     from ewtune.local_federation import FederationJob, HolderSetup, LocalFederation, initial_weights, partition_csv
 
+    progress = reporter.printer("demo")  # the demo's phases, and LocalFederation's log
     source = write_mr_csv(work / "data" / "mr.csv", max_rows=args.rows_per_holder * (len(HOLDERS) + 1), seed=0)
     *partitions, test_csv = partition_csv(source, work / "data", len(HOLDERS) + 1, (*HOLDERS, TEST_SPLIT))
     model_dir = minilm_model_dir()
@@ -113,7 +121,7 @@ def run_federation(work: Path, args: argparse.Namespace, progress) -> dict[str, 
         federation.wait_for_daemons()
         progress("submitting the federated run (flwr run)")
         with _status_page(work, args.status_port, progress):
-            status = federation.run(job, on_status=_progress_from_status(progress))
+            status = federation.run(job, on_status=RunProgress(reporter))
     progress("all processes stopped; verifying the ledgers")
     result = _result(work, status, federation.credentials)
     progress(f"evaluating the global model after each round on the demo's own held-out sentences ({test_csv.name})")
@@ -236,37 +244,6 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _progress_from_status(progress):
-    seen: set[Any] = set()
-
-    def on_status(status: dict[str, Any]) -> None:
-        for holder_id, holder in sorted(status.get("holders", {}).items()):
-            if ("plan", holder_id) not in seen:
-                seen.add(("plan", holder_id))
-                progress(f"  plan for {holder_id}: {holder['dataset_size']} records, q={holder['sampling_rate']:.4f}, sigma={holder['noise_multiplier']:.4f}, "
-                         f"certified epsilon after the plan {holder['planned_epsilon_certified']:.3f}")
-        for holder_id, reason in status.get("skipped", {}).items():
-            if ("skip", holder_id) not in seen:
-                seen.add(("skip", holder_id))
-                progress(f"  skipped {holder_id}: {reason}")
-        for record in status.get("rounds", []):
-            if ("round", record["round"]) not in seen:
-                seen.add(("round", record["round"]))
-                epsilons = ", ".join(
-                    f"{h} {status['holders'][h]['epsilon_certified']:.2f}" for h in sorted(status["holders"]) if status["holders"][h].get("epsilon_certified") is not None
-                )
-                committed = sum(1 for o in record["holders"].values() if o["status"] == "committed")
-                progress(f"  round {record['round']}/{status['rounds_planned']}: {committed} verified update(s) aggregated in {record['seconds']:.0f} s; "
-                         f"certified epsilon so far: {epsilons}")
-        for holder_id, holder in sorted(status.get("holders", {}).items()):
-            for round, accuracy in holder.get("accuracy", {}).items():
-                if ("accuracy", holder_id, round) not in seen:
-                    seen.add(("accuracy", holder_id, round))
-                    progress(f"    {holder_id}: private (noised) accuracy of the global model after round {round}: {accuracy:.3f}")
-
-    return on_status
-
-
 def _status_page(work: Path, port: int | None, progress):
     """The status page of the run on 127.0.0.1:``port`` while it goes on (nothing without a port)."""
     import contextlib
@@ -278,13 +255,6 @@ def _status_page(work: Path, port: int | None, progress):
     page = StatusServer(work / "coordinator" / "run" / "status.json", port=port)
     progress(f"status page: {page.url}")
     return page
-
-
-def _printer(stream):
-    def progress(text: str) -> None:
-        print(text, file=stream, flush=True)
-
-    return progress
 
 
 def _fmt(value: Any) -> str:

@@ -167,3 +167,28 @@ def test_train_local_off_a_terminal_prints_phase_lines_and_with_quiet_nothing(ti
     assert _train_local(tiny_bert_dir, mr_csv, "--quiet") == 0
     captured = capsys.readouterr()
     assert captured.err == "" and "epsilon (certified)" in captured.out
+
+
+def test_demo_json_keeps_stdout_one_document_with_its_phases_and_rounds_on_stderr(tmp_path, monkeypatch, capsys):
+    """The demo's own wiring, with the federation replaced by one that reports a phase and a round (a real one
+    takes minutes: `scripts/demo --json`)."""
+    from ewtune import demo
+
+    result = {"state": "finished", "ledger_verified": True, "rounds_completed": 1}
+
+    def federation(work, args, reporter):
+        reporter.printer("demo")("loading MiniLM and the data in each daemon")
+        RunProgress(reporter)(_status([_round(1)], state="finished"))
+        return dict(result)
+
+    monkeypatch.setattr(demo, "run_federation", federation)
+    assert main(["demo", "--json", "--rounds", "3", "--work-dir", str(tmp_path / "work")]) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert {key: printed[key] for key in result} == result and printed["wall_seconds"] >= 0
+    events = [json.loads(line) for line in captured.err.splitlines()]
+    assert [event["event"] for event in events] == ["demo", "demo", "plan", "plan", "skipped", "round", "state"]
+    assert events[0]["message"].startswith("ewtune demo: 3 holders, 3 rounds")
+    assert main(["demo", "--json", "--quiet", "--work-dir", str(tmp_path / "quiet")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and json.loads(captured.out)["state"] == "finished"

@@ -12,7 +12,6 @@ epsilon is the guarantee; the Edgeworth values are estimates, RDP and the Edgewo
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from accountant.errors import EwtuneError, InvalidInputError
-from accountant.events import ComposedEvent, PoissonGaussianEvent, event_from_json, mechanisms
+from accountant.events import ComposedEvent, event_from_json
+from accountant.privacy_accountant import PrivacyAccountant
 from accountant.spend import LedgerState, mechanism_rows
 from accountant.verify import VerificationReport
 
@@ -88,15 +88,21 @@ def build_report(paths: Sequence[str | Path], accuracy_path: str | Path | None =
         if report.ok:
             verified[str(path)] = _verified_entries(path, report.entries_verified)
     receipts = _receipts(paths, verified)
-    curves = [curve for path, entries in verified.items() for curve in holder_curves(path, entries)]
+    from accountant.accountants import standard_accountants
+
+    accountants = standard_accountants()  # shared by every ledger: a coordinator's and a holder's record the same
+    curves = [curve for path, entries in verified.items() for curve in holder_curves(path, entries, accountants)]
     rows = {path: [entry_row(entry) for entry in entries] for path, entries in verified.items()}
     accuracy = [] if accuracy_path is None else read_accuracy(accuracy_path)
     return AuditReport(reports, curves, rows, receipts, accuracy)
 
 
-def holder_curves(path: str, entries: Sequence[Mapping[str, Any]]) -> list[HolderCurve]:
-    """The epsilon of each holder of one verified ledger after each of its committed rounds. A coordinator's
-    own (writer) account, which spends nothing while holders are registered, has no curve."""
+def holder_curves(
+    path: str, entries: Sequence[Mapping[str, Any]], accountants: Sequence[PrivacyAccountant]
+) -> list[HolderCurve]:
+    """The epsilon of each holder of one verified ledger after each of its committed rounds, by each of
+    ``accountants``. A coordinator's own (writer) account, which spends nothing while holders are
+    registered, has no curve."""
     state, reserved = LedgerState(), {}
     points: dict[str, list[tuple[str, ComposedEvent]]] = {}
     for entry in entries:
@@ -119,9 +125,9 @@ def holder_curves(path: str, entries: Sequence[Mapping[str, Any]]) -> list[Holde
         )  # fmt: skip
         for label, event in points.get(holder_id, []):
             curve.labels.append(label)
-            for name, (text, value) in epsilons_by_accountant(_key(event), account.budget_delta).items():
-                curve.accountant_labels[name] = text
-                curve.epsilons.setdefault(name, []).append(value)
+            for accountant in accountants:
+                curve.accountant_labels[accountant.name] = accountant.label
+                curve.epsilons.setdefault(accountant.name, []).append(_epsilon(accountant, event, account.budget_delta))
         curves.append(curve)
     return curves
 
@@ -205,25 +211,10 @@ def _verified_entries(path, count: int) -> list[dict[str, Any]]:
     return [parse_line(line) for line in split_lines(Path(path).read_bytes()).lines[:count]]
 
 
-@functools.lru_cache(maxsize=1024)
-def epsilons_by_accountant(key: tuple, delta: float) -> dict[str, tuple[str, float | None]]:
-    """accountant name -> (its label, its epsilon) for the composition ``key`` (steps per distinct mechanism,
-    sorted), for every accountant of :func:`standard_accountants`. Cached: a coordinator's ledger and the
-    holder's own record the same compositions."""
-    from accountant.accountants import standard_accountants
-
-    event = ComposedEvent(tuple(PoissonGaussianEvent(q, sigma, steps, relation) for (q, sigma, relation), steps in key))
-    return {accountant.name: (accountant.label, _epsilon(accountant, event, delta)) for accountant in standard_accountants()}
-
-
-def _key(event: ComposedEvent) -> tuple:
-    return tuple(sorted(mechanisms(event).items()))
-
-
-def _epsilon(accountant, event: ComposedEvent, delta: float) -> float | None:
+def _epsilon(accountant: PrivacyAccountant, event: ComposedEvent, delta: float) -> float | None:
     """``accountant``'s epsilon for ``event``, or None where it refuses it or certifies nothing."""
     try:
-        value = accountant.compose(event).get_epsilon(delta)
+        value = accountant.epsilon_of(event, delta)
     except EwtuneError:
         return None
     return float(value) if value is not None and math.isfinite(value) else None

@@ -25,8 +25,8 @@ from typing import Callable, Sequence
 
 from scipy import optimize
 
-from accountant.certified import certified_epsilon
-from accountant.edgeworth import edgeworth_epsilon
+from accountant.certified import CertifiedAccountant
+from accountant.edgeworth import EdgeworthAccountant
 from accountant.errors import InvalidInputError
 from accountant.events import DpEvent, Neighbouring, PoissonGaussianEvent, compose
 
@@ -69,17 +69,19 @@ def calibrate_noise_multiplier(
     started = time.perf_counter()
     phases = _checked(epsilon, delta, phases, policy, neighbouring)
     event_at = lambda sigma: plan_event(phases, sigma, neighbouring)  # noqa: E731
+    certified_of, estimator = CertifiedAccountant().epsilon_of, EdgeworthAccountant()  # one calibration's caches
+    estimate_at = lambda sigma: _edgeworth_estimate(estimator, event_at(sigma), delta)  # noqa: E731
     if policy == "edgeworth":
-        sigma = _ewtune_grid_search(lambda s: _edgeworth_estimate(event_at(s), delta), epsilon)
-        evaluations, certified = 1, certified_epsilon(event_at(sigma), delta)
+        sigma = _ewtune_grid_search(estimate_at, epsilon)
+        evaluations, certified = 1, certified_of(event_at(sigma), delta)
     else:
-        search = _CertifiedSearch(lambda s: certified_epsilon(event_at(s), delta), epsilon)
-        sigma, certified = search.run(_edgeworth_start(event_at, delta, epsilon))
+        search = _CertifiedSearch(lambda s: certified_of(event_at(s), delta), epsilon)
+        sigma, certified = search.run(_edgeworth_start(estimate_at, epsilon))
         evaluations = search.evaluations
     return Calibration(
         noise_multiplier=sigma,
         epsilon_certified=certified,
-        epsilon_edgeworth=_edgeworth_estimate(event_at(sigma), delta),
+        epsilon_edgeworth=estimate_at(sigma),
         policy=policy,
         certified_evaluations=evaluations,
         seconds=time.perf_counter() - started,
@@ -102,10 +104,10 @@ def _checked(epsilon, delta, phases, policy, neighbouring) -> list[tuple[float, 
     return phases
 
 
-def _edgeworth_start(event_at: Callable[[float], DpEvent], delta: float, epsilon: float) -> tuple[float, float]:
-    """The sigma where the order-1 Edgeworth estimate meets epsilon, and d log eps / d log sigma there;
-    a plain guess when the estimate is unusable (it is an estimate: any start works, a good one is fast)."""
-    estimate = lambda sigma: _edgeworth_estimate(event_at(sigma), delta)  # noqa: E731
+def _edgeworth_start(estimate: Callable[[float], float], epsilon: float) -> tuple[float, float]:
+    """The sigma where the order-1 Edgeworth estimate (``estimate`` of sigma) meets epsilon, and
+    d log eps / d log sigma there; a plain guess when the estimate is unusable (it is an estimate: any
+    start works, a good one is fast)."""
     try:
         low, high = 0.3, 3.0
         while estimate(low) <= epsilon and low > MIN_SIGMA:
@@ -121,10 +123,10 @@ def _edgeworth_start(event_at: Callable[[float], DpEvent], delta: float, epsilon
     return 1.0, -1.5
 
 
-def _edgeworth_estimate(event: DpEvent, delta: float) -> float:
+def _edgeworth_estimate(estimator: EdgeworthAccountant, event: DpEvent, delta: float) -> float:
     """The order-1 Edgeworth estimate, or nan where the expansion breaks down (extreme sigma)."""
     try:
-        return edgeworth_epsilon(event, delta)
+        return estimator.epsilon_of(event, delta)
     except (ArithmeticError, ValueError, IndexError):
         return math.nan
 

@@ -23,11 +23,11 @@ so it is always a certified upper bound; the tests check that it lies within 0.5
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 from accountant.events import DpEvent, Neighbouring, mechanisms, neighbouring_of
-from accountant.privacy_accountant import Kind, PrivacyAccountant, check_delta, check_epsilon
-from accountant.pld_engine import ComposedPmf, Direction, cached_step_pmf, compose, loss_moments
+from accountant.memo import Memo
+from accountant.privacy_accountant import Kind, PrivacyAccountant
+from accountant.pld_engine import ComposedPmf, Direction, StepPmf, compose, loss_moments, step_pmf
 
 TARGET_RELATIVE_ERROR = 1e-3
 """Loosest error aimed at by the interval choice (the documented promise, checked in tests, is 0.5%)."""
@@ -53,76 +53,130 @@ _Mechanisms = tuple[tuple[float, float, int], ...]
 
 
 class CertifiedAccountant(PrivacyAccountant):
-    """The certified bound (:func:`certified_epsilon`, :func:`certified_delta`): the guarantee."""
+    """The certified bound: the guarantee. Owns its caches: the step PMFs per (direction, q, sigma,
+    interval, tail), the composed PMFs per (direction, mechanisms, interval, tail), the loss moments per
+    (direction, q, sigma), and (from :class:`PrivacyAccountant`) its answers per event."""
 
     name = "certified"
     label = "certified epsilon (PLD upper bound: the guarantee)"
     kind = Kind.BOUND
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._step_pmfs = Memo(maxsize=256)
+        self._composed_pmfs = Memo(maxsize=64)
+        self._moments = Memo(maxsize=1024)
+
     def _epsilon(self, event: DpEvent, delta: float) -> float:
-        return certified_epsilon(event, delta)
+        """An upper bound on the epsilon at which ``event`` is (epsilon, delta)-DP; ``inf`` if none exists
+        below the mass that the bound must count as infinite loss."""
+        relation, mechs = _mechanisms_of(event)
+        tail = min(_DEFAULT_TAIL, 1e-4 * delta)
+        coarse = {
+            d: self._composed(d, mechs, self._first_log2_interval(d, mechs) + 1, tail).epsilon(delta)
+            for d in _directions(relation)
+        }
+        bound = 0.0
+        # The maximum over directions only needs each direction refined until its (sound) bound falls below
+        # the bound already established by a dominating direction.
+        for direction in sorted(coarse, key=coarse.get, reverse=True):
+            if coarse[direction] > bound:
+                bound = max(bound, min(self._refined_epsilons(direction, mechs, delta, tail, enough=bound).values()))
+        return float(bound)
 
     def _delta(self, event: DpEvent, epsilon: float) -> float:
-        return certified_delta(event, epsilon)
+        """An upper bound on delta(epsilon) of ``event``: the smallest of the bounds on every dyadic interval
+        from the initial one down to the finest that :meth:`_epsilon` would use at that delta (so that
+        delta(epsilon(delta)) <= delta)."""
+        relation, mechs = _mechanisms_of(event)
+        return float(max(self._delta_one_direction(direction, mechs, epsilon) for direction in _directions(relation)))
+
+    def _refined_epsilons(
+        self, direction: Direction, mechs: _Mechanisms, delta: float, tail: float, enough: float = 0.0
+    ) -> dict[int, float]:
+        """Epsilon bounds keyed by log2 of the interval, refined until Richardson's error estimate of the
+        finest meets :func:`_error_target` (module docstring), or until a bound is at most ``enough``."""
+        log2_fine = self._first_log2_interval(direction, mechs)
+        estimates: dict[int, float] = {}
+
+        def at(log2_h: int) -> float:
+            if log2_h not in estimates:
+                estimates[log2_h] = self._composed(direction, mechs, log2_h, tail).epsilon(delta)
+            return estimates[log2_h]
+
+        # error(h) = c h^2: the drop from 2h to h is 3 c h^2.
+        c = (at(log2_fine + 1) - at(log2_fine)) / (3.0 * 4.0**log2_fine)
+        for _ in range(_MAX_REFINEMENTS):
+            fine = estimates[log2_fine]
+            if not (math.isfinite(c) and c > 0.0 and math.isfinite(fine)) or fine <= enough:
+                break
+            error, target = c * 4.0**log2_fine, _error_target(c, fine)
+            halvings = math.ceil(0.5 * math.log2(error / target))  # to bring the error to the target
+            if halvings <= 0:
+                break
+            # Fewer may bring the bound below `enough`, which is all a dominated direction needs.
+            drop = lambda k: c * (4.0**log2_fine - 4.0 ** (log2_fine - k))  # noqa: E731
+            halvings = next((k for k in range(1, halvings) if drop(k) > 1.05 * (fine - enough) > 0), halvings)
+            finer = max(log2_fine - halvings, _FINEST_LOG2_INTERVAL)
+            if finer == log2_fine:
+                break
+            c = (fine - at(finer)) / (4.0**log2_fine - 4.0**finer)
+            log2_fine = finer
+        return estimates
+
+    def _delta_one_direction(self, direction: Direction, mechs: _Mechanisms, epsilon: float) -> float:
+        initial = self._first_log2_interval(direction, mechs) + 1
+        probe = self._composed(direction, mechs, initial - 1, _DEFAULT_TAIL).delta(epsilon)
+        if probe <= 0.0 or probe >= 1.0:
+            return min(probe, 1.0)
+        tail = _DEFAULT_TAIL if probe >= 1e-8 else 1e-4 * probe
+        finest = min(self._refined_epsilons(direction, mechs, probe, tail))
+        return min(
+            self._composed(direction, mechs, log2_h, tail).delta(epsilon) for log2_h in range(initial, finest - 1, -1)
+        )
+
+    def _composed(self, direction: Direction, mechs: _Mechanisms, log2_h: int, tail: float) -> ComposedPmf:
+        key = (direction, mechs, log2_h, tail)
+        return self._composed_pmfs.get(key, lambda: self._compose(direction, mechs, log2_h, tail))
+
+    def _compose(self, direction: Direction, mechs: _Mechanisms, log2_h: int, tail: float) -> ComposedPmf:
+        h = 2.0**log2_h
+        total_steps = sum(steps for _, _, steps in mechs)
+        step_tail = tail / (4 * total_steps)
+        pmfs = tuple((self._step_pmf(direction, q, sigma, h, step_tail), steps) for q, sigma, steps in mechs)
+        return compose(pmfs, h, tail / 4)
+
+    def _step_pmf(self, direction: Direction, q: float, sigma: float, h: float, tail: float) -> StepPmf:
+        return self._step_pmfs.get((direction, q, sigma, h, tail), lambda: step_pmf(direction, q, sigma, h, tail))
+
+    def _loss_moments(self, direction: Direction, q: float, sigma: float) -> tuple[float, float]:
+        return self._moments.get((direction, q, sigma), lambda: loss_moments(direction, q, sigma))
+
+    def _first_log2_interval(self, direction: Direction, mechs: _Mechanisms) -> int:
+        """The finer of the first two dyadic intervals: at most a quarter of the root-mean-square per-step
+        standard deviation of the loss (the variance connect-the-dots adds is then about 1%), but no finer
+        than keeps the composed window (mean plus 16 standard
+        deviations, a guide only) within _MAX_GRID_CELLS."""
+        total_steps = sum(steps for _, _, steps in mechs)
+        moments = [(steps, *self._loss_moments(direction, q, sigma)) for q, sigma, steps in mechs]
+        mean = sum(steps * m for steps, m, _ in moments)
+        variance = sum(steps * v for steps, _, v in moments)
+        per_step_sd = math.sqrt(max(variance / total_steps, 1e-300))
+        wanted = math.floor(math.log2(per_step_sd / 4))
+        window = abs(mean) + 16 * math.sqrt(variance)
+        affordable = math.ceil(math.log2(max(window, 1e-300) / _MAX_GRID_CELLS))
+        return min(max(wanted, affordable, _FINEST_LOG2_INTERVAL + 4), -2)
 
 
 def certified_epsilon(event: DpEvent, delta: float) -> float:
-    """An upper bound on the epsilon at which ``event`` is (epsilon, delta)-DP; ``inf`` if none exists
-    below the mass that the bound must count as infinite loss."""
-    check_delta(delta)
-    relation, mechs = _mechanisms_of(event)
-    tail = min(_DEFAULT_TAIL, 1e-4 * delta)
-    coarse = {d: _composed(d, mechs, _first_log2_interval(d, mechs) + 1, tail).epsilon(delta) for d in _directions(relation)}
-    bound = 0.0
-    # The maximum over directions only needs each direction refined until its (sound) bound falls below
-    # the bound already established by a dominating direction.
-    for direction in sorted(coarse, key=coarse.get, reverse=True):
-        if coarse[direction] > bound:
-            bound = max(bound, min(_refined_epsilons(direction, mechs, delta, tail, enough=bound).values()))
-    return float(bound)
+    """The certified bound on epsilon(delta) of ``event``, computed cold by a new
+    :class:`CertifiedAccountant` (callers that ask about many events keep one instead)."""
+    return CertifiedAccountant().epsilon_of(event, delta)
 
 
 def certified_delta(event: DpEvent, epsilon: float) -> float:
-    """An upper bound on delta(epsilon) of ``event``: the smallest of the bounds on every dyadic interval
-    from the initial one down to the finest that :func:`certified_epsilon` would use at that delta (so
-    that certified_delta(event, certified_epsilon(event, delta)) <= delta)."""
-    epsilon = check_epsilon(epsilon)
-    relation, mechs = _mechanisms_of(event)
-    return float(max(_delta_one_direction(direction, mechs, epsilon) for direction in _directions(relation)))
-
-
-def _refined_epsilons(
-    direction: Direction, mechs: _Mechanisms, delta: float, tail: float, enough: float = 0.0
-) -> dict[int, float]:
-    """Epsilon bounds keyed by log2 of the interval, refined until Richardson's error estimate of the
-    finest meets :func:`_error_target` (module docstring), or until a bound is at most ``enough``."""
-    log2_fine = _first_log2_interval(direction, mechs)
-    estimates: dict[int, float] = {}
-
-    def at(log2_h: int) -> float:
-        if log2_h not in estimates:
-            estimates[log2_h] = _composed(direction, mechs, log2_h, tail).epsilon(delta)
-        return estimates[log2_h]
-
-    # error(h) = c h^2: the drop from 2h to h is 3 c h^2.
-    c = (at(log2_fine + 1) - at(log2_fine)) / (3.0 * 4.0**log2_fine)
-    for _ in range(_MAX_REFINEMENTS):
-        fine = estimates[log2_fine]
-        if not (math.isfinite(c) and c > 0.0 and math.isfinite(fine)) or fine <= enough:
-            break
-        error, target = c * 4.0**log2_fine, _error_target(c, fine)
-        halvings = math.ceil(0.5 * math.log2(error / target))  # to bring the error to the target
-        if halvings <= 0:
-            break
-        # Fewer may bring the bound below `enough`, which is all a dominated direction needs.
-        drop = lambda k: c * (4.0**log2_fine - 4.0 ** (log2_fine - k))  # noqa: E731
-        halvings = next((k for k in range(1, halvings) if drop(k) > 1.05 * (fine - enough) > 0), halvings)
-        finer = max(log2_fine - halvings, _FINEST_LOG2_INTERVAL)
-        if finer == log2_fine:
-            break
-        c = (fine - at(finer)) / (4.0**log2_fine - 4.0**finer)
-        log2_fine = finer
-    return estimates
+    """The certified bound on delta(epsilon) of ``event``, computed cold by a new :class:`CertifiedAccountant`."""
+    return CertifiedAccountant().delta_of(event, epsilon)
 
 
 def _error_target(c: float, epsilon: float) -> float:
@@ -130,46 +184,6 @@ def _error_target(c: float, epsilon: float) -> float:
     bound is at least as accurate as it), capped at TARGET_RELATIVE_ERROR and floored at
     _ERROR_FLOOR of epsilon (finer than that buys nothing)."""
     return max(_ERROR_FLOOR * epsilon, min(TARGET_RELATIVE_ERROR * epsilon, c * _BASELINE_INTERVAL**2))
-
-
-def _delta_one_direction(direction: Direction, mechs: _Mechanisms, epsilon: float) -> float:
-    initial = _first_log2_interval(direction, mechs) + 1
-    probe = _composed(direction, mechs, initial - 1, _DEFAULT_TAIL).delta(epsilon)
-    if probe <= 0.0 or probe >= 1.0:
-        return min(probe, 1.0)
-    tail = _DEFAULT_TAIL if probe >= 1e-8 else 1e-4 * probe
-    finest = min(_refined_epsilons(direction, mechs, probe, tail))
-    return min(_composed(direction, mechs, log2_h, tail).delta(epsilon) for log2_h in range(initial, finest - 1, -1))
-
-
-@lru_cache(maxsize=64)
-def _composed(direction: Direction, mechs: _Mechanisms, log2_h: int, tail: float) -> ComposedPmf:
-    h = 2.0**log2_h
-    total_steps = sum(steps for _, _, steps in mechs)
-    step_tail = tail / (4 * total_steps)
-    pmfs = tuple((cached_step_pmf(direction, q, sigma, h, step_tail), steps) for q, sigma, steps in mechs)
-    return compose(pmfs, h, tail / 4)
-
-
-def _first_log2_interval(direction: Direction, mechs: _Mechanisms) -> int:
-    """The finer of the first two dyadic intervals: at most a quarter of the root-mean-square per-step
-    standard deviation of the loss (the variance connect-the-dots adds is then about 1%), but no finer
-    than keeps the composed window (mean plus 16 standard
-    deviations, a guide only) within _MAX_GRID_CELLS."""
-    total_steps = sum(steps for _, _, steps in mechs)
-    moments = [(steps, *_loss_moments(direction, q, sigma)) for q, sigma, steps in mechs]
-    mean = sum(steps * m for steps, m, _ in moments)
-    variance = sum(steps * v for steps, _, v in moments)
-    per_step_sd = math.sqrt(max(variance / total_steps, 1e-300))
-    wanted = math.floor(math.log2(per_step_sd / 4))
-    window = abs(mean) + 16 * math.sqrt(variance)
-    affordable = math.ceil(math.log2(max(window, 1e-300) / _MAX_GRID_CELLS))
-    return min(max(wanted, affordable, _FINEST_LOG2_INTERVAL + 4), -2)
-
-
-@lru_cache(maxsize=1024)
-def _loss_moments(direction: Direction, q: float, sigma: float) -> tuple[float, float]:
-    return loss_moments(direction, q, sigma)
 
 
 def _directions(relation: Neighbouring) -> tuple[Direction, ...]:

@@ -22,8 +22,8 @@ K_j = sum_i n_i kappa_j(q_i, sigma_i), so accounting cost does not grow with the
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -99,14 +99,21 @@ def directions(relation: Neighbouring) -> tuple[str, ...]:
     return ("remove", "add") if Neighbouring(relation) is Neighbouring.ADD_REMOVE else ("replace",)
 
 
-def step_cumulants(sampling_rate: float, noise_multiplier: float, direction: str) -> PairCumulants:
-    """PLLR cumulants of one step in ``direction`` ("remove", "add" or "replace"); cached per (q, sigma)."""
+def step_cumulants(
+    sampling_rate: float,
+    noise_multiplier: float,
+    direction: str,
+    integrate: Callable[[float, float, str], PairCumulants] | None = None,
+) -> PairCumulants:
+    """PLLR cumulants of one step in ``direction`` ("remove", "add" or "replace"). ``integrate`` (q, sigma,
+    pair) -> cumulants is :func:`pair_cumulants` unless an accountant passes its own cached one."""
+    integrate = integrate or pair_cumulants
     if direction == "remove":
-        return _integrate(float(sampling_rate), float(noise_multiplier), "remove")
+        return integrate(float(sampling_rate), float(noise_multiplier), "remove")
     if direction == "add":
-        return _integrate(float(sampling_rate), float(noise_multiplier), "remove").reversed()
+        return integrate(float(sampling_rate), float(noise_multiplier), "remove").reversed()
     if direction == "replace":
-        return _integrate(float(sampling_rate), float(noise_multiplier), "replace")
+        return integrate(float(sampling_rate), float(noise_multiplier), "replace")
     raise InvalidInputError(f"unknown PLLR direction {direction!r}")
 
 
@@ -125,8 +132,8 @@ def _log_ratio_terms(z: np.ndarray, sampling_rate: float, mu: float) -> np.ndarr
     return np.logaddexp(log_keep, np.log(sampling_rate) + mu * z - 0.5 * mu * mu)
 
 
-@functools.lru_cache(maxsize=4096)
-def _integrate(sampling_rate: float, noise_multiplier: float, pair: str) -> PairCumulants:
+def pair_cumulants(sampling_rate: float, noise_multiplier: float, pair: str) -> PairCumulants:
+    """Both sides' cumulants of the "remove" or "replace" pair, by the trapezoid rule (module docstring)."""
     mu = 1.0 / noise_multiplier
     z = _grid(mu)
     step = z[1] - z[0]

@@ -18,26 +18,29 @@ practical delta.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 from scipy import special
 
-from accountant.cumulants import PairCumulants, SideCumulants, directions, step_cumulants
+from accountant.cumulants import PairCumulants, SideCumulants, directions, pair_cumulants, step_cumulants
 from accountant.edgeworth_error import uniform_error
 from accountant.errors import InvalidInputError
 from accountant.events import DpEvent, mechanisms, neighbouring_of, total_steps
-from accountant.privacy_accountant import Kind, PrivacyAccountant, check_delta, check_epsilon
+from accountant.memo import Memo
+from accountant.privacy_accountant import Kind, PrivacyAccountant
 
 ORDERS = (1, 2, 3)
 _GRID_POINTS = 2001
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def composed_cumulants(event: DpEvent, direction: str) -> PairCumulants:
-    """Sum of the per-step PLLR cumulants of ``event`` in ``direction``: exact for any composition."""
-    parts = [
-        step_cumulants(q, sigma, direction).scaled(steps) for (q, sigma, _), steps in mechanisms(event).items()
-    ]
+def composed_cumulants(
+    event: DpEvent, direction: str, step: Callable[[float, float, str], PairCumulants] = step_cumulants
+) -> PairCumulants:
+    """Sum of the per-step PLLR cumulants of ``event`` in ``direction``: exact for any composition.
+    ``step`` (q, sigma, direction) -> cumulants is :func:`step_cumulants` or an accountant's cached one."""
+    parts = [step(q, sigma, direction).scaled(steps) for (q, sigma, _), steps in mechanisms(event).items()]
     total = parts[0]
     for part in parts[1:]:
         total = total + part
@@ -45,59 +48,24 @@ def composed_cumulants(event: DpEvent, direction: str) -> PairCumulants:
 
 
 def edgeworth_delta(event: DpEvent, epsilon: float, order: int = 1) -> float:
-    """Edgeworth estimate of delta(epsilon), clipped to [0, 1]; max over the directions of the relation."""
-    _check_order(order)
-    check_epsilon(epsilon)
-    estimate = max(
-        float(_delta_curve(composed_cumulants(event, d), np.array([float(epsilon)]), order)[0])
-        for d in directions(neighbouring_of(event))
-    )
-    return min(max(estimate, 0.0), 1.0)
+    """Edgeworth estimate of delta(epsilon), computed cold by a new :class:`EdgeworthAccountant`."""
+    return EdgeworthAccountant(order).delta_of(event, epsilon)
 
 
 def edgeworth_epsilon(event: DpEvent, delta: float, order: int = 1) -> float:
-    """Edgeworth estimate of epsilon(delta): the largest root of delta_hat(eps) = delta (last sign change
-    on a grid, refined by bisection), max over the directions of the relation. EW-Tune uses order 1
-    (arXiv 2210.15042, Sec. 4) on the remove direction only; the remove direction dominates in its runs."""
-    _check_order(order)
-    check_delta(delta)
-    return max(
-        _epsilon_for_pair(composed_cumulants(event, d), float(delta), order)
-        for d in directions(neighbouring_of(event))
-    )
+    """Edgeworth estimate of epsilon(delta), computed cold by a new :class:`EdgeworthAccountant`."""
+    return EdgeworthAccountant(order).epsilon_of(event, delta)
 
 
 def edgeworth_bound_epsilon(event: DpEvent, delta: float) -> float | None:
-    """The rigorous Edgeworth bound (arXiv 2206.04236, Sec. 4.2): an epsilon whose true delta is at most
-    ``delta``, or None when the bound is vacuous.
-
-    Each PLLR tail is the order-1 expansion widened by the explicit uniform error e of Derumigny, Girard
-    & Guyonvarch (arXiv 2101.05780, Thm 2.1 / A.2; :mod:`accountant.edgeworth_error`, the full bound,
-    not only its main term): delta(eps) <= min(S_Y + e_Y, 1) - e^eps max(S_X - e_X, 0). Since the true
-    delta(eps) decreases in eps, the first eps where that upper curve reaches ``delta`` already bounds
-    the true epsilon. The curve never drops below about e_Y ~ 0.2 K~_3/sqrt(T), which is 1e-3..1e-1 for
-    DP-SGD, so at practical delta (<= 1e-5) the answer is None: nothing is certified. Rigorous up to the
-    quadrature and floating-point error of the cumulants."""
-    check_delta(delta)
-    worst = 0.0
-    for direction in directions(neighbouring_of(event)):
-        bound = _bound_for_pair(composed_cumulants(event, direction), total_steps(event), float(delta))
-        if bound is None:
-            return None
-        worst = max(worst, bound)
-    return worst
+    """The rigorous Edgeworth bound on epsilon(delta) or None, computed cold by a new
+    :class:`EdgeworthBoundAccountant`."""
+    return EdgeworthBoundAccountant().epsilon_of(event, delta)
 
 
 def edgeworth_bound_delta(event: DpEvent, epsilon: float) -> float:
-    """The rigorous Edgeworth bound on delta(epsilon) (arXiv 2206.04236, Sec. 4.2; the upper curve of
-    :func:`edgeworth_bound_epsilon`), max over the directions of the relation, clipped to [0, 1]; 1 where
-    the uniform error is not finite."""
-    bound = 0.0
-    for direction in directions(neighbouring_of(event)):
-        pair = composed_cumulants(event, direction)
-        value = _upper_delta(pair, _errors(pair, total_steps(event)), float(epsilon))
-        bound = max(bound, value if math.isfinite(value) else 1.0)
-    return min(bound, 1.0)
+    """The rigorous Edgeworth bound on delta(epsilon), computed cold by a new :class:`EdgeworthBoundAccountant`."""
+    return EdgeworthBoundAccountant().delta_of(event, epsilon)
 
 
 def _errors(pair: PairCumulants, steps: int) -> tuple[float, float]:
@@ -244,8 +212,25 @@ def _hermite(x: np.ndarray) -> list[np.ndarray]:
     return he
 
 
-class EdgeworthAccountant(PrivacyAccountant):
-    """The Edgeworth estimate of order 1, 2 or 3 (:func:`edgeworth_epsilon`): not a guarantee."""
+class _CumulantAccountant(PrivacyAccountant):
+    """An accountant computed from the PLLR cumulants; owns their cache per (q, sigma, pair)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pairs = Memo(maxsize=4096)
+
+    def _composed_cumulants(self, event: DpEvent, direction: str) -> PairCumulants:
+        return composed_cumulants(event, direction, self._step_cumulants)
+
+    def _step_cumulants(self, q: float, sigma: float, direction: str) -> PairCumulants:
+        return step_cumulants(q, sigma, direction, self._pair_cumulants)
+
+    def _pair_cumulants(self, q: float, sigma: float, pair: str) -> PairCumulants:
+        return self._pairs.get((q, sigma, pair), lambda: pair_cumulants(q, sigma, pair))
+
+
+class EdgeworthAccountant(_CumulantAccountant):
+    """The Edgeworth estimate of order 1, 2 or 3: not a guarantee."""
 
     kind = Kind.ESTIMATE
 
@@ -257,21 +242,54 @@ class EdgeworthAccountant(PrivacyAccountant):
         self.label = f"Edgeworth estimate, order {order} (not a guarantee)"
 
     def _epsilon(self, event: DpEvent, delta: float) -> float:
-        return edgeworth_epsilon(event, delta, self.order)
+        """The largest root of delta_hat(eps) = delta (last sign change on a grid, refined by bisection),
+        max over the directions of the relation. EW-Tune uses order 1 (arXiv 2210.15042, Sec. 4) on the
+        remove direction only; the remove direction dominates in its runs."""
+        return max(
+            _epsilon_for_pair(self._composed_cumulants(event, d), delta, self.order)
+            for d in directions(neighbouring_of(event))
+        )
 
     def _delta(self, event: DpEvent, epsilon: float) -> float:
-        return edgeworth_delta(event, epsilon, self.order)
+        """delta_hat(epsilon), clipped to [0, 1]; max over the directions of the relation."""
+        estimate = max(
+            float(_delta_curve(self._composed_cumulants(event, d), np.array([epsilon]), self.order)[0])
+            for d in directions(neighbouring_of(event))
+        )
+        return min(max(estimate, 0.0), 1.0)
 
 
-class EdgeworthBoundAccountant(PrivacyAccountant):
-    """The rigorous Edgeworth bound (:func:`edgeworth_bound_epsilon`); its epsilon is None where vacuous."""
+class EdgeworthBoundAccountant(_CumulantAccountant):
+    """The rigorous Edgeworth bound (arXiv 2206.04236, Sec. 4.2); its epsilon is None where vacuous."""
 
     name = "edgeworth_bound"
     label = "Edgeworth bound (rigorous, arXiv 2206.04236)"
     kind = Kind.BOUND
 
     def _epsilon(self, event: DpEvent, delta: float) -> float | None:
-        return edgeworth_bound_epsilon(event, delta)
+        """An epsilon whose true delta is at most ``delta``, or None when the bound is vacuous.
+
+        Each PLLR tail is the order-1 expansion widened by the explicit uniform error e of Derumigny, Girard
+        & Guyonvarch (arXiv 2101.05780, Thm 2.1 / A.2; :mod:`accountant.edgeworth_error`, the full bound,
+        not only its main term): delta(eps) <= min(S_Y + e_Y, 1) - e^eps max(S_X - e_X, 0). Since the true
+        delta(eps) decreases in eps, the first eps where that upper curve reaches ``delta`` already bounds
+        the true epsilon. The curve never drops below about e_Y ~ 0.2 K~_3/sqrt(T), which is 1e-3..1e-1 for
+        DP-SGD, so at practical delta (<= 1e-5) the answer is None: nothing is certified. Rigorous up to the
+        quadrature and floating-point error of the cumulants."""
+        worst = 0.0
+        for direction in directions(neighbouring_of(event)):
+            bound = _bound_for_pair(self._composed_cumulants(event, direction), total_steps(event), delta)
+            if bound is None:
+                return None
+            worst = max(worst, bound)
+        return worst
 
     def _delta(self, event: DpEvent, epsilon: float) -> float:
-        return edgeworth_bound_delta(event, epsilon)
+        """The upper curve of :meth:`_epsilon` at ``epsilon``, max over the directions of the relation,
+        clipped to [0, 1]; 1 where the uniform error is not finite."""
+        bound = 0.0
+        for direction in directions(neighbouring_of(event)):
+            pair = self._composed_cumulants(event, direction)
+            value = _upper_delta(pair, _errors(pair, total_steps(event)), epsilon)
+            bound = max(bound, value if math.isfinite(value) else 1.0)
+        return min(bound, 1.0)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from accountant.calibration import MIN_SIGMA, MAX_SIGMA, SIGMA_TOLERANCE
-from accountant.certified import certified_epsilon
+from accountant.certified import CertifiedAccountant
 from accountant.errors import InvalidInputError
 from accountant.events import DpEvent, PoissonGaussianEvent, compose
 
@@ -45,6 +45,7 @@ class CalibratedPhase:
 def calibrate_phases(epsilon: float, delta: float, phases: Sequence[Phase]) -> list[CalibratedPhase]:
     """Each phase's event, its sigma calibrated as the module docstring says."""
     _check(epsilon, delta, phases)
+    accountant = CertifiedAccountant()  # the earlier phases' step PMFs are reused by every later search
     calibrated: list[CalibratedPhase] = []
     spent_share = 0.0
     for index, phase in enumerate(phases):
@@ -52,7 +53,7 @@ def calibrate_phases(epsilon: float, delta: float, phases: Sequence[Phase]) -> l
         spent_share = 1.0 if last else spent_share + phase.budget_share
         target = min(epsilon, spent_share * epsilon)
         prefix = [done.event for done in calibrated]
-        sigma, reached = _smallest_sigma(target, delta, prefix, phase)
+        sigma, reached = _smallest_sigma(accountant, target, delta, prefix, phase)
         event = PoissonGaussianEvent(phase.sampling_rate, sigma, phase.steps)
         calibrated.append(CalibratedPhase(phase, event, reached))
     return calibrated
@@ -64,13 +65,15 @@ def composed(calibrated: Sequence[CalibratedPhase]) -> DpEvent:
     return events[0] if len(events) == 1 else compose(*events)
 
 
-def _smallest_sigma(target: float, delta: float, prefix: list[DpEvent], phase: Phase) -> tuple[float, float]:
+def _smallest_sigma(
+    accountant: CertifiedAccountant, target: float, delta: float, prefix: list[DpEvent], phase: Phase
+) -> tuple[float, float]:
     """(sigma, certified epsilon): bisection in log sigma between a failing and a passing sigma until they lie
     within SIGMA_TOLERANCE; the passing one is returned, so the target always holds."""
 
     def epsilon_at(sigma: float) -> float:
         event = PoissonGaussianEvent(phase.sampling_rate, sigma, phase.steps)
-        return certified_epsilon(compose(*prefix, event) if prefix else event, delta)
+        return accountant.epsilon_of(compose(*prefix, event) if prefix else event, delta)
 
     passing, failing = MAX_SIGMA, MIN_SIGMA
     at_passing = epsilon_at(passing)

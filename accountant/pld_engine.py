@@ -38,7 +38,6 @@ import itertools
 import math
 from dataclasses import dataclass
 from enum import Enum
-from functools import lru_cache
 
 import numpy as np
 from scipy import fft, special
@@ -391,8 +390,3 @@ class _ChernoffBound:
         if first >= support:
             return 0.0
         return math.exp(min(0.0, self.log_mgf - self.lam * first))
-
-
-@lru_cache(maxsize=256)
-def cached_step_pmf(direction: Direction, q: float, sigma: float, h: float, tail: float) -> StepPmf:
-    return step_pmf(direction, q, sigma, h, tail)

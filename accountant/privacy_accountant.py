@@ -5,7 +5,12 @@ composition (:meth:`PrivacyAccountant.get_epsilon`, :meth:`PrivacyAccountant.get
 dp_accounting's accountants it keeps no privacy state beyond the composed event, so that every answer is
 a function of the events alone (the ledger's verifiers recompute it from the events). Each accountant
 says whether its answer is a guarantee (:attr:`PrivacyAccountant.kind`): a bound, never below the true
-epsilon, or an estimate, which can be. Caches belong to the accountant object that fills them.
+epsilon, or an estimate, which can be.
+
+Caches belong to the accountant object that fills them (:class:`accountant.memo.Memo`): its answers per
+(event, delta) or (event, epsilon), and whatever per-mechanism pieces it builds them from. A caller that
+asks about many events (a ledger's spend after every entry, a calibration, the daemon's per-round check)
+keeps one object and asks it :meth:`PrivacyAccountant.epsilon_of` for each; a new object starts cold.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 from accountant.errors import InvalidInputError
 from accountant.events import ComposedEvent, DpEvent
+from accountant.memo import Memo
 
 
 class Kind(str, Enum):
@@ -56,6 +62,7 @@ class PrivacyAccountant(abc.ABC):
 
     def __init__(self) -> None:
         self._events: list[DpEvent] = []
+        self._answers = Memo(maxsize=4096)
 
     def supports(self, event: DpEvent) -> bool:
         """Whether this accountant can account ``event`` (composed with what it holds already)."""
@@ -69,9 +76,7 @@ class PrivacyAccountant(abc.ABC):
         """Add ``count`` runs of ``event``; returns self, so that calls chain."""
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise InvalidInputError(f"count must be an integer >= 1, got {count!r}")
-        reason = self.refusal(ComposedEvent((*self._events, event)))
-        if reason is not None:
-            raise InvalidInputError(f"{self.label}: {reason}")
+        self._accepted(ComposedEvent((*self._events, event)))
         self._events.extend([event] * count)
         return self
 
@@ -84,11 +89,27 @@ class PrivacyAccountant(abc.ABC):
 
     def get_epsilon(self, delta: float) -> float | None:
         """Epsilon at ``delta`` of the composition; None when this accountant certifies nothing there."""
-        return self._epsilon(self.event, check_delta(delta))
+        return self.epsilon_of(self.event, delta)
 
     def get_delta(self, epsilon: float) -> float:
         """Delta at ``epsilon`` of the composition."""
-        return self._delta(self.event, check_epsilon(epsilon))
+        return self.delta_of(self.event, epsilon)
+
+    def epsilon_of(self, event: DpEvent, delta: float) -> float | None:
+        """Epsilon at ``delta`` of ``event`` alone (nothing is composed), kept in this object's caches."""
+        delta = check_delta(delta)
+        return self._answers.get(("epsilon", event, delta), lambda: self._epsilon(self._accepted(event), delta))
+
+    def delta_of(self, event: DpEvent, epsilon: float) -> float:
+        """Delta at ``epsilon`` of ``event`` alone (nothing is composed), kept in this object's caches."""
+        epsilon = check_epsilon(epsilon)
+        return self._answers.get(("delta", event, epsilon), lambda: self._delta(self._accepted(event), epsilon))
+
+    def _accepted(self, event: DpEvent) -> DpEvent:
+        reason = self.refusal(event)
+        if reason is not None:
+            raise InvalidInputError(f"{self.label}: {reason}")
+        return event
 
     @abc.abstractmethod
     def _epsilon(self, event: DpEvent, delta: float) -> float | None: ...

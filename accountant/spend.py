@@ -7,12 +7,13 @@ Edgeworth estimate (arXiv 2206.04236) is computed beside it and labelled as an e
 summed: basic composition overstates them (by 29-110% in the heterogeneous cases of ``ewtune bench accountant``).
 
 Both the writer (:mod:`accountant.ledger`, pre-flight) and the auditor (:mod:`accountant.verify`) replay
-entries through :class:`LedgerState`, so both read a ledger the same way.
+entries through :class:`LedgerState`, so both read a ledger the same way. Each state owns its two
+accountants (:class:`SpendAccountants`), so their caches last as long as the ledger it reads: an auditor's
+fresh state recomputes every figure from the events, never from what a writer computed.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections import Counter
@@ -76,14 +77,46 @@ class HolderSpend:
         }
 
 
+class SpendAccountants:
+    """The certified accountant and the order-1 Edgeworth estimate that a ledger's spend is stated with,
+    created on first use (they load numpy and scipy) and kept with their caches: a ledger asks for the
+    spend after every entry, mostly about compositions it asked about before."""
+
+    def __init__(self) -> None:
+        self._certified: Any = None
+        self._edgeworth: Any = None
+
+    def epsilons(self, key: MechanismKey, delta: float) -> tuple[float, float | None]:
+        """(certified epsilon, Edgeworth estimate or None) of the composition ``key`` at ``delta``; both 0
+        when nothing was spent."""
+        if not key:
+            return 0.0, 0.0
+        if self._certified is None:
+            from accountant.certified import CertifiedAccountant
+            from accountant.edgeworth import EdgeworthAccountant
+
+            self._certified, self._edgeworth = CertifiedAccountant(), EdgeworthAccountant(order=1)
+        event = _event_of(key)
+        return float(self._certified.epsilon_of(event, delta)), self._estimate(event, delta)
+
+    def _estimate(self, event: DpEvent, delta: float) -> float | None:
+        try:
+            value = float(self._edgeworth.epsilon_of(event, delta))
+        except EwtuneError:
+            return None
+        return value if math.isfinite(value) else None
+
+
 @dataclass
 class HolderAccount:
-    """A holder's budget and the events recorded for it so far, keyed by the seq of their entries."""
+    """A holder's budget and the events recorded for it so far, keyed by the seq of their entries; its
+    spend is computed by the ``accountants`` of the ledger state that holds it."""
 
     holder_id: str
     public_key: str | None
     budget_epsilon: float
     budget_delta: float
+    accountants: SpendAccountants = field(default_factory=SpendAccountants, repr=False, compare=False)
     committed: dict[int, DpEvent] = field(default_factory=dict)  # commit seq -> executed event
     open: dict[int, DpEvent] = field(default_factory=dict)  # reserve seq -> planned event
     committed_steps: Counter = field(default_factory=Counter)  # steps per mechanism over ``committed``
@@ -103,14 +136,15 @@ class HolderAccount:
         # Composition is commutative: the sorted steps per distinct mechanism identify the composed event,
         # so the writer and every verifier account exactly the same event, and the cache hits across orders.
         key = tuple(sorted(steps.items()))
+        epsilon_certified, epsilon_edgeworth = self.accountants.epsilons(key, self.budget_delta)
         return HolderSpend(
             holder_id=self.holder_id,
             budget_epsilon=self.budget_epsilon,
             budget_delta=self.budget_delta,
             committed_events=tuple(self.committed.values()) + extra,
             open_reservations=open_events,
-            epsilon_certified=certified_epsilon_cached(key, self.budget_delta),
-            epsilon_edgeworth=edgeworth_epsilon_cached(key, self.budget_delta),
+            epsilon_certified=epsilon_certified,
+            epsilon_edgeworth=epsilon_edgeworth,
         )
 
 
@@ -137,6 +171,7 @@ class LedgerState:
         self.reservations: dict[int, Reservation] = {}
         self.closed: dict[int, int] = {}  # reserve seq -> seq of the commit/abort that closed it
         self.repairs: list[int] = []
+        self.accountants = SpendAccountants()
 
     def apply(self, entry: Mapping[str, Any]) -> str | None:
         """Apply ``entry``; returns the holder whose spend it changed, if any."""
@@ -175,7 +210,7 @@ class LedgerState:
         policy = payload.get("policy")
         if not isinstance(policy, dict):
             raise InvalidInputError("genesis lacks the policy object")
-        account = HolderAccount(writer, public_key, *_budget(policy))
+        account = HolderAccount(writer, public_key, *_budget(policy), accountants=self.accountants)
         accountant = payload.get("accountant")
 
         def change() -> None:
@@ -188,7 +223,7 @@ class LedgerState:
         holder_id = _text(payload, "holder")
         if holder_id in self.holders:
             raise InvalidInputError(f"holder {holder_id!r} is already registered")
-        account = HolderAccount(holder_id, _public_key(payload), *_budget(payload))
+        account = HolderAccount(holder_id, _public_key(payload), *_budget(payload), accountants=self.accountants)
 
         def change() -> None:
             self.holders[holder_id] = account
@@ -301,30 +336,6 @@ def mechanism_rows(event: DpEvent) -> list[dict[str, Any]]:
 
 def _event_of(key: MechanismKey) -> ComposedEvent:
     return ComposedEvent(tuple(PoissonGaussianEvent(q, sigma, steps, relation) for (q, sigma, relation), steps in key))
-
-
-@functools.lru_cache(maxsize=4096)
-def certified_epsilon_cached(key: MechanismKey, delta: float) -> float:
-    """The certified epsilon of the composition ``key`` at ``delta``; 0 when nothing was spent."""
-    if not key:
-        return 0.0
-    from accountant.certified import certified_epsilon
-
-    return float(certified_epsilon(_event_of(key), delta))
-
-
-@functools.lru_cache(maxsize=4096)
-def edgeworth_epsilon_cached(key: MechanismKey, delta: float) -> float | None:
-    """The order-1 Edgeworth estimate beside the guarantee; None where the estimate cannot be computed."""
-    if not key:
-        return 0.0
-    from accountant.edgeworth import edgeworth_epsilon
-
-    try:
-        value = float(edgeworth_epsilon(_event_of(key), delta, order=1))
-    except EwtuneError:
-        return None
-    return value if math.isfinite(value) else None
 
 
 def _text(payload: Mapping[str, Any], name: str) -> str:

@@ -42,7 +42,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from accountant.certified import certified_epsilon
+from accountant.certified import CertifiedAccountant
 from accountant.errors import EwtuneError, InvalidInputError
 from accountant.events import PoissonGaussianEvent
 from accountant.ledger import EVALUATION_PURPOSE, Ledger
@@ -95,6 +95,7 @@ class Daemon:
         self._ledger_lock = threading.Lock()  # describe reads while train writes
         self._stopping = threading.Event()
         self._started = time.monotonic()
+        self._round_accountant = CertifiedAccountant()  # every round asks about the same planned event
         journal = journal_path(ledger.path) if journal is None else journal
         self.recovered = reconcile(ledger, holder_id, journal, self._release_facts())
         self._journal = ProgressJournal(journal)
@@ -256,7 +257,7 @@ class Daemon:
         """The daemon's own noise floor: this round alone within the policy's per-round certified epsilon.
         One epsilon evaluation, not a calibration: a sigma is above the floor exactly when the round's
         epsilon is within the cap (epsilon falls as sigma grows), and the cost stays bounded whatever q."""
-        epsilon = certified_epsilon(planned, self.policy.budget_delta)
+        epsilon = self._round_accountant.epsilon_of(planned, self.policy.budget_delta)
         if epsilon > self.policy.round_epsilon:
             raise PlanRefused(
                 f"noise multiplier {planned.noise_multiplier:.6g} is below this holder's own floor for "

@@ -11,7 +11,6 @@ from test_ledger import BUDGET, ROUND, WRITER, anchor_head_at, build_ledger, rea
 from accountant.errors import InvalidInputError
 from accountant.ledger import Ledger, default_head_path, read_head
 from accountant.signing import SigningKey
-from accountant.spend import certified_epsilon_cached, edgeworth_epsilon_cached
 from accountant.verify import verify_ledger
 
 
@@ -50,9 +49,7 @@ def assert_first_bad(path, seq, line, reason, public_keys=None):
 
 def test_the_untouched_ledger_verifies_and_its_spend_is_recomputed(ledger):
     path, key = ledger
-    certified_epsilon_cached.cache_clear()  # recompute from the events, not from what the writer cached
-    edgeworth_epsilon_cached.cache_clear()
-    report = verify_ledger(path, key.public_key_text)
+    report = verify_ledger(path, key.public_key_text)  # a fresh state, cold accountants: recomputed from the events
     assert report.ok and report.first_bad is None and report.entries_verified == 6, report.summary()
     assert report.writer == WRITER and report.repairs == [] and report.torn_tail is None
     spend = report.holders[WRITER]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -89,7 +90,7 @@ class Progress:
             if now - self._last_drawn < LIVE_INTERVAL:
                 return
             self._last_drawn = now
-            line = text[: max(shutil.get_terminal_size().columns - 1, 20)]
+            line = text[: max(_columns(self.stream) - 1, 20)]  # a wrapped line could not be rewritten in place
             self.stream.write("\r" + line.ljust(self._live_width))
             self.stream.flush()
             self._live_width = max(self._live_width, len(line))
@@ -128,6 +129,14 @@ def _json_safe(value: Any) -> Any:
     if value is None or isinstance(value, (str, int)):
         return value
     return str(value)
+
+
+def _columns(stream: TextIO) -> int:
+    """The width of the terminal ``stream`` writes to (stdout may be redirected while stderr is not)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return shutil.get_terminal_size().columns
 
 
 def _is_terminal(stream: TextIO) -> bool:

@@ -7,7 +7,7 @@ tune phase the rest, both calibrated together (:mod:`accountant.phases`). Head m
 alone with the whole budget; ``tune_epochs = 0`` likewise. LP-FT: ``mode = "lora"`` with ``tune_epochs > 0``.
 
 The defaults were chosen by a sweep on public data that is not the evaluation data (the SMS Spam
-Collection; ``benchmarks/recipe_sweep.py``, results in ``benchmarks/results/recipe_sweep.md``), so that they
+Collection; ``python -m bench.recipe_sweep``, results in ``benchmarks/results/recipe_sweep.md``), so that they
 leak nothing about any holder's records. Why these values:
 
 - the probe: unit-norm embeddings give per-record head gradients of norm at most 2, so clip norm 1 clips

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 # name -> (module, one-line help)
 BENCHMARKS = {
-    "accountant": ("ewtune.accountant_bench", "certified, Edgeworth, RDP and peer accountants: epsilon and time per case"),
+    "accountant": ("bench.accountant", "certified, Edgeworth, RDP and peer accountants: epsilon and time per case"),
     "cli": ("bench.cli_speed", "whole-process time of `ewtune accountant epsilon` against dp_accounting PLD, and `ewtune --help`"),
-    "dpsgd": ("agent.bench", "DP-SGD step time and memory against non-private training and Opacus"),
+    "dpsgd": ("bench.dpsgd", "DP-SGD step time and memory against non-private training and Opacus"),
     "federation": ("bench.federation", "coordination overhead per round on loopback, ewtune against Flower's defaults, 3 and 10 holders"),
     "utility": ("bench.utility", "accuracy of private linear probing of MiniLM on MR: non-private, certified epsilon 1/3/8, EW-Tune's policy, central and federated"),
 }

@@ -35,9 +35,12 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def write(report: dict[str, Any], markdown: str, json_path: str | None, markdown_path: str | None) -> None:
-    """Print ``markdown``; write ``report`` as JSON and the markdown where asked."""
+def write(report: dict[str, Any], markdown: str, json_path: str | os.PathLike | None, markdown_path: str | os.PathLike | None) -> None:
+    """Print ``markdown``; write ``report`` as JSON and the markdown where asked (making their folders)."""
     print(markdown, end="" if markdown.endswith("\n") else "\n")
+    for path in (json_path, markdown_path):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     if markdown_path:

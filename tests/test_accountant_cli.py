@@ -123,7 +123,7 @@ def test_sigma_edgeworth_policy_reproduces_ew_tune_and_says_the_certified_epsilo
 
 
 def test_bench_bisection_finds_the_smallest_sigma_to_the_stated_width():
-    from ewtune.accountant_bench import BISECTION_RELATIVE_WIDTH, _bisection
+    from bench.accountant import BISECTION_RELATIVE_WIDTH, _bisection
 
     sigma, evaluations = _bisection(lambda s: 10.0 / s, 5.0)
     assert 2.0 <= sigma <= 2.0 * (1 + BISECTION_RELATIVE_WIDTH)
@@ -131,7 +131,7 @@ def test_bench_bisection_finds_the_smallest_sigma_to_the_stated_width():
 
 
 def test_bench_reference_cache_is_keyed_on_everything_the_reference_depends_on(tmp_path):
-    from ewtune.accountant_bench import _cached_references, _reference_key
+    from bench.accountant import _cached_references, _reference_key
 
     key = _reference_key(((0.01, 1.0, 100),), 1e-5)
     assert key != _reference_key(((0.01, 1.0, 101),), 1e-5)

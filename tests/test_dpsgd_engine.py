@@ -328,7 +328,7 @@ def test_bench_summary_takes_medians_and_ratios_to_non_private_and_best_opacus()
     import argparse
 
     from accountant.errors import InvalidInputError
-    from agent import bench
+    from bench import dpsgd as bench
 
     def run(engine, seconds, memory):
         return {"mode": "full", "engine": engine, "batch_size": 32, "wall_seconds": [seconds + 1], "cpu_seconds": [seconds, seconds, 99.0],

@@ -3,8 +3,8 @@
 Per case: the certified accountant, the Edgeworth estimate (orders 1-3) and bound, RDP, dp_accounting's
 PLD at discretisation 1e-4 (the speed baseline), and, where installed, prv_accountant (eps_error 0.01)
 and Opacus (RDP, PRV). Errors are relative to a fine reference, dp_accounting PLD at 1e-5 (pessimistic,
-both directions). Every accountant is timed once, cold: the accountants' per-mechanism caches are cleared
-before each case, and each case has its own (q, sigma). Calibration: the certified calibration against a
+both directions). Every accountant is timed once, cold: each case asks a new accountant object, whose
+caches start empty, and each case has its own (q, sigma). Calibration: the certified calibration against a
 plain geometric bisection of sigma on dp_accounting PLD 1e-4 down to 0.2%. Prints markdown, writes JSON
 with the medians and the load average (the machine is shared; times are wall-clock).
 """
@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
+
+from bench.report import machine, timed, write
 
 REFERENCE_INTERVAL = 1e-5
 BASELINE_INTERVAL = 1e-4
@@ -63,28 +62,22 @@ def run(args: argparse.Namespace) -> int:
     cases = [case for case in CASES if not args.quick or case[0] in QUICK_CASES]
     calibrations = CALIBRATIONS[:1] if args.quick else CALIBRATIONS
     _import_everything()
-    load_before = os.getloadavg()
+    before = machine()
     results = [_run_case(name, phases, delta, cached) for name, phases, delta in cases]
     calibration_results = [_run_calibration(*spec) for spec in calibrations]
+    after = machine()
     report = {
         "command": "ewtune bench accountant" + (" --quick" if args.quick else ""),
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "load_average_before": before.pop("load_average"),
+        "load_average_after": after["load_average"],
+        "machine": before,
         "versions": _versions(),
         "reference": f"dp_accounting PLD, value_discretization_interval={REFERENCE_INTERVAL:g}, max(add, remove)",
         "cases": results,
         "calibration": calibration_results,
         "summary": _summary(results, calibration_results),
     }
-    markdown = render_markdown(report)
-    print(markdown)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown + "\n")
+    write(report, render_markdown(report), args.json, args.markdown)
     return 0
 
 
@@ -95,7 +88,6 @@ def _run_case(name: str, phases, delta: float, cached: dict[str, float]) -> dict
     from accountant.events import PoissonGaussianEvent, compose
 
     event = compose(*(PoissonGaussianEvent(q, sigma, steps) for q, sigma, steps in phases))
-    _clear_accountant_caches()
     accountants = _accountants(event, phases, delta)
     entries = {label: _measure(compute) for label, compute in accountants}
     key = _reference_key(phases, delta)
@@ -119,17 +111,18 @@ def _run_case(name: str, phases, delta: float, cached: dict[str, float]) -> dict
 
 
 def _accountants(event, phases, delta: float) -> list[tuple[str, Callable[[], float | None]]]:
-    from accountant.certified import certified_epsilon
-    from accountant.edgeworth import edgeworth_bound_epsilon, edgeworth_epsilon
-    from accountant.rdp import rdp_epsilon
+    from accountant.certified import CertifiedAccountant
+    from accountant.edgeworth import EdgeworthAccountant, EdgeworthBoundAccountant
+    from accountant.rdp import RdpAccountant
 
+    # Each lambda makes its accountant when called, so that it starts with empty caches: timed cold.
     accountants: list[tuple[str, Callable[[], float | None]]] = [
-        ("certified", lambda: certified_epsilon(event, delta)),
-        ("edgeworth_1", lambda: edgeworth_epsilon(event, delta, 1)),
-        ("edgeworth_2", lambda: edgeworth_epsilon(event, delta, 2)),
-        ("edgeworth_3", lambda: edgeworth_epsilon(event, delta, 3)),
-        ("edgeworth_bound", lambda: edgeworth_bound_epsilon(event, delta)),
-        ("rdp", lambda: rdp_epsilon(event, delta)),
+        ("certified", lambda: CertifiedAccountant().epsilon_of(event, delta)),
+        ("edgeworth_1", lambda: EdgeworthAccountant(1).epsilon_of(event, delta)),
+        ("edgeworth_2", lambda: EdgeworthAccountant(2).epsilon_of(event, delta)),
+        ("edgeworth_3", lambda: EdgeworthAccountant(3).epsilon_of(event, delta)),
+        ("edgeworth_bound", lambda: EdgeworthBoundAccountant().epsilon_of(event, delta)),
+        ("rdp", lambda: RdpAccountant().epsilon_of(event, delta)),
         ("pld_1e-4", lambda: _dp_accounting_pld(event, delta, BASELINE_INTERVAL)),
     ]
     prv_feasible = sum(steps for _, _, steps in phases) <= PRV_MAX_STEPS
@@ -158,27 +151,19 @@ def _import_everything() -> None:
 
 
 def _measure(compute: Callable[[], float | None]) -> dict[str, Any]:
-    start = time.perf_counter()
-    try:
-        value = compute()
-    except Exception as failure:  # a peer accountant's failure is a result to report, not a crash
-        return {"epsilon": None, "seconds": time.perf_counter() - start, "error": f"{type(failure).__name__}: {failure}"}
-    seconds = time.perf_counter() - start
-    return {"epsilon": None if value is None else float(value), "seconds": seconds}
+    failures: list[str] = []
 
-
-def _clear_accountant_caches() -> None:
-    """Forget per-mechanism results (cumulants, step PMFs) so that every case is timed cold."""
-    import importlib
-
-    for module_name in ("accountant.cumulants", "accountant.certified", "accountant.pld_engine", "accountant.calibration"):
+    def attempt() -> float | None:
         try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError:
-            continue
-        for value in vars(module).values():
-            if callable(getattr(value, "cache_clear", None)):
-                value.cache_clear()
+            return compute()
+        except Exception as failure:  # a peer accountant's failure is a result to report, not a crash
+            failures.append(f"{type(failure).__name__}: {failure}")
+            return None
+
+    value, seconds = timed(attempt)
+    if failures:
+        return {"epsilon": None, "seconds": seconds, "error": failures[0]}
+    return {"epsilon": None if value is None else float(value), "seconds": seconds}
 
 
 # --- peer accountants ---------------------------------------------------------------------------------
@@ -231,24 +216,20 @@ def _installed(module: str) -> bool:
 def _run_calibration(name: str, q: float, steps: int, target: float, delta: float) -> dict[str, Any]:
     from accountant.events import PoissonGaussianEvent
 
+    from accountant.calibration import calibrate_noise_multiplier
+
     result: dict[str, Any] = {"name": name, "sampling_rate": q, "steps": steps, "target_epsilon": target, "delta": delta}
-    _clear_accountant_caches()
-    try:
-        from accountant.calibration import calibrate_noise_multiplier
-    except ModuleNotFoundError:
-        result["certified"] = {"error": "accountant.calibration is not installed"}
-    else:
-        start = time.perf_counter()
-        calibration = calibrate_noise_multiplier(target, delta, [(q, steps)])
-        result["certified"] = {
-            "noise_multiplier": calibration.noise_multiplier,
-            "epsilon_certified": calibration.epsilon_certified,
-            "evaluations": calibration.certified_evaluations,
-            "seconds": time.perf_counter() - start,
-        }
-    start = time.perf_counter()
-    sigma, evaluations = _bisection(lambda s: _dp_accounting_pld(PoissonGaussianEvent(q, s, steps), delta, BASELINE_INTERVAL), target)
-    result["bisection_pld_1e-4"] = {"noise_multiplier": sigma, "evaluations": evaluations, "seconds": time.perf_counter() - start}
+    # The calibration makes its own accountants: it starts cold.
+    calibration, seconds = timed(lambda: calibrate_noise_multiplier(target, delta, [(q, steps)]))
+    result["certified"] = {
+        "noise_multiplier": calibration.noise_multiplier,
+        "epsilon_certified": calibration.epsilon_certified,
+        "evaluations": calibration.certified_evaluations,
+        "seconds": seconds,
+    }
+    epsilon_at = lambda s: _dp_accounting_pld(PoissonGaussianEvent(q, s, steps), delta, BASELINE_INTERVAL)  # noqa: E731
+    (sigma, evaluations), seconds = timed(lambda: _bisection(epsilon_at, target))
+    result["bisection_pld_1e-4"] = {"noise_multiplier": sigma, "evaluations": evaluations, "seconds": seconds}
     result["speed_ratio"] = _ratio(result["bisection_pld_1e-4"]["seconds"], result["certified"].get("seconds"))
     return result
 

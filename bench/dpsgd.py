@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from accountant.errors import EwtuneError, InvalidInputError
+from bench.report import machine, write
 
 ENGINES = ("non-private", "ewtune", "opacus-hooks", "opacus-ghost")
 MODES = ("lora", "full")
@@ -70,7 +71,7 @@ def _validate(args) -> list[str]:
 
 
 def _run_worker(config: dict) -> dict:
-    command = [sys.executable, "-c", "import agent.bench as b; b.worker_main()"]
+    command = [sys.executable, "-c", "import bench.dpsgd as b; b.worker_main()"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     completed = subprocess.run(command, input=json.dumps(config), capture_output=True, text=True, env=env)
     lines = completed.stdout.strip().splitlines()
@@ -84,7 +85,7 @@ def run(args) -> int:
     engines = _validate(args)
     modes = MODES if args.mode == "both" else (args.mode,)
     started = time.time()
-    load_start = os.getloadavg()
+    load_start = machine()["load_average"]
     runs = []
     for repeat in range(args.repeats):
         for mode in modes:
@@ -105,19 +106,12 @@ def run(args) -> int:
         "config": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items() if key != "func"},
         "environment": _environment(args.device),
         "load_average_start": load_start,
-        "load_average_end": os.getloadavg(),
+        "load_average_end": machine()["load_average"],
         "seconds": round(time.time() - started, 1),
         "summary": summary,
         "runs": runs,
     }
-    table = markdown(report)
-    print(table)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
+    write(report, markdown(report), args.json, args.markdown)
     return 0
 
 

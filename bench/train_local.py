@@ -1,6 +1,6 @@
 """Private against non-private fine-tuning on the same model, data and recipe.
 
-    python benchmarks/train_local.py --non-private --model minilm --data mr ... [the train-local options]
+    python -m bench.train_local --non-private --model minilm --data mr ... [the train-local options]
 
 runs the non-private baseline of ``ewtune agent train-local``: the same trainer, data split, recipe phases
 (probe on the cached embeddings, then tune), Poisson sampler, steps = round(epochs / q), optimizers and
@@ -18,6 +18,7 @@ import sys
 import time
 
 from agent import train_cli
+from bench.report import machine
 
 
 def non_private_run(args) -> dict:
@@ -52,7 +53,7 @@ def non_private_run(args) -> dict:
         "majority_baseline": evaluation["majority_baseline"],
         "eval": evaluation,
         "seconds": time.perf_counter() - started,
-        "load_average": os.getloadavg(),
+        "load_average": machine()["load_average"],
     }
 
 

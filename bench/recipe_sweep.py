@@ -6,7 +6,7 @@ on the cached all-MiniLM-L6-v2 embeddings (certified calibration, delta 1e-5) an
 held-out 10% (accuracy and the majority-class baseline beside it), over several seeds of the seeded, insecure
 randomness (a benchmark on public data: reproducible on purpose).
 
-    python benchmarks/recipe_sweep.py [--data sms_spam] [--seeds 2] [--output benchmarks/results/recipe_sweep]
+    python -m bench.recipe_sweep [--data sms_spam] [--seeds 2] [--output benchmarks/results/recipe_sweep]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.report import machine
 
 LEARNING_RATES = (1.0, 2.0, 4.0, 8.0)
 BATCHES = (256, 512, 1024)
@@ -79,12 +79,12 @@ def main() -> int:
         key=lambda key: statistics.mean(r["macro_f1"] for r in rows if (r["learning_rate"], r["expected_batch"], r["epochs"]) == key),
     )
     document = {
-        "command": "python benchmarks/recipe_sweep.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.recipe_sweep " + " ".join(sys.argv[1:]),
         "data": args.data, "training_records": size, "held_out": len(labels), "majority_baseline": majority,
         "seeds": args.seeds, "delta": 1e-5, "clip_norm": 1.0, "optimizer": "sgd (momentum 0.9)",
         "best": {"learning_rate": best[0], "expected_batch": best[1], "epochs": best[2],
                  "criterion": "mean macro F1 over the target epsilons"},
-        "rows": rows, "seconds": time.perf_counter() - started, "load_average": os.getloadavg(),
+        "rows": rows, "seconds": time.perf_counter() - started, "load_average": machine()["load_average"],
     }
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

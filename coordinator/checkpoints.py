@@ -4,6 +4,7 @@ loads on top of the base model (torch, transformers and peft are imported only f
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 
 from accountant.errors import InvalidInputError
 
+CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/round-NNN.safetensors
 _LORA_A = re.compile(r"^(?P<module>.+)\.lora_A\.(?P<adapter>[^.]+)\.weight$")
 
 
@@ -27,20 +29,51 @@ def load_weights(path: str | Path) -> dict[str, np.ndarray]:
         raise InvalidInputError(f"cannot read weights {path}: {failure}") from None
 
 
-def save_weights(path: str | Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``arrays`` atomically (temporary file, then rename)."""
-    from safetensors.numpy import save_file
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The text metadata of a safetensors file (its header only)."""
+    from safetensors import safe_open
 
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as failure:  # noqa: BLE001 - safetensors raises several unrelated types
+        raise InvalidInputError(f"cannot read weights {path}: {failure}") from None
+
+
+def save_weights(path: str | Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``arrays`` atomically and durably (:func:`write_durably`)."""
+    from safetensors.numpy import save
+
+    data = save({name: np.ascontiguousarray(array) for name, array in arrays.items()}, metadata=dict(metadata or {}))
+    return write_durably(path, data)
+
+
+def write_durably(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file, fsync it, rename it over ``path`` and fsync the directory: after a
+    crash, ``path`` holds either the old or the new content, whole (the coordinator's crash recovery relies on
+    a checkpoint or an inbox update that was written before a ledger entry being there after it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_file({name: np.ascontiguousarray(array) for name, array in arrays.items()}, str(partial), metadata=dict(metadata or {}))
-    partial.replace(path)
+    with open(partial, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
     return path
 
 
+def checkpoint_path(output_dir: str | Path, round: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"round-{round:03d}.safetensors"
+
+
 def round_checkpoint(output_dir: str | Path, round: int, arrays: Mapping[str, np.ndarray], run_id: str) -> Path:
-    return save_weights(Path(output_dir) / "checkpoints" / f"round-{round:03d}.safetensors", arrays, {"run_id": run_id, "round": str(round)})
+    return save_weights(checkpoint_path(output_dir, round), arrays, {"run_id": run_id, "round": str(round)})
 
 
 def lora_layout(arrays: Mapping[str, np.ndarray]) -> tuple[list[str], int]:

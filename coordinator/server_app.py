@@ -23,13 +23,16 @@ Holders' train replies carry no training time (it would leak the Poisson batch s
 ``slowest_train_seconds`` and ``overhead_seconds`` of the status are None; ``ewtune bench federation``
 derives them from the holders' ledgers.
 
+A federation killed at any point and started again resumes from its last committed round
+(:mod:`coordinator.recovery`: the run record and the inbox of received updates in ``output_dir``).
+
 Progress and results go to ``output_dir/status.json`` (rewritten atomically after every step), which
 ``ewtune coordinator status`` and ``ewtune demo`` read.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import math
 import os
@@ -46,14 +49,27 @@ from flwr.serverapp import Grid, ServerApp
 from accountant.errors import InvalidInputError
 from accountant.events import total_steps
 from accountant.ledger import Ledger, Policy
-from accountant.signing import SigningKey, canonical_json
+from accountant.signing import SigningKey
 from accountant.spend import check_within
 from coordinator.aggregation import capped_shares, check_update, check_update_norm, default_update_norm_bound, weighted_average
-from coordinator.checkpoints import load_weights, round_checkpoint, save_peft_adapter, save_weights
+from coordinator.checkpoints import checkpoint_path, load_weights, round_checkpoint, save_peft_adapter, save_weights
 from coordinator.config import FederationConfig, load_federation_config
+from coordinator.crash_points import reach
 from coordinator.exchange import exchange
-from coordinator.planner import FederationPlan, HolderDescription, HolderPlan, plan_federation
+from coordinator.planner import FederationPlan, HolderDescription, HolderPlan, SkippedHolder, plan_federation
 from coordinator.receipts_check import check_receipt
+from coordinator.recovery import (
+    Inbox,
+    RunRecord,
+    check_resumable,
+    commit_extra,
+    committed_rounds,
+    load_run_record,
+    reconcile,
+    resume_point,
+    save_run_record,
+    settings_record,
+)
 from coordinator.registry import Registry
 from federation.apps import RUN_CONFIG_KEY
 from federation.flower_internals import shorten_serverapp_object_backoff
@@ -119,6 +135,9 @@ class Federation:
         self.ledger: Ledger | None = None
         self.registry: Registry | None = None
         self.max_update_norm: float | None = None
+        self.record: RunRecord | None = None
+        self.inbox = Inbox(config.output_dir)
+        self.earlier_status = _read_status(config.output_dir)  # before this run rewrites it: a resumed run carries it over
 
     # -- the run -------------------------------------------------------------------------------------------
 
@@ -131,6 +150,9 @@ class Federation:
             raise
         finally:
             self._write_status()
+            if self.record is not None:
+                self.record.state = self.status["state"]  # a failed run stays resumable; finished or stopped closes it
+                save_run_record(self.config.output_dir, self.record)
             if self.ledger is not None:
                 self.ledger.close()
 
@@ -144,17 +166,30 @@ class Federation:
         nodes = self._wait_for_nodes()
         descriptions = self._query(nodes)
         missing = self._registered_but_silent(descriptions)
-        try:
-            plan = plan_federation(config.settings, descriptions)
-        except InvalidInputError as failure:
-            if not missing:
-                raise
-            raise InvalidInputError(f"{failure}; registered holders that did not answer: {', '.join(missing)}") from None
+        previous = load_run_record(config.output_dir)
+        if previous is not None and previous.resumable:
+            check_resumable(previous, config.name, config.settings)
+            self.record = previous
+            plan = self._resumed_plan(previous, descriptions)
+        else:
+            try:
+                plan = plan_federation(config.settings, descriptions)
+            except InvalidInputError as failure:
+                if not missing:
+                    raise
+                raise InvalidInputError(f"{failure}; registered holders that did not answer: {', '.join(missing)}") from None
+            self.record = RunRecord(config.name, settings_record(config.settings), list(plan.holders))
+        self.record.segments.append(self.run_id)
+        self.record.state = "running"
+        save_run_record(config.output_dir, self.record)
         self._record_plan(plan)
         self.ledger = self._open_ledger()
         self._register(plan)
+        first_round = 1
+        if len(self.record.segments) > 1:
+            first_round, weights = self._resume(weights)
         evaluate_each = config.model.evaluate == "every_round"
-        for round in range(1, config.settings.rounds + 1):
+        for round in range(first_round, config.settings.rounds + 1):
             stop = self._reason_to_stop_before(round)
             if stop:
                 self.status["reason"] = stop
@@ -286,6 +321,7 @@ class Federation:
             holder_id: self.ledger.reserve(holder_id, self.run_id, round, state.plan.round_event(settings.local_steps))
             for holder_id, state in active.items()
         }
+        reach(f"reserved:{round}")
         arrays = weight_records(weights, self.config.model.pack_weights)
         evaluated_round = round - 1 if evaluate_previous else None
         trains = {holder_id: self._train_message(round, state, arrays, evaluated_round) for holder_id, state in active.items()}
@@ -301,44 +337,122 @@ class Federation:
         if evaluated_round is not None:
             for holder_id, message in trains.items():
                 self._record_evaluation(holder_id, evaluated_round, replies.get(message.metadata.message_id), inside_train=True)
-        committed, outcomes = [], {}
+        outcomes: dict[str, dict[str, Any]] = {}
+        received = {}
         for holder_id, message in trains.items():
+            try:
+                received[holder_id] = self._verified_update(round, active[holder_id], replies.get(message.metadata.message_id), weights)
+                # Received = kept in the inbox, before any commit: a crash from here on loses no update.
+                self.inbox.keep(self.run_id, round, holder_id, received[holder_id][0], received[holder_id][1])
+            except Exception as failure:  # noqa: BLE001 - any failure of one holder's reply aborts that holder only
+                received.pop(holder_id, None)
+                self._abort(holder_id, reservations[holder_id], failure, outcomes)
+        committed = []
+        for holder_id, (update, receipt_document, receipt, metrics, norm) in received.items():
             state = active[holder_id]
             try:
-                update, receipt_document, receipt, metrics, norm = self._verified_update(round, state, replies.get(message.metadata.message_id), weights)
                 # The coordinator commits only what it aggregates (below); a commit states the epsilon so far itself.
-                self.ledger.commit(
-                    reservations[holder_id],
-                    receipt.event,
-                    extra={
-                        "receipt_sha256": hashlib.sha256(canonical_json(receipt_document)).hexdigest(),
-                        "update_sha256": receipt.update_sha256,
-                        "node_id": str(state.plan.holder.node_id),
-                    },
-                )
-            except Exception as failure:  # noqa: BLE001 - any failure of one holder's reply aborts that holder only
-                reason = _reason(failure)
-                self.ledger.abort(reservations[holder_id], reason[:500])
-                self._drop(holder_id, reason)
-                outcomes[holder_id] = {"status": "aborted", "reason": reason}
+                self.ledger.commit(reservations[holder_id], receipt.event, extra=commit_extra(receipt_document, receipt, state.plan.holder.node_id))
+            except Exception as failure:  # noqa: BLE001 - a refused commit aborts that holder only
+                self._abort(holder_id, reservations[holder_id], failure, outcomes)
                 continue
             state.rounds_committed += 1
             committed.append((holder_id, update))
             outcomes[holder_id] = {"status": "committed", "steps": total_steps(receipt.event), "update_norm": norm, "metrics": metrics}
+            reach(f"committed:{round}:{len(committed)}")
         if committed:
-            shares = capped_shares([active[h].plan.holder.dataset_size for h, _ in committed], self.config.settings.max_weight_share)
-            weights = weighted_average([(update, share) for (_, update), share in zip(committed, shares)], weights)
-            for (holder_id, _), share in zip(committed, shares):
+            weights, shares = self._aggregate(committed, weights)
+            for holder_id, share in shares.items():
                 outcomes[holder_id]["weight_share"] = share
         for holder_id, message in trains.items():
             outcomes[holder_id]["reply_seconds"] = arrivals.get(message.metadata.message_id)
-        checkpoint = round_checkpoint(self.config.output_dir, round, weights, self.run_id)
-        self.status["checkpoints"].append(str(checkpoint))
         finished = time.monotonic()
         self._record_round(round, started, exchanged, finished, outcomes, evaluate_previous)
+        self._write_status()  # the round's record survives a crash while its checkpoint is written
+        self._checkpoint(round, weights)
         if not committed:
             raise InvalidInputError(f"round {round}: no holder returned a verified update")
         return weights
+
+    def _abort(self, holder_id: str, reservation: int, failure: BaseException, outcomes: dict) -> None:
+        reason = _reason(failure)
+        self.ledger.abort(reservation, reason[:500])
+        self._drop(holder_id, reason)
+        outcomes[holder_id] = {"status": "aborted", "reason": reason}
+
+    def _aggregate(self, committed: list[tuple[str, dict[str, np.ndarray]]], weights: dict[str, np.ndarray]):
+        """(the FedAvg of the committed updates with capped shares, holder id -> share)."""
+        shares = capped_shares([self.holders[h].plan.holder.dataset_size for h, _ in committed], self.config.settings.max_weight_share)
+        averaged = weighted_average([(update, share) for (_, update), share in zip(committed, shares)], weights)
+        return averaged, {holder_id: share for (holder_id, _), share in zip(committed, shares)}
+
+    def _checkpoint(self, round: int, weights: dict[str, np.ndarray]) -> None:
+        """Save round ``round``'s global model, then forget the round's received updates (the average holds them)."""
+        checkpoint = round_checkpoint(self.config.output_dir, round, weights, self.run_id)
+        self.status["checkpoints"].append(str(checkpoint))
+        reach(f"checkpointed:{round}")
+        self.inbox.discard_round(self.record.segments, round)
+
+    # -- a resumed federation --------------------------------------------------------------------------------
+
+    def _resumed_plan(self, record: RunRecord, descriptions: list[HolderDescription]) -> FederationPlan:
+        """The recorded plan (the same q and sigma for the whole federation) for the holders that described
+        themselves again; fewer than ``min_holders`` of them is a failure, which a later start may resume."""
+        described = {description.holder_id: description for description in descriptions}
+        plans, skipped = [], []
+        for plan in record.plans:
+            description = described.get(plan.holder_id)
+            if description is None:
+                skipped.append(SkippedHolder(plan.holder, "planned, but it did not describe itself after the restart"))
+            else:
+                plans.append(dataclasses.replace(plan, holder=dataclasses.replace(plan.holder, node_id=description.node_id)))
+        if len(plans) < self.config.settings.min_holders:
+            raise InvalidInputError(
+                f"resuming {', '.join(record.segments)}: {len(plans)} planned holder(s) answered, {self.config.settings.min_holders} needed"
+            )
+        return FederationPlan(self.config.settings, tuple(plans), tuple(skipped))
+
+    def _resume(self, initial: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+        """Close the earlier runs' open reservations, restore the last checkpoint, rebuild a round whose updates
+        were committed but not checkpointed; returns (the next round to train, its incoming weights)."""
+        earlier = self.record.segments[:-1]
+        outcomes = reconcile(
+            self.ledger, earlier, self.inbox,
+            public_keys={card.holder_id: card.ledger_public_key for card in self.registry.holders},
+            node_ids={holder_id: state.plan.holder.node_id for holder_id, state in self.holders.items()},
+        )
+        point = resume_point(self.ledger, self.record, self.config.output_dir, self.inbox)
+        weights, completed = point.weights if point.weights is not None else initial, point.completed
+        self._carry_over_status(earlier, completed)
+        if point.interrupted:
+            completed += 1
+            committed = sorted(point.interrupted.items())
+            weights, shares = self._aggregate(committed, weights)
+            self._checkpoint(completed, weights)
+            self.status["rounds"].append({
+                "round": completed, "rebuilt_after_restart": True, "seconds": None, "exchange_seconds": None, "slowest_train_seconds": None,
+                "overhead_seconds": None, "evaluation_included": False,
+                "holders": {holder_id: {"status": "committed", "weight_share": share} for holder_id, share in shares.items()},
+            })
+        elif completed:
+            self.inbox.discard_round(self.record.segments, completed)
+        for holder_id, count in committed_rounds(self.ledger.entries, self.record.segments).items():
+            if holder_id in self.holders:
+                self.holders[holder_id].rounds_committed = count
+        self.status["rounds_completed"] = completed
+        self.status["resumed"] = {"from_runs": earlier, "rounds_completed": completed, "reconciled": [o.to_json() for o in outcomes]}
+        for outcome in outcomes:
+            _log(f"reservation {outcome.reservation} ({outcome.holder_id}, run {outcome.run_id}, round {outcome.round}): {outcome.action}, {outcome.reason}")
+        _log(f"resumed {', '.join(earlier)} after {completed} round(s)")
+        self._write_status()
+        return completed + 1, weights
+
+    def _carry_over_status(self, earlier: list[str], completed: int) -> None:
+        """The round records of the status the earlier runs wrote, and the checkpoints, up to round ``completed``."""
+        self.status["checkpoints"] = [str(checkpoint_path(self.config.output_dir, r)) for r in range(1, completed + 1)]
+        previous = self.earlier_status
+        if previous.get("run_id") in earlier:
+            self.status["rounds"] = [r for r in previous.get("rounds", []) if isinstance(r, dict) and r.get("round", 0) <= completed]
 
     def _evaluate_message(self, round: int, state: HolderState, arrays: dict, ttl: float) -> Message:
         """An evaluate message for the global model after ``round`` (0: the initial model), naming the run
@@ -516,6 +630,14 @@ class Federation:
                 epsilon_rdp=_rdp(spend),
             )
         return record
+
+
+def _read_status(output_dir: Path) -> dict[str, Any]:
+    try:
+        status = json.loads((output_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
 
 
 def _description(node: int, reply: Message | None) -> HolderDescription:

@@ -19,9 +19,7 @@ reset after 60 s of healthy running). Telemetry, the update check and runtime de
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -31,18 +29,11 @@ from typing import Any, Mapping
 
 from accountant.errors import InvalidInputError
 from agent.policy import SuperNodeConfig
+from federation.processes import flower_environment, stop_process_group
 
 log = logging.getLogger(__name__)
 
 _BACKOFF_START_S, _BACKOFF_MAX_S, _HEALTHY_AFTER_S = 1.0, 60.0, 60.0
-QUIET_ENVIRONMENT = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "HF_HUB_OFFLINE": "1",
-}
-
-
 def node_config_text(values: Mapping[str, Any]) -> str:
     """``--node-config`` text: space separated ``key=value`` pairs, values TOML-typed (strings quoted)."""
     pairs = []
@@ -94,9 +85,7 @@ class SuperNodeSupervisor:
     def __init__(self, command: list[str], log_path: Path | None = None, environment: Mapping[str, str] | None = None):
         self.command = command
         self.log_path = log_path
-        self.environment = {**os.environ, **QUIET_ENVIRONMENT, **(environment or {})}
-        # The SuperNode starts `flower-superexec` by name: it must be found beside this Python.
-        self.environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.environment.get("PATH", "")])
+        self.environment = flower_environment(extra=environment)
         self.restarts = 0
         self._process: subprocess.Popen | None = None
         self._stopping = threading.Event()
@@ -115,7 +104,7 @@ class SuperNodeSupervisor:
         self._stopping.set()
         self._thread.join(timeout=timeout)
         if self._process is not None:
-            _terminate_group(self._process, timeout)
+            stop_process_group(self._process, timeout)
 
     def _supervise(self) -> None:
         backoff = _BACKOFF_START_S
@@ -143,19 +132,3 @@ class SuperNodeSupervisor:
         finally:
             if self.log_path:
                 output.close()
-
-
-def _terminate_group(process: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM the process group led by ``process`` (it was started in a new session), then SIGKILL."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        process.wait()

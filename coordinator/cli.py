@@ -84,6 +84,7 @@ def _start(args: argparse.Namespace) -> int:
 
     from coordinator import superlink
     from coordinator.credentials import load_credentials
+    from federation.processes import flower_environment, stop_process_group
 
     superlink.check_bind_address(args.host, args.behind_fleet_proxy)
     credentials = load_credentials(args.credentials)
@@ -98,7 +99,7 @@ def _start(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.append(True))
     with open(state / "superlink.log", "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=superlink.flower_environment(flwr_home), cwd=state, start_new_session=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=flower_environment(flwr_home), cwd=state, start_new_session=True)
     try:
         superlink.wait_for_port(args.host, args.port, 60, process)
         print(f"ewtune coordinator: SuperLink on {args.host}:{args.port} (TLS, SuperNode authentication), log {state / 'superlink.log'}", flush=True)
@@ -114,7 +115,7 @@ def _start(args: argparse.Namespace) -> int:
         if process.poll() is not None:
             raise EwtuneError(f"the SuperLink exited with code {process.returncode}; see {state / 'superlink.log'}")
     finally:
-        superlink.stop_process(process)
+        stop_process_group(process)
     return 0
 
 
@@ -123,6 +124,7 @@ def _run(args: argparse.Namespace) -> int:
     from coordinator.config import load_federation_config
     from coordinator.config_check import check_federation_config
     from coordinator.run_progress import RunProgress
+    from federation.processes import flower_environment, stop_process_group
     from federation.progress import Progress
 
     check_federation_config(args.config).raise_if_any()  # every problem of federation.toml at once
@@ -133,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     log_path = config.output_dir.parent / "flwr-run.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(superlink.run_command(config.path), stdout=log, stderr=subprocess.STDOUT, env=superlink.flower_environment(flwr_home), start_new_session=True)
+        process = subprocess.Popen(superlink.run_command(config.path), stdout=log, stderr=subprocess.STDOUT, env=flower_environment(flwr_home), start_new_session=True)
     page, progress = None, Progress.from_args(args)
     try:
         if args.status_port is not None:
@@ -144,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
         status = follow_run(process, config.output_dir / "status.json", RunProgress(progress), args.timeout)
     finally:
         progress.close()
-        superlink.stop_process(process)
+        stop_process_group(process)
         if page is not None:
             page.stop()
     print(json.dumps(status, indent=2) if args.json else status_table(status))

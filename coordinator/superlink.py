@@ -12,36 +12,17 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Mapping
 
 from accountant.errors import EwtuneError, InvalidInputError
 from federation.apps import APP_DIR, RUN_CONFIG_KEY
+from federation.processes import flower_environment
 
 CONNECTION = "ewtune"
-QUIET_FLOWER_ENVIRONMENT = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # default 1 s between SuperExec polls
-    "HF_HUB_OFFLINE": "1",
-}
-
-
-def flower_environment(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of every Flower process: quiet, offline, ``FLWR_HOME`` set, and this Python's
-    scripts first on PATH (the SuperLink starts ``flower-superexec`` and ``flwr-serverapp`` by name)."""
-    environment = {**os.environ, **QUIET_FLOWER_ENVIRONMENT, "FLWR_HOME": str(flwr_home), **(extra or {})}
-    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
-    return environment
-
-
 def executable(name: str) -> str:
     beside = Path(sys.executable).parent / name
     if not beside.exists():
@@ -134,33 +115,3 @@ def run_command(config_path: Path) -> list[str]:
         "--run-config", f'{RUN_CONFIG_KEY}="{Path(config_path).resolve()}"',
         "--stream",
     ]
-
-
-def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM ``process`` (its whole group when it leads one), SIGKILL after ``timeout``; waits for it."""
-    if process.poll() is not None:
-        return
-    group = _own_group(process)
-    _signal(process, signal.SIGTERM, group)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _signal(process, signal.SIGKILL, group)
-        process.wait()
-
-
-def _own_group(process: subprocess.Popen) -> bool:
-    try:
-        return os.getpgid(process.pid) == process.pid
-    except ProcessLookupError:
-        return False
-
-
-def _signal(process: subprocess.Popen, signum: int, group: bool) -> None:
-    try:
-        if group:
-            os.killpg(process.pid, signum)
-        else:
-            process.send_signal(signum)
-    except ProcessLookupError:
-        pass

@@ -146,6 +146,7 @@ class LocalFederation:
 
     def start_superlink(self) -> None:
         from coordinator import superlink
+        from federation.processes import flower_environment
 
         coordinator = self.work_dir / "coordinator"
         coordinator.mkdir(parents=True, exist_ok=True)
@@ -154,7 +155,7 @@ class LocalFederation:
         command = superlink.superlink_command(
             credentials.ca_certificate, credentials.server_certificate, credentials.server_key, coordinator / "superlink.db", port=self.port
         )
-        process = self._spawn("superlink", command, coordinator / "superlink.log", superlink.flower_environment(self.flwr_home), cwd=coordinator)
+        process = self._spawn("superlink", command, coordinator / "superlink.log", flower_environment(self.flwr_home), cwd=coordinator)
         superlink.wait_for_port("127.0.0.1", self.port, 60, process)
 
     def prepare_holder(self, holder: HolderSetup, initialise: bool = True) -> Path:
@@ -212,7 +213,7 @@ class LocalFederation:
         return path
 
     def start_daemon(self, holder: HolderSetup) -> None:
-        from coordinator import superlink
+        from federation.processes import flower_environment
 
         folder = self.work_dir / "holders" / holder.holder_id
         config = self.prepare_holder(holder)  # rewrites agent.toml; keys and ledger are made only once
@@ -220,7 +221,7 @@ class LocalFederation:
             sys.executable, "-m", "ewtune", "agent", "start", "--config", str(config),
             "--supernode-log", str(folder / "supernode.log"), "--grace", "5",
         ]
-        environment = superlink.flower_environment(self.flwr_home, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        environment = flower_environment(self.flwr_home, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
         self._spawn(f"agent:{holder.holder_id}", command, folder / "agent.log", environment, cwd=folder)
 
     def wait_for_daemons(self, timeout: float = 300.0) -> None:
@@ -264,26 +265,27 @@ class LocalFederation:
         """Submit the job with ``flwr run`` and follow ``status.json`` until the run ends; returns the status."""
         from coordinator import superlink
         from coordinator.cli import follow_run
+        from federation.processes import flower_environment, stop_process_group
 
         config_path = self.federation_toml(job, name)
         status_path = self.work_dir / "coordinator" / name / "status.json"
         process = self._spawn(
             "flwr-run", superlink.run_command(config_path), self.work_dir / "coordinator" / "flwr-run.log",
-            superlink.flower_environment(self.flwr_home), cwd=self.work_dir / "coordinator",
+            flower_environment(self.flwr_home), cwd=self.work_dir / "coordinator",
         )
         try:
             return follow_run(process, status_path, on_status, timeout)
         finally:
-            superlink.stop_process(process)
+            stop_process_group(process)
 
     # -- stopping ------------------------------------------------------------------------------------------
 
     def stop(self) -> None:
         """Stop every process started here, newest first, by pid (and its process group)."""
-        from coordinator.superlink import stop_process
+        from federation.processes import stop_process_group
 
         for name in reversed(list(self.processes)):
-            stop_process(self.processes.pop(name), timeout=15)
+            stop_process_group(self.processes.pop(name), timeout=15)
 
     def _spawn(self, name: str, command: list[str], log_path: Path, environment: dict[str, str], cwd: Path) -> subprocess.Popen:
         log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@
   coordinator;
 - :mod:`federation.apps`: the Flower app bundle and its entry points, ``coordinator.server_app:app`` and
   ``agent.client_app:app``.
+- :mod:`federation.processes`: the environment of every Flower process both sides start, and stopping one
+  with its process group.
 - :mod:`federation.progress`: the progress reporter of the holder's and the coordinator's commands (a live line
   on a terminal, plain lines otherwise, nothing with ``--quiet``, JSON lines with ``--json``).
 

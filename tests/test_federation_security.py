@@ -2,14 +2,13 @@
 registered and a plaintext (non-TLS) SuperNode; a registered SuperNode with the CA connects. Real Flower
 processes on 127.0.0.1."""
 
-import os
-import signal
 import subprocess
 import time
 
 import pytest
 
-from coordinator.superlink import executable, flower_environment
+from coordinator.superlink import executable
+from federation.processes import flower_environment, stop_process_group
 from ewtune.local_federation import HolderSetup, LocalFederation, free_port
 
 REFUSED = "ref-exit-codes/305"  # flwr's exit code 305: the SuperNode cannot connect
@@ -44,16 +43,6 @@ def _wait_for(path, marker, timeout):
     return path.read_text(errors="replace")
 
 
-def _stop(process):
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def test_unregistered_key_and_plaintext_are_refused_registered_node_connects(superlink, tmp_path):
     credentials, keys = superlink.credentials, superlink.holder_keys  # the holders' own keys, in their folders
     ca = ["--root-certificates", str(credentials.ca_certificate)]
@@ -70,7 +59,7 @@ def test_unregistered_key_and_plaintext_are_refused_registered_node_connects(sup
         superlink_log = (superlink.work_dir / "coordinator" / "superlink.log").read_text()
     finally:
         for process in processes.values():
-            _stop(process)
+            stop_process_group(process, timeout=30)
     assert REFUSED in stranger and "Failed to activate SuperNode" in stranger, stranger[-2000:]
     assert "ApiError:2004" in superlink_log  # "Attempted to register SuperNode with public key ..." (unknown key)
     assert REFUSED in plaintext, plaintext[-2000:]

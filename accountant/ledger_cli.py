@@ -284,7 +284,7 @@ def _public_key_argument(text: str) -> str:
     from pathlib import Path
 
     from accountant.errors import InvalidInputError
-    from accountant.signing import SigningKey, load_public_key, public_key_text_from_pem
+    from accountant.signing import SigningKey, is_base64, load_public_key, public_key_text_from_pem
 
     path = Path(text)
     if path.is_file():
@@ -300,5 +300,9 @@ def _public_key_argument(text: str) -> str:
             text = data.decode("ascii").strip()
         except UnicodeDecodeError:
             raise InvalidInputError(f"{path} holds neither a base64 nor a PEM public key") from None
+    elif path.exists():
+        raise InvalidInputError(f"public key {path} is not a regular file")
+    elif not is_base64(text):  # most likely a mistyped path: say so rather than blame the base64
+        raise InvalidInputError(f"public key {text}: no such file, and not base64 key text either")
     load_public_key(text)
     return text

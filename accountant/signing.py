@@ -145,6 +145,15 @@ def verify_signature(public_key_text: str, data: bytes, signature_text: str) -> 
     return True
 
 
+def is_base64(text: Any) -> bool:
+    """Whether ``text`` is base64 text (whatever it decodes to)."""
+    try:
+        _b64decode(text, "text")
+    except InvalidInputError:
+        return False
+    return True
+
+
 def _b64decode(text: Any, what: str) -> bytes:
     if not isinstance(text, str):
         raise InvalidInputError(f"a {what} must be base64 text, got {type(text).__name__}")

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from accountant.errors import InvalidInputError
-from accountant.signing import SigningKey, write_private, write_public
+from accountant.signing import SigningKey, load_public_key, write_private, write_public
 from coordinator.registry import REGISTRY_FILE, Registry, new_registry
 from federation.cards import SUPERNODE_CURVE, holder_card
 
@@ -112,6 +112,8 @@ def add_holder(directory: str | os.PathLike, card_path: str | os.PathLike) -> Ho
         card = json.loads(path.read_text())
     except FileNotFoundError:
         raise InvalidInputError(f"holder card {path} does not exist") from None
+    except OSError as error:
+        raise InvalidInputError(f"cannot read holder card {path}: {error.strerror or error}") from None
     except (ValueError, UnicodeDecodeError) as bad:
         raise InvalidInputError(f"holder card {path} is not JSON: {bad}") from None
     holder = holder_card(card, f"holder card {path}")
@@ -144,11 +146,26 @@ def load_credentials(directory: str | os.PathLike) -> Credentials:
         server_certificate=root / "superlink/server.pem",
         server_key=root / "superlink/server.key",
         coordinator_ledger_key=root / "coordinator/ledger.key",
-        coordinator_ledger_public_key=(root / "coordinator/ledger.pub").read_text().strip(),
+        coordinator_ledger_public_key=_ledger_public_key(root / "coordinator/ledger.pub"),
         holders=holders,
         registry=path,
         addresses=registry.addresses,
     )
+
+
+def _ledger_public_key(path: Path) -> str:
+    """The coordinator's ledger public key (base64) from ``path``; a missing or unreadable file says so."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except OSError as error:
+        raise InvalidInputError(f"cannot read the coordinator's ledger public key {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"the coordinator's ledger public key {path} is not base64 text") from None
+    try:
+        load_public_key(text)
+    except InvalidInputError as bad:
+        raise InvalidInputError(f"the coordinator's ledger public key {path}: {bad}") from None
+    return text
 
 
 def _checked_addresses(addresses: Sequence[str]) -> tuple[str, ...]:

@@ -142,3 +142,20 @@ def test_bad_input_and_existing_credentials_are_refused(tmp_path, credentials):
         init_credentials(tmp_path / "c", ["127.0.0.1:9092"])
     with pytest.raises(InvalidInputError, match="no supernodes.json"):
         load_credentials(tmp_path)
+
+
+def test_a_missing_or_unreadable_key_file_is_named_not_blamed_on_its_contents(tmp_path, credentials):
+    import shutil
+
+    copy = tmp_path / "fed"
+    shutil.copytree(credentials.directory, copy)
+    public = copy / "coordinator" / "ledger.pub"
+    public.unlink()  # before: a FileNotFoundError traceback out of load_credentials
+    with pytest.raises(InvalidInputError, match=r"cannot read the coordinator's ledger public key .*ledger\.pub: No such file"):
+        load_credentials(copy)
+    public.write_text("not base64!\n")
+    with pytest.raises(InvalidInputError, match=r"ledger\.pub: the public key is not valid base64"):
+        load_credentials(copy)
+    (tmp_path / "card").mkdir()
+    with pytest.raises(InvalidInputError, match=r"cannot read holder card .*card: Is a directory"):
+        add_holder(credentials.directory, tmp_path / "card")

@@ -111,6 +111,14 @@ def test_bad_public_key_argument_exits_2(built, capsys):
     assert code == 2 and "32 bytes" in err and err.count("\n") == 1
 
 
+def test_a_public_key_file_that_is_not_there_is_reported_as_a_missing_file(built, tmp_path, capsys):
+    missing = tmp_path / "keys" / "ledger.pub"  # before: "the public key is not valid base64"
+    code, _, err = run(capsys, "ledger", "verify", str(built[0]), "--public-key", str(missing))
+    assert code == 2 and f"public key {missing}: no such file" in err and err.count("\n") == 1
+    code, _, err = run(capsys, "ledger", "verify", str(built[0]), "--public-key", str(tmp_path))
+    assert code == 2 and f"public key {tmp_path} is not a regular file" in err
+
+
 def test_show_labels_the_guarantee_and_the_estimate(built, capsys):
     path, _ = built
     code, out, _ = run(capsys, "ledger", "show", str(path))

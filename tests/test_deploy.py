@@ -7,18 +7,17 @@ end, and the Control API is refused. The images themselves are not built here.""
 from __future__ import annotations
 
 import http.client
-import os
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fleet_proxy import nginx_missing, start_proxy
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -124,8 +123,8 @@ class _SuperLinkStandIn(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fleet_proxy(tmp_path):
-    if shutil.which("nginx") is None:
-        pytest.skip("nginx is not installed (scripts/setup installs Debian's nginx-light)")
+    if nginx_missing():
+        pytest.skip(nginx_missing())
     from coordinator.credentials import init_credentials
 
     credentials = init_credentials(tmp_path / "keys", ["127.0.0.1", "localhost"])
@@ -137,39 +136,12 @@ def fleet_proxy(tmp_path):
     server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
-    site = (DEPLOY / "nginx/ewtune-fleet.conf").read_text()
-    replacements = {
-        "server 127.0.0.1:9092;": f"server 127.0.0.1:{upstream_port};",
-        "listen 443 ssl;": f"listen 127.0.0.1:{proxy_port} ssl;",
-        "listen [::]:443 ssl;": "",
-        "/etc/ewtune/coordinator-keys": str(tmp_path / "keys"),
-    }
-    for old, new in replacements.items():
-        assert old in site, f"deploy/nginx/ewtune-fleet.conf no longer has {old!r}"
-        site = site.replace(old, new)
-    (tmp_path / "site.conf").write_text(site)
-    run = tmp_path / "nginx"
-    run.mkdir()
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    (tmp_path / "nginx.conf").write_text(
-        f"{user}daemon off;\nworker_processes 1;\npid {run}/nginx.pid;\nerror_log {run}/error.log;\n"
-        f"events {{}}\nhttp {{\n  access_log {run}/access.log;\n  client_body_temp_path {run}/body;\n"
-        f"  proxy_temp_path {run}/proxy;\n  fastcgi_temp_path {run}/fastcgi;\n  uwsgi_temp_path {run}/uwsgi;\n"
-        f"  scgi_temp_path {run}/scgi;\n  include {tmp_path}/site.conf;\n}}\n"
-    )
-    nginx = subprocess.Popen(["nginx", "-p", str(run), "-c", str(tmp_path / "nginx.conf")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if nginx.poll() is not None:
-                pytest.fail(f"nginx exited: {nginx.stderr.read()} {(run / 'error.log').read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", proxy_port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nginx did not listen"
-                time.sleep(0.1)
+        nginx = start_proxy(tmp_path / "nginx", tmp_path / "keys", upstream_port, ("127.0.0.1", proxy_port))
+    except RuntimeError as failure:
+        server.shutdown()
+        pytest.fail(str(failure))
+    try:
         client = ssl.create_default_context(cafile=str(credentials.ca_certificate))
         yield proxy_port, client
     finally:

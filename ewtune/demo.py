@@ -211,8 +211,10 @@ def _result(work: Path, status: dict[str, Any], credentials) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> str:
     lines = [
         "",
-        f"run {result['run_id']}: {result['state']}" + (f" ({result['reason']})" if result.get("reason") else "")
+        f"## Run {result['run_id']}: {result['state']}" + (f" ({result['reason']})" if result.get("reason") else "")
         + f", {result['rounds_completed']} round(s), {result['wall_seconds']:.0f} s wall",
+        "",
+        "### Privacy spent per holder",
         "",
         "| holder | records | sigma | certified eps (guarantee) | Edgeworth eps (estimate) | RDP eps | budget | rounds |",
         "|---|---|---|---|---|---|---|---|",
@@ -226,10 +228,11 @@ def report(result: dict[str, Any]) -> str:
     lines.append(f"\ndelta {result['holders'][0]['delta']:g} per holder; the certified epsilon is the recorded and enforced bound, "
                  "the Edgeworth value is an estimate shown beside it." if result["holders"] else "")
     if result.get("accuracy_by_round"):
-        lines += ["", "| global model after round | accuracy | macro F1 | majority-class baseline | held-out sentences |", "|---|---|---|---|---|"]
+        lines += ["", "### The global model on the demo's held-out sentences", "",
+                  "| global model after round | accuracy | macro F1 | majority-class baseline | held-out sentences |", "|---|---|---|---|---|"]
         lines += [f"| {row['round']}{' (initial)' if row['round'] == 0 else ''} | {row['accuracy']:.3f} | {row['macro_f1']:.3f} | "
                   f"{row['majority_baseline']:.3f} | {row['num_examples']} |" for row in result["accuracy_by_round"]]
-    lines.append("")
+    lines += ["", "### Verification of the ledgers", ""]
     for name, ledger in result["ledgers"].items():
         lines.append(f"{'OK    ' if ledger['ok'] else 'FAILED'} {ledger['summary']}")
     check = result["cross_check"]

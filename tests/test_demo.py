@@ -54,3 +54,30 @@ def test_head_mode_embeds_once_and_scores_like_the_full_forward(tiny_pooled_dir,
         assert by_cache["accuracy"] == pytest.approx(by_forward["accuracy"])
         assert by_cache["macro_f1"] == pytest.approx(by_forward["f1"])
     assert cached[0]["accuracy"] != cached[1]["accuracy"] or cached[0]["macro_f1"] != cached[1]["macro_f1"]
+
+
+def test_the_demo_report_has_one_heading_per_section_all_alike_and_states_the_run_once():
+    from ewtune.demo import report
+
+    holder = {"holder_id": "h0", "dataset_size": 100, "noise_multiplier": 1.0, "epsilon_certified": 2.0, "epsilon_edgeworth_estimate": 1.9,
+              "epsilon_rdp": 2.5, "budget_epsilon": 8.0, "rounds": 2, "delta": 1e-5}  # fmt: skip
+    accuracy = [{"round": r, "accuracy": 0.5, "macro_f1": 0.4, "majority_baseline": 0.5, "num_examples": 100} for r in (0, 1, 2)]
+    result = {
+        "run_id": "42", "state": "finished", "reason": None, "rounds_completed": 2, "wall_seconds": 100.0, "work_dir": "/w",
+        "holders": [holder], "accuracy_by_round": accuracy, "adapter": None,
+        "ledgers": {"coordinator": {"ok": True, "summary": "ledger c.jsonl verified"}, "h0": {"ok": True, "summary": "ledger h0.jsonl verified"}},
+        "cross_check": {"ok": True, "matched_commits": 2, "mismatches": [], "not_aggregated": []},
+    }  # fmt: skip
+    lines = report(result).splitlines()
+    headings = [line for line in lines if line.startswith("#")]
+    assert headings == [
+        "## Run 42: finished, 2 round(s), 100 s wall",
+        "### Privacy spent per holder",
+        "### The global model on the demo's held-out sentences",
+        "### Verification of the ledgers",
+    ]
+    for heading in headings:  # each heading stands apart: a blank line before and after
+        index = lines.index(heading)
+        assert lines[index - 1] == "" and lines[index + 1] == ""
+    assert sum("round(s)" in line for line in lines) == 1
+    assert [line.split(" |")[0] for line in lines if line.startswith("| ") and line[2].isdigit()] == ["| 0 (initial)", "| 1", "| 2"]

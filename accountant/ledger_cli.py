@@ -222,16 +222,15 @@ def _show_lines(report) -> list[str]:
         f"ledger {report.path}: writer {report.writer!r}, {report.entries_verified} entries, verified "
         f"({report.key_note})"
     ]
-    if len(report.holders) > 1:  # a record lives at one holder: parallel composition
-        worst = max(report.holders.values(), key=lambda spend: spend.epsilon_certified)
+    if len(report.holder_ids) > 1:  # a record lives at one holder: parallel composition
+        worst = max((report.holders[h] for h in report.holder_ids), key=lambda spend: spend.epsilon_certified)
         lines.append(
             f"federation-wide record-level epsilon (max over holders, certified): {worst.epsilon_certified:.6f} "
             f"({worst.holder_id})"
         )
-    for holder_id, spend in report.holders.items():
+    for holder_id in report.holder_ids:  # a coordinator writing for registered holders spends nothing itself
+        spend = report.holders[holder_id]
         reservations = [row for row in report.reservations if row["holder"] == holder_id]
-        if holder_id == report.writer and len(report.holders) > 1 and not reservations:
-            continue  # a coordinator writing for registered holders spends nothing itself
         lines += [
             "",
             f"holder {holder_id}",

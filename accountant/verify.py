@@ -68,6 +68,16 @@ class VerificationReport:
     audits: list[dict[str, Any]] = field(default_factory=list)  # audit runs' lower bounds (see audit_statement)
 
     @property
+    def holder_ids(self) -> list[str]:
+        """The holders whose spend this ledger accounts: every account but a coordinator's own, which spends
+        nothing (no reservation ever) while it writes for the holders it registered."""
+        reserved_for = {row["holder"] for row in self.reservations}
+        return [
+            holder_id for holder_id in self.holders
+            if not (holder_id == self.writer and len(self.holders) > 1 and holder_id not in reserved_for)
+        ]  # fmt: skip
+
+    @property
     def ok(self) -> bool:
         return self.first_bad is None and self.accountant_mismatch is None and self.head_failure is None
 
@@ -94,7 +104,7 @@ class VerificationReport:
         heads = "".join(f", head seq {head['seq']} ({head['source']}) matched" for head in self.heads)
         return (
             f"ledger {self.path}: OK: {self.entries_verified} entries by {self.writer!r}, chain, signatures, "
-            f"rules and {len(self.holders)} holder spend(s) verified"
+            f"rules and {len(self.holder_ids)} holder spend(s) verified"
             + (f", {len(self.repairs)} repair(s)" if self.repairs else "")
             + heads
             + _audits_note(self.audits)

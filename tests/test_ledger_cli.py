@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from test_ledger import WRITER, build_ledger, read_entries
+from test_ledger import BUDGET, ROUND, WRITER, build_ledger, read_entries
 
-from accountant.ledger import entry_hash
+from accountant.ledger import Ledger, entry_hash
 from accountant.signing import SigningKey
 from ewtune.cli import main
 
@@ -271,3 +271,16 @@ def test_show_withholds_the_figures_of_a_rolled_back_ledger(built, capsys, tmp_p
     code, out, _ = run(capsys, "ledger", "show", str(rolled_back), "--head", f"{built[0]}.head")
     assert code == 1 and "rolled back or truncated" in out and "INVALID LEDGER, figures withheld" in out
     assert "certified epsilon" not in out and "budget left" not in out
+
+
+def test_verify_of_a_coordinator_ledger_counts_only_the_holders_not_the_coordinator(tmp_path, capsys):
+    path, key = tmp_path / "coordinator.jsonl", SigningKey.generate()
+    with Ledger.create(path, key, "coordinator", BUDGET) as ledger:
+        for holder in ("bank", "clinic"):
+            ledger.register_holder(holder, SigningKey.generate().public_key_text, 8.0, 1e-5)
+        ledger.commit(ledger.reserve("clinic", "run", 0, ROUND), ROUND)
+    code, out, _ = run(capsys, "ledger", "verify", str(path))
+    assert code == 0 and "rules and 2 holder spend(s) verified" in out  # before: 3, the coordinator counted
+    code, out, _ = run(capsys, "ledger", "show", str(path))
+    assert code == 0 and "holder bank" in out and "holder clinic" in out and "holder coordinator" not in out
+    assert "(max over holders, certified)" in out and "(clinic)" in out

@@ -48,6 +48,13 @@ def update_digest(arrays: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def receipt_digest(document: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a signed receipt document's canonical JSON. The holder's commit records it for the
+    document it sends, the coordinator's commit for the document as parsed on arrival; the cross-check of the
+    two ledgers matches them, so both sides compute it here."""
+    return hashlib.sha256(canonical_json(document)).hexdigest()
+
+
 def _shape_bytes(shape: tuple[int, ...]) -> bytes:
     return b"".join(int(size).to_bytes(8, "big") for size in shape)
 

@@ -29,7 +29,6 @@ step before it may run and the receipt before the commit (:mod:`agent.recovery`)
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -47,9 +46,9 @@ from accountant.errors import EwtuneError, InvalidInputError
 from accountant.events import PoissonGaussianEvent
 from accountant.ledger import EVALUATION_PURPOSE, Ledger
 from accountant.privacy_accountant import delta_too_large
-from accountant.receipts import Receipt, sign_receipt, update_digest
+from accountant.receipts import Receipt, receipt_digest, sign_receipt, update_digest
 from accountant.sampling import executable_sampling_rate
-from accountant.signing import SigningKey, canonical_json
+from accountant.signing import SigningKey
 from agent.dpsgd.randomness import SecureRandom
 from agent.policy import AgentConfig, HolderPolicy, PlanRefused, RoundPlan
 from agent.recovery import ProgressJournal, journal_path, reconcile
@@ -308,7 +307,7 @@ class Daemon:
         self._journal.receipt(reservation, document)
         with self._ledger_lock:  # committed before the update leaves; a failed commit releases nothing
             self.ledger.commit(reservation, result.event, extra={
-                "receipt_sha256": hashlib.sha256(canonical_json(document)).hexdigest(),
+                "receipt_sha256": receipt_digest(document),
                 **self._release_facts(),
             })
         log.info("round %s: local training loss %.4f over %d examples in %.1f s (kept local)", plan.round,

@@ -27,7 +27,6 @@ reservation is closed in the ledger.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from typing import Any, Mapping
 from accountant.errors import EwtuneError, InvalidInputError
 from accountant.events import PoissonGaussianEvent, mechanisms
 from accountant.ledger import FILE_MODE, Ledger
-from accountant.receipts import verify_receipt
+from accountant.receipts import receipt_digest, verify_receipt
 from accountant.signing import canonical_json
 from accountant.spend import Reservation
 
@@ -170,8 +169,8 @@ def _close(ledger: Ledger, reservation: Reservation, progress: Progress | None,
     receipt = _receipt_event(progress, reservation, ledger.public_key_text)
     if receipt is not None:
         reason = "its receipt was signed before the crash"
-        sha256 = hashlib.sha256(canonical_json(progress.receipt)).hexdigest()
-        ledger.commit(seq, receipt, extra={"receipt_sha256": sha256, **release_facts, "recovered": reason})
+        extra = {"receipt_sha256": receipt_digest(progress.receipt), **release_facts, "recovered": reason}
+        ledger.commit(seq, receipt, extra=extra)
         return Outcome(seq, "commit", _steps(receipt), reason)
     if progress.steps == 0:
         reason = "no step ran and nothing was released"

@@ -36,7 +36,6 @@ This module imports neither torch nor flwr.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -49,7 +48,7 @@ import numpy as np
 
 from accountant.errors import InvalidInputError
 from accountant.ledger import Ledger
-from accountant.receipts import Receipt
+from accountant.receipts import Receipt, receipt_digest
 from accountant.signing import canonical_json
 from accountant.spend import Reservation, check_within
 from coordinator.checkpoints import CHECKPOINTS, load_weights, read_metadata, save_weights, write_durably
@@ -149,7 +148,7 @@ class Inbox:
 def commit_extra(receipt_document: Mapping[str, Any], receipt: Receipt, node_id: int) -> dict[str, Any]:
     """What a coordinator commit records beside the executed event (the same live and after recovery)."""
     return {
-        "receipt_sha256": hashlib.sha256(canonical_json(receipt_document)).hexdigest(),
+        "receipt_sha256": receipt_digest(receipt_document),
         "update_sha256": receipt.update_sha256,
         "node_id": str(node_id),
     }

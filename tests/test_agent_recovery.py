@@ -5,7 +5,6 @@ otherwise, the receipt's event once signed, and the whole reservation when no re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -18,11 +17,12 @@ from accountant.events import PoissonGaussianEvent, event_from_json
 from accountant.ledger import Ledger
 from accountant.receipts import verify_receipt
 from accountant.sampling import executable_sampling_rate
-from accountant.signing import SigningKey, canonical_json
+from accountant.signing import SigningKey
 from accountant.verify import verify_ledger
 from agent.policy import load_agent_config
 from agent.recovery import ProgressJournal, journal_path, read_progress
 from agent.rpc import DaemonClient, DaemonError
+from coordinator.recovery import commit_extra
 from test_daemon import HOLDER, PLAN, REPO, _agent_toml, _entries, _global_weights, _kinds, _wait_for_daemon
 from test_daemon import trainer  # noqa: F401 - the fixture
 
@@ -152,8 +152,12 @@ def test_killed_after_the_receipt_was_signed_the_restart_commits_the_receipt(hol
     daemon.close()
     closing = _closing_entry(holder)
     assert closing["kind"] == "commit"
-    assert closing["payload"]["receipt_sha256"] == hashlib.sha256(canonical_json(receipt)).hexdigest()
     public_key = SigningKey.load(load_agent_config(holder).signing_key).public_key_text
+    # The coordinator records the digest of the receipt as it arrives (JSON text, parsed): the holder's
+    # recovered commit must record the same, or the cross-check of the two ledgers fails.
+    arrived = json.loads(json.dumps(receipt, indent=1))
+    coordinator_side = commit_extra(arrived, verify_receipt(arrived, public_key), node_id=1)["receipt_sha256"]
+    assert closing["payload"]["receipt_sha256"] == coordinator_side
     assert event_from_json(closing["payload"]["event"]) == verify_receipt(receipt, public_key).event == PLANNED
     assert verify_ledger(ledger_path).ok
 

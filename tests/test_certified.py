@@ -211,9 +211,23 @@ def test_mixed_relations_are_refused():
         certified_epsilon(mixed, 1e-5)
 
 
-def test_pinned_accountant_description():
-    assert set(CERTIFIED_ACCOUNTANT) >= {"name", "version", "discretisation"}
-    assert all(isinstance(value, str) and value for value in CERTIFIED_ACCOUNTANT.values())
+def test_a_ledger_pins_the_accountant_and_another_version_does_not_claim_to_check_it(tmp_path, monkeypatch):
+    """The pinned description ties a ledger's stated epsilons to the engine that computed them. The bug this
+    catches: a verifier that ignores the pin and reports an old ledger's figures as recomputed by a newer
+    engine (whose numbers may differ)."""
+    import accountant.certified as certified
+    from accountant.ledger import Ledger
+    from accountant.signing import SigningKey
+    from accountant.verify import verify_ledger
+
+    path, event = tmp_path / "ledger.jsonl", PoissonGaussianEvent(0.01, 1.0, 50)
+    with Ledger.create(path, SigningKey.generate(), "h", {"budget_epsilon": 8.0, "budget_delta": 1e-5}) as ledger:
+        ledger.commit(ledger.reserve("h", "run", 0, event), event)
+    assert verify_ledger(path).ok  # written and checked by the same engine
+    for field in ("name", "version", "discretisation"):
+        monkeypatch.setattr(certified, "CERTIFIED_ACCOUNTANT", {**CERTIFIED_ACCOUNTANT, field: "another"})
+        report = verify_ledger(path)
+        assert not report.ok and "stated epsilons were not checked" in report.accountant_mismatch, field
 
 
 def test_tiny_delta_still_gets_a_finite_sound_bound():

@@ -7,7 +7,7 @@ import pytest
 
 from accountant.errors import InvalidInputError
 from accountant.events import PoissonGaussianEvent, compose
-from accountant.receipts import Receipt, sign_receipt, update_digest, verify_receipt
+from accountant.receipts import Receipt, receipt_digest, sign_receipt, update_digest, verify_receipt
 from accountant.signing import SigningKey, canonical_json
 
 EVENT = PoissonGaussianEvent(sampling_rate=0.01, noise_multiplier=1.1, steps=30)
@@ -115,3 +115,16 @@ def test_invalid_receipt_fields_are_refused():
         Receipt("r", -1, "h", EVENT, "0" * 64)
     with pytest.raises(InvalidInputError, match="object"):
         update_digest({"x": np.array([object()])})
+
+
+def test_the_receipt_digest_is_the_same_on_both_sides_of_the_wire_and_names_one_receipt():
+    """The holder hashes the document it sends, the coordinator the document as it parsed it on arrival;
+    the bug this catches is a digest of the text as written (key order, spacing), which would make every
+    cross-check of a holder's ledger against the coordinator's fail."""
+    key = SigningKey.generate()
+    sent = sign_receipt(key, _receipt())
+    arrived = json.loads(json.dumps({name: sent[name] for name in reversed(list(sent))}, indent=4))
+    assert json.dumps(arrived) != json.dumps(sent)  # the text differs...
+    assert receipt_digest(arrived) == receipt_digest(sent)  # ...the digest does not
+    other_round = sign_receipt(key, Receipt("run-7", 3, "holder0", EVENT, update_digest(_update())))  # round 3, not 2
+    assert receipt_digest(other_round) != receipt_digest(sent)

@@ -13,28 +13,17 @@ one test of the whole federation with real processes."""
 
 import numpy as np
 import pytest
+from tiny_federation import mr_holders, verified_ledgers
 
-from accountant.verify import verify_ledger
 from coordinator.checkpoints import load_weights
 from coordinator.ledger_crosscheck import cross_check, read_entries
-from ewtune.local_federation import FederationJob, HolderSetup, LocalFederation, initial_weights, partition_csv
+from ewtune.local_federation import FederationJob, LocalFederation
 
 
 @pytest.fixture(scope="module")
 def federation_run(tiny_bert_dir, mr_csv, tmp_path_factory):
     work = tmp_path_factory.mktemp("federation")
-    names = ["h0", "h1", "poor"]
-    partitions = partition_csv(mr_csv, work / "data", len(names), names)
-    training = {
-        "model_dir": str(tiny_bert_dir), "max_length": 32, "mode": "lora", "lora_rank": 4,
-        "lora_target_modules": ["query", "value"], "physical_batch_size": 32, "eval_fraction": 0.2,
-    }
-    holders = [
-        HolderSetup("h0", partitions[0], budget_epsilon=8.0, training=training),
-        HolderSetup("h1", partitions[1], budget_epsilon=6.0, training=training),
-        HolderSetup("poor", partitions[2], budget_epsilon=0.05, training=training),
-    ]
-    initial = initial_weights(tiny_bert_dir, work / "initial.safetensors", training)
+    holders, initial = mr_holders(tiny_bert_dir, mr_csv, work, {"h0": 8.0, "h1": 6.0, "poor": 0.05})
     job = FederationJob(
         federation={
             "name": "e2e", "rounds": 2, "local_steps": 3, "expected_batch_size": 16, "clip_norm": 1.0, "learning_rate": 0.01,
@@ -66,16 +55,9 @@ def test_two_rounds_finish_with_both_funded_holders(federation_run):
 def test_every_ledger_verifies_and_the_coordinator_matches_the_holders(federation_run):
     work, credentials, _, _ = federation_run
     coordinator = work / "coordinator" / "ledger.jsonl"
-    report = verify_ledger(coordinator, credentials.coordinator_ledger_public_key)
-    assert report.ok, report.summary()
-    holder_entries = {}
-    for holder_id, holder in credentials.holders.items():
-        path = work / "holders" / holder_id / "ledger.jsonl"
-        own = verify_ledger(path, holder.ledger_public_key)
-        assert own.ok, own.summary()
-        holder_entries[holder_id] = read_entries(path)
-        if holder_id != "poor":
-            assert own.holders[holder_id].epsilon_certified == pytest.approx(report.holders[holder_id].epsilon_certified)
+    report, own, holder_entries = verified_ledgers(work, credentials)
+    for holder_id in ("h0", "h1"):
+        assert own[holder_id].holders[holder_id].epsilon_certified == pytest.approx(report.holders[holder_id].epsilon_certified)
     check = cross_check(read_entries(coordinator), holder_entries)
     assert check.ok, check.mismatches
     assert check.matched == 4 and not check.not_aggregated

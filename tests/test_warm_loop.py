@@ -16,10 +16,10 @@ import threading
 import time
 
 import pytest
+from tiny_federation import mr_holders, verified_ledgers
 
-from accountant.verify import verify_ledger
 from coordinator.ledger_crosscheck import cross_check, read_entries
-from ewtune.local_federation import FederationJob, HolderSetup, LocalFederation, initial_weights, partition_csv
+from ewtune.local_federation import FederationJob, LocalFederation
 
 ROUND_TIMEOUT_S = 25.0
 
@@ -56,14 +56,7 @@ def _wait_for_reactivation(supernode_log, killed: dict, timeout: float = 200.0):
 @pytest.fixture(scope="module")
 def killed_run(tiny_bert_dir, mr_csv, tmp_path_factory):
     work = tmp_path_factory.mktemp("warm")
-    names = ["h0", "h1"]
-    partitions = partition_csv(mr_csv, work / "data", len(names), names)
-    training = {
-        "model_dir": str(tiny_bert_dir), "max_length": 32, "mode": "lora", "lora_rank": 4,
-        "lora_target_modules": ["query", "value"], "physical_batch_size": 32, "eval_fraction": 0.2,
-    }
-    holders = [HolderSetup(name, path, budget_epsilon=8.0, training=training) for name, path in zip(names, partitions)]
-    initial = initial_weights(tiny_bert_dir, work / "initial.safetensors", training)
+    holders, initial = mr_holders(tiny_bert_dir, mr_csv, work, {"h0": 8.0, "h1": 8.0})
 
     def job(name, rounds):
         return FederationJob(
@@ -105,19 +98,12 @@ def test_the_round_aborts_the_killed_holder_within_its_deadline_and_goes_on(kill
 def test_nothing_is_charged_twice_and_every_ledger_verifies(killed_run):
     work, credentials, first, _, _ = killed_run
     coordinator = read_entries(work / "coordinator" / "ledger.jsonl")
-    report = verify_ledger(work / "coordinator" / "ledger.jsonl", credentials.coordinator_ledger_public_key)
-    assert report.ok, report.summary()
+    _, _, holder_entries = verified_ledgers(work, credentials)
     reserved = {e["seq"]: e for e in coordinator if e["kind"] == "reserve" and e["payload"]["holder"] == "h0"
                 and e["payload"]["run_id"] == first["run_id"]}
     aborted = [e for e in coordinator if e["kind"] == "abort" and e["payload"]["reservation"] in reserved]
     committed = [e for e in coordinator if e["kind"] == "commit" and e["payload"]["reservation"] in reserved]
     assert len(reserved) == 1 and len(aborted) == 1 and not committed
-    holder_entries = {}
-    for holder_id, holder in credentials.holders.items():
-        path = work / "holders" / holder_id / "ledger.jsonl"
-        own = verify_ledger(path, holder.ledger_public_key)
-        assert own.ok, own.summary()
-        holder_entries[holder_id] = read_entries(path)
     own_reserves = {e["seq"]: e for e in holder_entries["h0"] if e["kind"] == "reserve" and e["payload"]["run_id"] == first["run_id"]}
     own_commits = [e for e in holder_entries["h0"] if e["kind"] == "commit" and e["payload"]["reservation"] in own_reserves]
     assert [own_reserves[e["payload"]["reservation"]]["payload"]["round"] for e in own_commits] == [1]  # once, for what ran

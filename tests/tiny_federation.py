@@ -1,0 +1,42 @@
+"""What the tests that start a real federation of tiny-BERT holders (ewtune.local_federation) share: the holders'
+LoRA training settings, holders on disjoint shares of the MR sentences with the initial global weights, and the
+ledgers read back after each has been verified against its pinned key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from accountant.crosscheck import read_entries
+from accountant.verify import verify_ledger
+from ewtune.local_federation import HolderSetup, initial_weights, partition_csv
+
+
+def lora_training(model_dir: Path) -> dict[str, Any]:
+    return {
+        "model_dir": str(model_dir), "max_length": 32, "mode": "lora", "lora_rank": 4,
+        "lora_target_modules": ["query", "value"], "physical_batch_size": 32, "eval_fraction": 0.2,
+    }
+
+
+def mr_holders(model_dir: Path, mr_csv: Path, work: Path, budgets: dict[str, float]) -> tuple[list[HolderSetup], Path]:
+    """One holder per entry of ``budgets`` (holder id -> lifetime epsilon), each with its share of the MR sentences,
+    and the initial global weights (``work/initial.safetensors``)."""
+    names = list(budgets)
+    partitions = partition_csv(mr_csv, work / "data", len(names), names)
+    training = lora_training(model_dir)
+    holders = [HolderSetup(name, path, budget_epsilon=budgets[name], training=training) for name, path in zip(names, partitions)]
+    return holders, initial_weights(model_dir, work / "initial.safetensors", training)
+
+
+def verified_ledgers(work: Path, credentials) -> tuple[Any, dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """(the coordinator's verification report, each holder's, each holder's entries); every ledger must verify."""
+    report = verify_ledger(work / "coordinator" / "ledger.jsonl", credentials.coordinator_ledger_public_key)
+    assert report.ok, report.summary()
+    reports, entries = {}, {}
+    for holder_id, holder in credentials.holders.items():
+        path = work / "holders" / holder_id / "ledger.jsonl"
+        reports[holder_id] = verify_ledger(path, holder.ledger_public_key)
+        assert reports[holder_id].ok, reports[holder_id].summary()
+        entries[holder_id] = read_entries(path)
+    return report, reports, entries

@@ -11,9 +11,10 @@ and its own ``__post_init__`` the ranges, each key checked alone against the def
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,11 +89,20 @@ def section(document: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def unknown_key(key: str, known: Iterable[str]) -> str:
+    """The problem of an unknown ``key``, naming the known key it most likely meant (``max-examples``,
+    ``max_example``: ``max_examples``), then every known key."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key.replace("-", "_").lower(), known, n=1, cutoff=0.7)
+    meant = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key{meant} (known: {', '.join(known)})"
+
+
 def check_keys(values: Mapping[str, Any], table: str, allowed: tuple[str, ...], problems: Problems,
                required: tuple[str, ...] = ()) -> None:
     for key in values:
         if key not in allowed:
-            problems.add(key_name(table, key), f"unknown key (known: {', '.join(sorted(allowed))})")
+            problems.add(key_name(table, key), unknown_key(key, allowed))
     for key in required:
         if key not in values:
             problems.add(key_name(table, key), "missing")
@@ -112,7 +122,7 @@ def check_dataclass_table(cls: type, values: Mapping[str, Any], table: str, prob
     arguments, each_ok = {}, True
     for key, value in values.items():
         if key not in keys:
-            problems.add(key_name(table, key), f"unknown key (known: {', '.join(sorted(keys))})")
+            problems.add(key_name(table, key), unknown_key(key, keys))
             each_ok = False
             continue
         name = keys[key]

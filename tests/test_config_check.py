@@ -132,3 +132,13 @@ def test_a_file_of_neither_role_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "x.toml").write_text("[something]\na = 1\n")
     assert main(["config", "check", str(tmp_path / "x.toml")]) == 2
     assert "pass --role" in capsys.readouterr().err
+
+
+def test_a_misspelt_key_is_refused_naming_the_key_it_most_likely_meant(tmp_path, tiny_bert_dir, mr_csv):
+    path = _agent_toml(tmp_path, tiny_bert_dir, mr_csv)  # its [training] sets max_examples = 200
+    path.write_text(path.read_text().replace("max_examples = 200", "max-examples = 200"))  # the CLI's spelling
+    problems = check_agent_config(path)
+    assert _keys(problems) == ["[training] max-examples"]
+    assert problems.found[0].reason.startswith("unknown key; did you mean 'max_examples'? (known: ")
+    path.write_text(path.read_text().replace("max-examples = 200", "colour = 1"))
+    assert check_agent_config(path).found[0].reason.startswith("unknown key (known: ")  # nothing close: no guess

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from accountant.errors import InvalidInputError
-from agent.recipe import OPTIMIZERS, RECIPE_MODES, Recipe
+from agent.recipe import LOW_EPSILON, LOW_EPSILON_PROBE, OPTIMIZERS, RECIPE_MODES, Recipe
 
 PACKAGED_MODELS = ("minilm",)
 PACKAGED_DATA = ("mr", "sms_spam")
@@ -62,9 +62,13 @@ def register(commands) -> None:
         f"alone (linear probing) (default {defaults.mode})",
     )
     probe = parser.add_argument_group("probe phase (the classification head alone, on cached embeddings; SGD)")
-    probe.add_argument("--probe-epochs", type=float, default=defaults.probe_epochs, help=f"expected passes (default {defaults.probe_epochs:g}; 0: no probe)")
-    probe.add_argument("--probe-batch", type=int, default=defaults.probe_expected_batch, help=f"expected Poisson batch (default {defaults.probe_expected_batch})")
-    probe.add_argument("--probe-lr", type=float, default=defaults.probe_learning_rate, help=f"learning rate (default {defaults.probe_learning_rate:g})")
+    low = f"below epsilon {LOW_EPSILON:.3g}"
+    probe.add_argument("--probe-epochs", type=float, help=f"expected passes (default {defaults.probe_epochs:g}, "
+                       f"{LOW_EPSILON_PROBE['probe_epochs']:g} {low}; 0: no probe)")
+    probe.add_argument("--probe-batch", type=int, help=f"expected Poisson batch (default {defaults.probe_expected_batch}, "
+                       f"{LOW_EPSILON_PROBE['probe_expected_batch']} {low})")
+    probe.add_argument("--probe-lr", type=float, help=f"learning rate (default {defaults.probe_learning_rate:g}, "
+                       f"{LOW_EPSILON_PROBE['probe_learning_rate']:g} {low})")
     probe.add_argument("--probe-share", type=float, default=defaults.probe_budget_share,
                        help=f"share of the epsilon budget for the probe when a tune phase follows (default {defaults.probe_budget_share:g})")
     tune = parser.add_argument_group("tune phase (LoRA or full fine-tuning from the probed head; lora and full modes)")
@@ -233,11 +237,13 @@ def _check_paths(args) -> None:
 
 
 def _recipe(args):
-    from agent.recipe import Recipe
+    """The default recipe for ``--epsilon`` (:func:`agent.recipe.default_recipe`), with the probe settings given."""
+    from agent.recipe import default_recipe
 
-    return Recipe(
-        mode=args.mode, probe_epochs=args.probe_epochs, probe_expected_batch=args.probe_batch, probe_learning_rate=args.probe_lr,
-        probe_budget_share=args.probe_share, tune_epochs=args.tune_epochs, tune_expected_batch=args.tune_batch,
+    probe = {"probe_epochs": args.probe_epochs, "probe_expected_batch": args.probe_batch, "probe_learning_rate": args.probe_lr}
+    return default_recipe(
+        args.epsilon, **{name: value for name, value in probe.items() if value is not None},
+        mode=args.mode, probe_budget_share=args.probe_share, tune_epochs=args.tune_epochs, tune_expected_batch=args.tune_batch,
         tune_learning_rate=args.tune_lr, tune_optimizer=args.tune_optimizer, clip_norm=args.clip_norm,
     )  # fmt: skip
 

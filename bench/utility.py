@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from agent.evaluation import majority_baseline
-    from agent.recipe import Recipe
+    from agent.recipe import LOW_EPSILON, Recipe, default_recipe
 
     started, cpu_started = time.perf_counter(), time.process_time()
     train, train_labels, held_out, held_labels, size = _embedded_mr(args.model_dir, max_length, max_examples, args.device)
@@ -60,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe()
     rows = [_row("central", "non-private", None, _repeat(seeds, lambda: _central(train, train_labels, recipe, None)), held_out, held_labels)]
     for epsilon in EPSILONS:
-        rows.append(_row("central", "certified", epsilon, _repeat(seeds, lambda e=epsilon: _central(train, train_labels, recipe, ("certified", e))), held_out, held_labels))
-    rows.append(_row("central", "EW-Tune (Edgeworth)", 8.0, _repeat(seeds, lambda: _central(train, train_labels, recipe, ("edgeworth", 8.0))), held_out, held_labels))
+        central = lambda e=epsilon: _central(train, train_labels, default_recipe(e), ("certified", e))  # noqa: E731
+        rows.append(_row("central", "certified", epsilon, _repeat(seeds, central), held_out, held_labels))
+    rows.append(_row("central", "EW-Tune (Edgeworth)", 8.0, _repeat(seeds, lambda: _central(train, train_labels, default_recipe(8.0), ("edgeworth", 8.0))), held_out, held_labels))
     for epsilon in EPSILONS:
-        federated = lambda e=epsilon: _federated(train, train_labels, recipe, e, rounds)  # noqa: E731
+        federated = lambda e=epsilon: _federated(train, train_labels, default_recipe(e), e, rounds)  # noqa: E731
         rows.append(_row(f"federated ({HOLDERS} holders)", "certified", epsilon, _repeat(seeds, federated), held_out, held_labels))
     report = {
         "benchmark": "utility",
@@ -72,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
         "training_records": size,
         "held_out": len(held_labels),
         "majority_baseline": majority_baseline(held_labels),
-        "recipe": {"expected_batch": recipe.probe_expected_batch, "learning_rate": recipe.probe_learning_rate,
-                   "epochs": recipe.probe_epochs, "clip_norm": recipe.clip_norm, "optimizer": "sgd (momentum 0.9)"},
+        "recipe": _probe_settings(recipe),
+        "low_epsilon_recipe": {"below_epsilon": LOW_EPSILON, **_probe_settings(default_recipe(1.0))},
         "delta": DELTA, "seeds": seeds, "federated_rounds": rounds, "rows": rows,
         "embedding_seconds": embedding_seconds,
         "wall_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
@@ -239,13 +240,21 @@ def _row(setting: str, privacy: str, target: float | None, runs, held_out, held_
     }
 
 
+def _probe_settings(recipe) -> dict[str, Any]:
+    return {"expected_batch": recipe.probe_expected_batch, "learning_rate": recipe.probe_learning_rate,
+            "epochs": recipe.probe_epochs, "clip_norm": recipe.clip_norm, "optimizer": "sgd (momentum 0.9)"}
+
+
 def markdown(report: dict[str, Any]) -> str:
-    recipe = report["recipe"]
+    recipe, low = report["recipe"], report.get("low_epsilon_recipe")
     lines = [
         f"Utility of private linear probing on {report['training_records']} MR sentences ({report['held_out']} held out, "
         f"majority-class baseline {report['majority_baseline']:.3f}); {report['model']}; probe recipe: expected batch "
         f"{recipe['expected_batch']}, {recipe['optimizer']} lr {recipe['learning_rate']:g}, {recipe['epochs']:g} epochs, "
-        f"clip {recipe['clip_norm']:g}; delta {report['delta']:g}; mean and min-max over {report['seeds']} seeds of the secure noise; "
+        f"clip {recipe['clip_norm']:g}"
+        + (f" (below epsilon {low['below_epsilon']:.3g}: expected batch {low['expected_batch']}, lr {low['learning_rate']:g}, "
+           f"{low['epochs']:g} epochs)" if low else "")
+        + f"; delta {report['delta']:g}; mean and min-max over {report['seeds']} seeds of the secure noise; "
         f"federated: {report['federated_rounds']} rounds. Embedding {report['embedding_seconds']:.0f} s; total {report['wall_seconds']:.0f} s wall, "
         f"{report['cpu_seconds']:.0f} s CPU; load average {', '.join(f'{x:.1f}' for x in report['machine']['load_average'])}.",
         "",

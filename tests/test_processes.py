@@ -101,4 +101,7 @@ def test_no_other_module_builds_the_flower_environment_or_signals_a_group():
         if path.name not in ("processes.py", "test_processes.py")
         and ('"FLWR_TELEMETRY_ENABLED"' in path.read_text() or "os.killpg(" in path.read_text())
     ]
-    assert offenders == []
+    assert offenders == [], (
+        f"{offenders}: build a Flower process's environment with federation.processes.flower_environment and stop "
+        "a process group with federation.processes.stop_process_group (one helper each)"
+    )

@@ -15,7 +15,9 @@ overhead is what is measured), running the same plan with evaluation every round
   weights packed in one buffer, evaluation inside the train message (one message per holder per round);
 - ``flower-defaults`` (the baseline): Flower's own ``flower-supernode`` (a fresh ClientApp process per message
   started by ``flower-superexec``, its 3 s idle poll and 0.5 s waits), replies pulled every 3 s as
-  ``Grid.send_and_receive`` does, Flower's object backoff, one Flower ``Array`` per tensor.
+  ``Grid.send_and_receive`` does, Flower's object backoff, one Flower ``Array`` per tensor. One setting is not
+  Flower's default, in the baseline's favour: ``flower-superexec`` polls for tasks every 0.1 s (Flower: 1 s), as
+  every Flower process ewtune starts does (:mod:`federation.processes`).
 
 The table gives medians over rounds (round 1, which pays each process's first message, is left out of the
 medians and kept in the JSON) and the ratio baseline / ewtune.

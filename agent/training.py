@@ -86,12 +86,17 @@ class StepPlan:
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise InvalidInputError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if not 0.0 < self.sampling_rate <= 1.0:
-            raise InvalidInputError(f"sampling rate must be in (0, 1], got {self.sampling_rate!r}")
-        for name in ("noise_multiplier", "clip_norm", "learning_rate"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise InvalidInputError(f"{name.replace('_', ' ')} must be a finite number > 0, got {value!r}")
+        check_step_settings(self)
+
+
+def check_step_settings(plan) -> None:
+    """A DP-SGD run's rate in (0, 1] and its noise multiplier, clip norm and learning rate finite and > 0."""
+    if not 0.0 < plan.sampling_rate <= 1.0:
+        raise InvalidInputError(f"sampling rate must be in (0, 1], got {plan.sampling_rate!r}")
+    for name in ("noise_multiplier", "clip_norm", "learning_rate"):
+        value = getattr(plan, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise InvalidInputError(f"{name.replace('_', ' ')} must be a finite number > 0, got {value!r}")
 
 
 @dataclass(frozen=True)

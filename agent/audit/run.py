@@ -44,7 +44,7 @@ from agent.dpsgd.losses import classification_loss
 from agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
 from agent.dpsgd.step import DPSGDStep
 from agent.sampler import PoissonSampler
-from agent.training import _Progress, _run_steps
+from agent.training import _Progress, _run_steps, check_step_settings
 
 SENSITIVITY_BATCH = 24  # real records in the leave-one-out check, plus up to 8 canaries
 
@@ -77,12 +77,7 @@ class AuditConfig:
             raise InvalidInputError(f"at least 2 canaries per holder are needed, got {self.canaries} for {self.holders}")
         if self.steps % self.local_steps:
             raise InvalidInputError(f"steps ({self.steps}) must be a multiple of local steps ({self.local_steps})")
-        if not 0.0 < self.sampling_rate <= 1.0:
-            raise InvalidInputError(f"sampling rate must be in (0, 1], got {self.sampling_rate!r}")
-        for name in ("noise_multiplier", "clip_norm", "learning_rate"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise InvalidInputError(f"{name.replace('_', ' ')} must be a finite number > 0, got {value!r}")
+        check_step_settings(self)
         if not self.raw_norm > 1.0:
             raise InvalidInputError(f"the canaries' raw norm must exceed 1 (in units of C), got {self.raw_norm!r}")
         if not 0.0 < self.delta < 1.0:

@@ -120,6 +120,8 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import sys
+
     from coordinator import superlink
     from coordinator.config import load_federation_config
     from coordinator.config_check import check_federation_config
@@ -134,6 +136,8 @@ def _run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"{flwr_home} has no connection: start the SuperLink with `ewtune coordinator start --state-dir {args.state_dir}`")
     log_path = config.output_dir.parent / "flwr-run.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    for flower_run_id in superlink.stop_unfinished_runs(flwr_home, config.output_dir):
+        print(f"stopped Flower run {flower_run_id}, an earlier start of this unfinished federation: it resumes", file=sys.stderr, flush=True)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(superlink.run_command(config.path), stdout=log, stderr=subprocess.STDOUT, env=flower_environment(flwr_home), start_new_session=True)
     page, progress = None, Progress.from_args(args)

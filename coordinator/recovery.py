@@ -110,6 +110,14 @@ def save_run_record(output_dir: str | os.PathLike, record: RunRecord) -> Path:
     return path
 
 
+def earlier_flower_run_ids(output_dir: str | os.PathLike) -> list[int]:
+    """The Flower run ids of an unfinished federation's earlier starts (none when there is nothing to resume)."""
+    record = load_run_record(output_dir)
+    if record is None or not record.resumable:
+        return []
+    return [int(segment.rsplit("-", 1)[1]) for segment in record.segments if segment.rsplit("-", 1)[-1].isdigit()]
+
+
 def check_resumable(record: RunRecord, name: str, settings: FederationSettings) -> None:
     """A run is resumed only under the name and settings it was planned with."""
     if record.name != name or record.settings != settings_record(settings):

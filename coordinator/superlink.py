@@ -107,6 +107,30 @@ def register_supernode(flwr_home: Path, public_key: Path, name: str) -> int:
     return int(answer["node-id"])
 
 
+def stop_unfinished_runs(flwr_home: Path, output_dir: Path) -> list[int]:
+    """Before a federation is submitted again after a crash: ask the SuperLink to stop the Flower runs of its
+    unfinished earlier starts (the run record in ``output_dir``, :mod:`coordinator.recovery`). A ServerApp killed
+    mid-round leaves its run "running" until the SuperLink misses its heartbeats (about a minute in flwr 1.42);
+    meanwhile a SuperNode keeps waiting for the objects of a message that run never finished pushing, and answers
+    no other. Stopped, the run's pending messages are released at once. Returns the Flower run ids stopped (a run
+    the SuperLink already ended is left as it is)."""
+    from coordinator.recovery import earlier_flower_run_ids
+
+    stopped = []
+    for flower_run_id in earlier_flower_run_ids(output_dir):
+        result = subprocess.run(
+            [executable("flwr"), "stop", str(flower_run_id), CONNECTION, "--format", "json"],
+            capture_output=True, text=True, env=flower_environment(flwr_home), timeout=120,
+        )
+        try:
+            answer = json.loads(result.stdout)
+        except ValueError:
+            answer = {}
+        if answer.get("success"):
+            stopped.append(flower_run_id)
+    return stopped
+
+
 def run_command(config_path: Path) -> list[str]:
     """``flwr run`` of the federation app, pointed at ``federation.toml`` (absolute: the ServerApp's working
     directory is the SuperLink's)."""

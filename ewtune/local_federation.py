@@ -269,6 +269,7 @@ class LocalFederation:
 
         config_path = self.federation_toml(job, name)
         status_path = self.work_dir / "coordinator" / name / "status.json"
+        superlink.stop_unfinished_runs(self.flwr_home, status_path.parent)  # as `ewtune coordinator run` does
         process = self._spawn(
             "flwr-run", superlink.run_command(config_path), self.work_dir / "coordinator" / "flwr-run.log",
             flower_environment(self.flwr_home), cwd=self.work_dir / "coordinator",

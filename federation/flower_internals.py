@@ -41,6 +41,7 @@ REQUIRED_INTERNALS: dict[str, tuple[str, ...]] = {
     "flwr.supercore.retry": ("make_simple_http_retry_invoker",),
     "flwr.proto.runtime_pb2": ("AcquireTaskRequest", "SendTaskHeartbeatRequest"),
     "flwr.supercore.constant": ("TaskType",),
+    "flwr.supercore.run": ("RunNotRunningException",),
     "flwr.common.constant": ("ErrorCode", "SubStatus"),
     "flwr.supernode.cli": ("flower_supernode",),
 }
@@ -117,8 +118,31 @@ def shorten_supernode_waits(polling: ActivePolling | None = None) -> ActivePolli
 
     node.time = polling
     node._pull_and_store_message = pull_and_store_noting_activity
-    node.pull_objects = _short_backoff(node.pull_objects)
+    node.pull_objects = _releasing_ended_runs(_short_backoff(node.pull_objects))
     return polling
+
+
+class RunEndedWhileReceiving(Exception):
+    """The run of a message ended (its ServerApp died or was stopped) while the SuperNode pulled the message."""
+
+
+def _releasing_ended_runs(pull_objects: Callable) -> Callable:
+    """flwr 1.42's SuperNode creates a task for a message and stores its header before pulling its objects; when
+    the SuperLink answers that the run is no longer running (a coordinator killed mid-round), the
+    ``RunNotRunningException`` (a BaseException) skips the cleanup of ``_pull_and_store_message``'s
+    ``except Exception``, and the task stays pending forever without its objects: the warm task loop acquires it
+    and waits for them, and no message of any later run is served. As an ``Exception``, the same cleanup runs:
+    the header is deleted and the task finished as failed."""
+    from flwr.supercore.run import RunNotRunningException
+
+    @functools.wraps(pull_objects)
+    def pull(*args, **kwargs):
+        try:
+            return pull_objects(*args, **kwargs)
+        except RunNotRunningException as ended:
+            raise RunEndedWhileReceiving(f"the message's run is no longer running ({ended})") from None
+
+    return pull
 
 
 def shorten_serverapp_object_backoff() -> None:

@@ -22,7 +22,7 @@ from accountant.verify import verify_ledger
 from coordinator import crash_points
 from coordinator.checkpoints import load_weights
 from coordinator.config import load_federation_config
-from coordinator.recovery import INBOX, RUN_RECORD, load_run_record
+from coordinator.recovery import INBOX, RUN_RECORD, earlier_flower_run_ids, load_run_record
 from coordinator.server_app import Federation
 
 HOLDERS = (("a", 1.0, 100), ("b", 2.0, 300))
@@ -157,12 +157,14 @@ def test_a_finished_federation_is_not_resumed_and_other_settings_are_refused(tmp
     _directory(tmp_path, expected=2)
     nodes = _nodes()
     _run_killed_at(tmp_path, nodes, "committed:2:1")
+    assert earlier_flower_run_ids(tmp_path / "out") == [7]  # what `ewtune coordinator run` asks the SuperLink to stop
     toml = tmp_path / "federation.toml"
     toml.write_text(toml.read_text().replace("learning_rate = 0.1", "learning_rate = 0.2"))
     with pytest.raises(InvalidInputError, match="unfinished federation 't'.*other \\[federation\\] settings"):
         _restart(tmp_path, nodes)
     toml.write_text(toml.read_text().replace("learning_rate = 0.2", "learning_rate = 0.1"))
     assert _restart(tmp_path, nodes, flower_run_id=9)["resumed"]["from_runs"] == ["t-7"]  # the refused start left no trace
+    assert earlier_flower_run_ids(tmp_path / "out") == []  # finished: nothing to stop or resume
     fresh = _restart(tmp_path, nodes, flower_run_id=10)
     assert "resumed" not in fresh and fresh["run_id"] == "t-10"
     assert json.loads((tmp_path / "out" / RUN_RECORD).read_text())["segments"] == ["t-10"]

@@ -9,6 +9,7 @@ from federation import flower_internals
 from federation.flower_internals import (
     ActivePolling,
     FlowerInternalsError,
+    RunEndedWhileReceiving,
     check_flower_internals,
     shorten_serverapp_object_backoff,
     shorten_supernode_waits,
@@ -62,7 +63,8 @@ def test_the_supernode_waits_are_rebound_and_activity_is_noted(monkeypatch):
     monkeypatch.setattr(node, "_pull_and_store_message", lambda **kwargs: calls.append(kwargs) or kwargs.get("run_id"))
     polling = shorten_supernode_waits(ActivePolling(active_window=60.0))
     assert node.time is polling
-    assert isinstance(node.pull_objects, functools.partial) and node.pull_objects.keywords["initial_backoff"] == 0.05
+    backoff = node.pull_objects.__wrapped__  # inside the wrapper that releases the messages of ended runs
+    assert isinstance(backoff, functools.partial) and backoff.keywords["initial_backoff"] == 0.05
     assert node._pull_and_store_message(run_id=None) is None and polling.interval(3) == 3
     assert node._pull_and_store_message(run_id=7) == 7 and polling.interval(3) == polling.fast_poll
 
@@ -76,3 +78,26 @@ def test_the_serverapp_object_backoff_is_rebound_once(monkeypatch):
     assert isinstance(http_grid.pull_objects, functools.partial)
     assert not isinstance(http_grid.pull_objects.func, functools.partial)  # not wrapped twice
     assert http_grid.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}
+
+
+def test_a_message_of_a_run_that_ended_while_it_was_pulled_is_released_by_flwrs_own_cleanup(monkeypatch):
+    """flwr's RunNotRunningException is a BaseException, which skips the cleanup (delete the header, finish the
+    task) of ``_pull_and_store_message``'s ``except Exception``: the SuperNode then keeps a task without objects
+    that blocks the warm task loop. The rebound pull raises an Exception instead; other failures pass as they are."""
+    from flwr.supercore.run import RunNotRunningException
+    from flwr.supernode import start_client_internal as node
+
+    for name in ("time", "_pull_and_store_message", "pull_objects"):
+        monkeypatch.setattr(node, name, getattr(node, name))
+    failures = iter([RunNotRunningException("run 7"), KeyError("object")])
+
+    def pull_objects(object_ids, pull_object_fn, initial_backoff=None, backoff_cap=None):
+        raise next(failures)
+
+    monkeypatch.setattr(node, "pull_objects", pull_objects)
+    shorten_supernode_waits(ActivePolling(active_window=60.0))
+    with pytest.raises(RunEndedWhileReceiving, match="no longer running"):
+        node.pull_objects(["a"], pull_object_fn=None)
+    assert issubclass(RunEndedWhileReceiving, Exception)
+    with pytest.raises(KeyError):
+        node.pull_objects(["a"], pull_object_fn=None)

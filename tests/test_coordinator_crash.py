@@ -13,7 +13,8 @@ operator would with ``ewtune coordinator run``. Kill points:
 - at the crash point after round 1's first commit (its second update is received, not yet committed): the
   restart commits the second from the inbox and rebuilds round 1, so the ledgers hold exactly what an
   uninterrupted run would: the cross-check matches every commit and lists nothing unaggregated;
-- (slow) after round 1's checkpoint.
+- (slow) after round 1's checkpoint;
+- (slow) the SuperLink itself killed while the holders train round 1, then started again on its database.
 
 Every time: the run finishes its two rounds, every ledger verifies, every reservation is closed once, each
 holder has one commit per round in the coordinator's ledger and never two for one (run, round) in its own.
@@ -205,3 +206,35 @@ def test_a_serverapp_killed_after_a_checkpoint_goes_on_from_the_next_round(feder
     assert status["state"] == "finished" and status["rounds_completed"] == 2, status.get("reason")
     assert status["resumed"]["reconciled"] == [] and status["resumed"]["rounds_completed"] == 1
     assert _check_ledgers(running, status, "checkpointed") == []
+
+
+@pytest.mark.slow
+def test_a_superlink_killed_mid_round_and_started_again_resumes_the_federation(federation):
+    running, initial = federation
+    name = "superlink"
+    job = _job(name, initial)
+    config = running.federation_toml(job, name)
+    superlink = running.processes["superlink"]
+    environment = {**os.environ, "FLWR_HOME": str(running.flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    with open(running.work_dir / "coordinator" / f"flwr-run-{name}.log", "ab") as log:
+        submitted = subprocess.Popen(run_command(config), stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+    try:
+        _wait(lambda: _reserved_round(running.work_dir / "coordinator" / "ledger.jsonl", name, 1), 300, "round 1's reservations")
+        serverapps = _serverapps(superlink.pid)
+        os.kill(superlink.pid, signal.SIGKILL)
+        superlink.wait()
+        # Its SuperExec and ServerApp notice their parent's death and exit (flwr's --parent-pid).
+        _wait(lambda: all(not Path(f"/proc/{pid}").exists() or _state(pid) for pid in serverapps), 120, "the ServerApp's exit")
+    finally:
+        os.killpg(submitted.pid, signal.SIGTERM)
+        submitted.wait(timeout=30)
+    running.start_superlink()  # the same port and database; the SuperNodes reconnect by themselves
+    status = running.run(job, timeout=600, name=name)
+    assert status["state"] == "finished" and status["rounds_completed"] == 2, status.get("reason")
+    assert status["resumed"]["from_runs"]
+    coordinator = read_entries(running.work_dir / "coordinator" / "ledger.jsonl")
+    killed = set(status["resumed"]["from_runs"])
+    first = {e["seq"] for e in coordinator if e["kind"] == "reserve" and e["payload"]["run_id"] in killed}
+    assert len(first) == 2 and all(e["kind"] == "abort" for e in coordinator if e["kind"] in ("commit", "abort") and e["payload"]["reservation"] in first)
+    not_aggregated = _check_ledgers(running, status, name)
+    assert set(not_aggregated) <= {f"{h}, run {run}, round 1" for h in ("h0", "h1") for run in killed}

@@ -13,8 +13,7 @@ import signal
 
 import numpy as np
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
-from test_server_app import FakeGrid, Node, _directory, _federation
+from test_server_app import FakeGrid, Node, _directory, _federation, fake_task_identity
 
 from accountant.crosscheck import read_entries
 from accountant.errors import InvalidInputError
@@ -30,9 +29,7 @@ HOLDERS = (("a", 1.0, 100), ("b", 2.0, 300))
 
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    fake_task_identity(monkeypatch)
 
 
 def _nodes():
@@ -73,9 +70,7 @@ def _holder_epsilons(directory, key):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(TaskIdentity, "_run_id", 1)
-        patch.setattr(TaskIdentity, "_node_id", 0)
-        patch.setattr(TaskIdentity, "_task_id", 1)
+        fake_task_identity(patch)
         directory = tmp_path_factory.mktemp("uninterrupted")
         key = _directory(directory, expected=2)
         federation = _federation(directory, _nodes())

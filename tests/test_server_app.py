@@ -132,6 +132,13 @@ class FakeGrid:
         return [self.replies.pop(message_id) for message_id in list(message_ids) if message_id in self.replies]
 
 
+def fake_task_identity(monkeypatch):
+    """Messages can be built outside a Flower task (flwr reads the task's identity when a Message is made)."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
 def _federation(directory, nodes, absent=()):
     """A federation over ``nodes``; the ``absent`` ones are registered but never connect."""
     registry = new_registry(directory / "supernodes.json", ("127.0.0.1",))
@@ -161,9 +168,7 @@ def _directory(tmp_path, expected, extra=""):
 
 @pytest.fixture()
 def run(tmp_path, monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    fake_task_identity(monkeypatch)
     key = _directory(tmp_path, expected=5)
     nodes = [Node(1, "honest"), Node(2, "forger-key", "wrong key"), Node(3, "forger-event", "altered event"),
              Node(4, "forger-update", "altered update"), Node(5, "dead", "silent")]
@@ -218,9 +223,7 @@ def test_a_second_run_stops_before_a_round_that_would_exceed_a_budget(run):
 def hostile(tmp_path_factory):
     """One run with honest holders beside broken and hostile ones, each through the real ServerApp path."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-        monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-        monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+        fake_task_identity(monkeypatch)
         yield _hostile_run(tmp_path_factory.mktemp("hostile"))
 
 
@@ -316,9 +319,7 @@ def test_each_round_sends_one_message_per_holder_with_the_evaluation_inside(host
 
 
 def test_a_configured_update_norm_bound_is_applied(tmp_path, monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    fake_task_identity(monkeypatch)
     _directory(tmp_path, expected=2, extra="max_update_norm = 1.0\n")
     nodes = [Node(1, "small", step=0.1), Node(2, "large", step=1.0)]
     federation = _federation(tmp_path, nodes)
@@ -330,9 +331,7 @@ def test_a_configured_update_norm_bound_is_applied(tmp_path, monkeypatch):
 
 
 def test_a_registered_holder_whose_node_never_connects_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    fake_task_identity(monkeypatch)
     _directory(tmp_path, expected=2)
     federation = _federation(tmp_path, [Node(1, "present")], absent=[Node(2, "absent")])
     federation.run()

@@ -238,7 +238,8 @@ def status_table(status: dict[str, Any]) -> str:
     lines = [
         f"run {status.get('run_id')}: {status.get('state')}"
         + (f" ({status['reason']})" if status.get("reason") else "")
-        + f", {status.get('rounds_completed', 0)}/{status.get('rounds_planned')} rounds",
+        + f", {status.get('rounds_completed', 0)}/{status.get('rounds_planned')} rounds"
+        + (f" (resumed after {', '.join(status['resumed']['from_runs'])})" if status.get("resumed") else ""),
         "",
         "| holder | budget eps | lifetime certified eps | Edgeworth (estimate) | RDP eps | sigma | rounds | "
         "private evaluation per round (0 = initial): accuracy / macro F1 (majority-class baseline), noised by the holder |",

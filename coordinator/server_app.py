@@ -426,11 +426,13 @@ class Federation:
         self._carry_over_status(earlier, completed)
         if point.interrupted:
             completed += 1
+            rebuilding = time.monotonic()
             committed = sorted(point.interrupted.items())
             weights, shares = self._aggregate(committed, weights)
             self._checkpoint(completed, weights)
-            self.status["rounds"].append({
-                "round": completed, "rebuilt_after_restart": True, "seconds": None, "exchange_seconds": None, "slowest_train_seconds": None,
+            self.status["rounds"].append({  # seconds: the rebuild's (its exchange happened before the restart)
+                "round": completed, "rebuilt_after_restart": True, "seconds": time.monotonic() - rebuilding,
+                "exchange_seconds": None, "slowest_train_seconds": None,
                 "overhead_seconds": None, "evaluation_included": False,
                 "holders": {holder_id: {"status": "committed", "weight_share": share} for holder_id, share in shares.items()},
             })

@@ -7,6 +7,7 @@ closed once, and the coordinator's ledger verifies.
 
 The same with real Flower processes on loopback: tests/test_coordinator_crash.py."""
 
+import io
 import json
 import os
 import signal
@@ -20,9 +21,12 @@ from accountant.errors import InvalidInputError
 from accountant.verify import verify_ledger
 from coordinator import crash_points
 from coordinator.checkpoints import load_weights
+from coordinator.cli import status_table
 from coordinator.config import load_federation_config
 from coordinator.recovery import INBOX, RUN_RECORD, earlier_flower_run_ids, load_run_record
+from coordinator.run_progress import RunProgress
 from coordinator.server_app import Federation
+from federation.progress import Progress
 
 HOLDERS = (("a", 1.0, 100), ("b", 2.0, 300))
 
@@ -131,6 +135,16 @@ def test_a_federation_killed_at_any_point_ends_as_if_the_crash_had_only_cost_tim
     assert resumed["holders"]["a"]["rounds_committed"] == resumed["holders"]["b"]["rounds_committed"] == 2
     assert not any((tmp_path / "out" / INBOX).rglob("*.safetensors"))  # every received update is in a checkpoint
     assert load_run_record(tmp_path / "out").state == "finished"
+    _reported_as_by_the_cli(resumed)
+
+
+def _reported_as_by_the_cli(status):
+    """`ewtune coordinator run` and `status` print a resumed status as any other (a rebuilt round included)."""
+    stream = io.StringIO()
+    RunProgress(Progress(stream, "lines"))(status)
+    rounds = [line for line in stream.getvalue().splitlines() if "round " in line and "aggregated" in line]
+    assert len(rounds) == 2 and all("2 update(s) verified and aggregated" in line for line in rounds), stream.getvalue()
+    assert f"{status['run_id']}: finished, 2/2 rounds (resumed after t-7)" in status_table(status)
 
 
 def test_a_tampered_update_in_the_inbox_is_aborted_not_committed(tmp_path):

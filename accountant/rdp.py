@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from accountant.errors import InvalidInputError
-from accountant.events import DpEvent, Neighbouring, neighbouring_of, to_dp_accounting
+from accountant.events import DpEvent, Neighbouring, PoissonGaussianEvent, mechanisms, neighbouring_of, to_dp_accounting
+from accountant.memo import Memo
 from accountant.privacy_accountant import Kind, PrivacyAccountant, check_delta
 
 _REFUSAL = (
@@ -36,7 +37,7 @@ RDP_ORDERS: tuple[float, ...] = tuple(
 
 
 def rdp_epsilon(event: DpEvent, delta: float) -> float:
-    """RDP epsilon of ``event`` at ``delta`` (add/remove-one).
+    """RDP epsilon of ``event`` at ``delta`` (add/remove-one), from a fresh :class:`RdpAccountant`.
 
     Replace-one is refused: dp_accounting's RDP accountant does not support Poisson sampling under
     replace-one, and we do not substitute an unproven bound for it."""
@@ -46,22 +47,16 @@ def rdp_epsilon(event: DpEvent, delta: float) -> float:
 def rdp_epsilon_and_order(event: DpEvent, delta: float) -> tuple[float, float]:
     """(epsilon, the optimal RDP order): an order at either end of :data:`RDP_ORDERS` would mean the
     grid is too short."""
-    from dp_accounting.rdp import rdp_privacy_accountant
-
-    check_delta(delta)
-    epsilon, order = _dp_accounting_rdp(event).get_epsilon_and_optimal_order(delta)
-    return float(epsilon), float(order)
+    return RdpAccountant().epsilon_and_order(event, delta)
 
 
-def _dp_accounting_rdp(event: DpEvent):
-    """dp_accounting's RdpAccountant with ``event`` composed; its absl warnings are silenced (module
-    docstring)."""
+def _one_step_rdp(sampling_rate: float, noise_multiplier: float) -> np.ndarray:
+    """RDP at each of :data:`RDP_ORDERS` of one Poisson-subsampled Gaussian step, from dp_accounting's
+    ``RdpAccountant``; its absl warnings are silenced (module docstring)."""
     from absl import logging as absl_logging
     from dp_accounting.rdp import rdp_privacy_accountant
 
-    if neighbouring_of(event) is not Neighbouring.ADD_REMOVE:
-        raise InvalidInputError(_REFUSAL)
-    dp_event, relation = to_dp_accounting(event)
+    dp_event, relation = to_dp_accounting(PoissonGaussianEvent(sampling_rate, noise_multiplier, 1))
     accountant = rdp_privacy_accountant.RdpAccountant(orders=list(RDP_ORDERS), neighboring_relation=relation)
     previous = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
@@ -69,21 +64,44 @@ def _dp_accounting_rdp(event: DpEvent):
         accountant.compose(dp_event)
     finally:
         absl_logging.set_verbosity(previous)
-    return accountant
+    return accountant.rdp
 
 
 class RdpAccountant(PrivacyAccountant):
-    """RDP with dp_accounting (:func:`rdp_epsilon`): an upper bound, add/remove-one only."""
+    """RDP with dp_accounting (:func:`rdp_epsilon`): an upper bound, add/remove-one only.
+
+    RDP composes by addition (Mironov 2017, Prop. 1), so an event's RDP is the sum over its mechanisms of
+    steps x one step's RDP; the accountant keeps each (q, sigma)'s one-step curve, the expensive part (each
+    fractional order is a series), so that a ledger's growing composition costs a sum, not a recomputation."""
 
     name = "rdp"
     label = "RDP (upper bound, dp_accounting)"
     kind = Kind.BOUND
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._curves = Memo(maxsize=1024)
+
     def refusal(self, event: DpEvent) -> str | None:
         return _REFUSAL if neighbouring_of(event) is not Neighbouring.ADD_REMOVE else None
 
+    def epsilon_and_order(self, event: DpEvent, delta: float) -> tuple[float, float]:
+        from dp_accounting.rdp import rdp_privacy_accountant
+
+        check_delta(delta)
+        epsilon, order = rdp_privacy_accountant.compute_epsilon(RDP_ORDERS, self._rdp(self._accepted(event)), delta)
+        return float(epsilon), float(order)
+
     def _epsilon(self, event: DpEvent, delta: float) -> float:
-        return rdp_epsilon(event, delta)
+        return self.epsilon_and_order(event, delta)[0]
 
     def _delta(self, event: DpEvent, epsilon: float) -> float:
-        return float(_dp_accounting_rdp(event).get_delta(epsilon))
+        from dp_accounting.rdp import rdp_privacy_accountant
+
+        return float(rdp_privacy_accountant.compute_delta(RDP_ORDERS, self._rdp(event), epsilon)[0])
+
+    def _rdp(self, event: DpEvent) -> np.ndarray:
+        total = np.zeros(len(RDP_ORDERS))
+        for (rate, sigma, _), steps in mechanisms(event).items():
+            total = total + steps * self._curves.get((rate, sigma), lambda: _one_step_rdp(rate, sigma))
+        return total

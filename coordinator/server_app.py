@@ -49,6 +49,7 @@ from flwr.serverapp import Grid, ServerApp
 from accountant.errors import InvalidInputError
 from accountant.events import total_steps
 from accountant.ledger import Ledger, Policy
+from accountant.rdp import RdpAccountant
 from accountant.signing import SigningKey
 from accountant.spend import check_within
 from coordinator.aggregation import capped_shares, check_update, check_update_norm, default_update_norm_bound, weighted_average
@@ -135,6 +136,7 @@ class Federation:
         self.ledger: Ledger | None = None
         self.registry: Registry | None = None
         self.max_update_norm: float | None = None
+        self.rdp_accountant = RdpAccountant()  # the status's RDP figures, its curves kept across rounds
         self.record: RunRecord | None = None
         self.inbox = Inbox(config.output_dir)
         self.earlier_status = _read_status(config.output_dir)  # before this run rewrites it: a resumed run carries it over
@@ -629,7 +631,7 @@ class Federation:
                 budget_delta=spend.budget_delta,
                 epsilon_certified=spend.epsilon_certified,
                 epsilon_edgeworth_estimate=spend.epsilon_edgeworth,
-                epsilon_rdp=_rdp(spend),
+                epsilon_rdp=_rdp(spend, self.rdp_accountant),
             )
         return record
 
@@ -676,14 +678,13 @@ def _reason(failure: BaseException) -> str:
     return f"{type(failure).__name__}: {failure}".splitlines()[0][:500] if str(failure) else type(failure).__name__
 
 
-def _rdp(spend) -> float | None:
-    """The RDP epsilon of the holder's composed events, shown beside the certified one (a looser baseline)."""
+def _rdp(spend, accountant: RdpAccountant) -> float | None:
+    """The RDP epsilon of the holder's composed events, shown beside the certified one (a looser baseline);
+    ``accountant`` keeps each mechanism's RDP curve from one status to the next."""
     if not spend.committed_events and not spend.open_reservations:
         return 0.0
-    from accountant.rdp import rdp_epsilon
-
     try:
-        return float(rdp_epsilon(spend.event, spend.budget_delta))
+        return float(accountant.epsilon_of(spend.event, spend.budget_delta))
     except InvalidInputError:
         return None
 

@@ -57,3 +57,26 @@ def test_replace_one_is_refused():
 def test_bad_delta_is_refused(delta):
     with pytest.raises(InvalidInputError):
         rdp_epsilon(PoissonGaussianEvent(0.01, 1.0, 100), delta)
+
+
+def test_summed_curves_equal_dp_accountings_own_composition_and_each_curve_is_computed_once():
+    """The accountant sums steps x one step's RDP per (q, sigma) (RDP composes additively); dp_accounting
+    composing the same events itself must give the same epsilon, and a growing ledger composition reuses the
+    curves instead of recomputing them."""
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from accountant.events import compose, to_dp_accounting
+    from accountant.rdp import RdpAccountant
+
+    first, second = PoissonGaussianEvent(0.02, 1.1, 300), PoissonGaussianEvent(0.05, 2.0, 40)
+    event = compose(first, second, first)
+    dp_event, relation = to_dp_accounting(event)
+    reference = rdp_privacy_accountant.RdpAccountant(orders=list(RDP_ORDERS), neighboring_relation=relation)
+    reference.compose(dp_event)
+    assert relation == dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    accountant = RdpAccountant()
+    assert accountant.epsilon_of(event, 1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
+    assert accountant.delta_of(event, 2.0) == pytest.approx(reference.get_delta(2.0), rel=1e-9)
+    accountant.epsilon_of(compose(event, second), 1e-5)
+    assert len(accountant._curves) == 2  # one curve per mechanism, whatever the compositions asked

@@ -50,10 +50,10 @@ def main(arguments: list[str] | None = None) -> int:
     try:
         from federation.flower_internals import WarmTaskLoop, shorten_supernode_waits
 
-        shorten_supernode_waits()
+        polling = shorten_supernode_waits()
         from agent.client_app import app
 
-        WarmTaskLoop(f"{_RUNTIME_HOST}:{runtime_port(arguments)}", app).start()
+        WarmTaskLoop(f"{_RUNTIME_HOST}:{runtime_port(arguments)}", app, wake=polling.arrived).start()
     except EwtuneError as error:
         print(f"ewtune: error: {error}", file=sys.stderr)
         return 2

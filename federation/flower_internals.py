@@ -46,7 +46,7 @@ REQUIRED_INTERNALS: dict[str, tuple[str, ...]] = {
     "flwr.supernode.cli": ("flower_supernode",),
 }
 
-FAST_POLL_S = 0.1  # the SuperNode's pull interval while a run is active (flwr: 3 s always)
+FAST_POLL_S = 0.2  # the SuperNode's pull interval while a run is active (flwr: 3 s always)
 REPLY_WAIT_S = 0.02  # the SuperNode's wait for a reply or an object (flwr: 0.5 s)
 ACTIVE_WINDOW_S = 120.0  # a node that saw a message within this window polls fast; afterwards as flwr does
 OBJECT_BACKOFF_S, OBJECT_BACKOFF_CAP_S = 0.05, 0.5  # pull_objects' first retry and cap (flwr: 1 s and 10 s)
@@ -84,9 +84,11 @@ class ActivePolling:
     def __init__(self, fast_poll: float = FAST_POLL_S, reply_wait: float = REPLY_WAIT_S, active_window: float = ACTIVE_WINDOW_S):
         self.fast_poll, self.reply_wait, self.active_window = fast_poll, reply_wait, active_window
         self.last_message = float("-inf")
+        self.arrived = threading.Event()  # set when a message was stored: wakes the task loop (WarmTaskLoop)
 
     def message_seen(self) -> None:
         self.last_message = time.monotonic()
+        self.arrived.set()
 
     def interval(self, requested: float) -> float:
         if requested >= self.IDLE_SLEEP_S:
@@ -174,7 +176,10 @@ class WarmTaskLoop:
     that restarts is reconnected to.
     """
 
-    def __init__(self, runtime_address: str, handler: TaskHandler, poll_interval: float = 0.05):
+    def __init__(self, runtime_address: str, handler: TaskHandler, wake: threading.Event | None = None, poll_interval: float = 1.0):
+        """``wake`` (``ActivePolling.arrived``) is set when the SuperNode stores a message: the loop then asks
+        for the task at once instead of polling the Runtime API many times a second; ``poll_interval`` is the
+        fallback poll."""
         check_flower_internals()
         from flwr.supernode.runtime import run_clientapp
 
@@ -183,6 +188,7 @@ class WarmTaskLoop:
         if not isinstance(run_clientapp.pull_and_inflate_object_from_tree, functools.partial):
             run_clientapp.pull_and_inflate_object_from_tree = _short_backoff(run_clientapp.pull_and_inflate_object_from_tree)
         self.runtime_address, self.handler, self.poll_interval = runtime_address, handler, poll_interval
+        self.wake = wake or threading.Event()
         self.served = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ewtune-warm-task-loop", daemon=True)
@@ -193,6 +199,7 @@ class WarmTaskLoop:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self.wake.set()
         self._thread.join(timeout)
 
     def _loop(self) -> None:
@@ -202,6 +209,7 @@ class WarmTaskLoop:
         acquirer = self._client(component="SuperExec")
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
         while not self._stop.is_set():
+            self.wake.clear()  # a message stored from here on wakes the wait below
             try:
                 acquired = acquirer.AcquireTask(request)
             except Exception as failure:  # noqa: BLE001 - the SuperNode is restarting: try again shortly
@@ -211,7 +219,7 @@ class WarmTaskLoop:
             if acquired.HasField("task") and acquired.token:
                 self._serve(acquired.token)
             else:
-                self._stop.wait(self.poll_interval)
+                self.wake.wait(self.poll_interval)
 
     def _serve(self, token: str) -> None:
         from flwr.app import Message

@@ -46,7 +46,9 @@ def test_polling_is_fast_only_within_the_active_window(monkeypatch):
     monkeypatch.setattr(flower_internals.time, "monotonic", lambda: now[0])
     polling = ActivePolling(fast_poll=0.1, reply_wait=0.02, active_window=120.0)
     assert polling.interval(3) == 3  # an idle node polls as flwr does
+    assert not polling.arrived.is_set()
     polling.message_seen()
+    assert polling.arrived.is_set()  # the task loop is woken
     assert polling.interval(3) == 0.1  # a run is active: poll fast
     assert polling.interval(0.5) == 0.02  # waits for a reply or an object are short
     now[0] += 121.0

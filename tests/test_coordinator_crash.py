@@ -37,6 +37,7 @@ from coordinator import crash_points
 from coordinator.checkpoints import load_weights
 from coordinator.superlink import run_command
 from ewtune.local_federation import FederationJob, LocalFederation
+from federation.processes import flower_environment, stop_process_group
 
 
 def _descendants(root: int) -> list[int]:
@@ -96,7 +97,7 @@ def _killed_run(federation: LocalFederation, job: FederationJob, name: str, poin
         crash_file.write_text(point)
     config = federation.federation_toml(job, name)
     earlier = set(_serverapps(superlink))  # the previous run's ServerApp may still be exiting
-    environment = {**os.environ, "FLWR_HOME": str(federation.flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    environment = flower_environment(federation.flwr_home)
     with open(federation.work_dir / "coordinator" / f"flwr-run-{name}.log", "ab") as log:
         submitted = subprocess.Popen(run_command(config), stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
     try:
@@ -108,8 +109,7 @@ def _killed_run(federation: LocalFederation, job: FederationJob, name: str, poin
         _wait(lambda: not Path(f"/proc/{serverapp}").exists() or b"zombie" in _state(serverapp), 300, "the ServerApp's death")
         assert not crash_file.exists(), f"the ServerApp never reached {point}"
     finally:
-        os.killpg(submitted.pid, signal.SIGTERM)
-        submitted.wait(timeout=30)
+        stop_process_group(submitted, timeout=30)
 
 
 def _state(pid: int) -> bytes:
@@ -215,7 +215,7 @@ def test_a_superlink_killed_mid_round_and_started_again_resumes_the_federation(f
     job = _job(name, initial)
     config = running.federation_toml(job, name)
     superlink = running.processes["superlink"]
-    environment = {**os.environ, "FLWR_HOME": str(running.flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    environment = flower_environment(running.flwr_home)
     with open(running.work_dir / "coordinator" / f"flwr-run-{name}.log", "ab") as log:
         submitted = subprocess.Popen(run_command(config), stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
     try:
@@ -226,8 +226,7 @@ def test_a_superlink_killed_mid_round_and_started_again_resumes_the_federation(f
         # Its SuperExec and ServerApp notice their parent's death and exit (flwr's --parent-pid).
         _wait(lambda: all(not Path(f"/proc/{pid}").exists() or _state(pid) for pid in serverapps), 120, "the ServerApp's exit")
     finally:
-        os.killpg(submitted.pid, signal.SIGTERM)
-        submitted.wait(timeout=30)
+        stop_process_group(submitted, timeout=30)
     running.start_superlink()  # the same port and database; the SuperNodes reconnect by themselves
     status = running.run(job, timeout=600, name=name)
     assert status["state"] == "finished" and status["rounds_completed"] == 2, status.get("reason")

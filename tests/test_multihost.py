@@ -9,7 +9,8 @@ match the holders'; the proxy's log shows the Fleet requests of both holders' ad
 the SuperLink's own port cannot be reached and the Control API through the proxy is refused (403).
 
 Skipped, with the reason, where network namespaces cannot be made (not root, no `ip`, no permission) or nginx is
-missing. Slow (about 2 minutes on 2 cores: two daemons and the Flower processes start): ``scripts/test --slow``."""
+missing. About 2 minutes on 2 cores (two daemons and the Flower processes start); it runs in CI, where namespaces
+can be made."""
 
 import json
 import os
@@ -25,7 +26,6 @@ from tiny_federation import mr_holders, verified_ledgers
 from accountant.crosscheck import cross_check, read_entries
 from coordinator.credentials import load_credentials
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 PROXY_PORT = 8443
 

@@ -29,7 +29,6 @@ import argparse
 import statistics
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -149,19 +148,23 @@ def ledger_breakdown(work: Path, run_id: str, holders) -> list[dict[str, Any]]:
 
 def _reserve_commit_by_round(entries, run_id: str, holder: str) -> dict[int, tuple[dict, dict]]:
     """round -> (reserve, commit) of the training events of ``holder`` in ``run_id`` (evaluations left out)."""
+    from accountant.ledger import EVALUATION_PURPOSE
+
     reserves = {
         e["seq"]: e for e in entries
         if e["kind"] == "reserve" and e["payload"]["run_id"] == run_id and e["payload"].get("holder", holder) == holder
     }
     commits = {
         e["payload"]["reservation"]: e for e in entries
-        if e["kind"] == "commit" and e["payload"]["reservation"] in reserves and (e["payload"].get("extra") or {}).get("purpose") != "evaluation"
+        if e["kind"] == "commit" and e["payload"]["reservation"] in reserves and (e["payload"].get("extra") or {}).get("purpose") != EVALUATION_PURPOSE
     }
     return {reserves[seq]["payload"]["round"]: (reserves[seq], commit) for seq, commit in commits.items()}
 
 
 def _seconds(entry: dict) -> float:
-    return datetime.strptime(entry["time"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+    from accountant.ledger import parse_time
+
+    return parse_time(entry["time"]).timestamp()
 
 
 def round_overheads(rounds: list[dict[str, Any]], breakdown: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -161,6 +161,9 @@ class RoundPlan:
         return plan
 
 
+SUPERNODE_ISOLATIONS = ("warm", "subprocess")
+
+
 @dataclass(frozen=True)
 class SuperNodeConfig:
     """The holder's Flower SuperNode, started and supervised by the daemon (see :mod:`agent.supernode`)."""
@@ -175,6 +178,10 @@ class SuperNodeConfig:
     # "warm": one long-lived task loop serves every message (agent.warm_supernode); "subprocess": Flower's
     # default, a fresh ClientApp process per message.
     isolation: str = "warm"
+
+    def __post_init__(self) -> None:
+        if self.isolation not in SUPERNODE_ISOLATIONS:
+            raise InvalidInputError(f"isolation must be one of {', '.join(SUPERNODE_ISOLATIONS)}, not {self.isolation!r}")
 
 
 @dataclass(frozen=True)
@@ -240,7 +247,7 @@ def _supernode_config(base: Path, section: Mapping[str, Any] | None, path: Path)
     root, key = section.get("root_certificates"), section.get("auth_private_key")
     if not insecure and (root is None or key is None):
         raise InvalidInputError(f"{path}: [supernode] needs root_certificates and auth_private_key (or insecure = true)")
-    return SuperNodeConfig(
+    settings = dict(
         superlink=required(section, "superlink", "supernode", path),
         root_certificates=None if root is None else resolve(base, root),
         auth_private_key=None if key is None else resolve(base, key),
@@ -248,17 +255,12 @@ def _supernode_config(base: Path, section: Mapping[str, Any] | None, path: Path)
         insecure=insecure,
         executable=section.get("executable"),
         extra_node_config=dict(optional_table(section, "node_config", path)),
-        isolation=_choice("supernode isolation", section.get("isolation", "warm"), SUPERNODE_ISOLATIONS, path),
+        isolation=section.get("isolation", "warm"),
     )
-
-
-SUPERNODE_ISOLATIONS = ("warm", "subprocess")
-
-
-def _choice(what: str, value: Any, choices: tuple[str, ...], path: Path) -> str:
-    if value not in choices:
-        raise InvalidInputError(f"{path}: {what} must be one of {', '.join(choices)}, not {value!r}")
-    return value
+    try:
+        return SuperNodeConfig(**settings)
+    except InvalidInputError as bad:
+        raise InvalidInputError(f"{path}: [supernode] {bad}") from None
 
 
 def _refuse_insecure_randomness(training: Mapping[str, Any], path: Path) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from accountant.errors import InvalidInputError
 from agent.heads import PooledClassifier, copy_pooling_files, read_pooling
+from agent.top_layers import LAYER_PATTERN, encoder_layers, top_layer_indices
 
 TASKS = ("classification", "causal_lm")
 MODES = ("lora", "full", "head")
@@ -67,10 +68,13 @@ def load_model(
     lora_alpha: float = 16.0,
     lora_target_modules=None,
     pad_token_id: int | None = None,
+    tune_layers: int = 0,
 ):
     """The model in ``model_dir`` for ``task``, with LoRA adapters (``mode="lora"``; the classifier head stays
     trainable), every parameter trainable (``mode="full"``) or only the classification head (``mode="head"``,
-    classification only). Eager attention: per-example gradient hooks see plain linear layers and softmax."""
+    classification only). ``tune_layers = k > 0`` (lora and full, a pooled classifier): only the top k encoder
+    layers (their LoRA adapters, or their weights) and the head are trainable (:mod:`agent.top_layers`).
+    Eager attention: per-example gradient hooks see plain linear layers and softmax."""
     if task not in TASKS:
         raise InvalidInputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if mode not in MODES:
@@ -81,12 +85,17 @@ def load_model(
     model = _load_base_model(model_dir, task, num_labels)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
-    if mode == "full":
-        model.requires_grad_(True)
-        return model
     if mode == "head":
         return _with_only_head_trainable(model)
-    return _with_lora(model, task, lora_rank, lora_alpha, lora_target_modules)
+    layers = top_layer_indices(model, tune_layers) if tune_layers else None
+    if mode == "full":
+        model.requires_grad_(layers is None)
+        if layers is not None:
+            for index in layers:
+                encoder_layers(model)[index].requires_grad_(True)
+            model.classifier.requires_grad_(True)
+        return model
+    return _with_lora(model, task, lora_rank, lora_alpha, lora_target_modules, layers)
 
 
 def _load_base_model(model_dir: Path, task: str, num_labels: int):
@@ -153,7 +162,7 @@ def _with_only_head_trainable(model):
     return model
 
 
-def _with_lora(model, task: str, rank: int, alpha: float, target_modules):
+def _with_lora(model, task: str, rank: int, alpha: float, target_modules, layers: list[int] | None = None):
     from peft import LoraConfig, TaskType, get_peft_model
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -163,6 +172,8 @@ def _with_lora(model, task: str, rank: int, alpha: float, target_modules):
         task_settings = {"modules_to_save": ["classifier"]}
     else:
         task_settings = {"task_type": TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM}
+    if layers is not None:  # only these encoder layers get adapters
+        task_settings.update(layers_to_transform=layers, layers_pattern=LAYER_PATTERN)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, **task_settings)
     try:
         with warnings.catch_warnings():  # peft calls a transformers method that transformers 5 deprecates

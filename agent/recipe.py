@@ -1,7 +1,8 @@
 """The private fine-tuning recipe: linear probe, then fine-tune (LP-FT), under one budget.
 
 Phase 1 ("probe") trains only the classification head, on embeddings cached once per run; phase 2 ("tune")
-continues from the trained head with LoRA (or full fine-tuning). Each phase has its own expected batch,
+continues from the trained head with LoRA (or full fine-tuning) of the top ``tune_layers`` encoder layers, on
+their cached inputs (:mod:`agent.top_layers`; 0: of the whole model). Each phase has its own expected batch,
 epochs, learning rate and optimizer; the probe takes ``probe_budget_share`` of the epsilon budget and the
 tune phase the rest, both calibrated together (:mod:`accountant.phases`). Head mode (the default) is the probe
 alone with the whole budget; ``tune_epochs = 0`` likewise. LP-FT: ``mode = "lora"`` with ``tune_epochs > 0``.
@@ -51,6 +52,7 @@ class Recipe:
     tune_expected_batch: int = 128
     tune_learning_rate: float = 0.05
     tune_optimizer: str = "sgd"
+    tune_layers: int = 2
     clip_norm: float = 1.0
 
     def __post_init__(self) -> None:
@@ -70,10 +72,17 @@ class Recipe:
         for name in ("probe_optimizer", "tune_optimizer"):
             if getattr(self, name) not in OPTIMIZERS:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be one of {', '.join(OPTIMIZERS)}")
+        if isinstance(self.tune_layers, bool) or not isinstance(self.tune_layers, int) or self.tune_layers < 0:
+            raise InvalidInputError(f"--tune-layers must be an integer >= 0, got {self.tune_layers!r}")
         if not 0 < self.probe_budget_share < 1:
             raise InvalidInputError(f"--probe-share must be in (0, 1), got {self.probe_budget_share}")
         if not self.phase_names:
             raise InvalidInputError("the recipe runs no phase: give --probe-epochs or --tune-epochs > 0")
+
+    @property
+    def trained_layers(self) -> int:
+        """The model's ``tune_layers`` (:class:`agent.training.TrainingConfig`): 0 when no tune phase runs."""
+        return self.tune_layers if "tune" in self.phase_names else 0
 
     @property
     def phase_names(self) -> tuple[str, ...]:

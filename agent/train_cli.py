@@ -75,6 +75,9 @@ def register(commands) -> None:
     tune.add_argument("--tune-epochs", type=float, default=defaults.tune_epochs, help=f"expected passes (default {defaults.tune_epochs:g}: no tune phase)")
     tune.add_argument("--tune-batch", type=int, default=defaults.tune_expected_batch, help=f"expected Poisson batch (default {defaults.tune_expected_batch})")
     tune.add_argument("--tune-lr", type=float, default=defaults.tune_learning_rate, help=f"learning rate (default {defaults.tune_learning_rate:g})")
+    tune.add_argument("--tune-layers", type=int, default=defaults.tune_layers,
+                      help=f"tune only the top K encoder layers and the head, on cached inputs of layer L-K (sentence-embedding "
+                      f"checkpoints; default {defaults.tune_layers}); 0: the whole model", metavar="K")
     tune.add_argument("--tune-optimizer", choices=OPTIMIZERS, default=defaults.tune_optimizer, help=f"(default {defaults.tune_optimizer}; sgd has momentum 0.9)")
     parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm, help=f"per-example gradient clip norm C, both phases (default {defaults.clip_norm:g})")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
@@ -125,7 +128,7 @@ def run(args) -> int:
     progress = Progress.from_args(args)
     ledger = _open_ledger(args)
     try:
-        trainer = LocalTrainer(_training_config(args))
+        trainer = LocalTrainer(_training_config(args, recipe))
         size = trainer.dataset_size
         too_large = delta_too_large(args.delta, size)
         if too_large:
@@ -244,7 +247,7 @@ def _recipe(args):
     return default_recipe(
         args.epsilon, **{name: value for name, value in probe.items() if value is not None},
         mode=args.mode, probe_budget_share=args.probe_share, tune_epochs=args.tune_epochs, tune_expected_batch=args.tune_batch,
-        tune_learning_rate=args.tune_lr, tune_optimizer=args.tune_optimizer, clip_norm=args.clip_norm,
+        tune_learning_rate=args.tune_lr, tune_optimizer=args.tune_optimizer, tune_layers=args.tune_layers, clip_norm=args.clip_norm,
     )  # fmt: skip
 
 
@@ -280,7 +283,7 @@ def resolve_data(name: str, seed: int = 0) -> str:
     return str(path)
 
 
-def _training_config(args):
+def _training_config(args, recipe):
     from agent.training import TrainingConfig
 
     names = (args.lora_target_modules or "").split(",")
@@ -303,6 +306,7 @@ def _training_config(args):
         physical_batch_size=args.physical_batch_size,
         insecure_seeded_randomness=args.insecure_seeded_randomness,
         max_examples=args.max_examples,
+        tune_layers=recipe.trained_layers,
     )
 
 
@@ -378,6 +382,7 @@ def _summary(args, trainer, recipe, results, evaluation, seconds) -> dict:
     return {
         "model_id": trainer.model_id,
         "mode": args.mode,
+        "tune_layers": recipe.trained_layers,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "training_examples": trainer.dataset_size,
@@ -408,6 +413,9 @@ def _save(trainer, output, summary) -> None:
 def _report(summary: dict) -> str:
     evaluation = summary["eval"]
     lines = []
+    if summary["tune_layers"]:
+        lines.append(f"{'tuned':<20}the top {summary['tune_layers']} encoder layers and the head, on cached inputs "
+                     f"({summary['trainable_parameters']:,} trainable parameters)")
     for phase in summary["phases"]:
         event = phase["event"]["event"]
         lines.append(

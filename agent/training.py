@@ -9,6 +9,8 @@ A head-only run (``mode = "head"``, or phase 1 of linear-probe-then-fine-tune, `
 pooled-embedding classifier (:mod:`agent.heads`) trains on each record's embedding, computed once with the
 frozen encoder in eval mode and reused at every step: a deterministic function of that record alone, so the
 cache costs no privacy, and a step costs a linear layer instead of the encoder (Kumar et al. 2022, LP-FT).
+Likewise a run with ``tune_layers = k`` trains the top k encoder layers and the head on the cached hidden states
+entering layer L-k (:mod:`agent.top_layers`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from agent.evaluation import evaluate_model
 from agent.heads import PooledClassifier, embed_examples
 from agent.recipe import OPTIMIZERS
 from agent.sampler import PoissonSampler
+from agent.top_layers import TopLayers, hidden_batch, hidden_states_below
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class TrainingConfig:
     insecure_seeded_randomness: bool = False
     max_examples: int | None = None
     optimizer: str = "adamw"  # or "sgd" (momentum 0.9): see make_optimizer
+    tune_layers: int = 0  # lora/full: k > 0 trains only the top k encoder layers and the head (agent.top_layers)
 
 
 
@@ -153,6 +157,7 @@ class LocalTrainer:
             lora_alpha=config.lora_alpha,
             lora_target_modules=config.lora_target_modules,
             pad_token_id=self.tokenizer.pad_token_id,
+            tune_layers=config.tune_layers,
         )
         self.model_id = models.model_id(config.model_dir)
         # Batches and noise come from the operating system's secure source: amplification by subsampling assumes
@@ -162,6 +167,7 @@ class LocalTrainer:
         self._noise_source = _random_source(config, stream=1)
         self._dropout_source = _random_source(config, stream=2)
         self._features: torch.Tensor | None = None  # the training records' embeddings, for head-only runs
+        self._hidden: list[torch.Tensor] | None = None  # their states below the tuned layers (never trained)
 
     @property
     def randomness(self) -> str:
@@ -209,29 +215,45 @@ class LocalTrainer:
         head_only = plan.head_only or self.config.mode == "head"
         if head_only and self.config.task != "classification":
             raise InvalidInputError("a head-only run needs a classification task")
-        collate_fn = self._feature_batch if head_only and self._embeds_sentences else self.collate
-        if collate_fn == self._feature_batch and self._features is None:
-            self._features = self._train_features()
+        module, collate_fn = self.phase_inputs(head_only)
         try:
             with _only_head_trainable(self.model, head_only):
-                event, metrics = self._train(plan, collate_fn, should_stop, on_step)
+                event, metrics = self._train(plan, module, collate_fn, should_stop, on_step)
         finally:
             if not head_only:
                 self._features = None  # the encoder trained: its embeddings changed
         metrics["seconds"] = time.perf_counter() - started
         return TrainResult(event, self.trainable_state(), metrics, self.randomness)
 
-    def _train(self, plan: StepPlan, collate_fn, should_stop, on_step):
+    def phase_inputs(self, head_only: bool):
+        """(the module a run's batches enter, the function that makes a batch from indices): the cached embeddings
+        and the head for a head-only run on a pooled classifier, the cached states below the tuned layers and
+        :class:`TopLayers` when ``tune_layers`` is set, else the model on tokenised batches. The caches are filled
+        on first use."""
+        if head_only and self._embeds_sentences:
+            if self._features is None:
+                self._features = self._train_features()
+            return self.model, self._feature_batch
+        if self.config.tune_layers and not head_only:
+            module = TopLayers(_base(self.model), self.config.tune_layers)
+            if self._hidden is None:
+                self._hidden = hidden_states_below(module.model, self.config.tune_layers, self.data.train, self.pad_token_id,
+                                                   max(self.config.physical_batch_size, 64))
+            return module, self._hidden_batch
+        return self.model, self.collate
+
+    def _train(self, plan: StepPlan, module, collate_fn, should_stop, on_step):
+        """``module``: the model, or the part of it that ``collate_fn``'s batches enter (:class:`TopLayers`)."""
         from agent.dpsgd.engine import PerExampleClipper
         from agent.dpsgd.step import DPSGDStep
 
-        self.model.train()
+        module.train()
         sampler = PoissonSampler(self.dataset_size, plan.sampling_rate, plan.steps, self._sampling_source)
-        trainable = [param for param in self.model.parameters() if param.requires_grad]
+        trainable = [param for param in module.parameters() if param.requires_grad]
         optimizer = make_optimizer(plan.optimizer or self.config.optimizer, trainable, plan.learning_rate)
-        clipper = PerExampleClipper(self.model, plan.clip_norm, self.loss_fn())
+        clipper = PerExampleClipper(module, plan.clip_norm, self.loss_fn())
         engine = DPSGDStep(
-            self.model,
+            module,
             clipper,
             optimizer,
             noise_multiplier=plan.noise_multiplier,
@@ -271,6 +293,10 @@ class LocalTrainer:
         indices = torch.as_tensor(indices, dtype=torch.int64)
         labels = torch.as_tensor(self.data.train.labels, dtype=torch.int64)
         return {"features": self._features[indices], "labels": labels[indices]}
+
+    def _hidden_batch(self, indices) -> dict[str, torch.Tensor]:
+        """The cached states below the tuned layers, the attention mask and the labels of the records at ``indices``."""
+        return hidden_batch(self._hidden, torch.as_tensor(self.data.train.labels, dtype=torch.int64), indices)
 
     def confusion_matrix(self, batch_size: int | None = None) -> torch.Tensor:
         """The held-out split's confusion matrix (classification only; see :mod:`agent.evaluation`)."""

@@ -29,23 +29,22 @@ def non_private_run(args) -> dict:
 
     started = time.perf_counter()
     recipe = train_cli._recipe(args)
-    trainer = LocalTrainer(train_cli._training_config(args))
+    trainer = LocalTrainer(train_cli._training_config(args, recipe))
     size = trainer.dataset_size
     phases = []
     for phase in recipe.phases(size):
         head_only = phase.name == "probe"
         with _only_head_trainable(trainer.model, head_only):
-            collate = trainer._feature_batch if head_only and trainer._embeds_sentences else trainer.collate
-            if collate == trainer._feature_batch and trainer._features is None:
-                trainer._features = trainer._train_features()
+            module, collate = trainer.phase_inputs(head_only)
             sampler = PoissonSampler(size, phase.sampling_rate, phase.steps, InsecureSeededRandom(args.seed))
-            loss = _minimise(trainer, sampler, collate, make_optimizer(recipe.optimizer(phase.name), _trainable(trainer), recipe.learning_rate(phase.name)), args.physical_batch_size)
+            loss = _minimise(module, trainer.loss_fn(), sampler, collate, make_optimizer(recipe.optimizer(phase.name), _trainable(trainer), recipe.learning_rate(phase.name)), args.physical_batch_size)
         phases.append({"phase": phase.name, "steps": phase.steps, "sampling_rate": phase.sampling_rate, "noise_multiplier": 0.0,
                        "learning_rate": recipe.learning_rate(phase.name), "train_loss": loss})
     evaluation = trainer.evaluate()
     evaluation["majority_baseline"] = majority_baseline(trainer.data.eval.labels)
     return {
         "mode": args.mode,
+        "tune_layers": recipe.trained_layers,
         "training_examples": size,
         "phases": phases,
         "accuracy": evaluation.get("accuracy"),
@@ -61,9 +60,8 @@ def _trainable(trainer):
     return [p for p in trainer.model.parameters() if p.requires_grad]
 
 
-def _minimise(trainer, sampler, collate, optimizer, physical_batch_size) -> float:
-    """Plain minibatch training over the sampler's batches; the mean training loss."""
-    model, loss_fn = trainer.model, trainer.loss_fn()
+def _minimise(model, loss_fn, sampler, collate, optimizer, physical_batch_size) -> float:
+    """Plain minibatch training of ``model`` over the sampler's batches; the mean training loss."""
     model.train()
     loss_sum, examples = 0.0, 0
     for indices in sampler:

@@ -106,6 +106,16 @@ def minilm_1layer_dir(tmp_path_factory):
 def tiny_pooled_dir(tmp_path_factory):
     """A randomly initialised 1-layer BERT encoder saved as a sentence-transformers checkpoint: modules.json
     with mean pooling and normalisation, as all-MiniLM-L6-v2 ships them."""
+    return _tiny_pooled(tmp_path_factory.mktemp("tiny_pooled"), layers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_pooled_3layer_dir(tmp_path_factory):
+    """As ``tiny_pooled_dir`` with 3 encoder layers: the top ones can be tuned on the states of the others."""
+    return _tiny_pooled(tmp_path_factory.mktemp("tiny_pooled_3layer"), layers=3)
+
+
+def _tiny_pooled(directory, layers: int):
     import json
 
     import torch
@@ -113,10 +123,10 @@ def tiny_pooled_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=128,
     )  # fmt: skip
-    directory = _save_tiny(BertModel(config), tmp_path_factory.mktemp("tiny_pooled"))
+    directory = _save_tiny(BertModel(config), directory)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},

@@ -14,7 +14,7 @@ def _argv(model_dir, data_file, *extra):
     return [
         "agent", "train-local", "--model", str(model_dir), "--data", str(data_file),
         "--epsilon", "8", "--delta", "1e-5", "--probe-epochs", "1", "--probe-batch", "16", "--probe-lr", "0.5",
-        "--mode", "lora", "--tune-epochs", "1", "--tune-batch", "16",
+        "--mode", "lora", "--tune-epochs", "1", "--tune-batch", "16", "--tune-layers", "0",
         "--max-examples", "80", "--max-length", "24", "--physical-batch-size", "16", *extra,
     ]  # fmt: skip
 
@@ -138,12 +138,18 @@ def _entries(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_a_run_charged_to_the_ledger_composes_its_phases_to_the_certified_total(tiny_bert_dir, mr_csv, tmp_path, capsys):
+@pytest.mark.parametrize("top", [False, True], ids=["whole-model", "top-layers"])
+def test_a_run_charged_to_the_ledger_composes_its_phases_to_the_certified_total(tiny_bert_dir, tiny_pooled_3layer_dir, mr_csv,
+                                                                                 tmp_path, capsys, top):
+    """Tuning the whole model (LoRA on every layer) or the top 2 layers on cached inputs: each phase is reserved
+    and committed, and the ledger's certified total is the composition the run reports."""
     from accountant.verify import verify_ledger
 
-    argv = _argv(tiny_bert_dir, mr_csv, *_holder_ledger(tmp_path, 8.0), "--insecure-seeded-randomness", "--json")
+    model, layers = (tiny_pooled_3layer_dir, "2") if top else (tiny_bert_dir, "0")
+    argv = _argv(model, mr_csv, *_holder_ledger(tmp_path, 8.0), "--insecure-seeded-randomness", "--json", "--tune-layers", layers)
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
+    assert summary["tune_layers"] == int(layers)
     entries = _entries(tmp_path / "ledger.jsonl")
     assert [e["kind"] for e in entries] == ["genesis", "reserve", "commit", "reserve", "commit"]
     assert [e["payload"]["extra"]["phase"] for e in entries if e["kind"] == "commit"] == ["probe", "tune"]

@@ -10,7 +10,8 @@ Kinds (a kind is never removed and its meaning never changes, so that an old led
 genesis (writer, public key, budget policy, the pinned certified accountant, schema), holder (a coordinator
 registers a holder's id, public key and budget), reserve (a planned event for a holder, run and round),
 commit (the event actually executed for a reservation: its steps may be fewer, never more), abort (a
-reservation released nothing), repair (a torn last line left by a crash was cut off; its length and hash).
+reservation released nothing), repair (a torn last line left by a crash was cut off; its length and hash),
+audit (a federated audit run's empirical lower bounds on epsilon, per holder and pooled; no spend).
 The writer is itself a holder with the genesis budget; a holder's own ledger has no other.
 
 Durability: a line is written with O_APPEND and fsynced before the call returns; the directory is fsynced
@@ -56,6 +57,8 @@ GENESIS_PREV = "0" * 64
 # A commit's ``extra.purpose`` for a release that is not a training update (a holder's private evaluation):
 # charged like any event, but never aggregated, so the coordinator's ledger has no commit to match it.
 EVALUATION_PURPOSE = "evaluation"
+# A commit's ``extra.purpose`` for an audit run's release (synthetic records and canaries, never a model for use).
+AUDIT_PURPOSE = "audit"
 ENTRY_FIELDS = ("seq", "time", "kind", "writer", "payload", "prev", "signature")
 STATED_EPSILONS = ("epsilon_certified", "epsilon_edgeworth")
 _TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
@@ -659,6 +662,16 @@ class Ledger:
         still_open = {seq: planned for seq, planned in account.open.items() if seq != reservation_seq}
         payload.update(_statements(account.spend(committed=(event,), open_=still_open)))
         return self._append(entry, change)
+
+    @_serialised
+    def record_audit(self, run_id: str, holders: Mapping[str, Mapping[str, Any]], pooled: Mapping[str, Any],
+                     facts: Mapping[str, Any] | None = None) -> int:
+        """Record a federated audit of run ``run_id``: each holder's lower bound on epsilon and the pooled one
+        (each a JSON object with ``epsilon_lower_bound``, ``confidence``, ``canaries``), and ``facts`` about how
+        it was measured. A verifier states each beside the certified epsilon of the holder's commits in that run."""
+        payload = {**dict(facts or {}), "run_id": run_id, "holders": {h: dict(b) for h, b in holders.items()}, "pooled": dict(pooled)}
+        entry = self._new_entry("audit", payload)
+        return self._append(entry, self._state.prepare(entry))
 
     @_serialised
     def abort(self, reservation_seq: int, reason: str) -> int:

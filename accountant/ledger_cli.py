@@ -134,7 +134,8 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"  repair at seq {repair['seq']}: {repair['torn_bytes']} torn bytes cut off, "
                   f"saved as {repair.get('saved_as')}")
         for audit in report.audits if report.ok else ():
-            print(f"  audit at seq {audit['seq']}: empirical lower bound {audit['epsilon_lower_bound']:.4f} "
+            who = f" ({audit['holder']})" if "holder" in audit else ""
+            print(f"  audit at seq {audit['seq']}{who}: empirical lower bound {audit['epsilon_lower_bound']:.4f} "
                   f"({audit['confidence']:.0%}, {audit['canaries']} canaries) beside the run's certified epsilon "
                   f"{audit['epsilon_certified_run']:.4f}" + ("  AUDIT ALARM" if audit["exceeds_certified"] else ""))
     return 0 if report.ok else 1

@@ -32,7 +32,7 @@ from accountant.events import (
 from accountant.signing import load_public_key
 
 LEDGER_SCHEMA = 1
-KINDS = ("genesis", "holder", "reserve", "commit", "abort", "repair")
+KINDS = ("genesis", "holder", "reserve", "commit", "abort", "repair", "audit")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 MechanismKey = tuple[tuple[tuple[float, float, Neighbouring], int], ...]
@@ -171,6 +171,7 @@ class LedgerState:
         self.reservations: dict[int, Reservation] = {}
         self.closed: dict[int, int] = {}  # reserve seq -> seq of the commit/abort that closed it
         self.repairs: list[int] = []
+        self.audits: dict[int, str] = {}  # audit entry seq -> its run
         self.accountants = SpendAccountants()
 
     def apply(self, entry: Mapping[str, Any]) -> str | None:
@@ -275,6 +276,33 @@ class LedgerState:
 
         return change
 
+    def _prepare_audit(self, seq: int, payload: dict) -> Callable[[], None]:
+        """A federated audit's lower bounds (:meth:`accountant.ledger.Ledger.record_audit`): per registered
+        holder and pooled; it changes no spend."""
+        run_id = _text(payload, "run_id")
+        holders = payload.get("holders")
+        if not isinstance(holders, dict) or not holders:
+            raise InvalidInputError("an audit entry needs the object 'holders' (holder id -> its lower bound)")
+        for holder_id, bound in holders.items():
+            if holder_id not in self.holders:
+                raise InvalidInputError(f"audit of the unregistered holder {holder_id!r}")
+            check_audit_bound(bound, f"holders.{holder_id}")
+        check_audit_bound(payload.get("pooled"), "pooled")
+
+        def change() -> None:
+            self.audits[seq] = run_id
+
+        return change
+
+    def run_events(self, holder_id: str, run_id: str) -> tuple[DpEvent, ...]:
+        """The events committed for ``holder_id`` in run ``run_id``."""
+        account = self.holders[holder_id]
+        return tuple(
+            account.committed[self.closed[seq]]
+            for seq, reservation in self.reservations.items()
+            if reservation.holder_id == holder_id and reservation.run_id == run_id and self.closed.get(seq) in account.committed
+        )
+
     def _prepare_repair(self, seq: int, payload: dict) -> Callable[[], None]:
         length = payload.get("torn_bytes")
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
@@ -286,6 +314,19 @@ class LedgerState:
             self.repairs.append(seq)
 
         return change
+
+
+def check_audit_bound(bound: Any, where: str) -> None:
+    """An audit's lower bound record: ``epsilon_lower_bound`` >= 0, ``confidence`` in (0, 1), ``canaries`` >= 1."""
+    if not isinstance(bound, dict):
+        raise InvalidInputError(f"{where} must be a JSON object (an audit's lower bound)")
+    value, confidence, canaries = bound.get("epsilon_lower_bound"), bound.get("confidence"), bound.get("canaries")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise InvalidInputError(f"{where}.epsilon_lower_bound must be a number >= 0, got {value!r}")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise InvalidInputError(f"{where}.confidence must be in (0, 1), got {confidence!r}")
+    if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 1:
+        raise InvalidInputError(f"{where}.canaries must be an integer >= 1, got {canaries!r}")
 
 
 def check_within(executed: DpEvent, planned: DpEvent) -> None:

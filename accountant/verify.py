@@ -33,7 +33,7 @@ from accountant.ledger import (
     split_lines,
 )
 from accountant.signing import canonical_json
-from accountant.spend import HolderSpend, LedgerState, mechanism_rows
+from accountant.spend import HolderSpend, LedgerState, check_audit_bound, mechanism_rows
 
 RELATIVE_TOLERANCE = 1e-9
 
@@ -178,6 +178,8 @@ def verify_ledger(path: str | Path, public_keys: str | Mapping[str, str] | None 
                 report.writer, report.public_key = state.writer, state.public_key
                 report.accountant_mismatch = _accountant_mismatch(state.accountant)
             _check_repair_offset(entry, offset)
+            if entry["kind"] == "audit" and report.accountant_mismatch is None:
+                report.audits.extend(federated_audit_statements(entry, state))
             if holder_id is not None and _states_or_reserves(entry) and report.accountant_mismatch is None:
                 _check_spend(entry, state.spend(holder_id))
                 audit = audit_statement(entry, state.spend(holder_id).budget_delta)
@@ -234,15 +236,8 @@ def audit_statement(entry: Mapping[str, Any], delta: float) -> dict[str, Any] | 
     if entry["kind"] != "commit" or not isinstance(extra, dict) or "audit" not in extra:
         return None
     audit = extra["audit"]
-    if not isinstance(audit, dict):
-        raise InvalidInputError("extra.audit must be a JSON object")
-    bound, confidence, canaries = audit.get("epsilon_lower_bound"), audit.get("confidence"), audit.get("canaries")
-    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 <= bound < math.inf:
-        raise InvalidInputError(f"extra.audit.epsilon_lower_bound must be a number >= 0, got {bound!r}")
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
-        raise InvalidInputError(f"extra.audit.confidence must be in (0, 1), got {confidence!r}")
-    if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 1:
-        raise InvalidInputError(f"extra.audit.canaries must be an integer >= 1, got {canaries!r}")
+    check_audit_bound(audit, "extra.audit")
+    bound, confidence, canaries = audit["epsilon_lower_bound"], audit["confidence"], audit["canaries"]
     from accountant.certified import certified_epsilon
     from accountant.events import event_from_json
 
@@ -254,6 +249,36 @@ def audit_statement(entry: Mapping[str, Any], delta: float) -> dict[str, Any] | 
         "canaries": canaries,
         "epsilon_certified_run": certified,
         "exceeds_certified": bound > certified,
+    }
+
+
+def federated_audit_statements(entry: Mapping[str, Any], state: LedgerState) -> list[dict[str, Any]]:
+    """The lower bounds of a federated audit entry (kind ``audit``), each beside the certified epsilon of what
+    the coordinator committed for that holder in that run, recomputed here; the pooled bound beside the
+    largest of them (each canary belongs to one holder, so the run is (max epsilon, delta)-DP for every canary)."""
+    from accountant.certified import certified_epsilon
+    from accountant.events import ComposedEvent
+
+    payload = entry["payload"]
+    statements, largest = [], 0.0
+    for holder_id, bound in payload["holders"].items():
+        events = state.run_events(holder_id, payload["run_id"])
+        certified = certified_epsilon(ComposedEvent(events), state.spend(holder_id).budget_delta) if events else 0.0
+        largest = max(largest, certified)
+        statements.append(_audit_row(entry["seq"], bound, certified, holder=holder_id))
+    statements.append(_audit_row(entry["seq"], payload["pooled"], largest, holder="pooled"))
+    return statements
+
+
+def _audit_row(seq: int, bound: Mapping[str, Any], certified: float, holder: str) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "holder": holder,
+        "epsilon_lower_bound": bound["epsilon_lower_bound"],
+        "confidence": bound["confidence"],
+        "canaries": bound["canaries"],
+        "epsilon_certified_run": certified,
+        "exceeds_certified": bound["epsilon_lower_bound"] > certified,
     }
 
 

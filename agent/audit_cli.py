@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-AUDIT_PURPOSE = "audit"  # a ledger commit's extra.purpose for an audit run
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -117,6 +115,7 @@ def _run(config, ledger):
     import time
 
     from accountant.events import PoissonGaussianEvent
+    from accountant.ledger import AUDIT_PURPOSE
     from accountant.sampling import executable_sampling_rate
     from agent.audit.run import run_audit
 

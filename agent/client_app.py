@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 from accountant.errors import InvalidInputError
 from agent.rpc import DaemonClient, DaemonError
 from federation.messages import (
+    CANARIES,
     CONFIG,
     DAEMON_ADDRESS_KEY,
     DAEMON_TIMEOUT_KEY,
@@ -38,6 +39,7 @@ from federation.messages import (
     RECEIPT,
     RECEIPT_DOCUMENT,
     REFUSED,
+    REVEAL,
     UNAVAILABLE,
     unpack_in_place,
     weight_records,
@@ -88,6 +90,9 @@ def _daemon(node_config: Mapping[str, Any]) -> DaemonClient:
 @app.query()
 @_forwarded
 def query(daemon: DaemonClient, msg: Message, packed: bool) -> RecordDict:
+    """The holder's description or, for a query carrying :data:`REVEAL`, an audit daemon's canaries."""
+    if msg.has_content() and REVEAL in msg.content:
+        return RecordDict({CANARIES: ConfigRecord(_config_values(daemon.reveal_audit(dict(msg.content[REVEAL]))))})
     return RecordDict({DESCRIPTION: ConfigRecord(_config_values(daemon.describe()))})
 
 

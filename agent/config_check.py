@@ -28,8 +28,8 @@ from accountant.tomlfiles import read_toml
 from agent.policy import HolderPolicy, SuperNodeConfig, load_agent_config
 from agent.training import TrainingConfig
 
-TABLES = ("holder", "budget", "ledger", "rpc", "training")
-OPTIONAL_TABLES = ("policy", "supernode")
+TABLES = ("holder", "budget", "ledger", "rpc")
+OPTIONAL_TABLES = ("policy", "supernode", "training", "audit")  # one of training and audit (an audit daemon)
 VALID_BUDGET = {"budget_epsilon": 1.0, "budget_delta": 1e-6}
 
 
@@ -53,13 +53,13 @@ def check_agent_config(path: str | os.PathLike) -> Problems:
     check_parent_writable(ledger, "ledger", "head", base, problems)
     check_readable_file(ledger, "ledger", "signing_key", base, problems, private=True)
     check_keys(section(document, "rpc"), "rpc", ("address", "max_message_mb"), problems)
-    training = section(document, "training")
-    check_dataclass_table(TrainingConfig, training, "training", problems,
-                          base={"model_dir": "", "data_file": ""}, exclude=("insecure_seeded_randomness",))
-    check_directory(training, "training", "model_dir", base, problems, must_contain="config.json")
-    data_file = check_readable_file(training, "training", "data_file", base, problems)
-    if data_file is not None and isinstance(budget.get("delta"), float):
-        _check_delta_against_records(data_file, training, budget["delta"], problems)
+    if "audit" in document:
+        from agent.audit.holder import AuditHolderConfig
+
+        check_dataclass_table(AuditHolderConfig, section(document, "audit"), "audit", problems,
+                              base={"block": 2**62, "first": 0, "count": 2})
+    else:
+        _check_training(section(document, "training"), budget, base, problems)
     if "supernode" in document:
         _check_supernode(section(document, "supernode"), base, problems)
     if not problems.found:
@@ -68,6 +68,18 @@ def check_agent_config(path: str | os.PathLike) -> Problems:
         except EwtuneError as error:
             problems.add("[file]", str(error).removeprefix(f"{path}: "))
     return problems
+
+
+def _check_training(training, budget, base: Path, problems: Problems) -> None:
+    if not training:
+        problems.add(key_name("training"), "missing table (or [audit] for an audit daemon)")
+        return
+    check_dataclass_table(TrainingConfig, training, "training", problems,
+                          base={"model_dir": "", "data_file": ""}, exclude=("insecure_seeded_randomness",))
+    check_directory(training, "training", "model_dir", base, problems, must_contain="config.json")
+    data_file = check_readable_file(training, "training", "data_file", base, problems)
+    if data_file is not None and isinstance(budget.get("delta"), float):
+        _check_delta_against_records(data_file, training, budget["delta"], problems)
 
 
 def _check_delta_against_records(data_file: Path, training, delta: float, problems: Problems) -> None:

@@ -44,7 +44,7 @@ import torch
 from accountant.certified import CertifiedAccountant
 from accountant.errors import EwtuneError, InvalidInputError
 from accountant.events import PoissonGaussianEvent
-from accountant.ledger import EVALUATION_PURPOSE, Ledger
+from accountant.ledger import AUDIT_PURPOSE, EVALUATION_PURPOSE, Ledger
 from accountant.privacy_accountant import delta_too_large
 from accountant.receipts import Receipt, receipt_digest, sign_receipt, update_digest
 from accountant.sampling import executable_sampling_rate
@@ -88,6 +88,9 @@ class Daemon:
         _check_budget_matches(policy, ledger, holder_id)
         _check_delta(policy.budget_delta, trainer.record_count)
         policy.check_model(trainer.model_id)
+        self.audit = callable(getattr(trainer, "reveal", None))  # an audit daemon (agent.audit.holder.AuditTrainer)
+        if self.audit and not policy.audit_runs:
+            raise InvalidInputError("an audit daemon needs a policy that allows audit runs ([policy] audit_runs = true)")
         self.holder_id, self.policy, self.trainer, self.ledger, self.key = holder_id, policy, trainer, ledger, key
         self._parameters = {name: (tuple(t.shape), _wire_dtype(t.dtype)) for name, t in trainer.trainable_state().items()}
         self._work = threading.Lock()  # one training or evaluation at a time
@@ -104,8 +107,6 @@ class Daemon:
     def from_config(cls, config: AgentConfig) -> "Daemon":
         """Open the ledger made by ``ewtune agent init`` (a missing one is an error, never a fresh budget),
         then load model and data."""
-        from agent.training import LocalTrainer, TrainingConfig
-
         key = SigningKey.load(config.signing_key)
         if not config.ledger_path.exists():
             raise InvalidInputError(
@@ -114,11 +115,7 @@ class Daemon:
             )
         ledger = Ledger.open(config.ledger_path, key, head_path=config.ledger_head)
         try:
-            try:
-                training = TrainingConfig(**config.training)
-            except TypeError as bad:
-                raise InvalidInputError(f"[training] in agent.toml: {bad}") from None
-            return cls(config.holder_id, config.policy, LocalTrainer(training), ledger, key)
+            return cls(config.holder_id, config.policy, _trainer(config), ledger, key)
         except BaseException:
             ledger.close()
             raise
@@ -169,6 +166,7 @@ class Daemon:
             self._refuse_if_stopping()
             plan = RoundPlan.from_config(config)
             self.policy.check_plan(plan, self.trainer.model_id)
+            self._check_purpose(plan)
             if plan.delta is not None:
                 _check_delta(plan.delta, self.trainer.record_count)
             state = self._state_from_arrays(arrays)
@@ -185,6 +183,26 @@ class Daemon:
             log.info("round %d of run %s: %d steps committed (reservation %d)", plan.round, plan.run_id,
                      reply.metrics["steps"], reservation)
             return reply
+
+    def reveal_audit(self, config: Mapping[str, Any] | None) -> dict[str, Any]:
+        """An audit daemon's canaries and inclusion bits, for the run named in ``config`` once this holder has
+        released at least one of its rounds; revealed once, after which the daemon trains no more (SECURITY.md,
+        "The federated audit"). ``config["scores_sha256"]``, the digest of the scores the coordinator fixed
+        before asking, is written to the holder's log."""
+        if not self.audit:
+            raise PlanRefused("this daemon runs no audit: it has no canaries to reveal")
+        run_id = config.get("run_id") if isinstance(config, Mapping) else None
+        if not isinstance(run_id, str) or not run_id:
+            raise InvalidInputError("a reveal request needs a config with the audit's run_id")
+        with self._work:
+            with self._ledger_lock:
+                released = _released_rounds(self.ledger.entries, run_id)
+            if not released:
+                raise PlanRefused(f"this holder released no audit round of run {run_id!r}: nothing to reveal")
+            revealed = self.trainer.reveal()
+        log.info("audit run %s: canaries revealed after %d released round(s); the coordinator's scores have SHA-256 %s",
+                 run_id, len(released), str(config.get("scores_sha256"))[:64])
+        return {"holder_id": self.holder_id, **revealed}
 
     def planned_event(self, plan: RoundPlan) -> PoissonGaussianEvent:
         """The event the plan will execute: the rate the sampler realises, checked against the batch floor."""
@@ -252,6 +270,15 @@ class Daemon:
 
         return should_stop
 
+    def _check_purpose(self, plan: RoundPlan) -> None:
+        """An audit run is a run kind of its own: an audit daemon trains only its plans, any other daemon none."""
+        if self.audit and plan.purpose != AUDIT_PURPOSE:
+            raise PlanRefused(f'this is an audit daemon: it trains only audit runs (purpose = "{AUDIT_PURPOSE}")')
+        if self.audit and self.trainer.revealed:
+            raise PlanRefused("this audit's canaries were revealed: the daemon trains no more (start it again for a new audit)")
+        if not self.audit and plan.purpose is not None:
+            raise PlanRefused(f"this daemon trains the holder's data for training runs only, not a run of purpose {plan.purpose!r}")
+
     def _check_round_epsilon(self, planned: PoissonGaussianEvent) -> None:
         """The daemon's own noise floor: this round alone within the policy's per-round certified epsilon.
         One epsilon evaluation, not a calibration: a sigma is above the floor exactly when the round's
@@ -309,6 +336,7 @@ class Daemon:
             self.ledger.commit(reservation, result.event, extra={
                 "receipt_sha256": receipt_digest(document),
                 **self._release_facts(),
+                **self._audit_facts(),
             })
         log.info("round %s: local training loss %.4f over %d examples in %.1f s (kept local)", plan.round,
                  result.metrics.get("loss", math.nan), int(result.metrics.get("examples", 0)),
@@ -349,6 +377,13 @@ class Daemon:
             self.ledger.commit(reservation, event, extra={"purpose": EVALUATION_PURPOSE, **self._release_facts()})
         return metrics
 
+    def _audit_facts(self) -> dict[str, Any]:
+        """An audit round's commit says so, and names the engine breakage an audit test asked for."""
+        if not self.audit:
+            return {}
+        breakage = self.trainer.config.breakage
+        return {"purpose": AUDIT_PURPOSE, **({"engine_broken_on_purpose": breakage} if breakage else {})}
+
     def _release_facts(self) -> dict[str, Any]:
         return {"randomness": RANDOMNESS, "public": {"dataset_size": self.released_dataset_size}}
 
@@ -387,6 +422,20 @@ class Daemon:
     def _refuse_if_stopping(self) -> None:
         if self._stopping.is_set():
             raise DaemonUnavailable("the agent daemon is shutting down")
+
+
+def _trainer(config: AgentConfig):
+    """The daemon's trainer: the holder's data and model ([training]), or an audit's ([audit])."""
+    from agent.training import LocalTrainer, TrainingConfig
+
+    try:
+        if config.audit is not None:
+            from agent.audit.holder import AuditHolderConfig, AuditTrainer
+
+            return AuditTrainer(AuditHolderConfig(**config.audit))
+        return LocalTrainer(TrainingConfig(**config.training))
+    except TypeError as bad:
+        raise InvalidInputError(f"[{'audit' if config.audit is not None else 'training'}] in agent.toml: {bad}") from None
 
 
 def _wire_dtype(dtype: torch.dtype) -> np.dtype:

@@ -45,6 +45,10 @@ class HolderPolicy:
       ``max_evaluations_per_run`` times per run.
     - ``dataset_size_granularity``: the training set size N is released (it is public metadata, the FedAvg
       weight) rounded down to a multiple of this (1: exact).
+    - ``audit_runs``: whether this holder takes part in empirical privacy audits (``false`` by default). An
+      audit run is a separate kind of run: its plans say ``purpose = "audit"``, and only a daemon started for
+      an audit (agent.toml's ``[audit]`` table, synthetic records and canaries, :mod:`agent.audit.holder`)
+      trains them; every other daemon refuses them, and an audit daemon refuses every other plan.
     """
 
     budget_epsilon: float
@@ -60,6 +64,7 @@ class HolderPolicy:
     evaluation_noise_multiplier: float = 20.0
     max_evaluations_per_run: int = 10
     dataset_size_granularity: int = 1
+    audit_runs: bool = False
 
     def __post_init__(self) -> None:
         _positive_finite("budget epsilon", self.budget_epsilon)
@@ -79,6 +84,8 @@ class HolderPolicy:
         _positive_finite("evaluation noise multiplier", self.evaluation_noise_multiplier)
         _integer("max evaluations per run", self.max_evaluations_per_run, minimum=0)
         _integer("dataset size granularity", self.dataset_size_granularity, minimum=1)
+        if not isinstance(self.audit_runs, bool):
+            raise InvalidInputError(f"audit_runs must be true or false, got {self.audit_runs!r}")
         object.__setattr__(self, "allowed_models", tuple(self.allowed_models))
 
     @property
@@ -137,6 +144,7 @@ class RoundPlan:
     learning_rate: float
     delta: float | None = None
     model_id: str | None = None
+    purpose: str | None = None  # AUDIT_PURPOSE for an audit run's round; None for a training run's
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "RoundPlan":
@@ -153,6 +161,7 @@ class RoundPlan:
             learning_rate=_float("learning_rate", config["learning_rate"]),
             delta=None if config.get("delta") is None else _float("delta", config["delta"]),
             model_id=None if config.get("model_id") in (None, "") else str(config["model_id"]),
+            purpose=None if config.get("purpose") in (None, "") else str(config["purpose"]),
         )
         if not plan.run_id:
             raise InvalidInputError("the round plan's run_id is empty")
@@ -195,6 +204,7 @@ class AgentConfig:
     supernode: SuperNodeConfig | None = None
     rpc_max_message_bytes: int = 256 * 2**20  # the largest request or reply the daemon's gRPC accepts
     ledger_head: Path | None = None  # the ledger's anchored head file (None: beside the ledger)
+    audit: dict[str, Any] | None = None  # an audit daemon's [audit] (agent.audit.holder.AuditHolderConfig); no [training]
 
 
 def load_agent_config(path: str | os.PathLike) -> AgentConfig:
@@ -218,14 +228,8 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
     except TypeError as bad:
         raise InvalidInputError(f"{path}: [policy] {bad}") from None
     ledger = table(document, "ledger", path)
-    training = dict(table(document, "training", path))
-    for key in ("model_dir", "data_file"):
-        if key not in training:
-            raise InvalidInputError(f"{path}: [training] needs {key}")
-        training[key] = str(resolve(base, training[key]))
-    if "lora_target_modules" in training:
-        training["lora_target_modules"] = strings(training["lora_target_modules"], "[training] lora_target_modules", path)
-    _refuse_insecure_randomness(training, path)
+    audit = _audit_table(document, policy, path)
+    training = {} if audit is not None else _training_table(document, base, path)
     rpc = table(document, "rpc", path)
     return AgentConfig(
         holder_id=holder_id,
@@ -236,8 +240,34 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         rpc_address=_rpc_address(base, rpc.get("address", "unix:agent.sock")),
         rpc_max_message_bytes=int(_positive_float("[rpc] max_message_mb", rpc.get("max_message_mb", 256)) * 2**20),
         training=training,
+        audit=audit,
         supernode=_supernode_config(base, optional_table(document, "supernode", path), path),
     )
+
+
+def _training_table(document: Mapping[str, Any], base: Path, path: Path) -> dict[str, Any]:
+    training = dict(table(document, "training", path))
+    for key in ("model_dir", "data_file"):
+        if key not in training:
+            raise InvalidInputError(f"{path}: [training] needs {key}")
+        training[key] = str(resolve(base, training[key]))
+    if "lora_target_modules" in training:
+        training["lora_target_modules"] = strings(training["lora_target_modules"], "[training] lora_target_modules", path)
+    _refuse_insecure_randomness(training, path)
+    return training
+
+
+def _audit_table(document: Mapping[str, Any], policy: HolderPolicy, path: Path) -> dict[str, Any] | None:
+    """An audit daemon's ``[audit]``: only with ``[policy] audit_runs = true`` and without ``[training]`` (it
+    trains synthetic records, never the holder's data)."""
+    if "audit" not in document:
+        return None
+    audit = table(document, "audit", path)
+    if not policy.audit_runs:
+        raise InvalidInputError(f"{path}: [audit] starts an audit daemon, which needs [policy] audit_runs = true")
+    if "training" in document:
+        raise InvalidInputError(f"{path}: an audit daemon ([audit]) trains synthetic records only: remove [training]")
+    return dict(audit)
 
 
 def _supernode_config(base: Path, section: Mapping[str, Any] | None, path: Path) -> SuperNodeConfig | None:

@@ -1,4 +1,4 @@
-"""The agent daemon's local gRPC API: Describe, Train, Evaluate, Health.
+"""The agent daemon's local gRPC API: Describe, Train, Evaluate, Health, and RevealAudit (an audit daemon only).
 
 The methods are registered with gRPC's generic handlers and carry plain bytes, so there is no protoc code to
 drift from the installed protobuf. A message is ``MAGIC | uint32 header length | JSON header | safetensors``:
@@ -111,7 +111,7 @@ def _arrays_from_bytes(blob: bytes) -> Arrays | None:
 
 def serve(daemon: Any, address: str, max_workers: int = 4, socket_mode: int = 0o660,
           max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Server:
-    """Start serving ``daemon`` (an :class:`agent.daemon.Daemon` or anything with its four methods) on
+    """Start serving ``daemon`` (an :class:`agent.daemon.Daemon` or anything with its methods) on
     ``address`` (``unix:///path.sock`` or a loopback ``host:port``) and return the started server; a
     request larger than ``max_message_bytes`` is refused by gRPC before it is read into memory.
     Stop it with ``server.stop(grace)``."""
@@ -127,6 +127,7 @@ def serve(daemon: Any, address: str, max_workers: int = 4, socket_mode: int = 0o
         "Health": _unary(lambda header, arrays: (daemon.health(), None)),
         "Train": _unary(lambda header, arrays: _train(daemon, header, arrays)),
         "Evaluate": _unary(lambda header, arrays: ({"metrics": daemon.evaluate(_required(arrays), header.get("config"))}, None)),
+        "RevealAudit": _unary(lambda header, arrays: ({"canaries": daemon.reveal_audit(header.get("config"))}, None)),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     if server.add_insecure_port(address) == 0:
@@ -239,6 +240,10 @@ class DaemonClient:
     def evaluate(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any] | None = None) -> dict[str, float]:
         """Private evaluation metrics of ``arrays``; ``config`` names the run and round evaluated."""
         return self._call("Evaluate", {"config": dict(config or {})}, arrays)[0]["metrics"]
+
+    def reveal_audit(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """An audit daemon's canaries and inclusion bits for the run ``config`` names (once)."""
+        return self._call("RevealAudit", {"config": dict(config)})[0]["canaries"]
 
     def _call(self, method: str, header: dict[str, Any], arrays=None) -> tuple[dict[str, Any], Arrays | None]:
         stub = self._channel.unary_unary(f"/{SERVICE}/{method}")

@@ -2,7 +2,7 @@
 own code (noise off, clipping bypassed, every record in every step, noise 4x too small), over several seeds,
 next to the certified epsilon claimed. ``python -m bench.audit [--seeds N] [--json]`` (RELIABILITY.md).
 
-Each breakage patches one real part of the engine for the duration of a run (:func:`broken`), and the audit
+Each breakage patches one real part of the engine for the duration of a run (:func:`agent.audit.breakages.broken`), and the audit
 runs unchanged (:func:`agent.audit.run.run_audit`); the tests use the same breakages.
 """
 
@@ -11,54 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from contextlib import contextmanager
-from unittest import mock
 
-import torch
-
-import agent.dpsgd.step as step_module
+from agent.audit.breakages import BREAKAGES, broken
 from agent.audit.run import AuditConfig, run_audit
-from agent.dpsgd.engine import PerExampleClipper
-from agent.sampler import PoissonSampler
-
-_add_noise = step_module.add_gaussian_noise_
-_weighted_sums = PerExampleClipper._weighted_sums
-
-
-def _no_noise(grads, std, source=None):
-    return None
-
-
-def _quarter_noise(grads, std, source=None):
-    _add_noise(grads, std / 4, source)
-
-
-def _unclipped(self, uses, instantiated, norms):
-    """The engine's own weighted sum with every norm taken as 0, so every clip factor is 1."""
-    return _weighted_sums(self, uses, instantiated, torch.zeros_like(norms))
-
-
-def _every_record(self):
-    return (torch.arange(self.num_examples) for _ in range(self.steps))
-
-
-BREAKAGES = {
-    "noise off": (step_module, "add_gaussian_noise_", _no_noise),
-    "clipping bypassed": (PerExampleClipper, "_weighted_sums", _unclipped),
-    "every record in every step": (PoissonSampler, "__iter__", _every_record),
-    "noise 4x too small": (step_module, "add_gaussian_noise_", _quarter_noise),
-}
-
-
-@contextmanager
-def broken(name: str | None):
-    """Within the block, the engine part named by ``name`` (a key of BREAKAGES) is broken; None: intact."""
-    if name is None:
-        yield
-        return
-    target, attribute, replacement = BREAKAGES[name]
-    with mock.patch.object(target, attribute, replacement):
-        yield
 
 
 def measure(seeds: int, config: AuditConfig = AuditConfig()) -> list[dict]:

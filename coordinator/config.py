@@ -41,6 +41,9 @@ SuperLink's, so every path it uses is absolute)::
     poll_interval = 0.1  # how often the ServerApp pulls replies (Flower's send_and_receive: 3 s)
     short_waits = true   # re-pull a reply whose objects lag its header after 50 ms (Flower: 1 s, doubling)
 
+    [audit]              # optional: this run is an empirical privacy audit (coordinator.canary_audit)
+    parameter = "audit.weight"   # the audit block of the global model; only audit daemons train such runs
+
 This module imports neither torch nor flwr.
 """
 
@@ -81,6 +84,17 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """``[audit]``: the run is a federated audit; ``parameter`` names the audit block the holders' canaries own."""
+
+    parameter: str = "audit.weight"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.parameter, str) or not self.parameter:
+            raise InvalidInputError(f"parameter must be a non-empty string, got {self.parameter!r}")
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     path: Path
     name: str
@@ -93,6 +107,7 @@ class FederationConfig:
     output_dir: Path
     model: ModelConfig
     timeouts: Timeouts
+    audit: AuditSettings | None = None
 
 
 def load_federation_config(path: str | os.PathLike) -> FederationConfig:
@@ -125,6 +140,7 @@ def load_federation_config(path: str | os.PathLike) -> FederationConfig:
         output_dir=resolve(base, required(coordinator, "output_dir", "coordinator", path)),
         model=model_config,
         timeouts=timeouts,
+        audit=_build(AuditSettings, dict(table(document, "audit", path)), "audit", path) if "audit" in document else None,
     )
 
 

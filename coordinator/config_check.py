@@ -24,11 +24,11 @@ from accountant.config_check import (
 )
 from accountant.errors import EwtuneError
 from accountant.tomlfiles import read_toml
-from coordinator.config import ModelConfig, Timeouts, load_federation_config
+from coordinator.config import AuditSettings, ModelConfig, Timeouts, load_federation_config
 from coordinator.planner import FederationSettings
 
 TABLES = ("federation", "coordinator", "model")
-OPTIONAL_TABLES = ("timeouts",)
+OPTIONAL_TABLES = ("timeouts", "audit")
 COORDINATOR_KEYS = ("id", "ledger", "signing_key", "registry", "output_dir")
 VALID_SETTINGS = {"rounds": 1, "local_steps": 1, "expected_batch_size": 1.0, "clip_norm": 1.0, "learning_rate": 1.0,
                   "target_epsilon": 1.0, "delta": 1e-6}
@@ -57,6 +57,8 @@ def check_federation_config(path: str | os.PathLike) -> Problems:
     check_dataclass_table(ModelConfig, model, "model", problems, base={"initial_weights": ""})
     check_readable_file(model, "model", "initial_weights", base, problems)
     check_directory(model, "model", "base_model_dir", base, problems, must_contain="config.json")
+    if "audit" in document:
+        check_dataclass_table(AuditSettings, section(document, "audit"), "audit", problems)
     timeouts = section(document, "timeouts")
     check_dataclass_table(Timeouts, timeouts, "timeouts", problems)
     _check_timeouts(timeouts, problems)

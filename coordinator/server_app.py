@@ -23,6 +23,11 @@ Holders' train replies carry no training time (it would leak the Poisson batch s
 ``slowest_train_seconds`` and ``overhead_seconds`` of the status are None; ``ewtune bench federation``
 derives them from the holders' ledgers.
 
+A run with ``[audit]`` in federation.toml is an empirical privacy audit (:mod:`coordinator.canary_audit`): its
+plans say ``purpose = "audit"`` (only audit daemons train them), each update received is observed on the audit
+block before aggregation, and after the last round the coordinator scores the canaries, asks each holder to
+reveal its own, and records the lower bounds per holder and pooled in its ledger (an ``audit`` entry).
+
 A federation killed at any point and started again resumes from its last committed round
 (:mod:`coordinator.recovery`: the run record and the inbox of received updates in ``output_dir``).
 
@@ -46,13 +51,15 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from accountant.certified import certified_epsilon
 from accountant.errors import InvalidInputError
 from accountant.events import total_steps
-from accountant.ledger import Ledger, Policy
+from accountant.ledger import AUDIT_PURPOSE, Ledger, Policy
 from accountant.rdp import RdpAccountant
 from accountant.signing import SigningKey
 from accountant.spend import check_within
 from coordinator.aggregation import capped_shares, check_update, check_update_norm, default_update_norm_bound, weighted_average
+from coordinator.canary_audit import VIEW, Canaries, CanaryObserver, audit_bounds, scores_digest, secure_tie_break
 from coordinator.checkpoints import checkpoint_path, load_weights, round_checkpoint, save_peft_adapter, save_weights
 from coordinator.config import FederationConfig, load_federation_config
 from coordinator.crash_points import reach
@@ -75,14 +82,17 @@ from coordinator.registry import Registry
 from federation.apps import RUN_CONFIG_KEY
 from federation.flower_internals import shorten_serverapp_object_backoff
 from federation.messages import (
+    CANARIES,
     CONFIG,
     DESCRIPTION,
     EVALUATE,
     EVALUATION,
     EVALUATION_REFUSED,
     METRICS,
+    PURPOSE,
     RECEIPT,
     RECEIPT_DOCUMENT,
+    REVEAL,
     weight_records,
     weights_of,
 )
@@ -139,6 +149,7 @@ class Federation:
         self.rdp_accountant = RdpAccountant()  # the status's RDP figures, its curves kept across rounds
         self.record: RunRecord | None = None
         self.inbox = Inbox(config.output_dir)
+        self.canaries = CanaryObserver(config.audit.parameter) if config.audit is not None else None
         self.earlier_status = _read_status(config.output_dir)  # before this run rewrites it: a resumed run carries it over
 
     # -- the run -------------------------------------------------------------------------------------------
@@ -203,6 +214,8 @@ class Federation:
         completed = self.status["rounds_completed"]
         if config.model.evaluate != "never" and self._active():
             self._evaluate(completed, weights)
+        if self.canaries is not None:
+            self._audit()
         self._finish(weights)
 
     def _wait_for_nodes(self) -> dict[int, bytes]:
@@ -360,6 +373,9 @@ class Federation:
                 continue
             state.rounds_committed += 1
             committed.append((holder_id, update))
+            if self.canaries is not None:  # what this holder released, as received, before aggregation
+                self.canaries.observe(holder_id, update, weights, state.plan.sampling_rate, state.plan.holder.dataset_size,
+                                      settings.learning_rate, settings.clip_norm)
             outcomes[holder_id] = {"status": "committed", "steps": total_steps(receipt.event), "update_norm": norm, "metrics": metrics}
             reach(f"committed:{round}:{len(committed)}")
         if committed:
@@ -480,6 +496,8 @@ class Federation:
         }
         if state.plan.holder.model_id:
             plan["model_id"] = state.plan.holder.model_id
+        if self.canaries is not None:
+            plan[PURPOSE] = AUDIT_PURPOSE
         content = RecordDict({**arrays, CONFIG: ConfigRecord(plan)})
         if evaluated_round is not None:
             content[EVALUATE] = ConfigRecord({"run_id": self.run_id, "round": evaluated_round})
@@ -556,6 +574,59 @@ class Federation:
         if "accuracy" in metrics:
             state.accuracy[round] = metrics["accuracy"]
         _log(f"holder {holder_id}: global model after round {round}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+
+    # -- an audit run -------------------------------------------------------------------------------------
+
+    def _audit(self) -> None:
+        """Score every observed holder's canaries, fix the scores, ask for the reveals, and record the bounds
+        (:mod:`coordinator.canary_audit`); a failure is stated in the status and changes nothing else."""
+        self.status["audit"] = audit = {"view": VIEW, "parameter": self.canaries.parameter}
+        try:
+            if len(self.record.segments) > 1:
+                raise InvalidInputError("a resumed audit run is not scored (its canaries' rounds span several runs)")
+            self._score_and_reveal(audit)
+        except Exception as failure:  # noqa: BLE001 - the run's training is done; the audit says why it has no bound
+            audit.update(state="failed", reason=_reason(failure))
+            _log(f"audit not scored: {_reason(failure)}")
+
+    def _score_and_reveal(self, audit: dict[str, Any]) -> None:
+        settings, observed = self.config.settings, self.canaries.observations
+        plans = {holder_id: self.holders[holder_id].plan for holder_id in observed}
+        scores = {h: self.canaries.scores(h, p.sampling_rate, p.noise_multiplier, settings.local_steps) for h, p in plans.items()}
+        digest = scores_digest(scores)
+        tie_break = secure_tie_break(len(next(iter(scores.values()))))
+        np.savez(self.config.output_dir / "audit-scores.npz", **{f"scores:{h}": s for h, s in scores.items()},
+                 **{f"observations:{h}": np.stack(o) for h, o in observed.items()})
+        _log(f"audit: {len(scores)} holder(s) scored, scores SHA-256 {digest}; asking for the reveals")
+        messages = {
+            holder_id: Message(RecordDict({REVEAL: ConfigRecord({"run_id": self.run_id, "scores_sha256": digest})}),
+                               plan.holder.node_id, MessageType.QUERY, ttl=self.config.timeouts.query + 30)
+            for holder_id, plan in plans.items()
+        }
+        replies = exchange(self.grid, list(messages.values()), self.config.timeouts.query, self.config.timeouts.poll_interval)
+        block = len(tie_break)
+        revealed = {holder_id: Canaries.from_reveal(holder_id, _reveal(replies.get(m.metadata.message_id)), block)
+                    for holder_id, m in messages.items()}
+        holders, pooled = audit_bounds(scores, revealed, settings.delta, tie_break)
+        np.savez(self.config.output_dir / "audit-canaries.npz", tie_break=tie_break,
+                 **{f"included:{h}": c.included for h, c in revealed.items()}, **{f"first:{h}": c.first for h, c in revealed.items()})
+        seq = self.ledger.record_audit(
+            self.run_id, {h: b.to_json() for h, b in holders.items()}, pooled.to_json(),
+            facts={"view": VIEW, "parameter": self.canaries.parameter, "scores_sha256": digest},
+        )
+        certified = {
+            holder_id: certified_epsilon(plans[holder_id].round_event(settings.local_steps * len(observed[holder_id])), settings.delta)
+            for holder_id in holders
+        }
+        audit.update(
+            state="scored", ledger_seq=seq, scores_sha256=digest,
+            holders={h: {**holders[h].to_json(), "epsilon_certified_run": certified[h], "rounds_observed": len(observed[h]),
+                         "engine_broken_on_purpose": revealed[h].breakage or None} for h in holders},
+            pooled={**pooled.to_json(), "epsilon_certified_run": max(certified.values())},
+        )
+        audit["passed"] = pooled.epsilon <= max(certified.values()) and all(holders[h].epsilon <= certified[h] for h in holders)
+        _log("audit: lower bound " + ", ".join(f"{h} {b.epsilon:.3f} (certified {certified[h]:.3f})" for h, b in holders.items())
+             + f"; pooled {pooled.epsilon:.3f}" + ("" if audit["passed"] else "  AUDIT ALARM: above the certified epsilon"))
 
     # -- book-keeping --------------------------------------------------------------------------------------
 
@@ -652,6 +723,16 @@ def _description(node: int, reply: Message | None) -> HolderDescription:
     if DESCRIPTION not in reply.content or not isinstance(reply.content[DESCRIPTION], ConfigRecord):
         raise InvalidInputError("query reply lacks the ConfigRecord 'description'")
     return HolderDescription.from_mapping(node, dict(reply.content[DESCRIPTION]))
+
+
+def _reveal(reply: Message | None) -> dict[str, Any]:
+    if reply is None:
+        raise InvalidInputError("a holder did not reveal its canaries within the query timeout")
+    if reply.has_error():
+        raise InvalidInputError(f"a holder refused to reveal its canaries (code {reply.error.code}): {reply.error.reason}")
+    if CANARIES not in reply.content or not isinstance(reply.content[CANARIES], ConfigRecord):
+        raise InvalidInputError("a reveal reply lacks the ConfigRecord 'canaries'")
+    return dict(reply.content[CANARIES])
 
 
 def _numeric_metrics(record: Any, what: str) -> dict[str, float]:

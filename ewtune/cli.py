@@ -20,6 +20,7 @@ _PARTS = (
     "accountant.ledger_cli",  # ewtune ledger
     "agent.cli",  # ewtune agent
     "agent.audit_cli",  # ewtune audit
+    "ewtune.audit_cli",  # ewtune audit --federated (after agent.audit_cli, whose parser it extends)
     "coordinator.cli",  # ewtune coordinator
     "ewtune.federation_cli",  # ewtune keys, ewtune demo
     "ewtune.commands",  # ewtune bench

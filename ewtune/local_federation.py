@@ -30,15 +30,17 @@ from accountant.errors import EwtuneError
 
 @dataclass(frozen=True)
 class HolderSetup:
-    """One data holder: its id, its CSV, its lifetime budget and its training settings (agent.toml)."""
+    """One data holder: its id, its CSV, its lifetime budget and its training settings (agent.toml); or, for an
+    audit daemon, no CSV and its ``[audit]`` table (agent.audit.holder.AuditHolderConfig fields)."""
 
     holder_id: str
-    data_file: Path
+    data_file: Path | None
     budget_epsilon: float = 8.0
     budget_delta: float = 1e-5
     training: dict[str, Any] = field(default_factory=dict)  # agent.training.TrainingConfig fields
     policy: dict[str, Any] = field(default_factory=dict)  # [policy] of agent.toml
     supernode: dict[str, Any] = field(default_factory=dict)  # more [supernode] settings of agent.toml (isolation)
+    audit: dict[str, Any] | None = None  # [audit] of an audit daemon, which has no [training]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class FederationJob:
     federation: dict[str, Any]
     model: dict[str, Any]
     timeouts: dict[str, Any] = field(default_factory=dict)
+    audit: dict[str, Any] | None = None  # [audit]: the run is an empirical privacy audit (coordinator.canary_audit)
 
 
 def free_port() -> int:
@@ -192,14 +195,13 @@ class LocalFederation:
         keys = self.holder_keys[holder.holder_id]
         folder = self.work_dir / "holders" / holder.holder_id
         folder.mkdir(parents=True, exist_ok=True)
-        training = {"data_file": str(holder.data_file), **holder.training}
         document = {
             "holder": {"id": holder.holder_id},
             "budget": {"epsilon": holder.budget_epsilon, "delta": holder.budget_delta},
             "policy": dict(holder.policy),
             "ledger": {"path": str(folder / "ledger.jsonl"), "signing_key": str(keys.ledger_key)},
             "rpc": {"address": f"unix://{folder / 'agent.sock'}"},
-            "training": training,
+            **({"audit": holder.audit} if holder.audit is not None else {"training": {"data_file": str(holder.data_file), **holder.training}}),
             "supernode": {
                 "superlink": f"127.0.0.1:{self.port}",
                 "root_certificates": str(self.credentials.ca_certificate),
@@ -256,6 +258,7 @@ class LocalFederation:
             },
             "model": job.model,
             "timeouts": job.timeouts,
+            **({"audit": job.audit} if job.audit is not None else {}),
         }
         path = coordinator / f"{name}.toml"
         path.write_text(_toml(document))

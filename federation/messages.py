@@ -12,6 +12,9 @@ The exchange (Flower's Message API; every reply answers one message of the Serve
   {steps: the steps executed} and, when :data:`EVALUATE` was asked, either :data:`EVALUATION` (the
   evaluation's metrics, as below) or :data:`EVALUATION_REFUSED` {reason}. Evaluation rides inside the train
   message so that a round costs one message per holder;
+- ``query`` with :data:`REVEAL` {run_id, scores_sha256} (audit runs only, after the last round and after the
+  coordinator has fixed its canary scores) -> :data:`CANARIES` {holder_id, first, count, included: one "0"/"1"
+  per canary, breakage}: an audit daemon's canaries and inclusion bits, revealed once;
 - ``evaluate``: :data:`ARRAYS` and :data:`CONFIG` {run_id, round} -> :data:`METRICS` (accuracy, f1,
   num_examples, noise_multiplier) from a noised confusion matrix, only when the holder opts in to private
   evaluation; otherwise a refusal. Sent alone only after the last round.
@@ -41,6 +44,9 @@ METRICS = "metrics"  # MetricRecord
 EVALUATE = "evaluate"  # ConfigRecord {run_id, round} in a train message: evaluate the incoming weights first
 EVALUATION = "evaluation"  # MetricRecord in a train reply: the metrics of that evaluation
 EVALUATION_REFUSED = "evaluation_refused"  # ConfigRecord {"reason": text} in a train reply: none released
+REVEAL = "reveal"  # ConfigRecord {run_id, scores_sha256} in a query: an audit daemon's canaries, please
+CANARIES = "canaries"  # ConfigRecord: the reply to a reveal
+PURPOSE = "purpose"  # in a train message's CONFIG: accountant.ledger.AUDIT_PURPOSE for an audit run's round
 
 # Flower Error codes of the holder's replies.
 FAILED = 4000  # anything else (the reason says what)

@@ -1,0 +1,63 @@
+"""Engines broken on purpose, for the audit's power tests (noise off, clipping bypassed, every record in every
+step, noise 4x too small): each patches one real part of the agent's DP-SGD engine for the duration of a block,
+and the audit runs unchanged. Used by the tests and ``bench/audit.py`` in one process, and by an audit daemon
+whose agent.toml names one in its ``[audit]`` table (only an audit daemon, which trains synthetic records and
+whose policy allows audit runs, accepts the key: :mod:`agent.audit.holder`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from unittest import mock
+
+import torch
+
+import agent.dpsgd.step as step_module
+from accountant.errors import InvalidInputError
+from agent.dpsgd.engine import PerExampleClipper
+from agent.sampler import PoissonSampler
+
+_add_noise = step_module.add_gaussian_noise_
+_weighted_sums = PerExampleClipper._weighted_sums
+
+
+def _no_noise(grads, std, source=None):
+    return None
+
+
+def _quarter_noise(grads, std, source=None):
+    _add_noise(grads, std / 4, source)
+
+
+def _unclipped(self, uses, instantiated, norms):
+    """The engine's own weighted sum with every norm taken as 0, so every clip factor is 1."""
+    return _weighted_sums(self, uses, instantiated, torch.zeros_like(norms))
+
+
+def _every_record(self):
+    return (torch.arange(self.num_examples) for _ in range(self.steps))
+
+
+BREAKAGES = {
+    "noise off": (step_module, "add_gaussian_noise_", _no_noise),
+    "clipping bypassed": (PerExampleClipper, "_weighted_sums", _unclipped),
+    "every record in every step": (PoissonSampler, "__iter__", _every_record),
+    "noise 4x too small": (step_module, "add_gaussian_noise_", _quarter_noise),
+}
+
+
+def check_breakage(name: str | None) -> None:
+    if name is not None and name not in BREAKAGES:
+        raise InvalidInputError(f"unknown engine breakage {name!r}: one of {', '.join(BREAKAGES)}")
+
+
+@contextmanager
+def broken(name: str | None):
+    """Within the block, the engine part named by ``name`` (a key of BREAKAGES) is broken; None: intact."""
+    check_breakage(name)
+    if name is None:
+        yield
+        return
+    target, attribute, replacement = BREAKAGES[name]
+    with mock.patch.object(target, attribute, replacement):
+        yield

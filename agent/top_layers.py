@@ -58,13 +58,30 @@ class TopLayers(nn.Module):
         self.model = model
         self.layers = [encoder_layers(model)[index] for index in top_layer_indices(model, count)]
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> SequenceClassifierOutput:
+    def embed(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The pooled sentence embedding [B, H]."""
         from transformers.masking_utils import create_bidirectional_mask
 
         mask = create_bidirectional_mask(config=self.model.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
         for layer in self.layers:
             hidden_states = layer(hidden_states, mask)
-        return SequenceClassifierOutput(logits=self.model.classifier(pool(hidden_states, attention_mask, self.model.pooling)))
+        return pool(hidden_states, attention_mask, self.model.pooling)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> SequenceClassifierOutput:
+        return SequenceClassifierOutput(logits=self.model.classifier(self.embed(hidden_states, attention_mask)))
+
+    @torch.no_grad()
+    def embed_cached(self, records: list[torch.Tensor], batch_size: int = 64) -> torch.Tensor:
+        """The pooled embedding of every cached record, in order, in eval mode (as
+        :func:`agent.heads.embed_examples` computes it through the whole encoder); the mode is restored."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            starts = range(0, len(records), batch_size)
+            return torch.cat([self.embed(**hidden_batch(records, None, range(start, min(start + batch_size, len(records)))))
+                              for start in starts])
+        finally:
+            self.model.train(was_training)
 
 
 @torch.no_grad()
@@ -89,16 +106,16 @@ def hidden_states_below(model: PooledClassifier, count: int, examples, pad_token
     return records
 
 
-def hidden_batch(records: list[torch.Tensor], labels: torch.Tensor, indices) -> dict[str, torch.Tensor]:
-    """The cached states of the records at ``indices``, right-padded, with their attention mask and labels."""
+def hidden_batch(records: list[torch.Tensor], labels: torch.Tensor | None, indices) -> dict[str, torch.Tensor]:
+    """The cached states of the records at ``indices``, right-padded, with their attention mask (and their labels
+    when ``labels`` is given)."""
     indices = [int(i) for i in indices]
     rows = [records[i] for i in indices]
-    if not rows:
-        return {"hidden_states": records[0].new_zeros((0, 1, records[0].shape[-1])),
-                "attention_mask": torch.zeros((0, 1), dtype=torch.long), "labels": labels[:0]}
-    mask = [torch.ones(len(row), dtype=torch.long) for row in rows]
-    return {
-        "hidden_states": nn.utils.rnn.pad_sequence(rows, batch_first=True),
-        "attention_mask": nn.utils.rnn.pad_sequence(mask, batch_first=True),
-        "labels": labels[torch.as_tensor(indices, dtype=torch.int64)],
-    }
+    if rows:
+        batch = {"hidden_states": nn.utils.rnn.pad_sequence(rows, batch_first=True),
+                 "attention_mask": nn.utils.rnn.pad_sequence([torch.ones(len(row), dtype=torch.long) for row in rows], batch_first=True)}
+    else:
+        batch = {"hidden_states": records[0].new_zeros((0, 1, records[0].shape[-1])), "attention_mask": torch.zeros((0, 1), dtype=torch.long)}
+    if labels is not None:
+        batch["labels"] = labels[torch.as_tensor(indices, dtype=torch.int64)]
+    return batch

@@ -235,12 +235,16 @@ class LocalTrainer:
                 self._features = self._train_features()
             return self.model, self._feature_batch
         if self.config.tune_layers and not head_only:
-            module = TopLayers(_base(self.model), self.config.tune_layers)
-            if self._hidden is None:
-                self._hidden = hidden_states_below(module.model, self.config.tune_layers, self.data.train, self.pad_token_id,
-                                                   max(self.config.physical_batch_size, 64))
-            return module, self._hidden_batch
+            return self._top_layers(), self._hidden_batch
         return self.model, self.collate
+
+    def _top_layers(self) -> TopLayers:
+        """The tuned top layers and the head, with the states entering them cached."""
+        module = TopLayers(_base(self.model), self.config.tune_layers)
+        if self._hidden is None:
+            self._hidden = hidden_states_below(module.model, self.config.tune_layers, self.data.train, self.pad_token_id,
+                                               self._cache_batch)
+        return module
 
     def _train(self, plan: StepPlan, module, collate_fn, should_stop, on_step):
         """``module``: the model, or the part of it that ``collate_fn``'s batches enter (:class:`TopLayers`)."""
@@ -283,10 +287,16 @@ class LocalTrainer:
     def _embeds_sentences(self) -> bool:
         return isinstance(_base(self.model), PooledClassifier)
 
+    @property
+    def _cache_batch(self) -> int:
+        return max(self.config.physical_batch_size, 64)
+
     def _train_features(self) -> torch.Tensor:
-        """Every training record's pooled embedding, from the encoder in eval mode (no dropout)."""
-        size = max(self.config.physical_batch_size, 64)
-        return embed_examples(_base(self.model), self.data.train, self.pad_token_id, size)
+        """Every training record's pooled embedding, from the encoder in eval mode (no dropout); from the cached
+        states below the tuned layers when a tune phase will need them anyway (one encoder pass, not two)."""
+        if self.config.tune_layers:
+            return self._top_layers().embed_cached(self._hidden, self._cache_batch)
+        return embed_examples(_base(self.model), self.data.train, self.pad_token_id, self._cache_batch)
 
     def _feature_batch(self, indices) -> dict[str, torch.Tensor]:
         """The cached embeddings and the labels of the training records at ``indices``."""

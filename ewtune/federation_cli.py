@@ -38,7 +38,8 @@ def register(subparsers) -> None:
         "init",
         help="write the initial trainable parameters ([model] initial_weights of federation.toml)",
         description="Build the holders' model recipe (the same as agent.toml's [training]) and save its trainable "
-        "parameters in safetensors: LoRA factors and the classifier head, or every parameter with --mode full.",
+        "parameters in safetensors: LoRA factors and the classifier head, or every parameter with --mode full; with "
+        "--tune-layers K only the top K encoder layers' (as the holders' [training] tune_layers).",
     )
     init_weights.add_argument("output", help="the .safetensors file to write")
     init_weights.add_argument("--model-dir", required=True, help="the base model directory the holders use")
@@ -48,6 +49,8 @@ def register(subparsers) -> None:
     init_weights.add_argument("--lora-rank", type=int, default=8)
     init_weights.add_argument("--lora-alpha", type=float, default=16.0)
     init_weights.add_argument("--lora-target-modules", nargs="+", help="default: the holders' default for the model type")
+    init_weights.add_argument("--tune-layers", type=int, default=0, metavar="K",
+                              help="the holders tune only the top K encoder layers and the head (default 0: the whole model)")
     init_weights.add_argument("--seed", type=int, default=0)
     init_weights.set_defaults(func=_weights_init)
 
@@ -96,7 +99,7 @@ def _weights_init(args: argparse.Namespace) -> int:
 
     training = {
         "task": args.task, "mode": args.mode, "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
-        "lora_target_modules": args.lora_target_modules, "seed": args.seed,
+        "lora_target_modules": args.lora_target_modules, "seed": args.seed, "tune_layers": args.tune_layers,
     }
     path = initial_weights(Path(args.model_dir), Path(args.output), training, num_labels=args.num_labels)
     print(f"initial trainable weights written to {path}")

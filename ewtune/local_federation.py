@@ -92,6 +92,7 @@ def initial_weights(model_dir: Path, path: Path, training: dict[str, Any], num_l
         lora_rank=int(training.get("lora_rank", 8)),
         lora_alpha=float(training.get("lora_alpha", 16.0)),
         lora_target_modules=training.get("lora_target_modules"),
+        tune_layers=int(training.get("tune_layers", 0)),
     )
     return save_weights(path, {name: tensor.numpy() for name, tensor in models.trainable_state(model).items()})
 

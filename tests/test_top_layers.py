@@ -135,3 +135,69 @@ def test_a_private_run_trains_the_top_layers_from_the_cache_and_leaves_the_rest(
     assert changed == set(result.trainable_state)
     assert any(name.startswith("encoder.encoder.layer.2.") for name in changed)
     assert len(trainer._hidden) == trainer.dataset_size
+
+
+def test_probe_features_from_the_cache_equal_the_encoders(tiny_pooled_3layer_dir):
+    from agent.heads import embed_examples
+
+    model = models.load_model(tiny_pooled_3layer_dir, mode="lora", tune_layers=2, lora_rank=2)
+    tokenizer = models.load_tokenizer(tiny_pooled_3layer_dir)
+    examples = _examples(tokenizer)
+    base = _base(model)
+    records = hidden_states_below(base, 2, examples, tokenizer.pad_token_id)
+    model.train()
+    from_cache = TopLayers(base, 2).embed_cached(records, batch_size=3)
+    assert model.training  # the mode is restored
+    torch.testing.assert_close(from_cache, embed_examples(base, examples, tokenizer.pad_token_id), rtol=1e-5, atol=1e-6)
+
+
+def test_the_daemon_releases_only_the_top_layers_and_keeps_its_policy_checks(tiny_pooled_3layer_dir, mr_csv, tmp_path):
+    """A holder whose [training] tunes the top layer: a round trains it and the head from the cache, the update
+    released (and committed to its ledger) is those parameters, and the policy's checks (model id, names and
+    shapes, sigma floor, steps) still refuse a bad plan before anything is charged."""
+    import numpy as np
+
+    from accountant.ledger import Ledger
+    from accountant.receipts import update_digest, verify_receipt
+    from accountant.signing import SigningKey
+    from agent.daemon import Daemon
+    from agent.policy import HolderPolicy, PlanRefused
+    from agent.training import LocalTrainer, TrainingConfig
+
+    trainer = LocalTrainer(TrainingConfig(model_dir=str(tiny_pooled_3layer_dir), data_file=str(mr_csv), mode="lora", lora_rank=2,
+                                          tune_layers=1, max_length=32, max_examples=200))
+    key = SigningKey.generate()
+    ledger = Ledger.create(tmp_path / "ledger.jsonl", key, "holder0", {"budget_epsilon": 8.0, "budget_delta": 1e-5})
+    daemon = Daemon("holder0", HolderPolicy(8.0, 1e-5, max_steps_per_round=5), trainer, ledger, key)
+    weights = {name: t.numpy().copy() for name, t in trainer.trainable_state().items()}
+    assert {name.split("layer.")[1].split(".")[0] for name in weights if "layer." in name} == {"2"}
+    plan = {"run_id": "run-1", "round": 1, "steps": 3, "sampling_rate": 0.1, "noise_multiplier": 1.0, "clip_norm": 1.0,
+            "learning_rate": 0.5, "delta": 1e-5}
+    refusals = [
+        ({**weights, "encoder.encoder.layer.0.attention.self.query.lora_A.weight": np.zeros((2, 32), np.float32)}, plan, "unknown"),
+        ({name: a[..., :1] if a.ndim == 2 else a for name, a in weights.items()}, plan, "shape"),
+        (weights, {**plan, "noise_multiplier": 0.3}, "noise"),
+        (weights, {**plan, "steps": 6}, "steps"),
+        (weights, {**plan, "model_id": "another-model"}, "model"),
+    ]
+    for arrays, bad_plan, message in refusals:
+        with pytest.raises((InvalidInputError, PlanRefused), match=message):
+            daemon.train(arrays, bad_plan)
+    assert [e["kind"] for e in ledger.entries] == ["genesis"]
+    reply = daemon.train(weights, plan)
+    assert set(reply.arrays) == set(weights)
+    assert verify_receipt(reply.receipt, key.public_key_text).update_sha256 == update_digest(reply.arrays)
+    assert all(not np.array_equal(reply.arrays[name], weights[name]) for name in weights if "lora_A" in name or "classifier" in name)
+    assert [e["kind"] for e in ledger.entries] == ["genesis", "reserve", "commit"]
+    assert len(trainer._hidden) == trainer.dataset_size  # the round ran on the cached states
+
+
+def test_the_coordinators_initial_weights_are_the_holders_tuned_parameters(tiny_pooled_3layer_dir, tmp_path):
+    from coordinator.checkpoints import load_weights
+    from ewtune.cli import main
+
+    output = tmp_path / "initial.safetensors"
+    assert main(["weights", "init", str(output), "--model-dir", str(tiny_pooled_3layer_dir), "--mode", "full", "--tune-layers", "1"]) == 0
+    holders = models.load_model(tiny_pooled_3layer_dir, mode="full", tune_layers=1)
+    shapes = {name: tuple(t.shape) for name, t in models.trainable_state(holders).items()}
+    assert {name: tuple(a.shape) for name, a in load_weights(output).items()} == shapes

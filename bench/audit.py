@@ -2,6 +2,11 @@
 own code (noise off, clipping bypassed, every record in every step, noise 4x too small), over several seeds,
 next to the certified epsilon claimed. ``python -m bench.audit [--seeds N] [--json]`` (RELIABILITY.md).
 
+``--federated --runs N``: the same through real Flower processes and audit daemons on loopback
+(:mod:`ewtune.federated_audit`): per variant, N federations of ``--holders`` holders whose first holder runs the
+variant's engine (the others correct), each scored by the coordinator from the updates it receives; the
+randomness is the OS's secure source (no seeds), so runs differ.
+
 Each breakage patches one real part of the engine for the duration of a run (:func:`agent.audit.breakages.broken`), and the audit
 runs unchanged (:func:`agent.audit.run.run_audit`); the tests use the same breakages.
 """
@@ -11,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
+from pathlib import Path
 
 from agent.audit.breakages import BREAKAGES, broken
 from agent.audit.run import AuditConfig, run_audit
@@ -38,13 +45,52 @@ def measure(seeds: int, config: AuditConfig = AuditConfig()) -> list[dict]:
     return rows
 
 
+def measure_federated(runs: int, variants: list[str | None], holders: int, canaries: int, local_steps: int,
+                      work_dir: Path) -> list[dict]:
+    """Per variant: ``runs`` real federations (the first holder's engine broken as the variant says), each
+    holder's bound and the pooled one beside the certified epsilon, and each run's wall time."""
+    from ewtune.federated_audit import FederatedAuditConfig, run_federated_audit
+
+    rows = []
+    for variant in variants:
+        row = {"variant": variant or "correct engine", "first_holder": [], "other_holders": [], "pooled": [],
+               "epsilon_certified": None, "alarms": 0, "seconds": []}
+        for run in range(runs):
+            started = time.perf_counter()
+            config = FederatedAuditConfig(holders=holders, canaries=canaries, local_steps=local_steps, broken_engine=variant)
+            status = run_federated_audit(config, work_dir / f"{(variant or 'correct').replace(' ', '-')}-{run}")
+            audit = status["audit"]
+            bounds = {h: b["epsilon_lower_bound"] for h, b in audit["holders"].items()}
+            row["first_holder"].append(bounds.pop("audit-0"))
+            row["other_holders"].extend(bounds.values())
+            row["pooled"].append(audit["pooled"]["epsilon_lower_bound"])
+            row["epsilon_certified"] = audit["pooled"]["epsilon_certified_run"]
+            row["alarms"] += not audit["passed"]
+            row["seconds"].append(time.perf_counter() - started)
+        rows.append(row)
+    return rows
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} [{min(values):.2f}-{max(values):.2f}]" if values else "-"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.audit", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--holders", type=int, default=1)
     parser.add_argument("--local-steps", type=int, default=1)
+    parser.add_argument("--federated", action="store_true", help="real Flower processes and audit daemons on loopback")
+    parser.add_argument("--runs", type=int, default=3, help="with --federated: federations per variant")
+    parser.add_argument("--canaries", type=int, default=1200, help="with --federated: canaries over all holders")
+    parser.add_argument("--variants", nargs="+", default=["correct", "noise off"], help="with --federated: engines of "
+                        f"the first holder ('correct' or one of {', '.join(BREAKAGES)})")
+    parser.add_argument("--work-dir", default=None, help="with --federated: where the federations run (default: a temporary folder)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.federated:
+        _federated(args)
+        return
     rows = measure(args.seeds, AuditConfig(holders=args.holders, local_steps=args.local_steps))
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -55,6 +101,28 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{row['variant']:<28} {row['epsilon_certified']:>9.3f}  {statistics.mean(bounds):.2f} "
               f"[{min(bounds):.2f}-{max(bounds):.2f}]{'':<11} {row['exceeds_certified']}/{len(bounds)}{'':<12} "
               f"{', '.join(row['checks_failed']) or '-'}")
+
+
+def _federated(args) -> None:
+    import os
+    import tempfile
+
+    load_before = os.getloadavg()
+    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="ewtune-bench-audit-"))
+    variants = [None if name == "correct" else name for name in args.variants]
+    rows = measure_federated(args.runs, variants, args.holders, args.canaries, args.local_steps, work_dir)
+    load = {"before": load_before, "after": os.getloadavg()}
+    if args.json:
+        print(json.dumps({"rows": rows, "load_average": load, "work_dir": str(work_dir)}, indent=2))
+        return
+    print(f"{args.holders} holders x {args.canaries // args.holders} canaries, {50 // args.local_steps} rounds x "
+          f"{args.local_steps} local steps, the first holder's engine as named; load average (1, 5, 15 min) before "
+          f"{load_before[0]:.1f}, {load_before[1]:.1f}, {load_before[2]:.1f}, after {load['after'][0]:.1f}, {load['after'][1]:.1f}, {load['after'][2]:.1f}")
+    print(f"{'first holder engine':<28} {'certified':>9}  {'first holder':<18} {'other holders':<18} {'pooled':<18} alarms  wall s (median)")
+    for row in rows:
+        print(f"{row['variant']:<28} {row['epsilon_certified']:>9.3f}  {_spread(row['first_holder']):<18} "
+              f"{_spread(row['other_holders']):<18} {_spread(row['pooled']):<18} {row['alarms']}/{len(row['pooled'])}   "
+              f"{statistics.median(row['seconds']):.0f}")
 
 
 if __name__ == "__main__":

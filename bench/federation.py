@@ -20,7 +20,9 @@ overhead is what is measured), running the same plan with evaluation every round
   every Flower process ewtune starts does (:mod:`federation.processes`).
 
 The table gives medians over rounds (round 1, which pays each process's first message, is left out of the
-medians and kept in the JSON) and the ratio baseline / ewtune.
+medians and kept in the JSON) and the ratio baseline / ewtune. Beside the wall times it gives the SuperLink's CPU
+seconds per round (rounds 2 and later): the one process that serves every holder's polls and object transfers,
+whose work grows with the federation, and a figure that the machine's other load barely moves.
 """
 
 from __future__ import annotations
@@ -116,11 +118,35 @@ def _measure(work: Path, args: argparse.Namespace, holders: int, configuration: 
             timeouts={"nodes": 300, "query": 120, "round": 600, "poll_interval": configuration["poll_interval"],
                       "short_waits": configuration["short_waits"]},
         )
-        status = federation.run(job, timeout=3600)
+        meter = SuperLinkCpu(federation.processes["superlink"].pid)
+        status = federation.run(job, on_status=meter.on_status, timeout=3600)
         if status.get("state") != "finished":
             raise RuntimeError(f"the run ended {status.get('state')}: {status.get('reason')}")
         status["breakdown"] = ledger_breakdown(work, status["run_id"], names)
+        status["superlink_cpu_seconds_per_round"] = meter.per_round_after_first()
     return status
+
+
+class SuperLinkCpu:
+    """The SuperLink process's CPU time (user + system, all its threads) read at each status update, so that
+    its CPU seconds per round can be taken between the end of round 1 and the end of the last round."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.at_rounds: dict[int, float] = {}  # rounds completed -> CPU seconds then (the first reading of each)
+
+    def on_status(self, status: dict[str, Any]) -> None:
+        times = self.process.cpu_times()
+        self.at_rounds.setdefault(len(status.get("rounds", [])), times.user + times.system)
+
+    def per_round_after_first(self) -> float | None:
+        rounds = sorted(r for r in self.at_rounds if r >= 1)
+        if len(rounds) < 2:
+            return None
+        first, last = rounds[0], rounds[-1]
+        return (self.at_rounds[last] - self.at_rounds[first]) / (last - first)
 
 
 def ledger_breakdown(work: Path, run_id: str, holders) -> list[dict[str, Any]]:
@@ -204,6 +230,7 @@ def _summary(status: dict[str, Any]) -> dict[str, Any]:
         "min_overhead_seconds": min(r["overhead_seconds"] for r in steady),
         "max_overhead_seconds": max(r["overhead_seconds"] for r in steady),
         "median_aggregate_seconds": statistics.median(r["aggregate_seconds"] for r in steady),
+        "superlink_cpu_seconds_per_round": status.get("superlink_cpu_seconds_per_round"),
         **{f"median_{part}_seconds": statistics.median(row[f"{part}_seconds"] for row in steady_rows) for part in ("deliver", "train", "return")},
     }
 
@@ -228,14 +255,15 @@ def _markdown(report: dict[str, Any]) -> str:
         f"(goal <= {report['goal_seconds']:g} s). Medians over rounds 2 and later.",
         f"Load average before/after (1, 5, 15 min): {_load(before['load_average'])} / {_load(after['load_average'])} on {before['cpus']} CPUs.",
         "",
-        "| configuration | holders | median round (s) | median slowest training (s) | median overhead (s) | min-max overhead (s) | median deliver / train / return per holder, aggregate (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| configuration | holders | median round (s) | median slowest training (s) | median overhead (s) | min-max overhead (s) | median deliver / train / return per holder, aggregate (s) | SuperLink CPU per round (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for result in report["results"].values():
         lines.append(
             f"| {result['configuration']} | {result['holders']} | {result['median_round_seconds']:.2f} | {result['median_slowest_train_seconds']:.2f} | "
             f"**{result['median_overhead_seconds']:.2f}** | {result['min_overhead_seconds']:.2f}-{result['max_overhead_seconds']:.2f} | "
-            + " / ".join(f"{result[f'median_{part}_seconds']:.2f}" for part in PARTS) + " |"
+            + " / ".join(f"{result[f'median_{part}_seconds']:.2f}" for part in PARTS)
+            + f" | {_optional(result.get('superlink_cpu_seconds_per_round'))} |"
         )
     lines.append("")
     for holders, ratio in report["ratios_flower_defaults_over_ewtune"].items():
@@ -248,6 +276,10 @@ def _markdown(report: dict[str, Any]) -> str:
         "average, checkpoint). Times from the ledgers' timestamps and the coordinator's status.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _optional(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds:.2f}"
 
 
 def _load(values) -> str:

@@ -55,7 +55,7 @@ def superlink_command(ca_certificate: Path, server_certificate: Path, server_key
         if not Path(path).is_file():
             raise InvalidInputError(f"SuperLink credential {path} does not exist (run `ewtune keys init DIR`)")
     return [
-        executable("flower-superlink"),
+        sys.executable, "-m", "coordinator.superlink_main",  # flower-superlink, patient with its database's locks
         "--ssl-ca-certfile", str(ca_certificate),
         "--ssl-certfile", str(server_certificate),
         "--ssl-keyfile", str(server_key),

@@ -1,11 +1,14 @@
-"""Every use of Flower internals, in one place: the shorter waits on the message path and the warm task loop.
+"""Every use of Flower internals, in one place: the shorter waits on the message path, the warm task loop, and
+the SuperLink's patience with its own database.
 
 flwr 1.42 pays fixed sleeps on every round's path, none of which a flag or variable sets:
 
 - the SuperNode only pulls; a pull that finds nothing sleeps 3 s (``start_client_internal``'s main loop), and
   waiting for the ClientApp's reply and its objects it sleeps 0.5 s at a time;
 - a reply's header reaches the ServerApp before its objects, and ``pull_objects`` then backs off 1 s, doubling;
-- ``flwr-clientapp`` serves one message and exits, so every message pays a fresh process and flwr's imports.
+- ``flwr-clientapp`` serves one message and exits, so every message pays a fresh process and flwr's imports;
+- the SuperLink's SQLite waits 5 s for a lock (``busy_timeout``), then fails the request (see
+  :func:`patient_superlink_database`).
 
 This module rebinds module attributes of the pinned flwr at process start (nothing of Flower is copied or
 forked) and runs the ClientApp task loop against the SuperNode's Runtime API (``--isolation process``) in a
@@ -44,12 +47,17 @@ REQUIRED_INTERNALS: dict[str, tuple[str, ...]] = {
     "flwr.supercore.run": ("RunNotRunningException",),
     "flwr.common.constant": ("ErrorCode", "SubStatus"),
     "flwr.supernode.cli": ("flower_supernode",),
+    "flwr.supercore.sql_mixin": ("SQLITE_PRAGMAS", "_set_sqlite_pragmas"),
+    "flwr.superlink.cli": ("flower_superlink",),
 }
 
-FAST_POLL_S = 0.2  # the SuperNode's pull interval while a run is active (flwr: 3 s always)
+FAST_POLL_S = 0.1  # the SuperNode's first pull interval after a message (flwr: 3 s always) ...
+POLL_GROWTH = 1.5  # ... each empty pull waits this much longer than the one before ...
+SLOW_POLL_S = 1.0  # ... up to this, while the run is active
 REPLY_WAIT_S = 0.02  # the SuperNode's wait for a reply or an object (flwr: 0.5 s)
 ACTIVE_WINDOW_S = 120.0  # a node that saw a message within this window polls fast; afterwards as flwr does
 OBJECT_BACKOFF_S, OBJECT_BACKOFF_CAP_S = 0.05, 0.5  # pull_objects' first retry and cap (flwr: 1 s and 10 s)
+SUPERLINK_BUSY_TIMEOUT_MS = 120_000  # how long the SuperLink's SQLite waits for a lock (flwr: 5000)
 
 
 class FlowerInternalsError(EwtuneError):
@@ -75,29 +83,47 @@ def check_flower_internals(version: str | None = None) -> None:
 
 class ActivePolling:
     """Stands in for the ``time`` module inside flwr's ``start_client_internal``, whose only use of it is
-    ``time.sleep``: the idle pull's 3 s becomes :data:`FAST_POLL_S` within :data:`ACTIVE_WINDOW_S` of the
-    last message (and stays 3 s on an idle node), and the 0.5 s reply and object waits become
-    :data:`REPLY_WAIT_S`. Every other attribute is the real ``time`` module's."""
+    ``time.sleep``. Within :data:`ACTIVE_WINDOW_S` of the last message, the idle pull's 3 s becomes a backoff:
+    :data:`FAST_POLL_S` after a message, each empty pull :data:`POLL_GROWTH` times longer than the one before,
+    up to :data:`SLOW_POLL_S`; an idle node polls every 3 s as flwr does. The 0.5 s reply and object waits
+    become :data:`REPLY_WAIT_S`. Every other attribute is the real ``time`` module's.
+
+    Why a backoff and not one short interval: every pull of every holder is a signed TLS request that the one
+    SuperLink serves, and most pulls of a round find nothing (a holder that has replied waits for the slowest
+    holder and the aggregation). At a fixed 0.2 s, ten holders sent the SuperLink 50 pulls a second whatever
+    the round's length; with the backoff a holder pulls often just after its reply, when the next message may
+    come soon (it was the slowest), and about once a second in a long wait, so the pulls per round grow with
+    the log of the round's length, not with it, and the delay added to a message is at most about half the
+    time already waited (never more than :data:`SLOW_POLL_S`)."""
 
     IDLE_SLEEP_S = 3  # the value flwr 1.42 passes for its idle pull
 
-    def __init__(self, fast_poll: float = FAST_POLL_S, reply_wait: float = REPLY_WAIT_S, active_window: float = ACTIVE_WINDOW_S):
+    def __init__(self, fast_poll: float = FAST_POLL_S, reply_wait: float = REPLY_WAIT_S, active_window: float = ACTIVE_WINDOW_S,
+                 growth: float = POLL_GROWTH, slow_poll: float = SLOW_POLL_S):
         self.fast_poll, self.reply_wait, self.active_window = fast_poll, reply_wait, active_window
+        self.growth, self.slow_poll = growth, slow_poll
         self.last_message = float("-inf")
+        self.empty_pulls = 0  # idle sleeps since the last message
         self.arrived = threading.Event()  # set when a message was stored: wakes the task loop (WarmTaskLoop)
 
     def message_seen(self) -> None:
         self.last_message = time.monotonic()
+        self.empty_pulls = 0
         self.arrived.set()
 
     def interval(self, requested: float) -> float:
-        if requested >= self.IDLE_SLEEP_S:
-            active = time.monotonic() - self.last_message < self.active_window
-            return self.fast_poll if active else requested
-        return min(requested, self.reply_wait)
+        """What a ``time.sleep(requested)`` of the SuperNode sleeps now."""
+        if requested < self.IDLE_SLEEP_S:
+            return min(requested, self.reply_wait)
+        if time.monotonic() - self.last_message >= self.active_window:
+            return requested
+        return min(self.slow_poll, self.fast_poll * self.growth ** min(self.empty_pulls, 64))  # no overflow on a long wait
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(self.interval(seconds))
+        interval = self.interval(seconds)
+        if seconds >= self.IDLE_SLEEP_S:
+            self.empty_pulls += 1
+        time.sleep(interval)
 
     def __getattr__(self, name: str):
         return getattr(time, name)
@@ -122,6 +148,21 @@ def shorten_supernode_waits(polling: ActivePolling | None = None) -> ActivePolli
     node._pull_and_store_message = pull_and_store_noting_activity
     node.pull_objects = _releasing_ended_runs(_short_backoff(node.pull_objects))
     return polling
+
+
+def patient_superlink_database(busy_timeout_ms: int = SUPERLINK_BUSY_TIMEOUT_MS) -> None:
+    """Let the SuperLink's SQLite wait ``busy_timeout_ms`` for a lock (call before flwr's ``flower_superlink``).
+
+    With flwr's 5 s, twenty holders on 2 busy cores (load average above 20) made a write wait longer: the
+    SuperLink answered one SuperNode's ``push-object`` (its train reply) and another's ``pull-object`` (its train
+    message) with HTTP 500 "database is locked", flwr 1.42's SuperNode retries neither, and both messages were
+    lost (RELIABILITY.md, "Load"). ``sql_mixin`` reads the pragma list it imported on every new connection."""
+    check_flower_internals()
+    from flwr.supercore import sql_mixin
+
+    sql_mixin.SQLITE_PRAGMAS = tuple(
+        (name, str(int(busy_timeout_ms)) if name == "busy_timeout" else value) for name, value in sql_mixin.SQLITE_PRAGMAS
+    )
 
 
 class RunEndedWhileReceiving(Exception):

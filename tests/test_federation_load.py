@@ -1,13 +1,19 @@
-"""Load at the coordinator: twenty holders for six rounds through the real ServerApp round logic (the
-fake Grid of ``tests/test_server_app.py``, in process: no Flower transport). Every train message is
-answered and every reply is accounted (no lost message), the coordinator's ledger verifies and holds one
-commit per holder and round, and the process's resident memory stays flat from round to round.
+"""Load at the coordinator, twenty holders, both slow (``scripts/test --slow tests/test_federation_load.py``):
 
-The same load over real Flower processes on loopback is not automated yet (RELIABILITY.md says why)."""
+- six rounds through the real ServerApp round logic with the fake Grid of ``tests/test_server_app.py`` (in
+  process, no Flower transport): every train message is answered and every reply accounted (no lost message),
+  the coordinator's ledger verifies and holds one commit per holder and round, and the process's resident
+  memory stays flat from round to round;
+- the same over real Flower processes on 127.0.0.1: a TLS SuperLink, twenty agent daemons (a tiny random BERT
+  with LoRA, each on its share of 4000 MR sentences) each with its warm SuperNode, the ServerApp: every round
+  commits all twenty updates, every ledger verifies and the holders' ledgers cross-check with the
+  coordinator's, and the resident memory of the SuperLink, the ServerApp and a daemon, sampled as each round
+  completes, stays flat from the second round on."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -19,10 +25,12 @@ from accountant.verify import verify_ledger
 from coordinator.checkpoints import load_weights
 
 HOLDERS, ROUNDS = 20, 6
+REAL_ROUNDS = 5
+FLAT = 16 * 2**20  # a process's resident memory may grow by less than this from round 2 to the last
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
+def _resident_bytes(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -69,3 +77,59 @@ def test_twenty_holders_six_rounds_lose_nothing_and_memory_stays_flat(tmp_path, 
     # imports, the accountant's caches; measured 131 MB, then 160.6 to 161.3 MB over rounds 2 to 6).
     warm = grid.resident[-(ROUNDS - 1):]
     assert max(warm) - warm[0] < 8 * 2**20, warm  # flat: grows by less than 8 MiB over five rounds
+
+
+@pytest.mark.slow  # about 10 minutes on 2 busy cores
+def test_twenty_holders_over_real_flower_processes_lose_nothing_and_memory_stays_flat(tiny_bert_dir, tmp_path):
+    from test_coordinator_crash import _serverapps
+    from tiny_federation import mr_holders, verified_ledgers
+
+    from accountant.crosscheck import cross_check, read_entries
+    from agent.assets import write_mr_csv
+    from ewtune.local_federation import FederationJob, LocalFederation
+
+    mr_csv = write_mr_csv(tmp_path / "mr.csv", max_rows=4000, seed=0)
+    holders, initial = mr_holders(tiny_bert_dir, mr_csv, tmp_path, {f"h{index:02d}": 8.0 for index in range(HOLDERS)})
+    job = FederationJob(
+        federation={
+            "name": "load", "rounds": REAL_ROUNDS, "local_steps": 2, "expected_batch_size": 16, "clip_norm": 1.0,
+            "learning_rate": 0.01, "target_epsilon": 4.0, "delta": 1e-5, "min_holders": HOLDERS, "expected_holders": HOLDERS,
+        },
+        model={"initial_weights": str(initial), "base_model_dir": str(tiny_bert_dir), "mode": "lora", "lora_alpha": 16.0,
+               "evaluate": "never"},
+        timeouts={"nodes": 900, "query": 600, "round": 600},
+    )
+    samples: dict[int, dict[str, int]] = {}  # rounds completed -> resident bytes of each process
+
+    with LocalFederation(tmp_path, holders) as federation:
+        federation.start()
+        federation.wait_for_daemons(timeout=900)
+        watched = {"superlink": federation.processes["superlink"].pid, "daemon": federation.processes["agent:h00"].pid}
+
+        def sample(status: dict) -> None:
+            completed = status.get("rounds_completed", 0)
+            if completed and completed not in samples:
+                serverapps = _serverapps(watched["superlink"])
+                samples[completed] = {name: _resident_bytes(pid) for name, pid in
+                                      {**watched, **({"serverapp": serverapps[0]} if serverapps else {})}.items()}
+
+        started = time.monotonic()
+        status = federation.run(job, on_status=sample, timeout=3000)
+        wall = time.monotonic() - started
+    print(f"20 holders, {REAL_ROUNDS} rounds in {wall:.0f} s; load average {os.getloadavg()}; resident MiB per round: "
+          + "; ".join(f"{r}: " + ", ".join(f"{n} {b / 2**20:.1f}" for n, b in sorted(p.items())) for r, p in sorted(samples.items())))
+    assert status["state"] == "finished" and status["rounds_completed"] == REAL_ROUNDS, status.get("reason")
+    for record in status["rounds"]:  # no lost message: every holder's reply arrived, verified and aggregated
+        assert sorted(record["holders"]) == sorted(h.holder_id for h in holders)
+        assert all(outcome["status"] == "committed" for outcome in record["holders"].values()), record
+    report, _, holder_entries = verified_ledgers(tmp_path, federation.credentials)
+    coordinator = read_entries(tmp_path / "coordinator" / "ledger.jsonl")
+    assert sum(entry["kind"] == "commit" for entry in coordinator) == HOLDERS * REAL_ROUNDS
+    assert not any(entry["kind"] == "abort" for entry in coordinator)
+    check = cross_check(coordinator, holder_entries)  # no ledger divergence
+    assert check.ok, check.mismatches
+    assert check.matched == HOLDERS * REAL_ROUNDS and not check.not_aggregated
+    assert sorted(samples) == list(range(1, REAL_ROUNDS + 1))
+    for name in ("superlink", "serverapp", "daemon"):
+        warm = [samples[r][name] for r in range(2, REAL_ROUNDS + 1)]
+        assert max(warm) - warm[0] < FLAT, (name, warm)

@@ -1,5 +1,6 @@
 """The one module that touches Flower internals (federation/flower_internals.py): it refuses a flwr that is not
-the pinned one or lacks a name it patches, and its waits are short only while a run is active."""
+the pinned one or lacks a name it patches, its waits are short only while a run is active, and the SuperLink's
+database waits long for a lock."""
 
 import functools
 
@@ -11,6 +12,7 @@ from federation.flower_internals import (
     FlowerInternalsError,
     RunEndedWhileReceiving,
     check_flower_internals,
+    patient_superlink_database,
     shorten_serverapp_object_backoff,
     shorten_supernode_waits,
 )
@@ -41,18 +43,29 @@ def test_a_missing_internal_module_is_refused(monkeypatch):
         check_flower_internals()
 
 
-def test_polling_is_fast_only_within_the_active_window(monkeypatch):
+def test_polling_backs_off_within_the_active_window_and_is_flwrs_outside_it(monkeypatch):
     now = [1000.0]
+    slept = []
     monkeypatch.setattr(flower_internals.time, "monotonic", lambda: now[0])
-    polling = ActivePolling(fast_poll=0.1, reply_wait=0.02, active_window=120.0)
+    monkeypatch.setattr(flower_internals.time, "sleep", slept.append)
+    polling = ActivePolling(fast_poll=0.1, reply_wait=0.02, active_window=120.0, growth=2.0, slow_poll=0.5)
     assert polling.interval(3) == 3  # an idle node polls as flwr does
     assert not polling.arrived.is_set()
     polling.message_seen()
     assert polling.arrived.is_set()  # the task loop is woken
-    assert polling.interval(3) == 0.1  # a run is active: poll fast
-    assert polling.interval(0.5) == 0.02  # waits for a reply or an object are short
+    for _ in range(5):
+        polling.sleep(3)  # empty pulls after the message
+    assert slept == [0.1, 0.2, 0.4, 0.5, 0.5]  # fast first, doubling, capped
+    polling.sleep(0.5)
+    assert slept[-1] == 0.02  # waits for a reply or an object are short, and are not empty pulls
+    assert polling.interval(3) == 0.5
+    polling.message_seen()
+    assert polling.interval(3) == 0.1  # a new message starts the backoff again
     now[0] += 121.0
     assert polling.interval(3) == 3  # back to flwr's interval once the run has gone quiet
+    polling.empty_pulls = 10**6  # a node idle for weeks
+    now[0] -= 121.0
+    assert polling.interval(3) == 0.5  # the backoff's power does not overflow
     assert polling.monotonic is flower_internals.time.monotonic  # any other attribute is the time module's
 
 
@@ -103,3 +116,18 @@ def test_a_message_of_a_run_that_ended_while_it_was_pulled_is_released_by_flwrs_
     assert issubclass(RunEndedWhileReceiving, Exception)
     with pytest.raises(KeyError):
         node.pull_objects(["a"], pull_object_fn=None)
+
+
+def test_the_superlinks_database_waits_two_minutes_for_a_lock_and_keeps_flwrs_other_pragmas(monkeypatch):
+    import sqlite3
+
+    from flwr.supercore import sql_mixin
+
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
+    before = dict(sql_mixin.SQLITE_PRAGMAS)
+    assert before["busy_timeout"] == "5000"  # flwr's own: the 500s of the 20-holder load test
+    patient_superlink_database()
+    connection = sqlite3.connect(":memory:")
+    sql_mixin._set_sqlite_pragmas(connection, None)  # what the SuperLink runs on each new connection
+    assert connection.execute("PRAGMA busy_timeout").fetchone()[0] == 120_000
+    assert {**before, "busy_timeout": "120000"} == dict(sql_mixin.SQLITE_PRAGMAS)

@@ -1,0 +1,21 @@
+"""``python -m coordinator.superlink_main [flower-superlink arguments]``: flwr's own SuperLink, its database
+patient with locks (:func:`federation.flower_internals.patient_superlink_database`), started by
+``ewtune coordinator start`` and the one-machine federation. Any flwr other than the pinned one is refused."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    from federation.flower_internals import patient_superlink_database
+
+    patient_superlink_database()
+    from flwr.superlink.cli import flower_superlink
+
+    sys.argv[0] = "flower-superlink"
+    flower_superlink()
+
+
+if __name__ == "__main__":
+    main()

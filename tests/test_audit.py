@@ -10,11 +10,11 @@ import torch
 
 from accountant.ledger import Ledger
 from accountant.signing import SigningKey
+from agent.audit.breakages import broken
 from agent.audit.canaries import AuditedModel, CanaryCollator, audited_loss
 from agent.audit.run import AuditConfig, FeatureClassifier, run_audit
 from agent.dpsgd.engine import PerExampleClipper
 from agent.dpsgd.losses import classification_loss
-from agent.audit.breakages import broken
 from ewtune.cli import main
 
 CERTIFIED_AT_DEFAULTS = 1.6525  # q 0.1, sigma 2, 50 steps, delta 1e-5 (the recipe of the audit notes: 1.653)

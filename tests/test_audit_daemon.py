@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from accountant.certified import certified_epsilon
 from accountant.errors import InvalidInputError
 from accountant.events import PoissonGaussianEvent
 from accountant.ledger import AUDIT_PURPOSE, Ledger
-from accountant.certified import certified_epsilon
 from accountant.signing import SigningKey
 from accountant.verify import verify_ledger
 from agent.audit.holder import AuditHolderConfig, AuditTrainer
@@ -91,7 +91,7 @@ def test_a_broken_engine_is_named_in_every_commit(tmp_path):
     daemon.close()
 
 
-def test_a_training_daemon_refuses_audit_plans_and_reveals():
+def test_a_training_daemon_refuses_audit_plans_and_reveals(tmp_path):
     from agent.daemon import Daemon
 
     class Plain:  # the trainer interface of a training daemon (no reveal); never reached past the refusals
@@ -100,19 +100,15 @@ def test_a_training_daemon_refuses_audit_plans_and_reveals():
         def trainable_state(self):
             return {}
 
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as folder:
-        key = SigningKey.generate()
-        ledger = Ledger.create(Path(folder) / "ledger.jsonl", key, HOLDER, BUDGET)
-        daemon = Daemon(HOLDER, HolderPolicy(**BUDGET, audit_runs=True), Plain(), ledger, key)
-        with pytest.raises(PlanRefused, match="not a run of purpose 'audit'"):
-            daemon.train({}, PLAN)
-        with pytest.raises(PlanRefused, match="no canaries"):
-            daemon.reveal_audit({"run_id": "audit-1"})
-        assert [entry["kind"] for entry in ledger.entries] == ["genesis"]
-        daemon.close()
+    key = SigningKey.generate()
+    ledger = Ledger.create(tmp_path / "ledger.jsonl", key, HOLDER, BUDGET)
+    daemon = Daemon(HOLDER, HolderPolicy(**BUDGET, audit_runs=True), Plain(), ledger, key)
+    with pytest.raises(PlanRefused, match="not a run of purpose 'audit'"):
+        daemon.train({}, PLAN)
+    with pytest.raises(PlanRefused, match="no canaries"):
+        daemon.reveal_audit({"run_id": "audit-1"})
+    assert [entry["kind"] for entry in ledger.entries] == ["genesis"]
+    daemon.close()
 
 
 @pytest.mark.parametrize("bad, match", [

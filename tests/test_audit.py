@@ -26,17 +26,19 @@ def _failed_checks(result) -> set[str]:
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_a_correct_engine_passes(seed):
-    result = run_audit(AuditConfig(seed=seed))
+    result = run_audit(AuditConfig(seed=seed, fdp=True))
     assert result.epsilon_certified == pytest.approx(CERTIFIED_AT_DEFAULTS, abs=1e-3)
     assert 0.0 <= result.pooled.epsilon <= result.epsilon_certified
+    assert 0.0 <= result.fdp.epsilon <= result.epsilon_certified and result.passed
     assert result.pooled.ceiling == pytest.approx(5.19, abs=0.01)
     assert _failed_checks(result) == set()
 
 
 def test_noise_switched_off_is_caught():
     with broken("noise off"):
-        result = run_audit(AuditConfig(seed=3))
+        result = run_audit(AuditConfig(seed=3, fdp=True))
     assert result.pooled.epsilon >= 3.0 and result.pooled.epsilon > result.epsilon_certified
+    assert result.fdp.epsilon >= 3.0 and not result.passed
     assert "noise_scale" in _failed_checks(result)
     # Without noise each included canary's observations count the steps that sampled it: Binomial(T m_in, q).
     holder = result.holders[0]
@@ -62,8 +64,9 @@ def test_every_record_in_every_step_is_caught():
 
 def test_noise_four_times_too_small_exceeds_the_certified_claim():
     with broken("noise 4x too small"):
-        result = run_audit(AuditConfig(seed=6))
+        result = run_audit(AuditConfig(seed=6, fdp=True))
     assert result.pooled.epsilon > result.epsilon_certified
+    assert result.fdp.epsilon > result.epsilon_certified
     assert "noise_scale" in _failed_checks(result)
 
 

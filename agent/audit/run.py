@@ -34,6 +34,7 @@ from accountant.certified import certified_epsilon
 from accountant.edgeworth import edgeworth_epsilon
 from accountant.errors import InvalidInputError
 from accountant.events import PoissonGaussianEvent
+from accountant.fdp_one_run import FdpBound, fdp_bound
 from accountant.sampling import executable_sampling_rate
 from accountant.one_run_audit import DEFAULT_CONFIDENCE, OneRunBound, one_run_bound
 from agent import models
@@ -67,6 +68,7 @@ class AuditConfig:
     local_steps: int = 1  # steps per release (a federated round)
     confidence: float = DEFAULT_CONFIDENCE
     seed: int | None = None  # None: the OS's secure source; an integer: seeded, predictable (tests only)
+    fdp: bool = False  # also the f-DP one-run figure (accountant.fdp_one_run; about 10 s for its curves)
 
     def __post_init__(self) -> None:
         for name in ("canaries", "steps", "records", "features", "holders", "local_steps"):
@@ -110,6 +112,13 @@ class AuditRun:
     pooled: OneRunBound
     randomness: str
     seconds: float = field(default=0.0)
+    fdp: FdpBound | None = None  # the f-DP figure over the pooled canaries, when asked for
+
+    @property
+    def passed(self) -> bool:
+        """Nothing found: every lower bound at most the certified epsilon, every check passed."""
+        bounds = [self.pooled.epsilon] + ([self.fdp.epsilon] if self.fdp is not None else [])
+        return max(bounds) <= self.epsilon_certified and self.checks_ok
 
     @property
     def checks_ok(self) -> bool:
@@ -128,6 +137,7 @@ class AuditRun:
                 for h in self.holders
             ],
             "checks_ok": self.checks_ok,
+            **({"fdp": self.fdp.to_json()} if self.fdp is not None else {}),
             "randomness": self.randomness,
             "seconds": self.seconds,
         }
@@ -239,13 +249,10 @@ def run_audit(config: AuditConfig) -> AuditRun:
         states = [holder.release(state) for holder in holders]
         state = {name: sum(w * s[name] for w, s in zip(weights, states)) / sum(weights) for name in state}
     audits = tuple(holder.audit(config, epsilon_certified) for holder in holders)
-    pooled = one_run_bound(
-        np.concatenate([a.scores for a in audits]),
-        np.concatenate([a.included for a in audits]),
-        config.delta,
-        np.concatenate([holder.tie_break for holder in holders]),
-        config.confidence,
-    )
+    scores, included = np.concatenate([a.scores for a in audits]), np.concatenate([a.included for a in audits])
+    tie_break = np.concatenate([holder.tie_break for holder in holders])
+    pooled = one_run_bound(scores, included, config.delta, tie_break, config.confidence)
+    fdp = fdp_bound(scores, included, tie_break, config.sampling_rate, config.steps, config.delta, config.confidence) if config.fdp else None
     return AuditRun(
         config=config,
         epsilon_certified=epsilon_certified,
@@ -254,6 +261,7 @@ def run_audit(config: AuditConfig) -> AuditRun:
         pooled=pooled,
         randomness=holders[0].engine.noise_source.name,
         seconds=time.perf_counter() - started,
+        fdp=fdp,
     )
 
 

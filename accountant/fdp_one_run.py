@@ -1,0 +1,129 @@
+"""The f-DP one-run audit (Mahloujifar, Melis, Chaudhuri 2025, "Auditing f-Differential Privacy in One Run",
+ICML 2025, Algorithm 3): a second figure beside Steinke et al.'s bound (:mod:`accountant.one_run_audit`), from
+the same canaries, scores and guess grid. No torch.
+
+The null hypotheses are DP-SGD mechanisms themselves: "with respect to each canary, the run is at least as
+private as DP-SGD(q, T, sigma')", for sigma' on a grid fixed in advance (:data:`SIGMA_GRID`). A mechanism that is
+(epsilon, delta(epsilon))-DP for every epsilon >= 0 lets an attacker with false-positive rate x reach a
+true-positive rate of at most
+
+    fbar(x) = min(1, min over epsilon in E of e^epsilon x + delta(epsilon)),
+
+E a grid of epsilons >= 0 (:data:`EPSILON_GRID`) and delta the certified accountant's upper bound: both can only
+make fbar larger, so the test is conservative. For one guess count, c correct of k guesses over m canaries,
+Algorithm 3 runs, from r = alpha c / m and h = alpha (k - c) / m, for i = c - 1 down to 0:
+
+    h' = max(h, fbar^-1(r)),  r = min(1, r + i / (k - i) (h' - h)),  h = h',
+
+and rejects the claim at level alpha when r + h > k / m. Each guess count of the grid is tested at
+alpha / |grid| (Bonferroni). The curves are ordered in sigma' (a larger sigma' is a stronger claim), so on a
+run whose true mechanism is DP-SGD(q, T, sigma) a claim with sigma' <= sigma is rejected with probability at
+most alpha. The figure is the certified epsilon at delta of the smallest sigma' rejected ("the run is less
+private than DP-SGD(q, T, sigma')"), 0 when none is.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from accountant.errors import InvalidInputError
+from accountant.events import PoissonGaussianEvent
+from accountant.one_run_audit import DEFAULT_CONFIDENCE, count_correct, guess_grid
+
+SIGMA_GRID = tuple(float(s) for s in np.geomspace(0.25, 16.0, 25))  # ratio 2^(1/4)
+EPSILON_GRID = tuple(float(e) for e in np.concatenate([np.arange(0.0, 2.0, 0.1), np.arange(2.0, 8.0, 0.25), np.arange(8.0, 30.0, 1.0)]))
+
+
+@dataclass(frozen=True)
+class FdpBound:
+    """``epsilon``: the certified epsilon at ``delta`` of DP-SGD(q, T, ``noise_multiplier``), the least private
+    claim of the grid that the canaries refute (0 and None when none is)."""
+
+    epsilon: float
+    noise_multiplier: float | None
+    confidence: float
+    canaries: int
+    ceiling: float  # the figure when every guess of the grid is right
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "epsilon_lower_bound": self.epsilon,
+            "refuted_noise_multiplier": self.noise_multiplier,
+            "confidence": self.confidence,
+            "canaries": self.canaries,
+            "ceiling": self.ceiling,
+            "method": "Mahloujifar-Melis-Chaudhuri 2025 f-DP one-run audit against DP-SGD(q, T, sigma') curves, "
+                      "Bonferroni over the same guess grid",
+        }
+
+
+@functools.lru_cache(maxsize=64)
+def _tpr_lines(sampling_rate: float, steps: int, noise_multiplier: float) -> tuple[np.ndarray, np.ndarray]:
+    """(slopes e^epsilon, intercepts delta(epsilon)) of the lines whose minimum is fbar for DP-SGD(q, T, sigma')."""
+    from accountant.certified import CertifiedAccountant
+
+    accountant = CertifiedAccountant()
+    event = PoissonGaussianEvent(sampling_rate, noise_multiplier, steps)
+    epsilons = np.asarray(EPSILON_GRID)
+    return np.exp(epsilons), np.array([min(1.0, accountant.delta_of(event, float(e))) for e in epsilons])
+
+
+def _fbar_inverse(lines: tuple[np.ndarray, np.ndarray], r: float) -> float:
+    """The smallest false-positive rate x in [0, 1] with fbar(x) >= r (fbar is a minimum of increasing lines)."""
+    slopes, intercepts = lines
+    return float(min(1.0, max(0.0, np.max((r - intercepts) / slopes))))
+
+
+def rejects(lines: tuple[np.ndarray, np.ndarray], canaries: int, guesses: int, correct: int, alpha: float) -> bool:
+    """Algorithm 3: whether ``correct`` of ``guesses`` right refutes the curve of ``lines`` at level ``alpha``."""
+    if correct == 0:
+        return False
+    r, h = alpha * correct / canaries, alpha * (guesses - correct) / canaries
+    for i in range(correct - 1, -1, -1):
+        h_new = max(h, _fbar_inverse(lines, r))
+        if h_new == h:
+            break
+        r, h = min(1.0, r + i / (guesses - i) * (h_new - h)), h_new
+    return r + h > guesses / canaries
+
+
+def fdp_bound(scores: Sequence[float], included: Sequence[bool], tie_break: Sequence[float], sampling_rate: float,
+              steps: int, delta: float, confidence: float = DEFAULT_CONFIDENCE) -> FdpBound:
+    """The f-DP figure (module docstring) for canaries with one score each over ``steps`` DP-SGD steps at rate q."""
+    scores, included, tie_break = np.asarray(scores, float), np.asarray(included, bool), np.asarray(tie_break, float)
+    if scores.shape != included.shape or scores.shape != tie_break.shape or scores.ndim != 1:
+        raise InvalidInputError("scores, inclusion bits and tie-breakers must be vectors of one length")
+    if not 0.0 < confidence < 1.0 or not 0.0 < delta < 1.0:
+        raise InvalidInputError("confidence and delta must be in (0, 1)")
+    canaries = len(scores)
+    grid = guess_grid(canaries)
+    alpha = (1.0 - confidence) / len(grid)
+    counts = [(k_plus + k_minus, count_correct(scores, included, k_plus, k_minus, tie_break)) for k_plus, k_minus in grid]
+    figure = _smallest_refuted(counts, canaries, alpha, sampling_rate, steps)
+    ceiling = _smallest_refuted([(k, k) for k, _ in counts], canaries, alpha, sampling_rate, steps)
+    return FdpBound(_epsilon(figure, sampling_rate, steps, delta), figure, confidence, canaries,
+                    _epsilon(ceiling, sampling_rate, steps, delta))
+
+
+def _smallest_refuted(counts, canaries: int, alpha: float, sampling_rate: float, steps: int) -> float | None:
+    """The smallest sigma' of the grid that some (guesses, correct) refutes; the scan stops at the first claim
+    not refuted, going down from the strongest (the curves are ordered)."""
+    refuted = None
+    for sigma in reversed(SIGMA_GRID):
+        lines = _tpr_lines(sampling_rate, steps, sigma)
+        if not any(rejects(lines, canaries, guesses, correct, alpha) for guesses, correct in counts):
+            break
+        refuted = sigma
+    return refuted
+
+
+def _epsilon(sigma: float | None, sampling_rate: float, steps: int, delta: float) -> float:
+    if sigma is None:
+        return 0.0
+    from accountant.certified import certified_epsilon
+
+    return float(certified_epsilon(PoissonGaussianEvent(sampling_rate, sigma, steps), delta))

@@ -65,7 +65,7 @@ class HostileNode(Node):
         if self.attack == "huge layout":  # a layout that claims 4 GB over the real few bytes
             layout = json.loads(content[LAYOUT]["json"])
             layout[0][2] = [2**30]
-            content[LAYOUT] = ConfigRecord({"json": json.dumps(layout)})
+            content[LAYOUT] = ConfigRecord({**dict(content[LAYOUT]), "json": json.dumps(layout)})  # the buffer stays
         return Message(content, reply_to=message)
 
 

@@ -7,7 +7,7 @@ from accountant.errors import InvalidInputError
 from accountant.receipts import update_digest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from federation.messages import LAYOUT, PACKED_NAME, weight_records, weights_of
+from federation.messages import BUFFER, LAYOUT, PACKED_NAME, unpack_in_place, weight_records, weights_of
 from federation.packing import pack, unpack
 
 ARRAYS = {
@@ -29,13 +29,39 @@ def test_round_trip_is_bit_exact_and_keeps_the_digest():
     assert update_digest(restored) == update_digest(ARRAYS)
 
 
-def test_records_round_trip_packed_and_plain():
-    for packed in (True, False):
-        content = RecordDict(weight_records(ARRAYS, packed))
-        assert (LAYOUT in content) == packed
-        assert len(content["arrays"]) == (1 if packed else len(ARRAYS))
-        restored = weights_of(content)
-        assert update_digest(restored) == update_digest(ARRAYS)
+def test_records_round_trip_plain_packed_inline_and_packed_beside():
+    buffer, _ = pack(ARRAYS)
+    plain = RecordDict(weight_records(ARRAYS, packed=False))
+    assert LAYOUT not in plain and len(plain["arrays"]) == len(ARRAYS)
+    inline = RecordDict(weight_records(ARRAYS, packed=True))  # small: the buffer rides inside the layout record
+    assert list(inline) == [LAYOUT] and inline[LAYOUT][BUFFER] == buffer.tobytes()
+    beside = RecordDict(weight_records(ARRAYS, packed=True, inline_limit=buffer.nbytes - 1))  # large: in an ArrayRecord
+    assert set(beside) == {LAYOUT, "arrays"} and BUFFER not in beside[LAYOUT] and list(beside["arrays"]) == [PACKED_NAME]
+    for content in (plain, inline, beside):
+        assert update_digest(weights_of(content)) == update_digest(ARRAYS)
+        assert unpack_in_place(content) == (content is not plain)
+        assert LAYOUT not in content and update_digest(weights_of(content)) == update_digest(ARRAYS)
+
+
+def test_an_inline_buffer_is_fewer_flower_objects_than_an_array_record():
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    buffer, _ = pack(ARRAYS)
+    inline = RecordDict(weight_records(ARRAYS, packed=True))
+    beside = RecordDict(weight_records(ARRAYS, packed=True, inline_limit=buffer.nbytes - 1))
+    assert len(get_all_nested_objects(inline)) == 2  # the RecordDict and the layout record
+    assert len(get_all_nested_objects(beside)) == 5  # ... and an ArrayRecord, its Array and the Array's chunk
+
+
+def test_inline_buffers_that_are_not_bytes_or_ride_twice_are_refused():
+    buffer, layout = pack(ARRAYS)
+    with pytest.raises(InvalidInputError, match="must be bytes"):
+        weights_of(RecordDict({LAYOUT: ConfigRecord({"json": layout, BUFFER: "not bytes"})}))
+    twice = RecordDict({"arrays": ArrayRecord({PACKED_NAME: Array(buffer)}), LAYOUT: ConfigRecord({"json": layout, BUFFER: buffer.tobytes()})})
+    with pytest.raises(InvalidInputError, match="not both"):
+        weights_of(twice)
+    with pytest.raises(InvalidInputError, match="too short"):
+        weights_of(RecordDict({LAYOUT: ConfigRecord({"json": layout, BUFFER: buffer.tobytes()[:-4]})}))
 
 
 def test_inconsistent_buffers_are_refused():

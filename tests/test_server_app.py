@@ -104,7 +104,7 @@ class Node:
                 layout[0][1] = "|O"
             else:
                 layout[0][2] = [-2, -2]
-            content[LAYOUT] = ConfigRecord({"json": json.dumps(layout)})
+            content[LAYOUT] = ConfigRecord({**dict(content[LAYOUT]), "json": json.dumps(layout)})  # the buffer stays
         return Message(content, reply_to=message)
 
 

@@ -24,15 +24,17 @@ from agent.audit.run import AuditConfig, run_audit
 
 
 def measure(seeds: int, config: AuditConfig = AuditConfig()) -> list[dict]:
-    """Per variant (the correct engine first): the certified epsilon claimed, the bounds of ``seeds`` seeded runs,
-    and the checks that failed."""
+    """Per variant (the correct engine first): the certified epsilon claimed, the bounds of ``seeds`` seeded runs
+    (and their f-DP figures with ``config.fdp``), and the checks that failed."""
     rows = []
     for name in (None, *BREAKAGES):
-        bounds, failed, certified = [], set(), None
+        bounds, fdp, failed, certified = [], [], set(), None
         for seed in range(1, seeds + 1):
             with broken(name):
                 result = run_audit(AuditConfig(**{**vars(config), "seed": seed}))
             bounds.append(result.pooled.epsilon)
+            if result.fdp is not None:
+                fdp.append(result.fdp.epsilon)
             failed |= {c.name for h in result.holders for c in h.checks if not c.ok}
             certified = result.epsilon_certified
         rows.append({
@@ -40,6 +42,8 @@ def measure(seeds: int, config: AuditConfig = AuditConfig()) -> list[dict]:
             "epsilon_certified": certified,
             "lower_bounds": bounds,
             "exceeds_certified": sum(bound > certified for bound in bounds),
+            "fdp_lower_bounds": fdp,
+            "fdp_exceeds_certified": sum(bound > certified for bound in fdp),
             "checks_failed": sorted(failed),
         })
     return rows
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--holders", type=int, default=1)
     parser.add_argument("--local-steps", type=int, default=1)
+    parser.add_argument("--fdp", action="store_true", help="also the f-DP one-run figure of each run")
     parser.add_argument("--federated", action="store_true", help="real Flower processes and audit daemons on loopback")
     parser.add_argument("--runs", type=int, default=3, help="with --federated: federations per variant")
     parser.add_argument("--canaries", type=int, default=1200, help="with --federated: canaries over all holders")
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.federated:
         _federated(args)
         return
-    rows = measure(args.seeds, AuditConfig(holders=args.holders, local_steps=args.local_steps))
+    rows = measure(args.seeds, AuditConfig(holders=args.holders, local_steps=args.local_steps, fdp=args.fdp))
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -100,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
         bounds = row["lower_bounds"]
         print(f"{row['variant']:<28} {row['epsilon_certified']:>9.3f}  {statistics.mean(bounds):.2f} "
               f"[{min(bounds):.2f}-{max(bounds):.2f}]{'':<11} {row['exceeds_certified']}/{len(bounds)}{'':<12} "
-              f"{', '.join(row['checks_failed']) or '-'}")
+              f"{', '.join(row['checks_failed']) or '-'}"
+              + (f"  f-DP {_spread(row['fdp_lower_bounds'])}, above {row['fdp_exceeds_certified']}/{len(bounds)}"
+                 if row["fdp_lower_bounds"] else ""))
 
 
 def _federated(args) -> None:

@@ -39,11 +39,13 @@ def accountant_figure(result: dict):
 def utility_figure(result: dict):
     figure, axes = _figure()
     series: dict[str, list[tuple[float, float]]] = {}
+    dashes = iter(("--", "-."))
     for row in result["rows"]:
+        mode = row.get("mode", "probe")
         if row["epsilon_certified"] is None:
-            axes.axhline(row["accuracy_mean"], color="black", linestyle="--", label=f"non-private ({row['setting']})")
+            axes.axhline(row["accuracy_mean"], color="black", linestyle=next(dashes, ":"), label=f"non-private ({row['setting']}, {mode})")
         else:
-            series.setdefault(f"{row['setting']}, {row['privacy']}", []).append((row["epsilon_certified"], row["accuracy_mean"]))
+            series.setdefault(f"{row['setting']}, {mode}, {row['privacy']}", []).append((row["epsilon_certified"], row["accuracy_mean"]))
     for (name, points), marker in zip(series.items(), "osD^v<>p"):
         points.sort()
         axes.plot([e for e, _ in points], [a for _, a in points], marker=marker, markersize=7, label=name, alpha=0.85)

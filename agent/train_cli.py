@@ -35,7 +35,7 @@ Model and data shortcuts, for a first run with no files of your own:
 Examples (defaults: the recipe of agent/recipe.py, chosen on public data that is not the evaluation data):
   ewtune agent train-local --model minilm --data mr --epsilon 8 --delta 1e-5            # linear probe
   ewtune agent train-local --model minilm --data mr --epsilon 8 --delta 1e-5 \\
-      --tune-epochs 1 --output runs/mr-lpft                                              # then LoRA
+      --mode lora --tune-epochs 1 --output runs/mr-lpft          # then LoRA on the top layer (LP-FT)
 """
 
 
@@ -58,8 +58,8 @@ def register(commands) -> None:
         "--mode",
         choices=RECIPE_MODES,
         default=defaults.mode,
-        help=f"lora or full: a probe phase then a tune phase of LoRA adapters or the whole model; head: the probe "
-        f"alone (linear probing) (default {defaults.mode})",
+        help=f"lora or full: a probe phase then a tune phase of LoRA adapters or of the weights of the top "
+        f"--tune-layers layers; head: the probe alone (linear probing) (default {defaults.mode})",
     )
     probe = parser.add_argument_group("probe phase (the classification head alone, on cached embeddings; SGD)")
     low = f"below epsilon {LOW_EPSILON:.3g}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,19 +126,28 @@ class PooledClassifier(nn.Module):
 def embed_examples(model: PooledClassifier, examples, pad_token_id: int, batch_size: int = 64, device: str | None = None) -> torch.Tensor:
     """The pooled embedding of every example, in order (on the CPU), computed in eval mode (no dropout):
     a deterministic function of each record alone. The model's train/eval mode is restored afterwards."""
-    from agent.data import collate
+    with eval_mode(model):
+        return torch.cat([model.embed(**inputs).cpu() for inputs in input_batches(examples, pad_token_id, batch_size, device)])
 
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode (no dropout) within the block; its train/eval mode restored afterwards."""
     was_training = model.training
     model.eval()
     try:
-        chunks = []
-        for start in range(0, len(examples), batch_size):
-            batch = collate(examples, range(start, min(start + batch_size, len(examples))), pad_token_id)
-            inputs = {key: value.to(device) if device else value for key, value in batch.items() if key != "labels"}
-            chunks.append(model.embed(**inputs).cpu())
+        yield model
     finally:
         model.train(was_training)
-    return torch.cat(chunks)
+
+
+def input_batches(examples, pad_token_id: int, batch_size: int, device: str | None = None):
+    """The model inputs (labels left out) of consecutive batches of ``examples``, in order."""
+    from agent.data import collate
+
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples, range(start, min(start + batch_size, len(examples))), pad_token_id)
+        yield {key: value.to(device) if device else value for key, value in batch.items() if key != "labels"}
 
 
 def copy_pooling_files(source_dir: Path, target_dir: Path, pooling: Pooling) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from accountant.errors import InvalidInputError
-from agent.heads import PooledClassifier, pool
+from agent.heads import PooledClassifier, eval_mode, input_batches, pool
 
 MODEL_TYPES = ("bert", "roberta")
 LAYER_PATTERN = "layer"  # the ModuleList of encoder layers, as peft's ``layers_pattern`` names it
@@ -74,14 +74,10 @@ class TopLayers(nn.Module):
     def embed_cached(self, records: list[torch.Tensor], batch_size: int = 64) -> torch.Tensor:
         """The pooled embedding of every cached record, in order, in eval mode (as
         :func:`agent.heads.embed_examples` computes it through the whole encoder); the mode is restored."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             starts = range(0, len(records), batch_size)
             return torch.cat([self.embed(**hidden_batch(records, None, range(start, min(start + batch_size, len(records)))))
                               for start in starts])
-        finally:
-            self.model.train(was_training)
 
 
 @torch.no_grad()
@@ -89,20 +85,12 @@ def hidden_states_below(model: PooledClassifier, count: int, examples, pad_token
                         device: str | None = None) -> list[torch.Tensor]:
     """Each example's hidden states [its tokens, H] entering the top ``count`` layers, in order (on the CPU),
     computed in eval mode; the model's train/eval mode is restored afterwards."""
-    from agent.data import collate
-
     first = top_layer_indices(model, count)[0]
-    was_training = model.training
-    model.eval()
-    try:
-        records = []
-        for start in range(0, len(examples), batch_size):
-            batch = collate(examples, range(start, min(start + batch_size, len(examples))), pad_token_id)
-            inputs = {key: value.to(device) if device else value for key, value in batch.items() if key != "labels"}
+    records = []
+    with eval_mode(model):
+        for inputs in input_batches(examples, pad_token_id, batch_size, device):
             states = model.encoder(**inputs, output_hidden_states=True).hidden_states[first]
             records += [row[mask.bool()].cpu() for row, mask in zip(states, inputs["attention_mask"])]
-    finally:
-        model.train(was_training)
     return records
 
 

@@ -74,8 +74,7 @@ def main() -> int:
             trainer.train(StepPlan(steps, rate, phase.event.noise_multiplier, 1.0, rate_lr, optimizer="sgd"))
             with torch.no_grad():
                 predicted = trainer.model.classifier(eval_features).argmax(-1)
-            counts = torch.zeros(2, 2, dtype=torch.float64).index_put_((labels, predicted), torch.ones(len(labels), dtype=torch.float64), accumulate=True)
-            scores.append(metrics_from_confusion(counts))
+            scores.append(_metrics(labels, predicted))
         rows.append({
             "learning_rate": rate_lr, "expected_batch": batch, "epochs": epochs, "epsilon": epsilon, "steps": steps,
             "noise_multiplier": phase.event.noise_multiplier,
@@ -94,12 +93,23 @@ def main() -> int:
                  "criterion": "mean macro F1 over the target epsilons"},
         "rows": rows, "seconds": time.perf_counter() - started, "load_average": machine()["load_average"],
     }
-    output = Path(args.output)
+    _write(Path(args.output), document, _markdown(document))
+    return 0
+
+
+def _metrics(labels, predicted) -> dict:
+    """Accuracy and macro F1 of binary predictions (:func:`agent.evaluation.metrics_from_confusion`)."""
+    import torch
+
+    ones = torch.ones(len(labels), dtype=torch.float64)
+    return metrics_from_confusion(torch.zeros(2, 2, dtype=torch.float64).index_put_((labels, predicted), ones, accumulate=True))
+
+
+def _write(output: Path, document: dict, markdown: str) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
-    output.with_suffix(".md").write_text(_markdown(document))
-    print(_markdown(document))
-    return 0
+    output.with_suffix(".md").write_text(markdown)
+    print(markdown)
 
 
 def _markdown(document) -> str:
@@ -158,8 +168,7 @@ def tune_sweep(args) -> int:
         def score() -> dict:
             with torch.no_grad():
                 predicted = top.model.classifier(top.embed_cached(held_out)).argmax(-1)
-            counts = torch.zeros(2, 2, dtype=torch.float64).index_put_((labels, predicted), torch.ones(len(labels), dtype=torch.float64), accumulate=True)
-            return metrics_from_confusion(counts)
+            return _metrics(labels, predicted)
 
         def probe(recipe, seed, phase) -> dict:
             nonlocal features
@@ -203,10 +212,7 @@ def tune_sweep(args) -> int:
         "clip_norm": 1.0, "optimizer": "sgd (momentum 0.9)", "probe_alone": probe_alone, "best": best, "rows": rows,
         "seconds": time.perf_counter() - started, "load_average": machine()["load_average"],
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
-    output.with_suffix(".md").write_text(_tune_markdown(document))
-    print(_tune_markdown(document))
+    _write(output, document, _tune_markdown(document))
     return 0
 
 

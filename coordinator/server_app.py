@@ -173,6 +173,8 @@ class Federation:
         config = self.config
         self.registry = Registry.load(config.registry)
         weights = load_weights(config.model.initial_weights)
+        if self.canaries is not None and self.canaries.parameter not in weights:
+            raise InvalidInputError(f"[audit] parameter {self.canaries.parameter!r} is not in the initial weights")
         self.max_update_norm = config.settings.max_update_norm or default_update_norm_bound(
             config.settings.learning_rate, config.settings.local_steps, sum(int(np.size(array)) for array in weights.values())
         )

@@ -174,6 +174,18 @@ def one_run_bound(
     )
 
 
+def check_audit_layout(settings: Any, counts: Sequence[str]) -> None:
+    """An audit run's layout, for the central audit and the federated one alike: each integer setting named in
+    ``counts`` at least 1, at least 2 canaries per holder (each holder owns a disjoint range of them), and
+    ``steps`` a whole number of releases of ``local_steps`` each."""
+    for name in counts:
+        _check_count(name.replace("_", " "), getattr(settings, name), 1)
+    if settings.canaries < 2 * settings.holders:
+        raise InvalidInputError(f"at least 2 canaries per holder are needed, got {settings.canaries} for {settings.holders}")
+    if settings.steps % settings.local_steps:
+        raise InvalidInputError(f"steps ({settings.steps}) must be a multiple of local steps ({settings.local_steps})")
+
+
 def _logit(p: float) -> float:
     return math.log(p / (1.0 - p)) if 0.0 < p < 1.0 else (math.inf if p >= 1.0 else -math.inf)
 

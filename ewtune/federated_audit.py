@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from accountant.errors import InvalidInputError
+from accountant.one_run_audit import check_audit_layout
 from ewtune.local_federation import FederationJob, HolderSetup, LocalFederation
 
 AUDIT_PARAMETER = "audit.weight"
@@ -39,14 +40,7 @@ class FederatedAuditConfig:
     broken_engine: str | None = None  # tests and benchmarks: the first holder's engine broken on purpose
 
     def __post_init__(self) -> None:
-        for name in ("holders", "canaries", "steps", "local_steps", "records", "features"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"{name.replace('_', ' ')} must be an integer >= 1, got {value!r}")
-        if self.canaries < 2 * self.holders:
-            raise InvalidInputError(f"at least 2 canaries per holder are needed, got {self.canaries} for {self.holders}")
-        if self.steps % self.local_steps:
-            raise InvalidInputError(f"steps ({self.steps}) must be a multiple of local steps ({self.local_steps})")
+        check_audit_layout(self, ("holders", "canaries", "steps", "local_steps", "records", "features"))
         if not 0.0 < self.sampling_rate <= 1.0:
             raise InvalidInputError(f"sampling rate must be in (0, 1], got {self.sampling_rate!r}")
         for name in ("epsilon", "clip_norm", "learning_rate"):

@@ -8,7 +8,7 @@ from scipy.stats import binom, norm
 
 from accountant.canary_scores import likelihood_ratio_scores
 from accountant.errors import InvalidInputError
-from accountant.one_run_audit import epsilon_lower_bound, guess_grid, one_run_bound, p_value
+from accountant.one_run_audit import check_audit_layout, epsilon_lower_bound, guess_grid, one_run_bound, p_value
 
 ALPHA = 0.05 / 8
 
@@ -89,3 +89,18 @@ def test_scores_are_the_exact_log_likelihood_ratio_of_a_round():
     one_step = likelihood_ratio_scores(y, q, sigma, 1)
     assert one_step == pytest.approx(np.log(1 - q + q * np.exp((y[0] - 0.5) / sigma**2)), rel=1e-12)
     assert likelihood_ratio_scores(np.vstack([y, y]), q, sigma, 1) == pytest.approx(2 * one_step)
+
+
+def test_an_audit_layout_needs_whole_counts_two_canaries_per_holder_and_whole_releases():
+    from types import SimpleNamespace
+
+    good = SimpleNamespace(canaries=6, holders=3, steps=20, local_steps=10)
+    check_audit_layout(good, ("canaries", "holders", "steps", "local_steps"))
+    for changes, message in [
+        ({"canaries": 0}, "canaries must be an integer >= 1"),
+        ({"local_steps": True}, "local steps must be an integer >= 1"),
+        ({"canaries": 5}, "at least 2 canaries per holder"),
+        ({"steps": 25}, "multiple of local steps"),
+    ]:
+        with pytest.raises(InvalidInputError, match=message):
+            check_audit_layout(SimpleNamespace(**{**vars(good), **changes}), ("canaries", "holders", "steps", "local_steps"))

@@ -36,7 +36,7 @@ from accountant.errors import InvalidInputError
 from accountant.events import PoissonGaussianEvent
 from accountant.fdp_one_run import FdpBound, fdp_bound
 from accountant.sampling import executable_sampling_rate
-from accountant.one_run_audit import DEFAULT_CONFIDENCE, OneRunBound, one_run_bound
+from accountant.one_run_audit import DEFAULT_CONFIDENCE, OneRunBound, check_audit_layout, one_run_bound
 from agent import models
 from agent.audit import checks
 from agent.audit.canaries import AuditedModel, CanaryCollator, audited_loss
@@ -71,14 +71,7 @@ class AuditConfig:
     fdp: bool = False  # also the f-DP one-run figure (accountant.fdp_one_run; about 10 s for its curves)
 
     def __post_init__(self) -> None:
-        for name in ("canaries", "steps", "records", "features", "holders", "local_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"{name.replace('_', ' ')} must be an integer >= 1, got {value!r}")
-        if self.canaries < 2 * self.holders:
-            raise InvalidInputError(f"at least 2 canaries per holder are needed, got {self.canaries} for {self.holders}")
-        if self.steps % self.local_steps:
-            raise InvalidInputError(f"steps ({self.steps}) must be a multiple of local steps ({self.local_steps})")
+        check_audit_layout(self, ("canaries", "steps", "records", "features", "holders", "local_steps"))
         check_step_settings(self)
         if not self.raw_norm > 1.0:
             raise InvalidInputError(f"the canaries' raw norm must exceed 1 (in units of C), got {self.raw_norm!r}")

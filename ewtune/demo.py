@@ -5,7 +5,8 @@ registers their public cards, starts a Flower SuperLink (TLS, SuperNode authenti
 with their SuperNodes, each holding its own quarter of the Rotten Tomatoes polarity sentences (MR), and runs
 federated linear probing of all-MiniLM-L6-v2 with DP-SGD at a certified target epsilon of 8 (delta 1e-5): a
 linear head on the mean-pooled sentence embedding, trained on embeddings each daemon computes once, with the
-probe recipe of agent/recipe.py (expected batch 1024, SGD at learning rate 4, 20 epochs over the rounds). At the end it verifies every ledger (the coordinator's and each holder's), cross-checks them,
+probe recipe of agent/recipe.py (expected batch 1024, SGD at learning rate 4, 20 epochs over the rounds: 13 local
+steps a round). At the end it verifies every ledger (the coordinator's and each holder's), cross-checks them,
 and prints per holder: the certified epsilon (the guarantee), the Edgeworth estimate and RDP beside it, and the
 rounds. Holders release no evaluation metrics (their default policy), so the demo measures the global model
 itself: after each round, on a fourth share of MR that it keeps and no holder sees, with macro F1 and the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_quiet_flag(parser)
     recipe = Recipe()
     parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
-    parser.add_argument("--local-steps", type=int, default=10, help="DP-SGD steps per holder per round (default 10)")
+    parser.add_argument("--local-steps", type=int,
+                        help=f"DP-SGD steps per holder per round (default: the probe recipe's {recipe.probe_epochs:g} epochs over the rounds)")
     parser.add_argument("--batch-size", type=float, default=recipe.probe_expected_batch,
                         help=f"expected (Poisson) batch size (default {recipe.probe_expected_batch}, the probe recipe's)")
     parser.add_argument("--rows-per-holder", type=int, default=3188,
@@ -54,8 +57,12 @@ def run(args: argparse.Namespace) -> int:
     from accountant.errors import InvalidInputError
 
     for name in ("rounds", "local_steps", "rows_per_holder", "max_length"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.batch_size > 0:
+        raise InvalidInputError("--batch-size must be > 0")
+    if args.local_steps is None:
+        args.local_steps = recipe_local_steps(args.rounds, args.rows_per_holder, args.batch_size)
     from federation.progress import Progress
 
     reporter = Progress.from_args(args)
@@ -75,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(report(result))
     return 0 if result["state"] in ("finished", "stopped") and result["ledger_verified"] else 1
+
+
+def recipe_local_steps(rounds: int, records: int, expected_batch: float) -> int:
+    """Local steps per round that make the probe recipe's epochs over the run: an epoch is records / expected
+    batch Poisson steps, so the run takes ceil(epochs * records / (batch * rounds)) steps a round (at least 1)."""
+    return max(1, math.ceil(Recipe().probe_epochs * records / (expected_batch * rounds)))
 
 
 def run_federation(work: Path, args: argparse.Namespace, reporter) -> dict[str, Any]:

@@ -81,3 +81,23 @@ def test_the_demo_report_has_one_heading_per_section_all_alike_and_states_the_ru
         assert lines[index - 1] == "" and lines[index + 1] == ""
     assert sum("round(s)" in line for line in lines) == 1
     assert [line.split(" |")[0] for line in lines if line.startswith("| ") and line[2].isdigit()] == ["| 0 (initial)", "| 1", "| 2"]
+
+
+def test_the_demo_takes_the_probe_recipes_epochs_over_its_rounds_by_default():
+    from agent.recipe import Recipe
+    from ewtune.demo import recipe_local_steps
+
+    epochs = Recipe().probe_epochs
+    for rounds, records, batch in [(5, 3188, 1024), (2, 3188, 1024), (5, 120, 8), (3, 10, 1024)]:
+        steps = recipe_local_steps(rounds, records, batch)
+        assert steps * rounds * batch / records >= epochs or steps == 1  # at least the recipe's epochs ...
+        assert steps == 1 or (steps - 1) * rounds * batch / records < epochs  # ... and not a round's worth more
+    assert recipe_local_steps(5, 3188, 1024) == 13
+
+
+def test_bad_demo_sizes_are_one_line_errors(capsys):
+    from ewtune.cli import main
+
+    for arguments, message in [(["--batch-size", "0"], "--batch-size must be > 0"), (["--local-steps", "0"], "--local-steps must be >= 1")]:
+        assert main(["demo", *arguments]) != 0
+        assert message in capsys.readouterr().err

@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
 def recipe_local_steps(rounds: int, records: int, expected_batch: float) -> int:
     """Local steps per round that make the probe recipe's epochs over the run: an epoch is records / expected
-    batch Poisson steps, so the run takes ceil(epochs * records / (batch * rounds)) steps a round (at least 1)."""
-    return max(1, math.ceil(Recipe().probe_epochs * records / (expected_batch * rounds)))
+    batch Poisson steps, so the run takes ceil(epochs * records / (batch * rounds)) steps a round."""
+    return math.ceil(Recipe().probe_epochs * records / (expected_batch * rounds))
 
 
 def run_federation(work: Path, args: argparse.Namespace, reporter) -> dict[str, Any]:

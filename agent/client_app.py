@@ -30,16 +30,17 @@ from federation.messages import (
     DAEMON_ADDRESS_KEY,
     DAEMON_TIMEOUT_KEY,
     DESCRIPTION,
-    EVALUATE,
+    EVALUATE_ROUND,
     EVALUATION,
     EVALUATION_REFUSED,
     FAILED,
     INVALID,
     METRICS,
-    RECEIPT,
     RECEIPT_DOCUMENT,
     REFUSED,
+    RESULT,
     REVEAL,
+    STEPS,
     UNAVAILABLE,
     unpack_in_place,
     weight_records,
@@ -100,26 +101,22 @@ def query(daemon: DaemonClient, msg: Message, packed: bool) -> RecordDict:
 @_forwarded
 def train(daemon: DaemonClient, msg: Message, packed: bool) -> RecordDict:
     weights = weights_of(msg.content)
-    evaluation = _evaluate_first(daemon, weights, msg.content[EVALUATE]) if EVALUATE in msg.content else {}
-    updated, receipt, metrics = daemon.train(weights, dict(msg.content[CONFIG]))
-    return RecordDict(
-        {
-            **weight_records(updated, packed),
-            RECEIPT: ConfigRecord({RECEIPT_DOCUMENT: json.dumps(receipt, sort_keys=True)}),
-            METRICS: MetricRecord(_metric_values(metrics)),
-            **evaluation,
-        }
-    )
+    plan = dict(msg.content[CONFIG])
+    evaluation = _evaluate_first(daemon, weights, plan) if EVALUATE_ROUND in plan else {}
+    updated, receipt, metrics = daemon.train(weights, {key: value for key, value in plan.items() if key != EVALUATE_ROUND})
+    result = {RECEIPT_DOCUMENT: json.dumps(receipt, sort_keys=True), STEPS: int(metrics["steps"]), **evaluation}
+    return RecordDict(weight_records(updated, packed, record=RESULT, fields=result))
 
 
-def _evaluate_first(daemon: DaemonClient, weights, request: ConfigRecord) -> dict:
-    """The evaluation a train message asks for, of its own incoming weights: the daemon's metrics (released
-    and charged only when the holder's policy opts in) or its refusal, which never stops the training."""
+def _evaluate_first(daemon: DaemonClient, weights, plan: Mapping[str, Any]) -> dict:
+    """The evaluation a train message asks for, of its own incoming weights (the global model after round
+    ``plan[EVALUATE_ROUND]``): the daemon's metrics (released and charged only when the holder's policy opts
+    in) or its refusal, which never stops the training."""
     try:
-        metrics = daemon.evaluate(weights, dict(request))
+        metrics = daemon.evaluate(weights, {"run_id": plan.get("run_id"), "round": plan[EVALUATE_ROUND]})
     except DaemonError as refusal:
-        return {EVALUATION_REFUSED: ConfigRecord({"reason": refusal.reason[:500]})}
-    return {EVALUATION: MetricRecord(_metric_values(metrics))}
+        return {EVALUATION_REFUSED: refusal.reason[:500]}
+    return {EVALUATION: json.dumps(_metric_values(metrics), sort_keys=True)}
 
 
 @app.evaluate()

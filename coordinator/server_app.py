@@ -14,8 +14,8 @@ Flow of a run:
    is malformed in any way (a hostile or broken holder: any exception while reading its reply) is aborted
    and dropped from later rounds; the round goes on with the others.
 4. evaluation of round r's global model rides inside round r+1's train message (same weights, one message
-   per holder per round): the record "evaluate" {run_id, round} asks the holder to evaluate the incoming
-   weights first, and the reply carries "evaluation" (metrics) or "evaluation_refused" (the default: a
+   per holder per round): "evaluate_round" in the plan asks the holder to evaluate the incoming weights
+   first, and the reply's "result" carries "evaluation" (metrics) or "evaluation_refused" (the default: a
    holder releases none unless it opts in, and its daemon ties what it releases to the run). The model
    after the last round is evaluated with evaluate messages. A refusal is logged and changes nothing else.
 
@@ -85,14 +85,15 @@ from federation.messages import (
     CANARIES,
     CONFIG,
     DESCRIPTION,
-    EVALUATE,
+    EVALUATE_ROUND,
     EVALUATION,
     EVALUATION_REFUSED,
     METRICS,
     PURPOSE,
-    RECEIPT,
     RECEIPT_DOCUMENT,
+    RESULT,
     REVEAL,
+    STEPS,
     weight_records,
     weights_of,
 )
@@ -500,9 +501,9 @@ class Federation:
             plan["model_id"] = state.plan.holder.model_id
         if self.canaries is not None:
             plan[PURPOSE] = AUDIT_PURPOSE
-        content = RecordDict({**arrays, CONFIG: ConfigRecord(plan)})
         if evaluated_round is not None:
-            content[EVALUATE] = ConfigRecord({"run_id": self.run_id, "round": evaluated_round})
+            plan[EVALUATE_ROUND] = evaluated_round
+        content = RecordDict({**arrays, CONFIG: ConfigRecord(plan)})
         return Message(content, state.plan.holder.node_id, MessageType.TRAIN, ttl=self.config.timeouts.round, group_id=str(round))
 
     def _verified_update(self, round: int, state: HolderState, reply: Message | None, weights: dict[str, np.ndarray]):
@@ -513,12 +514,11 @@ class Federation:
         if reply.has_error():
             raise InvalidInputError(f"refused or failed (code {reply.error.code}): {reply.error.reason}")
         content = reply.content
-        if RECEIPT not in content or not isinstance(content[RECEIPT], ConfigRecord):
-            raise InvalidInputError("train reply lacks the ConfigRecord 'receipt'")
-        document = content[RECEIPT].get(RECEIPT_DOCUMENT)
+        result = _result(content)
+        document = result.get(RECEIPT_DOCUMENT)
         if not isinstance(document, str):
-            raise InvalidInputError("the receipt record lacks the string 'document'")
-        update = weights_of(content)
+            raise InvalidInputError(f"the {RESULT!r} record lacks the receipt as the string {RECEIPT_DOCUMENT!r}")
+        update = weights_of(content, RESULT)
         planned = state.plan.round_event(self.config.settings.local_steps)
         receipt = check_receipt(
             document,
@@ -532,7 +532,7 @@ class Federation:
         check_within(receipt.event, planned)  # what Ledger.commit will demand, checked before anything is written
         check_update(update, weights)
         norm = check_update_norm(update, weights, self.max_update_norm)
-        metrics = _numeric_metrics(content[METRICS], f"holder {state.plan.holder_id}'s train metrics") if METRICS in content else {}
+        metrics = _numeric_metrics({STEPS: result[STEPS]}, f"holder {state.plan.holder_id}'s train metrics") if STEPS in result else {}
         return update, json.loads(document), receipt, metrics, norm
 
     def _evaluate(self, round: int, weights: dict[str, np.ndarray]) -> None:
@@ -546,12 +546,11 @@ class Federation:
             self._record_evaluation(holder_id, round, replies.get(message.metadata.message_id))
 
     def _record_evaluation(self, holder_id: str, round: int, reply: Message | None, inside_train: bool = False) -> None:
-        """Keep the numeric metrics of an evaluation: an evaluate reply's "metrics", or a train reply's
-        "evaluation" (``inside_train``). A holder releases none by default (its daemon refuses): no reply, a
+        """Keep the numeric metrics of an evaluation: an evaluate reply's "metrics", or the "evaluation" in a
+        train reply's "result" (``inside_train``). A holder releases none by default (its daemon refuses): no reply, a
         refusal, an error or anything malformed is logged and changes nothing else (the holder is neither
         dropped nor aborted for it)."""
         state = self.holders[holder_id]
-        record = EVALUATION if inside_train else METRICS
         try:
             if reply is None:
                 _log(f"holder {holder_id}: no evaluation of round {round} (no reply)")
@@ -559,14 +558,14 @@ class Federation:
             if reply.has_error():
                 _log(f"holder {holder_id}: no evaluation of round {round} (code {reply.error.code}: {str(reply.error.reason)[:200]})")
                 return
-            if inside_train and EVALUATION_REFUSED in reply.content:
-                reason = reply.content[EVALUATION_REFUSED].get("reason")
-                _log(f"holder {holder_id}: no evaluation of round {round} (refused: {str(reason)[:200]})")
+            released = _evaluation_inside(reply.content) if inside_train else reply.content.get(METRICS)
+            if isinstance(released, str):  # the reason of a refusal
+                _log(f"holder {holder_id}: no evaluation of round {round} (refused: {released[:200]})")
                 return
-            if record not in reply.content:
+            if released is None:
                 _log(f"holder {holder_id}: reply of round {round} carries no evaluation metrics")
                 return
-            metrics = _numeric_metrics(reply.content[record], f"holder {holder_id}'s evaluation metrics")
+            metrics = _numeric_metrics(released, f"holder {holder_id}'s evaluation metrics")
         except Exception as failure:  # noqa: BLE001 - a malformed evaluation reply is ignored, not fatal
             _log(f"holder {holder_id}: evaluation reply of round {round} ignored: {_reason(failure)}")
             return
@@ -735,6 +734,25 @@ def _reveal(reply: Message | None) -> dict[str, Any]:
     if CANARIES not in reply.content or not isinstance(reply.content[CANARIES], ConfigRecord):
         raise InvalidInputError("a reveal reply lacks the ConfigRecord 'canaries'")
     return dict(reply.content[CANARIES])
+
+
+def _result(content: RecordDict) -> ConfigRecord:
+    if RESULT not in content or not isinstance(content[RESULT], ConfigRecord):
+        raise InvalidInputError(f"train reply lacks the ConfigRecord {RESULT!r}")
+    return content[RESULT]
+
+
+def _evaluation_inside(content: RecordDict) -> Any:
+    """What a train reply says of the evaluation it was asked for: the reason of a refusal (text), the
+    metrics as the holder sent them (parsed from their JSON text), or None when it says nothing."""
+    result = _result(content)
+    if EVALUATION_REFUSED in result:
+        return str(result[EVALUATION_REFUSED])
+    if EVALUATION not in result:
+        return None
+    if not isinstance(result[EVALUATION], str):
+        raise InvalidInputError(f"the {EVALUATION!r} of a train reply must be a JSON object as text")
+    return json.loads(result[EVALUATION])
 
 
 def _numeric_metrics(record: Any, what: str) -> dict[str, float]:

@@ -1,16 +1,20 @@
 """``python -m coordinator.superlink_main [flower-superlink arguments]``: flwr's own SuperLink, its database
-patient with locks (:func:`federation.flower_internals.patient_superlink_database`), started by
+patient with locks (:func:`federation.flower_internals.patient_superlink_database`), its SuperExec polling
+every :data:`federation.processes.SUPERLINK_TASK_POLL_S`, started by
 ``ewtune coordinator start`` and the one-machine federation. Any flwr other than the pinned one is refused."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def main() -> None:
     from federation.flower_internals import patient_superlink_database
+    from federation.processes import SUPERLINK_TASK_POLL_S
 
     patient_superlink_database()
+    os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = SUPERLINK_TASK_POLL_S  # inherited by the SuperExec it starts
     from flwr.superlink.cli import flower_superlink
 
     sys.argv[0] = "flower-superlink"

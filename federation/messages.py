@@ -6,11 +6,13 @@ The exchange (Flower's Message API; every reply answers one message of the Serve
   spent certified epsilon, ledger public key, model id, policy limits; ``agent.daemon.Daemon.describe``);
 - ``train``: the global trainable weights (packed in :data:`LAYOUT`, or plain in :data:`ARRAYS`) and
   :data:`CONFIG` (the holder's plan: run_id, round, sampling rate, noise multiplier, steps, clip norm,
-  learning rate, delta), and optionally :data:`EVALUATE` {run_id, round}: evaluate the same incoming weights
-  (the global model after that round) first -> the noised weights (packed as the request was), :data:`RECEIPT` {:data:`RECEIPT_DOCUMENT`: the signed receipt as JSON text}, :data:`METRICS`
-  {steps: the steps executed} and, when :data:`EVALUATE` was asked, either :data:`EVALUATION` (the
-  evaluation's metrics, as below) or :data:`EVALUATION_REFUSED` {reason}. Evaluation rides inside the train
-  message so that a round costs one message per holder;
+  learning rate, delta and, optionally, :data:`EVALUATE_ROUND`: evaluate the same incoming weights, the global
+  model after that round, first) -> one :data:`RESULT` record: the signed receipt as JSON text
+  (:data:`RECEIPT_DOCUMENT`), the steps executed (:data:`STEPS`), the noised weights (packed as the request
+  was: inside :data:`RESULT`, or plain in :data:`ARRAYS`) and, when an evaluation was asked, either
+  :data:`EVALUATION` (the evaluation's metrics as a JSON object, as below) or :data:`EVALUATION_REFUSED` (the
+  reason). Evaluation rides inside the train message so that a round costs one message per holder, and the
+  reply is one record so that it costs three Flower objects (see :func:`weight_records`);
 - ``query`` with :data:`REVEAL` {run_id, scores_sha256} (audit runs only, after the last round and after the
   coordinator has fixed its canary scores) -> :data:`CANARIES` {holder_id, first, count, included: one "0"/"1"
   per canary, breakage}: an audit daemon's canaries and inclusion bits, revealed once;
@@ -25,6 +27,7 @@ failures after work on the data began). Nothing else leaves a holder (SECURITY.m
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -34,17 +37,19 @@ from federation.packing import check_weight_dtype, pack, unpack
 
 DESCRIPTION = "description"  # ConfigRecord: the reply to a query
 ARRAYS = "arrays"  # ArrayRecord: trainable weights, by parameter name or packed
-LAYOUT = "layout"  # ConfigRecord {"json": layout, BUFFER: packed bytes} or {"json": layout} beside a packed ArrayRecord
-BUFFER = "buffer"  # the packed weights' bytes, inside the LAYOUT record
+LAYOUT = "layout"  # ConfigRecord {LAYOUT_JSON: layout, BUFFER: packed bytes} or {LAYOUT_JSON: layout} beside a packed ArrayRecord
+LAYOUT_JSON = "json"  # the packed weights' layout (federation.packing), in LAYOUT or in a train reply's RESULT
+BUFFER = "buffer"  # the packed weights' bytes, beside LAYOUT_JSON
 PACKED_NAME = "packed"  # the single entry of a packed ArrayRecord
 INLINE_LIMIT_BYTES = 5 * 1024 * 1024  # packed weights up to Flower's Array chunk size ride inside the LAYOUT record
 CONFIG = "config"  # ConfigRecord: the plan of a train message, {run_id, round} of an evaluate message
-RECEIPT = "receipt"  # ConfigRecord {RECEIPT_DOCUMENT: JSON text}
-RECEIPT_DOCUMENT = "document"
-METRICS = "metrics"  # MetricRecord
-EVALUATE = "evaluate"  # ConfigRecord {run_id, round} in a train message: evaluate the incoming weights first
-EVALUATION = "evaluation"  # MetricRecord in a train reply: the metrics of that evaluation
-EVALUATION_REFUSED = "evaluation_refused"  # ConfigRecord {"reason": text} in a train reply: none released
+EVALUATE_ROUND = "evaluate_round"  # in a train message's CONFIG: evaluate the incoming weights (the model after that round) first
+RESULT = "result"  # ConfigRecord: all of a train reply but plain weights (RECEIPT_DOCUMENT, STEPS, evaluation, packed weights)
+RECEIPT_DOCUMENT = "receipt"  # in RESULT: the signed receipt as JSON text
+STEPS = "steps"  # in RESULT: the DP-SGD steps executed
+EVALUATION = "evaluation"  # in RESULT: the metrics of the evaluation asked for, as a JSON object
+EVALUATION_REFUSED = "evaluation_refused"  # in RESULT: why no evaluation was released (text)
+METRICS = "metrics"  # MetricRecord: the reply to an evaluate message
 REVEAL = "reveal"  # ConfigRecord {run_id, scores_sha256} in a query: an audit daemon's canaries, please
 CANARIES = "canaries"  # ConfigRecord: the reply to a reveal
 PURPOSE = "purpose"  # in a train message's CONFIG: accountant.ledger.AUDIT_PURPOSE for an audit run's round
@@ -61,21 +66,27 @@ DAEMON_TIMEOUT_KEY = "daemon-timeout-s"
 HOLDER_ID_KEY = "holder-id"
 
 
-def weight_records(arrays: Mapping[str, np.ndarray], packed: bool, inline_limit: int = INLINE_LIMIT_BYTES) -> dict:
-    """The records that carry ``arrays``: plain, one Flower ``Array`` per tensor in :data:`ARRAYS`; packed, one
-    :data:`LAYOUT` record holding the layout and, up to ``inline_limit`` bytes, the buffer itself.
+def weight_records(arrays: Mapping[str, np.ndarray], packed: bool, inline_limit: int = INLINE_LIMIT_BYTES,
+                   record: str = LAYOUT, fields: Mapping[str, Any] | None = None) -> dict:
+    """The records that carry ``arrays`` and, in the ConfigRecord ``record``, the other ``fields`` of the
+    message: plain, one Flower ``Array`` per tensor in :data:`ARRAYS` (and ``record`` holding ``fields``, if
+    any); packed, ``record`` holding ``fields``, the layout and, up to ``inline_limit`` bytes, the buffer itself.
 
     Every record, ``Array`` and array chunk is an object that each hop moves with its own signed request, and
-    the one SuperLink serves all of them for every holder: a buffer inside the layout record is 1 object where
-    an ``ArrayRecord`` beside it is 4 (record, ``Array``, chunk, layout), so a round costs each holder 6 fewer
-    requests. A buffer larger than one Flower chunk (5 MiB) rides in an ``ArrayRecord``, which Flower moves in
-    chunks."""
+    the one SuperLink serves all of them for every holder, one after the other for each message: a buffer
+    inside a ConfigRecord is 1 object where an ``ArrayRecord`` beside it is 4 (record, ``Array``, chunk,
+    layout), and a train reply whose receipt, steps, evaluation and weights share one record is 3 objects
+    (message, record dict, record) where a record each was 6. A buffer larger than one Flower chunk (5 MiB)
+    rides in an ``ArrayRecord``, which Flower moves in chunks. The global weights of a train message ride in a
+    record of their own, :data:`LAYOUT`: the same object for every holder, which the ServerApp pushes once."""
+    fields = dict(fields or {})
     if not packed:
-        return {ARRAYS: ArrayRecord({name: Array(np.asarray(array)) for name, array in arrays.items()})}
+        plain = {ARRAYS: ArrayRecord({name: Array(np.asarray(array)) for name, array in arrays.items()})}
+        return {**plain, record: ConfigRecord(fields)} if fields else plain
     buffer, layout = pack(arrays)
     if buffer.nbytes <= inline_limit:
-        return {LAYOUT: ConfigRecord({"json": layout, BUFFER: buffer.tobytes()})}
-    return {ARRAYS: ArrayRecord({PACKED_NAME: Array(buffer)}), LAYOUT: ConfigRecord({"json": layout})}
+        return {record: ConfigRecord({**fields, LAYOUT_JSON: layout, BUFFER: buffer.tobytes()})}
+    return {ARRAYS: ArrayRecord({PACKED_NAME: Array(buffer)}), record: ConfigRecord({**fields, LAYOUT_JSON: layout})}
 
 
 def unpack_in_place(content: RecordDict) -> bool:
@@ -87,13 +98,14 @@ def unpack_in_place(content: RecordDict) -> bool:
     return True
 
 
-def weights_of(content: RecordDict) -> dict[str, np.ndarray]:
-    """The named arrays a message carries, packed (inline or beside) or not, each in one of :data:`WEIGHT_DTYPES`."""
-    if LAYOUT in content:
-        layout = content[LAYOUT]
-        if not isinstance(layout, ConfigRecord) or not isinstance(layout.get("json"), str):
-            raise InvalidInputError(f"the {LAYOUT!r} record must hold the layout as the string 'json'")
-        return unpack(_packed_buffer(content, layout), layout["json"])
+def weights_of(content: RecordDict, record: str = LAYOUT) -> dict[str, np.ndarray]:
+    """The named arrays a message carries, packed (their layout in ``record``, the buffer inline or beside) or
+    not, each in one of :data:`WEIGHT_DTYPES`."""
+    if record in content and (record == LAYOUT or LAYOUT_JSON in content[record]):
+        layout = content[record]
+        if not isinstance(layout, ConfigRecord) or not isinstance(layout.get(LAYOUT_JSON), str):
+            raise InvalidInputError(f"the {record!r} record must hold the layout as the string {LAYOUT_JSON!r}")
+        return unpack(_packed_buffer(content, layout, record), layout[LAYOUT_JSON])
     record = _array_record(content)
     arrays = {name: _numpy(name, array, packed=False) for name, array in record.items()}
     for name, array in arrays.items():
@@ -101,12 +113,12 @@ def weights_of(content: RecordDict) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _packed_buffer(content: RecordDict, layout: ConfigRecord) -> np.ndarray:
+def _packed_buffer(content: RecordDict, layout: ConfigRecord, record: str) -> np.ndarray:
     if BUFFER in layout:
         if ARRAYS in content:
-            raise InvalidInputError(f"packed weights must ride either inside {LAYOUT!r} or in {ARRAYS!r}, not both")
+            raise InvalidInputError(f"packed weights must ride either inside {record!r} or in {ARRAYS!r}, not both")
         if not isinstance(layout[BUFFER], bytes):
-            raise InvalidInputError(f"the {LAYOUT!r} record's {BUFFER!r} must be bytes")
+            raise InvalidInputError(f"the {record!r} record's {BUFFER!r} must be bytes")
         return np.frombuffer(layout[BUFFER], dtype=np.uint8)
     record = _array_record(content)
     if set(record) != {PACKED_NAME}:

@@ -454,10 +454,11 @@ def test_the_client_app_forwards_query_train_evaluate_and_refusals(served, train
 
     reply = app(_client_message("train", RecordDict({"arrays": arrays, "config": ConfigRecord(PLAN)})), context)
     assert not reply.has_error()
+    assert set(reply.content) == {"arrays", "result"}  # weights as they came (plain); all else in one record
     updated = {name: array.numpy() for name, array in reply.content["arrays"].items()}
-    receipt = verify_receipt(reply.content["receipt"]["document"], key.public_key_text)
+    receipt = verify_receipt(reply.content["result"]["receipt"], key.public_key_text)
     assert receipt.update_sha256 == update_digest(updated)
-    assert reply.content["metrics"]["steps"] == PLAN["steps"]
+    assert reply.content["result"]["steps"] == PLAN["steps"] and "evaluation" not in reply.content["result"]
 
     refused = app(
         _client_message("train", RecordDict({"arrays": arrays, "config": ConfigRecord(dict(PLAN, steps=10**6))})),
@@ -467,6 +468,20 @@ def test_the_client_app_forwards_query_train_evaluate_and_refusals(served, train
 
     evaluated = app(_client_message("evaluate", RecordDict({"arrays": arrays, "config": ConfigRecord(EVALUATION)})), context)
     assert evaluated.has_error() and evaluated.error.code == REFUSED
+
+    # Packed, and asked to evaluate the incoming model first: the whole reply is one record, 3 Flower objects.
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from federation.messages import weight_records, weights_of
+
+    packed = RecordDict({**weight_records(_global_weights(trainer), packed=True),
+                         "config": ConfigRecord(dict(PLAN, round=2, evaluate_round=1))})
+    reply = app(_client_message("train", packed), context)
+    assert not reply.has_error() and set(reply.content) == {"result"}
+    assert len(get_all_nested_objects(reply)) == 3  # the message, its RecordDict, the one record
+    result = reply.content["result"]
+    assert verify_receipt(result["receipt"], key.public_key_text).update_sha256 == update_digest(weights_of(reply.content, "result"))
+    assert result["steps"] == PLAN["steps"] and "evaluation" in result["evaluation_refused"]  # the default policy releases none
 
     lost = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
     assert app(_client_message("query", RecordDict({})), lost).has_error()

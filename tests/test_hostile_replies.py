@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from test_server_app import FakeGrid, Node, _directory, _federation
 
@@ -24,7 +24,7 @@ from accountant.ledger import parse_line, split_lines
 from accountant.receipts import Receipt, sign_receipt, update_digest
 from accountant.verify import verify_ledger
 from coordinator.checkpoints import load_weights
-from federation.messages import LAYOUT, weight_records, weights_of
+from federation.messages import RESULT, weight_records, weights_of
 
 LATE_SECONDS = 1.5  # the round's deadline in the federation.toml of test_server_app is 1 s
 
@@ -57,15 +57,12 @@ class HostileNode(Node):
         if self.attack == "replay" and self.earlier is not None:
             update, document = self.earlier  # round 1's update and its genuine receipt, sent again
         self.earlier = (update, document)
-        content = RecordDict({
-            **weight_records(update, packed=True),
-            "receipt": ConfigRecord({"document": json.dumps(document)}),
-            "metrics": MetricRecord({"steps": plan["steps"]}),
-        })
+        result = {"receipt": json.dumps(document), "steps": plan["steps"]}
+        content = RecordDict(weight_records(update, packed=True, record=RESULT, fields=result))
         if self.attack == "huge layout":  # a layout that claims 4 GB over the real few bytes
-            layout = json.loads(content[LAYOUT]["json"])
+            layout = json.loads(content[RESULT]["json"])
             layout[0][2] = [2**30]
-            content[LAYOUT] = ConfigRecord({**dict(content[LAYOUT]), "json": json.dumps(layout)})  # the buffer stays
+            content[RESULT] = ConfigRecord({**dict(content[RESULT]), "json": json.dumps(layout)})  # the buffer stays
         return Message(content, reply_to=message)
 
 

@@ -53,6 +53,22 @@ def test_an_inline_buffer_is_fewer_flower_objects_than_an_array_record():
     assert len(get_all_nested_objects(beside)) == 5  # ... and an ArrayRecord, its Array and the Array's chunk
 
 
+def test_a_reply_record_carries_its_other_fields_beside_the_weights_in_every_form():
+    fields = {"receipt": "{}", "steps": 3}
+    buffer, _ = pack(ARRAYS)
+    plain = RecordDict(weight_records(ARRAYS, packed=False, record="result", fields=fields))
+    inline = RecordDict(weight_records(ARRAYS, packed=True, record="result", fields=fields))
+    beside = RecordDict(weight_records(ARRAYS, packed=True, inline_limit=buffer.nbytes - 1, record="result", fields=fields))
+    assert set(plain) == {"arrays", "result"} and dict(plain["result"]) == fields  # no layout: the arrays are plain
+    assert list(inline) == ["result"] and inline["result"][BUFFER] == buffer.tobytes()
+    assert set(beside) == {"arrays", "result"} and BUFFER not in beside["result"]
+    for content in (plain, inline, beside):
+        assert {key: content["result"][key] for key in fields} == fields
+        assert update_digest(weights_of(content, "result")) == update_digest(ARRAYS)
+    with pytest.raises(InvalidInputError, match="inside 'result' or in 'arrays', not both"):
+        weights_of(RecordDict({**dict(inline), "arrays": beside["arrays"]}), "result")
+
+
 def test_inline_buffers_that_are_not_bytes_or_ride_twice_are_refused():
     buffer, layout = pack(ARRAYS)
     with pytest.raises(InvalidInputError, match="must be bytes"):

@@ -105,3 +105,36 @@ def test_no_other_module_builds_the_flower_environment_or_signals_a_group():
         f"{offenders}: build a Flower process's environment with federation.processes.flower_environment and stop "
         "a process group with federation.processes.stop_process_group (one helper each)"
     )
+
+
+def test_the_superlinks_own_superexec_polls_at_flowers_interval_not_the_short_one(tmp_path):
+    """The SuperLink started as ewtune starts it hands its SuperExec :data:`SUPERLINK_TASK_POLL_S`, although every
+    Flower process is started with the short poll of :data:`QUIET_FLOWER_ENVIRONMENT`: that SuperExec asks the one
+    SuperLink for a task all the time, run or no run."""
+    from ewtune.local_federation import LocalFederation
+    from federation.processes import SUPERLINK_TASK_POLL_S
+
+    assert float(SUPERLINK_TASK_POLL_S) > float(QUIET_FLOWER_ENVIRONMENT["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"])
+    with LocalFederation(tmp_path, []) as federation:
+        federation.start(daemons=False)
+        superlink = federation.processes["superlink"].pid
+        deadline, superexecs = time.monotonic() + 60, []
+        while not superexecs and time.monotonic() < deadline:
+            superexecs = [pid for pid in _children(superlink) if b"flower-superexec" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            time.sleep(0.2)
+        assert superexecs, "the SuperLink started no SuperExec"
+        environment = dict(
+            entry.split(b"=", 1) for entry in Path(f"/proc/{superexecs[0]}/environ").read_bytes().split(b"\0") if b"=" in entry
+        )
+        assert environment[b"FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == SUPERLINK_TASK_POLL_S.encode()
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    return children

@@ -22,7 +22,7 @@ from accountant.signing import SigningKey
 from accountant.verify import verify_ledger
 from coordinator.checkpoints import load_weights, save_weights
 from coordinator.config import load_federation_config
-from federation.messages import LAYOUT, PACKED_NAME, weight_records, weights_of
+from federation.messages import RESULT, weight_records, weights_of
 from coordinator.registry import new_registry
 from federation.cards import HolderCard
 from coordinator.server_app import Federation
@@ -56,8 +56,8 @@ class Node:
         if self.forgery == "no evaluation":  # the default of a holder: it releases no evaluation metrics
             return None
         if self.forgery == "list metrics":
-            return MetricRecord({"accuracy": [0.5, 0.6], "loss": 0.25})
-        return MetricRecord({"accuracy": 0.5, "num_examples": 10})
+            return {"accuracy": [0.5, 0.6], "loss": 0.25}
+        return {"accuracy": 0.5, "num_examples": 10}
 
     def reply(self, message):
         if message.metadata.message_type == MessageType.QUERY:
@@ -68,7 +68,7 @@ class Node:
             metrics = self.evaluation(message.content["config"])
             if metrics is None:
                 return Message(Error(code=0, reason="evaluation metrics are not released"), reply_to=message)
-            return Message(RecordDict({"metrics": metrics}), reply_to=message)
+            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
         if self.forgery == "silent":
             return None  # a dead daemon: the train message is never answered
         plan = message.content["config"]
@@ -83,28 +83,22 @@ class Node:
             document["receipt"]["event"]["event"]["noise_multiplier"] *= 2
         if self.forgery == "altered update":
             update["w"] = update["w"] + 1e-3
-        metrics = {"loss": 0.5, "examples": 10, "steps": plan["steps"]}
-        if self.forgery == "list metrics":
-            metrics["losses"] = [0.5, 0.4]
-        content = RecordDict({
-            **weight_records(update, packed=True),
-            "receipt": ConfigRecord({"document": json.dumps(document)}),
-            "metrics": MetricRecord(metrics),
-        })
-        if "evaluate" in message.content:  # the previous round's model, evaluated inside the train message
-            evaluation = self.evaluation(message.content["evaluate"])
+        result = {"receipt": json.dumps(document), "steps": [plan["steps"]] * 2 if self.forgery == "list metrics" else plan["steps"]}
+        if "evaluate_round" in plan:  # the previous round's model, evaluated inside the train message
+            evaluation = self.evaluation({"run_id": plan["run_id"], "round": plan["evaluate_round"]})
             if evaluation is None:
-                content["evaluation_refused"] = ConfigRecord({"reason": "evaluation metrics are not released"})
+                result["evaluation_refused"] = "evaluation metrics are not released"
             else:
-                content["evaluation"] = evaluation
+                result["evaluation"] = json.dumps(evaluation)
+        content = RecordDict(weight_records(update, packed=True, record=RESULT, fields=result))
         if self.forgery in ("object layout", "negative shape"):
             # The layout is not covered by the receipt's digest of the arrays: rewrite it after signing.
-            layout = json.loads(content[LAYOUT]["json"])
+            layout = json.loads(content[RESULT]["json"])
             if self.forgery == "object layout":
                 layout[0][1] = "|O"
             else:
                 layout[0][2] = [-2, -2]
-            content[LAYOUT] = ConfigRecord({**dict(content[LAYOUT]), "json": json.dumps(layout)})  # the buffer stays
+            content[RESULT] = ConfigRecord({**dict(content[RESULT]), "json": json.dumps(layout)})  # the buffer stays
         return Message(content, reply_to=message)
 
 
@@ -268,7 +262,8 @@ def test_a_composed_event_and_list_metrics_are_accepted_without_the_lists(hostil
     _, status, _, _, _ = hostile
     first = status["rounds"][0]["holders"]
     assert first["composed"]["status"] == "committed" and first["composed"]["steps"] == 3
-    assert first["lists"]["metrics"] == {"loss": 0.5, "examples": 10.0, "steps": 3.0}  # "losses" (a list) left out
+    assert first["honest"]["metrics"] == {"steps": 3.0}  # the one training figure a holder releases
+    assert first["lists"]["metrics"] == {} and first["lists"]["steps"] == 3  # a list for "steps" left out; the receipt says 3
     assert status["holders"]["lists"]["evaluation"]["1"] == {"loss": 0.25}  # the list-valued accuracy left out
     assert all(r["slowest_train_seconds"] is None and r["overhead_seconds"] is None for r in status["rounds"])
 

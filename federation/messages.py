@@ -106,8 +106,7 @@ def weights_of(content: RecordDict, record: str = LAYOUT) -> dict[str, np.ndarra
         if not isinstance(layout, ConfigRecord) or not isinstance(layout.get(LAYOUT_JSON), str):
             raise InvalidInputError(f"the {record!r} record must hold the layout as the string {LAYOUT_JSON!r}")
         return unpack(_packed_buffer(content, layout, record), layout[LAYOUT_JSON])
-    record = _array_record(content)
-    arrays = {name: _numpy(name, array, packed=False) for name, array in record.items()}
+    arrays = {name: _numpy(name, array, packed=False) for name, array in _array_record(content).items()}
     for name, array in arrays.items():
         check_weight_dtype(name, array.dtype)
     return arrays
@@ -120,10 +119,10 @@ def _packed_buffer(content: RecordDict, layout: ConfigRecord, record: str) -> np
         if not isinstance(layout[BUFFER], bytes):
             raise InvalidInputError(f"the {record!r} record's {BUFFER!r} must be bytes")
         return np.frombuffer(layout[BUFFER], dtype=np.uint8)
-    record = _array_record(content)
-    if set(record) != {PACKED_NAME}:
+    beside = _array_record(content)
+    if set(beside) != {PACKED_NAME}:
         raise InvalidInputError(f"a packed message must carry exactly one array named {PACKED_NAME!r}")
-    return _numpy(PACKED_NAME, record[PACKED_NAME], packed=True)
+    return _numpy(PACKED_NAME, beside[PACKED_NAME], packed=True)
 
 
 def _array_record(content: RecordDict) -> ArrayRecord:

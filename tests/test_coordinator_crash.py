@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny_federation import mr_holders, verified_ledgers
+from tiny_federation import descendants, mr_holders, verified_ledgers
 
 from accountant.crosscheck import cross_check, read_entries
 from coordinator import crash_points
@@ -40,27 +40,9 @@ from ewtune.local_federation import FederationJob, LocalFederation
 from federation.processes import flower_environment, stop_process_group
 
 
-def _descendants(root: int) -> list[int]:
-    """Every process below ``root`` (from /proc)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(fields[1])
-    found, frontier = [], [root]
-    while frontier:
-        children = [pid for pid, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
 def _serverapps(superlink_pid: int) -> list[int]:
     pids = []
-    for pid in _descendants(superlink_pid):
+    for pid in descendants(superlink_pid):
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:

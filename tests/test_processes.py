@@ -111,6 +111,8 @@ def test_the_superlinks_own_superexec_polls_at_flowers_interval_not_the_short_on
     """The SuperLink started as ewtune starts it hands its SuperExec :data:`SUPERLINK_TASK_POLL_S`, although every
     Flower process is started with the short poll of :data:`QUIET_FLOWER_ENVIRONMENT`: that SuperExec asks the one
     SuperLink for a task all the time, run or no run."""
+    from tiny_federation import descendants
+
     from ewtune.local_federation import LocalFederation
     from federation.processes import SUPERLINK_TASK_POLL_S
 
@@ -120,7 +122,7 @@ def test_the_superlinks_own_superexec_polls_at_flowers_interval_not_the_short_on
         superlink = federation.processes["superlink"].pid
         deadline, superexecs = time.monotonic() + 60, []
         while not superexecs and time.monotonic() < deadline:
-            superexecs = [pid for pid in _children(superlink) if b"flower-superexec" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            superexecs = [pid for pid in descendants(superlink) if b"flower-superexec" in Path(f"/proc/{pid}/cmdline").read_bytes()]
             time.sleep(0.2)
         assert superexecs, "the SuperLink started no SuperExec"
         environment = dict(
@@ -128,13 +130,3 @@ def test_the_superlinks_own_superexec_polls_at_flowers_interval_not_the_short_on
         )
         assert environment[b"FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == SUPERLINK_TASK_POLL_S.encode()
 
-
-def _children(pid: int) -> list[int]:
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(stat.parent.name))
-        except (OSError, ValueError):
-            continue
-    return children

@@ -1,6 +1,6 @@
 """What the tests that start a real federation of tiny-BERT holders (ewtune.local_federation) share: the holders'
 LoRA training settings, holders on disjoint shares of the MR sentences with the initial global weights, and the
-ledgers read back after each has been verified against its pinned key."""
+ledgers read back after each has been verified against its pinned key, and the processes a Flower process started."""
 
 from __future__ import annotations
 
@@ -40,3 +40,21 @@ def verified_ledgers(work: Path, credentials) -> tuple[Any, dict[str, Any], dict
         assert reports[holder_id].ok, reports[holder_id].summary()
         entries[holder_id] = read_entries(path)
     return report, reports, entries
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (from /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found

@@ -10,10 +10,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 FORBIDDEN = {
-    "accountant": {"torch", "flwr", "agent", "coordinator", "ewtune", "federation", "benchmarks"},
-    "federation": {"torch", "transformers", "agent", "coordinator", "ewtune", "benchmarks"},
-    "agent": {"coordinator", "ewtune", "benchmarks"},
-    "coordinator": {"agent", "ewtune", "benchmarks"},
+    "accountant": {"torch", "flwr", "agent", "coordinator", "ewtune", "federation", "bench"},
+    "federation": {"torch", "transformers", "agent", "coordinator", "ewtune", "bench"},
+    "agent": {"coordinator", "ewtune", "bench"},
+    "coordinator": {"agent", "ewtune", "bench"},
 }
 
 

@@ -20,8 +20,9 @@ time a round took (it tracks the batch sizes). Evaluation metrics leave only whe
 private evaluation: a noised confusion matrix, charged to the ledger (:mod:`agent.evaluation`).
 
 A refusal raises :class:`agent.policy.PlanRefused` before anything is written, so it charges nothing. A
-failure after a step ran charges the steps that ran (their privacy is spent whatever becomes of the
-update) and answers with a generic :class:`agent.rpc.RequestFailed`; the detail stays in the holder's log,
+failure after a step began (its sample drawn, records about to be read) charges every step that began, the
+failing one included: charging follows data access, not success, since a data-dependent failure is itself an
+answer about the data; only a failure before any record is touched is aborted free. It answers with a generic :class:`agent.rpc.RequestFailed`; the detail stays in the holder's log,
 since an error text can depend on the data. Requests are served one at a time. A crash between reserve and
 commit (SIGKILL, power loss) is reconciled at the next start from the progress journal, which records each
 step before it may run and the receipt before the commit (:mod:`agent.recovery`).
@@ -318,17 +319,18 @@ class Daemon:
         try:
             self.trainer.load_trainable_state(state)
             result = self.trainer.train(step_plan, should_stop=self._step_gate(reservation))
-        except TrainingFailed as failure:
-            self._charge_failure(reservation, failure.event, failure.cause)
-        except BaseException as failure:
-            self._charge_failure(reservation, None, failure)
+        except TrainingFailed as failure:  # records were touched: every step that began is charged
+            self._charge_failure(reservation, failure.event, failure.cause, failure.what_ran)
+        except BaseException as failure:  # before any record was touched (loading the weights, the optimizer)
+            self._charge_failure(reservation, None, failure, "failed before the first step: nothing was released")
         if result.event is None:
             with self._ledger_lock:
                 self.ledger.abort(reservation, "the daemon stopped before the first step: nothing was released")
             raise DaemonUnavailable("the daemon is stopping: no step ran and nothing was released")
         update = {name: _to_numpy(tensor) for name, tensor in result.trainable_state.items()}
         if not all(np.isfinite(array).all() for array in update.values()):
-            self._charge_failure(reservation, result.event, ValueError("the update is not finite"))
+            self._charge_failure(reservation, result.event, ValueError("the update is not finite"),
+                                 f"all {result.event.steps} step(s) ran; the update was not finite and was not released")
         receipt = Receipt(plan.run_id, plan.round, self.holder_id, result.event, update_digest(update))
         document = sign_receipt(self.key, receipt)
         self._journal.receipt(reservation, document)
@@ -344,16 +346,18 @@ class Daemon:
         released = {name: float(result.metrics[name]) for name in RELEASED_TRAINING_METRICS if name in result.metrics}
         return TrainReply(update, document, released)
 
-    def _charge_failure(self, reservation: int, executed: PoissonGaussianEvent | None, cause: BaseException) -> NoReturn:
-        """Close the reservation of a failed round and raise the generic error: steps that ran are committed
-        (spent, though nothing was released), a failure before any step is aborted."""
-        log.error("reservation %d failed after %d step(s): %s: %s", reservation, executed.steps if executed else 0,
-                  type(cause).__name__, cause, exc_info=cause)
+    def _charge_failure(self, reservation: int, executed: PoissonGaussianEvent | None, cause: BaseException,
+                        what_ran: str) -> NoReturn:
+        """Close the reservation of a failed round and raise the generic error. Charging follows data access,
+        not success: the steps that began are committed (spent, though nothing was released; a failure that
+        depends on the data is an answer about it), and only a failure before any record was touched
+        (``executed`` None) is aborted. ``what_ran`` is the ledger's reason, in words."""
+        log.error("reservation %d failed (%s): %s: %s", reservation, what_ran, type(cause).__name__, cause, exc_info=cause)
         with self._ledger_lock:
             if executed is None:
-                self.ledger.abort(reservation, "failed before the first step: nothing was released")
+                self.ledger.abort(reservation, what_ran)
             else:
-                self.ledger.commit(reservation, executed, extra={"released": False, "randomness": RANDOMNESS})
+                self.ledger.commit(reservation, executed, extra={"released": False, "reason": what_ran, "randomness": RANDOMNESS})
         raise RequestFailed(
             "the round failed; any steps that ran were charged to the holder's ledger (details in the holder's log)"
         ) from None
@@ -362,14 +366,21 @@ class Daemon:
         from agent.evaluation import private_metrics
 
         saved = {name: tensor.detach().clone() for name, tensor in self.trainer.trainable_state().items()}
+        records_read = False
         try:
             self.trainer.load_trainable_state(state)
             self._journal.step(reservation, 1)
+            records_read = True
             metrics = private_metrics(self.trainer.confusion_matrix(), event.noise_multiplier)
-        except BaseException as failure:
+        except BaseException as failure:  # once held-out records were read, a failure is charged like the release
             log.error("evaluation (reservation %d) failed: %s: %s", reservation, type(failure).__name__, failure)
             with self._ledger_lock:
-                self.ledger.abort(reservation, "the evaluation failed: nothing was released")
+                if records_read:
+                    self.ledger.commit(reservation, event, extra={
+                        "purpose": EVALUATION_PURPOSE, "released": False, "randomness": RANDOMNESS,
+                        "reason": "the evaluation failed after it read the held-out records; charged"})
+                else:
+                    self.ledger.abort(reservation, "the evaluation failed before it read a record: nothing was released")
             raise RequestFailed("the evaluation failed; nothing was released (details in the holder's log)") from None
         finally:
             self.trainer.load_trainable_state(saved)

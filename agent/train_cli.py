@@ -175,9 +175,13 @@ def _run_phases(args, trainer, recipe, calibrated, ledger, progress) -> list:
         reservation = None if ledger is None else ledger.reserve(ledger.writer_id, run_id, index, event)
         try:
             result = _train_with_progress(trainer, plan, name, progress)
-        except TrainingFailed as failure:
+        except TrainingFailed as failure:  # records were touched: the steps that began are charged
             if reservation is not None:
-                _close(ledger, reservation, failure.event, {"phase": name, "released": False})
+                ledger.commit(reservation, failure.event, extra={"phase": name, "released": False, "reason": failure.what_ran})
+            raise
+        except Exception:
+            if reservation is not None:
+                ledger.abort(reservation, f"the {name} phase failed before any record was touched: nothing ran")
             raise
         if reservation is not None:
             _close(ledger, reservation, result.event, {"phase": name, "randomness": result.randomness})

@@ -25,6 +25,7 @@ import torch
 
 from accountant.errors import EwtuneError, InvalidInputError
 from accountant.events import PoissonGaussianEvent
+from accountant.sampling import executable_sampling_rate
 from agent import models
 from agent.data import DataSpec, collate, load_local_data
 from agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
@@ -117,13 +118,17 @@ class TrainResult:
 
 
 class TrainingFailed(EwtuneError):
-    """A run failed after ``event``'s steps had executed (``None``: before the first): the privacy of those
-    steps is spent whatever happens to the update, so the caller must account ``event``."""
+    """A run failed after it touched records: ``event`` counts every step that *began* (its Poisson sample was
+    drawn, or, for ``steps = 1`` with ``what_ran`` saying so, the feature cache read the records), the failing
+    step included. Charging follows data access, not success: a data-dependent failure is an answer about
+    the data, so the caller must account ``event`` (a failure before any record is touched is no
+    TrainingFailed). ``what_ran`` says it in words, for the ledger."""
 
-    def __init__(self, event: PoissonGaussianEvent | None, cause: BaseException):
-        super().__init__(f"training failed after {event.steps if event else 0} step(s): {type(cause).__name__}: {cause}")
+    def __init__(self, event: PoissonGaussianEvent, cause: BaseException, what_ran: str):
+        super().__init__(f"training failed ({what_ran}): {type(cause).__name__}: {cause}")
         self.event = event
         self.cause = cause
+        self.what_ran = what_ran
 
 
 class LocalTrainer:
@@ -215,7 +220,12 @@ class LocalTrainer:
         head_only = plan.head_only or self.config.mode == "head"
         if head_only and self.config.task != "classification":
             raise InvalidInputError("a head-only run needs a classification task")
-        module, collate_fn = self.phase_inputs(head_only)
+        try:
+            module, collate_fn = self.phase_inputs(head_only)
+        except Exception as failure:  # the caches read every training record: charged as the first step
+            first = PoissonGaussianEvent(executable_sampling_rate(plan.sampling_rate), plan.noise_multiplier, 1)
+            raise TrainingFailed(first, failure, "failed while caching the records' features, before step 1 ran; "
+                                 "charged as 1 step") from failure
         try:
             with _only_head_trainable(self.model, head_only):
                 event, metrics = self._train(plan, module, collate_fn, should_stop, on_step)
@@ -273,7 +283,9 @@ class LocalTrainer:
                 torch.manual_seed(dropout_seed)
                 _run_steps(engine, sampler, collate_fn, should_stop, on_step, progress)
         except Exception as failure:
-            raise TrainingFailed(progress.event(sampler, plan), failure) from failure
+            if not progress.begun:  # no sample drawn, no record read
+                raise
+            raise TrainingFailed(progress.event(sampler, plan), failure, progress.what_ran(plan)) from failure
         finally:
             clipper.close()
         metrics = {
@@ -330,21 +342,29 @@ class LocalTrainer:
 
 @dataclass
 class _Progress:
-    executed: int = 0
+    begun: int = 0  # steps whose sample was drawn and handed to the engine: charged, whether they ended or not
+    executed: int = 0  # steps that ended
     examples: int = 0
     loss_sum: float = 0.0
 
     def event(self, sampler: PoissonSampler, plan: StepPlan) -> PoissonGaussianEvent | None:
-        if not self.executed:
+        """The mechanism to charge: every step that began, at the rate the sampler realised."""
+        if not self.begun:
             return None
-        return PoissonGaussianEvent(sampler.executed_rate, plan.noise_multiplier, self.executed)
+        return PoissonGaussianEvent(sampler.executed_rate, plan.noise_multiplier, self.begun)
+
+    def what_ran(self, plan: StepPlan) -> str:
+        return (f"failed in step {self.begun} of {plan.steps} after {self.executed} completed step(s); "
+                f"{self.begun} step(s) charged")
 
 
 def _run_steps(engine, sampler, collate_fn, should_stop, on_step, progress: _Progress) -> None:
-    """One engine step per sampled batch until done or stopped, counted in ``progress`` as each step ends."""
+    """One engine step per sampled batch until done or stopped, counted in ``progress`` as it begins (its
+    sample drawn, before any record is read) and as it ends."""
     for indices in sampler:
         if should_stop is not None and should_stop():
             break
+        progress.begun += 1
         stats = engine.step(collate_fn(indices))
         progress.executed += 1
         progress.examples += stats.examples

@@ -302,6 +302,63 @@ def test_a_failure_after_steps_ran_charges_them_and_says_nothing_of_the_data(dae
     assert daemon.describe()["spent_epsilon_certified"] > 0
 
 
+def test_a_step_that_fails_after_reading_records_is_charged_with_the_steps_before_it(daemon_parts, trainer):
+    """The attack: a model whose forward raises inside step 3 (a data-dependent failure, e.g. on one record's
+    value). The reservation used to be charged only for the 2 steps that ended (or aborted free when the first
+    step failed), a free query. Charging follows data access: the 3 steps that began are committed, and the
+    ledger's reason says what ran."""
+    from agent.daemon import Daemon
+
+    key, ledger, ledger_path = daemon_parts
+    daemon = Daemon(HOLDER, HolderPolicy(**BUDGET), trainer, ledger, key)
+    steps_begun = []
+    real_collate = trainer.collate
+
+    def counting_collate(indices):
+        steps_begun.append(len(indices))
+        return real_collate(indices)
+
+    def raise_in_step_three(module, inputs):
+        if len(steps_begun) == 3:
+            raise RuntimeError("forward failed on a record of step 3 (simulated data-dependent error)")
+
+    trainer.collate = counting_collate
+    hook = trainer.model.register_forward_pre_hook(raise_in_step_three)
+    try:
+        with pytest.raises(RequestFailed) as raised:
+            daemon.train(_global_weights(trainer), dict(PLAN, steps=6))
+    finally:
+        hook.remove()
+        del trainer.collate
+    assert "step 3" not in str(raised.value)
+    assert len(steps_begun) == 3
+    commit = _entries(ledger_path)[-1]
+    assert commit["kind"] == "commit" and commit["payload"]["event"]["event"]["steps"] == 3
+    assert commit["payload"]["extra"]["released"] is False
+    assert commit["payload"]["extra"]["reason"] == "failed in step 3 of 6 after 2 completed step(s); 3 step(s) charged"
+    assert verify_ledger(ledger_path).ok
+    from accountant.certified import certified_epsilon
+
+    three = PoissonGaussianEvent(executable_sampling_rate(PLAN["sampling_rate"]), PLAN["noise_multiplier"], 3)
+    assert daemon.describe()["spent_epsilon_certified"] == pytest.approx(certified_epsilon(three, 1e-5), rel=1e-9)
+
+
+def test_an_evaluation_that_fails_after_reading_the_held_out_records_is_charged(daemon_parts, trainer):
+    from agent.daemon import Daemon
+
+    key, ledger, ledger_path = daemon_parts
+    daemon = Daemon(HOLDER, HolderPolicy(**BUDGET, evaluation="private"), trainer, ledger, key)
+    hook = trainer.model.register_forward_pre_hook(lambda module, inputs: (_ for _ in ()).throw(RuntimeError("held-out record")))
+    try:
+        with pytest.raises(RequestFailed):
+            daemon.evaluate(_global_weights(trainer), EVALUATION)
+    finally:
+        hook.remove()
+    commit = _entries(ledger_path)[-1]
+    assert commit["kind"] == "commit" and commit["payload"]["extra"]["released"] is False
+    assert daemon.describe()["spent_epsilon_certified"] > 0
+
+
 EVALUATION = {"run_id": "run-1", "round": 0}
 
 

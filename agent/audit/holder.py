@@ -132,7 +132,9 @@ class AuditTrainer:
             with broken(self.config.breakage):
                 _run_steps(engine, sampler, self.collator, should_stop, on_step, progress)
         except Exception as failure:
-            raise TrainingFailed(progress.event(sampler, plan), failure) from failure
+            if not progress.begun:
+                raise
+            raise TrainingFailed(progress.event(sampler, plan), failure, progress.what_ran(plan)) from failure
         finally:
             clipper.close()
         metrics = {"steps": progress.executed, "examples": progress.examples, "seconds": time.perf_counter() - started}

@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any, NoReturn
 
 import numpy as np
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 # unless the daemon was stopping; the training loss, the sampled-record count and the training time are
 # computed from the data without noise, so they stay in the holder's log.
 RELEASED_TRAINING_METRICS = ("steps",)
+
+# The window of the policy's max_evaluations_per_day.
+EVALUATION_WINDOW = timedelta(days=1)
 
 # Recorded in every commit: the randomness of the release, and the public metadata that left with it.
 RANDOMNESS = SecureRandom.name
@@ -214,7 +218,8 @@ class Daemon:
     def evaluate(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any] | None = None) -> dict[str, float]:
         """Private evaluation of ``arrays`` on the held-out split (policy ``evaluation = "private"``): the
         confusion matrix noised and charged to the ledger as one Gaussian-mechanism event; at most
-        ``max_evaluations_per_run`` per run. The trainer's own weights are restored afterwards."""
+        ``max_evaluations_per_day`` in any 24 hours, whatever the run ids. The trainer's own weights are
+        restored afterwards."""
         if self.policy.evaluation != "private":
             raise PlanRefused('this holder releases no evaluation metrics (its policy has evaluation = "none")')
         run_id, round = _evaluation_request(config)
@@ -223,7 +228,7 @@ class Daemon:
             self._refuse_if_stopping()
             state = self._state_from_arrays(arrays)
             with self._ledger_lock:
-                self._check_evaluations_left(run_id)
+                self._check_evaluations_left()
                 self._check_budget(event)
                 reservation = self._reserve(run_id, round, event)
             try:
@@ -398,12 +403,14 @@ class Daemon:
     def _release_facts(self) -> dict[str, Any]:
         return {"randomness": RANDOMNESS, "public": {"dataset_size": self.released_dataset_size}}
 
-    def _check_evaluations_left(self, run_id: str) -> None:
-        done = _evaluations_of_run(self.ledger.entries, run_id)
-        if done >= self.policy.max_evaluations_per_run:
+    def _check_evaluations_left(self) -> None:
+        """At most ``max_evaluations_per_day`` private evaluations in the last 24 hours, counted from the ledger."""
+        since = datetime.now(timezone.utc) - EVALUATION_WINDOW
+        done = _evaluations_since(self.ledger.entries, since)
+        if done >= self.policy.max_evaluations_per_day:
             raise PlanRefused(
-                f"run {run_id!r} has had its {done} private evaluation(s); this holder allows "
-                f"{self.policy.max_evaluations_per_run} per run"
+                f"this holder has released {done} private evaluation(s) in the last 24 hours and allows "
+                f"{self.policy.max_evaluations_per_day} per day"
             )
 
     def _state_from_arrays(self, arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -470,15 +477,16 @@ def _evaluation_request(config: Mapping[str, Any] | None) -> tuple[str, int]:
     return config["run_id"], round
 
 
-def _evaluations_of_run(entries, run_id: str) -> int:
-    """Private evaluations committed for ``run_id``: commits marked with the evaluation purpose."""
-    runs = {entry["seq"]: entry["payload"].get("run_id") for entry in entries if entry["kind"] == "reserve"}
+def _evaluations_since(entries, since: datetime) -> int:
+    """Private evaluations committed at or after ``since``, whatever their run: commits marked with the
+    evaluation purpose (a failed one that read records included). Ledger times are fixed-width UTC text."""
+    cutoff = since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return sum(
         1
         for entry in entries
         if entry["kind"] == "commit"
         and entry["payload"].get("extra", {}).get("purpose") == EVALUATION_PURPOSE
-        and runs.get(entry["payload"].get("reservation")) == run_id
+        and entry["time"] >= cutoff
     )
 
 

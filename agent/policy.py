@@ -42,7 +42,8 @@ class HolderPolicy:
     - ``evaluation``: ``"none"`` (default) releases no evaluation metrics at all; ``"private"`` releases the
       confusion matrix of the held-out split with Gaussian noise of std ``evaluation_noise_multiplier`` per
       cell (sensitivity 1 under add/remove-one), charged to the ledger as an event, at most
-      ``max_evaluations_per_run`` times per run.
+      ``max_evaluations_per_day`` times in any 24 hours, counted from the ledger's own evaluation commits (a
+      limit per run would be no limit: the coordinator chooses the run ids; a restart does not reset it).
     - ``dataset_size_granularity``: the training set size N is released (it is public metadata, the FedAvg
       weight) rounded down to a multiple of this (1: exact).
     - ``audit_runs``: whether this holder takes part in empirical privacy audits (``false`` by default). An
@@ -62,7 +63,7 @@ class HolderPolicy:
     min_noise_multiplier: float = 0.5
     evaluation: str = "none"
     evaluation_noise_multiplier: float = 20.0
-    max_evaluations_per_run: int = 10
+    max_evaluations_per_day: int = 10
     dataset_size_granularity: int = 1
     audit_runs: bool = False
 
@@ -82,7 +83,7 @@ class HolderPolicy:
         if self.evaluation not in EVALUATION_MODES:
             raise InvalidInputError(f"evaluation must be one of {', '.join(EVALUATION_MODES)}, got {self.evaluation!r}")
         _positive_finite("evaluation noise multiplier", self.evaluation_noise_multiplier)
-        _integer("max evaluations per run", self.max_evaluations_per_run, minimum=0)
+        _integer("max evaluations per day", self.max_evaluations_per_day, minimum=0)
         _integer("dataset size granularity", self.dataset_size_granularity, minimum=1)
         if not isinstance(self.audit_runs, bool):
             raise InvalidInputError(f"audit_runs must be true or false, got {self.audit_runs!r}")
@@ -220,6 +221,11 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         raise InvalidInputError(
             f"{path}: [policy] release_evaluation_metrics is gone: exact metrics are never released; "
             'use evaluation = "none" (default) or evaluation = "private" (noised and charged to the ledger)'
+        )
+    if "max_evaluations_per_run" in policy_table:
+        raise InvalidInputError(
+            f"{path}: [policy] max_evaluations_per_run is gone: the coordinator chooses run ids, so the limit is per "
+            "holder and day; use max_evaluations_per_day"
         )
     if "allowed_models" in policy_table:
         policy_table["allowed_models"] = strings(policy_table["allowed_models"], "[policy] allowed_models", path)

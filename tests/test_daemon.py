@@ -371,10 +371,10 @@ def test_no_evaluation_metrics_leave_by_default(daemon_parts, trainer):
     _assert_nothing_charged(daemon, daemon_parts[2])
 
 
-def test_private_evaluation_is_noised_charged_and_limited_per_run(daemon_parts, trainer):
+def test_private_evaluation_is_noised_charged_and_limited_per_day(daemon_parts, trainer):
     from accountant.certified import certified_epsilon
 
-    daemon = _daemon(daemon_parts, trainer, evaluation="private", evaluation_noise_multiplier=5.0, max_evaluations_per_run=2)
+    daemon = _daemon(daemon_parts, trainer, evaluation="private", evaluation_noise_multiplier=5.0, max_evaluations_per_day=2)
     before = _global_weights(trainer)
     other = {name: array + np.float32(0.5) for name, array in before.items()}
     first, second = daemon.evaluate(other, EVALUATION), daemon.evaluate(other, dict(EVALUATION, round=1))
@@ -389,12 +389,44 @@ def test_private_evaluation_is_noised_charged_and_limited_per_run(daemon_parts, 
     spent = daemon.describe()["spent_epsilon_certified"]
     assert spent == pytest.approx(certified_epsilon(PoissonGaussianEvent(1.0, 5.0, 2), 1e-5), rel=1e-9)
     assert spent > certified_epsilon(PoissonGaussianEvent(1.0, 5.0, 1), 1e-5) > 0
-    with pytest.raises(PlanRefused, match="allows 2 per run"):
+    with pytest.raises(PlanRefused, match="allows 2 per day"):
         daemon.evaluate(other, dict(EVALUATION, round=2))
     assert len(_kinds(daemon_parts[2])) == 5
-    assert daemon.evaluate(other, dict(EVALUATION, run_id="run-2"))["noise_multiplier"] == 5.0
     with pytest.raises(InvalidInputError, match="run_id"):
         daemon.evaluate(other, {})
+
+
+def test_evaluations_under_fresh_run_ids_or_after_a_restart_stay_within_the_daily_limit(daemon_parts, trainer):
+    """The attack: the limit counted per run id, which the coordinator chooses, so a fresh run id bought a fresh
+    allowance. The limit is per holder and 24 hours, counted from the ledger's own evaluation commits."""
+    from agent.daemon import Daemon, _evaluations_since
+
+    key, ledger, ledger_path = daemon_parts
+    policy = HolderPolicy(**BUDGET, evaluation="private", evaluation_noise_multiplier=5.0, max_evaluations_per_day=2)
+    daemon = Daemon(HOLDER, policy, trainer, ledger, key)
+    weights = _global_weights(trainer)
+    daemon.evaluate(weights, dict(EVALUATION, run_id="run-a"))
+    daemon.evaluate(weights, dict(EVALUATION, run_id="run-b"))
+    with pytest.raises(PlanRefused, match="allows 2 per day"):
+        daemon.evaluate(weights, dict(EVALUATION, run_id="run-c"))
+    daemon.close()
+    restarted = Daemon(HOLDER, policy, trainer, Ledger.open(ledger_path, key), key)
+    try:
+        with pytest.raises(PlanRefused, match="2 private evaluation"):
+            restarted.evaluate(weights, dict(EVALUATION, run_id="run-d"))
+        assert _kinds(ledger_path).count("commit") == 2
+        from datetime import datetime, timedelta, timezone
+
+        assert _evaluations_since(restarted.ledger.entries, datetime.now(timezone.utc) + timedelta(seconds=1)) == 0
+    finally:
+        restarted.close()
+
+
+def test_a_per_run_evaluation_limit_in_agent_toml_is_a_one_line_error(tmp_path, tiny_bert_dir, mr_csv):
+    path = _agent_toml(tmp_path, tiny_bert_dir, mr_csv)
+    path.write_text(path.read_text().replace("[policy]", "[policy]\nmax_evaluations_per_run = 3", 1))
+    with pytest.raises(InvalidInputError, match="max_evaluations_per_day"):
+        load_agent_config(path)
 
 
 def test_private_metrics_follow_the_noised_confusion_matrix():

@@ -40,7 +40,7 @@ REQUIRED_INTERNALS: dict[str, tuple[str, ...]] = {
     "flwr.supernode.runtime.run_clientapp": ("pull_task_input", "push_message", "push_task_output", "pull_and_inflate_object_from_tree"),
     "flwr.supercore.runtime": ("RuntimeHttpClient",),
     "flwr.supercore.heartbeat": ("HeartbeatSender",),
-    "flwr.supercore.interceptors": ("RuntimeTokenHttpInterceptor", "RuntimeVersionHttpInterceptor"),
+    "flwr.supercore.interceptors": ("RuntimeTokenHttpInterceptor", "RuntimeVersionHttpInterceptor", "SuperExecAuthHttpInterceptor"),
     "flwr.supercore.retry": ("make_simple_http_retry_invoker",),
     "flwr.proto.runtime_pb2": ("AcquireTaskRequest", "SendTaskHeartbeatRequest"),
     "flwr.supercore.constant": ("TaskType",),
@@ -57,6 +57,7 @@ SLOW_POLL_S = 1.0  # ... up to this, while the run is active
 REPLY_WAIT_S = 0.02  # the SuperNode's wait for a reply or an object (flwr: 0.5 s)
 ACTIVE_WINDOW_S = 120.0  # a node that saw a message within this window polls fast; afterwards as flwr does
 OBJECT_BACKOFF_S, OBJECT_BACKOFF_CAP_S = 0.05, 0.5  # pull_objects' first retry and cap (flwr: 1 s and 10 s)
+ACQUIRE_TASK_METHOD = "/flwr.proto.Runtime/AcquireTask"  # the one Runtime call flwr 1.42 signs with the SuperExec secret
 SUPERLINK_BUSY_TIMEOUT_MS = 120_000  # how long the SuperLink's SQLite waits for a lock (flwr: 5000)
 
 
@@ -217,10 +218,12 @@ class WarmTaskLoop:
     that restarts is reconnected to.
     """
 
-    def __init__(self, runtime_address: str, handler: TaskHandler, wake: threading.Event | None = None, poll_interval: float = 1.0):
+    def __init__(self, runtime_address: str, handler: TaskHandler, wake: threading.Event | None = None, poll_interval: float = 1.0,
+                 secret: bytes | None = None):
         """``wake`` (``ActivePolling.arrived``) is set when the SuperNode stores a message: the loop then asks
         for the task at once instead of polling the Runtime API many times a second; ``poll_interval`` is the
-        fallback poll."""
+        fallback poll. ``secret``: the SuperNode's ``--superexec-auth-secret-file`` secret, with which the loop
+        signs its AcquireTask requests as ``flower-superexec`` does."""
         check_flower_internals()
         from flwr.supernode.runtime import run_clientapp
 
@@ -229,6 +232,7 @@ class WarmTaskLoop:
         if not isinstance(run_clientapp.pull_and_inflate_object_from_tree, functools.partial):
             run_clientapp.pull_and_inflate_object_from_tree = _short_backoff(run_clientapp.pull_and_inflate_object_from_tree)
         self.runtime_address, self.handler, self.poll_interval = runtime_address, handler, poll_interval
+        self._secret = secret
         self.wake = wake or threading.Event()
         self.served = 0
         self._stop = threading.Event()
@@ -247,7 +251,7 @@ class WarmTaskLoop:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
 
-        acquirer = self._client(component="SuperExec")
+        acquirer = self._client(component="SuperExec", secret=self._secret)
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
         while not self._stop.is_set():
             self.wake.clear()  # a message stored from here on wakes the wait below
@@ -301,14 +305,20 @@ class WarmTaskLoop:
             log.info("%s message %s in %.2f s (%s)", kind, "answered" if status == SubStatus.COMPLETED else "failed",
                      time.monotonic() - started, _phases(started, marks, time.monotonic()))
 
-    def _client(self, component: str, token: str | None = None):
-        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    def _client(self, component: str, token: str | None = None, secret: bytes | None = None):
+        from flwr.supercore.interceptors import (
+            RuntimeTokenHttpInterceptor,
+            RuntimeVersionHttpInterceptor,
+            SuperExecAuthHttpInterceptor,
+        )
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
 
         interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
         if token is not None:
             interceptors.append(RuntimeTokenHttpInterceptor(token))
+        if secret is not None:
+            interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=[ACQUIRE_TASK_METHOD]))
         return RuntimeHttpClient.from_server_address(
             server_address=self.runtime_address,
             insecure=True,  # the Runtime API listens on loopback only

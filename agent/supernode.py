@@ -7,8 +7,10 @@ The command (flwr 1.42's ``flower-supernode``; deploy/README.md shows it as a sy
         --node-config 'daemon-address="unix:///run/ewtune/agent.sock" holder-id="holder0"'
 
 By default the SuperNode runs in ``--isolation process`` under :mod:`agent.warm_supernode`, whose one task
-loop serves every message with the ClientApp already imported; ``isolation = "subprocess"`` in ``[supernode]``
-keeps Flower's default (a fresh ClientApp process per message, started by ``flower-superexec``).
+loop serves every message with the ClientApp already imported, and whose Runtime API answers only that loop
+(a fresh SuperExec secret per start); ``isolation = "subprocess"`` in ``[supernode]`` keeps Flower's default (a
+fresh ClientApp process per message, started by ``flower-superexec``), whose Runtime API on 127.0.0.1 any local
+process can ask for tasks: flwr 1.42 ignores the SuperExec secret in that mode.
 
 The node id is fixed when the operator registers the public key (``flwr supernode register``), so restarts
 keep it. The SuperNode runs in its own process group: stopping it also stops its ``flower-superexec`` and
@@ -55,6 +57,8 @@ def supernode_command(config: SuperNodeConfig, daemon_address: str, holder_id: s
     if config.isolation == "warm":
         command = [sys.executable, "-m", "agent.warm_supernode"]
     else:
+        log.warning("isolation = \"subprocess\": the SuperNode's Runtime API on 127.0.0.1:%d is open to every local "
+                    "process (flwr 1.42 ignores the SuperExec secret in this mode); the default \"warm\" closes it", config.port)
         command = [_executable(config)]
     command += ["--superlink", config.superlink, "--port", str(config.port)]
     if config.insecure:

@@ -64,13 +64,17 @@ def register(subparsers) -> None:
         description="Serve the run's status page (holders, their state, certified epsilon spent and left, round, "
         "accuracy so far, recent events; it refreshes every 2 s) and GET /status.json until SIGTERM/SIGINT. "
         "Read-only: every method but GET and HEAD is answered 405. Binds to 127.0.0.1 unless --host; any other "
-        "address needs TLS with the SuperLink certificate of --credentials.",
+        "address needs TLS with the SuperLink certificate of --credentials, and every request the token of "
+        "--token-file (HTTP Basic password, any user name, or 'Authorization: Bearer TOKEN'; 401 without it). "
+        "At most 32 connections at a time, each closed 5 s after it opened.",
     )
     serve.add_argument("--config", required=True, help="federation.toml")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8480, help="port (default 8480)")
     serve.add_argument("--credentials", metavar="DIR",
                        help="serve over TLS with the SuperLink certificate and key of `ewtune keys init` DIR")
+    serve.add_argument("--token-file", metavar="FILE",
+                       help="the token required off loopback; made (0600) when missing (default: status-token beside status.json)")
     serve.set_defaults(func=_serve_status)
 
     status = commands.add_parser("status", help="rounds, holders, budgets and accuracy of a run", description="Show the status of the run of federation.toml.")
@@ -177,9 +181,12 @@ def _serve_status(args: argparse.Namespace) -> int:
     import threading
 
     from coordinator.config import load_federation_config
-    from coordinator.status_server import StatusServer
+    from coordinator.status_server import StatusServer, status_token
+    from coordinator.superlink import is_loopback
 
     config = load_federation_config(args.config)
+    token_file = Path(args.token_file) if args.token_file else config.output_dir / "status-token"
+    token = None if is_loopback(args.host) and not args.token_file else status_token(token_file)
     tls = {}
     if args.credentials is not None:
         from coordinator.credentials import load_credentials
@@ -189,8 +196,9 @@ def _serve_status(args: argparse.Namespace) -> int:
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    with StatusServer(config.output_dir / "status.json", args.host, args.port, **tls) as page:
-        print(f"status page of {config.output_dir / 'status.json'}: {page.url} (read-only)", flush=True)
+    with StatusServer(config.output_dir / "status.json", args.host, args.port, token=token, **tls) as page:
+        access = f", token in {token_file}" if token else ""
+        print(f"status page of {config.output_dir / 'status.json'}: {page.url} (read-only{access})", flush=True)
         stopping.wait()
     return 0
 

@@ -152,3 +152,172 @@ def test_the_page_follows_a_live_federation_in_chromium(tiny_pooled_dir, mr_csv,
         assert rows[name][1] == "active" and rows[name][9] == "2"
         assert float(rows[name][4]) == pytest.approx(result["holders"][name]["epsilon_certified"], abs=5e-4)
         assert float(rows[name][4]) > 0
+
+
+@pytest.fixture
+def exposed(tmp_path):
+    """The page bound to every address (off loopback: TLS and a token), reached over 127.0.0.1."""
+    from coordinator.credentials import init_credentials
+    from coordinator.status_server import status_token
+
+    credentials = init_credentials(tmp_path / "keys")
+    write(tmp_path / "status.json", status(2))
+    token = status_token(tmp_path / "status-token")
+    tls = {"certificate": credentials.server_certificate, "key": credentials.server_key}
+    with StatusServer(tmp_path / "status.json", host="0.0.0.0", token=token, **tls) as page:
+        port = page.url.rsplit(":", 1)[1].strip("/")
+        yield f"https://127.0.0.1:{port}/", token, ssl.create_default_context(cafile=str(credentials.ca_certificate))
+
+
+def authorised(url: str, context, authorization: str | None) -> tuple[int, dict, bytes]:
+    headers = {"Authorization": authorization} if authorization else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10, context=context) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def test_off_loopback_every_request_needs_the_token(exposed, tmp_path):
+    import base64
+
+    url, token, context = exposed
+    assert (tmp_path / "status-token").stat().st_mode & 0o777 == 0o600
+    for path in ("", "status.json", "status.js"):
+        code, headers, body = authorised(url + path, context, None)
+        assert code == 401 and headers["WWW-Authenticate"].startswith("Basic") and b"rounds" not in body
+    assert authorised(url + "status.json", context, "Bearer " + token[:-1] + "x")[0] == 401
+    assert authorised(url + "status.json", context, "Basic " + base64.b64encode(b"anyone:guess").decode())[0] == 401
+    code, _, body = authorised(url + "status.json", context, "Bearer " + token)
+    assert code == 200 and json.loads(body)["rounds_completed"] == 2
+    basic = "Basic " + base64.b64encode(f"operator:{token}".encode()).decode()  # what a browser sends once asked
+    assert authorised(url, context, basic)[0] == 200
+
+
+def test_off_loopback_the_page_is_refused_without_a_token_or_tls(tmp_path):
+    from coordinator.credentials import init_credentials
+
+    credentials = init_credentials(tmp_path / "keys")
+    with pytest.raises(InvalidInputError, match="a token"):
+        StatusServer(tmp_path / "status.json", host="0.0.0.0", certificate=credentials.server_certificate, key=credentials.server_key)
+    with pytest.raises(InvalidInputError, match="only with TLS"):
+        StatusServer(tmp_path / "status.json", host="0.0.0.0", token="a token")
+
+
+def test_the_token_file_is_made_private_once_and_then_read(tmp_path):
+    from coordinator.status_server import status_token
+
+    path = tmp_path / "run" / "status-token"
+    first = status_token(path)
+    assert len(first) >= 40 and path.stat().st_mode & 0o777 == 0o600
+    assert status_token(path) == first
+    path.write_text("")
+    with pytest.raises(InvalidInputError, match="is empty"):
+        status_token(path)
+
+
+def test_idle_connections_beyond_the_limit_cannot_starve_a_request(exposed):
+    """More idle TLS connections than the limit (none starts its handshake): a request gets an answer or a
+    quick refusal, never a wait; once the idle ones pass their deadline it is answered again while their
+    clients still hold them open."""
+    import socket
+
+    from coordinator.status_server import CONNECTION_DEADLINE_S, MAX_CONNECTIONS
+
+    url, token, context = exposed
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS + 8)]
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        try:
+            outcome = authorised(url + "status.json", context, "Bearer " + token)[0]
+        except (urllib.error.URLError, ConnectionError, ssl.SSLError) as refused:
+            outcome = f"refused: {refused}"
+        assert time.monotonic() - started < 2.0, outcome  # answered or refused at once, not left waiting
+        time.sleep(CONNECTION_DEADLINE_S + 0.5)
+        started = time.monotonic()
+        assert authorised(url + "status.json", context, "Bearer " + token)[0] == 200
+        assert time.monotonic() - started < 2.0
+        for connection in idle:  # the server hung up on every one of them
+            connection.settimeout(2.0)
+            assert connection.recv(1) == b""
+    finally:
+        for connection in idle:
+            connection.close()
+
+
+def test_a_request_sent_a_byte_at_a_time_is_cut_at_the_deadline(tmp_path):
+    """Slowloris: a request line dribbled one byte every 0.2 s keeps its connection no longer than the deadline."""
+    import socket
+
+    from coordinator.status_server import CONNECTION_DEADLINE_S
+
+    with StatusServer(tmp_path / "status.json") as page:
+        port = int(page.url.rsplit(":", 1)[1].strip("/"))
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.settimeout(0.2)
+            cut = None
+            for byte in b"GET /status.json HTTP/1.0\r\nX-Slow: " + b"x" * 200:
+                try:
+                    slow.sendall(bytes([byte]))
+                    if slow.recv(1) == b"":
+                        cut = time.monotonic() - started
+                        break
+                except TimeoutError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    cut = time.monotonic() - started
+                    break
+        assert cut is not None and CONNECTION_DEADLINE_S - 0.5 < cut < CONNECTION_DEADLINE_S + 1.5, cut
+        assert request(page.url + "status.json")[0] == 200
+
+
+SERVED_FEDERATION = """
+[federation]
+name = "t"
+rounds = 2
+local_steps = 3
+expected_batch_size = 10
+clip_norm = 1.0
+learning_rate = 0.1
+target_epsilon = 8.0
+delta = 1e-5
+[coordinator]
+ledger = "ledger.jsonl"
+signing_key = "coordinator.key"
+output_dir = "out"
+registry = "supernodes.json"
+[model]
+initial_weights = "initial.safetensors"
+"""
+
+
+def test_serve_status_off_loopback_makes_a_private_token_and_requires_it(tmp_path):
+    import subprocess
+    import sys
+
+    from coordinator.credentials import init_credentials
+    from ewtune.local_federation import free_port
+
+    credentials = init_credentials(tmp_path / "keys")
+    (tmp_path / "federation.toml").write_text(SERVED_FEDERATION)
+    serve = [sys.executable, "-m", "ewtune", "coordinator", "serve-status", "--config", str(tmp_path / "federation.toml"), "--host", "0.0.0.0"]
+    refused = subprocess.run([*serve, "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "only with TLS" in refused.stderr and "Traceback" not in refused.stderr
+    port = free_port()
+    process = subprocess.Popen([*serve, "--port", str(port), "--credentials", str(tmp_path / "keys")], stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        token_file = tmp_path / "out" / "status-token"
+        assert f"token in {token_file}" in line and token_file.stat().st_mode & 0o777 == 0o600
+        assert token_file.read_text().strip() not in line  # the token itself is never printed
+        context = ssl.create_default_context(cafile=str(credentials.ca_certificate))
+        url = f"https://127.0.0.1:{port}/status.json"
+        assert authorised(url, context, None)[0] == 401
+        code, _, body = authorised(url, context, "Bearer " + token_file.read_text().strip())
+        assert code == 200 and json.loads(body) == {"state": "waiting"}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

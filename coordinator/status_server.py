@@ -24,6 +24,7 @@ import os
 import secrets
 import socket
 import ssl
+import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -160,8 +161,10 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         finally:
             self._slots.release()
 
-    def handle_error(self, request, client_address) -> None:  # a client that timed out or hung up: nothing to say
-        return
+    def handle_error(self, request, client_address) -> None:
+        """Quiet for a client that timed out, hung up or failed its handshake; anything else as usual."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 def _handler(status_path: Path, token: str | None, deadline_s: float) -> type[BaseHTTPRequestHandler]:

@@ -18,6 +18,7 @@ BENCHMARKS = {
     "accountant": ("bench.accountant", "certified, Edgeworth, RDP and peer accountants: epsilon and time per case"),
     "cli": ("bench.cli_speed", "whole-process time of `ewtune accountant epsilon` against dp_accounting PLD, and `ewtune --help`"),
     "dpsgd": ("bench.dpsgd", "DP-SGD step time and memory against non-private training and Opacus"),
+    "noise": ("bench.noise", "secure normals per second: the AES-CTR CPU source, ChaCha20 on each device, torch.randn (not secure)"),
     "federation": ("bench.federation", "coordination overhead per round on loopback, ewtune against Flower's defaults, 3 and 10 holders"),
     "utility": ("bench.utility", "accuracy of private linear probing of MiniLM on MR: non-private, certified epsilon 1/3/8, EW-Tune's policy, central and federated; LP-FT with --modes head lpft"),
 }

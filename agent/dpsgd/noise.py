@@ -1,5 +1,6 @@
 """Gaussian noise N(0, std^2) for every gradient tensor, drawn from a :class:`agent.dpsgd.randomness.RandomSource`
-(the operating system's secure source unless a test or benchmark passes its own seeded one)."""
+(the operating system's secure source unless a test or benchmark passes its own seeded one), drawn on the device
+each tensor lives on."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from agent.dpsgd.randomness import RandomSource, SecureRandom
 
 
 def _noise_like(tensor: torch.Tensor, std: float, source: RandomSource) -> torch.Tensor:
-    standard = source.standard_normal(tensor.numel()).reshape(tensor.shape)
-    return standard.mul_(std).to(device=tensor.device, dtype=tensor.dtype)
+    standard = source.standard_normal(tensor.numel(), device=tensor.device).reshape(tensor.shape)
+    return standard.mul_(std).to(dtype=tensor.dtype)
 
 
 def _check_std(std: float) -> None:

@@ -8,7 +8,8 @@ it, and whoever knows who was sampled loses the amplification by subsampling tha
 from ``os.urandom`` (a block-cipher keystream, the core of NIST SP 800-90A's CTR_DRBG, here without reseeding
 since every call is freshly keyed). Normals come from the Box-Muller transform (Box & Muller 1958), with the
 radius from 53-bit uniforms in float64, so the tails are exact to 8.6 standard deviations (mass beyond: 1e-17),
-and the angle from 32-bit uniforms; they are rounded to float32. This protects the noise from being predicted;
+and the angle from 32-bit uniforms; they are rounded to float32. Noise wanted on a GPU is drawn there, by ChaCha20 under a fresh key from
+``os.urandom`` (:mod:`agent.dpsgd.chacha`), instead of on one CPU core and copied. This protects the noise from being predicted;
 it is no defence against floating-point attacks on the rounded samples (Mironov 2012; Jin et al. 2022, "Are we
 there yet? Timing and floating-point attacks on DP systems"), which no mainstream DP-SGD library addresses either.
 
@@ -26,6 +27,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from accountant.sampling import RATE_BITS
+from agent.dpsgd.chacha import ChaChaRandom
 
 _BITS_MASK = (1 << RATE_BITS) - 1
 _UNIFORM_SCALE = 2.0**-53
@@ -41,8 +43,8 @@ class RandomSource(Protocol):
     def uniform_bits(self, count: int) -> torch.Tensor:
         """``count`` independent uniform integers in [0, 2^53), int64."""
 
-    def standard_normal(self, count: int) -> torch.Tensor:
-        """``count`` independent N(0, 1) draws, float32."""
+    def standard_normal(self, count: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """``count`` independent N(0, 1) draws, float32, on ``device`` (the CPU when None)."""
 
 
 def _keystream(count: int) -> bytearray:
@@ -61,14 +63,23 @@ class SecureRandom:
     name = "os-secure"
     secure = True
 
+    def __init__(self) -> None:
+        self._device_sources: dict[torch.device, ChaChaRandom] = {}
+
     def uniform_bits(self, count: int) -> torch.Tensor:
         if count == 0:
             return torch.zeros(0, dtype=torch.int64)
         return _bits53(torch.frombuffer(_keystream(8 * count), dtype=torch.int64, count=count))
 
-    def standard_normal(self, count: int) -> torch.Tensor:
+    def standard_normal(self, count: int, device: torch.device | str | None = None) -> torch.Tensor:
         """Box-Muller: per pair, a 53-bit uniform u in (0, 1) gives the radius sqrt(-2 ln u) in float64, a
-        32-bit uniform gives the angle; cos and sin of the angle give two normals."""
+        32-bit uniform gives the angle; cos and sin of the angle give two normals. On a device other than the
+        CPU, :class:`agent.dpsgd.chacha.ChaChaRandom` draws them there (the same transform)."""
+        device = torch.device(device or "cpu")
+        if device.type != "cpu":
+            if device not in self._device_sources:
+                self._device_sources[device] = ChaChaRandom(device)  # runs RFC 8439's known answer there
+            return self._device_sources[device].standard_normal(count)
         if count == 0:
             return torch.zeros(0)
         pairs = (count + 1) // 2
@@ -93,5 +104,5 @@ class InsecureSeededRandom:
     def uniform_bits(self, count: int) -> torch.Tensor:
         return torch.randint(0, 1 << RATE_BITS, (count,), generator=self.generator, dtype=torch.int64)
 
-    def standard_normal(self, count: int) -> torch.Tensor:
-        return torch.randn(count, generator=self.generator, dtype=torch.float32)
+    def standard_normal(self, count: int, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.randn(count, generator=self.generator, dtype=torch.float32).to(device or "cpu")

@@ -1,5 +1,20 @@
 """A holder's local data set: read from a CSV, JSON Lines or Parquet file, checked, split into training and
-held-out evaluation examples by a seed, tokenised, and collated into padded batches.
+held-out evaluation examples record by record, tokenised, and collated into batches.
+
+The split is by record, not by file: a record is held out when a keyed hash of its own content (HMAC-SHA256
+under the holder's split key, over its text, text pair and label) falls below ``eval_fraction``, so adding or
+removing one record moves no other record between training and evaluation, and neighbouring files give
+training sets that differ in that one record (or evaluation sets that do). Identical records land on the same
+side. ``max_examples`` keeps the records of smallest keyed hash (under a second, independent key derivation):
+an order fixed per record, but a cap on a count is not a per-record rule, so with a file larger than the cap
+one added record can push one other out (a replacement, not an addition); leave it unset for the exact
+add/remove neighbourhood. The split key is secret to the holder (:func:`split_key`), so nobody else can tell on
+which side a record lands; without one (tests, benchmarks, the demo's public test file) the key is derived
+from ``seed`` and public.
+
+Batches are padded only where the caller asks (:func:`collate`); everything that computes on records does so
+one group of equal-length records at a time (:func:`length_batches`, :mod:`agent.dpsgd.unpadded`), so padding
+never carries one record's influence into another's result.
 
 For causal language modelling the privacy unit is one example, a whole sequence: its labels are its input ids
 with padding masked to -100, and the engine reduces the token losses within each sequence before clipping.
@@ -7,6 +22,10 @@ with padding masked to -100, and the engine reduces the token losses within each
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +33,12 @@ import numpy as np
 import torch
 
 from accountant.errors import InvalidInputError
+from agent.dpsgd.unpadded import equal_length_chunks
 
 READERS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 IGNORE_INDEX = -100
+SPLIT_KEY_BYTES = 32
+HASH_SCALE = 2.0**-64  # a keyed hash's first 8 bytes, read as an integer, times this: uniform on [0, 1)
 
 
 @dataclass(frozen=True)
@@ -33,6 +55,7 @@ class DataSpec:
     eval_fraction: float = 0.1
     seed: int = 0
     max_examples: int | None = None
+    split_key: bytes | None = None  # the holder's secret (see split_key); None: public, derived from seed
 
 
 @dataclass(frozen=True)
@@ -75,34 +98,79 @@ def read_table(path) -> "pandas.DataFrame":  # noqa: F821
 
 
 def load_local_data(spec: DataSpec, tokenizer) -> LocalData:
-    """Read, check, split (seeded) and tokenise the examples named by ``spec``."""
+    """Read, check, split (record by record, see the module docstring) and tokenise the examples of ``spec``."""
     if not 0.0 <= spec.eval_fraction < 1.0:
         raise InvalidInputError(f"eval_fraction must be in [0, 1), got {spec.eval_fraction}")
     if spec.max_length < 2:
         raise InvalidInputError(f"max_length must be >= 2, got {spec.max_length}")
+    if spec.max_examples is not None and spec.max_examples < 2:
+        raise InvalidInputError(f"max_examples must be >= 2, got {spec.max_examples}")
     table = read_table(spec.path)
     classification = spec.task == "classification"
     columns = [spec.text_column] + [c for c in (spec.text_pair_column,) if c]
     columns += [spec.label_column] if classification else []
     _require_columns(table, columns, spec.path)
-    table = table.dropna(subset=columns)
+    table = table.dropna(subset=columns).reset_index(drop=True)
     if len(table) == 0:
         raise InvalidInputError(f"{spec.path} holds no examples with all of the columns {columns}")
-    order = np.random.default_rng(spec.seed).permutation(len(table))
-    if spec.max_examples is not None:
-        if spec.max_examples < 2:
-            raise InvalidInputError(f"max_examples must be >= 2, got {spec.max_examples}")
-        order = order[: spec.max_examples]
-    table = table.iloc[order].reset_index(drop=True)
     labels, num_labels = None, None
     if classification:
         labels, num_labels = _checked_labels(table[spec.label_column], spec.num_labels)
-    num_eval = int(round(len(table) * spec.eval_fraction))
-    if len(table) - num_eval < 1:
-        raise InvalidInputError(f"{spec.path}: too few examples ({len(table)}) to hold out {num_eval}")
+    key = spec.split_key if spec.split_key is not None else f"ewtune public split, seed {spec.seed}".encode()
+    contents = _record_contents(table, spec, labels)
+    kept = range(len(table))
+    if spec.max_examples is not None:
+        kept = sorted(kept, key=lambda row: keyed_uniform(key, b"keep", contents[row]))[: spec.max_examples]
+    held_out = [row for row in kept if keyed_uniform(key, b"side", contents[row]) < spec.eval_fraction]
+    held = set(held_out)
+    training = [row for row in kept if row not in held]
+    if not training:
+        raise InvalidInputError(f"{spec.path}: too few examples ({len(kept)}) to hold out {spec.eval_fraction:.0%} "
+                                "and keep one for training")
     encoded = _tokenise(table, spec, tokenizer)
-    split = lambda part: _subset(encoded, labels, part)  # noqa: E731
-    return LocalData(train=split(slice(num_eval, None)), eval=split(slice(0, num_eval)), num_labels=num_labels)
+    split = lambda rows: _subset(encoded, labels, rows)  # noqa: E731
+    return LocalData(train=split(training), eval=split(held_out), num_labels=num_labels)
+
+
+def keyed_uniform(key: bytes, purpose: bytes, content: bytes) -> float:
+    """A number in [0, 1) fixed by one record's ``content`` and the key: the first 8 bytes of
+    HMAC-SHA256(key, purpose || 0 || content) (RFC 2104) as an integer, times 2^-64. ``purpose`` separates the
+    side of the split from the order of ``max_examples``, which must not be correlated."""
+    digest = hmac.new(key, purpose + b"\0" + content, hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") * HASH_SCALE
+
+
+def _record_contents(table, spec: DataSpec, labels: list[int] | None) -> list[bytes]:
+    """Each record's canonical content: the JSON array of its text, its text pair (or null) and its label
+    (or null), as UTF-8. Row order and other columns do not enter."""
+    texts = table[spec.text_column].astype(str).tolist()
+    pairs = table[spec.text_pair_column].astype(str).tolist() if spec.text_pair_column else [None] * len(texts)
+    labels = labels if labels is not None else [None] * len(texts)
+    return [json.dumps([text, pair, label], ensure_ascii=False).encode() for text, pair, label in zip(texts, pairs, labels)]
+
+
+def split_key(path) -> bytes:
+    """The holder's secret split key in the file ``path``, created once (32 bytes from ``os.urandom``, mode
+    0600) when it does not exist. It never leaves the holder: whoever knows it can tell which records are
+    held out. The guarantee does not rest on its secrecy (the split is per record either way)."""
+    path = Path(path)
+    try:
+        if not path.exists():
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(os.urandom(SPLIT_KEY_BYTES))
+        key = path.read_bytes()
+    except OSError as error:
+        raise InvalidInputError(f"cannot create or read the split key {path}: {error.strerror or error}") from None
+    if len(key) != SPLIT_KEY_BYTES:
+        raise InvalidInputError(f"the split key {path} holds {len(key)} bytes, not {SPLIT_KEY_BYTES}")
+    return key
+
+
+def default_split_key_path(data_file) -> Path:
+    """Where a holder's split key lives unless configured: next to the data file, ``<data file>.split-key``."""
+    data_file = Path(data_file)
+    return data_file.with_name(data_file.name + ".split-key")
 
 
 def _require_columns(table, columns, path) -> None:
@@ -139,17 +207,19 @@ def _tokenise(table, spec: DataSpec, tokenizer) -> dict[str, list[list[int]]]:
     return {key: encoded[key] for key in ("input_ids", "token_type_ids") if key in encoded}
 
 
-def _subset(encoded, labels, part: slice) -> Examples:
+def _subset(encoded, labels, rows: list[int]) -> Examples:
+    pick = lambda values: [values[row] for row in rows]  # noqa: E731
     return Examples(
-        input_ids=encoded["input_ids"][part],
-        token_type_ids=encoded["token_type_ids"][part] if "token_type_ids" in encoded else None,
-        labels=labels[part] if labels is not None else None,
+        input_ids=pick(encoded["input_ids"]),
+        token_type_ids=pick(encoded["token_type_ids"]) if "token_type_ids" in encoded else None,
+        labels=pick(labels) if labels is not None else None,
     )
 
 
 def collate(examples: Examples, indices, pad_token_id: int, task: str = "classification") -> dict[str, torch.Tensor]:
     """Right-padded tensors for the examples at ``indices`` (possibly none: then every tensor has batch size 0
-    and length 1). The clipper adds ``position_ids`` as [B, T] for the models that take them."""
+    and length 1). The clipper adds ``position_ids`` as [B, T] for the models that take them, and computes
+    a padded batch one group of equal-length records at a time, without its padding."""
     indices = [int(i) for i in indices]
     length = max((len(examples.input_ids[i]) for i in indices), default=1)
     input_ids = torch.full((len(indices), length), pad_token_id, dtype=torch.long)
@@ -170,3 +240,11 @@ def collate(examples: Examples, indices, pad_token_id: int, task: str = "classif
     else:
         batch["labels"] = torch.tensor([examples.labels[i] for i in indices], dtype=torch.long)
     return batch
+
+
+def length_batches(examples: Examples, pad_token_id: int, batch_size: int, task: str = "classification"):
+    """(indices, batch) for every chunk of at most ``batch_size`` examples of one token length: batches without
+    padding, covering every example once (shortest first), for evaluation and for the feature caches."""
+    lengths = [len(ids) for ids in examples.input_ids]
+    for chunk in equal_length_chunks(lengths, range(len(examples)), batch_size):
+        yield chunk, collate(examples, chunk, pad_token_id, task)

@@ -7,7 +7,9 @@ class counts) has L2 sensitivity 1 under add/remove-one, whatever the model: a r
 cell. Adding N(0, sigma^2) to every cell is therefore the Gaussian mechanism with noise multiplier sigma, the
 event PoissonGaussianEvent(sampling_rate=1, sigma, steps=1) in the ledger. Accuracy, macro F1 and the count
 are computed from the noised matrix (post-processing, no further privacy cost). Predictions must depend on
-each record alone, which holds in eval mode (no batch statistics; padding is masked out).
+each record alone, which holds in eval mode (no batch statistics) on batches of equal-length records with no
+padding (:func:`agent.data.length_batches`): padded positions that weights make non-finite would otherwise
+spread to every padded record's prediction, and one long record would move many counts.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 
 import torch
 
-from agent.data import IGNORE_INDEX, Examples, collate
+from agent.data import IGNORE_INDEX, Examples, length_batches
 from agent.dpsgd.randomness import RandomSource, SecureRandom
 
 
@@ -46,8 +48,8 @@ def evaluate_model(model, examples: Examples, pad_token_id: int, task: str, batc
 
 
 def _batches(examples: Examples, pad_token_id: int, task: str, batch_size: int):
-    for start in range(0, len(examples), batch_size):
-        yield collate(examples, range(start, min(start + batch_size, len(examples))), pad_token_id, task)
+    for _, batch in length_batches(examples, pad_token_id, batch_size, task):
+        yield batch
 
 
 def _inputs(batch):

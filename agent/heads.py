@@ -124,10 +124,12 @@ class PooledClassifier(nn.Module):
 
 @torch.no_grad()
 def embed_examples(model: PooledClassifier, examples, pad_token_id: int, batch_size: int = 64, device: str | None = None) -> torch.Tensor:
-    """The pooled embedding of every example, in order (on the CPU), computed in eval mode (no dropout):
-    a deterministic function of each record alone. The model's train/eval mode is restored afterwards."""
+    """The pooled embedding of every example, in order (on the CPU), computed in eval mode (no dropout) in
+    batches without padding: a deterministic function of each record alone. The model's train/eval mode is
+    restored afterwards."""
     with eval_mode(model):
-        return torch.cat([model.embed(**inputs).cpu() for inputs in input_batches(examples, pad_token_id, batch_size, device)])
+        return in_order([(indices, model.embed(**inputs).cpu())
+                         for indices, inputs in input_batches(examples, pad_token_id, batch_size, device)])
 
 
 @contextmanager
@@ -142,12 +144,21 @@ def eval_mode(model: nn.Module):
 
 
 def input_batches(examples, pad_token_id: int, batch_size: int, device: str | None = None):
-    """The model inputs (labels left out) of consecutive batches of ``examples``, in order."""
-    from agent.data import collate
+    """(indices, model inputs with the labels left out) of batches of equal-length ``examples``, without
+    padding (:func:`agent.data.length_batches`), covering every example once."""
+    from agent.data import length_batches
 
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples, range(start, min(start + batch_size, len(examples))), pad_token_id)
-        yield {key: value.to(device) if device else value for key, value in batch.items() if key != "labels"}
+    for indices, batch in length_batches(examples, pad_token_id, batch_size):
+        yield indices, {key: value.to(device) if device else value for key, value in batch.items() if key != "labels"}
+
+
+def in_order(parts: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+    """The rows of ``parts`` ((indices, rows) pairs covering 0..n-1 once) stacked in index order."""
+    order = torch.tensor([index for indices, _ in parts for index in indices], dtype=torch.int64)
+    rows = torch.cat([values for _, values in parts])
+    ordered = torch.empty_like(rows)
+    ordered[order] = rows
+    return ordered
 
 
 def copy_pooling_files(source_dir: Path, target_dir: Path, pooling: Pooling) -> None:

@@ -9,8 +9,10 @@ layers forward and backward. What is released and accounted is unchanged: per-ex
 :mod:`agent.dpsgd`, on the gradients of the trainable parameters (the top layers' LoRA factors or weights, and
 the head), at the Poisson rate :mod:`agent.sampler` executed.
 
-Each record's states are kept trimmed to its real tokens (no padding) and re-padded per batch; the attention
-mask makes padding invisible to the real tokens, so the cached forward equals the full one.
+Each record's states are computed and kept without padding (batches of equal-length records), so that no
+record's states depend on another's (padding is a channel between records when weights make padded positions
+non-finite: :mod:`agent.dpsgd.unpadded`); a training batch of them is padded, and the engine computes it one
+group of equal-length records at a time, trimmed of that padding.
 
 Supported encoders are those whose layers take (hidden states, additive attention mask) and nothing else
 (:data:`MODEL_TYPES`; MPNet, for one, adds a relative position bias computed outside its layers).
@@ -23,7 +25,8 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from accountant.errors import InvalidInputError
-from agent.heads import PooledClassifier, eval_mode, input_batches, pool
+from agent.dpsgd.unpadded import equal_length_chunks
+from agent.heads import PooledClassifier, eval_mode, in_order, input_batches, pool
 
 MODEL_TYPES = ("bert", "roberta")
 LAYER_PATTERN = "layer"  # the ModuleList of encoder layers, as peft's ``layers_pattern`` names it
@@ -75,22 +78,22 @@ class TopLayers(nn.Module):
         """The pooled embedding of every cached record, in order, in eval mode (as
         :func:`agent.heads.embed_examples` computes it through the whole encoder); the mode is restored."""
         with eval_mode(self.model):
-            starts = range(0, len(records), batch_size)
-            return torch.cat([self.embed(**hidden_batch(records, None, range(start, min(start + batch_size, len(records)))))
-                              for start in starts])
+            chunks = equal_length_chunks([len(record) for record in records], range(len(records)), batch_size)
+            return in_order([(chunk, self.embed(**hidden_batch(records, None, chunk))) for chunk in chunks])
 
 
 @torch.no_grad()
 def hidden_states_below(model: PooledClassifier, count: int, examples, pad_token_id: int, batch_size: int = 64,
                         device: str | None = None) -> list[torch.Tensor]:
     """Each example's hidden states [its tokens, H] entering the top ``count`` layers, in order (on the CPU),
-    computed in eval mode; the model's train/eval mode is restored afterwards."""
+    computed in eval mode in batches without padding; the model's train/eval mode is restored afterwards."""
     first = top_layer_indices(model, count)[0]
-    records = []
+    records: list[torch.Tensor | None] = [None] * len(examples)
     with eval_mode(model):
-        for inputs in input_batches(examples, pad_token_id, batch_size, device):
+        for indices, inputs in input_batches(examples, pad_token_id, batch_size, device):
             states = model.encoder(**inputs, output_hidden_states=True).hidden_states[first]
-            records += [row[mask.bool()].cpu() for row, mask in zip(states, inputs["attention_mask"])]
+            for index, row in zip(indices, states):
+                records[index] = row.cpu()
     return records
 
 

@@ -2,8 +2,8 @@
 
     g = (sum_{i in batch} clip_C(g_i) + N(0, sigma^2 C^2 I)) / (q N)
 
-The logical batch may have any size, including 0, and is processed in physical micro-batches whose
-clipped sums are added up; the noise is drawn once per logical step, and the sum is divided by the
+The logical batch may have any size, including 0, and is processed in physical micro-batches of records of
+one real length, with no padding (:mod:`agent.dpsgd.unpadded`), whose clipped sums are added up; the noise is drawn once per logical step, and the sum is divided by the
 *expected* batch size q N, never by the realised one, whose scale would then depend on the data and
 leak the batch size (Opacus' ``expected_batch_size`` does the same). An empty batch still takes
 a step: a noise-only update, which the accountant counts like any other.
@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from accountant.errors import InvalidInputError
-from agent.dpsgd.engine import PerExampleClipper, batch_size_of
+from agent.dpsgd.engine import PerExampleClipper, batch_size_of, in_batch_order
 from agent.dpsgd.noise import add_gaussian_noise_
 from agent.dpsgd.randomness import RandomSource, SecureRandom
+from agent.dpsgd.unpadded import equal_length_parts
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,6 @@ class StepStats:
     loss_sum: float
     clipped: int
     per_example_norms: torch.Tensor
-
-
-def split_batch(batch: Mapping[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
-    """Consecutive micro-batches of at most ``size`` examples (none for an empty batch)."""
-    total = batch_size_of(batch)
-    return [{key: value[start : start + size] for key, value in batch.items()} for start in range(0, total, size)]
 
 
 class DPSGDStep:
@@ -76,14 +71,16 @@ class DPSGDStep:
 
         Sums, noise and scaling happen in place, so the step holds one gradient-sized buffer at a time.
         """
-        sums, norms, loss_sum, micro_batches = None, [], 0.0, split_batch(batch, self.physical_batch_size)
-        for micro_batch in micro_batches:
+        sums, rows, norms, loss_sum = None, [], [], 0.0
+        micro_batches = equal_length_parts(batch, self.physical_batch_size)
+        for micro_rows, micro_batch in micro_batches:
             clipped = self.clipper.clipped_grad_sum(micro_batch)
             if sums is None:
                 sums = clipped.grads
             else:
                 for name, grad in clipped.grads.items():
                     sums[name].add_(grad)
+            rows.append(micro_rows)
             norms.append(clipped.per_example_norms)
             loss_sum += clipped.loss_sum
         if sums is None:
@@ -92,7 +89,7 @@ class DPSGDStep:
         add_gaussian_noise_(sums, std, self.noise_source)
         for grad in sums.values():
             grad.div_(self.expected_batch_size)
-        norms = torch.cat(norms) if norms else torch.zeros(0)
+        norms = in_batch_order(rows, norms) if norms else torch.zeros(0)
         stats = StepStats(
             examples=batch_size_of(batch),
             micro_batches=len(micro_batches),

@@ -9,6 +9,7 @@ cross-check lists h0's round as spent but not aggregated. The daemon's superviso
 a second run shows the fresh warm loop serving h0 again (once flwr lets the node id activate again, about a
 minute after the kill). About 3 minutes on 2 cores."""
 
+import json
 import os
 import re
 import signal
@@ -28,11 +29,25 @@ def _supernode_pids(agent_log):
     return [int(pid) for pid in re.findall(r"SuperNode started \(pid (\d+)\)", agent_log.read_text(errors="replace"))]
 
 
+def _reserved_for_run(ledger, run_name: str) -> bool:
+    """Whether the ledger holds a reservation of a run named ``run_name`` (not the daemon's own, such as its
+    dataset-size release at start); a line still being written is not read."""
+    for line in ledger.read_text().splitlines() if ledger.exists() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry["kind"] == "reserve" and str(entry["payload"].get("run_id", "")).startswith(run_name + "-"):
+            return True
+    return False
+
+
 def _kill_supernode_when_reserved(holder_folder, killed: dict, stop: threading.Event):
-    """SIGKILL the holder's SuperNode as soon as its ledger holds a reservation (its daemon is training)."""
+    """SIGKILL the holder's SuperNode as soon as its ledger holds a reservation of the run "killed" (its daemon
+    is training)."""
     ledger = holder_folder / "ledger.jsonl"
     while not stop.is_set():
-        if ledger.exists() and '"kind":"reserve"' in ledger.read_text().replace(" ", ""):
+        if _reserved_for_run(ledger, "killed"):
             pid = _supernode_pids(holder_folder / "agent.log")[-1]
             os.kill(pid, signal.SIGKILL)
             activations = (holder_folder / "supernode.log").read_text(errors="replace").count("SuperNode ID:")

@@ -1,6 +1,8 @@
 """The empirical audit's figures: the one-run lower bound on a correct engine and on engines broken in their
-own code (noise off, clipping bypassed, every record in every step, noise 4x too small), over several seeds,
-next to the certified epsilon claimed. ``python -m bench.audit [--seeds N] [--json]`` (RELIABILITY.md).
+own code (agent.audit.breakages: noise off, clipping bypassed, every record in every step, noise 4x or 2x too
+small, noise std sigma instead of sigma C), over several seeds, next to the certified epsilon claimed, and how
+often each check beside it fails. ``python -m bench.audit [--seeds N] [--clip-norm C] [--canaries M]
+[--model linear|transformer] [--variants ...] [--json]`` (RELIABILITY.md).
 
 ``--federated --runs N``: the same through real Flower processes and audit daemons on loopback
 (:mod:`ewtune.federated_audit`): per variant, N federations of ``--holders`` holders whose first holder runs the
@@ -23,28 +25,32 @@ from agent.audit.breakages import BREAKAGES, broken
 from agent.audit.run import AuditConfig, run_audit
 
 
-def measure(seeds: int, config: AuditConfig = AuditConfig()) -> list[dict]:
-    """Per variant (the correct engine first): the certified epsilon claimed, the bounds of ``seeds`` seeded runs
-    (and their f-DP figures with ``config.fdp``), and the checks that failed."""
+def measure(seeds: int, config: AuditConfig = AuditConfig(), variants: list[str | None] | None = None) -> list[dict]:
+    """Per variant (default: the correct engine, then every breakage): the certified epsilon claimed, the bounds
+    of ``seeds`` seeded runs (and the epsilons of the DP-SGD curves refuted, with ``config.fdp``), how many runs
+    each check failed (on the correct engine: its false alarms), and how many runs raised any alarm."""
     rows = []
-    for name in (None, *BREAKAGES):
-        bounds, fdp, failed, certified = [], [], set(), None
+    for name in (None, *BREAKAGES) if variants is None else variants:
+        bounds, curves, failures, alarms, certified = [], [], {}, 0, None
         for seed in range(1, seeds + 1):
             with broken(name):
                 result = run_audit(AuditConfig(**{**vars(config), "seed": seed}))
             bounds.append(result.pooled.epsilon)
             if result.fdp is not None:
-                fdp.append(result.fdp.epsilon)
-            failed |= {c.name for h in result.holders for c in h.checks if not c.ok}
+                curves.append(result.fdp.epsilon)
+            for check in (c for h in result.holders for c in h.checks if not c.ok):
+                failures[check.name] = failures.get(check.name, 0) + 1
+            alarms += not result.passed
             certified = result.epsilon_certified
         rows.append({
             "variant": name or "correct engine",
             "epsilon_certified": certified,
             "lower_bounds": bounds,
             "exceeds_certified": sum(bound > certified for bound in bounds),
-            "fdp_lower_bounds": fdp,
-            "fdp_exceeds_certified": sum(bound > certified for bound in fdp),
-            "checks_failed": sorted(failed),
+            "refuted_dpsgd_curve_epsilons": curves,
+            "refuted_curve_exceeds_certified": sum(bound > certified for bound in curves),
+            "check_failures": failures,
+            "runs_with_an_alarm": alarms,
         })
     return rows
 
@@ -76,7 +82,7 @@ def measure_federated(runs: int, variants: list[str | None], holders: int, canar
 
 
 def _spread(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f} [{min(values):.2f}-{max(values):.2f}]" if values else "-"
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]" if values else "-"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,30 +90,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--holders", type=int, default=1)
     parser.add_argument("--local-steps", type=int, default=1)
-    parser.add_argument("--fdp", action="store_true", help="also the f-DP one-run figure of each run")
+    parser.add_argument("--fdp", "--dpsgd-test", dest="fdp", action="store_true", help="also the f-DP test of the DP-SGD "
+                        "hypothesis of each run (the epsilon of the refuted DP-SGD curve; not a lower bound on epsilon)")
+    parser.add_argument("--clip-norm", type=float, default=1.0, help="C (default 1; 2 shows the sigma vs sigma C mix-up)")
+    parser.add_argument("--model", choices=("linear", "transformer"), default="linear")
+    parser.add_argument("--records", type=int, default=1000, help="synthetic records per holder")
     parser.add_argument("--federated", action="store_true", help="real Flower processes and audit daemons on loopback")
     parser.add_argument("--runs", type=int, default=3, help="with --federated: federations per variant")
-    parser.add_argument("--canaries", type=int, default=1200, help="with --federated: canaries over all holders")
-    parser.add_argument("--variants", nargs="+", default=["correct", "noise off"], help="with --federated: engines of "
-                        f"the first holder ('correct' or one of {', '.join(BREAKAGES)})")
+    parser.add_argument("--canaries", type=int, default=None, help="canaries over all holders (default 1000; 1200 "
+                        "with --federated)")
+    parser.add_argument("--variants", nargs="+", default=None, help="engines ('correct' or one of "
+                        f"{', '.join(BREAKAGES)}; default: all, and 'correct' and 'noise off' with --federated; with "
+                        "--federated the first holder's)")
     parser.add_argument("--work-dir", default=None, help="with --federated: where the federations run (default: a temporary folder)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.federated:
         _federated(args)
         return
-    rows = measure(args.seeds, AuditConfig(holders=args.holders, local_steps=args.local_steps, fdp=args.fdp))
+    config = AuditConfig(holders=args.holders, local_steps=args.local_steps, fdp=args.fdp, clip_norm=args.clip_norm,
+                         model=args.model, records=args.records, canaries=args.canaries or 1000)
+    rows = measure(args.seeds, config, _variants(args.variants))
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'variant':<28} {'certified':>9}  lower bound mean [min-max]  above certified  checks failed")
+    print(f"{'variant':<28} {'certified':>9}  lower bound median [min-max]  above certified  alarms  checks failed (runs)")
     for row in rows:
         bounds = row["lower_bounds"]
-        print(f"{row['variant']:<28} {row['epsilon_certified']:>9.3f}  {statistics.mean(bounds):.2f} "
-              f"[{min(bounds):.2f}-{max(bounds):.2f}]{'':<11} {row['exceeds_certified']}/{len(bounds)}{'':<12} "
-              f"{', '.join(row['checks_failed']) or '-'}"
-              + (f"  f-DP {_spread(row['fdp_lower_bounds'])}, above {row['fdp_exceeds_certified']}/{len(bounds)}"
-                 if row["fdp_lower_bounds"] else ""))
+        failures = ", ".join(f"{name} {count}/{len(bounds)}" for name, count in sorted(row["check_failures"].items()))
+        print(f"{row['variant']:<28} {row['epsilon_certified']:>9.3f}  {_spread(bounds):<28} {row['exceeds_certified']}/{len(bounds)}"
+              f"{'':<12} {row['runs_with_an_alarm']}/{len(bounds)}    {failures or '-'}"
+              + (f"  refuted DP-SGD curve {_spread(row['refuted_dpsgd_curve_epsilons'])}, above "
+                 f"{row['refuted_curve_exceeds_certified']}/{len(bounds)}" if row["refuted_dpsgd_curve_epsilons"] else ""))
+
+
+def _variants(names: list[str] | None) -> list[str | None] | None:
+    return None if names is None else [None if name == "correct" else name for name in names]
 
 
 def _federated(args) -> None:
@@ -116,16 +134,16 @@ def _federated(args) -> None:
 
     load_before = os.getloadavg()
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="ewtune-bench-audit-"))
-    variants = [None if name == "correct" else name for name in args.variants]
-    rows = measure_federated(args.runs, variants, args.holders, args.canaries, args.local_steps, work_dir)
+    variants = _variants(args.variants or ["correct", "noise off"])
+    rows = measure_federated(args.runs, variants, args.holders, args.canaries or 1200, args.local_steps, work_dir)
     load = {"before": load_before, "after": os.getloadavg()}
     if args.json:
         print(json.dumps({"rows": rows, "load_average": load, "work_dir": str(work_dir)}, indent=2))
         return
-    print(f"{args.holders} holders x {args.canaries // args.holders} canaries, {50 // args.local_steps} rounds x "
+    print(f"{args.holders} holders x {(args.canaries or 1200) // args.holders} canaries, {50 // args.local_steps} rounds x "
           f"{args.local_steps} local steps, the first holder's engine as named; load average (1, 5, 15 min) before "
           f"{load_before[0]:.1f}, {load_before[1]:.1f}, {load_before[2]:.1f}, after {load['after'][0]:.1f}, {load['after'][1]:.1f}, {load['after'][2]:.1f}")
-    print(f"{'first holder engine':<28} {'certified':>9}  {'first holder':<18} {'other holders':<18} {'pooled':<18} alarms  wall s (median)")
+    print(f"{'first holder engine':<28} {'certified':>9}  {'first holder, median [min-max]':<18} {'other holders':<18} {'pooled':<18} alarms  wall s (median)")
     for row in rows:
         print(f"{row['variant']:<28} {row['epsilon_certified']:>9.3f}  {_spread(row['first_holder']):<18} "
               f"{_spread(row['other_holders']):<18} {_spread(row['pooled']):<18} {row['alarms']}/{len(row['pooled'])}   "

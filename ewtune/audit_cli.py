@@ -19,7 +19,7 @@ def register(subparsers) -> None:
                        "temporary folder, printed)")
     group.add_argument("--broken-engine", metavar="NAME", help="tests and benchmarks, with --federated: the first holder's "
                        "daemon runs this engine broken on purpose ('noise off', 'clipping bypassed', 'every record in every "
-                       "step', 'noise 4x too small'; its commits say so)")
+                       "step', 'noise 4x too small', 'noise halved', 'noise std sigma, not sigma C'; its commits say so)")
     local = parser.get_default("func")
 
     def dispatch(args: argparse.Namespace) -> int:
@@ -43,6 +43,8 @@ def _federated(args: argparse.Namespace) -> int:
     from agent.audit.breakages import check_breakage
     from ewtune.federated_audit import FederatedAuditConfig, run_federated_audit
 
+    if args.model != "linear" or args.fdp:
+        raise InvalidInputError("--model and --dpsgd-test apply to the local audit only")
     for flag, value in (("--seed", args.seed), ("--ledger", args.ledger), ("--noise-multiplier", args.noise_multiplier)):
         if value is not None:
             raise InvalidInputError(f"{flag} does not apply to --federated (daemons draw from the OS's secure source, the "

@@ -1,5 +1,5 @@
 """Engines broken on purpose, for the audit's power tests (noise off, clipping bypassed, every record in every
-step, noise 4x too small): each patches one real part of the agent's DP-SGD engine for the duration of a block,
+step, noise 4x or 2x too small, noise std sigma instead of sigma C): each patches one real part of the agent's DP-SGD engine for the duration of a block,
 and the audit runs unchanged. Used by the tests and ``bench/audit.py`` in one process, and by an audit daemon
 whose agent.toml names one in its ``[audit]`` table (only an audit daemon, which trains synthetic records and
 whose policy allows audit runs, accepts the key: :mod:`agent.audit.holder`).
@@ -15,18 +15,33 @@ import torch
 import agent.dpsgd.step as step_module
 from accountant.errors import InvalidInputError
 from agent.dpsgd.engine import PerExampleClipper
+from agent.dpsgd.step import DPSGDStep
 from agent.sampler import PoissonSampler
 
 _add_noise = step_module.add_gaussian_noise_
 _weighted_sums = PerExampleClipper._weighted_sums
+_step_init = DPSGDStep.__init__
 
 
 def _no_noise(grads, std, source=None):
     return None
 
 
-def _quarter_noise(grads, std, source=None):
-    _add_noise(grads, std / 4, source)
+def _noise_divided_by(factor: float):
+    """The engine's noise with its standard deviation divided by ``factor``."""
+
+    def scaled(grads, std, source=None):
+        _add_noise(grads, std / factor, source)
+
+    return scaled
+
+
+def _noise_std_sigma_not_sigma_c(self, *args, **kwargs):
+    """The engine's step with the mix-up of sigma and sigma C: it computes the noise std from a clip norm of 1
+    (std = sigma), while clipping to the real C. Invisible at C = 1; at C = 2 the noise is half what is
+    accounted."""
+    _step_init(self, *args, **kwargs)
+    self.clip_norm = 1.0
 
 
 def _unclipped(self, uses, instantiated, norms):
@@ -42,7 +57,9 @@ BREAKAGES = {
     "noise off": (step_module, "add_gaussian_noise_", _no_noise),
     "clipping bypassed": (PerExampleClipper, "_weighted_sums", _unclipped),
     "every record in every step": (PoissonSampler, "__iter__", _every_record),
-    "noise 4x too small": (step_module, "add_gaussian_noise_", _quarter_noise),
+    "noise 4x too small": (step_module, "add_gaussian_noise_", _noise_divided_by(4.0)),
+    "noise halved": (step_module, "add_gaussian_noise_", _noise_divided_by(2.0)),
+    "noise std sigma, not sigma C": (DPSGDStep, "__init__", _noise_std_sigma_not_sigma_c),
 }
 
 

@@ -62,26 +62,31 @@ def audited_loss(base_loss: Callable, raw_norm: float) -> Callable:
 
 
 class CanaryCollator:
-    """Batches over the virtual data set of the ``features``/``labels`` records followed by the included
-    canaries: an index below N is a real record, index N + j is canary ``included[j]`` (feature 0, label 0,
-    which its loss ignores)."""
+    """Batches over the virtual data set of the records (``inputs``: a features tensor, or a mapping of input
+    tensors such as ``input_ids`` and ``attention_mask``; and ``labels``) followed by the included canaries: an
+    index below N is a real record, index N + j is canary ``included[j]``. A canary row carries record 0's
+    inputs and label 0, which its loss ignores (its model forward still runs, as a real record's does)."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, included: torch.Tensor):
-        self.features, self.labels = features, labels
+    def __init__(self, inputs: torch.Tensor | Mapping[str, torch.Tensor], labels: torch.Tensor, included: torch.Tensor):
+        self.inputs = {"features": inputs} if isinstance(inputs, torch.Tensor) else dict(inputs)
+        self.labels = labels
         self.included = included.to(torch.int64)
+
+    @property
+    def records(self) -> int:
+        return len(self.labels)
 
     @property
     def size(self) -> int:
         """N plus the included canaries: what the sampler draws from and what q N' is scaled by."""
-        return len(self.features) + len(self.included)
+        return self.records + len(self.included)
 
     def __call__(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         indices = torch.as_tensor(indices, dtype=torch.int64)
-        real, virtual = indices[indices < len(self.features)], indices[indices >= len(self.features)]
-        canary_ids = self.included[virtual - len(self.features)]
-        zeros = torch.zeros(len(canary_ids), self.features.shape[1], dtype=self.features.dtype)
-        return {
-            "features": torch.cat([self.features[real], zeros]),
-            "labels": torch.cat([self.labels[real], torch.zeros(len(canary_ids), dtype=torch.int64)]),
-            "canary": torch.cat([torch.full((len(real),), REAL_RECORD, dtype=torch.int64), canary_ids]),
-        }
+        real, virtual = indices[indices < self.records], indices[indices >= self.records]
+        canary_ids = self.included[virtual - self.records]
+        filler = torch.zeros(len(canary_ids), dtype=torch.int64)  # record 0, for every canary row
+        batch = {name: torch.cat([tensor[real], tensor[filler]]) for name, tensor in self.inputs.items()}
+        batch["labels"] = torch.cat([self.labels[real], torch.zeros(len(canary_ids), dtype=torch.int64)])
+        batch["canary"] = torch.cat([torch.full((len(real),), REAL_RECORD, dtype=torch.int64), canary_ids])
+        return batch

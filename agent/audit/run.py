@@ -34,7 +34,7 @@ from accountant.certified import certified_epsilon
 from accountant.edgeworth import edgeworth_epsilon
 from accountant.errors import InvalidInputError
 from accountant.events import PoissonGaussianEvent
-from accountant.fdp_one_run import FdpBound, fdp_bound
+from accountant.fdp_one_run import DpsgdCurveTest, dpsgd_curve_test
 from accountant.sampling import executable_sampling_rate
 from accountant.one_run_audit import DEFAULT_CONFIDENCE, OneRunBound, check_audit_layout, one_run_bound
 from agent import models
@@ -48,6 +48,7 @@ from agent.sampler import PoissonSampler
 from agent.training import _Progress, _run_steps, check_step_settings
 
 SENSITIVITY_BATCH = 24  # real records in the leave-one-out check, plus up to 8 canaries
+MODELS = ("linear", "transformer")
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,14 @@ class AuditConfig:
     local_steps: int = 1  # steps per release (a federated round)
     confidence: float = DEFAULT_CONFIDENCE
     seed: int | None = None  # None: the OS's secure source; an integer: seeded, predictable (tests only)
-    fdp: bool = False  # also the f-DP one-run figure (accountant.fdp_one_run; about 10 s for its curves)
+    fdp: bool = False  # also the f-DP test of the DP-SGD hypothesis (accountant.fdp_one_run; about 10 s for its curves)
+    model: str = "linear"  # or "transformer": the canaries on a weight of a tiny BERT layer (agent.audit.transformer)
 
     def __post_init__(self) -> None:
         check_audit_layout(self, ("canaries", "steps", "records", "features", "holders", "local_steps"))
         check_step_settings(self)
+        if self.model not in MODELS:
+            raise InvalidInputError(f"the audit's model must be one of {', '.join(MODELS)}, got {self.model!r}")
         if not self.raw_norm > 1.0:
             raise InvalidInputError(f"the canaries' raw norm must exceed 1 (in units of C), got {self.raw_norm!r}")
         if not 0.0 < self.delta < 1.0:
@@ -105,11 +109,12 @@ class AuditRun:
     pooled: OneRunBound
     randomness: str
     seconds: float = field(default=0.0)
-    fdp: FdpBound | None = None  # the f-DP figure over the pooled canaries, when asked for
+    fdp: DpsgdCurveTest | None = None  # the f-DP test of the DP-SGD hypothesis over the pooled canaries, when asked for
 
     @property
     def passed(self) -> bool:
-        """Nothing found: every lower bound at most the certified epsilon, every check passed."""
+        """Nothing found: the lower bound, and the epsilon of the DP-SGD curve refuted when that test ran, at most
+        the certified epsilon; every check passed."""
         bounds = [self.pooled.epsilon] + ([self.fdp.epsilon] if self.fdp is not None else [])
         return max(bounds) <= self.epsilon_certified and self.checks_ok
 
@@ -130,7 +135,7 @@ class AuditRun:
                 for h in self.holders
             ],
             "checks_ok": self.checks_ok,
-            **({"fdp": self.fdp.to_json()} if self.fdp is not None else {}),
+            **({"dpsgd_curve_test": self.fdp.to_json()} if self.fdp is not None else {}),
             "randomness": self.randomness,
             "seconds": self.seconds,
         }
@@ -168,9 +173,9 @@ class _Holder:
         bits = secret_source.uniform_bits(2 * count)
         self.included = (bits[:count] & 1).bool().numpy()
         self.tie_break = bits[count:].double().numpy()
-        features, labels = synthetic_records(config.records, config.features, seed=1000 + index)
+        inputs, labels = _records(config, seed=1000 + index)
         own = torch.arange(offset, offset + count)
-        self.collator = CanaryCollator(features, labels, own[torch.from_numpy(self.included)])
+        self.collator = CanaryCollator(inputs, labels, own[torch.from_numpy(self.included)])
         self.clipper = PerExampleClipper(model, config.clip_norm, audited_loss(classification_loss, config.raw_norm * config.clip_norm))
         self.rate = executable_sampling_rate(config.sampling_rate)
         trainable = [param for param in model.parameters() if param.requires_grad]
@@ -212,6 +217,8 @@ class _Holder:
             checks.executed_accounting(self.rate, run_config.noise_multiplier, self.progress.executed, self.sampled,
                                        self.collator.size, run_config.delta, epsilon_claimed),
             checks.noise_scale(observations, self.included, run_config.noise_multiplier, run_config.local_steps),
+            checks.dpsgd_hypothesis(scores, self.included, self.tie_break, run_config.sampling_rate, run_config.steps,
+                                    run_config.noise_multiplier, run_config.confidence),
         )
         self.clipper.close()
         return HolderAudit(self.index, observations, scores, self.included, bound, event, found)
@@ -229,8 +236,7 @@ def run_audit(config: AuditConfig) -> AuditRun:
     started = time.perf_counter()
     claimed = PoissonGaussianEvent(executable_sampling_rate(config.sampling_rate), config.noise_multiplier, config.steps)
     epsilon_certified = certified_epsilon(claimed, config.delta)
-    torch.manual_seed(0 if config.seed is None else config.seed)  # the classifier's initial weights (public)
-    template = AuditedModel(FeatureClassifier(config.features), config.canaries)
+    template = _audited_model(config)
     shares = np.array_split(np.arange(config.canaries), config.holders)
     holders = [
         _Holder(h, copy.deepcopy(template), config, int(share[0]), len(share), _sources(config.seed, h))
@@ -245,7 +251,7 @@ def run_audit(config: AuditConfig) -> AuditRun:
     scores, included = np.concatenate([a.scores for a in audits]), np.concatenate([a.included for a in audits])
     tie_break = np.concatenate([holder.tie_break for holder in holders])
     pooled = one_run_bound(scores, included, config.delta, tie_break, config.confidence)
-    fdp = fdp_bound(scores, included, tie_break, config.sampling_rate, config.steps, config.delta, config.confidence) if config.fdp else None
+    fdp = dpsgd_curve_test(scores, included, tie_break, config.sampling_rate, config.steps, config.delta, config.confidence) if config.fdp else None
     return AuditRun(
         config=config,
         epsilon_certified=epsilon_certified,
@@ -256,6 +262,25 @@ def run_audit(config: AuditConfig) -> AuditRun:
         seconds=time.perf_counter() - started,
         fdp=fdp,
     )
+
+
+def _audited_model(config: AuditConfig) -> nn.Module:
+    """The model with its canaries' coordinates, initial weights public (seeded by the config's seed)."""
+    seed = 0 if config.seed is None else config.seed
+    if config.model == "transformer":
+        from agent.audit.transformer import TransformerCanaries, tiny_bert
+
+        return TransformerCanaries(tiny_bert(seed), config.canaries)
+    torch.manual_seed(seed)
+    return AuditedModel(FeatureClassifier(config.features), config.canaries)
+
+
+def _records(config: AuditConfig, seed: int) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
+    if config.model == "transformer":
+        from agent.audit.transformer import synthetic_sequences
+
+        return synthetic_sequences(config.records, seed)
+    return synthetic_records(config.records, config.features, seed)
 
 
 def _sources(seed: int | None, holder: int) -> tuple[RandomSource, RandomSource, RandomSource]:

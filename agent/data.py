@@ -8,9 +8,9 @@ training sets that differ in that one record (or evaluation sets that do). Ident
 side. ``max_examples`` keeps the records of smallest keyed hash (under a second, independent key derivation):
 an order fixed per record, but a cap on a count is not a per-record rule, so with a file larger than the cap
 one added record can push one other out (a replacement, not an addition); leave it unset for the exact
-add/remove neighbourhood. The split key is secret to the holder (:func:`split_key`), so nobody else can tell on
-which side a record lands; without one (tests, benchmarks, the demo's public test file) the key is derived
-from ``seed`` and public.
+add/remove neighbourhood. The daemon's split key is secret to the holder (:func:`split_key`), so nobody else can
+tell on which side a record lands; without one (train-local, tests, benchmarks) the key is derived from
+``seed`` and public. The guarantee rests on the split being per record, not on the key's secrecy.
 
 Batches are padded only where the caller asks (:func:`collate`); everything that computes on records does so
 one group of equal-length records at a time (:func:`length_batches`, :mod:`agent.dpsgd.unpadded`), so padding
@@ -165,12 +165,6 @@ def split_key(path) -> bytes:
     if len(key) != SPLIT_KEY_BYTES:
         raise InvalidInputError(f"the split key {path} holds {len(key)} bytes, not {SPLIT_KEY_BYTES}")
     return key
-
-
-def default_split_key_path(data_file) -> Path:
-    """Where a holder's split key lives unless configured: next to the data file, ``<data file>.split-key``."""
-    data_file = Path(data_file)
-    return data_file.with_name(data_file.name + ".split-key")
 
 
 def _require_columns(table, columns, path) -> None:

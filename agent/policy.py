@@ -257,8 +257,9 @@ def _training_table(document: Mapping[str, Any], base: Path, path: Path) -> dict
         if key not in training:
             raise InvalidInputError(f"{path}: [training] needs {key}")
         training[key] = str(resolve(base, training[key]))
-    if isinstance(training.get("split_key_file"), str):
-        training["split_key_file"] = str(resolve(base, training["split_key_file"]))
+    key_file = training.get("split_key_file", training["data_file"] + ".split-key")  # the daemon's split is secret
+    if isinstance(key_file, str):
+        training["split_key_file"] = str(resolve(base, key_file))
     if "lora_target_modules" in training:
         training["lora_target_modules"] = strings(training["lora_target_modules"], "[training] lora_target_modules", path)
     _refuse_insecure_randomness(training, path)

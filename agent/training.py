@@ -27,7 +27,7 @@ from accountant.errors import EwtuneError, InvalidInputError
 from accountant.events import PoissonGaussianEvent
 from accountant.sampling import executable_sampling_rate
 from agent import models
-from agent.data import DataSpec, collate, default_split_key_path, load_local_data, split_key
+from agent.data import DataSpec, collate, load_local_data, split_key
 from agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
 from agent.evaluation import evaluate_model
 from agent.heads import PooledClassifier, embed_examples
@@ -61,7 +61,9 @@ class TrainingConfig:
     max_examples: int | None = None
     optimizer: str = "adamw"  # or "sgd" (momentum 0.9): see make_optimizer
     tune_layers: int = 0  # lora/full: k > 0 trains only the top k encoder layers and the head (agent.top_layers)
-    split_key_file: str | None = None  # the secret key of the record-by-record split; None: <data_file>.split-key
+    # The holder's secret key of the record-by-record split (agent.data.split_key; the daemon's default is
+    # <data_file>.split-key); None: a public key derived from ``seed`` (train-local, tests, benchmarks).
+    split_key_file: str | None = None
 
 
 
@@ -150,7 +152,7 @@ class LocalTrainer:
             eval_fraction=config.eval_fraction,
             seed=config.seed,
             max_examples=config.max_examples,
-            split_key=split_key(config.split_key_file or default_split_key_path(config.data_file)),
+            split_key=split_key(config.split_key_file) if config.split_key_file else None,
         )
         self.data = load_local_data(spec, self.tokenizer)
         if config.physical_batch_size < 1:

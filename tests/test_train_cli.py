@@ -24,7 +24,7 @@ def test_lora_run_saves_an_adapter_peft_loads(tiny_bert_dir, mr_csv, tmp_path, c
     assert main(_argv(tiny_bert_dir, mr_csv, "--output", str(output), "--json")) == 0
     summary = json.loads(capsys.readouterr().out)
     size = summary["training_examples"]
-    assert size == 72  # 80 examples, 10% held out
+    assert size == 68  # 80 examples, each held out by its keyed hash with probability 0.1: 12 here
     probe, tune = summary["phases"]
     assert (probe["phase"], tune["phase"]) == ("probe", "tune")
     for phase in (probe, tune):
@@ -39,9 +39,9 @@ def test_lora_run_saves_an_adapter_peft_loads(tiny_bert_dir, mr_csv, tmp_path, c
 
     assert summary["epsilon_certified"] == certified_epsilon(event_from_json(summary["event"]), 1e-5)
     assert 7.9 < summary["epsilon_certified"] <= 8.0 * (1 + 1e-9)
-    assert summary["eval"]["num_examples"] == 8
+    assert summary["eval"]["num_examples"] == 12
     assert summary["accuracy"] == summary["eval"]["accuracy"] and summary["macro_f1"] == summary["eval"]["f1"]
-    assert summary["majority_baseline"] in {k / 8 for k in range(4, 9)}  # the most frequent class of 8 held out
+    assert summary["majority_baseline"] in {k / 12 for k in range(6, 13)}  # the most frequent class of 12 held out
     assert json.loads((output / "run.json").read_text())["event"] == summary["event"]
     assert summary["randomness"] == "os-secure"
 
@@ -93,12 +93,12 @@ def test_head_run_saves_the_whole_model_with_only_the_head_changed(tiny_bert_dir
         (("--data", "/"), "is a directory, not a data file"),
         (("--data", "/nonexistent.csv"), "no such file"),
         (("--label-column", "sentiment"), "no column 'sentiment'"),
-        (("--probe-batch", "500"), "exceeds the 72 training records"),
+        (("--probe-batch", "500"), "exceeds the 68 training records"),
         (("--probe-share", "1.5"), "--probe-share must be in (0, 1)"),
         (("--probe-epochs", "0", "--tune-epochs", "0"), "runs no phase"),
         (("--epsilon", "-1"), "--epsilon must be"),
-        (("--delta", "0.5"), "is not below 1/N = 1/72"),
-        (("--delta", "0.014"), "is not below 1/N = 1/72"),
+        (("--delta", "0.5"), "is not below 1/N = 1/68"),
+        (("--delta", "0.0148"), "is not below 1/N = 1/68"),
         (("--tune-layers", "-1"), "--tune-layers must be an integer >= 0"),
         (("--tune-layers", "1"), "needs a sentence-embedding (pooled) checkpoint"),
     ],

@@ -59,6 +59,9 @@ GENESIS_PREV = "0" * 64
 EVALUATION_PURPOSE = "evaluation"
 # A commit's ``extra.purpose`` for an audit run's release (synthetic records and canaries, never a model for use).
 AUDIT_PURPOSE = "audit"
+# A commit's ``extra.purpose`` for a holder's private count of its training records (``extra.public.dataset_size``,
+# noised and charged like any event; agent.released_count): never aggregated, no coordinator commit matches it.
+DATASET_SIZE_PURPOSE = "dataset_size"
 ENTRY_FIELDS = ("seq", "time", "kind", "writer", "payload", "prev", "signature")
 STATED_EPSILONS = ("epsilon_certified", "epsilon_edgeworth")
 _TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")

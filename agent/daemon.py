@@ -14,7 +14,8 @@ holds the holder's policy, its own ledger and its Ed25519 key. For every round p
    with a receipt signed by its key. The update leaves only when it is finite.
 
 What leaves the holder: the noised update, its receipt, the number of steps executed, and the public
-metadata of Describe (the data set size N, rounded if the policy says so; the budget and spend). Nothing
+metadata of Describe (the budget and spend; the data set size only as a noised count released once per data
+set and charged to the ledger, :mod:`agent.released_count`: N never leaves exactly). Nothing
 measured from the data without noise leaves: not the training loss, not the sampled batch sizes, not the
 time a round took (it tracks the batch sizes). Evaluation metrics leave only when the policy opts in to
 private evaluation: a noised confusion matrix, charged to the ledger (:mod:`agent.evaluation`).
@@ -54,6 +55,8 @@ from accountant.signing import SigningKey
 from agent.dpsgd.randomness import SecureRandom
 from agent.policy import AgentConfig, HolderPolicy, PlanRefused, RoundPlan
 from agent.recovery import ProgressJournal, journal_path, reconcile
+from agent.released_count import (COUNT_RUN_ID, ReleasedCount, count_event, count_facts, count_file, data_fingerprint,
+                                  latest_count, noisy_count, remember, reusable)
 from agent.rpc import DaemonUnavailable, RequestFailed
 
 log = logging.getLogger(__name__)
@@ -104,9 +107,13 @@ class Daemon:
         self._started = time.monotonic()
         self._round_accountant = CertifiedAccountant()  # every round asks about the same planned event
         journal = journal_path(ledger.path) if journal is None else journal
+        # A receipt recovered after a crash left with the count released before it: the ledger's latest.
+        latest = latest_count(ledger.entries)
+        self.released_dataset_size = None if latest is None else latest.value
         self.recovered = reconcile(ledger, holder_id, journal, self._release_facts())
         self._journal = ProgressJournal(journal)
         self._journal.finish(ledger)
+        self.released_dataset_size = self._released_count()
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> "Daemon":
@@ -135,6 +142,7 @@ class Daemon:
         description = {
             "holder_id": self.holder_id,
             "dataset_size": self.released_dataset_size,
+            "dataset_size_noise": None if self.audit else policy.dataset_size_noise,
             "budget_epsilon": spend.budget_epsilon,
             "budget_delta": spend.budget_delta,
             "spent_epsilon_certified": spend.epsilon_certified,
@@ -153,11 +161,6 @@ class Daemon:
             description["spent_epsilon_edgeworth_estimate"] = spend.epsilon_edgeworth
         return description
 
-    @property
-    def released_dataset_size(self) -> int:
-        """N as Describe releases it: public metadata (the FedAvg weight), rounded as the policy says."""
-        return self.policy.released_dataset_size(int(self.trainer.dataset_size))
-
     def health(self) -> dict[str, Any]:
         return {
             "status": "stopping" if self._stopping.is_set() else "ok",
@@ -172,8 +175,9 @@ class Daemon:
             plan = RoundPlan.from_config(config)
             self.policy.check_plan(plan, self.trainer.model_id)
             self._check_purpose(plan)
-            if plan.delta is not None:
-                _check_delta(plan.delta, self.trainer.record_count)
+            self._check_count_released()
+            if plan.delta is not None:  # against the released count: the refusal reveals nothing more
+                _check_delta(plan.delta, self.released_dataset_size)
             state = self._state_from_arrays(arrays)
             planned = self.planned_event(plan)
             self._check_round_epsilon(planned)
@@ -212,7 +216,7 @@ class Daemon:
     def planned_event(self, plan: RoundPlan) -> PoissonGaussianEvent:
         """The event the plan will execute: the rate the sampler realises, checked against the batch floor."""
         rate = executable_sampling_rate(plan.sampling_rate)
-        self.policy.check_sampling(rate, int(self.trainer.dataset_size))
+        self.policy.check_sampling(rate, self.released_dataset_size)
         return PoissonGaussianEvent(rate, plan.noise_multiplier, plan.steps)
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any] | None = None) -> dict[str, float]:
@@ -285,6 +289,10 @@ class Daemon:
         if not self.audit and plan.purpose is not None:
             raise PlanRefused(f"this daemon trains the holder's data for training runs only, not a run of purpose {plan.purpose!r}")
 
+    def _check_count_released(self) -> None:
+        if self.released_dataset_size is None:
+            raise PlanRefused("this holder's budget could not fund the release of its noised count: it trains no round")
+
     def _check_round_epsilon(self, planned: PoissonGaussianEvent) -> None:
         """The daemon's own noise floor: this round alone within the policy's per-round certified epsilon.
         One epsilon evaluation, not a calibration: a sigma is above the floor exactly when the round's
@@ -320,7 +328,8 @@ class Daemon:
                         reservation: int) -> TrainReply:
         from agent.training import StepPlan, TrainingFailed
 
-        step_plan = StepPlan(plan.steps, planned.sampling_rate, plan.noise_multiplier, plan.clip_norm, plan.learning_rate)
+        step_plan = StepPlan(plan.steps, planned.sampling_rate, plan.noise_multiplier, plan.clip_norm, plan.learning_rate,
+                             expected_batch_size=planned.sampling_rate * self.released_dataset_size)
         try:
             self.trainer.load_trainable_state(state)
             result = self.trainer.train(step_plan, should_stop=self._step_gate(reservation))
@@ -401,7 +410,40 @@ class Daemon:
         return {"purpose": AUDIT_PURPOSE, **({"engine_broken_on_purpose": breakage} if breakage else {})}
 
     def _release_facts(self) -> dict[str, Any]:
+        """Recorded in a release's commit: its randomness, and the released count that left with it."""
+        if self.released_dataset_size is None:  # before the first count release (recovery on a new ledger)
+            return {"randomness": RANDOMNESS}
         return {"randomness": RANDOMNESS, "public": {"dataset_size": self.released_dataset_size}}
+
+    def _released_count(self) -> int | None:
+        """N as it leaves: the ledger's latest noised count while the data set is the same, else a new one,
+        released and charged now (:mod:`agent.released_count`); None when the budget left cannot fund that
+        release (the daemon then describes no count, and the planner skips it). An audit daemon trains synthetic records whose
+        number the audit's layout fixes: their exact count is public and charges nothing."""
+        if self.audit:
+            return int(self.trainer.dataset_size)
+        latest = latest_count(self.ledger.entries)
+        fingerprint = data_fingerprint(self.trainer.config.data_file, int(self.trainer.dataset_size),
+                                       int(self.trainer.record_count) - int(self.trainer.dataset_size))
+        remembered = count_file(self.ledger.path)
+        if reusable(remembered, latest, fingerprint):
+            return latest.value
+        noise = self.policy.dataset_size_noise
+        event = count_event(noise)
+        with self._ledger_lock:
+            if not self.ledger.spend_with(self.holder_id, event).within_budget:
+                log.warning("the budget cannot fund the release of the training set's count (noise std %g): this "
+                            "daemon describes no count and trains no round", noise)
+                return None
+            reservation = self._reserve(COUNT_RUN_ID, 0, event)
+            self._journal.step(reservation, 1)
+            value = noisy_count(int(self.trainer.dataset_size), noise, float(SecureRandom().standard_normal(1).double()[0]))
+            seq = self.ledger.commit(reservation, event, extra={**count_facts(value, noise), "randomness": RANDOMNESS})
+            self._journal.finish(self.ledger)
+        remember(remembered, ReleasedCount(value, seq), fingerprint)
+        log.info("released the training set's count as %d (Gaussian noise of std %g records, charged: ledger seq %d)",
+                 value, noise, seq)
+        return value
 
     def _check_evaluations_left(self) -> None:
         """At most ``max_evaluations_per_day`` private evaluations in the last 24 hours, counted from the ledger."""

@@ -44,8 +44,9 @@ class HolderPolicy:
       cell (sensitivity 1 under add/remove-one), charged to the ledger as an event, at most
       ``max_evaluations_per_day`` times in any 24 hours, counted from the ledger's own evaluation commits (a
       limit per run would be no limit: the coordinator chooses the run ids; a restart does not reset it).
-    - ``dataset_size_granularity``: the training set size N is released (it is public metadata, the FedAvg
-      weight) rounded down to a multiple of this (1: exact).
+    - ``dataset_size_noise``: N never leaves exactly (add/remove neighbours differ in N); the daemon releases
+      once, per data set, N + Gaussian noise of this std (records), charged to the ledger
+      (:mod:`agent.released_count`). The coordinator plans (q = B / N_noisy) and weights FedAvg with it.
     - ``audit_runs``: whether this holder takes part in empirical privacy audits (``false`` by default). An
       audit run is a separate kind of run: its plans say ``purpose = "audit"``, and only a daemon started for
       an audit (agent.toml's ``[audit]`` table, synthetic records and canaries, :mod:`agent.audit.holder`)
@@ -64,7 +65,7 @@ class HolderPolicy:
     evaluation: str = "none"
     evaluation_noise_multiplier: float = 20.0
     max_evaluations_per_day: int = 10
-    dataset_size_granularity: int = 1
+    dataset_size_noise: float = 20.0
     audit_runs: bool = False
 
     def __post_init__(self) -> None:
@@ -84,7 +85,7 @@ class HolderPolicy:
             raise InvalidInputError(f"evaluation must be one of {', '.join(EVALUATION_MODES)}, got {self.evaluation!r}")
         _positive_finite("evaluation noise multiplier", self.evaluation_noise_multiplier)
         _integer("max evaluations per day", self.max_evaluations_per_day, minimum=0)
-        _integer("dataset size granularity", self.dataset_size_granularity, minimum=1)
+        _positive_finite("dataset size noise", self.dataset_size_noise)
         if not isinstance(self.audit_runs, bool):
             raise InvalidInputError(f"audit_runs must be true or false, got {self.audit_runs!r}")
         object.__setattr__(self, "allowed_models", tuple(self.allowed_models))
@@ -116,20 +117,15 @@ class HolderPolicy:
                 f"noise multiplier {plan.noise_multiplier:g} is below this holder's minimum {self.min_noise_multiplier:g}"
             )
 
-    def check_sampling(self, sampling_rate: float, dataset_size: int) -> None:
-        """Refuse an expected batch qN below the policy's floor (q: the rate the sampler will execute)."""
-        expected = sampling_rate * dataset_size
+    def check_sampling(self, sampling_rate: float, released_size: int) -> None:
+        """Refuse an expected batch q*N_noisy below the policy's floor (q: the rate the sampler will execute;
+        N_noisy: the released count, so that the refusal is a function of released values only)."""
+        expected = sampling_rate * released_size
         if expected < self.min_expected_batch:
             raise PlanRefused(
-                f"expected batch q*N = {sampling_rate:.6g} * {dataset_size} = {expected:.6g} is below this holder's "
-                f"minimum of {self.min_expected_batch:g} records"
+                f"expected batch q*N = {sampling_rate:.6g} * {released_size} (the released count) = {expected:.6g} "
+                f"is below this holder's minimum of {self.min_expected_batch:g} records"
             )
-
-    def released_dataset_size(self, dataset_size: int) -> int:
-        """N as released: rounded down to a multiple of ``dataset_size_granularity`` (at least that multiple)."""
-        granule = self.dataset_size_granularity
-        return max(granule, dataset_size // granule * granule)
-
 
 
 @dataclass(frozen=True)
@@ -221,6 +217,11 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         raise InvalidInputError(
             f"{path}: [policy] release_evaluation_metrics is gone: exact metrics are never released; "
             'use evaluation = "none" (default) or evaluation = "private" (noised and charged to the ledger)'
+        )
+    if "dataset_size_granularity" in policy_table:
+        raise InvalidInputError(
+            f"{path}: [policy] dataset_size_granularity is gone: a rounded N is no DP release; N now leaves only as a "
+            "noised count charged to the ledger (dataset_size_noise, default 20 records)"
         )
     if "max_evaluations_per_run" in policy_table:
         raise InvalidInputError(

@@ -90,11 +90,17 @@ class StepPlan:
     learning_rate: float
     head_only: bool = False  # only the classification head trains (linear probing; phase 1 of LP-FT)
     optimizer: str | None = None  # None: the trainer's (TrainingConfig.optimizer)
+    # The noised sum is divided by it; None: q N with the exact N. The daemon passes q N_noisy (the released
+    # count, agent.released_count), so the update is a function of the noised sum and released values only.
+    expected_batch_size: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise InvalidInputError(f"steps must be an integer >= 1, got {self.steps!r}")
         check_step_settings(self)
+        batch = self.expected_batch_size
+        if batch is not None and not (isinstance(batch, (int, float)) and math.isfinite(batch) and batch > 0):
+            raise InvalidInputError(f"expected batch size must be a finite number > 0, got {batch!r}")
 
 
 def check_step_settings(plan) -> None:
@@ -276,7 +282,8 @@ class LocalTrainer:
             optimizer,
             noise_multiplier=plan.noise_multiplier,
             clip_norm=plan.clip_norm,
-            expected_batch_size=sampler.executed_rate * self.dataset_size,
+            expected_batch_size=sampler.executed_rate * self.dataset_size if plan.expected_batch_size is None
+            else plan.expected_batch_size,
             physical_batch_size=self.config.physical_batch_size,
             noise_source=self._noise_source,
         )

@@ -33,10 +33,12 @@ def capped_shares(sizes: Sequence[float], max_share: float | None = None) -> lis
     uncapped ones in proportion to their sizes, repeatedly until no share exceeds the cap (water-filling).
     Where the cap is below 1/k for k holders it cannot hold, and the shares are equal.
 
-    N is public metadata: each holder states it in its description (the planner derives q = B / N from it,
-    and it is recorded in the coordinator's status), and it is the FedAvg weight. It is not protected by DP
-    and not verified: a holder claiming a huge N gains weight only up to the cap. (Its own privacy does not rest
-    on N being true: it samples its real records at the planned q and is accounted at that q.)"""
+    The sizes are the holders' released counts N_noisy: each daemon releases N plus Gaussian noise once per
+    data set, charged to its ledger (agent.released_count), and states it in its description; the planner
+    derives q = B / N_noisy from the same value, so the ledger's q, the plan and these weights agree and none
+    reveals the exact N. The count is not verified: a holder claiming a huge N gains weight only up to the cap.
+    (Its own privacy does not rest on the count being true: it samples its real records at the planned q and
+    is accounted at that q.)"""
     sizes = [float(size) for size in sizes]
     if not sizes:
         raise InvalidInputError("no shares of nothing: no update to aggregate")

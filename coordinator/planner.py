@@ -1,11 +1,12 @@
 """The federation plan: one schedule for everyone, one noise multiplier per holder.
 
 Every holder runs the same schedule (``rounds`` rounds of ``local_steps`` DP-SGD steps at an expected batch of
-``expected_batch_size`` records, clip norm C, learning rate); a holder with N records samples at q = B / N
-(Poisson), rounded up to the rate its sampler executes exactly
+``expected_batch_size`` records, clip norm C, learning rate); a holder that released the noised count N_noisy
+of its records (its exact N never leaves it: agent.released_count) samples at q = B / N_noisy (Poisson; a
+function of released values, so the q in its ledger reveals nothing more about N), rounded up to the rate its sampler executes exactly
 (:func:`accountant.sampling.executable_sampling_rate`): the receipt's event must equal the plan's to the bit,
 so the plan names the rate that will actually run. It meets each holder's stated floors (its minimum expected
-batch q*N and minimum noise multiplier; its daemon refuses a plan below them) and delta < 1/N. Its sigma is the certified calibration (:mod:`accountant.calibration`) of the *whole* plan,
+batch q*N_noisy and minimum noise multiplier; its daemon refuses a plan below them) and delta < 1/N_noisy. Its sigma is the certified calibration (:mod:`accountant.calibration`) of the *whole* plan,
 ``rounds * local_steps`` steps at rate q, to min(target epsilon, the budget it has left), at the smaller of the
 federation's delta and its own budget delta. Holders whose budget cannot fund the plan are skipped with the
 reason, before anything is reserved or sent.
@@ -71,7 +72,7 @@ class HolderDescription:
 
     node_id: int
     holder_id: str
-    dataset_size: int
+    dataset_size: int | None  # the released noised count N_noisy; None: the holder's budget could not fund its release
     budget_epsilon: float
     budget_delta: float
     spent_epsilon_certified: float
@@ -86,8 +87,8 @@ class HolderDescription:
         if missing:
             raise InvalidInputError(f"node {node_id}'s description lacks {', '.join(missing)}")
         size = values["dataset_size"]
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise InvalidInputError(f"node {node_id}'s dataset_size must be an integer >= 1, got {size!r}")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise InvalidInputError(f"node {node_id}'s dataset_size must be an integer >= 1 or null, got {size!r}")
         for name in ("budget_epsilon", "budget_delta"):
             _positive(f"node {node_id}'s {name}", values[name])
         spent = values["spent_epsilon_certified"]
@@ -183,6 +184,8 @@ def _plan_holder(settings: FederationSettings, holder: HolderDescription) -> Hol
     from accountant.calibration import calibrate_noise_multiplier
     from accountant.sampling import executable_sampling_rate
 
+    if holder.dataset_size is None:
+        return SkippedHolder(holder, "its budget cannot fund the release of its noised count of records")
     epsilon = min(settings.target_epsilon, holder.budget_left_epsilon)
     if epsilon <= 0:
         return SkippedHolder(holder, f"its budget is spent ({holder.spent_epsilon_certified:.4g} of {holder.budget_epsilon:g})")

@@ -54,7 +54,7 @@ class RunProgress:
 
 def _plan_text(holder_id: str, holder: dict[str, Any]) -> str:
     return (
-        f"  plan for {holder_id}: {holder.get('dataset_size')} records, q={_fmt(holder.get('sampling_rate'), '.4f')}, "
+        f"  plan for {holder_id}: {holder.get('dataset_size')} records (noised count), q={_fmt(holder.get('sampling_rate'), '.4f')}, "
         f"sigma={_fmt(holder.get('noise_multiplier'), '.4f')}, certified epsilon after the plan "
         f"{_fmt(holder.get('planned_epsilon_certified'), '.3f')}"
     )

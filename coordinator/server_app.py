@@ -283,7 +283,7 @@ class Federation:
         for holder_plan in plan.holders:
             self.holders[holder_plan.holder_id] = HolderState(holder_plan)
             _log(
-                f"holder {holder_plan.holder_id}: N={holder_plan.holder.dataset_size}, q={holder_plan.sampling_rate:.4g}, "
+                f"holder {holder_plan.holder_id}: N_noisy={holder_plan.holder.dataset_size}, q={holder_plan.sampling_rate:.4g}, "
                 f"sigma={holder_plan.noise_multiplier:.4f}, planned certified epsilon {holder_plan.epsilon_certified:.3f} "
                 f"(Edgeworth estimate {_number(holder_plan.epsilon_edgeworth)}) at delta {holder_plan.delta:g}"
             )

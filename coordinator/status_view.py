@@ -23,7 +23,7 @@ th { background: #f2f2f2; }
 <p>State: <b id="state">waiting for the run</b>, round <b id="round">-</b>; elapsed <span id="elapsed">-</span>;
 updated <span id="updated">never</span> <span class="note">(refreshes every 2 s; read-only)</span></p>
 <h2>Holders</h2>
-<table id="holders"><thead><tr><th>holder</th><th>state</th><th>records</th><th>sigma</th>
+<table id="holders"><thead><tr><th>holder</th><th>state</th><th>records (noised count)</th><th>sigma</th>
 <th>certified epsilon spent (the guarantee)</th><th>Edgeworth (estimate)</th><th>budget</th><th>budget left</th>
 <th>spent / left</th><th>rounds</th><th>accuracy so far (private, noised by the holder)</th></tr></thead><tbody></tbody></table>
 <p class="note">Certified epsilon is the lifetime spend recorded in the coordinator's ledger, at the holder's delta.</p>

@@ -23,7 +23,7 @@ from agent.policy import load_agent_config
 from agent.recovery import ProgressJournal, journal_path, read_progress
 from agent.rpc import DaemonClient, DaemonError
 from coordinator.recovery import commit_extra
-from test_daemon import HOLDER, PLAN, REPO, _agent_toml, _entries, _global_weights, _kinds, _wait_for_daemon
+from test_daemon import COUNT, HOLDER, PLAN, REPO, _agent_toml, _entries, _global_weights, _kinds, _wait_for_daemon, count_epsilon
 from test_daemon import trainer  # noqa: F401 - the fixture
 
 PLANNED = PoissonGaussianEvent(executable_sampling_rate(PLAN["sampling_rate"]), PLAN["noise_multiplier"], PLAN["steps"])
@@ -56,11 +56,12 @@ sys.exit(main(sys.argv[5:]))
 
 
 @pytest.fixture
-def holder(tmp_path, tiny_bert_dir, mr_csv):
+def holder(tmp_path, tiny_bert_dir, mr_csv, trainer):
     from ewtune.cli import main
 
     config_path = _agent_toml(tmp_path, tiny_bert_dir, mr_csv)
     assert main(["agent", "init", "--config", str(config_path)]) == 0
+    _restart(config_path, trainer).close()  # the first start releases the noised count, which later starts reuse
     return config_path
 
 
@@ -95,8 +96,8 @@ def _restart(config_path, trainer):
 def _closing_entry(config_path):
     entries = _entries(load_agent_config(config_path).ledger_path)
     reservations = [entry for entry in entries if entry["kind"] == "reserve"]
-    assert len(reservations) == 1
-    closing = [entry for entry in entries if entry["payload"].get("reservation") == reservations[0]["seq"]]
+    assert [entry["payload"]["run_id"] for entry in reservations] == ["dataset-size", PLAN["run_id"]]
+    closing = [entry for entry in entries if entry["payload"].get("reservation") == reservations[1]["seq"]]
     assert len(closing) == 1
     return closing[0]
 
@@ -113,9 +114,9 @@ def test_killed_after_steps_ran_the_restart_charges_exactly_the_steps_recorded(h
     last recorded before the kill, so the restart commits two steps, released: false."""
     _crash_during_a_round(holder, trainer, ("agent.recovery", "ProgressJournal.step", "after", "2"))
     ledger_path = load_agent_config(holder).ledger_path
-    assert _kinds(ledger_path) == ["genesis", "reserve"]
+    assert _kinds(ledger_path) == ["genesis", *COUNT, "reserve"]
     status = _status(holder, capsys)
-    assert [row["seq"] for row in status["open_reservations"]] == [1]
+    assert [row["seq"] for row in status["open_reservations"]] == [3]
     assert "2 step(s) recorded" in status["open_reservations"][0]["journal"]
     assert status["spent_epsilon_certified"] > 0  # an open reservation counts as spent in full
     spent_while_open = status["spent_epsilon_certified"]
@@ -141,7 +142,8 @@ def test_killed_before_the_first_step_the_restart_aborts(holder, trainer):
     daemon.close()
     closing = _closing_entry(holder)
     assert closing["kind"] == "abort" and "no step ran" in closing["payload"]["reason"]
-    assert verify_ledger(load_agent_config(holder).ledger_path).holders[HOLDER].epsilon_certified == 0.0
+    spent = verify_ledger(load_agent_config(holder).ledger_path).holders[HOLDER].epsilon_certified
+    assert spent == pytest.approx(count_epsilon(), rel=1e-12)  # the count released at the first start, nothing more
 
 
 def test_killed_after_the_receipt_was_signed_the_restart_commits_the_receipt(holder, trainer):
@@ -167,7 +169,7 @@ def test_killed_after_the_commit_the_restart_has_nothing_to_reconcile(holder, tr
     ledger_path = load_agent_config(holder).ledger_path
     daemon = _restart(holder, trainer)
     daemon.close()
-    assert daemon.recovered == [] and _kinds(ledger_path) == ["genesis", "reserve", "commit"]
+    assert daemon.recovered == [] and _kinds(ledger_path) == ["genesis", *COUNT, "reserve", "commit"]
     assert read_progress(journal_path(ledger_path)) is None
 
 
@@ -183,7 +185,7 @@ def test_a_reservation_no_journal_covers_is_charged_in_full(holder, trainer):
     ledger written before the journal existed looks the same)."""
     _reserve_without_the_daemon(holder)
     ledger_path = load_agent_config(holder).ledger_path
-    assert not journal_path(ledger_path).exists()
+    journal_path(ledger_path).unlink()  # the journal the first start left (empty), deleted
     _restart(holder, trainer).close()
     closing = _closing_entry(holder)
     assert closing["kind"] == "commit" and event_from_json(closing["payload"]["event"]) == PLANNED
@@ -228,7 +230,7 @@ def test_a_completed_round_journals_each_step_before_it_runs_and_empties_the_jou
         reply = daemon.train(_global_weights(trainer), PLAN)
     finally:
         daemon.close()
-    assert recorded == [(1, 1), (1, 2), (1, 3)] and reply.metrics["steps"] == 3
+    assert recorded == [(3, 1), (3, 2), (3, 3)] and reply.metrics["steps"] == 3
     ledger_path = load_agent_config(holder).ledger_path
-    assert _kinds(ledger_path) == ["genesis", "reserve", "commit"]
+    assert _kinds(ledger_path) == ["genesis", *COUNT, "reserve", "commit"]
     assert read_progress(journal_path(ledger_path)) is None

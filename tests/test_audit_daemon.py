@@ -5,6 +5,8 @@ stated by ``ledger verify`` beside the certified epsilon of the holder's commits
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -96,6 +98,7 @@ def test_a_training_daemon_refuses_audit_plans_and_reveals(tmp_path):
 
     class Plain:  # the trainer interface of a training daemon (no reveal); never reached past the refusals
         model_id, randomness, dataset_size, record_count = "plain", "os-secure", 1000, 1000
+        config = SimpleNamespace(data_file=__file__)  # its data file, whose fingerprint ties the released count
 
         def trainable_state(self):
             return {}
@@ -107,7 +110,7 @@ def test_a_training_daemon_refuses_audit_plans_and_reveals(tmp_path):
         daemon.train({}, PLAN)
     with pytest.raises(PlanRefused, match="no canaries"):
         daemon.reveal_audit({"run_id": "audit-1"})
-    assert [entry["kind"] for entry in ledger.entries] == ["genesis"]
+    assert [entry["kind"] for entry in ledger.entries] == ["genesis", "reserve", "commit"]  # only the noised count
     daemon.close()
 
 

@@ -31,13 +31,22 @@ PLAN = {
     "run_id": "run-1",
     "round": 1,
     "steps": 3,
-    "sampling_rate": 0.05,
+    "sampling_rate": 0.1,  # an expected batch of 18 of the 180 training records, far above the floor of 8 whatever the noised count
     "noise_multiplier": 1.0,
     "clip_norm": 1.0,
     "learning_rate": 0.01,
     "delta": 1e-5,
 }
 REPO = Path(__file__).resolve().parents[1]
+# A daemon releases its noised training-set count once, at its first start: a reservation and its commit.
+COUNT = ["reserve", "commit"]
+
+
+def count_epsilon(noise=20.0, delta=BUDGET["budget_delta"]):
+    """The certified epsilon of one count release (agent.released_count): the Gaussian mechanism at q = 1."""
+    from accountant.certified import certified_epsilon
+
+    return certified_epsilon(PoissonGaussianEvent(1.0, noise, 1), delta)
 
 
 def _training_config(tiny_bert_dir, mr_csv):
@@ -87,12 +96,13 @@ def _entries(ledger_path):
 
 def _assert_nothing_charged(daemon, ledger_path):
     _assert_nothing_charged_in(ledger_path)
-    assert daemon.describe()["spent_epsilon_certified"] == 0.0
+    assert daemon.describe()["spent_epsilon_certified"] == pytest.approx(count_epsilon(), rel=1e-12)
     assert daemon.ledger.open_reservations() == {}
 
 
 def _assert_nothing_charged_in(ledger_path):
-    assert _kinds(ledger_path) == ["genesis"]
+    """Nothing beyond the count released at the daemon's start."""
+    assert _kinds(ledger_path) == ["genesis", *COUNT]
     assert verify_ledger(ledger_path).ok
 
 
@@ -115,17 +125,19 @@ def test_train_commits_the_executed_event_and_returns_a_receipt_that_verifies(da
     # computed from the data without noise: they never leave the holder
     assert reply.metrics == {"steps": PLAN["steps"]}
 
-    assert _kinds(ledger_path) == ["genesis", "reserve", "commit"]
+    assert _kinds(ledger_path) == ["genesis", *COUNT, "reserve", "commit"]
     assert verify_ledger(ledger_path).ok
     commit = _entries(ledger_path)[-1]["payload"]
     assert commit["event"]["event"]["steps"] == PLAN["steps"]
-    assert commit["extra"] == {"randomness": "os-secure", "public": {"dataset_size": trainer.dataset_size}}
+    assert commit["extra"] == {"randomness": "os-secure", "public": {"dataset_size": daemon.released_dataset_size}}
     description = daemon.describe()
     from accountant.certified import certified_epsilon
+    from accountant.events import compose
 
-    assert description["spent_epsilon_certified"] == pytest.approx(certified_epsilon(executed, 1e-5))
+    assert description["spent_epsilon_certified"] == pytest.approx(
+        certified_epsilon(compose(PoissonGaussianEvent(1.0, 20.0, 1), executed), 1e-5))
     assert description["public_key"] == key.public_key_text
-    assert description["dataset_size"] == trainer.dataset_size
+    assert description["dataset_size"] == daemon.released_dataset_size
     assert daemon.ledger.open_reservations() == {}
 
 
@@ -144,13 +156,13 @@ def test_an_over_budget_plan_is_refused_and_nothing_more_is_charged(daemon_parts
     _, ledger, ledger_path = daemon_parts
     past = PoissonGaussianEvent(0.05, 1.0, 400)  # an earlier run spent most of the budget
     ledger.commit(ledger.reserve(HOLDER, "run-0", 1, past), past)
-    daemon = _daemon(daemon_parts, trainer)
+    daemon = _daemon(daemon_parts, trainer, min_expected_batch=1.0)
     spent = daemon.describe()["spent_epsilon_certified"]
     assert spent < 8.0
-    plan = dict(PLAN, steps=400, noise_multiplier=1.0)
+    plan = dict(PLAN, sampling_rate=0.05, steps=400, noise_multiplier=1.0)
     with pytest.raises(PlanRefused, match="over its budget"):
         daemon.train(_global_weights(trainer), plan)
-    assert _kinds(ledger_path) == ["genesis", "reserve", "commit"]
+    assert _kinds(ledger_path) == ["genesis", *COUNT, "reserve", "commit"]
     assert verify_ledger(ledger_path).ok
     assert daemon.describe()["spent_epsilon_certified"] == spent
     assert daemon.ledger.open_reservations() == {}
@@ -174,7 +186,7 @@ def test_the_rate_accounted_is_the_rate_executed(daemon_parts, trainer):
     assert executed > rate
     reply = daemon.train(_global_weights(trainer), dict(PLAN, sampling_rate=rate))
     assert verify_receipt(reply.receipt, key.public_key_text).event.sampling_rate == executed
-    reserve, commit = _entries(ledger_path)[1:]
+    reserve, commit = _entries(ledger_path)[3:]
     assert reserve["payload"]["event"]["event"]["sampling_rate"] == executed
     assert commit["payload"]["event"]["event"]["sampling_rate"] == executed
 
@@ -194,7 +206,7 @@ def test_a_delta_at_or_above_one_over_n_is_refused(daemon_parts, trainer, tmp_pa
     from agent.daemon import Daemon
 
     daemon = _daemon(daemon_parts, trainer)
-    with pytest.raises(PlanRefused, match="not below 1/N = 1/200"):
+    with pytest.raises(PlanRefused, match=f"not below 1/N = 1/{daemon.released_dataset_size}:"):
         daemon.train(_global_weights(trainer), dict(PLAN, delta=0.5))
     _assert_nothing_charged(daemon, daemon_parts[2])
     key, budget = SigningKey.generate(), {"budget_epsilon": 8.0, "budget_delta": 0.01}
@@ -280,9 +292,9 @@ def test_a_round_that_released_nothing_and_ran_no_step_is_aborted(daemon_parts, 
     with pytest.raises(error) as raised:
         daemon.train(_global_weights(trainer), PLAN)
     assert "CUDA" not in str(raised.value)
-    assert _kinds(ledger_path) == ["genesis", "reserve", "abort"]
+    assert _kinds(ledger_path) == ["genesis", *COUNT, "reserve", "abort"]
     assert verify_ledger(ledger_path).ok
-    assert daemon.describe()["spent_epsilon_certified"] == 0.0
+    assert daemon.describe()["spent_epsilon_certified"] == pytest.approx(count_epsilon(), rel=1e-12)
 
 
 def test_a_failure_after_steps_ran_charges_them_and_says_nothing_of_the_data(daemon_parts, trainer):
@@ -295,7 +307,7 @@ def test_a_failure_after_steps_ran_charges_them_and_says_nothing_of_the_data(dae
     with pytest.raises(RequestFailed) as raised:
         daemon.train(_global_weights(trainer), PLAN)
     assert "secret" not in str(raised.value) and "17" not in str(raised.value)
-    assert _kinds(ledger_path) == ["genesis", "reserve", "commit"]
+    assert _kinds(ledger_path) == ["genesis", *COUNT, "reserve", "commit"]
     commit = _entries(ledger_path)[-1]["payload"]
     assert commit["event"]["event"]["steps"] == 2 and commit["extra"]["released"] is False
     assert verify_ledger(ledger_path).ok
@@ -340,7 +352,10 @@ def test_a_step_that_fails_after_reading_records_is_charged_with_the_steps_befor
     from accountant.certified import certified_epsilon
 
     three = PoissonGaussianEvent(executable_sampling_rate(PLAN["sampling_rate"]), PLAN["noise_multiplier"], 3)
-    assert daemon.describe()["spent_epsilon_certified"] == pytest.approx(certified_epsilon(three, 1e-5), rel=1e-9)
+    from accountant.events import compose
+
+    spent = certified_epsilon(compose(PoissonGaussianEvent(1.0, 20.0, 1), three), 1e-5)
+    assert daemon.describe()["spent_epsilon_certified"] == pytest.approx(spent, rel=1e-9)
 
 
 def test_an_evaluation_that_fails_after_reading_the_held_out_records_is_charged(daemon_parts, trainer):
@@ -383,15 +398,18 @@ def test_private_evaluation_is_noised_charged_and_limited_per_day(daemon_parts, 
     after = _global_weights(trainer)
     assert all(np.array_equal(before[name], after[name]) for name in before)
     kinds = _kinds(daemon_parts[2])
-    assert kinds == ["genesis", "reserve", "commit", "reserve", "commit"]
+    assert kinds == ["genesis", *COUNT, "reserve", "commit", "reserve", "commit"]
     commit = _entries(daemon_parts[2])[-1]["payload"]
     assert commit["extra"]["purpose"] == "evaluation"
     spent = daemon.describe()["spent_epsilon_certified"]
-    assert spent == pytest.approx(certified_epsilon(PoissonGaussianEvent(1.0, 5.0, 2), 1e-5), rel=1e-9)
-    assert spent > certified_epsilon(PoissonGaussianEvent(1.0, 5.0, 1), 1e-5) > 0
+    from accountant.events import compose
+
+    count = PoissonGaussianEvent(1.0, 20.0, 1)
+    assert spent == pytest.approx(certified_epsilon(compose(count, PoissonGaussianEvent(1.0, 5.0, 2)), 1e-5), rel=1e-9)
+    assert spent > certified_epsilon(compose(count, PoissonGaussianEvent(1.0, 5.0, 1)), 1e-5) > count_epsilon()
     with pytest.raises(PlanRefused, match="allows 2 per day"):
         daemon.evaluate(other, dict(EVALUATION, round=2))
-    assert len(_kinds(daemon_parts[2])) == 5
+    assert len(_kinds(daemon_parts[2])) == 7
     with pytest.raises(InvalidInputError, match="run_id"):
         daemon.evaluate(other, {})
 
@@ -414,7 +432,7 @@ def test_evaluations_under_fresh_run_ids_or_after_a_restart_stay_within_the_dail
     try:
         with pytest.raises(PlanRefused, match="2 private evaluation"):
             restarted.evaluate(weights, dict(EVALUATION, run_id="run-d"))
-        assert _kinds(ledger_path).count("commit") == 2
+        assert _kinds(ledger_path).count("commit") == 3  # the count and two evaluations
         from datetime import datetime, timedelta, timezone
 
         assert _evaluations_since(restarted.ledger.entries, datetime.now(timezone.utc) + timedelta(seconds=1)) == 0
@@ -486,7 +504,7 @@ def test_the_grpc_api_on_a_unix_socket(served, trainer, daemon_parts):
         with pytest.raises(DaemonError) as withheld:
             client.evaluate(updated, EVALUATION)
         assert withheld.value.refused and "no evaluation metrics" in withheld.value.reason
-    assert _kinds(ledger_path) == ["genesis", "reserve", "commit"]
+    assert _kinds(ledger_path) == ["genesis", *COUNT, "reserve", "commit"]
 
 
 def test_the_grpc_api_refuses_messages_over_its_size_limit(daemon_parts, trainer, tmp_path):
@@ -695,7 +713,7 @@ def test_ewtune_agent_start_serves_and_stops_cleanly_on_sigterm(tmp_path, tiny_b
             process.kill()
             process.wait()
     ledger_path = tmp_path / "state/ledger.jsonl"
-    assert _kinds(ledger_path) == ["genesis", "reserve", "commit"]
+    assert _kinds(ledger_path) == ["genesis", *COUNT, "reserve", "commit"]
     assert verify_ledger(ledger_path).ok
     # the ledger is closed (its writer lock released): it opens again for writing
     Ledger.open(ledger_path, SigningKey.load(tmp_path / "ledger.key")).close()

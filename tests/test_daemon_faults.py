@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_daemon import BUDGET, HOLDER, PLAN, _daemon, _global_weights, _kinds, daemon_parts, trainer  # noqa: F401
+from test_daemon import BUDGET, COUNT, HOLDER, PLAN, _daemon, _global_weights, _kinds, daemon_parts, trainer  # noqa: F401
 
 from accountant.certified import certified_epsilon
 from accountant.errors import EwtuneError
@@ -33,7 +33,7 @@ def test_a_replayed_or_stale_train_request_is_refused_and_charges_nothing(daemon
     for replay in (PLAN, dict(PLAN, round=PLAN["round"] - 1)):
         with pytest.raises(PlanRefused, match="is a replay: this holder already released its update for round 1"):
             daemon.train(_global_weights(trainer), replay)
-    assert ledger_path.read_bytes() == after_first and _kinds(ledger_path) == ["genesis", "reserve", "commit"]
+    assert ledger_path.read_bytes() == after_first and _kinds(ledger_path) == ["genesis", *COUNT, "reserve", "commit"]
 
 
 def _mount(*arguments) -> None:

@@ -63,9 +63,29 @@ def test_every_ledger_verifies_and_the_coordinator_matches_the_holders(federatio
     assert check.matched == 4 and not check.not_aggregated
 
 
+def test_the_plan_and_the_fedavg_weights_use_the_noised_count_each_holder_released(federation_run):
+    """N never leaves exactly: the size the coordinator planned and weighted each holder with is the noised
+    count charged in that holder's ledger, and every commit records that count, never another."""
+    from agent.released_count import latest_count
+    from coordinator.aggregation import capped_shares
+
+    work, _, status, _ = federation_run
+    released = {}
+    for holder_id in ("h0", "h1"):
+        entries = read_entries(work / "holders" / holder_id / "ledger.jsonl")
+        released[holder_id] = latest_count(entries).value
+        assert status["holders"][holder_id]["dataset_size"] == released[holder_id]
+        public = {entry["payload"]["extra"]["public"]["dataset_size"] for entry in entries
+                  if entry["kind"] == "commit" and "public" in entry["payload"].get("extra", {})}
+        assert public == {released[holder_id]}
+    shares = capped_shares([released["h0"], released["h1"]], status["plan"]["max_weight_share"])
+    first = status["rounds"][0]["holders"]
+    assert [first["h0"]["weight_share"], first["h1"]["weight_share"]] == pytest.approx(shares)
+
+
 def test_a_holder_that_cannot_fund_the_plan_is_skipped_and_charged_nothing(federation_run):
     work, credentials, status, _ = federation_run
-    assert "noise multiplier" in status["skipped"]["poor"]
+    assert "cannot fund the release of its noised count" in status["skipped"]["poor"]  # its budget 0.05 < the count's epsilon
     assert [entry["kind"] for entry in read_entries(work / "holders" / "poor" / "ledger.jsonl")] == ["genesis"]
     coordinator = read_entries(work / "coordinator" / "ledger.jsonl")
     assert all(entry["payload"].get("holder") != "poor" for entry in coordinator)

@@ -3,6 +3,10 @@
 Each part exposes ``register(subparsers)`` in a module that imports only argparse at import time, so that
 ``ewtune accountant ...`` and ``ewtune ledger ...`` start without importing torch, transformers or flwr.
 A handler is the callable stored as ``func`` in the parsed namespace; it returns the exit code.
+
+When stdout is closed before a command has written all of it (``ewtune coordinator status | head``), the command
+stops quietly with exit code 141 (128 + SIGPIPE), what a shell reports for ``cat`` or ``git`` cut off the same
+way, so that a ``set -o pipefail`` script still sees that the output was cut.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from accountant.errors import EwtuneError
@@ -50,7 +55,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STDOUT_CLOSED_EXIT_CODE = 128 + signal.SIGPIPE  # 141, as a shell reports a process cut off by its reader
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code (see the module docstring for a reader that closes stdout early)."""
+    try:
+        try:
+            return _run_command(argv)
+        finally:  # also after --help: a reader gone after the last line is noticed here, not at interpreter exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        return STDOUT_CLOSED_EXIT_CODE
+
+
+def _discard_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null, so that the interpreter's own flush at exit (of what is
+    still buffered for the closed pipe) fails no more and prints nothing."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (tests capturing stdout)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
+
+
+def _run_command(argv: list[str] | None) -> int:
     from federation.processes import QUIET_FLOWER_ENVIRONMENT
 
     for name, value in QUIET_FLOWER_ENVIRONMENT.items():  # what this process starts is quiet and offline too

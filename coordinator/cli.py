@@ -92,6 +92,7 @@ def _start(args: argparse.Namespace) -> int:
 
     superlink.check_bind_address(args.host, args.behind_fleet_proxy)
     credentials = load_credentials(args.credentials)
+    superlink.check_port_free(args.host, args.port)
     state = Path(args.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     flwr_home = state / "flwr-home"
@@ -100,12 +101,15 @@ def _start(args: argparse.Namespace) -> int:
         credentials.ca_certificate, credentials.server_certificate, credentials.server_key, state / "superlink.db", args.host, args.port
     )
     stopping = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.append(True))
+    previous_handlers = {signum: signal.signal(signum, lambda *_: stopping.append(True)) for signum in (signal.SIGTERM, signal.SIGINT)}
     with open(state / "superlink.log", "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=flower_environment(flwr_home), cwd=state, start_new_session=True)
     try:
-        superlink.wait_for_port(args.host, args.port, 60, process)
+        try:
+            superlink.wait_for_port(args.host, args.port, 60, process)
+        except EwtuneError as failure:
+            log_path = state / "superlink.log"
+            raise EwtuneError(f"the SuperLink did not start: {failure}; its log {log_path} ends: {_last_line(log_path)}") from None
         print(f"ewtune coordinator: SuperLink on {args.host}:{args.port} (TLS, SuperNode authentication), log {state / 'superlink.log'}", flush=True)
         if not args.no_register:
             for holder_id, public_key in credentials.supernode_public_keys.items():
@@ -120,7 +124,14 @@ def _start(args: argparse.Namespace) -> int:
             raise EwtuneError(f"the SuperLink exited with code {process.returncode}; see {state / 'superlink.log'}")
     finally:
         stop_process_group(process)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
     return 0
+
+
+def _last_line(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
+    return lines[-1].strip() if lines else "(empty)"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -138,6 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     flwr_home = Path(args.state_dir).resolve() / "flwr-home"
     if not (flwr_home / "config.toml").is_file():
         raise InvalidInputError(f"{flwr_home} has no connection: start the SuperLink with `ewtune coordinator start --state-dir {args.state_dir}`")
+    superlink.check_superlink_reachable(flwr_home, args.state_dir)
     log_path = config.output_dir.parent / "flwr-run.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     for flower_run_id in superlink.stop_unfinished_runs(flwr_home, config.output_dir):
@@ -151,7 +163,10 @@ def _run(args: argparse.Namespace) -> int:
 
             page = StatusServer(config.output_dir / "status.json", port=args.status_port).start()
             progress.event("status_page", f"status page: {page.url}", url=page.url)
-        status = follow_run(process, config.output_dir / "status.json", RunProgress(progress), args.timeout)
+        try:
+            status = follow_run(process, config.output_dir / "status.json", RunProgress(progress), args.timeout)
+        except EwtuneError as failure:
+            raise EwtuneError(f"{failure}; its log {log_path} ends: {_last_line(log_path)}") from None
     finally:
         progress.close()
         stop_process_group(process)
@@ -223,7 +238,8 @@ def follow_run(process: subprocess.Popen, status_path: Path, on_status: Callable
             if status_path.exists() and status_path.read_text() != last_text:
                 status = json.loads(status_path.read_text())
             if status.get("state") not in ("finished", "stopped", "failed"):
-                raise EwtuneError(f"`flwr run` exited ({process.returncode}) before the run finished; state {status.get('state')!r}")
+                where = "before the ServerApp wrote any status" if not status else f"while the run was {status.get('state')!r}"
+                raise EwtuneError(f"`flwr run` exited with code {process.returncode} {where}")
             return status
         if time.monotonic() > deadline:
             raise EwtuneError(f"the run did not finish within {timeout:g} s")

@@ -78,11 +78,47 @@ def write_connection(flwr_home: Path, address: str, ca_certificate: Path, name: 
     return path
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port that something already answers on (most often a SuperLink started earlier): a second
+    SuperLink could not bind it, and every later step would talk to the first one."""
+    try:
+        with socket.create_connection((host, port), timeout=2.0):
+            pass
+    except OSError:
+        return
+    raise EwtuneError(
+        f"{host}:{port} is already in use (another `ewtune coordinator start`?): stop what listens there or pass another --port"
+    )
+
+
+def check_superlink_reachable(flwr_home: Path, state_dir: str) -> None:
+    """Refuse to submit a run when nothing answers at the SuperLink address of ``flwr_home``'s connection
+    (written by ``ewtune coordinator start --state-dir state_dir``): ``flwr run`` would only fail later."""
+    import tomllib
+
+    path = flwr_home / "config.toml"
+    try:
+        address = tomllib.loads(path.read_text())["superlink"][CONNECTION]["address"]
+        host, _, port = address.rpartition(":")
+        host, port = host.strip("[]"), int(port)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InvalidInputError(f"{path} holds no SuperLink address ({error}): start the SuperLink with "
+                                f"`ewtune coordinator start --state-dir {state_dir}`") from None
+    try:
+        with socket.create_connection((host, port), timeout=5.0):
+            return
+    except OSError as error:
+        raise EwtuneError(
+            f"no SuperLink answers at {address} ({error.strerror or error}): start it with "
+            f"`ewtune coordinator start --credentials DIR --state-dir {state_dir}` and keep it running"
+        ) from None
+
+
 def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise EwtuneError(f"the process listening on {host}:{port} exited with code {process.returncode}")
+            raise EwtuneError(f"the process meant to listen on {host}:{port} exited with code {process.returncode} before it did")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return

@@ -118,3 +118,89 @@ def test_superlink_credentials_list_the_registered_holders_public_keys(tmp_path)
     credentials = load_credentials(tmp_path / "keys")
     assert credentials.server_key.is_file() and credentials.ca_certificate.is_file()
     assert list(credentials.supernode_public_keys) == ["a"] and credentials.supernode_public_keys["a"].is_file()
+
+
+def test_a_second_start_on_a_busy_port_says_so_and_starts_nothing(tmp_path, capsys):
+    """What a second `ewtune coordinator start` met: the port already answered (by the first SuperLink), so it
+    printed "SuperLink on ..." and then blamed a holder's key. Now: one line naming the port, exit 1, no
+    SuperLink started, nothing written to the state directory."""
+    import socket
+
+    assert main(["keys", "init", str(tmp_path / "keys")]) == 0
+    capsys.readouterr()
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        code = main(["coordinator", "start", "--credentials", str(tmp_path / "keys"), "--state-dir", str(tmp_path / "state"), "--port", str(port)])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert captured.err.strip() == (f"ewtune: error: 127.0.0.1:{port} is already in use (another `ewtune coordinator start`?): "
+                                    "stop what listens there or pass another --port")
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_superlink_that_exits_at_start_is_named_with_its_last_log_line(tmp_path, capsys):
+    """The SuperLink child exits before it listens (here: a server key that is not a key): one line naming the
+    address, the log and its last line, exit 1; never "SuperLink on ..."."""
+    import socket
+
+    assert main(["keys", "init", str(tmp_path / "keys")]) == 0
+    (tmp_path / "keys" / "superlink" / "server.key").write_text("not a key\n")
+    capsys.readouterr()
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    code = main(["coordinator", "start", "--credentials", str(tmp_path / "keys"), "--state-dir", str(tmp_path / "state"), "--port", str(port)])
+    captured = capsys.readouterr()
+    error = captured.err.strip()
+    assert code == 1 and "SuperLink on" not in captured.out, captured.out
+    assert len(error.splitlines()) == 1
+    assert error.startswith(f"ewtune: error: the SuperLink did not start: the process meant to listen on 127.0.0.1:{port} exited")
+    assert f"its log {tmp_path / 'state' / 'superlink.log'} ends: " in error and "SSL" in error
+
+
+def _runnable_federation(tmp_path):
+    """A federation.toml that passes `config check` (its files present), and a state directory whose connection
+    points at a loopback port where nothing listens."""
+    import socket
+
+    from accountant.signing import SigningKey
+    from coordinator.superlink import write_connection
+
+    SigningKey.generate().save(tmp_path / "coordinator.key")
+    (tmp_path / "supernodes.json").write_text("[]")
+    (tmp_path / "initial.safetensors").write_bytes(b"weights")
+    (tmp_path / "federation.toml").write_text(FEDERATION)
+    (tmp_path / "ca.crt").write_text("certificate")
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    write_connection(tmp_path / "state" / "flwr-home", f"127.0.0.1:{port}", tmp_path / "ca.crt")
+    return tmp_path / "federation.toml", port
+
+
+def test_run_with_the_superlink_down_names_the_address_and_what_to_start(tmp_path, capsys):
+    """`ewtune coordinator run` with no SuperLink said "`flwr run` exited (1) before the run finished; state None".
+    Now: one line naming the address it could not reach and the command that starts it, exit 1, before any
+    `flwr run` (no run log written)."""
+    config, port = _runnable_federation(tmp_path)
+    code = main(["coordinator", "run", "--config", str(config), "--state-dir", str(tmp_path / "state")])
+    error = capsys.readouterr().err.strip()
+    assert code == 1 and len(error.splitlines()) == 1, error
+    assert error.startswith(f"ewtune: error: no SuperLink answers at 127.0.0.1:{port} (")
+    assert f"start it with `ewtune coordinator start --credentials DIR --state-dir {tmp_path / 'state'}`" in error
+    assert "None" not in error
+    assert not (tmp_path / "flwr-run.log").exists()
+
+
+def test_a_flwr_run_that_exits_before_any_status_says_so(tmp_path):
+    """`flwr run` gone before the ServerApp wrote status.json: the message says no status was written (never
+    "state None")."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from accountant.errors import EwtuneError
+    from coordinator.cli import follow_run
+
+    process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(EwtuneError, match=r"^`flwr run` exited with code 3 before the ServerApp wrote any status$"):
+        follow_run(process, tmp_path / "status.json", None, timeout=30)

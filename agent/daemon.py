@@ -55,8 +55,7 @@ from accountant.signing import SigningKey
 from agent.dpsgd.randomness import SecureRandom
 from agent.policy import AgentConfig, HolderPolicy, PlanRefused, RoundPlan
 from agent.recovery import ProgressJournal, journal_path, reconcile
-from agent.released_count import (COUNT_RUN_ID, ReleasedCount, count_event, count_facts, count_file, data_fingerprint,
-                                  latest_count, noisy_count, remember, reusable)
+from agent.released_count import current_count, latest_count
 from agent.rpc import DaemonUnavailable, RequestFailed
 
 log = logging.getLogger(__name__)
@@ -418,31 +417,20 @@ class Daemon:
     def _released_count(self) -> int | None:
         """N as it leaves: the ledger's latest noised count while the data set is the same, else a new one,
         released and charged now (:mod:`agent.released_count`); None when the budget left cannot fund that
-        release (the daemon then describes no count, and the planner skips it). An audit daemon trains synthetic records whose
-        number the audit's layout fixes: their exact count is public and charges nothing."""
+        release (the daemon then describes no count, and the planner skips it). An audit daemon trains
+        synthetic records whose number the audit's layout fixes: their exact count is public, charged nothing."""
         if self.audit:
             return int(self.trainer.dataset_size)
-        latest = latest_count(self.ledger.entries)
-        fingerprint = data_fingerprint(self.trainer.config.data_file, int(self.trainer.dataset_size),
-                                       int(self.trainer.record_count) - int(self.trainer.dataset_size))
-        remembered = count_file(self.ledger.path)
-        if reusable(remembered, latest, fingerprint):
-            return latest.value
-        noise = self.policy.dataset_size_noise
-        event = count_event(noise)
+        exact, records = int(self.trainer.dataset_size), int(self.trainer.record_count)
         with self._ledger_lock:
-            if not self.ledger.spend_with(self.holder_id, event).within_budget:
-                log.warning("the budget cannot fund the release of the training set's count (noise std %g): this "
-                            "daemon describes no count and trains no round", noise)
-                return None
-            reservation = self._reserve(COUNT_RUN_ID, 0, event)
-            self._journal.step(reservation, 1)
-            value = noisy_count(int(self.trainer.dataset_size), noise, float(SecureRandom().standard_normal(1).double()[0]))
-            seq = self.ledger.commit(reservation, event, extra={**count_facts(value, noise), "randomness": RANDOMNESS})
-            self._journal.finish(self.ledger)
-        remember(remembered, ReleasedCount(value, seq), fingerprint)
-        log.info("released the training set's count as %d (Gaussian noise of std %g records, charged: ledger seq %d)",
-                 value, noise, seq)
+            value = current_count(self.ledger, self.holder_id, (self.trainer.config.data_file, exact, records - exact),
+                                  self.policy.dataset_size_noise, SecureRandom(), self._journal)
+        if value is None:
+            log.warning("the budget cannot fund the release of the training set's count (noise std %g): this daemon "
+                        "describes no count and trains no round", self.policy.dataset_size_noise)
+        else:
+            log.info("the training set's count leaves as %d (Gaussian noise of std %g records, charged once per data set)",
+                     value, self.policy.dataset_size_noise)
         return value
 
     def _check_evaluations_left(self) -> None:

@@ -32,8 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from accountant.errors import EwtuneError
 from accountant.events import PoissonGaussianEvent
-from accountant.ledger import DATASET_SIZE_PURPOSE, FILE_MODE
+from accountant.ledger import DATASET_SIZE_PURPOSE, FILE_MODE, Ledger
+from agent.recovery import ProgressJournal
 
 COUNT_RUN_ID = "dataset-size"  # the run id of a count release's reservation (no training run's)
 
@@ -101,6 +103,37 @@ def reusable(path: Path, latest: ReleasedCount | None, fingerprint: str) -> bool
     except (OSError, ValueError):
         return False
     return isinstance(recorded, dict) and recorded.get("fingerprint") == fingerprint and recorded.get("commit_seq") == latest.commit_seq
+
+
+def current_count(ledger: Ledger, holder_id: str, data: tuple[str, int, int], noise: float, source,
+                  journal: ProgressJournal | None = None) -> int | None:
+    """The count that leaves for the data set ``data`` = (data file, training records N, held-out records):
+    the ledger's latest while the count file ties it to this data set, else a new one, released and charged
+    now (its reservation journaled as a one-step release when ``journal`` is given, :mod:`agent.recovery`);
+    None when the budget left cannot fund that release. ``source`` draws the noise (the OS's secure source)."""
+    data_file, exact, held_out = data
+    latest = latest_count(ledger.entries)
+    fingerprint = data_fingerprint(data_file, exact, held_out)
+    path = count_file(ledger.path)
+    if reusable(path, latest, fingerprint):
+        return latest.value
+    event = count_event(noise)
+    if not ledger.spend_with(holder_id, event).within_budget:
+        return None
+    expected = ledger.head.seq + 1
+    if journal is not None:
+        journal.begin(expected)
+    reservation = ledger.reserve(holder_id, COUNT_RUN_ID, 0, event)
+    if reservation != expected:
+        raise EwtuneError(f"the ledger reserved seq {reservation}, where the journal expected {expected}")
+    if journal is not None:
+        journal.step(reservation, 1)
+    value = noisy_count(exact, noise, float(source.standard_normal(1).double()[0]))
+    seq = ledger.commit(reservation, event, extra={**count_facts(value, noise), "randomness": source.name})
+    if journal is not None:
+        journal.finish(ledger)
+    remember(path, ReleasedCount(value, seq), fingerprint)
+    return value
 
 
 def remember(path: Path, released: ReleasedCount, fingerprint: str) -> None:

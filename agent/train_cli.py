@@ -103,6 +103,10 @@ def register(commands) -> None:
                         "the recipe is refused if it would exceed the ledger's budget; each phase is reserved, then "
                         "committed with the steps it executed")
     parser.add_argument("--signing-key", default=None, help="the ledger's Ed25519 key (with --ledger)")
+    parser.add_argument("--dataset-size-noise", type=float, default=20.0,
+                        help="with --ledger: the training set's count is released to the ledger once per data set as "
+                        "N + Gaussian noise of this std (charged; reused while the data file is the same), and q = "
+                        "expected batch / that count, so the ledger's q reveals no exact N (default 20 records)")
     parser.add_argument("--output", default=None, help="save the adapter (full and head modes: the whole model) and run.json here")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout; progress "
                         "(phases, steps with loss and examples per second) as JSON lines on stderr")
@@ -134,10 +138,13 @@ def run(args) -> int:
         if too_large:
             raise InvalidInputError(f"--{too_large}; use a delta well below 1/N (for example 1e-5)")
         calibrated = recipe.calibrate(args.epsilon, args.delta, size)
-        if ledger is not None:
+        if ledger is not None:  # checked first with the exact N (nothing leaves), so a refused recipe releases no count
+            _check_ledger_budget(ledger, calibrated, _count_event(args.dataset_size_noise))
+            size = _released_count(ledger, trainer, args.dataset_size_noise)
+            calibrated = recipe.calibrate(args.epsilon, args.delta, size)
             _check_ledger_budget(ledger, calibrated)
         torch.manual_seed(args.seed)
-        results = _run_phases(args, trainer, recipe, calibrated, ledger, progress)
+        results = _run_phases(args, trainer, recipe, calibrated, ledger, progress, size)
     finally:
         progress.close()
         if ledger is not None:
@@ -151,14 +158,14 @@ def run(args) -> int:
     return 0
 
 
-def _run_phases(args, trainer, recipe, calibrated, ledger, progress) -> list:
+def _run_phases(args, trainer, recipe, calibrated, ledger, progress, size: int) -> list:
     """Each phase in turn; with a ledger, reserved before it runs and committed with what it executed (the
     steps that ran are committed even when the phase fails)."""
     from datetime import datetime, timezone
 
     from agent.training import StepPlan, TrainingFailed
 
-    size, results = trainer.dataset_size, []
+    results = []  # size: the N the phases' q was planned for (with a ledger, its noised count)
     run_id = "train-local-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     for index, done in enumerate(calibrated):
         name, event = done.phase.name, done.event
@@ -169,7 +176,8 @@ def _run_phases(args, trainer, recipe, calibrated, ledger, progress) -> list:
             noise_multiplier=event.noise_multiplier, planned_epsilon_certified_after=done.epsilon_certified_so_far,
         )  # fmt: skip
         plan = StepPlan(event.steps, event.sampling_rate, event.noise_multiplier, recipe.clip_norm, recipe.learning_rate(name),
-                        head_only=name == "probe", optimizer=recipe.optimizer(name))
+                        head_only=name == "probe", optimizer=recipe.optimizer(name),
+                        expected_batch_size=event.sampling_rate * size)
         if name == "probe":
             progress.event("embedding", f"probe: embedding the {size} training records once with the frozen encoder", phase=name)
         reservation = None if ledger is None else ledger.reserve(ledger.writer_id, run_id, index, event)
@@ -209,11 +217,37 @@ def _open_ledger(args):
     return ledger
 
 
-def _check_ledger_budget(ledger, calibrated) -> None:
-    """Refuse, before any step, a recipe that would bring the ledger's certified epsilon over its budget."""
+def _released_count(ledger, trainer, noise: float) -> int:
+    """The count a ledger records for this data set (:mod:`agent.released_count`): the noised count already
+    charged to it, or a new one released and charged now. The phases' q = B / count, and the noised sums are
+    divided by q count, so nothing the ledger holds reveals the exact N."""
+    from agent.dpsgd.randomness import SecureRandom
+    from agent.released_count import current_count
+
+    exact = trainer.dataset_size
+    data = (trainer.config.data_file, exact, trainer.record_count - exact)
+    count = current_count(ledger, ledger.writer_id, data, noise, SecureRandom())
+    if count is None:
+        raise InvalidInputError("the ledger's budget cannot fund the release of the data set's noised count")
+    return count
+
+
+def _count_event(noise: float):
+    """The event of a count release with noise std ``noise`` (:func:`agent.released_count.count_event`)."""
+    from agent.released_count import count_event
+
+    if not (math.isfinite(noise) and noise > 0):
+        raise InvalidInputError(f"--dataset-size-noise must be a finite number > 0, got {noise!r}")
+    return count_event(noise)
+
+
+def _check_ledger_budget(ledger, calibrated, *more) -> None:
+    """Refuse, before any step, a recipe (and ``more`` events, a count release) that would bring the ledger's
+    certified epsilon over its budget."""
+    from accountant.events import compose
     from accountant.phases import composed
 
-    spend = ledger.spend_with(ledger.writer_id, composed(calibrated))
+    spend = ledger.spend_with(ledger.writer_id, compose(composed(calibrated), *more))
     if not spend.within_budget:
         raise InvalidInputError(
             f"the recipe would bring {ledger.writer_id}'s certified epsilon to {spend.epsilon_certified:.4g}, over its "

@@ -25,7 +25,9 @@ from accountant.errors import InvalidInputError
 from accountant.events import PoissonGaussianEvent
 from accountant.privacy_accountant import delta_too_large
 
-DESCRIPTION_FIELDS = ("holder_id", "dataset_size", "budget_epsilon", "budget_delta", "spent_epsilon_certified", "public_key")
+# dataset_size is optional: a holder whose budget could not fund the release of its noised count sends none (a null
+# does not survive Flower's records) and is skipped.
+DESCRIPTION_FIELDS = ("holder_id", "budget_epsilon", "budget_delta", "spent_epsilon_certified", "public_key")
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class HolderDescription:
         missing = [name for name in DESCRIPTION_FIELDS if name not in values]
         if missing:
             raise InvalidInputError(f"node {node_id}'s description lacks {', '.join(missing)}")
-        size = values["dataset_size"]
+        size = values.get("dataset_size")
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise InvalidInputError(f"node {node_id}'s dataset_size must be an integer >= 1 or null, got {size!r}")
         for name in ("budget_epsilon", "budget_delta"):

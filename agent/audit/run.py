@@ -2,7 +2,9 @@
 
 Each holder (one for a local audit) trains a linear classifier on its own synthetic records (a linear head over
 cached features: the canaries' mechanism is the engine's, so a small model suffices and the audit takes seconds
-on a CPU) with the agent's components, put together as :mod:`agent.training` puts them: the Poisson sampler over
+on a CPU), or with ``model = "transformer"`` a tiny random BERT whose feed-forward weight holds the canaries
+(:mod:`agent.audit.transformer`: the canaries then pass through a real transformer layer's rules), with the
+agent's components, put together as :mod:`agent.training` puts them: the Poisson sampler over
 N + (included canaries) records, the per-example clipper, ``DPSGDStep`` (noise from the OS's secure source unless
 a test seeds it, division by q N) and the trainer's step loop. Each holder's canaries own disjoint coordinates
 of the audit block (:mod:`agent.audit.canaries`), each included with probability 1/2.

@@ -29,6 +29,7 @@ READ_SCALE = 1e4  # the probe's magnitude: the canary's bias gradient is 1/READ_
 TARGET = "bert.encoder.layer.1.intermediate.dense"
 VOCAB = 64
 SEQUENCE = 12
+MAX_POSITIONS = 64  # room for the engine to pad a record to a length fixed by its own (agent.dpsgd.unpadded)
 
 
 def tiny_bert(seed: int = 0) -> nn.Module:
@@ -38,7 +39,7 @@ def tiny_bert(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=SEQUENCE, num_labels=2,
+                        intermediate_size=64, max_position_embeddings=MAX_POSITIONS, num_labels=2,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
     return BertForSequenceClassification(config)
 

@@ -229,7 +229,7 @@ def report(result: dict[str, Any]) -> str:
         "",
         "### Privacy spent per holder",
         "",
-        "| holder | records | sigma | certified eps (guarantee) | Edgeworth eps (estimate) | RDP eps | budget | rounds |",
+        "| holder | records (noised count) | sigma | certified eps (guarantee) | Edgeworth eps (estimate) | RDP eps | budget | rounds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for holder in result["holders"]:

@@ -25,6 +25,18 @@ from accountant.spend import LedgerState, mechanism_rows
 from accountant.verify import VerificationReport
 
 
+VERIFIED = "verified"
+UNPINNED = "chain intact, signatures not checked against a pinned key"
+FAILED = "FAILED"
+
+
+def ledger_verdict(report: VerificationReport) -> str:
+    """A ledger's verdict in the report's words (see :attr:`AuditReport.verdict`)."""
+    if not report.ok:
+        return FAILED
+    return VERIFIED if report.key_pinned else UNPINNED
+
+
 @dataclass
 class HolderCurve:
     """One holder's epsilon after each committed round: ``points[k]`` is the state after commit k+1."""
@@ -62,9 +74,18 @@ class AuditReport:
     def ok(self) -> bool:
         return all(report.ok for report in self.ledgers) and self.receipts.get("ok", True)
 
+    @property
+    def verdict(self) -> str:
+        """"verified" only when every ledger verified against a pinned key (its signatures then prove who wrote
+        it); a ledger that verified against its own genesis key alone is "chain intact", not verified."""
+        if not self.ok:
+            return FAILED
+        return VERIFIED if all(report.key_pinned for report in self.ledgers) else UNPINNED
+
     def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
+            "verdict": self.verdict,
             "ledgers": [report.to_json(figures=report.ok) for report in self.ledgers],
             "holders": [curve.to_json() for curve in self.curves],
             "entries": self.entries,
@@ -73,21 +94,17 @@ class AuditReport:
         }
 
 
-def build_report(paths: Sequence[str | Path], accuracy_path: str | Path | None = None) -> AuditReport:
-    """Verify every ledger in ``paths`` and gather the report's figures (see the module docstring)."""
-    from accountant.ledger import default_head_path
-    from accountant.verify import verify_ledger
-
+def build_report(paths: Sequence[str | Path], accuracy_path: str | Path | None = None,
+                 public_key: str | None = None) -> AuditReport:
+    """Verify every ledger in ``paths`` and gather the report's figures (see the module docstring).
+    ``public_key`` pins the coordinator's ledger (the one that registers holders), or the only ledger given."""
     if len({str(Path(p).resolve()) for p in paths}) != len(paths):
         raise InvalidInputError("a ledger is given twice")
-    reports, verified = [], {}
-    for path in paths:
-        head = default_head_path(path)  # as `ewtune ledger verify` does: the head file beside it, when there
-        report = verify_ledger(path, head_path=head if Path(head).is_file() else None)
-        reports.append(report)
-        if report.ok:
-            verified[str(path)] = _verified_entries(path, report.entries_verified)
-    receipts = _receipts(paths, verified)
+    by_path, receipts = _verify_and_cross_check([str(p) for p in paths], public_key)
+    reports = [by_path[str(path)] for path in paths]
+    verified = {
+        str(path): _verified_entries(path, report.entries_verified) for path, report in zip(paths, reports) if report.ok
+    }
     from accountant.accountants import standard_accountants
 
     accountants = standard_accountants()  # shared by every ledger: a coordinator's and a holder's record the same
@@ -186,23 +203,59 @@ def read_accuracy(path: str | Path) -> list[dict[str, Any]]:
     raise InvalidInputError(f"{path} holds neither accuracy_by_round (a demo result) nor holders (a coordinator status)")
 
 
-def _receipts(paths, verified: Mapping[str, list]) -> dict[str, Any]:
-    """Cross-check a coordinator's ledger (the one that registers holders) against the holders' own ledgers
-    among ``paths``: every coordinator commit must be in the holder's ledger with the same receipt hash."""
-    coordinators = [p for p in map(str, paths) if any(e["kind"] == "holder" for e in verified.get(p, []))]
-    if len(coordinators) != 1:
-        return {"checked": False, "why": "no coordinator ledger given" if not coordinators
-                else "more than one coordinator ledger given"}
-    holders = {}
-    for path in map(str, paths):
-        if path != coordinators[0] and verified.get(path):
-            holders[verified[path][0]["writer"]] = path
-    if not holders:
-        return {"checked": False, "why": "no holder ledger given beside the coordinator's"}
-    from accountant.crosscheck import cross_check_ledgers
+def _verify_and_cross_check(paths: list[str], public_key: str | None) -> tuple[dict[str, VerificationReport], dict[str, Any]]:
+    """Each ledger's verification (path -> report) and the receipts cross-check. Given one coordinator's ledger
+    (the one that registers holders) beside holders' ledgers, both are :func:`accountant.crosscheck.cross_check_ledgers`,
+    exactly as ``ewtune ledger crosscheck COORDINATOR HOLDER=LEDGER...`` computes them: each holder's ledger pinned
+    to the key the coordinator registered for it, every holder ledger given taken into the cross-check (one that
+    fails its own verification fails the receipts too)."""
+    from accountant.verify import verify_with_its_head
 
-    result = cross_check_ledgers(coordinators[0], holders)
-    return {"checked": True, **result.to_json()}
+    coordinators = [path for path in paths if _registers_holders(path)]
+    if len(coordinators) == 1 and len(paths) > 1:
+        holders = _holder_ledgers([path for path in paths if path != coordinators[0]])
+        from accountant.crosscheck import cross_check_ledgers
+
+        result = cross_check_ledgers(coordinators[0], holders, public_key)
+        by_path = {coordinators[0]: result.reports["coordinator"]}
+        by_path.update({path: result.reports[holder_id] for holder_id, path in holders.items()})
+        return by_path, {"checked": True, **result.to_json()}
+    if public_key is not None and len(paths) > 1:
+        raise InvalidInputError("--public-key pins the coordinator's ledger (the one that registers holders) or the "
+                                f"only ledger given; {len(coordinators)} coordinator ledgers are among the {len(paths)} given")
+    why = ("no coordinator ledger given" if not coordinators else "more than one coordinator ledger given"
+           if len(coordinators) > 1 else "no holder ledger given beside the coordinator's")
+    return {path: verify_with_its_head(path, public_key) for path in paths}, {"checked": False, "why": why}
+
+
+def _registers_holders(path: str) -> bool:
+    """Whether any readable line of the ledger at ``path`` (verified or not) registers a holder: a coordinator's."""
+    from accountant.ledger import parse_line, split_lines
+
+    try:
+        lines = split_lines(Path(path).read_bytes()).lines
+    except OSError:
+        return False  # its verification names the failure
+    for line in lines:
+        try:
+            if parse_line(line)["kind"] == "holder":
+                return True
+        except (InvalidInputError, KeyError, TypeError):
+            continue
+    return False
+
+
+def _holder_ledgers(paths: list[str]) -> dict[str, str]:
+    """Holder id (the writer its genesis names) -> ledger path; two ledgers of one writer are refused."""
+    from accountant.verify import ledger_writer
+
+    holders: dict[str, str] = {}
+    for path in paths:
+        writer = ledger_writer(path)
+        if writer in holders:
+            raise InvalidInputError(f"{holders[writer]} and {path} are both ledgers of {writer!r}")
+        holders[writer] = path
+    return holders
 
 
 def _verified_entries(path, count: int) -> list[dict[str, Any]]:

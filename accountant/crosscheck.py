@@ -109,11 +109,13 @@ class LedgersCrossCheck:
 def cross_check_ledgers(coordinator_path: str | Path, holder_paths: Mapping[str, str | Path],
                         coordinator_key: str | None = None) -> LedgersCrossCheck:
     """Verify the coordinator's ledger (against ``coordinator_key`` when given) and each holder's (against the
-    key the coordinator registered for it, when it did), then cross-check the entries that verified. Only
-    verified entries are compared: a defect past them is already reported by that ledger's verification."""
-    from accountant.verify import verify_ledger
+    key the coordinator registered for it, when it did), each with its head file when there is one, then
+    cross-check the entries that verified. Only verified entries are compared: a defect past them is already
+    reported by that ledger's verification. ``ewtune ledger crosscheck`` and the receipts of ``ewtune ledger
+    report`` are both this result."""
+    from accountant.verify import verify_with_its_head
 
-    coordinator = verify_ledger(coordinator_path, coordinator_key)
+    coordinator = verify_with_its_head(coordinator_path, coordinator_key)
     coordinator_entries = _verified_entries(coordinator_path, coordinator.entries_verified)
     registered = {
         entry["payload"]["holder"]: entry["payload"]["public_key"]
@@ -125,7 +127,7 @@ def cross_check_ledgers(coordinator_path: str | Path, holder_paths: Mapping[str,
     for holder_id, path in holder_paths.items():
         if holder_id == "coordinator":
             raise InvalidInputError("'coordinator' names the coordinator's ledger; give holders their own ids")
-        reports[holder_id] = report = verify_ledger(path, registered.get(holder_id))
+        reports[holder_id] = report = verify_with_its_head(path, registered.get(holder_id))
         holder_entries[holder_id] = _verified_entries(path, report.entries_verified)
     return LedgersCrossCheck(reports, cross_check(coordinator_entries, holder_entries))
 

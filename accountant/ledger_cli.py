@@ -75,10 +75,16 @@ def register(subparsers) -> None:
         "accountant (the certified epsilon, the guarantee, solid; the Edgeworth estimates and RDP beside it) "
         "with the budget as a line; budget spent and left; accuracy against rounds (with --accuracy); every "
         "entry; the verification of each ledger and, given a coordinator's ledger with holders' ledgers, the "
-        "cross-check of its commits and receipt hashes. Figures of a ledger that fails are withheld. Exit 0 "
-        "when everything verifies, 1 otherwise (the report is written either way), 2 on unreadable input.",
+        "cross-check of its commits and receipt hashes, exactly as `ewtune ledger crosscheck` computes it (each "
+        "holder's ledger pinned to the key the coordinator registered for it). A ledger is 'verified' only against "
+        "a pinned key; without one it is 'chain intact, signatures not checked against a pinned key'. Figures of "
+        "a ledger that fails are withheld. Exit 0 when everything verifies or is intact, 1 otherwise (the report "
+        "is written either way), 2 on unreadable input.",
     )
     report.add_argument("ledgers", nargs="+", metavar="LEDGER", help="ledgers (JSON Lines): a coordinator's, holders'")
+    report.add_argument("--public-key", metavar="KEY_OR_FILE",
+                        help="pin the coordinator's ledger key (or the key of the only ledger given), as "
+                        "`ledger crosscheck --public-key` and `ledger verify --public-key` do")
     report.add_argument("--out", required=True, metavar="DIR", help="directory for report.html and the PNG plots")
     report.add_argument("--accuracy", metavar="JSON",
                         help="accuracy by round: the demo's --json result or a coordinator's status.json")
@@ -202,7 +208,8 @@ def _write_report(args: argparse.Namespace) -> int:
     from accountant.audit_report import build_report
     from accountant.report_html import write_report
 
-    report = build_report(args.ledgers, args.accuracy)
+    pinned = None if args.public_key is None else _public_key_argument(args.public_key)
+    report = build_report(args.ledgers, args.accuracy, pinned)
     page = write_report(report, args.out)
     if args.json:
         print(json.dumps({**report.to_json(), "html": str(page)}, indent=2, sort_keys=True))
@@ -213,6 +220,7 @@ def _write_report(args: argparse.Namespace) -> int:
         print("receipts: " + (f"{receipts['matched']} coordinator commit(s) matched, "
                               + ("OK" if receipts["ok"] else "FAILED") if receipts["checked"]
                               else f"not cross-checked ({receipts['why']})"))
+        print(f"overall: {report.verdict}")
         print(f"report: {page}")
     return 0 if report.ok else 1
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from accountant.audit_report import AuditReport, HolderCurve
+from accountant.audit_report import FAILED, VERIFIED, AuditReport, HolderCurve, ledger_verdict
 
 GUARANTEE = "certified"  # the accountant whose epsilon is the guarantee: drawn solid and thick
 STYLE = """
@@ -24,6 +24,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertic
 th { background: #f2f2f2; overflow-wrap: normal; }
 .ok { color: #11701f; font-weight: 600; white-space: nowrap; }
 .failed { color: #b00020; font-weight: 600; white-space: nowrap; }
+.unpinned { color: #8a5a00; font-weight: 600; }
 .note { color: #555; font-size: 0.9em; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
 code { font-size: 0.85em; word-break: break-all; }
@@ -53,12 +54,12 @@ def render_html(report: AuditReport, images: dict[str, str]) -> str:
         '<html lang="en"><head><meta charset="utf-8"><title>ewtune privacy audit report</title>',
         f"<style>{STYLE}</style></head><body>",
         "<h1>Privacy audit report</h1>",
-        f'<p>Overall: {_verdict(report.ok)}. Every figure below is recomputed from the ledgers\' events; the '
+        f'<p>Overall: {_verdict(report.verdict)}. Every figure below is recomputed from the ledgers\' events; the '
         "<b>certified epsilon</b> is the guarantee (record-level (&epsilon;, &delta;)-DP, add/remove-one, a "
         "pessimistic PLD bound), the Edgeworth values are <i>estimates</i> shown beside it, RDP a looser bound.</p>",
         "<h2>Verification</h2>",
         _table(["ledger", "result", "details"],
-               [[html.escape(r.path), _verdict(r.ok), html.escape(_details(r))] for r in report.ledgers]),
+               [[html.escape(r.path), _verdict(ledger_verdict(r)), html.escape(_details(r))] for r in report.ledgers]),
         "<h3>Receipts</h3>",
         _receipts(report.receipts),
     ]
@@ -177,15 +178,19 @@ def _details(report) -> str:
     return report.summary().removeprefix(f"ledger {report.path}: ")
 
 
-def _verdict(ok: bool) -> str:
-    return "<span class=ok>verified</span>" if ok else "<span class=failed>FAILED</span>"
+def _verdict(verdict: str) -> str:
+    """A verdict of :mod:`accountant.audit_report` (or the receipts' "matched"), styled."""
+    style = "failed" if verdict == FAILED else "ok" if verdict in (VERIFIED, "matched") else "unpinned"
+    return f"<span class={style}>{html.escape(verdict)}</span>"
 
 
 def _receipts(receipts: dict[str, Any]) -> str:
     if not receipts.get("checked"):
         return f"<p class=note>Receipts not cross-checked: {html.escape(receipts['why'])}.</p>"
-    lines = [f"<p>{_verdict(receipts['ok'])}: {receipts['matched']} coordinator commit(s) found in the holders' "
+    lines = [f"<p>{_verdict('matched' if receipts['ok'] else FAILED)}: {receipts['matched']} coordinator commit(s) found in the holders' "
              "ledgers with the same executed event and receipt hash.</p>"]
+    lines += [f"<p class=failed>{html.escape(name)}: {html.escape(ledger['summary'])}</p>"
+              for name, ledger in receipts.get("ledgers", {}).items() if not ledger["ok"]]
     lines += [f"<p class=failed>mismatch: {html.escape(m)}</p>" for m in receipts.get("mismatches", [])]
     lines += [f"<p class=note>spent by a holder but not aggregated: {html.escape(m)}</p>" for m in receipts.get("not_aggregated", [])]
     return "\n".join(lines)

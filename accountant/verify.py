@@ -102,8 +102,9 @@ class VerificationReport:
         if self.accountant_mismatch is not None:
             return f"ledger {self.path}: NOT VERIFIED: {self.accountant_mismatch}"
         heads = "".join(f", head seq {head['seq']} ({head['source']}) matched" for head in self.heads)
+        checked = "chain, signatures, " if self.key_pinned else "chain intact, signatures not checked against a pinned key, "
         return (
-            f"ledger {self.path}: OK: {self.entries_verified} entries by {self.writer!r}, chain, signatures, "
+            f"ledger {self.path}: OK: {self.entries_verified} entries by {self.writer!r}, {checked}"
             f"rules and {len(self.holder_ids)} holder spend(s) verified"
             + (f", {len(self.repairs)} repair(s)" if self.repairs else "")
             + heads
@@ -226,6 +227,24 @@ def verify_ledger(path: str | Path, public_keys: str | Mapping[str, str] | None 
     report.holders = _spends(state)
     report.reservations = _reservations(state)
     return report
+
+
+def ledger_writer(path: str | Path) -> str | None:
+    """The writer its genesis names (not verified); a file that is not a ledger raises ``InvalidInputError``."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise InvalidInputError(f"cannot read ledger {path}: {error.strerror or error}") from None
+    return _genesis_writer(Path(path), split_lines(data).lines)
+
+
+def verify_with_its_head(path: str | Path, public_keys: str | Mapping[str, str] | None = None) -> VerificationReport:
+    """:func:`verify_ledger` with the head file beside the ledger (``LEDGER.head``) when there is one, as
+    ``ewtune ledger verify`` checks by default; what ``ledger crosscheck`` and ``ledger report`` verify."""
+    from accountant.ledger import default_head_path
+
+    head = default_head_path(path)
+    return verify_ledger(path, public_keys, head_path=head if head.is_file() else None)
 
 
 def audit_statement(entry: Mapping[str, Any], delta: float) -> dict[str, Any] | None:

@@ -31,16 +31,20 @@ def receipt(holder: str, round_: int) -> str:
 
 @pytest.fixture(scope="module")
 def ledgers(tmp_path_factory):
-    """A coordinator's ledger and two holders' own, each holder committing three rounds (the third with
-    another sigma), and a demo result with the global model's accuracy by round."""
+    """A coordinator's ledger and two holders' own (each public key in NAME.pub beside them), each holder
+    committing three rounds (the third with another sigma), and a demo result with the global model's accuracy
+    by round."""
     directory = tmp_path_factory.mktemp("report")
     coordinator_path = directory / "coordinator.jsonl"
     paths = [coordinator_path]
-    with Ledger.create(coordinator_path, SigningKey.generate(), "coordinator", BUDGET) as coordinator:
+    coordinator_key = SigningKey.generate()
+    (directory / "coordinator.pub").write_text(coordinator_key.public_key_text)
+    with Ledger.create(coordinator_path, coordinator_key, "coordinator", BUDGET) as coordinator:
         for holder in HOLDERS:
             key = SigningKey.generate()
             coordinator.register_holder(holder, key.public_key_text, 8.0, 1e-5)
             paths.append(directory / f"{holder}.jsonl")
+            (directory / f"{holder}.pub").write_text(key.public_key_text)
             with Ledger.create(paths[-1], key, holder, BUDGET) as own:
                 for round_, event in enumerate(EVENTS):
                     own.commit(own.reserve(holder, RUN, round_, event), event, extra={"receipt_sha256": receipt(holder, round_)})
@@ -55,11 +59,14 @@ def ledgers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def written(ledgers, tmp_path_factory):
-    """``ewtune ledger report`` of all three ledgers with the accuracy: (exit code, stdout, output directory)."""
+    """``ewtune ledger report`` of all three ledgers with the accuracy, the coordinator's key pinned: (exit code,
+    stdout, output directory)."""
     paths, accuracy = ledgers
     out_dir = tmp_path_factory.mktemp("written")
+    pinned = str(paths[0].with_name("coordinator.pub"))
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
-        code = main(["ledger", "report", *map(str, paths), "--out", str(out_dir), "--accuracy", str(accuracy)])
+        code = main(["ledger", "report", *map(str, paths), "--out", str(out_dir), "--accuracy", str(accuracy),
+                     "--public-key", pinned])
     return code, stdout.getvalue(), out_dir
 
 
@@ -94,7 +101,9 @@ def test_the_report_page_embeds_every_plot_and_names_the_verification(written):
     assert len(uris) == len(pngs)
     assert sorted(png_size(base64.b64decode(uri)) for uri in uris) == [(900, 400)] * 6
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing loaded from elsewhere: readable offline
-    assert page.count("<span class=ok>verified</span>") == 1 + 3 + 1  # overall, three ledgers, receipts
+    assert page.count("<span class=ok>verified</span>") == 1 + 3  # overall, three ledgers (all pinned)
+    assert page.count("<span class=ok>matched</span>") == 1  # receipts
+    assert "overall: verified" in out
     for holder in HOLDERS:
         assert f"{RUN}" in page and f"<td>{holder}</td>" in page
 
@@ -130,3 +139,65 @@ def test_every_plot_loads_in_chromium_offline(written, tmp_path):
         page.wait_for_load_state("load")
         assert loaded_images(page) == [[True, 900, 400]] * 6
         assert page.locator("h1").text_content() == "Privacy audit report"
+
+
+# -- the auditor's words agree with the flags and with `ledger crosscheck` -------------------------------------
+
+
+def report_text(capsys, *argv) -> tuple[int, str]:
+    code = main(["ledger", "report", *map(str, argv)])
+    return code, capsys.readouterr().out
+
+
+def test_a_ledger_without_a_pinned_key_is_intact_not_verified_and_the_suggested_flag_works(ledgers, tmp_path, capsys):
+    """The report said "verified" with no key pinned and suggested --public-key, which it refused. Now it says
+    "chain intact, signatures not checked against a pinned key", and the --public-key it suggests pins the key."""
+    paths, _ = ledgers
+    unpinned = "chain intact, signatures not checked against a pinned key"
+    code, out = report_text(capsys, paths[1], "--out", tmp_path / "a")
+    assert code == 0 and f"overall: {unpinned}" in out and "pass --public-key to pin it" in out
+    assert f"OK: 7 entries by 'bank', {unpinned}, rules" in out
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert "<span class=ok>verified</span>" not in page and page.count(f"<span class=unpinned>{unpinned}</span>") == 2
+
+    code, out = report_text(capsys, paths[1], "--out", tmp_path / "b", "--public-key", paths[1].with_name("bank.pub"))
+    assert code == 0 and "overall: verified" in out and "signatures checked against the pinned key" in out
+    assert (tmp_path / "b" / "report.html").read_text().count("<span class=ok>verified</span>") == 2
+
+    code, out = report_text(capsys, paths[1], "--out", tmp_path / "c", "--public-key", paths[1].with_name("clinic.pub"))
+    assert code == 1 and "overall: FAILED" in out and "differs from the pinned public key" in out
+
+    # All three unpinned: the holders are pinned by the keys the coordinator registered, the coordinator is not.
+    code, out = report_text(capsys, *paths, "--out", tmp_path / "d")
+    assert code == 0 and f"overall: {unpinned}" in out
+    page = (tmp_path / "d" / "report.html").read_text()
+    assert page.count("<span class=ok>verified</span>") == 2 and page.count(f"<span class=unpinned>{unpinned}</span>") == 2
+
+
+def test_public_key_with_several_ledgers_and_no_coordinator_is_a_one_line_error(ledgers, tmp_path, capsys):
+    paths, _ = ledgers
+    code = main(["ledger", "report", str(paths[1]), str(paths[2]), "--out", str(tmp_path), "--public-key", str(paths[1].with_name("bank.pub"))])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1 and "--public-key pins the coordinator's ledger" in error
+
+
+def test_a_tampered_holder_ledger_fails_the_receipts_exactly_as_crosscheck_does(ledgers, tmp_path, capsys):
+    """A holder ledger with an edited line beside the intact ones: the report showed receipts "verified" (the
+    broken ledger left out, the other holder's commits matched) while `ledger crosscheck` failed. Now both are
+    the one function's result: the same JSON, FAILED, exit 1."""
+    paths, _ = ledgers
+    broken = tmp_path / "bank.jsonl"
+    lines = paths[1].read_bytes().split(b"\n")
+    broken.write_bytes(b"\n".join(lines[:2] + [lines[2].replace(b'"steps":60', b'"steps":6')] + lines[3:]))
+    code = main(["ledger", "report", str(paths[0]), str(broken), str(paths[2]), "--out", str(tmp_path / "out"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1 and report["verdict"] == "FAILED"
+    receipts = report["receipts"]
+    assert receipts["checked"] and not receipts["ok"]
+    crosscheck_code = main(["ledger", "crosscheck", str(paths[0]), f"bank={broken}", f"clinic={paths[2]}", "--json"])
+    assert crosscheck_code == 1
+    assert {k: v for k, v in receipts.items() if k != "checked"} == json.loads(capsys.readouterr().out)
+    page = (tmp_path / "out" / "report.html").read_text()
+    receipts_html = page[page.index("<h3>Receipts</h3>"):page.index("<h2>", page.index("<h3>Receipts</h3>"))]
+    assert "<span class=failed>FAILED</span>" in receipts_html and "matched</span>" not in receipts_html
+    assert f"bank: ledger {broken}: FAILED at seq 2" in receipts_html

@@ -257,15 +257,24 @@ def _evaluation(round: str, holder: dict[str, Any]) -> str:
     return text
 
 
+COORDINATOR_SPEND_NOTE = (
+    "certified eps here: every event this coordinator's ledger committed for the holder, in all its runs; the "
+    "holder's own lifetime spend (its ledger: local training, evaluations, other federations) can be higher and "
+    "is what its agent enforces: `ewtune agent status` on the holder's side"
+)
+
+
 def status_table(status: dict[str, Any]) -> str:
-    """The per-holder table: certified epsilon (the guarantee), the Edgeworth estimate, RDP, rounds, accuracy."""
+    """The per-holder table: certified epsilon (the guarantee), the Edgeworth estimate, RDP, rounds, accuracy.
+    Its epsilons are those of the coordinator's ledger (see :data:`COORDINATOR_SPEND_NOTE`): a holder that spent
+    its budget elsewhere shows only what this coordinator recorded."""
     lines = [
         f"run {status.get('run_id')}: {status.get('state')}"
         + (f" ({status['reason']})" if status.get("reason") else "")
         + f", {status.get('rounds_completed', 0)}/{status.get('rounds_planned')} rounds"
         + (f" (resumed after {', '.join(status['resumed']['from_runs'])})" if status.get("resumed") else ""),
         "",
-        "| holder | budget eps | lifetime certified eps | Edgeworth (estimate) | RDP eps | sigma | rounds | "
+        "| holder | budget eps | certified eps (this coordinator's ledger) | Edgeworth (estimate) | RDP eps | sigma | rounds | "
         "private evaluation per round (0 = initial): accuracy / macro F1 (majority-class baseline), noised by the holder |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -278,7 +287,7 @@ def status_table(status: dict[str, Any]) -> str:
         )
     for holder_id, reason in sorted(status.get("skipped", {}).items()):
         lines.append(f"| {holder_id} | skipped: {reason} | | | | | | |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", COORDINATOR_SPEND_NOTE])
 
 
 def _fmt(value: Any) -> str:

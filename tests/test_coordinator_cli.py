@@ -83,7 +83,9 @@ def test_status_prints_the_holder_table(tmp_path, capsys):
     assert main(["coordinator", "status", "--config", str(tmp_path / "federation.toml")]) == 0
     out = capsys.readouterr().out
     assert "| a | 8.000 | 7.900 | 6.100 | 9.500 | 0.700 | 2 | 0:0.500 1:0.610 2:0.700/0.660 (0.580) |" in out
-    assert "lifetime certified eps" in out and "majority-class baseline" in out
+    assert "certified eps (this coordinator's ledger)" in out and "majority-class baseline" in out
+    assert "lifetime certified eps" not in out  # what it showed: a holder's spend elsewhere is not in this ledger
+    assert "can be higher and is what its agent enforces: `ewtune agent status` on the holder's side" in out
     assert "skipped: its budget is spent" in out
     (tmp_path / "out" / "status.json").write_text(json.dumps(dict(status, state="failed", reason="no holder answered")))
     assert main(["coordinator", "status", "--config", str(tmp_path / "federation.toml")]) == 1

@@ -201,3 +201,30 @@ def test_a_tampered_holder_ledger_fails_the_receipts_exactly_as_crosscheck_does(
     receipts_html = page[page.index("<h3>Receipts</h3>"):page.index("<h2>", page.index("<h3>Receipts</h3>"))]
     assert "<span class=failed>FAILED</span>" in receipts_html and "matched</span>" not in receipts_html
     assert f"bank: ledger {broken}: FAILED at seq 2" in receipts_html
+
+
+def test_a_holders_lifetime_composes_all_its_runs_and_the_coordinators_record_only_its_own(tmp_path, capsys):
+    """Why `coordinator status` showed 0.015 for holders that had spent 7.98: the coordinator's ledger composes
+    every event IT committed for a holder (here two federated runs), never what the holder spent elsewhere (a
+    local run before). The holder's own ledger composes all three runs: its lifetime spend. The report shows
+    both, each from its own ledger, each the composition of all its events, never a last run's figure."""
+    key, coordinator_key = SigningKey.generate(), SigningKey.generate()
+    local, federated = PoissonGaussianEvent(0.05, 0.9, 300), PoissonGaussianEvent(0.02, 40.0, 30)  # 7.19, then 0.006 each
+    own_path, coordinator_path = tmp_path / "bank.jsonl", tmp_path / "coordinator.jsonl"
+    with Ledger.create(own_path, key, "bank", BUDGET) as own, \
+            Ledger.create(coordinator_path, coordinator_key, "coordinator", BUDGET) as coordinator:
+        coordinator.register_holder("bank", key.public_key_text, 8.0, 1e-5)
+        own.commit(own.reserve("bank", "local", 0, local), local)
+        for run in ("fed-1", "fed-2"):
+            digest = receipt(run, 0)
+            own.commit(own.reserve("bank", run, 0, federated), federated, extra={"receipt_sha256": digest})
+            coordinator.commit(coordinator.reserve("bank", run, 0, federated), federated, extra={"receipt_sha256": digest})
+    code = main(["ledger", "report", str(coordinator_path), str(own_path), "--out", str(tmp_path / "out"), "--json",
+                 "--public-key", coordinator_key.public_key_text])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["verdict"] == "verified" and report["receipts"]["matched"] == 2
+    spent = {curve["writer"]: curve["epsilon_certified"] for curve in report["holders"]}
+    assert spent["bank"] == pytest.approx(certified_epsilon(ComposedEvent((local, federated, federated)), 1e-5), rel=1e-12)
+    assert spent["coordinator"] == pytest.approx(certified_epsilon(ComposedEvent((federated, federated)), 1e-5), rel=1e-12)
+    assert spent["coordinator"] > certified_epsilon(federated, 1e-5)  # both federated runs, not the last one
+    assert spent["bank"] > 10 * spent["coordinator"]  # the holder's lifetime, far above what this coordinator saw

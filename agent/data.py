@@ -12,9 +12,9 @@ add/remove neighbourhood. The daemon's split key is secret to the holder (:func:
 tell on which side a record lands; without one (train-local, tests, benchmarks) the key is derived from
 ``seed`` and public. The guarantee rests on the split being per record, not on the key's secrecy.
 
-Batches are padded only where the caller asks (:func:`collate`); everything that computes on records does so
-one group of equal-length records at a time (:func:`length_batches`, :mod:`agent.dpsgd.unpadded`), so padding
-never carries one record's influence into another's result.
+A record is always padded to a length fixed by its own length (:func:`agent.dpsgd.unpadded.padded_length`), and
+everything that computes on records does so one group of one padded length at a time (:func:`length_batches`,
+:mod:`agent.dpsgd.unpadded`), so padding never carries one record's influence into another's result.
 
 For causal language modelling the privacy unit is one example, a whole sequence: its labels are its input ids
 with padding masked to -100, and the engine reduces the token losses within each sequence before clipping.
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from accountant.errors import InvalidInputError
-from agent.dpsgd.unpadded import equal_length_chunks
+from agent.dpsgd.unpadded import padded_length, same_padding_chunks
 
 READERS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 IGNORE_INDEX = -100
@@ -211,11 +211,11 @@ def _subset(encoded, labels, rows: list[int]) -> Examples:
 
 
 def collate(examples: Examples, indices, pad_token_id: int, task: str = "classification") -> dict[str, torch.Tensor]:
-    """Right-padded tensors for the examples at ``indices`` (possibly none: then every tensor has batch size 0
-    and length 1). The clipper adds ``position_ids`` as [B, T] for the models that take them, and computes
-    a padded batch one group of equal-length records at a time, without its padding."""
+    """Right-padded tensors for the examples at ``indices``, to the padded length of the longest (possibly none:
+    then every tensor has batch size 0). The clipper adds ``position_ids`` as [B, T] for the models that take
+    them, and computes the batch one group of one padded length at a time, each record with its own padding."""
     indices = [int(i) for i in indices]
-    length = max((len(examples.input_ids[i]) for i in indices), default=1)
+    length = padded_length(max((len(examples.input_ids[i]) for i in indices), default=1))
     input_ids = torch.full((len(indices), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(indices), length), dtype=torch.long)
     for row, index in enumerate(indices):
@@ -237,8 +237,9 @@ def collate(examples: Examples, indices, pad_token_id: int, task: str = "classif
 
 
 def length_batches(examples: Examples, pad_token_id: int, batch_size: int, task: str = "classification"):
-    """(indices, batch) for every chunk of at most ``batch_size`` examples of one token length: batches without
-    padding, covering every example once (shortest first), for evaluation and for the feature caches."""
+    """(indices, batch) for every chunk of at most ``batch_size`` examples of one padded length, so that each
+    carries its own padding only, covering every example once (shortest first), for evaluation and for the
+    feature caches."""
     lengths = [len(ids) for ids in examples.input_ids]
-    for chunk in equal_length_chunks(lengths, range(len(examples)), batch_size):
+    for chunk in same_padding_chunks(lengths, range(len(examples)), batch_size):
         yield chunk, collate(examples, chunk, pad_token_id, task)

@@ -7,9 +7,9 @@ class counts) has L2 sensitivity 1 under add/remove-one, whatever the model: a r
 cell. Adding N(0, sigma^2) to every cell is therefore the Gaussian mechanism with noise multiplier sigma, the
 event PoissonGaussianEvent(sampling_rate=1, sigma, steps=1) in the ledger. Accuracy, macro F1 and the count
 are computed from the noised matrix (post-processing, no further privacy cost). Predictions must depend on
-each record alone, which holds in eval mode (no batch statistics) on batches of equal-length records with no
-padding (:func:`agent.data.length_batches`): padded positions that weights make non-finite would otherwise
-spread to every padded record's prediction, and one long record would move many counts.
+each record alone, which holds in eval mode (no batch statistics) with each record padded by its own length alone
+(:func:`agent.data.length_batches`): padding to the longest record of a batch would let weights that make padded
+positions non-finite spoil every shorter record's prediction, so that one long record moved many counts.
 """
 
 from __future__ import annotations

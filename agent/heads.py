@@ -124,8 +124,8 @@ class PooledClassifier(nn.Module):
 
 @torch.no_grad()
 def embed_examples(model: PooledClassifier, examples, pad_token_id: int, batch_size: int = 64, device: str | None = None) -> torch.Tensor:
-    """The pooled embedding of every example, in order (on the CPU), computed in eval mode (no dropout) in
-    batches without padding: a deterministic function of each record alone. The model's train/eval mode is
+    """The pooled embedding of every example, in order (on the CPU), computed in eval mode (no dropout) with each
+    record padded by its own length alone: a deterministic function of each record alone. The model's train/eval mode is
     restored afterwards."""
     with eval_mode(model):
         return in_order([(indices, model.embed(**inputs).cpu())
@@ -144,8 +144,8 @@ def eval_mode(model: nn.Module):
 
 
 def input_batches(examples, pad_token_id: int, batch_size: int, device: str | None = None):
-    """(indices, model inputs with the labels left out) of batches of equal-length ``examples``, without
-    padding (:func:`agent.data.length_batches`), covering every example once."""
+    """(indices, model inputs with the labels left out) of batches of ``examples`` of one padded length, each
+    record with its own padding only (:func:`agent.data.length_batches`), covering every example once."""
     from agent.data import length_batches
 
     for indices, batch in length_batches(examples, pad_token_id, batch_size):

@@ -9,10 +9,11 @@ layers forward and backward. What is released and accounted is unchanged: per-ex
 :mod:`agent.dpsgd`, on the gradients of the trainable parameters (the top layers' LoRA factors or weights, and
 the head), at the Poisson rate :mod:`agent.sampler` executed.
 
-Each record's states are computed and kept without padding (batches of equal-length records), so that no
+Each record's states are computed with its own padding only (batches of one padded length), so that no
 record's states depend on another's (padding is a channel between records when weights make padded positions
-non-finite: :mod:`agent.dpsgd.unpadded`); a training batch of them is padded, and the engine computes it one
-group of equal-length records at a time, trimmed of that padding.
+non-finite: :mod:`agent.dpsgd.unpadded`), and kept trimmed to its real tokens; a batch of them is padded again,
+each record to the length its own length fixes, and the attention mask makes that padding invisible to the real
+tokens, so the cached forward equals the full one.
 
 Supported encoders are those whose layers take (hidden states, additive attention mask) and nothing else
 (:data:`MODEL_TYPES`; MPNet, for one, adds a relative position bias computed outside its layers).
@@ -25,7 +26,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from accountant.errors import InvalidInputError
-from agent.dpsgd.unpadded import equal_length_chunks
+from agent.dpsgd.unpadded import padded_length, same_padding_chunks
 from agent.heads import PooledClassifier, eval_mode, in_order, input_batches, pool
 
 MODEL_TYPES = ("bert", "roberta")
@@ -78,7 +79,7 @@ class TopLayers(nn.Module):
         """The pooled embedding of every cached record, in order, in eval mode (as
         :func:`agent.heads.embed_examples` computes it through the whole encoder); the mode is restored."""
         with eval_mode(self.model):
-            chunks = equal_length_chunks([len(record) for record in records], range(len(records)), batch_size)
+            chunks = same_padding_chunks([len(record) for record in records], range(len(records)), batch_size)
             return in_order([(chunk, self.embed(**hidden_batch(records, None, chunk))) for chunk in chunks])
 
 
@@ -86,25 +87,28 @@ class TopLayers(nn.Module):
 def hidden_states_below(model: PooledClassifier, count: int, examples, pad_token_id: int, batch_size: int = 64,
                         device: str | None = None) -> list[torch.Tensor]:
     """Each example's hidden states [its tokens, H] entering the top ``count`` layers, in order (on the CPU),
-    computed in eval mode in batches without padding; the model's train/eval mode is restored afterwards."""
+    computed in eval mode, each record with its own padding only; the model's train/eval mode is restored."""
     first = top_layer_indices(model, count)[0]
     records: list[torch.Tensor | None] = [None] * len(examples)
     with eval_mode(model):
         for indices, inputs in input_batches(examples, pad_token_id, batch_size, device):
             states = model.encoder(**inputs, output_hidden_states=True).hidden_states[first]
-            for index, row in zip(indices, states):
-                records[index] = row.cpu()
+            for index, row, mask in zip(indices, states, inputs["attention_mask"]):
+                records[index] = row[mask.bool()].cpu()
     return records
 
 
 def hidden_batch(records: list[torch.Tensor], labels: torch.Tensor | None, indices) -> dict[str, torch.Tensor]:
-    """The cached states of the records at ``indices``, right-padded, with their attention mask (and their labels
-    when ``labels`` is given)."""
+    """The cached states of the records at ``indices``, right-padded to the padded length of the longest
+    (:func:`agent.dpsgd.unpadded.padded_length`), with their attention mask (and their labels when ``labels`` is
+    given)."""
     indices = [int(i) for i in indices]
     rows = [records[i] for i in indices]
     if rows:
-        batch = {"hidden_states": nn.utils.rnn.pad_sequence(rows, batch_first=True),
-                 "attention_mask": nn.utils.rnn.pad_sequence([torch.ones(len(row), dtype=torch.long) for row in rows], batch_first=True)}
+        length = padded_length(max(len(row) for row in rows))
+        batch = {"hidden_states": nn.functional.pad(nn.utils.rnn.pad_sequence(rows, batch_first=True),
+                                                    (0, 0, 0, length - max(len(row) for row in rows))),
+                 "attention_mask": (torch.arange(length)[None, :] < torch.tensor([len(row) for row in rows])[:, None]).long()}
     else:
         batch = {"hidden_states": records[0].new_zeros((0, 1, records[0].shape[-1])), "attention_mask": torch.zeros((0, 1), dtype=torch.long)}
     if labels is not None:

@@ -7,6 +7,7 @@ key) or by a huge pad embedding (full mode). On a padded batch, every record sho
 get a NaN loss and count for nothing, so adding one long record would remove all the others. Each test
 compares neighbouring data sets (one long record added) and requires that only that record's contribution
 changes: the noiseless clipped sums differ by at most the clip norm C, and the confusion matrix by one count.
+(A record padded by its own length, to a multiple of 8, may be zeroed by such weights: that is its own fate.)
 
 Then the split: neighbouring files (one record added) give training sets that differ in that record only.
 """
@@ -22,8 +23,9 @@ from agent.evaluation import confusion_matrix
 from agent.training import LocalTrainer, StepPlan, TrainingConfig, _only_head_trainable
 
 CLIP = 1.0
-SHORT = ["a fine film", "dull and slow", "truly moving", "not good"]  # 5, 5, 4 and 4 tokens
-LONG = "an overlong, tedious and muddled mess of a movie"  # 15 tokens: pads every other record
+SHORT = ["a truly fine and moving film", "not good at all, sadly", "dull and slow and too long", "the cast is great in it"]
+LONG = "an overlong, tedious and muddled mess of a long movie"  # 16 tokens, every SHORT one 8: no record has padding
+LONG_LENGTH = 16                                               # of its own, the long one would pad the short ones
 SCALE = 5.5e9  # the LoRA factors' entries; their product, 3e19, overflows a pad-pad attention score
 
 
@@ -115,13 +117,13 @@ def test_the_hostile_adapters_do_poison_a_padded_batch(lora_pair):
     with torch.no_grad():
         padded = trainer.model(**inputs(range(5))).logits
         alone = trainer.model(**inputs([0])).logits
-    long_row = [len(ids) for ids in trainer.data.train.input_ids].index(15)
+    long_row = [len(ids) for ids in trainer.data.train.input_ids].index(LONG_LENGTH)
     assert torch.isnan(padded[[i for i in range(5) if i != long_row]]).all() and torch.isfinite(alone).all()
 
 
 def _neighbouring_steps(trainer: LocalTrainer):
     """The noiseless step sums of the batch without and with the long record."""
-    long_row = [len(ids) for ids in trainer.data.train.input_ids].index(15)
+    long_row = [len(ids) for ids in trainer.data.train.input_ids].index(LONG_LENGTH)
     shorts = [i for i in range(trainer.dataset_size) if i != long_row]
     return _noiseless_step_sum(trainer, indices=shorts), _noiseless_step_sum(trainer)
 

@@ -10,6 +10,7 @@ import torch
 from accountant.errors import InvalidInputError
 from accountant.events import PoissonGaussianEvent
 from accountant.sampling import executable_sampling_rate
+from agent.dpsgd.unpadded import padded_length
 from agent.training import LocalTrainer, StepPlan, TrainingConfig, TrainingFailed
 
 
@@ -188,8 +189,8 @@ def test_lp_ft_phase_one_trains_only_the_head_on_cached_embeddings_then_phase_tw
     before = trainer.trainable_state()
     probe = trainer.train(StepPlan(3, 0.25, 1.0, 1.0, 0.1, head_only=True))
     embedded_once = len(encoder_calls)
-    lengths = Counter(len(ids) for ids in trainer.data.train.input_ids)
-    assert embedded_once == sum(math.ceil(count / 64) for count in lengths.values())  # once, one batch per length
+    lengths = Counter(padded_length(len(ids)) for ids in trainer.data.train.input_ids)
+    assert embedded_once == sum(math.ceil(count / 64) for count in lengths.values())  # once, by padded length
     changed = {name for name, value in probe.trainable_state.items() if not torch.equal(before[name], value)}
     assert changed and all("classifier" in name for name in changed)
     assert all(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" in n)  # flags restored

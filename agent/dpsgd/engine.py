@@ -15,8 +15,8 @@ How (Bu et al. 2023, "Differentially private optimization on large model at smal
 
 Exactness needs each example's output to depend on that example only, and privacy needs each example's loss
 and gradient to depend on that example and the weights only: a padded batch breaks both when weights make the
-padded positions non-finite, so every batch is computed in groups of records of one real length with no
-padding at all (:mod:`agent.dpsgd.unpadded`). Two ways this silently fails are
+padded positions non-finite, so every record is padded to a length fixed by its own length and computed in a
+group of records of that padded length (:mod:`agent.dpsgd.unpadded`). Two ways this silently fails are
 caught: a module called with a batch of 1 broadcast over B (HF's default ``position_ids``, which this class
 therefore passes as [B, T] when the model takes them) raises, and so does an output changed in place after
 its module returned. Dropout is applied once in the forward pass, so every example keeps its own mask.
@@ -35,7 +35,7 @@ from torch import nn
 from accountant.errors import EwtuneError, InvalidInputError
 from agent.dpsgd.ghost import RecentCache, Use, squared_norms, weighted_sum
 from agent.dpsgd.rules import Call, rule_for
-from agent.dpsgd.unpadded import equal_length_parts
+from agent.dpsgd.unpadded import own_padding_parts
 
 CLIP_EPSILON = 1e-6
 
@@ -157,13 +157,14 @@ class PerExampleClipper:
 
     def clipped_grad_sum(self, batch: Mapping[str, torch.Tensor]) -> ClippedSum:
         """sum_i c_i g_i over the batch's examples, with their gradient norms ||g_i|| (float32, in batch order).
-        A right-padded batch is computed one group of equal-length records at a time, trimmed of its padding."""
-        parts = equal_length_parts(batch)
+        A right-padded batch is computed one group of records of one padded length at a time, each record
+        padded by its own length alone (:mod:`agent.dpsgd.unpadded`)."""
+        parts = own_padding_parts(batch)
         if len(parts) <= 1:
-            return self._equal_length_sum(parts[0][1] if parts else batch)
+            return self._same_padding_sum(parts[0][1] if parts else batch)
         grads, rows, norms, loss_sum = self.zero_grads(), [], [], 0.0
         for part_rows, part in parts:
-            clipped = self._equal_length_sum(part)
+            clipped = self._same_padding_sum(part)
             for name, grad in clipped.grads.items():
                 grads[name].add_(grad)
             rows.append(part_rows)
@@ -171,8 +172,8 @@ class PerExampleClipper:
             loss_sum += clipped.loss_sum
         return ClippedSum(grads, in_batch_order(rows, norms), loss_sum, batch_size_of(batch))
 
-    def _equal_length_sum(self, batch: Mapping[str, torch.Tensor]) -> ClippedSum:
-        """``clipped_grad_sum`` of a batch without padding."""
+    def _same_padding_sum(self, batch: Mapping[str, torch.Tensor]) -> ClippedSum:
+        """``clipped_grad_sum`` of a batch whose records all carry their own padding."""
         size = batch_size_of(batch)
         if size == 0:
             return ClippedSum(self.zero_grads(), torch.zeros(0), 0.0, 0)
@@ -215,5 +216,5 @@ class PerExampleClipper:
         keep = usable.nonzero(as_tuple=True)[0]
         if keep.numel() == 0:
             return ClippedSum(self.zero_grads(), norms, 0.0, batch_size_of(batch))
-        inner = self._equal_length_sum({key: value[keep] for key, value in batch.items()})
+        inner = self._same_padding_sum({key: value[keep] for key, value in batch.items()})
         return ClippedSum(inner.grads, norms, inner.loss_sum, batch_size_of(batch))

@@ -3,7 +3,8 @@
     g = (sum_{i in batch} clip_C(g_i) + N(0, sigma^2 C^2 I)) / (q N)
 
 The logical batch may have any size, including 0, and is processed in physical micro-batches of records of
-one real length, with no padding (:mod:`agent.dpsgd.unpadded`), whose clipped sums are added up; the noise is drawn once per logical step, and the sum is divided by the
+one padded length, each padded by its own length alone (:mod:`agent.dpsgd.unpadded`), whose clipped sums are
+added up; the noise is drawn once per logical step, and the sum is divided by the
 *expected* batch size q N, never by the realised one, whose scale would then depend on the data and
 leak the batch size (Opacus' ``expected_batch_size`` does the same). An empty batch still takes
 a step: a noise-only update, which the accountant counts like any other.
@@ -20,7 +21,7 @@ from accountant.errors import InvalidInputError
 from agent.dpsgd.engine import PerExampleClipper, batch_size_of, in_batch_order
 from agent.dpsgd.noise import add_gaussian_noise_
 from agent.dpsgd.randomness import RandomSource, SecureRandom
-from agent.dpsgd.unpadded import equal_length_parts
+from agent.dpsgd.unpadded import own_padding_parts
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class DPSGDStep:
         Sums, noise and scaling happen in place, so the step holds one gradient-sized buffer at a time.
         """
         sums, rows, norms, loss_sum = None, [], [], 0.0
-        micro_batches = equal_length_parts(batch, self.physical_batch_size)
+        micro_batches = own_padding_parts(batch, self.physical_batch_size)
         for micro_rows, micro_batch in micro_batches:
             clipped = self.clipper.clipped_grad_sum(micro_batch)
             if sums is None:

@@ -8,6 +8,16 @@ approximations of privacy loss distributions", PETS 2022) and composed by FFT (K
 the maximum at the end; replace-one uses its own (symmetric) pair. :mod:`accountant.pld_engine` states
 the soundness argument step by step.
 
+*q = 1.* When every step samples every record, the composition is one Gaussian mechanism and its exact
+curve is the answer (:mod:`accountant.gaussian_closed_form`, checked in 50-digit arithmetic). Sampling only
+helps (the q < 1 pair is the q = 1 pair after the Markov kernel "keep the output with probability q, else
+replace it by fresh N(0, 1)", the same kernel for both sides; data processing), so that closed form is also
+a sound bound for every q: it answers when the grid's bound is infinite and when some noise multiplier is
+below 0.2, where the loss spans more than the grids are built for (the answer is then loose, never low).
+
+*Known gap (issue 20).* For q < 1 the FFT's round-off is still bounded only by the floor heuristic of
+:mod:`accountant.pld_engine` (step 4), not rigorously.
+
 *Choice of the discretisation interval h.* Every interval gives a sound upper bound; a coarse one is
 merely loose. Connect-the-dots converges like h^2 (its error is mostly the variance it adds, about h^2/6
 per step), so the engine computes the bound at two dyadic intervals 2h and h, h about a quarter of the
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import math
 
+from accountant.gaussian_closed_form import gaussian_delta, gaussian_epsilon
 from accountant.events import DpEvent, Neighbouring, mechanisms, neighbouring_of
 from accountant.memo import Memo
 from accountant.privacy_accountant import Kind, PrivacyAccountant
@@ -37,13 +48,14 @@ _MAX_REFINEMENTS = 3
 _FINEST_LOG2_INTERVAL = -26  # h >= 1.5e-8: a guard against runaway grids, never reached in practice
 _BASELINE_INTERVAL = 1e-4  # dp_accounting's default: the bound aims to be at least as accurate as it
 _ERROR_FLOOR = 7e-5
+_SMALLEST_GRID_SIGMA = 0.2
 _MAX_GRID_CELLS = 2**22  # the composed window's expected size is kept below this (memory and time)
 
 CERTIFIED_ACCOUNTANT = {
     "name": "ewtune-certified-pld",
-    "version": "2",
+    "version": "3",
     "discretisation": (
-        "connect-the-dots PLD, both directions, FFT composition; dyadic interval chosen per event by "
+        "q = 1 or sigma < 0.2: Gaussian closed form (q = 1) checked in 50 digits; else connect-the-dots PLD, both directions, FFT composition; dyadic interval chosen per event by "
         "Richardson's h^2 law: error at most that of interval 1e-4, at most "
         f"{TARGET_RELATIVE_ERROR:g} and at least {_ERROR_FLOOR:g} of epsilon"
     ),
@@ -71,6 +83,8 @@ class CertifiedAccountant(PrivacyAccountant):
         """An upper bound on the epsilon at which ``event`` is (epsilon, delta)-DP; ``inf`` if none exists
         below the mass that the bound must count as infinite loss."""
         relation, mechs = _mechanisms_of(event)
+        if _all_full_batch(mechs) or _noise_too_small_for_the_grid(mechs):
+            return gaussian_epsilon(_gaussian_mechanisms(mechs), _sensitivity(relation), delta)
         tail = min(_DEFAULT_TAIL, 1e-4 * delta)
         coarse = {
             d: self._composed(d, mechs, self._first_log2_interval(d, mechs) + 1, tail).epsilon(delta)
@@ -82,6 +96,8 @@ class CertifiedAccountant(PrivacyAccountant):
         for direction in sorted(coarse, key=coarse.get, reverse=True):
             if coarse[direction] > bound:
                 bound = max(bound, min(self._refined_epsilons(direction, mechs, delta, tail, enough=bound).values()))
+        if not math.isfinite(bound):  # sampling only helps: the q = 1 closed form bounds every q (module docstring)
+            return gaussian_epsilon(_gaussian_mechanisms(mechs), _sensitivity(relation), delta)
         return float(bound)
 
     def _delta(self, event: DpEvent, epsilon: float) -> float:
@@ -89,7 +105,10 @@ class CertifiedAccountant(PrivacyAccountant):
         from the initial one down to the finest that :meth:`_epsilon` would use at that delta (so that
         delta(epsilon(delta)) <= delta)."""
         relation, mechs = _mechanisms_of(event)
-        return float(max(self._delta_one_direction(direction, mechs, epsilon) for direction in _directions(relation)))
+        if _all_full_batch(mechs) or _noise_too_small_for_the_grid(mechs):
+            return gaussian_delta(_gaussian_mechanisms(mechs), _sensitivity(relation), epsilon)
+        full_batch = gaussian_delta(_gaussian_mechanisms(mechs), _sensitivity(relation), epsilon)
+        return min(full_batch, float(max(self._delta_one_direction(direction, mechs, epsilon) for direction in _directions(relation))))
 
     def _refined_epsilons(
         self, direction: Direction, mechs: _Mechanisms, delta: float, tail: float, enough: float = 0.0
@@ -196,3 +215,25 @@ def _mechanisms_of(event: DpEvent) -> tuple[Neighbouring, _Mechanisms]:
     relation = neighbouring_of(event)
     mechs = tuple(sorted((q, sigma, steps) for (q, sigma, _), steps in mechanisms(event).items()))
     return relation, mechs
+
+
+def _all_full_batch(mechs: _Mechanisms) -> bool:
+    """Whether every step samples with q = 1: the composition is then one Gaussian mechanism, answered by
+    its closed form (:mod:`accountant.gaussian_closed_form`)."""
+    return all(q == 1.0 for q, _, _ in mechs)
+
+
+def _noise_too_small_for_the_grid(mechs: _Mechanisms) -> bool:
+    """Whether some step's noise multiplier is below _SMALLEST_GRID_SIGMA, where the loss spans more than the
+    grids are built for (one step's epsilon is then in the tens or more): the q = 1 closed form, an upper bound
+    for every q (module docstring), answers instead."""
+    return any(sigma < _SMALLEST_GRID_SIGMA for _, sigma, _ in mechs)
+
+
+def _gaussian_mechanisms(mechs: _Mechanisms) -> tuple[tuple[float, int], ...]:
+    return tuple((sigma, steps) for _, sigma, steps in mechs)
+
+
+def _sensitivity(relation: Neighbouring) -> int:
+    """The sensitivity of the clipped sum in units of C: 2 for replace-one (one gradient swapped for another)."""
+    return 2 if relation is Neighbouring.REPLACE_ONE else 1

@@ -267,6 +267,8 @@ class ComposedPmf:
 def compose(pmfs: tuple[tuple[StepPmf, int], ...], h: float, tail_mass: float) -> ComposedPmf:
     """The FFT composition of ``steps`` copies of each PMF (module docstring, steps 3 and 4), on a window
     sized by Chernoff bounds so that at most about ``tail_mass`` of the sum lies outside it."""
+    if any(not np.any(pmf.probs > 0) for pmf, _ in pmfs):  # a step with no finite loss: nothing is certified
+        return ComposedPmf(0.0, h, np.zeros(1), 1.0)
     base = sum(steps * pmf.offset for pmf, steps in pmfs)
     support = sum(steps * (pmf.probs.size - 1) for pmf, steps in pmfs) + 1
     finite_log_mass = sum(steps * math.log1p(-pmf.infinite) for pmf, steps in pmfs)

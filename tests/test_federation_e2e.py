@@ -56,8 +56,18 @@ def test_every_ledger_verifies_and_the_coordinator_matches_the_holders(federatio
     work, credentials, _, _ = federation_run
     coordinator = work / "coordinator" / "ledger.jsonl"
     report, own, holder_entries = verified_ledgers(work, credentials)
+    from accountant.certified import certified_epsilon
+    from accountant.crosscheck import commits_by_round
+    from accountant.events import compose, event_from_json
+    from agent.released_count import count_event
+
+    rounds = commits_by_round(read_entries(coordinator))
     for holder_id in ("h0", "h1"):
-        assert own[holder_id].holders[holder_id].epsilon_certified == pytest.approx(report.holders[holder_id].epsilon_certified)
+        # the holder's own ledger: the noised count it released at its first start, then the rounds the coordinator saw
+        trained = [event_from_json(commit["event"]) for (holder, _, _), commit in rounds.items() if holder == holder_id]
+        expected = certified_epsilon(compose(count_event(20.0), *trained), 1e-5)
+        assert own[holder_id].holders[holder_id].epsilon_certified == pytest.approx(expected, rel=1e-9)
+        assert report.holders[holder_id].epsilon_certified < expected
     check = cross_check(read_entries(coordinator), holder_entries)
     assert check.ok, check.mismatches
     assert check.matched == 4 and not check.not_aggregated

@@ -24,9 +24,11 @@ th { background: #f2f2f2; }
 updated <span id="updated">never</span> <span class="note">(refreshes every 2 s; read-only)</span></p>
 <h2>Holders</h2>
 <table id="holders"><thead><tr><th>holder</th><th>state</th><th>records (noised count)</th><th>sigma</th>
-<th>certified epsilon spent (the guarantee)</th><th>Edgeworth (estimate)</th><th>budget</th><th>budget left</th>
+<th>certified epsilon in this coordinator's ledger (the guarantee)</th><th>Edgeworth (estimate)</th><th>budget</th><th>budget left</th>
 <th>spent / left</th><th>rounds</th><th>accuracy so far (private, noised by the holder)</th></tr></thead><tbody></tbody></table>
-<p class="note">Certified epsilon is the lifetime spend recorded in the coordinator's ledger, at the holder's delta.</p>
+<p class="note">Certified epsilon (and the budget left from it) is what this coordinator's ledger records: every event it
+committed for the holder, in all its runs, at the holder's delta. A holder's own lifetime spend (local training,
+evaluations, other federations) can be higher and is what its agent enforces: <code>ewtune agent status</code> on its side.</p>
 <h2>Recent events</h2>
 <ul id="events"></ul>
 <script src="status.js"></script>

@@ -5,9 +5,20 @@ ride a real transformer layer instead of an audit block. Every run goes through 
 
 import numpy as np
 import pytest
+import torch
 
 from agent.audit.breakages import broken
 from agent.audit.run import AuditConfig, run_audit
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared machine: one intra-op thread is several times faster than two that contend
+    (the transformer test: 22 s against 144 s at a load average of 7)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _failed_checks(result) -> set[str]:

@@ -195,11 +195,14 @@ def _crosscheck(args: argparse.Namespace) -> int:
     check = result.check
     print(f"cross-check: {check.matched} coordinator commit(s) matched, {len(check.mismatches)} mismatch(es): "
           + ("OK" if result.ok else "FAILED"))
-    for mismatch in check.mismatches:
-        print(f"  mismatch: {mismatch}")
-    for missing in check.not_aggregated:
-        print(f"  spent by a holder but not aggregated: {missing}")
+    for line in _mismatch_lines(check.mismatches, check.not_aggregated):
+        print(line)
     return 0 if result.ok else 1
+
+
+def _mismatch_lines(mismatches: list[str], not_aggregated: list[str]) -> list[str]:
+    """The cross-check's findings, one line each, as `ledger crosscheck` and `ledger report` print them."""
+    return [f"  mismatch: {m}" for m in mismatches] + [f"  spent by a holder but not aggregated: {m}" for m in not_aggregated]
 
 
 def _write_report(args: argparse.Namespace) -> int:
@@ -220,6 +223,8 @@ def _write_report(args: argparse.Namespace) -> int:
         print("receipts: " + (f"{receipts['matched']} coordinator commit(s) matched, "
                               + ("OK" if receipts["ok"] else "FAILED") if receipts["checked"]
                               else f"not cross-checked ({receipts['why']})"))
+        for line in _mismatch_lines(receipts.get("mismatches", []), receipts.get("not_aggregated", [])):
+            print(line)
         print(f"overall: {report.verdict}")
         print(f"report: {page}")
     return 0 if report.ok else 1

@@ -201,6 +201,12 @@ def test_a_tampered_holder_ledger_fails_the_receipts_exactly_as_crosscheck_does(
     receipts_html = page[page.index("<h3>Receipts</h3>"):page.index("<h2>", page.index("<h3>Receipts</h3>"))]
     assert "<span class=failed>FAILED</span>" in receipts_html and "matched</span>" not in receipts_html
     assert f"bank: ledger {broken}: FAILED at seq 2" in receipts_html
+    assert main(["ledger", "crosscheck", str(paths[0]), f"bank={broken}", f"clinic={paths[2]}"]) == 1
+    crosscheck_findings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert main(["ledger", "report", str(paths[0]), str(broken), str(paths[2]), "--out", str(tmp_path / "text")]) == 1
+    out = capsys.readouterr().out
+    assert crosscheck_findings and [line for line in out.splitlines() if line.startswith("  ")] == crosscheck_findings
+    assert "overall: FAILED" in out
 
 
 def test_a_holders_lifetime_composes_all_its_runs_and_the_coordinators_record_only_its_own(tmp_path, capsys):

@@ -382,3 +382,23 @@ def test_the_noised_step_stays_finite_under_the_attack():
     step = DPSGDStep(model, clipper, torch.optim.SGD(clipper.params.values(), lr=0.1), 1.0, 0.5, 6.0, 2)
     grads, _ = step.noisy_gradient(batch)
     assert all(torch.isfinite(grad).all() for grad in grads.values())
+
+
+class _BatchNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+
+    def forward(self, inputs):
+        return type("Out", (), {"logits": self.layers(inputs)})()
+
+
+def test_batch_statistics_are_refused():
+    """Batch normalisation in training mode makes each record's output depend on the others in its batch."""
+    model = _BatchNormed()
+    clipper = PerExampleClipper(model, 1.0, classification_loss)
+    batch = {"inputs": torch.randn(5, 4), "labels": torch.zeros(5, dtype=torch.long)}
+    with pytest.raises(PerExampleGradientError, match="batch normalisation"):
+        clipper.clipped_grad_sum(batch)
+    model.eval()  # running statistics: a function of the weights alone
+    assert torch.isfinite(clipper.clipped_grad_sum(batch).per_example_norms).all()

@@ -16,7 +16,8 @@ How (Bu et al. 2023, "Differentially private optimization on large model at smal
 Exactness needs each example's output to depend on that example only, and privacy needs each example's loss
 and gradient to depend on that example and the weights only: a padded batch breaks both when weights make the
 padded positions non-finite, so every record is padded to a length fixed by its own length and computed in a
-group of records of that padded length (:mod:`agent.dpsgd.unpadded`). Two ways this silently fails are
+group of records of that padded length (:mod:`agent.dpsgd.unpadded`), and batch normalisation in training mode
+(batch statistics) is refused. Two ways this silently fails are
 caught: a module called with a batch of 1 broadcast over B (HF's default ``position_ids``, which this class
 therefore passes as [B, T] when the model takes them) raises, and so does an output changed in place after
 its module returned. Dropout is applied once in the forward pass, so every example keeps its own mask.
@@ -94,6 +95,7 @@ class PerExampleClipper:
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._names = {id(p): name for name, p in self.params.items()}
         self._position_ids = _takes_position_ids(model)
+        self._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._calls: list[Call] | None = None
         self._batch = 0
         self._handles = []
@@ -127,6 +129,8 @@ class PerExampleClipper:
         return inputs
 
     def _forward(self, batch: Mapping[str, torch.Tensor], size: int) -> tuple[torch.Tensor, list[Call]]:
+        if any(norm.training for norm in self._batch_norms):
+            raise PerExampleGradientError("batch normalisation in training mode mixes the records of a batch")
         self._calls, self._batch = [], size
         try:
             losses = self.loss_fn(self.model(**self._model_inputs(batch, size)), batch)

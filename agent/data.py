@@ -116,9 +116,16 @@ def load_local_data(spec: DataSpec, tokenizer) -> LocalData:
     labels, num_labels = None, None
     if classification:
         labels, num_labels = _checked_labels(table[spec.label_column], spec.num_labels)
+    training, held_out = _split_rows(_record_contents(table, spec, labels), spec)
+    encoded = _tokenise(table, spec, tokenizer)
+    split = lambda rows: _subset(encoded, labels, rows)  # noqa: E731
+    return LocalData(train=split(training), eval=split(held_out), num_labels=num_labels)
+
+
+def _split_rows(contents: list[bytes], spec: DataSpec) -> tuple[list[int], list[int]]:
+    """The rows kept for training and held out, each decided from its own content (the module docstring)."""
     key = spec.split_key if spec.split_key is not None else f"ewtune public split, seed {spec.seed}".encode()
-    contents = _record_contents(table, spec, labels)
-    kept = range(len(table))
+    kept = range(len(contents))
     if spec.max_examples is not None:
         kept = sorted(kept, key=lambda row: keyed_uniform(key, b"keep", contents[row]))[: spec.max_examples]
     held_out = [row for row in kept if keyed_uniform(key, b"side", contents[row]) < spec.eval_fraction]
@@ -127,9 +134,7 @@ def load_local_data(spec: DataSpec, tokenizer) -> LocalData:
     if not training:
         raise InvalidInputError(f"{spec.path}: too few examples ({len(kept)}) to hold out {spec.eval_fraction:.0%} "
                                 "and keep one for training")
-    encoded = _tokenise(table, spec, tokenizer)
-    split = lambda rows: _subset(encoded, labels, rows)  # noqa: E731
-    return LocalData(train=split(training), eval=split(held_out), num_labels=num_labels)
+    return training, held_out
 
 
 def keyed_uniform(key: bytes, purpose: bytes, content: bytes) -> float:

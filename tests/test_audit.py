@@ -139,5 +139,7 @@ def test_cli_bad_input_is_one_line(capsys):
     assert main(["audit", "--canaries", "1"]) == 2
     assert main(["audit", "--steps", "10", "--local-steps", "3"]) == 2
     assert main(["audit", "--holders", "2", "--ledger", "x", "--signing-key", "y"]) == 2
+    assert main(["audit", "--model", "transformer", "--canaries", "3000"]) == 2  # 2048 coordinates in its weight
+    assert main(["audit", "--federated", "--model", "transformer"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and all(line.startswith("ewtune: error: ") for line in errors)
+    assert len(errors) == 5 and all(line.startswith("ewtune: error: ") for line in errors)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from accountant.errors import InvalidInputError
 from agent.audit.canaries import AuditedOutput
 
 READ_SCALE = 1e4  # the probe's magnitude: the canary's bias gradient is 1/READ_SCALE of its weight gradient
@@ -64,7 +65,8 @@ class TransformerCanaries(nn.Module):
         self.target = model.get_submodule(target)
         rows, columns = self.target.weight.shape
         if canaries > rows * columns:
-            raise ValueError(f"{target} has {rows * columns} coordinates, fewer than {canaries} canaries")
+            raise InvalidInputError(f"the transformer audit's {target} has {rows * columns} coordinates, fewer than "
+                                    f"{canaries} canaries")
         coordinates = torch.arange(canaries)
         self.register_buffer("rows", coordinates // columns, persistent=False)
         self.register_buffer("columns", coordinates % columns, persistent=False)

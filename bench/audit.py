@@ -21,6 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 from agent.audit.breakages import BREAKAGES, broken
 from agent.audit.run import AuditConfig, run_audit
 
@@ -52,6 +54,33 @@ def measure(seeds: int, config: AuditConfig = AuditConfig(), variants: list[str 
             "check_failures": failures,
             "runs_with_an_alarm": alarms,
         })
+    return rows
+
+
+def randomized_response(epsilon: float, canaries: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores, inclusion bits, tie-breakers) of randomized response (Warner 1965) on each canary's bit: reported
+    truthfully with probability e^eps / (1 + e^eps), so (epsilon, 0)-DP with respect to each canary, with a
+    trade-off curve of another shape than DP-SGD's."""
+    rng = np.random.default_rng(seed)
+    included = rng.random(canaries) < 0.5
+    truthful = rng.random(canaries) < np.exp(epsilon) / (1.0 + np.exp(epsilon))
+    return np.where(truthful, included, ~included).astype(float), included, rng.random(canaries)
+
+
+def measure_randomized_response(seeds: int, epsilon: float = 2.0, canaries: int = 1000, delta: float = 1e-5) -> list[dict]:
+    """Randomized response at ``epsilon``: Steinke et al.'s bound (valid for every mechanism) and the epsilon of the
+    DP-SGD curve the f-DP test refutes (a test of the DP-SGD hypothesis, not a bound), against DP-SGD curves of
+    q = 0.1 over 50 steps and of one Gaussian step (q = 1, T = 1)."""
+    from accountant.fdp_one_run import dpsgd_curve_test
+    from accountant.one_run_audit import one_run_bound
+
+    rows = []
+    for rate, steps in ((0.1, 50), (1.0, 1)):
+        draws = [randomized_response(epsilon, canaries, seed) for seed in range(seeds)]
+        bounds = [one_run_bound(s, i, delta, t).epsilon for s, i, t in draws]
+        curves = [dpsgd_curve_test(s, i, t, rate, steps, delta).epsilon for s, i, t in draws]
+        rows.append({"true_epsilon": epsilon, "curves": f"DP-SGD(q {rate:g}, T {steps})", "steinke_bounds": bounds,
+                     "refuted_curve_epsilons": curves, "refuted_curve_above_truth": sum(c > epsilon for c in curves)})
     return rows
 
 
@@ -103,10 +132,19 @@ def main(argv: list[str] | None = None) -> None:
                         f"{', '.join(BREAKAGES)}; default: all, and 'correct' and 'noise off' with --federated; with "
                         "--federated the first holder's)")
     parser.add_argument("--work-dir", default=None, help="with --federated: where the federations run (default: a temporary folder)")
+    parser.add_argument("--randomized-response", action="store_true", help="no training: randomized response at "
+                        "epsilon 2 on 1000 canaries, Steinke's bound against the epsilon of the refuted DP-SGD curve")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.federated:
         _federated(args)
+        return
+    if args.randomized_response:
+        rows = measure_randomized_response(args.seeds)
+        print(json.dumps(rows, indent=2) if args.json else "\n".join(
+            f"randomized response, true epsilon {r['true_epsilon']:g}, {args.seeds} draws: Steinke bound "
+            f"{_spread(r['steinke_bounds'])}; refuted {r['curves']} curve's epsilon {_spread(r['refuted_curve_epsilons'])}, "
+            f"above the truth {r['refuted_curve_above_truth']}/{args.seeds}" for r in rows))
         return
     config = AuditConfig(holders=args.holders, local_steps=args.local_steps, fdp=args.fdp, clip_norm=args.clip_norm,
                          model=args.model, records=args.records, canaries=args.canaries or 1000)

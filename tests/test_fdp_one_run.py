@@ -9,6 +9,7 @@ from accountant.errors import InvalidInputError
 import accountant.fdp_one_run as fdp_module
 from accountant.fdp_one_run import SIGMA_GRID, _tpr_lines, claimed_curve_refuted, dpsgd_curve_test, rejects
 from accountant.one_run_audit import one_run_bound
+from bench.audit import randomized_response
 
 ALPHA = 0.05 / 8
 
@@ -43,21 +44,12 @@ def test_bad_inputs_are_refused():
         dpsgd_curve_test([0.0, 1.0], [True, False], [0.0, 0.0], 0.1, 50, 1.0)
 
 
-def _randomized_response(epsilon: float, canaries: int, seed: int):
-    """Each canary's bit S_i reported truthfully with probability e^eps / (1 + e^eps): (epsilon, 0)-DP with
-    respect to each canary, with a trade-off curve of another shape than DP-SGD's."""
-    rng = np.random.default_rng(seed)
-    included = rng.random(canaries) < 0.5
-    truthful = rng.random(canaries) < np.exp(epsilon) / (1.0 + np.exp(epsilon))
-    return np.where(truthful, included, ~included).astype(float), included, rng.random(canaries)
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_randomized_response_at_epsilon_2_refutes_dpsgd_curves_above_its_true_epsilon(seed):
     """The f-DP figure is the epsilon of a refuted DP-SGD curve, not a lower bound on a mechanism's epsilon:
     on randomized response at true epsilon 2 it exceeds 2, while Steinke et al.'s bound (valid for every
     mechanism) stays below. Curves of one Gaussian step (q = 1, T = 1) keep the test quick."""
-    scores, included, tie_break = _randomized_response(2.0, 1000, seed)
+    scores, included, tie_break = randomized_response(2.0, 1000, seed)
     figure = dpsgd_curve_test(scores, included, tie_break, 1.0, 1, 1e-5)
     assert figure.epsilon > 2.0
     assert figure.to_json()["lower_bound_on_epsilon"] is False

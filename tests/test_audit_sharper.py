@@ -85,7 +85,6 @@ def test_canaries_in_a_transformer_feed_forward_weight_through_the_real_engine()
     assert "noise_scale" in _failed_checks(mixed_up) and not mixed_up.passed
 
 
-@pytest.mark.slow
 def test_transformer_canaries_without_noise_show_the_records_interference_and_exceed_3():
     with broken("noise off"):
         noiseless = run_audit(AuditConfig(seed=15, model="transformer", records=16, canaries=500, clip_norm=2.0))
@@ -94,7 +93,6 @@ def test_transformer_canaries_without_noise_show_the_records_interference_and_ex
     assert np.abs(observed - np.round(observed)).max() < 0.05
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("breakage", ["noise halved", "clipping bypassed"])
 def test_transformer_canaries_flag_more_breakages(breakage):
     config = AuditConfig(seed=15, model="transformer", records=16, canaries=500, clip_norm=2.0)

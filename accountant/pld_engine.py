@@ -3,7 +3,7 @@
 Private engine of :mod:`accountant.certified`. Everything here errs on the safe side: every number it
 returns is an upper bound on the true hockey-stick divergence delta(epsilon) of the composed mechanism.
 
-The argument, in four steps:
+The argument, in five steps:
 
 1. *Dominating pairs.* One step with sampling rate q and noise multiplier sigma (mu = 1/sigma) is, in the
    add/remove relation, dominated by the one-dimensional pairs (remove) P = (1-q)N(0,1) + qN(mu,1) against
@@ -25,11 +25,26 @@ The argument, in four steps:
    composition: Dong, Roth, Su 2019, Lemma C.3; Doroshenko et al. 2022, Thm 3.3), whose loss is the sum of
    independent discrete losses: its PMF is the convolution, computed here on a circle of N grid cells by
    FFT, raising each mechanism's transform to its number of steps in one shot (Koskela et al. 2021).
-4. *Wrap-around and round-off.* Mass of the true sum above the circle's window may wrap to lower losses:
-   a Chernoff bound on it (from the discrete PMF's moment generating function) is added to delta. Mass
-   below the window wraps to higher losses, which only increases delta. After the inverse FFT, negative
-   round-off is clamped to zero, twice the largest negative excursion is added to every cell as a noise
-   floor, and any mass missing against the exact total is counted as infinite loss.
+4. *Wrap-around.* The circle holds the window of sums found by Chernoff bounds on the untilted PMFs,
+   widened to that of the tilted ones (step 5; at most _TILTED_WINDOW_FACTOR times as wide). Mass of the
+   true sum above the window may wrap to lower losses: a bound on it is added to delta (infinite loss):
+   untilted, Pr[J >= x] <= e^{log M - theta x} Pr_tilted[J >= x], the latter by Chernoff on the tilted
+   PMFs; what wraps stays in the circle as extra non-negative mass (only more delta). With no tilt, mass below the window wraps to higher losses, which only
+   increases delta; with a positive tilt (which would shrink it), a bound on it is put at the window's
+   lowest loss (moving mass up only increases delta).
+5. *Round-off, bounded cell by cell.* The FFT runs on the PMFs tilted by e^{theta loss} and normalised
+   (Wilson & Keich's exponential shift: the cells where delta(eps) is decided are then not far below the
+   largest, so absolute round-off is small against them), on a circle of N = 2^k cells. Every computed
+   cell gets a rigorous bound B on its absolute error (in tilted units): the forward FFT's per-entry error
+   is at most g(N) sqrt(N) ||x||_2 (Higham 2002, "Accuracy and stability of numerical algorithms",
+   Thm 24.2, normwise, radix 2, twiddle error taken as 8u) plus the input's rounding; raising to the T-th
+   power propagates it by |prod a^T - prod b^T| <= sum_i T_i |a_i - b_i| r_i^{T_i-1} prod_{k!=i} r_k^{T_k}
+   (r the larger modulus) and adds the error of evaluating exp(T log b); the inverse FFT moves a cell by at
+   most (1/N) times the l1 norm of the spectrum's error, plus its own g(N) ||z||_2. Each cell's upper
+   bound is max(computed + B, 0) times e^{log M - theta loss} (the untilting, with its own relative
+   rounding added); delta is increasing in every cell's mass, so these cell-wise upper bounds give an upper
+   bound on delta. ComposedPmf.epsilon solves against delta (1 - 1e-6), which covers the summation error of
+   its tail sums (at most n u of them, n <= 2^23 cells), and rounds the answer up.
 """
 
 from __future__ import annotations
@@ -43,6 +58,7 @@ import numpy as np
 from scipy import fft, special
 
 _UNIT_ROUNDOFF = np.finfo(float).eps / 2
+_SUMMATION_MARGIN = 1e-6  # relative: covers the rounding of ComposedPmf.epsilon's tail sums (step 5)
 
 
 class Direction(str, Enum):
@@ -232,6 +248,7 @@ class ComposedPmf:
         """The smallest eps >= 0 with delta(eps) <= delta, solved exactly between grid points, where
         delta(eps) = A - e^{eps - l} S with A, S tail sums; rounded up by 1e-10 (1 + eps), far above the
         round-off of the sums and far below any accuracy that matters."""
+        delta = delta * (1 - _SUMMATION_MARGIN)
         if self.infinite >= delta:
             return math.inf
         p = self.probs
@@ -264,31 +281,109 @@ class ComposedPmf:
         return max(0.0, epsilon) + 1e-10 * (1 + max(0.0, epsilon))
 
 
-def compose(pmfs: tuple[tuple[StepPmf, int], ...], h: float, tail_mass: float) -> ComposedPmf:
-    """The FFT composition of ``steps`` copies of each PMF (module docstring, steps 3 and 4), on a window
-    sized by Chernoff bounds so that at most about ``tail_mass`` of the sum lies outside it."""
+def compose(pmfs: tuple[tuple[StepPmf, int], ...], h: float, tail_mass: float, tilt: float = 0.0) -> ComposedPmf:
+    """The FFT composition of ``steps`` copies of each PMF (module docstring, steps 3 to 5), on a window
+    sized by Chernoff bounds so that at most about ``tail_mass`` of the sum lies outside it, computed on the
+    PMFs tilted by e^{tilt * loss} (step 5) and returned as cell-wise upper bounds."""
     if any(not np.any(pmf.probs > 0) for pmf, _ in pmfs):  # a step with no finite loss: nothing is certified
         return ComposedPmf(0.0, h, np.zeros(1), 1.0)
     base = sum(steps * pmf.offset for pmf, steps in pmfs)
     support = sum(steps * (pmf.probs.size - 1) for pmf, steps in pmfs) + 1
     finite_log_mass = sum(steps * math.log1p(-pmf.infinite) for pmf, steps in pmfs)
-    window_lo, window_hi, chernoff = _window(pmfs, support, tail_mass)
-    size = fft.next_fast_len(window_hi - window_lo + 1, real=True)
-    # The circle holds the sums J in [window_lo, window_lo + size); heavier sums wrap to lower losses.
-    wrapped_above = chernoff.mass_from(window_lo + size, support)
-    spectra = [(fft.rfft(_wrap(pmf.probs, size)), steps) for pmf, steps in pmfs]
+    cell_tilt = tilt * h
+    tilted = [(_tilted(pmf.probs, cell_tilt), steps) for pmf, steps in pmfs]
+    log_scale = sum(steps * log_norm for (_, log_norm), steps in tilted)
+    tilted_probs = [(probs, steps) for (probs, _), steps in tilted]
+    # The window covers both the tilted and the untilted sums' bulk (the latter so that little untilted mass
+    # lies below it, step 4).
+    tilted_lo, window_hi, upper, _ = _window(tilted_probs, support, tail_mass)
+    untilted_lo, untilted_hi, _, lower = _window([(pmf.probs, steps) for pmf, steps in pmfs], support, tail_mass)
+    window_lo = min(tilted_lo, untilted_lo)
+    # A tilted heavy tail can ask for a far wider window; it is capped (any window is sound: what wraps is
+    # counted, step 4), at the price of looseness that the choice among tilts then avoids.
+    window_hi = max(untilted_hi, min(window_hi, window_lo + _TILTED_WINDOW_FACTOR * (untilted_hi - untilted_lo + 1)))
+    size = 1 << max(1, (window_hi - window_lo).bit_length())  # a power of two: Higham's Thm 24.2 (step 5)
+    # The circle holds the sums J in [window_lo, window_lo + size); heavier sums wrap to lower losses and
+    # count as infinite: untilted, Pr[J >= x] <= e^{log_scale - cell_tilt x} Pr_tilted[J >= x].
+    first_above = window_lo + size
+    outside = math.exp(min(0.0, log_scale - cell_tilt * first_above)) * upper.mass_from(first_above, support)
+    circle, error = _circular_power(tilted_probs, size)
+    local = window_lo + np.arange(size)
+    log_untilt = log_scale - cell_tilt * local
+    # Relative round-off of exp(log_scale - cell_tilt J) (step 5, last item).
+    untilt_error = 8 * _UNIT_ROUNDOFF * (1 + abs(log_scale) + float(np.max(np.abs(cell_tilt * local))))
+    with np.errstate(divide="ignore"):
+        log_upper = np.log(np.maximum(np.roll(circle, -(window_lo % size)) + error, 0.0)) + log_untilt
+    # No cell holds more than probability 1: capping there keeps an upper bound and avoids overflow.
+    probs = np.minimum(np.exp(np.minimum(log_upper, 0.0)) * (1 + untilt_error), 1.0)
+    if tilt > 0:  # lighter sums wrapped up shrink when untilted: their mass is put at the window's lowest loss
+        probs[0] += min(math.exp(finite_log_mass), lower.mass_below(window_lo))
+    infinite = -math.expm1(finite_log_mass) + outside + size * _SMALLEST_COUNTED
+    return ComposedPmf((base + window_lo) * h, h, probs, min(1.0, infinite))
+
+
+_TILTED_WINDOW_FACTOR = 4
+_SMALLEST_COUNTED = 1e-300  # per cell: covers an upper bound that underflows to 0
+
+
+def _tilted(probs: np.ndarray, cell_tilt: float) -> tuple[np.ndarray, float]:
+    """probs_j e^{cell_tilt j} / m and log m, m = sum_j probs_j e^{cell_tilt j}: a probability vector."""
+    with np.errstate(divide="ignore"):
+        exponent = np.log(probs) + cell_tilt * np.arange(probs.size)
+    peak = float(np.max(exponent))
+    weights = np.exp(exponent - peak)
+    total = float(np.sum(weights))
+    return weights / total, peak + math.log(total)
+
+
+def _fft_error_factor(size: int) -> float:
+    """g(N) = log2(N) eta / (1 - log2(N) eta), eta = mu + gamma_4 (sqrt 2 + mu): Higham 2002, Thm 24.2, the
+    normwise relative error of a radix-2 FFT; mu, the error of the twiddle factors, is taken as 8 u
+    (pocketfft computes them to about one ulp)."""
+    twiddle = 8 * _UNIT_ROUNDOFF
+    gamma_4 = 4 * _UNIT_ROUNDOFF / (1 - 4 * _UNIT_ROUNDOFF)
+    eta = twiddle + gamma_4 * (math.sqrt(2) + twiddle)
+    levels = math.log2(size)
+    return levels * eta / (1 - levels * eta)
+
+
+def _circular_power(pmfs: list[tuple[np.ndarray, int]], size: int) -> tuple[np.ndarray, float]:
+    """The circular convolution of ``steps`` copies of each probability vector, by FFT, and a bound on the
+    absolute error of every computed cell (module docstring, step 5)."""
+    g = _fft_error_factor(size)
+    spectra, log_radii, entry_errors = [], [], []
+    for probs, steps in pmfs:
+        wrapped = _wrap(probs, size)
+        spectrum = fft.rfft(wrapped)
+        # Per-entry error of the spectrum: the normwise bound g ||F x||_2 = g sqrt(N) ||x||_2, plus the
+        # rounding of the tilted input and of its wrapping (at most 4 u in l1, hence in every entry).
+        entry_error = 1.01 * g * math.sqrt(size) * float(np.linalg.norm(wrapped)) + 4 * _UNIT_ROUNDOFF
+        spectra.append((spectrum, steps))
+        entry_errors.append((entry_error, steps))
+        log_radii.append(np.log(np.minimum(np.abs(spectrum) + entry_error, 1.0 + entry_error)))
     with np.errstate(divide="ignore"):
         log_modulus = sum(steps * np.log(np.abs(spectrum)) for spectrum, steps in spectra)
-        # Raising to the power only where the result is representable (the rest underflows to 0 anyway).
         alive = log_modulus > -745.0
         composed = np.zeros(log_modulus.size, dtype=complex)
         composed[alive] = np.exp(sum(steps * np.log(spectrum[alive]) for spectrum, steps in spectra))
+        # Powering: |prod a^T - prod b^T| <= sum_i T_i |a_i - b_i| r_i^{T_i - 1} prod_{k != i} r_k^{T_k},
+        # r the larger of the true and computed moduli (at most |b| + error, and the true one at most 1).
+        log_all = sum(steps * log_radius for log_radius, (_, steps) in zip(log_radii, spectra))
+        propagated = sum(
+            np.exp(math.log(steps * error) + log_all - log_radius)
+            for log_radius, (error, steps) in zip(log_radii, entry_errors)
+        )
+        # Evaluating exp(sum T log b): log b to within 2u|log b| + 8u absolute, each sum term's rounding, exp's.
+        drift = sum(steps * (2 * _UNIT_ROUNDOFF * np.abs(np.log(spectrum)) + 8 * _UNIT_ROUNDOFF) for spectrum, steps in spectra)
+        evaluated = np.where(alive, np.abs(composed) * (np.expm1(np.minimum(drift, 700.0)) + 4 * _UNIT_ROUNDOFF), np.exp(log_modulus))
+    spectrum_error = propagated + evaluated
     circle = fft.irfft(composed, size)
-    noise = max(0.0, -float(circle.min()))
-    probs = np.maximum(np.roll(circle, -(window_lo % size)), 0.0) + 2 * noise
-    lost = max(0.0, math.exp(finite_log_mass) - float(np.sum(probs)))
-    infinite = -math.expm1(finite_log_mass) + wrapped_above + lost
-    return ComposedPmf((base + window_lo) * h, h, probs, min(1.0, infinite))
+    # The inverse DFT of the spectrum's errors: each cell moves by at most (1/N) sum over all N frequencies
+    # (the rfft half counted twice); its own rounding is g ||z||_2 with ||z||_2 <= (||computed||_2 + that) / (1 - g).
+    full_l1 = 2 * float(np.sum(spectrum_error))
+    full_l2 = math.sqrt(2 * float(np.sum(spectrum_error**2)))
+    own = g / (1 - g) * (float(np.linalg.norm(circle)) + full_l2 / math.sqrt(size))
+    return circle, full_l1 / size + own
 
 
 def _wrap(probs: np.ndarray, size: int) -> np.ndarray:
@@ -298,17 +393,17 @@ def _wrap(probs: np.ndarray, size: int) -> np.ndarray:
     return padded.reshape(rows, size).sum(axis=0)
 
 
-def _window(pmfs, support: int, tail_mass: float) -> tuple[int, int, "_ChernoffBound"]:
+def _window(pmfs, support: int, tail_mass: float) -> tuple[int, int, "_ChernoffBound", "_ChernoffBound"]:
     """Index range [lo, hi] (relative to the composed support's start) outside which the composed sum has
     mass <= tail_mass on each side, by Chernoff's bound Pr[J >= x] <= E[e^{lam J}] e^{-lam x}."""
-    exact = [(_Support.of(pmf.probs), steps) for pmf, steps in pmfs]
+    exact = [(_Support.of(probs), steps) for probs, steps in pmfs]
     coarse = [(support_.coarsened(_SEARCH_CELLS), steps) for support_, steps in exact]
     variance = sum(steps * support_.variance() for support_, steps in exact)
     start = 0.5 * math.log(2 * -math.log(tail_mass) / max(variance, 1.0))  # the Gaussian optimum of log lam
     upper = _ChernoffBound(exact, coarse, 1.0, -math.log(tail_mass), start)
     lower = _ChernoffBound(exact, coarse, -1.0, -math.log(tail_mass), start)
     hi = min(support - 1, math.ceil(upper.edge))
-    return min(max(0, math.floor(lower.edge)), hi), hi, upper
+    return min(max(0, math.floor(lower.edge)), hi), hi, upper, lower
 
 
 _SEARCH_CELLS = 4096
@@ -386,6 +481,12 @@ class _ChernoffBound:
             c0, c1, c2 = support_.cumulants(self.sign * lam)
             k0, k1, k2 = k0 + steps * c0, k1 + steps * self.sign * c1, k2 + steps * c2
         return k0, k1, k2
+
+    def mass_below(self, first: int) -> float:
+        """Bound on Pr[J < first] (for the lower side): Pr[-J >= 1 - first] <= E[e^{-lam J}] e^{lam (first - 1)}."""
+        if first <= 0:
+            return 0.0
+        return math.exp(min(0.0, self.log_mgf + self.lam * (first - 1)))
 
     def mass_from(self, first: int, support: int) -> float:
         """Bound on Pr[J >= first] (for the upper side); 0 when that lies beyond the support."""

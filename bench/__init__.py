@@ -16,6 +16,7 @@ from __future__ import annotations
 # name -> (module, one-line help)
 BENCHMARKS = {
     "accountant": ("bench.accountant", "certified, Edgeworth, RDP and peer accountants: epsilon and time per case"),
+    "certified-sweep": ("bench.certified_sweep", "the certified bound on random cases: q = 1 against 40-digit mpmath, q < 1 against dp_accounting's brackets"),
     "cli": ("bench.cli_speed", "whole-process time of `ewtune accountant epsilon` against dp_accounting PLD, and `ewtune --help`"),
     "dpsgd": ("bench.dpsgd", "DP-SGD step time and memory against non-private training and Opacus"),
     "noise": ("bench.noise", "secure normals per second: the AES-CTR CPU source, ChaCha20 on each device, torch.randn (not secure)"),

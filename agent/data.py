@@ -99,6 +99,21 @@ def read_table(path) -> "pandas.DataFrame":  # noqa: F821
 
 def load_local_data(spec: DataSpec, tokenizer) -> LocalData:
     """Read, check, split (record by record, see the module docstring) and tokenise the examples of ``spec``."""
+    table, labels, num_labels, (training, held_out) = _read_records(spec)
+    encoded = _tokenise(table, spec, tokenizer)
+    split = lambda rows: _subset(encoded, labels, rows)  # noqa: E731
+    return LocalData(train=split(training), eval=split(held_out), num_labels=num_labels)
+
+
+def split_sizes(spec: DataSpec) -> tuple[int, int]:
+    """(training records, held-out records) of ``spec``, as :func:`load_local_data` splits them, without a
+    tokenizer: a recipe can be fitted to the data (and refused) before any model loads."""
+    *_, (training, held_out) = _read_records(spec)
+    return len(training), len(held_out)
+
+
+def _read_records(spec: DataSpec):
+    """The checked table of ``spec``, its labels (None for causal LM), the number of labels and the split."""
     if not 0.0 <= spec.eval_fraction < 1.0:
         raise InvalidInputError(f"eval_fraction must be in [0, 1), got {spec.eval_fraction}")
     if spec.max_length < 2:
@@ -116,10 +131,7 @@ def load_local_data(spec: DataSpec, tokenizer) -> LocalData:
     labels, num_labels = None, None
     if classification:
         labels, num_labels = _checked_labels(table[spec.label_column], spec.num_labels)
-    training, held_out = _split_rows(_record_contents(table, spec, labels), spec)
-    encoded = _tokenise(table, spec, tokenizer)
-    split = lambda rows: _subset(encoded, labels, rows)  # noqa: E731
-    return LocalData(train=split(training), eval=split(held_out), num_labels=num_labels)
+    return table, labels, num_labels, _split_rows(_record_contents(table, spec, labels), spec)
 
 
 def _split_rows(contents: list[bytes], spec: DataSpec) -> tuple[list[int], list[int]]:

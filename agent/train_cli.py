@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from accountant.errors import InvalidInputError
-from agent.recipe import LOW_EPSILON, LOW_EPSILON_PROBE, OPTIMIZERS, RECIPE_MODES, Recipe
+from agent.recipe import LOW_EPSILON, LOW_EPSILON_PROBE, MAX_DEFAULT_SAMPLING_RATE, MIN_DEFAULT_BATCH, OPTIMIZERS, RECIPE_MODES, Recipe
 
 PACKAGED_MODELS = ("minilm",)
 PACKAGED_DATA = ("mr", "sms_spam")
@@ -36,7 +36,11 @@ Examples (defaults: the recipe of agent/recipe.py, chosen on public data that is
   ewtune agent train-local --model minilm --data mr --epsilon 8 --delta 1e-5            # linear probe
   ewtune agent train-local --model minilm --data mr --epsilon 8 --delta 1e-5 \\
       --mode lora --tune-epochs 1 --output runs/mr-lpft          # then LoRA on the top layer (LP-FT)
-"""
+
+Small data sets: an expected batch you do not set is at most {rate:g} of the N training records (the recipe's
+epochs kept, so more steps); the output says what was chosen. Below {floor} records per expected batch (fewer
+than {fewest} training records) set --probe-batch and --probe-epochs yourself.
+""".format(rate=MAX_DEFAULT_SAMPLING_RATE, floor=MIN_DEFAULT_BATCH, fewest=int(MIN_DEFAULT_BATCH / MAX_DEFAULT_SAMPLING_RATE))
 
 
 def register(commands) -> None:
@@ -66,14 +70,15 @@ def register(commands) -> None:
     probe.add_argument("--probe-epochs", type=float, help=f"expected passes (default {defaults.probe_epochs:g}, "
                        f"{LOW_EPSILON_PROBE['probe_epochs']:g} {low}; 0: no probe)")
     probe.add_argument("--probe-batch", type=int, help=f"expected Poisson batch (default {defaults.probe_expected_batch}, "
-                       f"{LOW_EPSILON_PROBE['probe_expected_batch']} {low})")
+                       f"{LOW_EPSILON_PROBE['probe_expected_batch']} {low}; at most {MAX_DEFAULT_SAMPLING_RATE:g} N: see below)")
     probe.add_argument("--probe-lr", type=float, help=f"learning rate (default {defaults.probe_learning_rate:g}, "
                        f"{LOW_EPSILON_PROBE['probe_learning_rate']:g} {low})")
     probe.add_argument("--probe-share", type=float, default=defaults.probe_budget_share,
                        help=f"share of the epsilon budget for the probe when a tune phase follows (default {defaults.probe_budget_share:g})")
     tune = parser.add_argument_group("tune phase (LoRA or full fine-tuning from the probed head; lora and full modes)")
     tune.add_argument("--tune-epochs", type=float, default=defaults.tune_epochs, help=f"expected passes (default {defaults.tune_epochs:g}: no tune phase)")
-    tune.add_argument("--tune-batch", type=int, default=defaults.tune_expected_batch, help=f"expected Poisson batch (default {defaults.tune_expected_batch})")
+    tune.add_argument("--tune-batch", type=int, help=f"expected Poisson batch (default {defaults.tune_expected_batch}, at most "
+                      f"{MAX_DEFAULT_SAMPLING_RATE:g} N: see below)")
     tune.add_argument("--tune-lr", type=float, default=defaults.tune_learning_rate, help=f"learning rate (default {defaults.tune_learning_rate:g})")
     tune.add_argument("--tune-layers", type=int, default=defaults.tune_layers,
                       help=f"tune only the top K encoder layers and the head, on cached inputs of layer L-K (sentence-embedding "
@@ -124,34 +129,33 @@ def run(args) -> int:
     import torch
 
     from accountant.privacy_accountant import delta_too_large
+    from agent.data import split_sizes
     from agent.evaluation import majority_baseline
     from agent.training import LocalTrainer
     from federation.progress import Progress
 
     started = time.perf_counter()
+    config = _training_config(args, recipe)
+    training, held_out = split_sizes(config.data_spec())  # the data is read and split before the model loads
+    too_large = delta_too_large(args.delta, training)
+    if too_large:
+        raise InvalidInputError(f"--{too_large}; use a delta well below 1/N (for example 1e-5)")
     progress = Progress.from_args(args)
     ledger = _open_ledger(args)
     try:
-        trainer = LocalTrainer(_training_config(args, recipe))
-        size = trainer.dataset_size
-        too_large = delta_too_large(args.delta, size)
-        if too_large:
-            raise InvalidInputError(f"--{too_large}; use a delta well below 1/N (for example 1e-5)")
-        calibrated = recipe.calibrate(args.epsilon, args.delta, size)
-        if ledger is not None:  # checked first with the exact N (nothing leaves), so a refused recipe releases no count
-            _check_ledger_budget(ledger, calibrated, _count_event(args.dataset_size_noise))
-            size = _released_count(ledger, trainer, args.dataset_size_noise)
-            calibrated = recipe.calibrate(args.epsilon, args.delta, size)
-            _check_ledger_budget(ledger, calibrated)
+        fitted, calibrated = _fitted_recipe(args, recipe, ledger, (config.data_file, training, held_out))
+        for choice in fitted.choices:
+            progress.event("recipe", f"recipe: {choice}", choice=choice)
+        trainer = LocalTrainer(config)
         torch.manual_seed(args.seed)
-        results = _run_phases(args, trainer, recipe, calibrated, ledger, progress, size)
+        results = _run_phases(args, trainer, fitted.recipe, calibrated, ledger, progress, fitted.dataset_size)
     finally:
         progress.close()
         if ledger is not None:
             ledger.close()
     evaluation = trainer.evaluate()
     evaluation["majority_baseline"] = majority_baseline(trainer.data.eval.labels)
-    summary = _summary(args, trainer, recipe, results, evaluation, time.perf_counter() - started)
+    summary = _summary(args, trainer, fitted, results, evaluation, time.perf_counter() - started)
     if args.output:
         _save(trainer, args.output, summary)
     print(json.dumps(summary, indent=2) if args.json else _report(summary))
@@ -217,15 +221,40 @@ def _open_ledger(args):
     return ledger
 
 
-def _released_count(ledger, trainer, noise: float) -> int:
-    """The count a ledger records for this data set (:mod:`agent.released_count`): the noised count already
-    charged to it, or a new one released and charged now. The phases' q = B / count, and the noised sums are
-    divided by q count, so nothing the ledger holds reveals the exact N."""
+def _fitted_recipe(args, recipe, ledger, data: tuple[str, int, int]):
+    """The recipe fitted to the data (:func:`agent.recipe.fit_to_data`: defaults the user left unset fitted to
+    the training set's size) and its phases calibrated. ``data`` = (data file, training records N, held-out
+    records). Without a ledger, fitted to the exact N, which stays on this machine. With one, fitted to the
+    released noised count, so that the q the ledger records (and the batch chosen from it) reveals nothing
+    beyond that count; the exact N serves only the check before the count is released (nothing leaves)."""
+    from agent.recipe import fit_to_data
+
+    given = _given_batches(args)
+    fitted = fit_to_data(recipe, data[1], given)
+    calibrated = fitted.recipe.calibrate(args.epsilon, args.delta, fitted.dataset_size)
+    if ledger is None:
+        return fitted, calibrated
+    _check_ledger_budget(ledger, calibrated, _count_event(args.dataset_size_noise))
+    fitted = fit_to_data(recipe, _released_count(ledger, data, args.dataset_size_noise), given)
+    calibrated = fitted.recipe.calibrate(args.epsilon, args.delta, fitted.dataset_size)
+    _check_ledger_budget(ledger, calibrated)
+    return fitted, calibrated
+
+
+def _given_batches(args) -> set[str]:
+    """The recipe's expected-batch fields the user set (the others are fitted to the data)."""
+    given = {"probe_expected_batch": args.probe_batch, "tune_expected_batch": args.tune_batch}
+    return {name for name, value in given.items() if value is not None}
+
+
+def _released_count(ledger, data: tuple[str, int, int], noise: float) -> int:
+    """The count a ledger records for this data set ``data`` = (data file, training records, held-out records)
+    (:mod:`agent.released_count`): the noised count already charged to it, or a new one released and charged
+    now. The phases' q = B / count, and the noised sums are divided by q count, so nothing the ledger holds
+    reveals the exact N."""
     from agent.dpsgd.randomness import SecureRandom
     from agent.released_count import current_count
 
-    exact = trainer.dataset_size
-    data = (trainer.config.data_file, exact, trainer.record_count - exact)
     count = current_count(ledger, ledger.writer_id, data, noise, SecureRandom())
     if count is None:
         raise InvalidInputError("the ledger's budget cannot fund the release of the data set's noised count")
@@ -281,10 +310,11 @@ def _recipe(args):
     """The default recipe for ``--epsilon`` (:func:`agent.recipe.default_recipe`), with the probe settings given."""
     from agent.recipe import default_recipe
 
-    probe = {"probe_epochs": args.probe_epochs, "probe_expected_batch": args.probe_batch, "probe_learning_rate": args.probe_lr}
+    optional = {"probe_epochs": args.probe_epochs, "probe_expected_batch": args.probe_batch, "probe_learning_rate": args.probe_lr,
+                "tune_expected_batch": args.tune_batch}
     return default_recipe(
-        args.epsilon, **{name: value for name, value in probe.items() if value is not None},
-        mode=args.mode, probe_budget_share=args.probe_share, tune_epochs=args.tune_epochs, tune_expected_batch=args.tune_batch,
+        args.epsilon, **{name: value for name, value in optional.items() if value is not None},
+        mode=args.mode, probe_budget_share=args.probe_share, tune_epochs=args.tune_epochs,
         tune_learning_rate=args.tune_lr, tune_optimizer=args.tune_optimizer, tune_layers=args.tune_layers, clip_norm=args.clip_norm,
     )  # fmt: skip
 
@@ -396,12 +426,13 @@ def _figure(value: float | None, spec: str) -> str:
     return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def _summary(args, trainer, recipe, results, evaluation, seconds) -> dict:
+def _summary(args, trainer, fitted, results, evaluation, seconds) -> dict:
     from accountant.certified import certified_epsilon
     from accountant.edgeworth import edgeworth_epsilon
     from accountant.events import compose, event_to_json
     from agent.models import count_parameters
 
+    recipe = fitted.recipe
     executed = [result.event for _, result in results]
     event = executed[0] if len(executed) == 1 else compose(*executed)
     trainable, total = count_parameters(trainer.model)
@@ -425,6 +456,8 @@ def _summary(args, trainer, recipe, results, evaluation, seconds) -> dict:
         "total_parameters": total,
         "training_examples": trainer.dataset_size,
         "clip_norm": recipe.clip_norm,
+        "recipe_fitted_to": fitted.dataset_size,  # N, or with --ledger the released noised count
+        "recipe_choices": list(fitted.choices),
         "phases": phases,
         "event": event_to_json(event),
         "delta": args.delta,
@@ -450,7 +483,7 @@ def _save(trainer, output, summary) -> None:
 
 def _report(summary: dict) -> str:
     evaluation = summary["eval"]
-    lines = []
+    lines = [f"{'recipe':<20}{choice}" for choice in summary["recipe_choices"]]
     if summary["tune_layers"]:
         lines.append(f"{'tuned':<20}the top {summary['tune_layers']} encoder layers and the head, on cached inputs "
                      f"({summary['trainable_parameters']:,} trainable parameters)")

@@ -65,6 +65,22 @@ class TrainingConfig:
     # <data_file>.split-key); None: a public key derived from ``seed`` (train-local, tests, benchmarks).
     split_key_file: str | None = None
 
+    def data_spec(self) -> DataSpec:
+        """Where the examples are and how to read and split them."""
+        return DataSpec(
+            path=self.data_file,
+            task=self.task,
+            text_column=self.text_column,
+            text_pair_column=self.text_pair_column,
+            label_column=self.label_column,
+            num_labels=self.num_labels,
+            max_length=self.max_length,
+            eval_fraction=self.eval_fraction,
+            seed=self.seed,
+            max_examples=self.max_examples,
+            split_key=split_key(self.split_key_file) if self.split_key_file else None,
+        )
+
 
 
 
@@ -147,20 +163,7 @@ class LocalTrainer:
         self.config = config
         torch.manual_seed(config.seed)  # a fresh classifier head and LoRA factors are initialised from it
         self.tokenizer = models.load_tokenizer(config.model_dir)
-        spec = DataSpec(
-            path=config.data_file,
-            task=config.task,
-            text_column=config.text_column,
-            text_pair_column=config.text_pair_column,
-            label_column=config.label_column,
-            num_labels=config.num_labels,
-            max_length=config.max_length,
-            eval_fraction=config.eval_fraction,
-            seed=config.seed,
-            max_examples=config.max_examples,
-            split_key=split_key(config.split_key_file) if config.split_key_file else None,
-        )
-        self.data = load_local_data(spec, self.tokenizer)
+        self.data = load_local_data(config.data_spec(), self.tokenizer)
         if config.physical_batch_size < 1:
             raise InvalidInputError(f"physical batch size must be >= 1, got {config.physical_batch_size}")
         self.model = models.load_model(

@@ -2,11 +2,12 @@
 train-local builds from its arguments."""
 
 import argparse
+import math
 
 import pytest
 
 from accountant.errors import InvalidInputError
-from agent.recipe import LOW_EPSILON, LOW_EPSILON_PROBE, Recipe, default_recipe
+from agent.recipe import LOW_EPSILON, LOW_EPSILON_PROBE, LPFT, MAX_DEFAULT_SAMPLING_RATE, MIN_DEFAULT_BATCH, Recipe, default_recipe, fit_to_data
 from agent.train_cli import _recipe, register
 
 
@@ -36,3 +37,40 @@ def test_train_local_takes_the_default_for_its_epsilon_unless_told():
     assert _train_local_recipe("--epsilon", "8").probe_expected_batch == Recipe().probe_expected_batch
     told = _train_local_recipe("--epsilon", "1", "--probe-batch", "1024", "--probe-lr", "4")
     assert (told.probe_expected_batch, told.probe_learning_rate, told.probe_epochs) == (1024, 4.0, 10.0)
+
+
+def test_defaults_that_fit_the_data_are_kept_and_say_nothing():
+    fitted = fit_to_data(Recipe(), 20_000)
+    assert fitted.recipe == Recipe() and fitted.choices == () and fitted.dataset_size == 20_000
+
+
+def test_a_default_batch_over_a_quarter_of_the_data_is_lowered_and_the_epochs_kept():
+    fitted = fit_to_data(Recipe(), 300)
+    assert fitted.recipe.probe_expected_batch == 75 == math.floor(MAX_DEFAULT_SAMPLING_RATE * 300)
+    assert fitted.recipe.probe_epochs == Recipe().probe_epochs
+    ((phase,),) = [fitted.recipe.phases(300)]
+    assert phase.sampling_rate == pytest.approx(0.25) and phase.steps == 80  # 20 epochs at q = 1/4
+    (choice,) = fitted.choices
+    assert "probe expected batch 75" in choice and "default 1024" in choice and "300 training records" in choice
+
+
+def test_lpft_fits_both_phases_and_a_batch_the_user_set_is_kept():
+    lpft = Recipe(**LPFT)
+    fitted = fit_to_data(lpft, 400)
+    assert (fitted.recipe.probe_expected_batch, fitted.recipe.tune_expected_batch) == (100, 100)
+    assert [choice.split()[0] for choice in fitted.choices] == ["probe", "tune"]
+    told = fit_to_data(Recipe(**LPFT, probe_expected_batch=300), 400, given={"probe_expected_batch"})
+    assert (told.recipe.probe_expected_batch, told.recipe.tune_expected_batch) == (300, 100)
+
+
+def test_a_batch_the_user_set_over_n_is_refused_with_what_fits():
+    with pytest.raises(InvalidInputError, match=r"expected batch 500 exceeds the 300 training records: give --probe-batch 300 or less"):
+        fit_to_data(Recipe(probe_expected_batch=500), 300, given={"probe_expected_batch"})
+
+
+def test_too_few_records_for_any_default_are_refused_with_what_would_fit():
+    assert fit_to_data(Recipe(), 64).recipe.probe_expected_batch == MIN_DEFAULT_BATCH
+    with pytest.raises(InvalidInputError, match=r"63 training records are too few .* needs 64\): give --probe-batch \(at most 63\)"):
+        fit_to_data(Recipe(), 63)
+    # a batch the user chose is not held to the floor
+    assert fit_to_data(Recipe(probe_expected_batch=8), 27, given={"probe_expected_batch"}).recipe.probe_expected_batch == 8

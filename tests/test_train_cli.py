@@ -174,3 +174,62 @@ def test_a_recipe_over_the_ledgers_budget_is_refused_before_any_step(tiny_bert_d
     assert main(_argv(tiny_bert_dir, mr_csv, *_holder_ledger(tmp_path, 4.0))) == 2
     assert "over its budget 4" in capsys.readouterr().err
     assert [e["kind"] for e in _entries(tmp_path / "ledger.jsonl")] == ["genesis"]
+
+
+def _small_csv(tmp_path, rows):
+    from agent.assets import write_mr_csv
+
+    return write_mr_csv(tmp_path / f"mr{rows}.csv", max_rows=rows, seed=1)
+
+
+def test_the_default_recipe_fits_a_300_row_csv_and_says_what_it_chose(tiny_bert_dir, tmp_path, capsys):
+    """No batch or epochs given: the probe's expected batch is a quarter of the training records (the default
+    1024 would not fit), its 20 epochs kept, and the choice is printed (report, progress and JSON)."""
+    argv = ["agent", "train-local", "--model", str(tiny_bert_dir), "--data", str(_small_csv(tmp_path, 300)), "--epsilon", "8",
+            "--delta", "1e-5", "--max-length", "24", "--physical-batch-size", "64", "--probe-lr", "0.5"]
+    assert main(argv + ["--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    size = summary["training_examples"]
+    assert 240 < size < 300 and summary["recipe_fitted_to"] == size
+    batch = size // 4
+    (choice,) = summary["recipe_choices"]
+    assert choice.startswith(f"probe expected batch {batch} (the default 1024 is over 0.25 of the {size} training records")
+    assert f"recipe: {choice}" in captured.err
+    (probe,) = summary["phases"]
+    event = probe["event"]["event"]
+    assert event["sampling_rate"] == pytest.approx(batch / size, rel=1e-6) and event["steps"] == round(20 / event["sampling_rate"])
+    assert 7.9 < summary["epsilon_certified"] <= 8.0 * (1 + 1e-9)
+    from agent.train_cli import _report
+
+    assert f"recipe              {choice}" in _report(summary).splitlines()  # the text report's line
+
+
+def test_a_30_row_csv_is_refused_in_one_line_before_any_model_loads(tmp_path, capsys):
+    """27 training records cannot carry the default's floor of 16 per expected batch at q <= 1/4; the refusal
+    names what would fit, and comes before the model loads (this model directory holds no weights at all)."""
+    model = tmp_path / "no-weights"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    argv = ["agent", "train-local", "--model", str(model), "--data", str(_small_csv(tmp_path, 30)), "--epsilon", "8", "--delta", "1e-5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith("ewtune: error:") and "training records are too few for a default probe phase" in err[0]
+    assert "needs 64): give --probe-batch" in err[0]
+
+
+def test_with_a_ledger_the_recipe_is_fitted_to_the_released_count(tiny_bert_dir, tmp_path, capsys):
+    """Charged to a ledger, the default batch is a quarter of the noised count the ledger holds, never of the
+    exact N, so the q it records reveals nothing beyond that count."""
+    from agent.released_count import latest_count
+
+    argv = ["agent", "train-local", "--model", str(tiny_bert_dir), "--data", str(_small_csv(tmp_path, 300)), "--epsilon", "8",
+            "--delta", "1e-5", "--max-length", "24", "--physical-batch-size", "64", "--probe-epochs", "2", "--json",
+            *_holder_ledger(tmp_path, 9.0)]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    count = latest_count(_entries(tmp_path / "ledger.jsonl")).value
+    assert summary["recipe_fitted_to"] == count
+    (probe,) = summary["phases"]
+    assert probe["event"]["event"]["sampling_rate"] == pytest.approx((count // 4) / count, rel=1e-6)

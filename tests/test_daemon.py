@@ -50,8 +50,11 @@ def count_epsilon(noise=20.0, delta=BUDGET["budget_delta"]):
 
 
 def _training_config(tiny_bert_dir, mr_csv):
+    """The training section of the holder's agent.toml (_agent_toml), with the split key the daemon defaults to,
+    so that the test's trainer and a daemon started from the file split the records alike."""
     return dict(
-        model_dir=str(tiny_bert_dir), data_file=str(mr_csv), max_length=32, physical_batch_size=16, max_examples=200
+        model_dir=str(tiny_bert_dir), data_file=str(mr_csv), max_length=32, physical_batch_size=16, max_examples=200,
+        split_key_file=str(mr_csv) + ".split-key",
     )
 
 

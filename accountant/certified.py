@@ -18,7 +18,8 @@ below 0.2, where the loss spans more than the grids are built for (the answer is
 *Round-off.* The composition is computed on exponentially tilted PMFs with a rigorous per-cell bound on the
 FFT's round-off (:mod:`accountant.pld_engine`, step 5). The tilt is the saddle point of the grid PMFs'
 cumulant generating function at the untilted coarse bound, re-centred at the bound it gives while that
-decreases (at most _RECENTRINGS times); the tilt with the smallest coarse bound is used (any tilt is sound). delta(epsilon)
+decreases (at most _RECENTRINGS times); the tilt with the smallest coarse bound is used (any tilt is sound).
+No tilt is tried where the round-off bounds make up at most _NEGLIGIBLE_ROUND_OFF of delta untilted. delta(epsilon)
 takes the smaller of the untilted and saddle-point bounds on every interval.
 
 *Choice of the discretisation interval h.* Every interval gives a sound upper bound; a coarse one is
@@ -55,6 +56,7 @@ _BASELINE_INTERVAL = 1e-4  # dp_accounting's default: the bound aims to be at le
 _ERROR_FLOOR = 7e-5
 _MAX_TILT = 1024.0
 _RECENTRINGS = 5
+_NEGLIGIBLE_ROUND_OFF = 1e-4  # of delta: below this share the untilted composition is used as it is
 _SMALLEST_GRID_SIGMA = 0.2
 _MAX_GRID_CELLS = 2**22  # the composed window's expected size is kept below this (memory and time)
 
@@ -158,7 +160,11 @@ class CertifiedAccountant(PrivacyAccountant):
         if probe <= 0.0 or probe >= 1.0:
             return probe
         tail = _DEFAULT_TAIL if probe >= 1e-8 else 1e-4 * probe
-        tilts = (0.0, self._tilt(direction, mechs, initial - 1, tail, epsilon))
+        untilted_pmf = self._composed(direction, mechs, initial - 1, tail, 0.0)
+        if untilted_pmf.round_off_share(epsilon) <= _NEGLIGIBLE_ROUND_OFF * probe:
+            tilts: tuple[float, ...] = (0.0,)
+        else:
+            tilts = (0.0, self._tilt(direction, mechs, initial - 1, tail, epsilon))
         bounds = {tilt: self._composed(direction, mechs, initial - 1, tail, tilt).delta(epsilon) for tilt in tilts}
         better = min(tilts, key=bounds.get)
         finest = min(self._refined_epsilons(direction, mechs, min(bounds[better], probe), tail, better))
@@ -190,8 +196,9 @@ class CertifiedAccountant(PrivacyAccountant):
         """The tilt with the smallest bound on the coarse grid among no tilt and the saddle-point tilts
         (:meth:`_tilt`) re-centred at each bound found (module docstring)."""
         log2_h = self._first_log2_interval(direction, mechs) + 1
-        untilted = self._composed(direction, mechs, log2_h, tail, 0.0).epsilon(delta)
-        if not math.isfinite(untilted):
+        untilted_pmf = self._composed(direction, mechs, log2_h, tail, 0.0)
+        untilted = untilted_pmf.epsilon(delta)
+        if not math.isfinite(untilted) or untilted_pmf.round_off_share(untilted) <= _NEGLIGIBLE_ROUND_OFF * delta:
             return 0.0
         bound_at = lambda tilt: self._composed(direction, mechs, log2_h, tail, tilt).epsilon(delta)  # noqa: E731
         best, best_bound = 0.0, untilted

@@ -49,7 +49,6 @@ The argument, in five steps:
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -237,6 +236,13 @@ class ComposedPmf:
     h: float
     probs: np.ndarray
     infinite: float
+    round_off: float = math.inf  # the largest round-off bound added to a cell above the window's middle
+
+    def round_off_share(self, epsilon: float) -> float:
+        """An upper bound on how much of delta(epsilon) the round-off bounds make up (a guide for choosing
+        the tilt: a share far below delta needs no tilt)."""
+        above = self.probs.size - max(0, min(self.probs.size, math.floor((epsilon - self.start) / self.h)))
+        return above * self.round_off
 
     def delta(self, epsilon: float) -> float:
         """delta(eps) = infinite + sum over losses l > eps of (1 - e^{eps - l}) p(l)."""
@@ -253,17 +259,21 @@ class ComposedPmf:
             return math.inf
         p = self.probs
         tail_mass = np.cumsum(p[::-1])[::-1]  # A_j = sum_{i >= j} p_i
-        # S_j = sum_{i >= j} p_i e^{-(l_i - l_j)}: the recurrence S_j = p_j + e^{-h} S_{j+1}, run downwards
-        # (a closed form through e^{+h j} would overflow). delta at grid loss l_j counts the cells above j:
+        # S_j = sum_{i >= j} p_i e^{-(l_i - l_j)}, block by block from the top: within a block of L cells
+        # from `start`, S_j = e^{h k} sum_{k' >= k} p_{start+k'} e^{-h k'} + e^{-h (L-k)} S_end (k = j - start;
+        # L h <= 30 keeps e^{h k} far from overflow, and a closed form over the whole grid would overflow).
+        # delta at grid loss l_j counts the cells above j:
         # A_{j+1} + infinite - e^{-h} S_{j+1}. The answer lies above the last j where that exceeds delta,
         # which the scan from the top meets first, usually high in the upper tail: it stops there.
         decay = math.exp(-self.h)
         discounted = np.empty(p.size)
+        block = max(1, min(_SCAN_CELLS, int(30 / self.h)))
         end, last_over, carried = p.size, None, 0.0
         while end > 0 and last_over is None:
-            start = max(0, end - _SCAN_CELLS)
-            chain = itertools.accumulate(p[start:end][::-1].tolist(), lambda s, x: x + decay * s, initial=carried)
-            discounted[start:end] = np.fromiter(chain, float, end - start + 1)[1:][::-1]
+            start = max(0, end - block)
+            k = np.arange(end - start)
+            within = np.cumsum((p[start:end] * np.exp(-self.h * k))[::-1])[::-1]
+            discounted[start:end] = within * np.exp(self.h * k) + np.exp(-self.h * (end - start - k)) * carried
             carried = float(discounted[start])
             above = min(end, p.size - 1)
             delta_at_grid = tail_mass[start + 1 : above + 1] - decay * discounted[start + 1 : above + 1] + self.infinite
@@ -319,7 +329,9 @@ def compose(pmfs: tuple[tuple[StepPmf, int], ...], h: float, tail_mass: float, t
     if tilt > 0:  # lighter sums wrapped up shrink when untilted: their mass is put at the window's lowest loss
         probs[0] += min(math.exp(finite_log_mass), lower.mass_below(window_lo))
     infinite = -math.expm1(finite_log_mass) + outside + size * _SMALLEST_COUNTED
-    return ComposedPmf((base + window_lo) * h, h, probs, min(1.0, infinite))
+    # The round-off bound in loss units decreases with the loss when tilted; untilted it is the same everywhere.
+    round_off = error * math.exp(min(700.0, float(np.max(log_untilt[size // 2 :])))) * (1 + untilt_error)
+    return ComposedPmf((base + window_lo) * h, h, probs, min(1.0, infinite), round_off)
 
 
 _TILTED_WINDOW_FACTOR = 4
@@ -351,30 +363,32 @@ def _circular_power(pmfs: list[tuple[np.ndarray, int]], size: int) -> tuple[np.n
     """The circular convolution of ``steps`` copies of each probability vector, by FFT, and a bound on the
     absolute error of every computed cell (module docstring, step 5)."""
     g = _fft_error_factor(size)
-    spectra, log_radii, entry_errors = [], [], []
+    log_spectra, log_radii, entry_errors = [], [], []
     for probs, steps in pmfs:
         wrapped = _wrap(probs, size)
         spectrum = fft.rfft(wrapped)
         # Per-entry error of the spectrum: the normwise bound g ||F x||_2 = g sqrt(N) ||x||_2, plus the
         # rounding of the tilted input and of its wrapping (at most 4 u in l1, hence in every entry).
-        entry_error = 1.01 * g * math.sqrt(size) * float(np.linalg.norm(wrapped)) + 4 * _UNIT_ROUNDOFF
-        spectra.append((spectrum, steps))
+        entry_error = 1.01 * g * math.sqrt(size) * _l2_norm(wrapped) + 4 * _UNIT_ROUNDOFF
         entry_errors.append((entry_error, steps))
-        log_radii.append(np.log(np.minimum(np.abs(spectrum) + entry_error, 1.0 + entry_error)))
-    with np.errstate(divide="ignore"):
-        log_modulus = sum(steps * np.log(np.abs(spectrum)) for spectrum, steps in spectra)
+        modulus = np.abs(spectrum)
+        log_radii.append(np.log(np.minimum(modulus + entry_error, 1.0 + entry_error)))
+        with np.errstate(divide="ignore"):
+            log_spectra.append((np.log(spectrum), steps))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_modulus = sum(steps * log_spectrum.real for log_spectrum, steps in log_spectra)
         alive = log_modulus > -745.0
         composed = np.zeros(log_modulus.size, dtype=complex)
-        composed[alive] = np.exp(sum(steps * np.log(spectrum[alive]) for spectrum, steps in spectra))
+        composed[alive] = np.exp(sum(steps * log_spectrum[alive] for log_spectrum, steps in log_spectra))
         # Powering: |prod a^T - prod b^T| <= sum_i T_i |a_i - b_i| r_i^{T_i - 1} prod_{k != i} r_k^{T_k},
         # r the larger of the true and computed moduli (at most |b| + error, and the true one at most 1).
-        log_all = sum(steps * log_radius for log_radius, (_, steps) in zip(log_radii, spectra))
+        log_all = sum(steps * log_radius for log_radius, (_, steps) in zip(log_radii, log_spectra))
         propagated = sum(
             np.exp(math.log(steps * error) + log_all - log_radius)
             for log_radius, (error, steps) in zip(log_radii, entry_errors)
         )
         # Evaluating exp(sum T log b): log b to within 2u|log b| + 8u absolute, each sum term's rounding, exp's.
-        drift = sum(steps * (2 * _UNIT_ROUNDOFF * np.abs(np.log(spectrum)) + 8 * _UNIT_ROUNDOFF) for spectrum, steps in spectra)
+        drift = sum(steps * (2 * _UNIT_ROUNDOFF * np.abs(log_spectrum) + 8 * _UNIT_ROUNDOFF) for log_spectrum, steps in log_spectra)
         evaluated = np.where(alive, np.abs(composed) * (np.expm1(np.minimum(drift, 700.0)) + 4 * _UNIT_ROUNDOFF), np.exp(log_modulus))
     spectrum_error = propagated + evaluated
     circle = fft.irfft(composed, size)
@@ -382,8 +396,13 @@ def _circular_power(pmfs: list[tuple[np.ndarray, int]], size: int) -> tuple[np.n
     # (the rfft half counted twice); its own rounding is g ||z||_2 with ||z||_2 <= (||computed||_2 + that) / (1 - g).
     full_l1 = 2 * float(np.sum(spectrum_error))
     full_l2 = math.sqrt(2 * float(np.sum(spectrum_error**2)))
-    own = g / (1 - g) * (float(np.linalg.norm(circle)) + full_l2 / math.sqrt(size))
+    own = g / (1 - g) * (_l2_norm(circle) + full_l2 / math.sqrt(size))
     return circle, full_l1 / size + own
+
+
+def _l2_norm(values: np.ndarray) -> float:
+    """||values||_2 rounded up by 1%, far more than its own rounding (np.sum, not BLAS: no thread start-up)."""
+    return 1.01 * math.sqrt(float(np.sum(np.square(values))))
 
 
 def _wrap(probs: np.ndarray, size: int) -> np.ndarray:

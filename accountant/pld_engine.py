@@ -230,7 +230,7 @@ def loss_moments(direction: Direction, q: float, sigma: float) -> tuple[float, f
 @dataclass(frozen=True)
 class ComposedPmf:
     """The composed pessimistic PLD: ``probs[i]`` at loss ``start + i*h``; ``infinite`` is the mass counted
-    as infinite loss (truncated tails, wrap-around bound, lost round-off), already pessimistic."""
+    as infinite loss (truncated tails, wrap-around bound), already pessimistic; every cell is an upper bound."""
 
     start: float
     h: float

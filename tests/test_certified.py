@@ -231,8 +231,8 @@ def test_a_ledger_pins_the_accountant_and_another_version_does_not_claim_to_chec
 
 
 def test_tiny_delta_still_gets_a_finite_sound_bound():
-    """Below the float noise of the FFT, the bound falls back on the Chernoff tail of the window: finite,
-    and larger than at any practical delta."""
+    """Far below the FFT's round-off, the tilted composition (and, where even that yields nothing finite, the
+    q = 1 closed form) still gives a finite bound, larger than at any practical delta."""
     event = PoissonGaussianEvent(0.01, 1.0, 1000)
     tiny = certified_epsilon(event, 1e-100)
     assert math.isfinite(tiny) and tiny > certified_epsilon(event, 1e-8)

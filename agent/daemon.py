@@ -81,8 +81,8 @@ class TrainReply:
 
 class Daemon:
     """Serves one holder. ``trainer`` is a :class:`agent.training.LocalTrainer` (or anything with its
-    ``model_id``, ``dataset_size``, ``record_count``, ``randomness``, ``trainable_state``,
-    ``load_trainable_state``, ``train``, ``confusion_matrix``)."""
+    ``model_id``, ``dataset_size``, ``record_count``, ``randomness``, ``device``, ``precision``,
+    ``trainable_state``, ``load_trainable_state``, ``train``, ``confusion_matrix``)."""
 
     def __init__(self, holder_id: str, policy: HolderPolicy, trainer: Any, ledger: Ledger, key: SigningKey,
                  journal: str | os.PathLike | None = None):
@@ -165,6 +165,8 @@ class Daemon:
             "status": "stopping" if self._stopping.is_set() else "ok",
             "holder_id": self.holder_id,
             "busy": self._work.locked(),
+            "device": str(self.trainer.device),
+            "precision": self.trainer.precision,
             "uptime_seconds": time.monotonic() - self._started,
         }
 

@@ -10,6 +10,9 @@ are computed from the noised matrix (post-processing, no further privacy cost). 
 each record alone, which holds in eval mode (no batch statistics) with each record padded by its own length alone
 (:func:`agent.data.length_batches`): padding to the longest record of a batch would let weights that make padded
 positions non-finite spoil every shorter record's prediction, so that one long record moved many counts.
+
+The forward passes run on the model's device (each batch is built on the CPU and copied there), under whatever
+autocast the caller set; the confusion matrix and its noise stay on the CPU (a few cells).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 import torch
 
 from agent.data import IGNORE_INDEX, Examples, length_batches
+from agent.device import batch_to, module_device
 from agent.dpsgd.randomness import RandomSource, SecureRandom
 
 
@@ -47,9 +51,11 @@ def evaluate_model(model, examples: Examples, pad_token_id: int, task: str, batc
     return evaluate(model, examples, pad_token_id, batch_size)
 
 
-def _batches(examples: Examples, pad_token_id: int, task: str, batch_size: int):
+def _batches(model, examples: Examples, pad_token_id: int, task: str, batch_size: int):
+    """The batches of ``examples``, each record with its own padding, on ``model``'s device."""
+    device = module_device(model)
     for _, batch in length_batches(examples, pad_token_id, batch_size, task):
-        yield batch
+        yield batch_to(batch, device)
 
 
 def _inputs(batch):
@@ -58,11 +64,11 @@ def _inputs(batch):
 
 def _classification(model, examples, pad_token_id, batch_size):
     predictions, labels, loss_sum = [], [], 0.0
-    for batch in _batches(examples, pad_token_id, "classification", batch_size):
+    for batch in _batches(model, examples, pad_token_id, "classification", batch_size):
         logits = model(**_inputs(batch)).logits.float()
         loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        predictions.append(logits.argmax(dim=-1))
-        labels.append(batch["labels"])
+        predictions.append(logits.argmax(dim=-1).cpu())
+        labels.append(batch["labels"].cpu())
     count = len(examples)
     if count == 0:
         return {"accuracy": math.nan, "f1": math.nan, "loss": math.nan, "num_examples": 0}
@@ -72,7 +78,7 @@ def _classification(model, examples, pad_token_id, batch_size):
 
 def _causal_lm(model, examples, pad_token_id, batch_size):
     loss_sum, tokens = 0.0, 0
-    for batch in _batches(examples, pad_token_id, "causal_lm", batch_size):
+    for batch in _batches(model, examples, pad_token_id, "causal_lm", batch_size):
         logits = model(**_inputs(batch)).logits[:, :-1].float()
         targets = batch["labels"][:, 1:]
         loss_sum += torch.nn.functional.cross_entropy(
@@ -94,9 +100,9 @@ def confusion_matrix(model, examples: Examples, pad_token_id: int, num_labels: i
     """Counts [true class, predicted class] of ``model`` on ``examples`` (float64, num_labels x num_labels)."""
     model.eval()
     counts = torch.zeros(num_labels, num_labels, dtype=torch.float64)
-    for batch in _batches(examples, pad_token_id, "classification", batch_size):
-        predicted = model(**_inputs(batch)).logits.float().argmax(dim=-1).clamp(0, num_labels - 1)
-        counts.index_put_((batch["labels"], predicted), torch.ones(len(predicted), dtype=torch.float64), accumulate=True)
+    for batch in _batches(model, examples, pad_token_id, "classification", batch_size):
+        predicted = model(**_inputs(batch)).logits.float().argmax(dim=-1).clamp(0, num_labels - 1).cpu()
+        counts.index_put_((batch["labels"].cpu(), predicted), torch.ones(len(predicted), dtype=torch.float64), accumulate=True)
     return counts
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from accountant.errors import EwtuneError, InvalidInputError
 from accountant.tomlfiles import optional_table, read_toml, required, resolve, strings, table
+from agent.device import check_device_name, check_precision
 
 
 class PlanRefused(EwtuneError):
@@ -264,7 +265,19 @@ def _training_table(document: Mapping[str, Any], base: Path, path: Path) -> dict
     if "lora_target_modules" in training:
         training["lora_target_modules"] = strings(training["lora_target_modules"], "[training] lora_target_modules", path)
     _refuse_insecure_randomness(training, path)
+    _check_device_settings(training, path)
     return training
+
+
+def _check_device_settings(training: Mapping[str, Any], path: Path) -> None:
+    """``device`` and ``precision`` named as :mod:`agent.device` accepts (whether this machine has the device is
+    known only once torch loads, when the daemon starts)."""
+    for key, check in (("device", check_device_name), ("precision", check_precision)):
+        if key in training:
+            try:
+                check(training[key])
+            except InvalidInputError as bad:
+                raise InvalidInputError(f"{path}: [training] {bad}") from None
 
 
 def _audit_table(document: Mapping[str, Any], policy: HolderPolicy, path: Path) -> dict[str, Any] | None:

@@ -86,29 +86,31 @@ class TopLayers(nn.Module):
 @torch.no_grad()
 def hidden_states_below(model: PooledClassifier, count: int, examples, pad_token_id: int, batch_size: int = 64,
                         device: str | None = None) -> list[torch.Tensor]:
-    """Each example's hidden states [its tokens, H] entering the top ``count`` layers, in order (on the CPU),
-    computed in eval mode, each record with its own padding only; the model's train/eval mode is restored."""
+    """Each example's hidden states [its tokens, H] entering the top ``count`` layers, in order, computed in eval
+    mode on ``device`` (the model's) and kept there, each record with its own padding only; the model's train/eval
+    mode is restored."""
     first = top_layer_indices(model, count)[0]
     records: list[torch.Tensor | None] = [None] * len(examples)
     with eval_mode(model):
         for indices, inputs in input_batches(examples, pad_token_id, batch_size, device):
             states = model.encoder(**inputs, output_hidden_states=True).hidden_states[first]
             for index, row, mask in zip(indices, states, inputs["attention_mask"]):
-                records[index] = row[mask.bool()].cpu()
+                records[index] = row[mask.bool()]
     return records
 
 
 def hidden_batch(records: list[torch.Tensor], labels: torch.Tensor | None, indices) -> dict[str, torch.Tensor]:
     """The cached states of the records at ``indices``, right-padded to the padded length of the longest
     (:func:`agent.dpsgd.unpadded.padded_length`), with their attention mask (and their labels when ``labels`` is
-    given)."""
+    given); the states and the mask on the records' device, the labels where ``labels`` are."""
     indices = [int(i) for i in indices]
     rows = [records[i] for i in indices]
     if rows:
-        length = padded_length(max(len(row) for row in rows))
+        length, device = padded_length(max(len(row) for row in rows)), rows[0].device
+        lengths = torch.tensor([len(row) for row in rows], device=device)
         batch = {"hidden_states": nn.functional.pad(nn.utils.rnn.pad_sequence(rows, batch_first=True),
                                                     (0, 0, 0, length - max(len(row) for row in rows))),
-                 "attention_mask": (torch.arange(length)[None, :] < torch.tensor([len(row) for row in rows])[:, None]).long()}
+                 "attention_mask": (torch.arange(length, device=device)[None, :] < lengths[:, None]).long()}
     else:
         batch = {"hidden_states": records[0].new_zeros((0, 1, records[0].shape[-1])), "attention_mask": torch.zeros((0, 1), dtype=torch.long)}
     if labels is not None:

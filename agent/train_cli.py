@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from accountant.errors import InvalidInputError
+from agent.device import DEVICE_HELP, PRECISIONS, check_device_name, check_precision, resolve_device
 from agent.recipe import LOW_EPSILON, LOW_EPSILON_PROBE, MAX_DEFAULT_SAMPLING_RATE, MIN_DEFAULT_BATCH, OPTIMIZERS, RECIPE_MODES, Recipe
 
 PACKAGED_MODELS = ("minilm",)
@@ -98,6 +99,10 @@ def register(commands) -> None:
     parser.add_argument("--max-examples", type=int, default=None, help="use a seeded subset of this many examples")
     parser.add_argument("--physical-batch-size", type=int, default=32, help="micro-batch size (memory bound)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help=f"where the model, batches, noise and evaluation run: {DEVICE_HELP} "
+                        "(default auto); a device this machine lacks is an error, never a fall back to the CPU")
+    parser.add_argument("--precision", default="fp32", help=f"{' or '.join(PRECISIONS)}: bf16 runs the forward passes under "
+                        "bfloat16 autocast (CUDA only); norms, clipping, sums and noise stay float32 (default fp32)")
     parser.add_argument(
         "--insecure-seeded-randomness",
         action="store_true",
@@ -128,6 +133,7 @@ def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    resolve_device(args.device, args.precision)  # a missing GPU is reported before the model, the data or a ledger load
     from accountant.privacy_accountant import delta_too_large
     from agent.data import split_sizes
     from agent.evaluation import majority_baseline
@@ -327,6 +333,8 @@ def _check_arguments(args) -> None:
     for name in ("physical_batch_size", "max_length"):
         if getattr(args, name) < 1:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_device_name(args.device)
+    check_precision(args.precision)
 
 
 def resolve_model(name: str) -> str:
@@ -375,6 +383,8 @@ def _training_config(args, recipe):
         insecure_seeded_randomness=args.insecure_seeded_randomness,
         max_examples=args.max_examples,
         tune_layers=recipe.trained_layers,
+        device=args.device,
+        precision=args.precision,
     )
 
 
@@ -469,6 +479,8 @@ def _summary(args, trainer, fitted, results, evaluation, seconds) -> dict:
         "majority_baseline": evaluation["majority_baseline"],
         "eval": evaluation,
         "randomness": results[-1][1].randomness,
+        "device": str(trainer.device),
+        "precision": trainer.precision,
         "output": str(args.output) if args.output else None,
         "seconds": seconds,
     }
@@ -506,6 +518,7 @@ def _report(summary: dict) -> str:
     else:
         lines.append(f"held-out            perplexity {evaluation['perplexity']:.4f}, loss {evaluation['loss']:.4f} on {evaluation['num_examples']} examples")
     lines += [
+        f"device              {summary['device']}, {summary['precision']}",
         f"saved               {summary['output'] or 'not saved (use --output DIR)'}",
         f"wall time           {summary['seconds']:.1f} s",
     ]

@@ -11,6 +11,13 @@ frozen encoder in eval mode and reused at every step: a deterministic function o
 cache costs no privacy, and a step costs a linear layer instead of the encoder (Kumar et al. 2022, LP-FT).
 Likewise a run with ``tune_layers = k`` trains the top k encoder layers and the head on the cached hidden states
 entering layer L-k (:mod:`agent.top_layers`).
+
+Device and precision (``device``, ``precision``; :mod:`agent.device`): the model, every batch, the engine's
+work, the noise (drawn on the gradients' device, :mod:`agent.dpsgd.noise`), the evaluation's forward passes and
+the embedding and hidden-state caches live on the configured device; the Poisson sampler chooses indices on the
+CPU and each batch is built there and copied over. With ``bf16`` the forward passes run under bfloat16 autocast;
+per-example norms, clipping, the clipped sums and the noise stay float32 (:mod:`agent.dpsgd.engine`). A private
+evaluation's confusion matrix and its noise stay on the CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from accountant.events import PoissonGaussianEvent
 from accountant.sampling import executable_sampling_rate
 from agent import models
 from agent.data import DataSpec, collate, load_local_data, split_key
+from agent.device import autocast, batch_to, check_device_name, check_precision, resolve_device
 from agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
 from agent.evaluation import evaluate_model
 from agent.heads import PooledClassifier, embed_examples
@@ -64,6 +72,12 @@ class TrainingConfig:
     # The holder's secret key of the record-by-record split (agent.data.split_key; the daemon's default is
     # <data_file>.split-key); None: a public key derived from ``seed`` (train-local, tests, benchmarks).
     split_key_file: str | None = None
+    device: str = "auto"  # auto (CUDA when present, else the CPU), cpu, cuda or cuda:N (agent.device)
+    precision: str = "fp32"  # or bf16: bfloat16 autocast for the forward passes, on a CUDA device only
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
+        check_precision(self.precision)
 
     def data_spec(self) -> DataSpec:
         """Where the examples are and how to read and split them."""
@@ -80,8 +94,6 @@ class TrainingConfig:
             max_examples=self.max_examples,
             split_key=split_key(self.split_key_file) if self.split_key_file else None,
         )
-
-
 
 
 def make_optimizer(name: str, params, learning_rate: float) -> torch.optim.Optimizer:
@@ -161,6 +173,7 @@ class LocalTrainer:
 
     def __init__(self, config: TrainingConfig):
         self.config = config
+        self.device = resolve_device(config.device, config.precision)  # before anything loads: a missing GPU fails fast
         torch.manual_seed(config.seed)  # a fresh classifier head and LoRA factors are initialised from it
         self.tokenizer = models.load_tokenizer(config.model_dir)
         self.data = load_local_data(config.data_spec(), self.tokenizer)
@@ -176,7 +189,7 @@ class LocalTrainer:
             lora_target_modules=config.lora_target_modules,
             pad_token_id=self.tokenizer.pad_token_id,
             tune_layers=config.tune_layers,
-        )
+        ).to(self.device)
         self.model_id = models.model_id(config.model_dir)
         # Batches and noise come from the operating system's secure source: amplification by subsampling assumes
         # nobody knows who was sampled, and noise that can be predicted can be subtracted. The seeded streams of
@@ -209,9 +222,18 @@ class LocalTrainer:
         if any(not _is_head(name) for name in state):
             self._features = None  # the encoder may have changed: its embeddings are computed again when needed
 
+    @property
+    def precision(self) -> str:
+        """``fp32`` or ``bf16`` (bfloat16 autocast for the forward passes)."""
+        return self.config.precision
+
     def collate(self, indices) -> dict[str, torch.Tensor]:
-        """The padded batch of the training examples at ``indices``."""
-        return collate(self.data.train, indices, self.pad_token_id, self.config.task)
+        """The padded batch of the training examples at ``indices``, on the trainer's device."""
+        return batch_to(collate(self.data.train, indices, self.pad_token_id, self.config.task), self.device)
+
+    def autocast(self):
+        """The context of every forward pass: bfloat16 autocast with ``precision = "bf16"``."""
+        return autocast(self.device, self.precision)
 
     def loss_fn(self):
         from agent.dpsgd.losses import causal_lm_loss, classification_loss
@@ -251,8 +273,8 @@ class LocalTrainer:
     def phase_inputs(self, head_only: bool):
         """(the module a run's batches enter, the function that makes a batch from indices): the cached embeddings
         and the head for a head-only run on a pooled classifier, the cached states below the tuned layers and
-        :class:`TopLayers` when ``tune_layers`` is set, else the model on tokenised batches. The caches are filled
-        on first use."""
+        :class:`TopLayers` when ``tune_layers`` is set, else the model on tokenised batches; the batches are on the
+        trainer's device. The caches are filled on first use, on that device."""
         if head_only and self._embeds_sentences:
             if self._features is None:
                 self._features = self._train_features()
@@ -265,8 +287,9 @@ class LocalTrainer:
         """The tuned top layers and the head, with the states entering them cached."""
         module = TopLayers(_base(self.model), self.config.tune_layers)
         if self._hidden is None:
-            self._hidden = hidden_states_below(module.model, self.config.tune_layers, self.data.train, self.pad_token_id,
-                                               self._cache_batch)
+            with self.autocast():
+                self._hidden = hidden_states_below(module.model, self.config.tune_layers, self.data.train,
+                                                   self.pad_token_id, self._cache_batch, self.device)
         return module
 
     def _train(self, plan: StepPlan, module, collate_fn, should_stop, on_step):
@@ -278,7 +301,8 @@ class LocalTrainer:
         sampler = PoissonSampler(self.dataset_size, plan.sampling_rate, plan.steps, self._sampling_source)
         trainable = [param for param in module.parameters() if param.requires_grad]
         optimizer = make_optimizer(plan.optimizer or self.config.optimizer, trainable, plan.learning_rate)
-        clipper = PerExampleClipper(module, plan.clip_norm, self.loss_fn())
+        clipper = PerExampleClipper(module, plan.clip_norm, self.loss_fn(),
+                                    autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None)
         engine = DPSGDStep(
             module,
             clipper,
@@ -321,18 +345,23 @@ class LocalTrainer:
         """Every training record's pooled embedding, from the encoder in eval mode (no dropout); from the cached
         states below the tuned layers when a tune phase will need them anyway (one encoder pass, not two)."""
         if self.config.tune_layers:
-            return self._top_layers().embed_cached(self._hidden, self._cache_batch)
-        return embed_examples(_base(self.model), self.data.train, self.pad_token_id, self._cache_batch)
+            top = self._top_layers()
+            with self.autocast():
+                return top.embed_cached(self._hidden, self._cache_batch).float()
+        with self.autocast():
+            features = embed_examples(_base(self.model), self.data.train, self.pad_token_id, self._cache_batch, self.device)
+        return features.float().to(self.device)
 
     def _feature_batch(self, indices) -> dict[str, torch.Tensor]:
         """The cached embeddings and the labels of the training records at ``indices``."""
         indices = torch.as_tensor(indices, dtype=torch.int64)
         labels = torch.as_tensor(self.data.train.labels, dtype=torch.int64)
-        return {"features": self._features[indices], "labels": labels[indices]}
+        return batch_to({"features": self._features[indices.to(self.device)], "labels": labels[indices]}, self.device)
 
     def _hidden_batch(self, indices) -> dict[str, torch.Tensor]:
         """The cached states below the tuned layers, the attention mask and the labels of the records at ``indices``."""
-        return hidden_batch(self._hidden, torch.as_tensor(self.data.train.labels, dtype=torch.int64), indices)
+        labels = torch.as_tensor(self.data.train.labels, dtype=torch.int64)
+        return batch_to(hidden_batch(self._hidden, labels, indices), self.device)
 
     def confusion_matrix(self, batch_size: int | None = None) -> torch.Tensor:
         """The held-out split's confusion matrix (classification only; see :mod:`agent.evaluation`)."""
@@ -341,7 +370,8 @@ class LocalTrainer:
         if self.config.task != "classification":
             raise InvalidInputError("a confusion matrix needs a classification task")
         size = batch_size or max(self.config.physical_batch_size, 32)
-        return confusion_matrix(self.model, self.data.eval, self.pad_token_id, self.data.num_labels or 2, size)
+        with self.autocast():
+            return confusion_matrix(self.model, self.data.eval, self.pad_token_id, self.data.num_labels or 2, size)
 
     @property
     def record_count(self) -> int:
@@ -351,7 +381,8 @@ class LocalTrainer:
     def evaluate(self, batch_size: int | None = None) -> dict[str, float]:
         """Metrics on the held-out split (see :func:`agent.evaluation.evaluate_model`)."""
         size = batch_size or max(self.config.physical_batch_size, 32)
-        return evaluate_model(self.model, self.data.eval, self.pad_token_id, self.config.task, size)
+        with self.autocast():
+            return evaluate_model(self.model, self.data.eval, self.pad_token_id, self.config.task, size)
 
 
 @dataclass

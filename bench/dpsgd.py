@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from accountant.errors import EwtuneError, InvalidInputError
+from agent.device import DEVICE_HELP, PRECISIONS, resolve_device
 from bench.report import machine, write
 
 ENGINES = ("non-private", "ewtune", "opacus-hooks", "opacus-ghost")
@@ -43,8 +44,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per run (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over all configurations")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
+    parser.add_argument("--device", default="cpu", help=f"{DEVICE_HELP} (default cpu)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: bfloat16 autocast for the forward pass (CUDA)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
@@ -62,11 +63,7 @@ def _validate(args) -> list[str]:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         raise InvalidInputError("--warmup must be non-negative")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InvalidInputError("--device cuda: no CUDA device is available")
+    args.device = str(resolve_device(args.device, args.precision))  # auto: cuda or cpu; a missing GPU: one line
     return engines
 
 
@@ -93,7 +90,7 @@ def run(args) -> int:
             for engine in order:
                 config = {
                     "mode": mode, "engine": engine, "steps": args.steps, "warmup": args.warmup,
-                    "device": args.device, "bf16": args.bf16, "threads": args.threads,
+                    "device": args.device, "bf16": args.precision == "bf16", "threads": args.threads,
                     "batch_size": args.batch_size, "seq_len": args.seq_len, "repeat": repeat,
                 }  # fmt: skip
                 result = _run_worker(config)
@@ -115,6 +112,11 @@ def run(args) -> int:
     return 0
 
 
+def _on_cuda(device: str) -> bool:
+    """Whether a resolved device name (``cpu``, ``cuda``, ``cuda:N``) is a CUDA device."""
+    return device.startswith("cuda")
+
+
 def _environment(device: str) -> dict:
     import platform
 
@@ -127,8 +129,8 @@ def _environment(device: str) -> dict:
         env["opacus"] = opacus.__version__
     except ImportError:
         env["opacus"] = None
-    if device == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(0)
+    if _on_cuda(device):
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env
 
 
@@ -144,7 +146,7 @@ def summarise(runs: list[dict], modes, engines, device: str) -> list[dict]:
                 continue
             wall = statistics.median(statistics.median(r["wall_seconds"]) for r in done)
             cpu = statistics.median(statistics.median(r["cpu_seconds"]) for r in done)
-            primary = wall if device == "cuda" else cpu
+            primary = wall if _on_cuda(device) else cpu
             rows.append({
                 "mode": mode, "engine": engine, "runs": len(done),
                 "seconds_per_step": primary,
@@ -175,7 +177,7 @@ def command_line(config: dict) -> str:
     words = ["ewtune bench dpsgd", f"--mode {config['mode']}", f"--engines {config['engines']}"]
     words += [f"--{name.replace('_', '-')} {config[name]}" for name in ("steps", "warmup", "repeats", "threads")]
     words += [f"--batch-size {config['batch_size']}", f"--seq-len {config['seq_len']}", f"--device {config['device']}"]
-    return " ".join(words + (["--bf16"] if config["bf16"] else []))
+    return " ".join(words + [f"--precision {config['precision']}"])
 
 
 def _format(value, pattern: str) -> str:
@@ -184,11 +186,11 @@ def _format(value, pattern: str) -> str:
 
 def markdown(report: dict) -> str:
     config, env = report["config"], report["environment"]
-    time_kind = "wall s/step" if config["device"] == "cuda" else "CPU s/step"
-    memory_kind = "max_memory_allocated" if config["device"] == "cuda" else "peak RSS"
+    time_kind = "wall s/step" if _on_cuda(config["device"]) else "CPU s/step"
+    memory_kind = "max_memory_allocated" if _on_cuda(config["device"]) else "peak RSS"
     lines = [
         f"### ewtune bench dpsgd: all-MiniLM-L6-v2, batch {config['batch_size']} x {config['seq_len']} tokens, AdamW, "
-        f"sigma=1, C=1, device {config['device']}{' (bf16 autocast)' if config['bf16'] else ''}, "
+        f"sigma=1, C=1, device {config['device']}{' (bf16 autocast)' if config['precision'] == 'bf16' else ''}, "
         f"{config['threads']} thread(s), torch {env['torch']}, opacus {env['opacus']}",
         "",
         f"Command: `{command_line(config)}`",
@@ -344,11 +346,13 @@ def worker(config: dict) -> dict:
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
-    cuda = config["device"] == "cuda"
+    cuda = _on_cuda(config["device"])
+    if cuda:  # cuda:N: synchronize and the memory counters below then mean that device
+        torch.cuda.set_device(torch.device(config["device"]).index or 0)
     model, batch = _model_and_batch(config)
     step = _step_function(config["engine"], model, batch, config)
     autocast = (
-        (lambda: torch.autocast(config["device"], dtype=torch.bfloat16)) if config["bf16"] else contextlib.nullcontext
+        (lambda: torch.autocast(torch.device(config["device"]).type, dtype=torch.bfloat16)) if config["bf16"] else contextlib.nullcontext
     )
     wall, cpu = [], []
     for index in range(config["warmup"] + config["steps"]):

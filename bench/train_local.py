@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+from accountant.errors import EwtuneError
 from agent import train_cli
 from bench.report import machine
 
@@ -37,7 +38,8 @@ def non_private_run(args) -> dict:
         with _only_head_trainable(trainer.model, head_only):
             module, collate = trainer.phase_inputs(head_only)
             sampler = PoissonSampler(size, phase.sampling_rate, phase.steps, InsecureSeededRandom(args.seed))
-            loss = _minimise(module, trainer.loss_fn(), sampler, collate, make_optimizer(recipe.optimizer(phase.name), _trainable(trainer), recipe.learning_rate(phase.name)), args.physical_batch_size)
+            optimizer = make_optimizer(recipe.optimizer(phase.name), _trainable(trainer), recipe.learning_rate(phase.name))
+            loss = _minimise(module, trainer.loss_fn(), sampler, collate, optimizer, args.physical_batch_size, trainer.autocast)
         phases.append({"phase": phase.name, "steps": phase.steps, "sampling_rate": phase.sampling_rate, "noise_multiplier": 0.0,
                        "learning_rate": recipe.learning_rate(phase.name), "train_loss": loss})
     evaluation = trainer.evaluate()
@@ -51,6 +53,8 @@ def non_private_run(args) -> dict:
         "macro_f1": evaluation.get("f1"),
         "majority_baseline": evaluation["majority_baseline"],
         "eval": evaluation,
+        "device": str(trainer.device),
+        "precision": trainer.precision,
         "seconds": time.perf_counter() - started,
         "load_average": machine()["load_average"],
     }
@@ -60,8 +64,9 @@ def _trainable(trainer):
     return [p for p in trainer.model.parameters() if p.requires_grad]
 
 
-def _minimise(model, loss_fn, sampler, collate, optimizer, physical_batch_size) -> float:
-    """Plain minibatch training of ``model`` over the sampler's batches; the mean training loss."""
+def _minimise(model, loss_fn, sampler, collate, optimizer, physical_batch_size, autocast) -> float:
+    """Plain minibatch training of ``model`` over the sampler's batches (each forward pass in the context
+    ``autocast()`` returns, as the private run's); the mean training loss."""
     model.train()
     loss_sum, examples = 0.0, 0
     for indices in sampler:
@@ -70,7 +75,8 @@ def _minimise(model, loss_fn, sampler, collate, optimizer, physical_batch_size) 
         for start in range(0, len(indices), physical_batch_size):
             batch = collate(indices[start : start + physical_batch_size])
             inputs = {key: value for key, value in batch.items() if key != "labels"}
-            losses = loss_fn(model(**inputs), batch)
+            with autocast():
+                losses = loss_fn(model(**inputs), batch)
             (losses.sum() / len(indices)).backward()
             loss_sum += float(losses.detach().sum())
         examples += len(indices)
@@ -91,9 +97,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not args.non_private:
-        return train_cli.run(args)
-    print(json.dumps(non_private_run(args), indent=2))
+    try:
+        if not args.non_private:
+            return train_cli.run(args)
+        print(json.dumps(non_private_run(args), indent=2))
+    except EwtuneError as error:  # bad input (a missing GPU among them): one line, as ewtune's own commands
+        print(f"bench.train_local: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-examples", default=None, metavar="N", help="a seeded subset of MR (default: all of it)")
     parser.add_argument("--max-length", default="64", metavar="T", help="tokens per sentence (default 64)")
     parser.add_argument("--model-dir", default=None, help="a sentence-transformers checkpoint (default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--device", default="cpu", help="where to embed: cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="cpu", help="where to embed and tune (LP-FT rows): auto, cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--modes", nargs="+", choices=("head", "lpft"), default=["head"],
                         help="head: the probe rows; lpft: also LP-FT rows (slower: a tune phase per seed) (default head)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -59,12 +59,16 @@ def run(args: argparse.Namespace) -> int:
     max_examples = None if args.max_examples is None else _positive_int("--max-examples", args.max_examples)
     import torch
 
+    from agent.device import resolve_device
+
+    device = resolve_device(args.device)  # auto: CUDA when present; a missing GPU is a one-line error
+
     from agent.evaluation import majority_baseline
     from agent.recipe import LOW_EPSILON, LPFT, Recipe, default_recipe
 
     started, cpu_started = time.perf_counter(), time.process_time()
     lpft = Recipe(**LPFT) if "lpft" in args.modes else None
-    cached = _cached_mr(args.model_dir, max_length, max_examples, args.device, lpft)
+    cached = _cached_mr(args.model_dir, max_length, max_examples, device, lpft)
     train, train_labels, held_out, held_labels = cached.train, cached.train_labels, cached.held_out, cached.held_labels
     size = len(train_labels)
     embedding_seconds = time.perf_counter() - started
@@ -123,7 +127,7 @@ class _Cached:
     initial: dict | None = None  # the tuned layers' and the head's parameters before any training
 
 
-def _cached_mr(model_dir, max_length: int, max_examples: int | None, device: str, lpft) -> _Cached:
+def _cached_mr(model_dir, max_length: int, max_examples: int | None, device, lpft) -> _Cached:
     """MR embedded once (with the frozen encoder in eval mode); with an LP-FT recipe, through the states entering
     its tuned layers, from which the embeddings are computed (the same embeddings, one encoder pass)."""
     import tempfile
@@ -151,7 +155,6 @@ def _cached_mr(model_dir, max_length: int, max_examples: int | None, device: str
     model = models.load_model(model_dir, mode=lpft.mode, tune_layers=lpft.tune_layers).to(device).eval()
     top = TopLayers(_base(model), lpft.tune_layers)
     states = [hidden_states_below(top.model, lpft.tune_layers, split, tokenizer.pad_token_id, 128, device) for split in (data.train, data.eval)]
-    states = [[record.to(device) for record in split] for split in states]
     train, held_out = (top.embed_cached(split, 128).cpu() for split in states)
     return _Cached(train, torch.tensor(data.train.labels), held_out, torch.tensor(data.eval.labels), model, *states)
 
@@ -179,6 +182,7 @@ def _lpft_once(cached: _Cached, recipe, epsilon: float | None):
     from accountant.certified import certified_epsilon
     from accountant.phases import composed
     from agent import models
+    from agent.device import batch_to, module_device
     from agent.dpsgd import DPSGDStep, PerExampleClipper, classification_loss
     from agent.sampler import PoissonSampler
     from agent.top_layers import TopLayers, hidden_batch
@@ -196,7 +200,7 @@ def _lpft_once(cached: _Cached, recipe, epsilon: float | None):
     models.load_trainable_state(model, {name: probed[name.rsplit(".", 1)[1]] if "classifier" in name else value
                                         for name, value in cached.initial.items()})
     top = TopLayers(_base(model), recipe.tune_layers)
-    labels, size = cached.train_labels, len(cached.train_labels)
+    labels, size, device = cached.train_labels, len(cached.train_labels), module_device(model)
     sampler = PoissonSampler(size, tune_phase.event.sampling_rate, tune_phase.event.steps)
     optimizer = make_optimizer(recipe.tune_optimizer, [p for p in top.parameters() if p.requires_grad], recipe.tune_learning_rate)
     top.train()
@@ -204,7 +208,7 @@ def _lpft_once(cached: _Cached, recipe, epsilon: float | None):
         for indices in sampler:
             optimizer.zero_grad()
             if len(indices):
-                batch = hidden_batch(cached.train_states, labels, indices)
+                batch = batch_to(hidden_batch(cached.train_states, labels, indices), device)
                 losses = classification_loss(top(batch["hidden_states"], batch["attention_mask"]), batch)
                 (losses.sum() / (sampler.executed_rate * size)).backward()
             optimizer.step()
@@ -213,7 +217,7 @@ def _lpft_once(cached: _Cached, recipe, epsilon: float | None):
         step = DPSGDStep(top, clipper, optimizer, sigmas[1], recipe.clip_norm, sampler.executed_rate * size, 64)
         try:
             for indices in sampler:
-                step.step(hidden_batch(cached.train_states, labels, indices))
+                step.step(batch_to(hidden_batch(cached.train_states, labels, indices), device))
         finally:
             clipper.close()
     top.eval()

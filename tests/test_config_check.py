@@ -142,3 +142,33 @@ def test_a_misspelt_key_is_refused_naming_the_key_it_most_likely_meant(tmp_path,
     assert problems.found[0].reason.startswith("unknown key; did you mean 'max_examples'? (known: ")
     path.write_text(path.read_text().replace("max-examples = 200", "colour = 1"))
     assert check_agent_config(path).found[0].reason.startswith("unknown key (known: ")  # nothing close: no guess
+
+
+def test_a_bad_device_or_precision_is_reported_and_a_good_one_passes(tmp_path, tiny_bert_dir, mr_csv, capsys):
+    path = _agent_toml(tmp_path, tiny_bert_dir, mr_csv)
+    text = path.read_text()
+    path.write_text(text.replace("[training]", '[training]\ndevice = "gpu"\nprecision = "fp16"'))
+    problems = check_agent_config(path)
+    reasons = {problem.key: problem.reason for problem in problems.found}
+    assert _keys(problems) == ["[training] device", "[training] precision"]
+    assert "device must be auto (CUDA when present, else CPU), cpu, cuda or cuda:N, got 'gpu'" in reasons["[training] device"]
+    assert "precision must be one of fp32, bf16, got 'fp16'" in reasons["[training] precision"]
+    assert main(["agent", "start", "--config", str(path)]) == 2  # nothing starts
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "[training] device" in error
+    # the names alone are checked here (torch is not asked whether this machine has the device)
+    path.write_text(text.replace("[training]", '[training]\ndevice = "cuda:3"\nprecision = "bf16"'))
+    assert check_agent_config(path).found == []
+
+
+def test_the_agent_toml_loader_refuses_a_bad_device_in_one_line(tmp_path, tiny_bert_dir, mr_csv):
+    from accountant.errors import InvalidInputError
+    from agent.policy import load_agent_config
+
+    path = _agent_toml(tmp_path, tiny_bert_dir, mr_csv)
+    path.write_text(path.read_text().replace("[training]", '[training]\ndevice = "cuda:x"'))
+    with pytest.raises(InvalidInputError, match=r"agent.toml: \[training\] device must be auto") as error:
+        load_agent_config(path)
+    assert "\n" not in str(error.value)
+    path.write_text(path.read_text().replace('device = "cuda:x"', 'device = "cpu"\nprecision = "bf16"'))
+    assert load_agent_config(path).training["device"] == "cpu"  # bf16 on the CPU is refused when the daemon resolves it

@@ -491,7 +491,8 @@ def test_the_grpc_api_on_a_unix_socket(served, trainer, daemon_parts):
     daemon, address = served
     key, _, ledger_path = daemon_parts
     with DaemonClient(address, timeout=60) as client:
-        assert client.health()["status"] == "ok"
+        health = client.health()
+        assert health["status"] == "ok" and (health["device"], health["precision"]) == (str(trainer.device), "fp32")
         description = client.describe()
         assert description["holder_id"] == HOLDER and description["public_key"] == key.public_key_text
         updated, receipt_document, metrics = client.train(_global_weights(trainer), PLAN)

@@ -72,9 +72,14 @@ def test_full_run_saves_a_loadable_model_and_prints_the_report(tiny_bert_dir, mr
 
 def test_head_run_saves_the_whole_model_with_only_the_head_changed(tiny_bert_dir, mr_csv, tmp_path, capsys):
     output = tmp_path / "head"
-    argv = _argv(tiny_bert_dir, mr_csv, "--mode", "head", "--probe-lr", "0.1", "--output", str(output), "--json")
+    argv = _argv(tiny_bert_dir, mr_csv, "--mode", "head", "--probe-lr", "0.1", "--output", str(output), "--json", "--device", "cpu")
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
+    assert (summary["device"], summary["precision"]) == ("cpu", "fp32")  # what ran, recorded beside the guarantee
+    assert json.loads((output / "run.json").read_text())["device"] == "cpu"
+    from agent.train_cli import _report
+
+    assert "device              cpu, fp32" in _report(summary).splitlines()
     assert summary["mode"] == "head" and summary["trainable_parameters"] == 32 * 2 + 2
     assert [phase["phase"] for phase in summary["phases"]] == ["probe"]  # head mode: the probe alone
     assert 7.9 < summary["epsilon_certified"] <= 8.0 * (1 + 1e-9)
@@ -101,6 +106,10 @@ def test_head_run_saves_the_whole_model_with_only_the_head_changed(tiny_bert_dir
         (("--delta", "0.0148"), "is not below 1/N = 1/68"),
         (("--tune-layers", "-1"), "--tune-layers must be an integer >= 0"),
         (("--tune-layers", "1"), "needs a sentence-embedding (pooled) checkpoint"),
+        (("--device", "gpu"), "device must be auto (CUDA when present, else CPU)"),
+        (("--precision", "fp16"), "precision must be one of fp32, bf16"),
+        (("--device", "cpu", "--precision", "bf16"), "precision bf16 needs a CUDA device"),
+        (("--device", "cuda:99"), "device 'cuda:99' was asked for"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tiny_bert_dir, mr_csv, capsys, change, message):
@@ -233,3 +242,18 @@ def test_with_a_ledger_the_recipe_is_fitted_to_the_released_count(tiny_bert_dir,
     assert summary["recipe_fitted_to"] == count
     (probe,) = summary["phases"]
     assert probe["event"]["event"]["sampling_rate"] == pytest.approx((count // 4) / count, rel=1e-6)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_without_cuda_is_one_line_before_the_model_or_the_data_loads(tmp_path, mr_csv, capsys, monkeypatch, device):
+    """This model directory holds no weights and no tokenizer: had anything loaded first, the error would say so."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = tmp_path / "no-weights"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    argv = ["agent", "train-local", "--model", str(model), "--data", str(mr_csv), "--epsilon", "8", "--delta", "1e-5",
+            "--device", device]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ewtune: error:")
+    assert f"device {device!r} was asked for, but torch" in err[0] and "sees no CUDA device here" in err[0]

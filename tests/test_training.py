@@ -199,3 +199,37 @@ def test_lp_ft_phase_one_trains_only_the_head_on_cached_embeddings_then_phase_tw
     tuned = trainer.train(StepPlan(2, 0.25, 1.0, 1.0, 1e-2))
     assert len(encoder_calls) > embedded_once
     assert any(not torch.equal(probe.trainable_state[n], v) for n, v in tuned.trainable_state.items() if "lora_" in n)
+
+
+def test_the_trainer_puts_the_model_batches_and_caches_on_its_configured_device(tiny_pooled_3layer_dir, mr_csv, monkeypatch):
+    """device = "cpu" asked for explicitly: the model, every batch the engine receives (copied there by the
+    transfer helper), the embedding and hidden-state caches are on it, and the evaluation runs there."""
+    import agent.training as training
+    from agent.dpsgd.step import DPSGDStep
+
+    resolved, moved, received = [], [], []
+    real_resolve, real_batch_to, real_step = training.resolve_device, training.batch_to, DPSGDStep.step
+    monkeypatch.setattr(training, "resolve_device", lambda *names: resolved.append(names) or real_resolve(*names))
+    monkeypatch.setattr(training, "batch_to", lambda batch, device: moved.append(device) or real_batch_to(batch, device))
+    monkeypatch.setattr(DPSGDStep, "step", lambda self, batch: received.append({v.device for v in batch.values()})
+                        or real_step(self, batch))
+    config = _config(tiny_pooled_3layer_dir, mr_csv, max_examples=80, mode="full", tune_layers=1, device="cpu")
+    trainer = LocalTrainer(config)
+    cpu = torch.device("cpu")
+    assert resolved == [("cpu", "fp32")] and trainer.device == cpu and trainer.precision == "fp32"
+    assert {param.device for param in trainer.model.parameters()} == {cpu}
+    for plan in (StepPlan(3, 0.25, 1.0, 1.0, 0.1, head_only=True), StepPlan(2, 0.25, 1.0, 1.0, 1e-2)):
+        moved.clear(), received.clear()
+        trainer.train(plan)
+        assert len(received) == plan.steps and all(devices == {cpu} for devices in received)
+        assert moved == [cpu] * plan.steps  # every batch went through the transfer to the trainer's device
+    assert {record.device for record in trainer._hidden} == {cpu}
+    assert trainer._train_features().device == cpu
+    assert trainer.confusion_matrix().device == cpu and trainer.evaluate()["num_examples"] == len(trainer.data.eval)
+
+
+@pytest.mark.parametrize("setting, message", [({"device": "gpu"}, "device must be auto"),
+                                              ({"precision": "fp16"}, "precision must be one of fp32, bf16")])
+def test_a_bad_device_or_precision_is_refused_by_the_configuration(setting, message):
+    with pytest.raises(InvalidInputError, match=message):
+        TrainingConfig(model_dir="m", data_file="d", **setting)

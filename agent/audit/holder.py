@@ -79,6 +79,7 @@ class AuditTrainer:
 
     randomness = SecureRandom.name
     model_id = MODEL_ID
+    device, precision = torch.device("cpu"), "fp32"  # the audited model is a few weights: a GPU would not pay
 
     def __init__(self, config: AuditHolderConfig):
         from agent.audit.run import synthetic_records

@@ -22,10 +22,20 @@ caught: a module called with a batch of 1 broadcast over B (HF's default ``posit
 therefore passes as [B, T] when the model takes them) raises, and so does an output changed in place after
 its module returned. Dropout is applied once in the forward pass, so every example keeps its own mask.
 Not supported: activation checkpointing (the hooks see the first forward, not the recomputed one).
+
+Mixed precision (``autocast_dtype=torch.bfloat16``, or the caller's own autocast): the forward pass runs under
+autocast, so layer inputs and output gradients may be bfloat16; everything the sensitivity bound rests on runs in
+float32 with autocast disabled: the rules upcast the activations and output gradients they read
+(:mod:`agent.dpsgd.rules`, :mod:`agent.dpsgd.ghost`), so the per-example squared norms, the clip factors c_i and the
+weighted sums sum_i c_i g_i are float32 and the summed gradients have the parameters' dtype (float32: autocast
+leaves parameters in float32), as the noise added to them (:mod:`agent.dpsgd.noise`). The norm ||g_i|| is computed
+from the same float32 factors the clipped sum is formed from, so the clipped contribution c_i g_i has norm at most
+C up to float32 rounding, whatever rounding the bfloat16 forward pass introduced into g_i itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -82,16 +92,18 @@ class PerExampleClipper:
     """Clipped per-example gradient sums of ``model``'s trainable parameters under ``loss_fn``.
 
     ``loss_fn(outputs, batch)`` returns one loss per example (see ``losses``). The model is called with
-    every entry of the batch except ``labels``. Parameters are those with ``requires_grad`` at
+    every entry of the batch except ``labels``, under autocast to ``autocast_dtype`` when one is given (module
+    docstring: norms and sums stay float32). Parameters are those with ``requires_grad`` at
     construction time; the model's train/eval mode is left as it is.
     """
 
-    def __init__(self, model: nn.Module, clip_norm: float, loss_fn: LossFn):
+    def __init__(self, model: nn.Module, clip_norm: float, loss_fn: LossFn, autocast_dtype: torch.dtype | None = None):
         if not clip_norm > 0:
             raise InvalidInputError(f"clip_norm must be positive, got {clip_norm}")
         self.model = model
         self.clip_norm = float(clip_norm)
         self.loss_fn = loss_fn
+        self.autocast_dtype = autocast_dtype
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._names = {id(p): name for name, p in self.params.items()}
         self._position_ids = _takes_position_ids(model)
@@ -128,12 +140,19 @@ class PerExampleClipper:
             inputs["position_ids"] = torch.arange(length, device=inputs["input_ids"].device).expand(size, length)
         return inputs
 
+    def _autocast(self, batch: Mapping[str, torch.Tensor]):
+        """Autocast to ``autocast_dtype`` on the batch's device; without one, the caller's autocast (if any) holds."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(next(iter(batch.values())).device.type, dtype=self.autocast_dtype)
+
     def _forward(self, batch: Mapping[str, torch.Tensor], size: int) -> tuple[torch.Tensor, list[Call]]:
         if any(norm.training for norm in self._batch_norms):
             raise PerExampleGradientError("batch normalisation in training mode mixes the records of a batch")
         self._calls, self._batch = [], size
         try:
-            losses = self.loss_fn(self.model(**self._model_inputs(batch, size)), batch)
+            with self._autocast(batch):
+                losses = self.loss_fn(self.model(**self._model_inputs(batch, size)), batch)
             calls = self._calls
         finally:
             self._calls = None

@@ -2,7 +2,8 @@
 
 Each rule returns ``{local parameter name: Use}`` (see ``ghost``): factored for linear layers, GPT-2
 ``Conv1D`` and embeddings, direct (``[B, *shape]``) for biases and LayerNorm, whose per-example gradients
-are small. A module without a rule falls back to ``torch.func``: ``vmap`` over the examples of ``grad`` of
+are small. Under a bfloat16 autocast forward pass the direct gradients are formed in float32 here and the factors
+are upcast to float32 by ``ghost`` before any product, so no norm or sum is accumulated in bfloat16. A module without a rule falls back to ``torch.func``: ``vmap`` over the examples of ``grad`` of
 <module(x_i), g_i>, the module's own vector-Jacobian product (as Opacus' functorch mode does).
 """
 
@@ -46,7 +47,7 @@ def _linear(call: Call, grad_out: torch.Tensor, batch: int) -> dict[str, Use]:
     g, a = _rows(grad_out, batch), _rows(call.args[0], batch)
     uses: dict[str, Use] = {"weight": Outer(Dense(g), Dense(a), module.weight.shape)}
     if module.bias is not None:
-        uses["bias"] = Direct(g.sum(dim=1))
+        uses["bias"] = Direct(g.float().sum(dim=1))
     return uses
 
 
@@ -54,7 +55,7 @@ def _conv1d(call: Call, grad_out: torch.Tensor, batch: int) -> dict[str, Use]:
     """GPT-2's ``Conv1D`` is a linear layer y = x W + b with W stored as [d_in, d_out]."""
     module = call.module
     g, a = _rows(grad_out, batch), _rows(call.args[0], batch)
-    return {"weight": Outer(Dense(a), Dense(g), module.weight.shape), "bias": Direct(g.sum(dim=1))}
+    return {"weight": Outer(Dense(a), Dense(g), module.weight.shape), "bias": Direct(g.float().sum(dim=1))}
 
 
 def _embedding(call: Call, grad_out: torch.Tensor, batch: int) -> dict[str, Use]:
@@ -104,10 +105,18 @@ def _functional(call: Call, grad_out: torch.Tensor, batch: int) -> dict[str, Use
         {k: 0 if b else None for k, b in batched_kwargs.items()},
         0,
     )
-    detached_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    detached_kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    per_example = vmap(example_gradient, in_dims=in_dims)(params, detached_args, detached_kwargs, grad_out.detach())
+    detached_args = tuple(_detached_float32(a) for a in args)
+    detached_kwargs = {k: _detached_float32(v) for k, v in kwargs.items()}
+    per_example = vmap(example_gradient, in_dims=in_dims)(params, detached_args, detached_kwargs, grad_out.detach().float())
     return {name: Direct(values) for name, values in per_example.items()}
+
+
+def _detached_float32(value):
+    """A tensor argument detached, and in float32 when it is floating point (a bfloat16 activation of an autocast
+    forward pass, which the float32 parameters would not take with autocast disabled); other values as they are."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.detach().float() if value.is_floating_point() else value.detach()
 
 
 Rule = Callable[[Call, torch.Tensor, int], dict[str, Use]]

@@ -7,6 +7,10 @@ import torch
 from accountant.errors import InvalidInputError
 from agent.device import check_device_name, check_precision, resolve_device
 
+# A test that needs a GPU: marked ``gpu`` (``pytest -m gpu`` runs these alone on a lent device), skipped without CUDA.
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+DEVICES = ["cpu", pytest.param("cuda", marks=ON_GPU)]
+
 
 @pytest.mark.parametrize("name", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
 def test_device_names_accepted(name):
@@ -114,31 +118,34 @@ class _TinyClassifier(torch.nn.Module):
         return SimpleNamespace(logits=self.head(hidden.mean(dim=1)))
 
 
-def _tiny_batch():
+def _tiny_batch(device):
     generator = torch.Generator().manual_seed(1)
-    return {"input_ids": torch.randint(0, 50, (6, 5), generator=generator), "labels": torch.randint(0, 3, (6,), generator=generator)}
+    batch = {"input_ids": torch.randint(0, 50, (6, 5), generator=generator), "labels": torch.randint(0, 3, (6,), generator=generator)}
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def _clipped_sum(model, clip_norm, batch, how):
     """The engine's clipped sum in float32 (``how = None``), under its own bfloat16 autocast (``engine``), or under
-    the caller's (``caller``)."""
+    the caller's (``caller``), on the batch's device."""
     from agent.dpsgd import PerExampleClipper, classification_loss
 
     clipper = PerExampleClipper(model, clip_norm, classification_loss, autocast_dtype=torch.bfloat16 if how == "engine" else None)
+    device_type = batch["input_ids"].device.type
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "caller"):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=how == "caller"):
             return clipper.clipped_grad_sum(batch)
     finally:
         clipper.close()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("how", ["engine", "caller"])
-def test_bf16_autocast_keeps_per_example_norms_and_sums_float32(how):
-    """Under bfloat16 autocast (on the CPU here; on a GPU the same code runs under CUDA autocast) the forward pass
-    is bfloat16, while the per-example norms and the clipped sums stay float32 and equal the float32 run's within the
-    bfloat16 forward pass's error."""
+def test_bf16_autocast_keeps_per_example_norms_and_sums_float32(how, device):
+    """Under bfloat16 autocast (CPU autocast in CI; CUDA autocast with a GPU) the forward pass is bfloat16, while
+    the per-example norms and the clipped sums stay float32 and equal the float32 run's within the bfloat16 forward
+    pass's error."""
     torch.manual_seed(0)
-    model, batch = _TinyClassifier(), _tiny_batch()
+    model, batch = _TinyClassifier().to(device), _tiny_batch(device)
     seen = []
     hook = model.inner.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
     exact = _clipped_sum(model, 1e6, batch, None)  # a clip norm no gradient reaches: the plain per-example sums
@@ -146,7 +153,7 @@ def test_bf16_autocast_keeps_per_example_norms_and_sums_float32(how):
     hook.remove()
     assert seen == [torch.float32, torch.bfloat16]  # the second forward pass did run in bfloat16
     assert exact.per_example_norms.dtype == mixed.per_example_norms.dtype == torch.float32
-    assert all(grad.dtype == torch.float32 for grad in mixed.grads.values())
+    assert all(grad.dtype == torch.float32 and grad.device.type == device for grad in mixed.grads.values())
     assert set(mixed.grads) == {name for name, _ in model.named_parameters()}
     torch.testing.assert_close(mixed.per_example_norms, exact.per_example_norms, rtol=3e-2, atol=0)
     for name, grad in exact.grads.items():
@@ -154,12 +161,13 @@ def test_bf16_autocast_keeps_per_example_norms_and_sums_float32(how):
     assert not torch.equal(mixed.per_example_norms, exact.per_example_norms)  # bfloat16 rounding did change them
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("how", ["engine", "caller"])
-def test_bf16_autocast_keeps_each_records_clipped_contribution_within_the_clip_norm(how):
+def test_bf16_autocast_keeps_each_records_clipped_contribution_within_the_clip_norm(how, device):
     """Sensitivity: a record alone contributes a clipped gradient of norm at most C (float32 rounding aside), its
     bfloat16 forward pass notwithstanding."""
     torch.manual_seed(0)
-    model, batch, clip_norm = _TinyClassifier(), _tiny_batch(), 1e-3
+    model, batch, clip_norm = _TinyClassifier().to(device), _tiny_batch(device), 1e-3
     for row in range(6):
         alone = _clipped_sum(model, clip_norm, {key: value[row : row + 1] for key, value in batch.items()}, how)
         norm = torch.sqrt(sum(grad.double().pow(2).sum() for grad in alone.grads.values()))

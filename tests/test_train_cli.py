@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ewtune.cli import main
+from test_device import ON_GPU
 
 
 def _argv(model_dir, data_file, *extra):
@@ -257,3 +258,11 @@ def test_cuda_without_cuda_is_one_line_before_the_model_or_the_data_loads(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ewtune: error:")
     assert f"device {device!r} was asked for, but torch" in err[0] and "sees no CUDA device here" in err[0]
+
+
+@pytest.mark.parametrize("precision", [pytest.param("fp32", marks=ON_GPU), pytest.param("bf16", marks=ON_GPU)])
+def test_a_run_on_the_gpu_records_its_device_and_precision(tiny_bert_dir, mr_csv, capsys, precision):
+    assert main(_argv(tiny_bert_dir, mr_csv, "--json", "--device", "cuda", "--precision", precision)) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["device"], summary["precision"]) == ("cuda", precision)
+    assert 7.9 < summary["epsilon_certified"] <= 8.0 * (1 + 1e-9) and summary["eval"]["num_examples"] == 12

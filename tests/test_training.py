@@ -12,6 +12,7 @@ from accountant.events import PoissonGaussianEvent
 from accountant.sampling import executable_sampling_rate
 from agent.dpsgd.unpadded import padded_length
 from agent.training import LocalTrainer, StepPlan, TrainingConfig, TrainingFailed
+from test_device import ON_GPU
 
 
 def _config(model_dir, data_file, **overrides):
@@ -201,9 +202,12 @@ def test_lp_ft_phase_one_trains_only_the_head_on_cached_embeddings_then_phase_tw
     assert any(not torch.equal(probe.trainable_state[n], v) for n, v in tuned.trainable_state.items() if "lora_" in n)
 
 
-def test_the_trainer_puts_the_model_batches_and_caches_on_its_configured_device(tiny_pooled_3layer_dir, mr_csv, monkeypatch):
-    """device = "cpu" asked for explicitly: the model, every batch the engine receives (copied there by the
-    transfer helper), the embedding and hidden-state caches are on it, and the evaluation runs there."""
+@pytest.mark.parametrize("device, precision", [("cpu", "fp32"), pytest.param("cuda", "fp32", marks=ON_GPU),
+                                               pytest.param("cuda", "bf16", marks=ON_GPU)])
+def test_the_trainer_puts_the_model_batches_and_caches_on_its_configured_device(tiny_pooled_3layer_dir, mr_csv, monkeypatch,
+                                                                                device, precision):
+    """The device asked for explicitly (the CPU in CI): the model, every batch the engine receives (copied there by
+    the transfer helper), the embedding and hidden-state caches are on it, and the evaluation runs there."""
     import agent.training as training
     from agent.dpsgd.step import DPSGDStep
 
@@ -211,21 +215,23 @@ def test_the_trainer_puts_the_model_batches_and_caches_on_its_configured_device(
     real_resolve, real_batch_to, real_step = training.resolve_device, training.batch_to, DPSGDStep.step
     monkeypatch.setattr(training, "resolve_device", lambda *names: resolved.append(names) or real_resolve(*names))
     monkeypatch.setattr(training, "batch_to", lambda batch, device: moved.append(device) or real_batch_to(batch, device))
-    monkeypatch.setattr(DPSGDStep, "step", lambda self, batch: received.append({v.device for v in batch.values()})
+    monkeypatch.setattr(DPSGDStep, "step", lambda self, batch: received.append({v.device.type for v in batch.values()})
                         or real_step(self, batch))
-    config = _config(tiny_pooled_3layer_dir, mr_csv, max_examples=80, mode="full", tune_layers=1, device="cpu")
+    config = _config(tiny_pooled_3layer_dir, mr_csv, max_examples=80, mode="full", tune_layers=1, device=device, precision=precision)
     trainer = LocalTrainer(config)
-    cpu = torch.device("cpu")
-    assert resolved == [("cpu", "fp32")] and trainer.device == cpu and trainer.precision == "fp32"
-    assert {param.device for param in trainer.model.parameters()} == {cpu}
+    assert resolved == [(device, precision)] and trainer.device.type == device and trainer.precision == precision
+    assert {param.device.type for param in trainer.model.parameters()} == {device}
     for plan in (StepPlan(3, 0.25, 1.0, 1.0, 0.1, head_only=True), StepPlan(2, 0.25, 1.0, 1.0, 1e-2)):
         moved.clear(), received.clear()
-        trainer.train(plan)
-        assert len(received) == plan.steps and all(devices == {cpu} for devices in received)
-        assert moved == [cpu] * plan.steps  # every batch went through the transfer to the trainer's device
-    assert {record.device for record in trainer._hidden} == {cpu}
-    assert trainer._train_features().device == cpu
-    assert trainer.confusion_matrix().device == cpu and trainer.evaluate()["num_examples"] == len(trainer.data.eval)
+        result = trainer.train(plan)
+        assert len(received) == plan.steps and all(devices == {device} for devices in received)
+        assert moved == [trainer.device] * plan.steps  # every batch went through the transfer to the trainer's device
+        assert all(math.isfinite(float(value.float().sum())) for value in result.trainable_state.values())
+    assert {record.device.type for record in trainer._hidden} == {device}
+    assert trainer._train_features().device.type == device
+    counts = trainer.confusion_matrix()  # a private evaluation's counts (and their noise) stay on the CPU
+    assert counts.device.type == "cpu" and counts.sum() == len(trainer.data.eval)
+    assert trainer.evaluate()["num_examples"] == len(trainer.data.eval)
 
 
 @pytest.mark.parametrize("setting, message", [({"device": "gpu"}, "device must be auto"),

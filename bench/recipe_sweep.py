@@ -56,7 +56,7 @@ def main() -> int:
     torch.set_num_threads(1)  # one thread: the machine is shared, and oversubscribed threads spin
     started = time.perf_counter()
     config = TrainingConfig(model_dir=resolve_model("minilm"), data_file=resolve_data(args.data), mode="head",
-                            max_length=args.max_length, insecure_seeded_randomness=True)
+                            max_length=args.max_length, insecure_seeded_randomness=True, device="cpu")  # the CPU recipe's sweep
     trainer = LocalTrainer(config)
     size, labels = trainer.dataset_size, torch.tensor(trainer.data.eval.labels)
     eval_features = embed_examples(trainer.model, trainer.data.eval, trainer.pad_token_id)
@@ -159,7 +159,8 @@ def tune_sweep(args) -> int:
     rows, probe_alone = [], {}
     for mode, layers in TUNE_MODELS:
         trainer = LocalTrainer(TrainingConfig(model_dir=resolve_model("minilm"), data_file=resolve_data(args.data), mode=mode,
-                                              tune_layers=layers, max_length=args.max_length, insecure_seeded_randomness=True))
+                                              tune_layers=layers, max_length=args.max_length, insecure_seeded_randomness=True,
+                                              device="cpu"))
         size, labels = trainer.dataset_size, torch.tensor(trainer.data.eval.labels)
         top = TopLayers(_base(trainer.model), layers)
         held_out = hidden_states_below(top.model, layers, trainer.data.eval, trainer.pad_token_id)

@@ -65,6 +65,14 @@ def composed(calibrated: Sequence[CalibratedPhase]) -> DpEvent:
     return events[0] if len(events) == 1 else compose(*events)
 
 
+def smallest_sigma_after(spent: Sequence[DpEvent], phase: Phase, target: float, delta: float) -> tuple[float, float]:
+    """(sigma, certified epsilon): the smallest sigma (within SIGMA_TOLERANCE, on the passing side) for which
+    ``phase`` run after the ``spent`` events keeps the composition's certified epsilon at ``delta`` within
+    ``target``, e.g. a plan within a holder's budget after what its ledger already holds."""
+    _check(target, delta, [phase])
+    return _smallest_sigma(CertifiedAccountant(), target, delta, list(spent), phase)
+
+
 def _smallest_sigma(
     accountant: CertifiedAccountant, target: float, delta: float, prefix: list[DpEvent], phase: Phase
 ) -> tuple[float, float]:

@@ -31,6 +31,7 @@ step before it may run and the receipt before the commit (:mod:`agent.recovery`)
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -52,6 +53,7 @@ from accountant.privacy_accountant import delta_too_large
 from accountant.receipts import Receipt, receipt_digest, sign_receipt, update_digest
 from accountant.sampling import executable_sampling_rate
 from accountant.signing import SigningKey
+from accountant.spend import mechanism_rows
 from agent.dpsgd.randomness import SecureRandom
 from agent.policy import AgentConfig, HolderPolicy, PlanRefused, RoundPlan
 from agent.recovery import ProgressJournal, journal_path, reconcile
@@ -146,6 +148,8 @@ class Daemon:
             "budget_delta": spend.budget_delta,
             "spent_epsilon_certified": spend.epsilon_certified,
             "budget_left_epsilon": spend.budget_left_epsilon,
+            # the ledger's events (committed and reserved), so the planner composes instead of subtracting
+            "spent_mechanisms": json.dumps(mechanism_rows(spend.event)),
             "open_reservations": open_reservations,
             "public_key": self.key.public_key_text,
             "model_id": self.trainer.model_id,

@@ -287,7 +287,8 @@ def status_table(status: dict[str, Any]) -> str:
         )
     for holder_id, reason in sorted(status.get("skipped", {}).items()):
         lines.append(f"| {holder_id} | skipped: {reason} | | | | | | |")
-    return "\n".join(lines + ["", COORDINATOR_SPEND_NOTE])
+    warnings = [f"WARNING: {holder['warning']}" for _, holder in sorted(status.get("holders", {}).items()) if holder.get("warning")]
+    return "\n".join(lines + [""] + warnings + [COORDINATOR_SPEND_NOTE])
 
 
 def _fmt(value: Any) -> str:

@@ -6,28 +6,46 @@ of its records (its exact N never leaves it: agent.released_count) samples at q 
 function of released values, so the q in its ledger reveals nothing more about N), rounded up to the rate its sampler executes exactly
 (:func:`accountant.sampling.executable_sampling_rate`): the receipt's event must equal the plan's to the bit,
 so the plan names the rate that will actually run. It meets each holder's stated floors (its minimum expected
-batch q*N_noisy and minimum noise multiplier; its daemon refuses a plan below them) and delta < 1/N_noisy. Its sigma is the certified calibration (:mod:`accountant.calibration`) of the *whole* plan,
-``rounds * local_steps`` steps at rate q, to min(target epsilon, the budget it has left), at the smaller of the
-federation's delta and its own budget delta. Holders whose budget cannot fund the plan are skipped with the
-reason, before anything is reserved or sent.
+batch q*N_noisy and minimum noise multiplier; its daemon refuses a plan below them) and delta < 1/N_noisy.
+
+Its sigma is the smallest that meets two certified bounds (events are accounted, never epsilons subtracted):
+
+- the *whole* plan alone, ``rounds * local_steps`` steps at rate q, within min(target epsilon, the holder's
+  budget epsilon) at the smaller of the federation's delta and its budget delta (:mod:`accountant.calibration`);
+- the plan composed after every event the holder's ledger already holds (its Describe reply's
+  ``spent_mechanisms``: the steps per distinct mechanism, committed and reserved, the released count among
+  them) within the holder's budget at its budget delta (:func:`accountant.phases.smallest_sigma_after`), which
+  is the check its daemon makes against its own ledger before every round (``Daemon._check_budget``: the
+  ledger's events with the round reserved, composed). Subtracting epsilons overstates the cost: a count
+  released at sigma 20 has epsilon about 0.16 alone, but composed with a plan at epsilon 8 it adds about 0.004.
+  A holder that does not state its events is planned to min(target, budget - spent), as before.
+
+Holders whose budget cannot fund the plan are skipped with the reason, before anything is reserved or sent. A
+holder planned at a sigma over :data:`USELESS_SIGMA_RATIO` times what a fresh budget would give (its budget is
+nearly spent: its update would be mostly noise) is planned with a warning naming it and its budget left.
 
 This module imports neither torch nor flwr.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from accountant.errors import InvalidInputError
-from accountant.events import PoissonGaussianEvent
+from accountant.events import Neighbouring, PoissonGaussianEvent
 from accountant.privacy_accountant import delta_too_large
 
 # dataset_size is optional: a holder whose budget could not fund the release of its noised count sends none (a null
 # does not survive Flower's records) and is skipped.
 DESCRIPTION_FIELDS = ("holder_id", "budget_epsilon", "budget_delta", "spent_epsilon_certified", "public_key")
+MAX_SPENT_MECHANISMS = 256  # distinct (q, sigma) a description may list: each costs the planner's accountant time
+# A plan's sigma over this many times a fresh budget's is warned about: 16 times the noise variance, so the
+# updates carry the signal-to-noise of a run 16 times shorter.
+USELESS_SIGMA_RATIO = 4.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,9 @@ class HolderDescription:
     model_id: str | None = None
     min_expected_batch: float = 0.0  # the holder's floors, as its daemon states them (0: none stated)
     min_noise_multiplier: float = 0.0
+    # The events its ledger holds (committed and reserved) as JSON rows of accountant.spend.mechanism_rows;
+    # None: not stated (the planner then subtracts epsilons).
+    spent_mechanisms: str | None = None
 
     @classmethod
     def from_mapping(cls, node_id: int, values: Mapping[str, Any]) -> "HolderDescription":
@@ -100,6 +121,9 @@ class HolderDescription:
             if not isinstance(values[name], str) or not values[name]:
                 raise InvalidInputError(f"node {node_id}'s {name} must be a non-empty string")
         model_id = values.get("model_id")
+        spent_mechanisms = values.get("spent_mechanisms")
+        if spent_mechanisms is not None:
+            _spent_events(node_id, spent_mechanisms)  # refused here, with the node named, when malformed
         floors = {}
         for name in ("min_expected_batch", "min_noise_multiplier"):
             if name in values:
@@ -114,12 +138,18 @@ class HolderDescription:
             spent_epsilon_certified=float(spent),
             public_key=values["public_key"],
             model_id=str(model_id) if model_id else None,
+            spent_mechanisms=spent_mechanisms,
             **floors,
         )
 
     @property
     def budget_left_epsilon(self) -> float:
         return max(0.0, self.budget_epsilon - self.spent_epsilon_certified)
+
+    @property
+    def spent_events(self) -> tuple[PoissonGaussianEvent, ...] | None:
+        """The events its ledger holds, or None when its description did not state them."""
+        return None if self.spent_mechanisms is None else _spent_events(self.node_id, self.spent_mechanisms)
 
 
 @dataclass(frozen=True)
@@ -134,6 +164,7 @@ class HolderPlan:
     delta: float
     epsilon_certified: float
     epsilon_edgeworth: float | None
+    warning: str | None = None  # the plan runs, but the holder's update will be mostly noise (module docstring)
 
     @property
     def holder_id(self) -> str:
@@ -188,9 +219,9 @@ def _plan_holder(settings: FederationSettings, holder: HolderDescription) -> Hol
 
     if holder.dataset_size is None:
         return SkippedHolder(holder, "its budget cannot fund the release of its noised count of records")
-    epsilon = min(settings.target_epsilon, holder.budget_left_epsilon)
-    if epsilon <= 0:
+    if holder.budget_left_epsilon <= 0:
         return SkippedHolder(holder, f"its budget is spent ({holder.spent_epsilon_certified:.4g} of {holder.budget_epsilon:g})")
+    epsilon = min(settings.target_epsilon, holder.budget_epsilon)
     delta = min(settings.delta, holder.budget_delta)
     too_large = delta_too_large(delta, holder.dataset_size)
     if too_large:
@@ -200,28 +231,77 @@ def _plan_holder(settings: FederationSettings, holder: HolderDescription) -> Hol
         return SkippedHolder(
             holder, f"expected batch {sampling_rate * holder.dataset_size:.4g} is below its minimum {holder.min_expected_batch:g}"
         )
+    plan = [(sampling_rate, settings.total_steps)]
     try:
-        calibration = calibrate_noise_multiplier(epsilon, delta, [(sampling_rate, settings.total_steps)], policy="certified")
+        calibration = calibrate_noise_multiplier(epsilon, delta, plan, policy="certified")
+        fresh_sigma = float(calibration.noise_multiplier)
+        within_ledger = _sigma_within_ledger(settings, holder, plan, delta)
     except InvalidInputError as failure:
-        return SkippedHolder(holder, f"no noise multiplier reaches epsilon {epsilon:.4g}: {failure}")
-    if calibration.noise_multiplier < holder.min_noise_multiplier:  # more noise than needed: epsilon falls
-        calibration = _at_sigma(holder.min_noise_multiplier, delta, sampling_rate, settings.total_steps)
-    sigma = float(calibration.noise_multiplier)
+        return SkippedHolder(holder, f"no noise multiplier keeps the plan within its budget: {failure}")
+    sigma = max(fresh_sigma, within_ledger, holder.min_noise_multiplier)
+    if sigma > calibration.noise_multiplier:  # more noise than the plan alone needs: its epsilon falls
+        calibration = _at_sigma(sigma, delta, sampling_rate, settings.total_steps)
     if not math.isfinite(sigma) or sigma > settings.max_noise_multiplier:
         return SkippedHolder(
             holder,
-            f"epsilon {epsilon:.4g} left needs noise multiplier {sigma:.4g} > {settings.max_noise_multiplier:g} "
+            f"its budget left needs noise multiplier {sigma:.4g} > {settings.max_noise_multiplier:g} "
             f"for {settings.total_steps} steps at q={sampling_rate:.4g}",
         )
     return HolderPlan(
         holder=holder,
         sampling_rate=sampling_rate,
         noise_multiplier=sigma,
-        epsilon_target=epsilon,
+        epsilon_target=epsilon if holder.spent_events is not None else min(epsilon, holder.budget_left_epsilon),
         delta=delta,
         epsilon_certified=float(calibration.epsilon_certified),
         epsilon_edgeworth=None if calibration.epsilon_edgeworth is None else float(calibration.epsilon_edgeworth),
+        warning=_useless_warning(holder, sigma, fresh_sigma),
     )
+
+
+def _sigma_within_ledger(settings: FederationSettings, holder: HolderDescription, plan, delta: float) -> float:
+    """The smallest sigma for which the ``plan`` [(q, steps)], composed after the events of the holder's ledger,
+    stays within its budget at its budget delta: the daemon's own check. A holder that does not state its
+    events: the plan alone within min(target, budget - spent) at ``delta`` (0 when nothing was spent)."""
+    from accountant.calibration import calibrate_noise_multiplier
+    from accountant.phases import Phase, smallest_sigma_after
+
+    spent = holder.spent_events
+    if spent is None:
+        left = min(settings.target_epsilon, holder.budget_left_epsilon)
+        if left >= min(settings.target_epsilon, holder.budget_epsilon):
+            return 0.0  # the plan's own calibration already holds
+        return float(calibrate_noise_multiplier(left, delta, plan).noise_multiplier)
+    ((sampling_rate, steps),) = plan
+    sigma, _ = smallest_sigma_after(spent, Phase("plan", sampling_rate, steps), holder.budget_epsilon, holder.budget_delta)
+    return sigma
+
+
+def _useless_warning(holder: HolderDescription, sigma: float, fresh_sigma: float) -> str | None:
+    """A warning when the holder's budget left forces a sigma over USELESS_SIGMA_RATIO times the plan's own."""
+    if sigma <= USELESS_SIGMA_RATIO * fresh_sigma:
+        return None
+    left = holder.budget_epsilon - holder.spent_epsilon_certified
+    return (
+        f"holder {holder.holder_id} has epsilon {left:.4g} of {holder.budget_epsilon:g} left: its noise multiplier "
+        f"{sigma:.4g} is {sigma / fresh_sigma:.0f}x what a fresh budget gives ({fresh_sigma:.4g}), so its updates "
+        "will be mostly noise"
+    )
+
+
+def _spent_events(node_id: int, text: Any) -> tuple[PoissonGaussianEvent, ...]:
+    """The events of a description's ``spent_mechanisms`` (JSON rows {sampling_rate, noise_multiplier,
+    neighbouring, steps}), or a one-line refusal naming the node."""
+    try:
+        rows = json.loads(text) if isinstance(text, str) else None
+        if not isinstance(rows, list) or len(rows) > MAX_SPENT_MECHANISMS:
+            raise ValueError(f"a JSON list of at most {MAX_SPENT_MECHANISMS} rows is expected")
+        return tuple(
+            PoissonGaussianEvent(row["sampling_rate"], row["noise_multiplier"], row["steps"], Neighbouring(row["neighbouring"]))
+            for row in rows
+        )
+    except (ValueError, TypeError, KeyError, InvalidInputError) as bad:
+        raise InvalidInputError(f"node {node_id}'s spent_mechanisms is malformed: {str(bad)[:160]}") from None
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ class RunProgress:
                        dataset_size=holder.get("dataset_size"), sampling_rate=holder.get("sampling_rate"),
                        noise_multiplier=holder.get("noise_multiplier"),
                        planned_epsilon_certified=holder.get("planned_epsilon_certified"))  # fmt: skip
+            if holder.get("warning"):
+                self._once(("warning", holder_id), "warning", f"  WARNING: {holder['warning']}", holder=holder_id, warning=holder["warning"])
         for holder_id, reason in sorted(status.get("skipped", {}).items()):
             self._once(("skipped", holder_id), "skipped", f"  skipped {holder_id}: {reason}", holder=holder_id, reason=reason)
         rounds = status.get("rounds", [])

@@ -287,6 +287,8 @@ class Federation:
                 f"sigma={holder_plan.noise_multiplier:.4f}, planned certified epsilon {holder_plan.epsilon_certified:.3f} "
                 f"(Edgeworth estimate {_number(holder_plan.epsilon_edgeworth)}) at delta {holder_plan.delta:g}"
             )
+            if holder_plan.warning:
+                _log(f"WARNING: {holder_plan.warning}")
 
     def _open_ledger(self) -> Ledger:
         key = SigningKey.load(self.config.signing_key)
@@ -690,6 +692,7 @@ class Federation:
             "sampling_rate": plan.sampling_rate,
             "noise_multiplier": plan.noise_multiplier,
             "planned_epsilon_certified": plan.epsilon_certified,
+            "warning": plan.warning,  # its budget left makes its updates mostly noise (coordinator.planner)
             "active": state.active,
             "reason": state.reason,
             "rounds_committed": state.rounds_committed,

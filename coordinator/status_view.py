@@ -54,6 +54,7 @@ function bar(td, spent, budget) {
 function events(status) {
   const items = [];
   for (const [holder, reason] of Object.entries(status.skipped || {})) items.push("skipped " + holder + ": " + reason);
+  for (const holder of Object.values(status.holders || {})) if (holder.warning) items.push("WARNING: " + holder.warning);
   for (const record of (status.rounds || [])) {
     const outcomes = Object.entries(record.holders || {});
     const committed = outcomes.filter(([, o]) => o.status === "committed").map(([h]) => h);

@@ -5,7 +5,9 @@ The exchange (Flower's Message API; every reply answers one message of the Serve
 - ``query`` (empty) -> :data:`DESCRIPTION`: the holder's public description (holder_id; dataset_size, the
   noised count of its training records released once per data set and charged to its ledger, never the exact
   N, with dataset_size_noise, its noise std, or null when its budget could not fund that release; budget,
-  spent certified epsilon, ledger public key, model id, policy limits; ``agent.daemon.Daemon.describe``);
+  spent certified epsilon, spent_mechanisms (its ledger's events, committed and reserved, as JSON rows of
+  :func:`accountant.spend.mechanism_rows`: the planner composes them with its plan, as the daemon's own
+  budget check does), ledger public key, model id, policy limits; ``agent.daemon.Daemon.describe``);
 - ``train``: the global trainable weights (packed in :data:`LAYOUT`, or plain in :data:`ARRAYS`) and
   :data:`CONFIG` (the holder's plan: run_id, round, sampling rate, noise multiplier, steps, clip norm,
   learning rate, delta and, optionally, :data:`EVALUATE_ROUND`: evaluate the same incoming weights, the global

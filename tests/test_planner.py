@@ -1,11 +1,14 @@
 """The federation planner: one schedule, a certified sigma per holder for the whole plan, skips with reasons."""
 
+import json
+
 import pytest
 
 from accountant.certified import certified_epsilon
 from accountant.errors import InvalidInputError
 from accountant.events import PoissonGaussianEvent
 from coordinator.planner import FederationSettings, HolderDescription, plan_federation
+from test_daemon import trainer  # noqa: F401 - the tiny model the real daemon trains
 
 SETTINGS = FederationSettings(
     rounds=2, local_steps=5, expected_batch_size=20, clip_norm=1.0, learning_rate=0.01, target_epsilon=4.0, delta=1e-5
@@ -143,3 +146,92 @@ def test_a_delta_not_below_one_over_n_skips_the_holder():
     plan = plan_federation(wide, [_holder("small", size=100, delta=0.005), _holder("large", size=1000, delta=0.005)])
     assert [s.holder.holder_id for s in plan.skipped] == ["large"] and "1/N = 1/1000" in plan.skipped[0].reason
     assert [p.holder_id for p in plan.holders] == ["small"]
+
+
+def _rows(*events):
+    from accountant.events import compose
+    from accountant.spend import mechanism_rows
+
+    return json.dumps(mechanism_rows(compose(*events)))
+
+
+def _stating_events(holder_id, events, budget=8.0, size=200):
+    """A description that states its ledger's events, as a daemon's does (spent_mechanisms)."""
+    from accountant.events import compose
+
+    spent = certified_epsilon(compose(*events), 1e-5)
+    return HolderDescription.from_mapping(3, {
+        "holder_id": holder_id, "dataset_size": size, "budget_epsilon": budget, "budget_delta": 1e-5,
+        "spent_epsilon_certified": spent, "public_key": "key-" + holder_id, "spent_mechanisms": _rows(*events),
+    })  # fmt: skip
+
+
+def test_the_plan_composes_the_spent_events_instead_of_subtracting_epsilons():
+    """Budget 8 = target 8, a count released at sigma 20 (epsilon about 0.16 alone): subtracting would plan the
+    run to 7.84; composed with the plan, as the holder's ledger accounts it, the count costs a few thousandths."""
+    from accountant.events import compose
+
+    settings = FederationSettings(rounds=2, local_steps=5, expected_batch_size=20, clip_norm=1.0, learning_rate=0.01,
+                                  target_epsilon=8.0, delta=1e-5)
+    count = PoissonGaussianEvent(1.0, 20.0, 1)
+    (plan,) = plan_federation(settings, [_stating_events("a", [count])]).holders
+    assert plan.warning is None
+    whole = PoissonGaussianEvent(plan.sampling_rate, plan.noise_multiplier, settings.total_steps)
+    assert certified_epsilon(compose(count, whole), 1e-5) <= 8.0  # the holder's budget, as its ledger composes it
+    assert plan.epsilon_certified > 8.0 - certified_epsilon(count, 1e-5) + 0.1  # well above the subtracted 7.84
+    assert plan.epsilon_certified == pytest.approx(certified_epsilon(whole, 1e-5))
+
+
+def test_a_malformed_spent_mechanisms_is_refused_naming_the_node():
+    values = {"holder_id": "a", "dataset_size": 10, "budget_epsilon": 1.0, "budget_delta": 1e-5, "spent_epsilon_certified": 0.0,
+              "public_key": "k"}
+    for bad in ("not json", json.dumps([{"sampling_rate": 2.0, "noise_multiplier": 1.0, "steps": 1, "neighbouring": "add_remove"}]),
+                json.dumps([{}] * 300), "{}"):
+        with pytest.raises(InvalidInputError, match="node 1's spent_mechanisms is malformed"):
+            HolderDescription.from_mapping(1, {**values, "spent_mechanisms": bad})
+
+
+def test_a_nearly_spent_budget_is_planned_with_a_warning_naming_the_holder():
+    """The holder has spent nearly all of its 8: the noise that keeps the plan within it is far above what a fresh
+    budget gives, so the plan carries a plain warning (the coordinator prints it) with the budget left."""
+    from coordinator.planner import USELESS_SIGMA_RATIO
+
+    nearly, much = PoissonGaussianEvent(0.1, 1.547, 500), PoissonGaussianEvent(0.1, 1.55, 500)  # 7.993 and 7.970 of 8
+    (fresh,) = plan_federation(SETTINGS, [_holder("fresh")]).holders
+    plan = plan_federation(SETTINGS, [_stating_events("nearly", [nearly]), _stating_events("much", [much]), _holder("fresh")]).by_holder()
+    assert plan["fresh"].warning is None
+    # 0.03 left still buys a sigma under 4 times the fresh one (composition is kind to a small plan after a
+    # large spend); 0.007 left does not
+    assert plan["much"].warning is None and plan["much"].noise_multiplier < USELESS_SIGMA_RATIO * fresh.noise_multiplier
+    warning = plan["nearly"].warning
+    left = 8.0 - certified_epsilon(nearly, 1e-5)
+    assert 0 < left < 0.01 and plan["nearly"].noise_multiplier > USELESS_SIGMA_RATIO * fresh.noise_multiplier
+    assert warning.startswith(f"holder nearly has epsilon {left:.4g} of 8 left") and "mostly noise" in warning
+
+
+def test_the_real_daemon_accepts_the_composed_plan_to_the_last_thousandths_of_its_budget(tmp_path, trainer):
+    """Through the daemon's own check (its ledger's events with each round reserved, composed): the plan from its
+    Describe reply is accepted round after round and brings the ledger to within 0.02 of the budget of 8, where
+    subtracting the count's epsilon stopped at about 7.84 plus the count; a noise 3% lower than planned, for the
+    second round alone, is refused."""
+    from accountant.ledger import Ledger
+    from accountant.signing import SigningKey
+    from agent.daemon import Daemon
+    from agent.policy import HolderPolicy, PlanRefused
+    from test_daemon import BUDGET, HOLDER, PLAN, _global_weights
+
+    key = SigningKey.generate()
+    daemon = Daemon(HOLDER, HolderPolicy(**BUDGET), trainer, Ledger.create(tmp_path / "ledger.jsonl", key, HOLDER, BUDGET), key)
+    settings = FederationSettings(rounds=2, local_steps=3, expected_batch_size=20.0, clip_norm=1.0, learning_rate=0.01,
+                                  target_epsilon=8.0, delta=1e-5)
+    holder = HolderDescription.from_mapping(1, daemon.describe())
+    assert holder.spent_events == (PoissonGaussianEvent(1.0, 20.0, 1),)  # the released count
+    (plan,) = plan_federation(settings, [holder]).holders
+    request = dict(PLAN, steps=3, sampling_rate=plan.sampling_rate, noise_multiplier=plan.noise_multiplier)
+    daemon.train(_global_weights(trainer), dict(request, round=1))
+    with pytest.raises(PlanRefused, match="over its budget 8"):
+        daemon.train(_global_weights(trainer), dict(request, round=2, noise_multiplier=plan.noise_multiplier * 0.97))
+    daemon.train(_global_weights(trainer), dict(request, round=2))
+    spent = daemon.describe()["spent_epsilon_certified"]
+    assert 7.98 < spent <= 8.0
+    daemon.close()

@@ -332,3 +332,37 @@ def test_a_registered_holder_whose_node_never_connects_is_named(tmp_path, monkey
     federation.run()
     assert "no node of absent connected" in federation.status["skipped"]["absent"]
     assert federation.status["holders"]["present"]["rounds_committed"] == 2
+
+
+def test_a_holder_whose_budget_left_makes_its_updates_noise_is_warned_about_before_the_run(tmp_path, monkeypatch, capsys):
+    """A holder that states (spent_mechanisms) a ledger holding 7.993 of its 8: the plan that fits what is left
+    needs several times a fresh budget's noise. The coordinator prints a warning naming it and its budget left
+    before the first round, and the status (table and page) carries it; a fresh holder gets none."""
+    import json
+
+    from accountant.certified import certified_epsilon
+    from accountant.events import PoissonGaussianEvent
+    from accountant.spend import mechanism_rows
+    from coordinator.cli import status_table
+
+    fake_task_identity(monkeypatch)
+    _directory(tmp_path, expected=2)
+    spent = PoissonGaussianEvent(0.1, 1.547, 500)
+    claims = {"spent_epsilon_certified": certified_epsilon(spent, 1e-5), "spent_mechanisms": json.dumps(mechanism_rows(spent))}
+    federation = _federation(tmp_path, [Node(1, "fresh"), Node(2, "exhausted", claims=claims)])
+    federation.run()
+    status = federation.status
+    warning = status["holders"]["exhausted"]["warning"]
+    assert warning.startswith("holder exhausted has epsilon 0.006702 of 8 left") and "mostly noise" in warning
+    assert status["holders"]["fresh"]["warning"] is None
+    printed = capsys.readouterr().out
+    assert f"WARNING: {warning}" in printed and printed.index("WARNING") < printed.index("round 1")
+    assert f"WARNING: {warning}" in status_table(status).splitlines()
+    import io
+
+    from coordinator.run_progress import RunProgress
+    from federation.progress import Progress
+
+    stream = io.StringIO()
+    RunProgress(Progress(stream, "lines"))(status)  # what `ewtune coordinator run` prints as it follows the run
+    assert f"WARNING: {warning}" in stream.getvalue()

@@ -65,19 +65,21 @@ def composed(calibrated: Sequence[CalibratedPhase]) -> DpEvent:
     return events[0] if len(events) == 1 else compose(*events)
 
 
-def smallest_sigma_after(spent: Sequence[DpEvent], phase: Phase, target: float, delta: float) -> tuple[float, float]:
-    """(sigma, certified epsilon): the smallest sigma (within SIGMA_TOLERANCE, on the passing side) for which
-    ``phase`` run after the ``spent`` events keeps the composition's certified epsilon at ``delta`` within
+def smallest_sigma_after(spent: Sequence[DpEvent], phase: Phase, target: float, delta: float,
+                         tolerance: float = SIGMA_TOLERANCE) -> tuple[float, float]:
+    """(sigma, certified epsilon): the smallest sigma (within ``tolerance``, relative, on the passing side) for
+    which ``phase`` run after the ``spent`` events keeps the composition's certified epsilon at ``delta`` within
     ``target``, e.g. a plan within a holder's budget after what its ledger already holds."""
     _check(target, delta, [phase])
-    return _smallest_sigma(CertifiedAccountant(), target, delta, list(spent), phase)
+    return _smallest_sigma(CertifiedAccountant(), target, delta, list(spent), phase, tolerance)
 
 
 def _smallest_sigma(
-    accountant: CertifiedAccountant, target: float, delta: float, prefix: list[DpEvent], phase: Phase
+    accountant: CertifiedAccountant, target: float, delta: float, prefix: list[DpEvent], phase: Phase,
+    tolerance: float = SIGMA_TOLERANCE,
 ) -> tuple[float, float]:
     """(sigma, certified epsilon): bisection in log sigma between a failing and a passing sigma until they lie
-    within SIGMA_TOLERANCE; the passing one is returned, so the target always holds."""
+    within ``tolerance``; the passing one is returned, so the target always holds."""
 
     def epsilon_at(sigma: float) -> float:
         event = PoissonGaussianEvent(phase.sampling_rate, sigma, phase.steps)
@@ -92,7 +94,7 @@ def _smallest_sigma(
         )
     if epsilon_at(failing) <= target:
         return failing, epsilon_at(failing)
-    while passing / failing > 1 + SIGMA_TOLERANCE:
+    while passing / failing > 1 + tolerance:
         middle = math.sqrt(passing * failing)
         at_middle = epsilon_at(middle)
         if at_middle <= target:

@@ -211,7 +211,7 @@ def test_a_nearly_spent_budget_is_planned_with_a_warning_naming_the_holder():
 
 def test_the_real_daemon_accepts_the_composed_plan_to_the_last_thousandths_of_its_budget(tmp_path, trainer):
     """Through the daemon's own check (its ledger's events with each round reserved, composed): the plan from its
-    Describe reply is accepted round after round and brings the ledger to within 0.02 of the budget of 8, where
+    Describe reply is accepted round after round and brings the ledger to within 0.01 of the budget of 8, where
     subtracting the count's epsilon stopped at about 7.84 plus the count; a noise 3% lower than planned, for the
     second round alone, is refused."""
     from accountant.ledger import Ledger
@@ -233,5 +233,5 @@ def test_the_real_daemon_accepts_the_composed_plan_to_the_last_thousandths_of_it
         daemon.train(_global_weights(trainer), dict(request, round=2, noise_multiplier=plan.noise_multiplier * 0.97))
     daemon.train(_global_weights(trainer), dict(request, round=2))
     spent = daemon.describe()["spent_epsilon_certified"]
-    assert 7.98 < spent <= 8.0
+    assert 7.99 < spent <= 8.0, spent
     daemon.close()

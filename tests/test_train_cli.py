@@ -181,9 +181,13 @@ def test_a_run_charged_to_the_ledger_composes_its_phases_to_the_certified_total(
 
 
 def test_a_recipe_over_the_ledgers_budget_is_refused_before_any_step(tiny_bert_dir, mr_csv, tmp_path, capsys):
+    """The count is released first whatever the recipe (whether it is may depend on public facts only, never on
+    the exact N); the recipe, checked with that count, is then refused before any phase is reserved."""
     assert main(_argv(tiny_bert_dir, mr_csv, *_holder_ledger(tmp_path, 4.0))) == 2
     assert "over its budget 4" in capsys.readouterr().err
-    assert [e["kind"] for e in _entries(tmp_path / "ledger.jsonl")] == ["genesis"]
+    entries = _entries(tmp_path / "ledger.jsonl")
+    assert [e["kind"] for e in entries] == ["genesis", "reserve", "commit"]
+    assert entries[-1]["payload"]["extra"]["purpose"] == "dataset_size"
 
 
 def _small_csv(tmp_path, rows):

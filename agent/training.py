@@ -37,6 +37,7 @@ from agent import models
 from agent.data import DataSpec, collate, load_local_data, split_key
 from agent.device import autocast, batch_to, check_device_name, check_precision, resolve_device
 from agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
+from agent.dpsgd.unpadded import PAD_MULTIPLE, padded_length
 from agent.evaluation import evaluate_model
 from agent.heads import PooledClassifier, embed_examples
 from agent.recipe import OPTIMIZERS
@@ -190,6 +191,7 @@ class LocalTrainer:
             pad_token_id=self.tokenizer.pad_token_id,
             tune_layers=config.tune_layers,
         ).to(self.device)
+        _check_padded_length_fits(config.max_length, self.model)
         self.model_id = models.model_id(config.model_dir)
         # Batches and noise come from the operating system's secure source: amplification by subsampling assumes
         # nobody knows who was sampled, and noise that can be predicted can be subtracted. The seeded streams of
@@ -443,6 +445,18 @@ def _only_head_trainable(model, head_only: bool):
     finally:
         for param in frozen:
             param.requires_grad_(True)
+
+
+def _check_padded_length_fits(max_length: int, model) -> None:
+    """A record is padded to a length fixed by its own (:func:`agent.dpsgd.unpadded.padded_length`), up to that of
+    ``max_length``; it must stay within the model's positions, or the longest records would fail in a forward pass."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is not None and padded_length(max_length) > positions:
+        raise InvalidInputError(
+            f"max_length {max_length} pads to {padded_length(max_length)} tokens (a multiple of {PAD_MULTIPLE}), beyond "
+            f"the model's {positions} positions: use a max_length of at most {positions // PAD_MULTIPLE * PAD_MULTIPLE}"
+        )
 
 
 def _random_source(config: TrainingConfig, stream: int) -> RandomSource:

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from accountant.errors import InvalidInputError
 from agent.data import DataSpec, load_local_data, split_key
 from agent.dpsgd.engine import PerExampleClipper
 from agent.dpsgd.step import DPSGDStep
@@ -225,3 +226,25 @@ def test_the_daemons_split_key_is_secret_by_default_and_made_once(tmp_path, tiny
     assert again.eval.input_ids == first.data.eval.input_ids and first.data.eval.input_ids  # the same key, kept
     public = load_local_data(DataSpec(path=str(data_file), max_length=16), first.tokenizer)  # the seed's public key
     assert public.eval.input_ids != first.data.eval.input_ids
+
+
+def test_a_max_length_that_pads_beyond_the_models_positions_is_refused(tmp_path, mr_csv):
+    """Records pad to a multiple of 8 fixed by their own length: with 30 positions, max_length 30 would pad the
+    longest records to 32 and fail them in the forward pass; the trainer refuses it in one line at load, and 24
+    (the largest multiple of 8 that fits) trains."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from agent.assets import minilm_model_dir
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=30, num_labels=2)
+    model_dir = tmp_path / "short"
+    BertForSequenceClassification(config).save_pretrained(model_dir, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm_model_dir() / name).exists():
+            (model_dir / name).write_bytes((minilm_model_dir() / name).read_bytes())
+    settings = dict(model_dir=str(model_dir), data_file=str(mr_csv), mode="full", max_examples=40, device="cpu")
+    with pytest.raises(InvalidInputError, match="max_length 30 pads to 32 tokens .* at most 24") as error:
+        LocalTrainer(TrainingConfig(max_length=30, **settings))
+    assert "\n" not in str(error.value)
+    assert LocalTrainer(TrainingConfig(max_length=24, **settings)).dataset_size > 0

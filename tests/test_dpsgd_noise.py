@@ -69,3 +69,22 @@ def test_noise_follows_the_gradient_dtype_and_zero_std_is_zero():
     assert gaussian_noise_like({"empty": torch.zeros(0, 3)}, 1.0)["empty"].shape == (0, 3)
     with pytest.raises(ValueError):
         gaussian_noise_like(grads, -1.0)
+
+
+def test_the_in_place_aes_ctr_keystream_is_the_standard_one():
+    """NIST SP 800-38A, F.5.5 (CTR-AES256), blocks 1 and 2; and, over a megabyte at an odd length, the same bytes
+    as an encryption of zeros into a separate buffer."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from agent.dpsgd.randomness import aes_ctr_keystream
+
+    key = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
+    counter = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")
+    plain = bytes.fromhex("6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51")
+    stream = aes_ctr_keystream(key, counter, 32)
+    assert bytes(p ^ k for p, k in zip(plain, stream)).hex() == (
+        "601ec313775789a5b7a7f504bbf3d228f443e3ca4d62b59aca84e990cacaf5c5"
+    )
+    count = (1 << 20) + 7
+    separate = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor().update(bytes(count))
+    assert aes_ctr_keystream(key, counter, count) == separate

@@ -49,8 +49,20 @@ class RandomSource(Protocol):
 
 def _keystream(count: int) -> bytearray:
     """``count`` bytes of AES-256-CTR keystream under a fresh key and nonce from os.urandom."""
-    encryptor = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
-    return bytearray(encryptor.update(bytes(count)))
+    return aes_ctr_keystream(os.urandom(32), os.urandom(16), count)
+
+
+def aes_ctr_keystream(key: bytes, nonce: bytes, count: int) -> bytearray:
+    """``count`` bytes of AES-CTR keystream: zeros encrypted in place (one buffer, no copy; OpenSSL's CTR
+    mode allows the output to be the input, and a test checks the bytes against a separate-buffer encryption)."""
+    buffer = bytearray(count + 15)  # update_into wants room for a block less one beyond the input
+    view = memoryview(buffer)
+    written = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor().update_into(view[:count], buffer)
+    if written != count:
+        raise RuntimeError(f"AES-CTR wrote {written} bytes of keystream, {count} were asked for")
+    del view
+    del buffer[count:]
+    return buffer
 
 
 def _bits53(words: torch.Tensor) -> torch.Tensor:
@@ -88,7 +100,10 @@ class SecureRandom:
         uniforms = _bits53(words).double().add_(0.5).mul_(_UNIFORM_SCALE)
         radius = uniforms.log_().mul_(-2.0).sqrt_().float()
         angle = torch.frombuffer(raw, dtype=torch.int32, offset=8 * pairs).float().mul_(_ANGLE_SCALE)
-        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
+        normals = torch.empty(2 * pairs)
+        torch.mul(radius, torch.cos(angle), out=normals[:pairs])
+        torch.mul(radius, angle.sin_(), out=normals[pairs:])
+        return normals[:count]
 
 
 class InsecureSeededRandom:

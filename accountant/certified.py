@@ -20,7 +20,9 @@ FFT's round-off (:mod:`accountant.pld_engine`, step 5). The tilt is the saddle p
 cumulant generating function at the untilted coarse bound, re-centred at the bound it gives while that
 decreases (at most _RECENTRINGS times); the tilt with the smallest coarse bound is used (any tilt is sound).
 No tilt is tried where the round-off bounds make up at most _NEGLIGIBLE_ROUND_OFF of delta untilted. delta(epsilon)
-takes the smaller of the untilted and saddle-point bounds on every interval.
+takes the smaller of the untilted and saddle-point bounds on every interval. Tilted compositions resolve only
+the losses from a few tilted standard deviations below the tilted centre (a circle half as large or less);
+an answer at or below that start is recomputed on the full window (both are sound: pld_engine, step 4).
 
 *Choice of the discretisation interval h.* Every interval gives a sound upper bound; a coarse one is
 merely loose. Connect-the-dots converges like h^2 (its error is mostly the variance it adds, about h^2/6
@@ -55,6 +57,7 @@ _FINEST_LOG2_INTERVAL = -26  # h >= 1.5e-8: a guard against runaway grids, never
 _BASELINE_INTERVAL = 1e-4  # dp_accounting's default: the bound aims to be at least as accurate as it
 _ERROR_FLOOR = 7e-5
 _MAX_TILT = 1024.0
+_TILT_RESOLUTION = 1 / 64
 _RECENTRINGS = 5
 _NEGLIGIBLE_ROUND_OFF = 1e-4  # of delta: below this share the untilted composition is used as it is
 _SMALLEST_GRID_SIGMA = 0.2
@@ -76,8 +79,8 @@ _Mechanisms = tuple[tuple[float, float, int], ...]
 
 class CertifiedAccountant(PrivacyAccountant):
     """The certified bound: the guarantee. Owns its caches: the step PMFs per (direction, q, sigma,
-    interval, tail), the composed PMFs per (direction, mechanisms, interval, tail), the loss moments per
-    (direction, q, sigma), and (from :class:`PrivacyAccountant`) its answers per event."""
+    interval, tail), the composed PMFs per (direction, mechanisms, interval, tail, tilt) and their epsilons per
+    delta, the loss moments per (direction, q, sigma), and (from :class:`PrivacyAccountant`) its answers per event."""
 
     name = "certified"
     label = "certified epsilon (PLD upper bound: the guarantee)"
@@ -87,6 +90,7 @@ class CertifiedAccountant(PrivacyAccountant):
         super().__init__()
         self._step_pmfs = Memo(maxsize=256)
         self._composed_pmfs = Memo(maxsize=64)
+        self._composed_epsilons = Memo(maxsize=256)
         self._moments = Memo(maxsize=1024)
 
     def _epsilon(self, event: DpEvent, delta: float) -> float:
@@ -97,7 +101,7 @@ class CertifiedAccountant(PrivacyAccountant):
             return gaussian_epsilon(_gaussian_mechanisms(mechs), _sensitivity(relation), delta)
         tail = min(_DEFAULT_TAIL, 1e-4 * delta)
         tilts = {d: self._better_tilt(d, mechs, delta, tail) for d in _directions(relation)}
-        coarse = {d: self._composed(d, mechs, self._first_log2_interval(d, mechs) + 1, tail, tilts[d]).epsilon(delta) for d in tilts}
+        coarse = {d: self._composed_epsilon(d, mechs, self._first_log2_interval(d, mechs) + 1, tail, tilts[d], delta) for d in tilts}
         bound = 0.0
         # The maximum over directions only needs each direction refined until its (sound) bound falls below
         # the bound already established by a dominating direction.
@@ -129,7 +133,7 @@ class CertifiedAccountant(PrivacyAccountant):
 
         def at(log2_h: int) -> float:
             if log2_h not in estimates:
-                estimates[log2_h] = self._composed(direction, mechs, log2_h, tail, tilt).epsilon(delta)
+                estimates[log2_h] = self._composed_epsilon(direction, mechs, log2_h, tail, tilt, delta)
             return estimates[log2_h]
 
         # error(h) = c h^2: the drop from 2h to h is 3 c h^2.
@@ -165,21 +169,46 @@ class CertifiedAccountant(PrivacyAccountant):
             tilts: tuple[float, ...] = (0.0,)
         else:
             tilts = (0.0, self._tilt(direction, mechs, initial - 1, tail, epsilon))
-        bounds = {tilt: self._composed(direction, mechs, initial - 1, tail, tilt).delta(epsilon) for tilt in tilts}
+        bounds = {tilt: self._composed_delta(direction, mechs, initial - 1, tail, tilt, epsilon) for tilt in tilts}
         better = min(tilts, key=bounds.get)
         finest = min(self._refined_epsilons(direction, mechs, min(bounds[better], probe), tail, better))
         return min(
-            self._composed(direction, mechs, log2_h, tail, tilt).delta(epsilon)
+            self._composed_delta(direction, mechs, log2_h, tail, tilt, epsilon)
             for log2_h in range(initial, finest - 1, -1)
             for tilt in tilts
         )
 
-    def _composed(self, direction: Direction, mechs: _Mechanisms, log2_h: int, tail: float, tilt: float) -> ComposedPmf:
-        key = (direction, mechs, log2_h, tail, tilt)
-        return self._composed_pmfs.get(key, lambda: self._compose(direction, mechs, log2_h, tail, tilt))
+    def _composed(
+        self, direction: Direction, mechs: _Mechanisms, log2_h: int, tail: float, tilt: float, near_centre: bool = True
+    ) -> ComposedPmf:
+        key = (direction, mechs, log2_h, tail, tilt, near_centre)
+        return self._composed_pmfs.get(key, lambda: self._compose(direction, mechs, log2_h, tail, tilt, near_centre))
 
-    def _compose(self, direction: Direction, mechs: _Mechanisms, log2_h: int, tail: float, tilt: float) -> ComposedPmf:
-        return compose(self._grid_step_pmfs(direction, mechs, log2_h, tail), 2.0**log2_h, tail / 4, tilt)
+    def _composed_epsilon(self, direction: Direction, mechs: _Mechanisms, log2_h: int, tail: float, tilt: float, delta: float) -> float:
+        key = (direction, mechs, log2_h, tail, tilt, delta)
+        return self._composed_epsilons.get(key, lambda: self._resolved_epsilon(direction, mechs, log2_h, tail, tilt, delta))
+
+    def _resolved_epsilon(self, direction: Direction, mechs: _Mechanisms, log2_h: int, tail: float, tilt: float, delta: float) -> float:
+        """The bound from the composition whose window starts near the tilted centre, unless the answer falls
+        at or below its first cell (the centre was far above the answer): then from the full window."""
+        epsilon = self._composed(direction, mechs, log2_h, tail, tilt).epsilon(delta)
+        if self._resolves(direction, mechs, log2_h, tail, tilt, epsilon):
+            return epsilon
+        return self._composed(direction, mechs, log2_h, tail, tilt, near_centre=False).epsilon(delta)
+
+    def _composed_delta(self, direction: Direction, mechs: _Mechanisms, log2_h: int, tail: float, tilt: float, epsilon: float) -> float:
+        """delta(epsilon) from the composition whose window starts near the tilted centre if that lies below
+        epsilon, else from the full window."""
+        near_centre = self._resolves(direction, mechs, log2_h, tail, tilt, epsilon)
+        return self._composed(direction, mechs, log2_h, tail, tilt, near_centre).delta(epsilon)
+
+    def _resolves(self, direction: Direction, mechs: _Mechanisms, log2_h: int, tail: float, tilt: float, epsilon: float) -> bool:
+        """Whether ``epsilon`` lies above the first cell of the composition near the tilted centre (pld_engine,
+        compose), so that the losses deciding delta there are resolved cell by cell."""
+        return epsilon > self._composed(direction, mechs, log2_h, tail, tilt).start + 2.0**log2_h
+
+    def _compose(self, direction: Direction, mechs: _Mechanisms, log2_h: int, tail: float, tilt: float, near_centre: bool) -> ComposedPmf:
+        return compose(self._grid_step_pmfs(direction, mechs, log2_h, tail), 2.0**log2_h, tail / 4, tilt, near_centre)
 
     def _grid_step_pmfs(self, direction: Direction, mechs: _Mechanisms, log2_h: int, tail: float) -> tuple[tuple[StepPmf, int], ...]:
         h = 2.0**log2_h
@@ -197,10 +226,10 @@ class CertifiedAccountant(PrivacyAccountant):
         (:meth:`_tilt`) re-centred at each bound found (module docstring)."""
         log2_h = self._first_log2_interval(direction, mechs) + 1
         untilted_pmf = self._composed(direction, mechs, log2_h, tail, 0.0)
-        untilted = untilted_pmf.epsilon(delta)
+        untilted = self._composed_epsilon(direction, mechs, log2_h, tail, 0.0, delta)
         if not math.isfinite(untilted) or untilted_pmf.round_off_share(untilted) <= _NEGLIGIBLE_ROUND_OFF * delta:
             return 0.0
-        bound_at = lambda tilt: self._composed(direction, mechs, log2_h, tail, tilt).epsilon(delta)  # noqa: E731
+        bound_at = lambda tilt: self._composed_epsilon(direction, mechs, log2_h, tail, tilt, delta)  # noqa: E731
         best, best_bound = 0.0, untilted
         # Each tilted bound is nearer the true epsilon than the one it was centred at: re-centre there.
         for _ in range(_RECENTRINGS):
@@ -213,26 +242,38 @@ class CertifiedAccountant(PrivacyAccountant):
     def _tilt(self, direction: Direction, mechs: _Mechanisms, log2_h: int, tail: float, epsilon: float) -> float:
         """The exponential tilt that centres the composed loss at ``epsilon`` (pld_engine, step 5): the
         saddle point theta of the grid PMFs' cumulant generating function K, K'(theta) = epsilon, found by
-        bisection in [0, _MAX_TILT] and rounded down to 1/64 (nearby queries share composed PMFs). Any tilt
-        gives a sound bound; this one keeps the round-off bound small where delta(epsilon) is decided."""
-        pmfs = self._grid_step_pmfs(direction, mechs, log2_h, tail)
+        Newton's method (K'' > 0) safeguarded by bisection in [0, _MAX_TILT], and rounded down to 1/64 (nearby
+        queries share composed PMFs). Any tilt gives a sound bound; this one keeps the round-off bound small
+        where delta(epsilon) is decided."""
         h = 2.0**log2_h
+        supports = []
+        for pmf, steps in self._grid_step_pmfs(direction, mechs, log2_h, tail):
+            cells = np.nonzero(pmf.probs > 0)[0]
+            supports.append((steps, pmf.offset, cells.astype(float), np.log(pmf.probs[cells])))
 
-        def tilted_mean(theta: float) -> float:
-            total = 0.0
-            for pmf, steps in pmfs:
-                cells = np.arange(pmf.probs.size)
-                with np.errstate(divide="ignore"):
-                    exponent = np.log(pmf.probs) + theta * h * cells
+        def derivatives(theta: float) -> tuple[float, float]:
+            """K'(theta) and K''(theta): the mean and variance of the composed loss tilted by theta."""
+            mean = variance = 0.0
+            for steps, offset, cells, log_probs in supports:
+                exponent = log_probs + theta * h * cells
                 weights = np.exp(exponent - exponent.max())
-                total += steps * h * (pmf.offset + float(np.sum(weights * cells) / np.sum(weights)))
-            return total
+                weights /= np.sum(weights)
+                cell_mean = float(np.sum(weights * cells))
+                mean += steps * h * (offset + cell_mean)
+                variance += steps * h * h * float(np.sum(weights * np.square(cells - cell_mean)))
+            return mean, variance
 
-        low, high = 0.0, _MAX_TILT
-        for _ in range(24):
-            middle = (low + high) / 2
-            low, high = (middle, high) if tilted_mean(middle) < epsilon else (low, middle)
-        return math.floor(low * 64) / 64
+        low, high, theta = 0.0, _MAX_TILT, 0.0
+        for _ in range(64):
+            mean, variance = derivatives(theta)
+            low, high = (theta, high) if mean < epsilon else (low, theta)
+            proposal = theta + (epsilon - mean) / max(variance, 1e-300)
+            if not low < proposal < high:
+                proposal = (low + high) / 2
+            if abs(proposal - theta) < _TILT_RESOLUTION / 16:
+                break
+            theta = proposal
+        return math.floor(theta / _TILT_RESOLUTION) * _TILT_RESOLUTION
 
     def _first_log2_interval(self, direction: Direction, mechs: _Mechanisms) -> int:
         """The finer of the first two dyadic intervals: at most a quarter of the root-mean-square per-step

@@ -31,7 +31,12 @@ The argument, in five steps:
    untilted, Pr[J >= x] <= e^{log M - theta x} Pr_tilted[J >= x], the latter by Chernoff on the tilted
    PMFs; what wraps stays in the circle as extra non-negative mass (only more delta). With no tilt, mass below the window wraps to higher losses, which only
    increases delta; with a positive tilt (which would shrink it), a bound on it is put at the window's
-   lowest loss (moving mass up only increases delta).
+   lowest loss (moving mass up only increases delta). Every window is therefore sound, and with a positive
+   tilt the window may start _TILTED_LOWER_SDS tilted standard deviations below the tilted mean (the
+   epsilon the tilt is centred at) instead of at the untilted sum's lower edge: the cells below carry no
+   delta at losses above the start, and the tilted mass below the window lands on higher cells multiplied
+   by at most e^{-theta h N} (at most tail_mass in all, the condition for starting there). Answers at or
+   below such a start are recomputed on the full window (:mod:`accountant.certified`).
 5. *Round-off, bounded cell by cell.* The FFT runs on the PMFs tilted by e^{theta loss} and normalised
    (Wilson & Keich's exponential shift: the cells where delta(eps) is decided are then not far below the
    largest, so absolute round-off is small against them), on a circle of N = 2^k cells. Every computed
@@ -291,10 +296,14 @@ class ComposedPmf:
         return max(0.0, epsilon) + 1e-10 * (1 + max(0.0, epsilon))
 
 
-def compose(pmfs: tuple[tuple[StepPmf, int], ...], h: float, tail_mass: float, tilt: float = 0.0) -> ComposedPmf:
+def compose(
+    pmfs: tuple[tuple[StepPmf, int], ...], h: float, tail_mass: float, tilt: float = 0.0, near_centre: bool = True
+) -> ComposedPmf:
     """The FFT composition of ``steps`` copies of each PMF (module docstring, steps 3 to 5), on a window
     sized by Chernoff bounds so that at most about ``tail_mass`` of the sum lies outside it, computed on the
-    PMFs tilted by e^{tilt * loss} (step 5) and returned as cell-wise upper bounds."""
+    PMFs tilted by e^{tilt * loss} (step 5) and returned as cell-wise upper bounds. With a tilt and
+    ``near_centre``, the window starts a few tilted standard deviations below the tilted centre (step 4):
+    then only the losses above ``start`` are resolved (the rest is an atom at ``start``)."""
     if any(not np.any(pmf.probs > 0) for pmf, _ in pmfs):  # a step with no finite loss: nothing is certified
         return ComposedPmf(0.0, h, np.zeros(1), 1.0)
     base = sum(steps * pmf.offset for pmf, steps in pmfs)
@@ -306,12 +315,17 @@ def compose(pmfs: tuple[tuple[StepPmf, int], ...], h: float, tail_mass: float, t
     tilted_probs = [(probs, steps) for (probs, _), steps in tilted]
     # The window covers both the tilted and the untilted sums' bulk (the latter so that little untilted mass
     # lies below it, step 4).
-    tilted_lo, window_hi, upper, _ = _window(tilted_probs, support, tail_mass)
+    tilted_lo, tilted_hi, upper, _ = _window(tilted_probs, support, tail_mass)
     untilted_lo, untilted_hi, _, lower = _window([(pmf.probs, steps) for pmf, steps in pmfs], support, tail_mass)
-    window_lo = min(tilted_lo, untilted_lo)
-    # A tilted heavy tail can ask for a far wider window; it is capped (any window is sound: what wraps is
-    # counted, step 4), at the price of looseness that the choice among tilts then avoids.
-    window_hi = max(untilted_hi, min(window_hi, window_lo + _TILTED_WINDOW_FACTOR * (untilted_hi - untilted_lo + 1)))
+    window_lo, window_hi = _circle_window(min(tilted_lo, untilted_lo), tilted_hi, untilted_lo, untilted_hi)
+    # Tilted, the window may start near the tilted centre (step 4): the cells below carry no delta at the
+    # epsilon aimed at, and what lies below the window wraps to its top shrunk by e^{-tilt h size} (at most
+    # tail_mass in all when tilt h size >= log(1 / tail_mass)).
+    raised = max(window_lo, _tilted_centre_less_sds(tilted_probs, _TILTED_LOWER_SDS))
+    if tilt > 0 and near_centre and raised < tilted_hi:
+        raised_lo, raised_hi = _circle_window(raised, tilted_hi, untilted_lo, untilted_hi)
+        if cell_tilt * (raised_hi - raised_lo) >= -math.log(tail_mass):
+            window_lo, window_hi = raised_lo, raised_hi
     size = 1 << max(1, (window_hi - window_lo).bit_length())  # a power of two: Higham's Thm 24.2 (step 5)
     # The circle holds the sums J in [window_lo, window_lo + size); heavier sums wrap to lower losses and
     # count as infinite: untilted, Pr[J >= x] <= e^{log_scale - cell_tilt x} Pr_tilted[J >= x].
@@ -335,6 +349,26 @@ def compose(pmfs: tuple[tuple[StepPmf, int], ...], h: float, tail_mass: float, t
 
 
 _TILTED_WINDOW_FACTOR = 4
+_TILTED_LOWER_SDS = 3.0  # a tilted window may start this many tilted standard deviations below the tilted mean
+
+
+def _circle_window(lo: int, tilted_hi: int, untilted_lo: int, untilted_hi: int) -> tuple[int, int]:
+    """The circle's window from ``lo``: to the tilted upper edge, which a tilted heavy tail can put far away,
+    so capped at _TILTED_WINDOW_FACTOR times the untilted window's width (any window is sound: what wraps is
+    counted, step 4), at the price of looseness that the choice among tilts then avoids."""
+    return lo, max(untilted_hi, min(tilted_hi, lo + _TILTED_WINDOW_FACTOR * (untilted_hi - untilted_lo + 1)))
+
+
+def _tilted_centre_less_sds(pmfs: list[tuple[np.ndarray, int]], sds: float) -> int:
+    """floor(mean - sds * sd) of the sum J of the probability vectors' local indices (a guide for the window's
+    start: any start is sound, module docstring step 4)."""
+    mean = variance = 0.0
+    for probs, steps in pmfs:
+        cells = np.arange(probs.size)
+        step_mean = float(np.sum(probs * cells))
+        mean += steps * step_mean
+        variance += steps * float(np.sum(probs * np.square(cells - step_mean)))
+    return math.floor(mean - sds * math.sqrt(variance))
 _SMALLEST_COUNTED = 1e-300  # per cell: covers an upper bound that underflows to 0
 
 

@@ -19,6 +19,8 @@ CASES = [
     (0.9, 5.0, 50, Neighbouring.ADD_REMOVE, 1e-12),
     (0.99, 3.0, 20, Neighbouring.REPLACE_ONE, 3e-12),
     (0.01, 1.0, 300, Neighbouring.ADD_REMOVE, 1e-10),
+    # From the sweep: a heavy tilted tail; a tilted circle capped at twice the untilted window left 22.6% here.
+    (0.003199162943916615, 1.2215964252109088, 4, Neighbouring.ADD_REMOVE, 1.0073204149625878e-12),
 ]
 
 
@@ -67,6 +69,32 @@ def test_fft_round_off_bound_holds_against_exact_rational_arithmetic():
     assert max(errors) <= bound
     assert bound < 1e-12  # and it is a usable bound, not a vacuous one
     assert min(exact) < 1e-15 * max(exact)  # the tail cells are there
+
+
+def test_tilted_window_near_its_centre_bounds_the_exact_composition_above_its_start():
+    """The tilted composition whose circle starts a few standard deviations below the tilted centre (pld_engine,
+    step 4) against the same discrete PMF composed exactly by direct convolution: its delta is never below the
+    exact one above its start, within 1e-6 of it, on a circle no larger than the full window's."""
+    import math
+
+    import numpy as np
+
+    from accountant.pld_engine import Direction, compose, step_pmf
+
+    h, steps, tilt = 2.0**-7, 30, 2.0
+    pmf = step_pmf(Direction.REMOVE, 0.2, 1.0, h, 1e-20)
+    exact = np.array([1.0])
+    for _ in range(steps):
+        exact = np.convolve(exact, pmf.probs)  # non-negative terms only: relative rounding below 1e-12
+    losses = (steps * pmf.offset + np.arange(exact.size)) * h
+    infinite = -math.expm1(steps * math.log1p(-pmf.infinite))
+    near = compose(((pmf, steps),), h, 2.5e-13, tilt)
+    full = compose(((pmf, steps),), h, 2.5e-13, tilt, near_centre=False)
+    assert near.start > full.start + 1.0 and near.probs.size <= full.probs.size
+    for epsilon in np.linspace(near.start + h, near.start + 3.0, 7):
+        above = losses > epsilon
+        truth = infinite + float(np.sum(-np.expm1(epsilon - losses[above]) * exact[above]))
+        assert truth * (1 - 1e-12) <= near.delta(epsilon) <= truth * (1 + 1e-6), (epsilon, near.delta(epsilon), truth)
 
 
 def test_issue_20_tail_case_near_full_batch_is_above_the_optimistic_bracket():

@@ -24,6 +24,9 @@ from bench.report import machine, median, timed, write
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", default="4000000", metavar="N", help="normals per draw (default 4,000,000)")
     parser.add_argument("--repeats", default="5", metavar="N", help="draws per source (default 5)")
+    parser.add_argument("--threads", default="1", metavar="N",
+                        help="torch intra-op threads on the CPU (default 1, as `ewtune bench dpsgd`: on a shared machine "
+                        "two threads wait on each other whenever the other core is busy)")
     parser.add_argument("--devices", nargs="+", default=None, help="devices to measure (default: cpu and cuda if present)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="also write the markdown table to PATH")
@@ -68,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     count, repeats = _positive(args.count, "--count"), _positive(args.repeats, "--repeats")
+    threads = _positive(args.threads, "--threads")
+    torch.set_num_threads(threads)
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -83,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                 seconds.setdefault(name, []).append(timed(lambda: draw(count))[1])
     per_second = {name: count / median(values) for name, values in seconds.items()}
     report: dict[str, Any] = {
-        "command": f"ewtune bench noise --count {count} --repeats {repeats} --devices {' '.join(devices)}",
+        "command": f"ewtune bench noise --count {count} --repeats {repeats} --threads {threads} --devices {' '.join(devices)}",
         "count": count,
         "devices": devices,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

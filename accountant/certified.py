@@ -59,6 +59,7 @@ _ERROR_FLOOR = 7e-5
 _MAX_TILT = 1024.0
 _TILT_RESOLUTION = 1 / 64
 _RECENTRINGS = 5
+_SETTLED_TILT_CHANGE = 0.05  # relative: a re-centred tilt this close to the last one is not tried
 _NEGLIGIBLE_ROUND_OFF = 1e-4  # of delta: below this share the untilted composition is used as it is
 _SMALLEST_GRID_SIGMA = 0.2
 _MAX_GRID_CELLS = 2**22  # the composed window's expected size is kept below this (memory and time)
@@ -231,10 +232,11 @@ class CertifiedAccountant(PrivacyAccountant):
             return 0.0
         bound_at = lambda tilt: self._composed_epsilon(direction, mechs, log2_h, tail, tilt, delta)  # noqa: E731
         best, best_bound = 0.0, untilted
-        # Each tilted bound is nearer the true epsilon than the one it was centred at: re-centre there.
+        # Each tilted bound is nearer the true epsilon than the one it was centred at: re-centre there, unless
+        # the tilt would barely move.
         for _ in range(_RECENTRINGS):
             tilt = self._tilt(direction, mechs, log2_h, tail, best_bound)
-            if tilt == best or bound_at(tilt) >= best_bound:
+            if abs(tilt - best) <= _SETTLED_TILT_CHANGE * best or bound_at(tilt) >= best_bound:
                 break
             best, best_bound = tilt, bound_at(tilt)
         return best

@@ -4,7 +4,8 @@ Per case: the certified accountant, the Edgeworth estimate (orders 1-3) and boun
 PLD at discretisation 1e-4 (the speed baseline), and, where installed, prv_accountant (eps_error 0.01)
 and Opacus (RDP, PRV). Errors are relative to a fine reference, dp_accounting PLD at 1e-5 (pessimistic,
 both directions). Every accountant is timed once, cold: each case asks a new accountant object, whose
-caches start empty, and each case has its own (q, sigma). Calibration: the certified calibration against a
+caches start empty, and each case has its own (q, sigma); with --repeats N the certified bound and PLD 1e-4
+(the speed ratio's pair) are timed N times each, every call cold, and the median kept. Calibration: the certified calibration against a
 plain geometric bisection of sigma on dp_accounting PLD 1e-4 down to 0.2%. Prints markdown, writes JSON
 with the medians and the load average (the machine is shared; times are wall-clock).
 """
@@ -43,6 +44,7 @@ CASES: tuple[tuple[str, tuple[tuple[float, float, int], ...], float], ...] = (
     ("hetero-3-phases", ((0.01, 1.0, 500), (0.02, 1.2, 300), (0.005, 0.8, 1000)), 1e-5),
 )
 QUICK_CASES = ("ew-tune-sst2", "q0.1-s5-T1e5", "hetero-3-phases")
+SPEED_PAIR = ("certified", "pld_1e-4")  # the speed ratio's accountants: timed --repeats times
 
 # (name, q, steps, target epsilon, delta)
 CALIBRATIONS = (
@@ -55,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON (and reuse its cached references)")
     parser.add_argument("--markdown", metavar="PATH", help="also write the markdown tables to PATH")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_CASES)} and one calibration")
+    parser.add_argument("--repeats", type=_positive_int, default=1, metavar="N",
+                        help="time the certified bound and PLD 1e-4 (the speed ratio's pair) N times cold, keep the median")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,11 +67,12 @@ def run(args: argparse.Namespace) -> int:
     calibrations = CALIBRATIONS[:1] if args.quick else CALIBRATIONS
     _import_everything()
     before = machine()
-    results = [_run_case(name, phases, delta, cached) for name, phases, delta in cases]
+    results = [_run_case(name, phases, delta, cached, args.repeats) for name, phases, delta in cases]
     calibration_results = [_run_calibration(*spec) for spec in calibrations]
     after = machine()
     report = {
-        "command": "ewtune bench accountant" + (" --quick" if args.quick else ""),
+        "command": "ewtune bench accountant" + (" --quick" if args.quick else "") + (f" --repeats {args.repeats}" if args.repeats > 1 else ""),
+        "repeats": args.repeats,
         "load_average_before": before.pop("load_average"),
         "load_average_after": after["load_average"],
         "machine": before,
@@ -84,12 +89,12 @@ def run(args: argparse.Namespace) -> int:
 # --- one case ---------------------------------------------------------------------------------------
 
 
-def _run_case(name: str, phases, delta: float, cached: dict[str, float]) -> dict[str, Any]:
+def _run_case(name: str, phases, delta: float, cached: dict[str, float], repeats: int = 1) -> dict[str, Any]:
     from accountant.events import PoissonGaussianEvent, compose
 
     event = compose(*(PoissonGaussianEvent(q, sigma, steps) for q, sigma, steps in phases))
     accountants = _accountants(event, phases, delta)
-    entries = {label: _measure(compute) for label, compute in accountants}
+    entries = {label: _measure(compute, repeats if label in SPEED_PAIR else 1) for label, compute in accountants}
     key = _reference_key(phases, delta)
     if key in cached:
         reference = {"epsilon": cached[key], "seconds": None, "cached": True}
@@ -150,7 +155,9 @@ def _import_everything() -> None:
             importlib.import_module(module)
 
 
-def _measure(compute: Callable[[], float | None]) -> dict[str, Any]:
+def _measure(compute: Callable[[], float | None], repeats: int = 1) -> dict[str, Any]:
+    """epsilon and seconds of ``compute`` (each call cold: it makes its own accountant); with repeats, the
+    median seconds of that many calls, which are all listed."""
     failures: list[str] = []
 
     def attempt() -> float | None:
@@ -160,10 +167,20 @@ def _measure(compute: Callable[[], float | None]) -> dict[str, Any]:
             failures.append(f"{type(failure).__name__}: {failure}")
             return None
 
-    value, seconds = timed(attempt)
+    runs = [timed(attempt) for _ in range(repeats)]
+    value, seconds = runs[-1][0], statistics.median(seconds for _, seconds in runs)
     if failures:
         return {"epsilon": None, "seconds": seconds, "error": failures[0]}
-    return {"epsilon": None if value is None else float(value), "seconds": seconds}
+    entry = {"epsilon": None if value is None else float(value), "seconds": seconds}
+    if repeats > 1:
+        entry["seconds_each"] = [seconds for _, seconds in runs]
+    return entry
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
 
 
 # --- peer accountants ---------------------------------------------------------------------------------
@@ -317,7 +334,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['name']} | {r['steps']} | {r['delta']:g} | {_fmt(r['reference']['epsilon'])} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "### Seconds per call (cold) and speed ratio certified vs dp_accounting PLD 1e-4",
+        "### Seconds per call (cold"
+        + (f"; certified and PLD 1e-4: median of {report['repeats']}" if report.get("repeats", 1) > 1 else "")
+        + ") and speed ratio certified vs dp_accounting PLD 1e-4",
         "",
         "| case | ratio | " + " | ".join(title for _, title in columns) + " | reference |",
         "|" + "---|" * (3 + len(columns)),

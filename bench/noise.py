@@ -18,7 +18,7 @@ import argparse
 from typing import Any
 
 from accountant.errors import InvalidInputError
-from bench.report import machine, median, timed, write
+from bench.report import machine, median, positive_int, timed, write
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,16 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", nargs="+", default=None, help="devices to measure (default: cpu and cuda if present)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="also write the markdown table to PATH")
-
-
-def _positive(text: str, name: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise InvalidInputError(f"{name} must be an integer, got {text!r}") from None
-    if value < 1:
-        raise InvalidInputError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def sources(device: str) -> dict[str, Any]:
@@ -70,8 +60,8 @@ def sources(device: str) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    count, repeats = _positive(args.count, "--count"), _positive(args.repeats, "--repeats")
-    threads = _positive(args.threads, "--threads")
+    count, repeats = positive_int("--count", args.count), positive_int("--repeats", args.repeats)
+    threads = positive_int("--threads", args.threads)
     torch.set_num_threads(threads)
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:

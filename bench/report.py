@@ -1,4 +1,5 @@
-"""What every benchmark shares: timing, the machine and its load, and writing the results."""
+"""What every benchmark shares: timing, the machine and its load, checking counts given on the command line, and
+writing the results."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from accountant.errors import InvalidInputError
 
 
 def timed(work: Callable[[], Any]) -> tuple[Any, float]:
@@ -45,3 +48,14 @@ def write(report: dict[str, Any], markdown: str, json_path: str | os.PathLike | 
         Path(json_path).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     if markdown_path:
         Path(markdown_path).write_text(markdown if markdown.endswith("\n") else markdown + "\n")
+
+
+def positive_int(name: str, text: str) -> int:
+    """The option ``name``'s value ``text`` as an integer >= 1, or a one-line error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidInputError(f"{name} must be an integer, got {text!r}") from None
+    if value < 1:
+        raise InvalidInputError(f"{name} must be >= 1, got {value}")
+    return value

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from accountant.errors import InvalidInputError
-from bench.report import machine, write
+from bench.report import machine, positive_int, write
 
 DELTA = 1e-5
 EPSILONS = (1.0, 3.0, 8.0)
@@ -54,9 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    seeds, rounds = _positive_int("--seeds", args.seeds), _positive_int("--rounds", args.rounds)
-    max_length = _positive_int("--max-length", args.max_length)
-    max_examples = None if args.max_examples is None else _positive_int("--max-examples", args.max_examples)
+    seeds, rounds = positive_int("--seeds", args.seeds), positive_int("--rounds", args.rounds)
+    max_length = positive_int("--max-length", args.max_length)
+    max_examples = None if args.max_examples is None else positive_int("--max-examples", args.max_examples)
     import torch
 
     from agent.device import resolve_device
@@ -100,16 +100,6 @@ def run(args: argparse.Namespace) -> int:
     }
     write(report, markdown(report), args.json, args.markdown)
     return 0
-
-
-def _positive_int(name: str, text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise InvalidInputError(f"{name} must be an integer, got {text!r}") from None
-    if value < 1:
-        raise InvalidInputError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 @dataclass

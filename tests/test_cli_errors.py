@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_federation import MINIMAL_FEDERATION_TOML
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,24 +30,6 @@ def test_argument_errors_are_one_line_with_exit_2(argv, named):
 
 # -- a reader that leaves early (`ewtune ... | head`) ------------------------------------------------------------
 
-STATUS_FEDERATION = """
-[federation]
-name = "t"
-rounds = 2
-local_steps = 3
-expected_batch_size = 10
-clip_norm = 1.0
-learning_rate = 0.1
-target_epsilon = 8.0
-delta = 1e-5
-[coordinator]
-ledger = "ledger.jsonl"
-signing_key = "coordinator.key"
-output_dir = "out"
-registry = "supernodes.json"
-[model]
-initial_weights = "initial.safetensors"
-"""
 
 
 @pytest.fixture()
@@ -54,7 +37,7 @@ def large_status(tmp_path):
     """A federation.toml whose status.json lists 2,000 holders: its table is far beyond a pipe's 64 KiB buffer."""
     import json
 
-    (tmp_path / "federation.toml").write_text(STATUS_FEDERATION)
+    (tmp_path / "federation.toml").write_text(MINIMAL_FEDERATION_TOML)
     (tmp_path / "out").mkdir()
     holders = {f"holder-{i:04d}": {"budget_epsilon": 8.0, "epsilon_certified": 1.5, "rounds_committed": 2} for i in range(2000)}
     (tmp_path / "out" / "status.json").write_text(json.dumps(

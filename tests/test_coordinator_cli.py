@@ -4,25 +4,8 @@ tables printed, one-line errors with exit code 2 for bad input, no Control API e
 import json
 
 from ewtune.cli import main
+from tiny_federation import MINIMAL_FEDERATION_TOML
 
-FEDERATION = """
-[federation]
-name = "t"
-rounds = 2
-local_steps = 3
-expected_batch_size = 10
-clip_norm = 1.0
-learning_rate = 0.1
-target_epsilon = 8.0
-delta = 1e-5
-[coordinator]
-ledger = "ledger.jsonl"
-signing_key = "coordinator.key"
-output_dir = "out"
-registry = "supernodes.json"
-[model]
-initial_weights = "initial.safetensors"
-"""
 
 
 def test_keys_init_writes_the_credentials_and_add_holder_registers_cards(tmp_path, capsys):
@@ -70,7 +53,7 @@ def test_only_loopback_addresses_count_as_loopback():
 
 
 def test_status_prints_the_holder_table(tmp_path, capsys):
-    (tmp_path / "federation.toml").write_text(FEDERATION)
+    (tmp_path / "federation.toml").write_text(MINIMAL_FEDERATION_TOML)
     (tmp_path / "out").mkdir()
     status = {
         "run_id": "t-1", "state": "finished", "reason": None, "rounds_completed": 2, "rounds_planned": 2,
@@ -94,7 +77,7 @@ def test_status_prints_the_holder_table(tmp_path, capsys):
 
 def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     assert main(["coordinator", "status", "--config", str(tmp_path / "missing.toml")]) == 2
-    (tmp_path / "federation.toml").write_text(FEDERATION.replace("rounds = 2", "rounds = 0"))
+    (tmp_path / "federation.toml").write_text(MINIMAL_FEDERATION_TOML.replace("rounds = 2", "rounds = 0"))
     assert main(["coordinator", "run", "--config", str(tmp_path / "federation.toml"), "--state-dir", str(tmp_path)]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and all(line.startswith("ewtune: error: ") for line in errors)
@@ -170,7 +153,7 @@ def _runnable_federation(tmp_path):
     SigningKey.generate().save(tmp_path / "coordinator.key")
     (tmp_path / "supernodes.json").write_text("[]")
     (tmp_path / "initial.safetensors").write_bytes(b"weights")
-    (tmp_path / "federation.toml").write_text(FEDERATION)
+    (tmp_path / "federation.toml").write_text(MINIMAL_FEDERATION_TOML)
     (tmp_path / "ca.crt").write_text("certificate")
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]

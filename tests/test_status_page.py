@@ -20,6 +20,7 @@ from playwright.sync_api import expect
 
 from accountant.errors import InvalidInputError
 from coordinator.status_server import StatusServer
+from tiny_federation import MINIMAL_FEDERATION_TOML
 
 
 def status(round_: int, state: str = "running") -> dict:
@@ -274,24 +275,6 @@ def test_a_request_sent_a_byte_at_a_time_is_cut_at_the_deadline(tmp_path):
         assert request(page.url + "status.json")[0] == 200
 
 
-SERVED_FEDERATION = """
-[federation]
-name = "t"
-rounds = 2
-local_steps = 3
-expected_batch_size = 10
-clip_norm = 1.0
-learning_rate = 0.1
-target_epsilon = 8.0
-delta = 1e-5
-[coordinator]
-ledger = "ledger.jsonl"
-signing_key = "coordinator.key"
-output_dir = "out"
-registry = "supernodes.json"
-[model]
-initial_weights = "initial.safetensors"
-"""
 
 
 def test_serve_status_off_loopback_makes_a_private_token_and_requires_it(tmp_path):
@@ -302,7 +285,7 @@ def test_serve_status_off_loopback_makes_a_private_token_and_requires_it(tmp_pat
     from ewtune.local_federation import free_port
 
     credentials = init_credentials(tmp_path / "keys")
-    (tmp_path / "federation.toml").write_text(SERVED_FEDERATION)
+    (tmp_path / "federation.toml").write_text(MINIMAL_FEDERATION_TOML)
     serve = [sys.executable, "-m", "ewtune", "coordinator", "serve-status", "--config", str(tmp_path / "federation.toml"), "--host", "0.0.0.0"]
     refused = subprocess.run([*serve, "--port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "only with TLS" in refused.stderr and "Traceback" not in refused.stderr

@@ -11,6 +11,26 @@ from accountant.crosscheck import read_entries
 from accountant.verify import verify_ledger
 from ewtune.local_federation import HolderSetup, initial_weights, partition_csv
 
+MINIMAL_FEDERATION_TOML = """
+[federation]
+name = "t"
+rounds = 2
+local_steps = 3
+expected_batch_size = 10
+clip_norm = 1.0
+learning_rate = 0.1
+target_epsilon = 8.0
+delta = 1e-5
+[coordinator]
+ledger = "ledger.jsonl"
+signing_key = "coordinator.key"
+output_dir = "out"
+registry = "supernodes.json"
+[model]
+initial_weights = "initial.safetensors"
+"""
+"""A federation.toml with every required key and paths relative to its folder, for the command-line tests."""
+
 
 def lora_training(model_dir: Path) -> dict[str, Any]:
     return {

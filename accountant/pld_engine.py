@@ -313,8 +313,8 @@ def compose(
     tilted = [(_tilted(pmf.probs, cell_tilt), steps) for pmf, steps in pmfs]
     log_scale = sum(steps * log_norm for (_, log_norm), steps in tilted)
     tilted_probs = [(probs, steps) for (probs, _), steps in tilted]
-    # The window covers both the tilted and the untilted sums' bulk (the latter so that little untilted mass
-    # lies below it, step 4).
+    # The full window covers both the tilted and the untilted sums' bulk (the latter so that little untilted
+    # mass lies below it, step 4).
     tilted_lo, tilted_hi, upper, _ = _window(tilted_probs, support, tail_mass)
     untilted_lo, untilted_hi, _, lower = _window([(pmf.probs, steps) for pmf, steps in pmfs], support, tail_mass)
     window_lo, window_hi = _circle_window(min(tilted_lo, untilted_lo), tilted_hi, untilted_lo, untilted_hi)

@@ -232,11 +232,12 @@ def save_model(model, tokenizer, output_dir) -> Path:
     return output_dir
 
 
-def load_adapter(base_model_dir, adapter_dir, num_labels: int = 2):
-    """A classifier with the LoRA adapter (and head) saved by :func:`save_model` in ``adapter_dir``."""
+def load_adapter(base_model_dir, adapter_dir, num_labels: int = 2, task: str = "classification"):
+    """A classifier (or, for ``task="causal_lm"``, a causal LM) with the LoRA adapter (and head) saved by
+    :func:`save_model` in ``adapter_dir``."""
     from peft import PeftModel
 
-    model = _load_base_model(_checked_model_dir(base_model_dir), "classification", num_labels)
+    model = _load_base_model(_checked_model_dir(base_model_dir), task, num_labels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return PeftModel.from_pretrained(model, Path(adapter_dir))

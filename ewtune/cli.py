@@ -30,6 +30,7 @@ _PARTS = (
     "ewtune.federation_cli",  # ewtune keys, ewtune demo
     "ewtune.commands",  # ewtune bench
     "ewtune.config_cli",  # ewtune config check
+    "ewtune.evaluate_cli",  # ewtune evaluate
 )
 
 

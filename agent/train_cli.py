@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from accountant.errors import InvalidInputError
@@ -126,7 +127,41 @@ def register(commands) -> None:
     parser.set_defaults(func=run)
 
 
+@dataclass(frozen=True)
+class LocalRun:
+    """What :func:`train_local` returns: the result document train-local prints (``summary``), the trainer
+    holding the trained model, its tokenizer and its data split, and the ledger entries the run wrote (empty
+    without a ledger)."""
+
+    summary: dict
+    trainer: object  # agent.training.LocalTrainer (imported with torch, after the arguments are checked)
+    ledger_entries: tuple[dict, ...]
+
+
+def default_arguments(**options) -> argparse.Namespace:
+    """The namespace ``ewtune agent train-local`` parses, its defaults with ``options`` set by their
+    attribute names (``probe_epochs=2`` for ``--probe-epochs 2``); an unknown name is a ``TypeError``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    register(parser.add_subparsers())
+    args = parser.parse_args(["train-local", "--model", "", "--data", "", "--epsilon", "0", "--delta", "0"])
+    unknown = sorted(set(options) - set(vars(args)) - {"func"})
+    if unknown:
+        raise TypeError(f"unknown train-local option(s): {', '.join(unknown)}")
+    for name, value in options.items():
+        setattr(args, name, value)
+    return args
+
+
 def run(args) -> int:
+    summary = train_local(args).summary
+    print(json.dumps(summary, indent=2) if args.json else _report(summary))
+    return 0
+
+
+def train_local(args) -> LocalRun:
+    """Everything ``train-local`` does but printing its result: checks, fits and calibrates the recipe,
+    trains (charging a ledger when ``args.ledger`` is set), evaluates on the held-out split and saves to
+    ``args.output`` when set. The Python API (:mod:`ewtune.api`) calls it too."""
     _check_arguments(args)
     recipe = _recipe(args)  # bad settings and paths are reported before torch loads
     _check_paths(args)
@@ -148,6 +183,7 @@ def run(args) -> int:
         raise InvalidInputError(f"--{too_large}; use a delta well below 1/N (for example 1e-5)")
     progress = Progress.from_args(args)
     ledger = _open_ledger(args)
+    first_entry = 0 if ledger is None else len(ledger.entries)
     try:
         fitted, calibrated = _fitted_recipe(args, recipe, ledger, (config.data_file, training, held_out))
         for choice in fitted.choices:
@@ -155,6 +191,7 @@ def run(args) -> int:
         trainer = LocalTrainer(config)
         torch.manual_seed(args.seed)
         results = _run_phases(args, trainer, fitted.recipe, calibrated, ledger, progress, fitted.dataset_size)
+        written = () if ledger is None else tuple(ledger.entries[first_entry:])
     finally:
         progress.close()
         if ledger is not None:
@@ -164,8 +201,7 @@ def run(args) -> int:
     summary = _summary(args, trainer, fitted, results, evaluation, time.perf_counter() - started)
     if args.output:
         _save(trainer, args.output, summary)
-    print(json.dumps(summary, indent=2) if args.json else _report(summary))
-    return 0
+    return LocalRun(summary, trainer, written)
 
 
 def _run_phases(args, trainer, recipe, calibrated, ledger, progress, size: int) -> list:

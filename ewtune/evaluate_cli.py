@@ -1,21 +1,7 @@
-"""``ewtune evaluate``: the metrics of any weights on a local file, for the eyes of whoever runs it.
-
-Nothing is released: the figures are exact (no noise), no ledger is opened or charged, and nothing leaves the
-machine. They are therefore only for the data's own holder; what a coordinator may see is the noised
-evaluation of :mod:`agent.evaluation`.
-
-What is evaluated: a Hugging Face model directory (``--model``: what ``train-local --output`` saves in head and
-full modes, or any base model), the LoRA adapter that ``train-local --output`` (lora mode) or a federation
-saved on top of a base model (``--adapter``), or a safetensors file of trainable parameters (``--weights``:
-what ``ewtune weights init`` writes and a federation's ``final.safetensors`` and round checkpoints), loaded
-into the model that ``--mode``, ``--lora-rank``, ``--lora-alpha``, ``--lora-target-modules`` and
-``--tune-layers`` build (the settings of ``weights init`` and of federation.toml's [model]).
-
-On which records: every record of the file by default. ``--held-out`` evaluates only the records
-``train-local`` held out of training, which its per-record split (:mod:`agent.data`) decides from each record's
-content, ``--eval-fraction``, ``--seed`` and ``--max-examples``: give the values the run used (train-local's
-defaults are the defaults here), and ``--split-key`` for a daemon's secret split key. Only argparse is imported
-at module import time; the paths are checked before torch loads.
+"""``ewtune evaluate``: the metrics of any weights on a local file, for the eyes of whoever runs it (what is
+evaluated, on which records: :data:`DESCRIPTION`, the command's help). The figures are exact and released
+nowhere: the noised evaluation a coordinator may see is :func:`agent.evaluation.private_metrics`. Only argparse
+is imported at module import time; the paths are checked before torch loads.
 """
 
 from __future__ import annotations
@@ -30,6 +16,24 @@ from pathlib import Path
 from accountant.errors import InvalidInputError
 
 WEIGHT_MODES = ("lora", "full", "head")
+
+DESCRIPTION = """\
+Accuracy, macro F1 and the majority-class baseline (classification) or perplexity (causal_lm) of a model on a
+local file. Nothing is released: the figures are exact (no noise), no ledger is opened or charged, and nothing
+leaves the machine, so they are for the data's own holder only.
+
+What is evaluated: a Hugging Face model directory (--model: what train-local --output saves in head and full
+modes, or any base model); a LoRA adapter saved on top of the base model --model (--adapter: what
+train-local --output saves in lora mode, or a federation's adapter directory); or a safetensors file of
+trainable parameters (--weights: what `ewtune weights init` writes, a federation's final.safetensors and round
+checkpoints), loaded into the model that --mode, --lora-rank, --lora-alpha, --lora-target-modules and
+--tune-layers build (the settings of weights init and of federation.toml's [model]).
+
+On which records: every record of the file by default. --held-out evaluates only the records train-local held
+out of training. Its split is per record, by a keyed hash of each record's content, --eval-fraction, --seed and
+--max-examples: give the values the run used (train-local's defaults are the defaults here), and --split-key
+for a daemon's secret split key; the figures are then those train-local printed.
+"""
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ def register(subparsers) -> None:
         "evaluate",
         help="accuracy, macro F1 and the majority-class baseline (or perplexity) of a model, adapter or weights "
         "on a local file; nothing is released",
-        description=__doc__.split("\n\n", 1)[1],
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     defaults = EvaluationSpec(model="", data="")
@@ -111,8 +115,9 @@ def run(args) -> int:
 
 
 def evaluate(spec: EvaluationSpec) -> dict:
-    """The metrics of ``spec``'s model on its records (the module docstring): accuracy, macro F1, loss and the
-    majority-class baseline (classification), or loss and perplexity (causal LM), with what was evaluated."""
+    """The metrics of ``spec``'s model on its records (the module docstring): accuracy, macro F1 (the unweighted
+    mean of the per-class F1), loss and the majority-class baseline (classification), or loss and perplexity
+    (causal LM), with what was evaluated."""
     check(spec)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -137,7 +142,9 @@ def evaluate(spec: EvaluationSpec) -> dict:
         "data": spec.data,
         "records": "held-out" if spec.held_out else "every",
         "task": spec.task,
-        **{name: metrics.get(name) for name in ("accuracy", "f1", "majority_baseline", "loss", "perplexity")},
+        "accuracy": metrics.get("accuracy"),
+        "macro_f1": metrics.get("f1"),
+        **{name: metrics.get(name) for name in ("majority_baseline", "loss", "perplexity")},
         "num_examples": metrics["num_examples"],
         "device": str(device),
         "released": False,
@@ -155,9 +162,9 @@ def check(spec: EvaluationSpec) -> None:
     if spec.weights is not None and not Path(spec.weights).is_file():
         raise InvalidInputError(f"--weights {spec.weights}: no such file")
     _check_file(spec.data, "--data")
+    _check_goes_with(spec, ("mode", "lora_rank", "lora_alpha", "lora_target_modules", "tune_layers"), spec.weights is not None, "--weights")
+    _check_goes_with(spec, ("eval_fraction", "seed", "split_key"), spec.held_out, "--held-out")
     if spec.split_key is not None:
-        if not spec.held_out:
-            raise InvalidInputError("--split-key goes with --held-out")
         _check_file(spec.split_key, "--split-key")  # never created here: a new key would split differently
     if spec.mode not in WEIGHT_MODES:
         raise InvalidInputError(f"--mode must be one of {', '.join(WEIGHT_MODES)}, got {spec.mode!r}")
@@ -169,6 +176,14 @@ def check(spec: EvaluationSpec) -> None:
     from agent.device import check_device_name
 
     check_device_name(spec.device)
+
+
+def _check_goes_with(spec: EvaluationSpec, names: tuple[str, ...], given: bool, option: str) -> None:
+    """Refuse settings that only ``option`` uses, set without it (they would be ignored)."""
+    defaults = EvaluationSpec(model="", data="")
+    changed = [name for name in names if getattr(spec, name) != getattr(defaults, name)]
+    if changed and not given:
+        raise InvalidInputError(f"--{changed[0].replace('_', '-')} goes with {option}")
 
 
 def _check_model_dir(path: Path, option: str) -> None:
@@ -249,7 +264,7 @@ def report(result: dict) -> str:
     records = "the records train-local held out" if result["records"] == "held-out" else "every record"
     lines = [f"{'evaluated':<12}{result['model']}{loaded} on {records} of {result['data']} ({result['num_examples']} examples)"]
     if result["task"] == "classification":
-        lines.append(f"{'accuracy':<12}{_figure(result['accuracy'])}, macro F1 {_figure(result['f1'])}, majority-class "
+        lines.append(f"{'accuracy':<12}{_figure(result['accuracy'])}, macro F1 {_figure(result['macro_f1'])}, majority-class "
                      f"baseline {_figure(result['majority_baseline'])}")
     else:
         lines.append(f"{'perplexity':<12}{_figure(result['perplexity'])}, loss {_figure(result['loss'])}")

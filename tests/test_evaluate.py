@@ -31,8 +31,8 @@ def test_what_train_local_saved_gives_its_held_out_figures(tiny_bert_dir, mr_csv
     saved = ["--model", str(tiny_bert_dir), "--adapter", str(output)] if mode == "lora" else ["--model", str(output)]
     held_out = _evaluate(capsys, *saved, "--data", str(mr_csv), "--held-out", *SPLIT)
     assert held_out["num_examples"] == trained["eval"]["num_examples"] == 12
-    for name in ("accuracy", "f1", "loss"):
-        assert held_out[name] == pytest.approx(trained["eval"][name], abs=1e-6), name
+    assert held_out["accuracy"] == trained["accuracy"] and held_out["macro_f1"] == trained["macro_f1"]
+    assert held_out["loss"] == pytest.approx(trained["eval"]["loss"], rel=1e-6)
     assert held_out["majority_baseline"] == trained["majority_baseline"] and held_out["released"] is False
     every = _evaluate(capsys, *saved, "--data", str(mr_csv))
     assert every["records"] == "every" and every["num_examples"] == 400  # the fixture's 400 MR sentences
@@ -67,13 +67,15 @@ def _bad_inputs(tmp_path, model, data):
         "no weights": (["--model", model, "--weights", str(tmp_path / "w.safetensors"), "--data", data], "no such file"),
         "adapter and weights": (["--model", model, "--adapter", "a", "--weights", "w", "--data", data], "not allowed with"),
         "split key alone": (["--model", model, "--data", data, "--split-key", data], "--split-key goes with --held-out"),
+        "seed alone": (["--model", model, "--data", data, "--seed", "3"], "--seed goes with --held-out"),
+        "rank alone": (["--model", model, "--data", data, "--lora-rank", "4"], "--lora-rank goes with --weights"),
         "no label column": (["--model", model, "--data", str(no_labels)], "no column 'label'"),
         "bad device": (["--model", model, "--data", data, "--device", "gpu"], "device"),
     }
 
 
 BAD_CASES = ("no model", "no data", "data is a folder", "not an adapter", "no weights", "adapter and weights",
-             "split key alone", "no label column", "bad device")
+             "split key alone", "seed alone", "rank alone", "no label column", "bad device")
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

@@ -72,7 +72,7 @@ class TrainResult:
 
 def train_private(
     model: str,
-    data: "str | os.PathLike | Any",
+    data: "str | os.PathLike | pandas.DataFrame | datasets.Dataset",  # noqa: F821
     *,
     epsilon: float,
     delta: float,
@@ -87,7 +87,8 @@ def train_private(
     """Private (DP-SGD) fine-tuning of a local Hugging Face model, as ``ewtune agent train-local`` runs it.
 
     ``model``: a model directory, or ``"minilm"``. ``data``: a CSV, JSON Lines or Parquet file, ``"mr"`` or
-    ``"sms_spam"``, or a pandas DataFrame (written to a temporary Parquet file for the run, then deleted).
+    ``"sms_spam"``, or a pandas DataFrame or ``datasets.Dataset`` (written to a temporary Parquet file for the
+    run, then deleted).
     ``mode``: ``"head"`` (linear probing), ``"lora"`` or ``"full"``. ``ledger`` and ``signing_key``: charge
     the run to a holder ledger. ``output``: save the model and run.json there. ``progress``: report the phases
     and steps on stderr. Every other train-local option goes by its attribute name (``probe_epochs=2``,
@@ -105,7 +106,8 @@ def train_private(
 
 
 class _data_file:
-    """A context giving the path of ``data``: itself, or a temporary Parquet file holding a DataFrame."""
+    """A context giving the path of ``data``: itself, or a temporary Parquet file holding a pandas DataFrame
+    or a Hugging Face ``datasets.Dataset`` (their rows, without pandas' index)."""
 
     def __init__(self, data):
         self.data, self.directory = data, None
@@ -114,10 +116,12 @@ class _data_file:
         if isinstance(data := self.data, (str, os.PathLike)):
             return str(data)
         if not hasattr(data, "to_parquet"):
-            raise TypeError(f"data must be a file path or a pandas DataFrame, not {type(data).__name__}")
+            raise TypeError(f"data must be a file path, a pandas DataFrame or a datasets.Dataset, not {type(data).__name__}")
+        import pandas
+
         self.directory = tempfile.TemporaryDirectory(prefix="ewtune-data-")
         path = Path(self.directory.name) / "data.parquet"
-        data.to_parquet(path, index=False)
+        data.to_parquet(path, **({"index": False} if isinstance(data, pandas.DataFrame) else {}))
         return str(path)
 
     def __exit__(self, *exc) -> None:

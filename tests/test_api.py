@@ -84,13 +84,16 @@ def test_train_private_on_a_dataframe_charges_the_ledger_and_returns_the_trained
     assert report.ok and report.key_pinned and report.entries_verified == len(on_disk)
 
 
-def test_a_dataframe_trains_as_the_same_records_in_a_file(tiny_bert_dir, mr_csv):
+def test_a_dataframe_or_a_dataset_trains_as_the_same_records_in_a_file(tiny_bert_dir, mr_csv):
+    import datasets
     import pandas as pd
 
     from_file = ewtune.train_private(tiny_bert_dir, mr_csv, epsilon=8, delta=1e-5, device="cpu", **TINY_RUN)
-    from_frame = ewtune.train_private(tiny_bert_dir, pd.read_csv(mr_csv), epsilon=8, delta=1e-5, device="cpu", **TINY_RUN)
-    assert from_frame.summary["event"] == from_file.summary["event"]  # the same split, N, q and noise
-    assert from_frame.accuracy == from_file.accuracy and from_frame.macro_f1 == from_file.macro_f1
+    frame = pd.read_csv(mr_csv)
+    for data in (frame, datasets.Dataset.from_pandas(frame)):
+        run = ewtune.train_private(tiny_bert_dir, data, epsilon=8, delta=1e-5, device="cpu", **TINY_RUN)
+        assert run.summary["event"] == from_file.summary["event"]  # the same split, N, q and noise
+        assert (run.accuracy, run.macro_f1, run.summary["eval"]["loss"]) == (from_file.accuracy, from_file.macro_f1, from_file.summary["eval"]["loss"])
 
 
 def test_verify_ledger_reports_a_tampered_entry(tmp_path):
@@ -114,7 +117,7 @@ def test_verify_ledger_reports_a_tampered_entry(tmp_path):
 def test_bad_train_private_input(tiny_bert_dir, mr_csv, tmp_path):
     with pytest.raises(TypeError, match="unknown train-local option"):
         ewtune.train_private(tiny_bert_dir, mr_csv, epsilon=8, delta=1e-5, probe_epoch=1)
-    with pytest.raises(TypeError, match="pandas DataFrame"):
+    with pytest.raises(TypeError, match="a pandas DataFrame or a datasets.Dataset"):
         ewtune.train_private(tiny_bert_dir, [("a", 1)], epsilon=8, delta=1e-5)
     with pytest.raises(InvalidInputError, match="no such file"):
         ewtune.train_private(tiny_bert_dir, tmp_path / "none.csv", epsilon=8, delta=1e-5)

@@ -191,7 +191,7 @@ class LocalTrainer:
             pad_token_id=self.tokenizer.pad_token_id,
             tune_layers=config.tune_layers,
         ).to(self.device)
-        _check_padded_length_fits(config.max_length, self.model)
+        check_padded_length_fits(config.max_length, self.model)
         self.model_id = models.model_id(config.model_dir)
         # Batches and noise come from the operating system's secure source: amplification by subsampling assumes
         # nobody knows who was sampled, and noise that can be predicted can be subtracted. The seeded streams of
@@ -447,7 +447,7 @@ def _only_head_trainable(model, head_only: bool):
             param.requires_grad_(True)
 
 
-def _check_padded_length_fits(max_length: int, model) -> None:
+def check_padded_length_fits(max_length: int, model) -> None:
     """A record is padded to a length fixed by its own (:func:`agent.dpsgd.unpadded.padded_length`), up to that of
     ``max_length``; it must stay within the model's positions, or the longest records would fail in a forward pass."""
     config = getattr(model, "config", None)

@@ -229,7 +229,7 @@ def _load(spec: EvaluationSpec, model_dir: str, num_labels: int, pad_token_id: i
     """The model to evaluate: the adapter on the base model, the weights loaded into the model ``spec.mode``
     builds, or the model directory as saved."""
     from agent import models
-    from agent.training import _check_padded_length_fits
+    from agent.training import check_padded_length_fits
 
     if spec.adapter is not None:
         model = models.load_adapter(model_dir, spec.adapter, num_labels, spec.task)
@@ -243,7 +243,7 @@ def _load(spec: EvaluationSpec, model_dir: str, num_labels: int, pad_token_id: i
         )  # fmt: skip
         if spec.weights is not None:
             _load_weights(model, spec.weights)
-    _check_padded_length_fits(spec.max_length, model)
+    check_padded_length_fits(spec.max_length, model)
     return model
 
 

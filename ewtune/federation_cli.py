@@ -38,14 +38,15 @@ def register(subparsers) -> None:
         "init",
         help="write the initial trainable parameters ([model] initial_weights of federation.toml)",
         description="Build the holders' model recipe (the same as agent.toml's [training]) and save its trainable "
-        "parameters in safetensors: LoRA factors and the classifier head, or every parameter with --mode full; with "
+        "parameters in safetensors: LoRA factors and the classifier head, every parameter with --mode full, or the "
+        "classifier head alone with --mode head (the recommended probe: a linear head on the frozen encoder); with "
         "--tune-layers K only the top K encoder layers' (as the holders' [training] tune_layers).",
     )
     init_weights.add_argument("output", help="the .safetensors file to write")
     init_weights.add_argument("--model-dir", required=True, help="the base model directory the holders use")
     init_weights.add_argument("--task", default="classification", choices=["classification", "causal_lm"])
     init_weights.add_argument("--num-labels", type=int, default=2)
-    init_weights.add_argument("--mode", default="lora", choices=["lora", "full"])
+    init_weights.add_argument("--mode", default="lora", choices=["lora", "full", "head"])
     init_weights.add_argument("--lora-rank", type=int, default=8)
     init_weights.add_argument("--lora-alpha", type=float, default=16.0)
     init_weights.add_argument("--lora-target-modules", nargs="+", help="default: the holders' default for the model type")

@@ -94,6 +94,21 @@ def test_weights_init_writes_the_lora_factors_and_the_head(tiny_bert_dir, tmp_pa
     assert any(".classifier." in name for name in weights)
 
 
+def test_weights_init_head_writes_the_head_alone_as_the_holders_build_it(tiny_pooled_dir, tmp_path):
+    """--mode head (the recommended probe): only the classifier head's parameters, exactly those a holder's
+    head-mode model trains and with the same shapes, so the ServerApp's first round is accepted."""
+    from agent import models
+    from coordinator.checkpoints import load_weights
+
+    output = tmp_path / "initial.safetensors"
+    assert main(["weights", "init", str(output), "--model-dir", str(tiny_pooled_dir), "--mode", "head"]) == 0
+    weights = load_weights(output)
+    holder_model = models.load_model(tiny_pooled_dir, task="classification", num_labels=2, mode="head")
+    trainable = models.trainable_state(holder_model)
+    assert {name: weights[name].shape for name in weights} == {name: tuple(t.shape) for name, t in trainable.items()}
+    assert weights and all(".classifier." in name or name.startswith("classifier") for name in weights)
+
+
 def test_superlink_credentials_list_the_registered_holders_public_keys(tmp_path):
     from coordinator.credentials import load_credentials
 

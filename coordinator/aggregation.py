@@ -8,7 +8,8 @@ Two limits keep one holder from steering the global model alone (a receipt prove
 holder released, not that its update is honest):
 
 - :func:`capped_shares`: no holder's share of the average exceeds ``max_share`` (the excess is spread over
-  the others in proportion to their sizes);
+  the others in proportion to their sizes; when too few holders reply for their capped shares to reach 1,
+  :func:`capped_fedavg` leaves the rest with the global weights: the round's update is scaled down);
 - :func:`check_update_norm`: an update whose change from the global weights exceeds a bound is refused;
   :func:`default_update_norm_bound` derives the bound from the plan when the operator sets none.
 """
@@ -23,7 +24,7 @@ import numpy as np
 from accountant.errors import InvalidInputError
 from federation.packing import check_weight_dtype
 
-DEFAULT_MAX_SHARE = 0.5  # with two holders or more; one holder alone has the whole average
+DEFAULT_MAX_SHARE = 0.5  # one holder alone moves the global weights half way to its update
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which the holders' trainer uses
 
 
@@ -31,7 +32,8 @@ def capped_shares(sizes: Sequence[float], max_share: float | None = None) -> lis
     """Each holder's share of the FedAvg average: proportional to its dataset size N (McMahan et al.), with
     no share above ``max_share`` (default :data:`DEFAULT_MAX_SHARE`); a capped holder's excess goes to the
     uncapped ones in proportion to their sizes, repeatedly until no share exceeds the cap (water-filling).
-    Where the cap is below 1/k for k holders it cannot hold, and the shares are equal.
+    Where the cap is at most 1/k for k holders, every share is the cap and they sum to k x cap <= 1: the rest,
+    1 - k x cap, belongs to the global weights (:func:`capped_fedavg`), never to a holder.
 
     The sizes are the holders' released counts N_noisy: each daemon releases N plus Gaussian noise once per
     data set, charged to its ledger (agent.released_count), and states it in its description; the planner
@@ -50,7 +52,7 @@ def capped_shares(sizes: Sequence[float], max_share: float | None = None) -> lis
         raise InvalidInputError(f"max_weight_share must be in (0, 1], got {max_share!r}")
     count = len(sizes)
     if cap * count <= 1:
-        return [1.0 / count] * count
+        return [cap] * count
     shares = [0.0] * count
     free = set(range(count))
     left = 1.0
@@ -65,6 +67,32 @@ def capped_shares(sizes: Sequence[float], max_share: float | None = None) -> lis
             shares[i] = cap
         left -= cap * len(over)
         free -= over
+
+
+def kept_global_share(shares: Sequence[float]) -> float:
+    """The share of the FedAvg average that stays with the global weights: 1 - sum of the holders' shares
+    (0 when the capped shares sum to 1, up to rounding)."""
+    kept = 1.0 - math.fsum(shares)
+    return kept if kept > 1e-12 else 0.0
+
+
+def capped_fedavg(
+    updates: Sequence[Mapping[str, np.ndarray]], sizes: Sequence[float], reference: Mapping[str, np.ndarray],
+    max_share: float | None = None,
+) -> tuple[dict[str, np.ndarray], list[float], float]:
+    """FedAvg with a per-holder cap: (the new global weights, each holder's share, the global weights' share).
+
+    With s_k = :func:`capped_shares` of the sizes and s_0 = 1 - sum_k s_k (:func:`kept_global_share`),
+        w_new = s_0 w_global + sum_k s_k w_k = w_global + sum_k s_k (w_k - w_global),
+    McMahan et al.'s Alg. 1 (s_k = n_k / n) when no cap binds. When the k holders that replied cannot reach 1
+    within the cap c (k c < 1, e.g. one holder of a federation at c = 0.5), s_0 = 1 - k c > 0: the round's
+    update is scaled by k c rather than one holder (or a few) replacing the global model."""
+    shares = capped_shares(sizes, max_share)
+    kept = kept_global_share(shares)
+    pairs = [(update, share) for update, share in zip(updates, shares)]
+    if kept:
+        pairs.append((reference, kept))
+    return weighted_average(pairs, reference), shares, kept
 
 
 def adam_coordinate_step_bound(beta1: float = ADAM_BETAS[0], beta2: float = ADAM_BETAS[1]) -> float:

@@ -4,7 +4,8 @@ committed and aborted, its seconds, the certified epsilon each holder has spent)
 released, and the run's state. ``ewtune coordinator run`` and ``ewtune demo`` both follow a run with it.
 
 Only what the status file holds is shown: holders release no training loss, and an accuracy appears only when
-a holder's policy releases its (noised) evaluation.
+a holder's policy releases its (noised) evaluation; otherwise the reason it sent instead (a refusal by its
+policy, its daily limit, a failure, no reply) is shown for that round.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class RunProgress:
                            f"    {holder_id} released a private (noised) accuracy of the global model after round {round}: {accuracy:.3f}",
                            holder=holder_id, round=int(round), accuracy=accuracy,
                            **{key: metrics[key] for key in ("f1", "majority_baseline") if key in metrics})  # fmt: skip
+            for round, reason in sorted(holder.get("evaluation_missing", {}).items(), key=lambda item: int(item[0])):
+                self._once(("evaluation missing", holder_id, round), "evaluation_missing",
+                           f"    {holder_id} released no evaluation of the global model after round {round}: {reason}",
+                           holder=holder_id, round=int(round), reason=reason)  # fmt: skip
         state, reason = status.get("state"), status.get("reason")
         self._once(("state", state), "state", f"  run {state}" + (f" ({reason})" if reason else ""), state=state, reason=reason)
 
@@ -52,6 +57,18 @@ class RunProgress:
         if key not in self._seen:
             self._seen.add(key)
             self.progress.event(kind, text, **fields)
+
+
+def missing_evaluations(holder: dict[str, Any]) -> str:
+    """A holder's status.json "evaluation_missing" in one line: each reason once, after the rounds it was
+    given for, e.g. ``no evaluation of rounds 0, 1: refused: ...``; empty when every evaluation came back."""
+    rounds_by_reason: dict[str, list[int]] = {}
+    for round, reason in sorted(holder.get("evaluation_missing", {}).items(), key=lambda item: int(item[0])):
+        rounds_by_reason.setdefault(reason, []).append(int(round))
+    return "; ".join(
+        f"no evaluation of round{'s' if len(rounds) > 1 else ''} {', '.join(map(str, rounds))}: {reason}"
+        for reason, rounds in rounds_by_reason.items()
+    )
 
 
 def _plan_text(holder_id: str, holder: dict[str, Any]) -> str:
@@ -75,10 +92,13 @@ def _round_report(record: dict[str, Any], planned: int | None, spent: dict[str, 
     if aborted:
         text += f", {len(aborted)} aborted (" + "; ".join(f"{h}: {reason}" for h, reason in aborted.items()) + ")"
     text += f" in {record['seconds']:.1f} s"
+    kept = record.get("global_weights_share")
+    if kept:  # too few holders for their capped shares to sum to 1 (coordinator.aggregation.capped_fedavg)
+        text += f" (max_weight_share caps each holder: the update was scaled by {1 - kept:.3g})"
     if spent:
         text += "; certified epsilon spent: " + ", ".join(f"{h} {epsilon:.3f}" for h, epsilon in spent.items())
     fields = {"round": record["round"], "rounds_planned": planned, "committed": committed, "aborted": aborted,
-              "seconds": record["seconds"], "epsilon_certified": spent}  # fmt: skip
+              "seconds": record["seconds"], "epsilon_certified": spent, "global_weights_share": kept}  # fmt: skip
     return text, fields
 
 

@@ -58,7 +58,7 @@ from accountant.ledger import AUDIT_PURPOSE, Ledger, Policy
 from accountant.rdp import RdpAccountant
 from accountant.signing import SigningKey
 from accountant.spend import check_within
-from coordinator.aggregation import capped_shares, check_update, check_update_norm, default_update_norm_bound, weighted_average
+from coordinator.aggregation import capped_fedavg, check_update, check_update_norm, default_update_norm_bound
 from coordinator.canary_audit import VIEW, Canaries, CanaryObserver, audit_bounds, scores_digest, secure_tie_break
 from coordinator.checkpoints import checkpoint_path, load_weights, round_checkpoint, save_peft_adapter, save_weights
 from coordinator.config import FederationConfig, load_federation_config
@@ -99,6 +99,7 @@ from federation.messages import (
 )
 
 STATUS_FILE = "status.json"
+MISSING_REASON_CHARACTERS = 200  # the longest reason for a missing evaluation kept in status.json
 
 app = ServerApp()
 
@@ -122,6 +123,7 @@ class HolderState:
     rounds_committed: int = 0
     accuracy: dict[int, float] = field(default_factory=dict)
     evaluation: dict[int, dict[str, float]] = field(default_factory=dict)
+    evaluation_missing: dict[int, str] = field(default_factory=dict)  # round -> why no evaluation came back
 
 
 class Federation:
@@ -383,14 +385,15 @@ class Federation:
                                       settings.learning_rate, settings.clip_norm)
             outcomes[holder_id] = {"status": "committed", "steps": total_steps(receipt.event), "update_norm": norm, "metrics": metrics}
             reach(f"committed:{round}:{len(committed)}")
+        kept = None
         if committed:
-            weights, shares = self._aggregate(committed, weights)
+            weights, shares, kept = self._aggregate(committed, weights)
             for holder_id, share in shares.items():
                 outcomes[holder_id]["weight_share"] = share
         for holder_id, message in trains.items():
             outcomes[holder_id]["reply_seconds"] = arrivals.get(message.metadata.message_id)
         finished = time.monotonic()
-        self._record_round(round, started, exchanged, finished, outcomes, evaluate_previous)
+        self._record_round(round, started, exchanged, finished, outcomes, evaluate_previous, kept)
         self._write_status()  # the round's record survives a crash while its checkpoint is written
         self._checkpoint(round, weights)
         if not committed:
@@ -404,10 +407,13 @@ class Federation:
         outcomes[holder_id] = {"status": "aborted", "reason": reason}
 
     def _aggregate(self, committed: list[tuple[str, dict[str, np.ndarray]]], weights: dict[str, np.ndarray]):
-        """(the FedAvg of the committed updates with capped shares, holder id -> share)."""
-        shares = capped_shares([self.holders[h].plan.holder.dataset_size for h, _ in committed], self.config.settings.max_weight_share)
-        averaged = weighted_average([(update, share) for (_, update), share in zip(committed, shares)], weights)
-        return averaged, {holder_id: share for (holder_id, _), share in zip(committed, shares)}
+        """(the FedAvg of the committed updates with capped shares, holder id -> share, the share the global
+        weights keep: > 0 when too few holders replied for their capped shares to sum to 1)."""
+        averaged, shares, kept = capped_fedavg(
+            [update for _, update in committed], [self.holders[h].plan.holder.dataset_size for h, _ in committed],
+            weights, self.config.settings.max_weight_share,
+        )
+        return averaged, {holder_id: share for (holder_id, _), share in zip(committed, shares)}, kept
 
     def _checkpoint(self, round: int, weights: dict[str, np.ndarray]) -> None:
         """Save round ``round``'s global model, then forget the round's received updates (the average holds them)."""
@@ -451,13 +457,14 @@ class Federation:
             completed += 1
             rebuilding = time.monotonic()
             committed = sorted(point.interrupted.items())
-            weights, shares = self._aggregate(committed, weights)
+            weights, shares, kept = self._aggregate(committed, weights)
             self._checkpoint(completed, weights)
             self.status["rounds"].append({  # seconds: the rebuild's (its exchange happened before the restart)
                 "round": completed, "rebuilt_after_restart": True, "seconds": time.monotonic() - rebuilding,
                 "exchange_seconds": None, "slowest_train_seconds": None,
                 "overhead_seconds": None, "evaluation_included": False,
                 "holders": {holder_id: {"status": "committed", "weight_share": share} for holder_id, share in shares.items()},
+                "global_weights_share": kept,
             })
         elif completed:
             self.inbox.discard_round(self.record.segments, completed)
@@ -550,29 +557,24 @@ class Federation:
     def _record_evaluation(self, holder_id: str, round: int, reply: Message | None, inside_train: bool = False) -> None:
         """Keep the numeric metrics of an evaluation: an evaluate reply's "metrics", or the "evaluation" in a
         train reply's "result" (``inside_train``). A holder releases none by default (its daemon refuses): no reply, a
-        refusal, an error or anything malformed is logged and changes nothing else (the holder is neither
-        dropped nor aborted for it)."""
+        refusal, an error or anything malformed changes nothing else (the holder is neither dropped nor aborted
+        for it); its short reason is logged and kept per round (status.json's "evaluation_missing")."""
         state = self.holders[holder_id]
         try:
             if reply is None:
-                _log(f"holder {holder_id}: no evaluation of round {round} (no reply)")
-                return
+                return self._evaluation_missing(holder_id, round, "no reply within the timeout")
             if reply.has_error():
-                _log(f"holder {holder_id}: no evaluation of round {round} (code {reply.error.code}: {str(reply.error.reason)[:200]})")
-                return
+                return self._evaluation_missing(holder_id, round, f"refused or failed (code {reply.error.code}): {reply.error.reason}")
             released = _evaluation_inside(reply.content) if inside_train else reply.content.get(METRICS)
             if isinstance(released, str):  # the reason of a refusal
-                _log(f"holder {holder_id}: no evaluation of round {round} (refused: {released[:200]})")
-                return
+                return self._evaluation_missing(holder_id, round, f"refused: {released}")
             if released is None:
-                _log(f"holder {holder_id}: reply of round {round} carries no evaluation metrics")
-                return
+                return self._evaluation_missing(holder_id, round, "the reply carries no evaluation metrics")
             metrics = _numeric_metrics(released, f"holder {holder_id}'s evaluation metrics")
         except Exception as failure:  # noqa: BLE001 - a malformed evaluation reply is ignored, not fatal
-            _log(f"holder {holder_id}: evaluation reply of round {round} ignored: {_reason(failure)}")
-            return
+            return self._evaluation_missing(holder_id, round, f"reply ignored: {_reason(failure)}")
         if not metrics:
-            return
+            return self._evaluation_missing(holder_id, round, "the reply carries no finite metric")
         state.evaluation[round] = metrics
         if "accuracy" in metrics:
             state.accuracy[round] = metrics["accuracy"]
@@ -641,7 +643,15 @@ class Federation:
         state.active, state.reason = False, reason
         _log(f"holder {holder_id} dropped: {reason}")
 
-    def _record_round(self, round: int, started: float, exchanged: float, finished: float, outcomes: dict, evaluated: bool) -> None:
+    def _evaluation_missing(self, holder_id: str, round: int, reason: str) -> None:
+        """Why ``holder_id`` sent no evaluation of the model after ``round``: logged, and kept (one line, at most
+        :data:`MISSING_REASON_CHARACTERS` characters: holders write it) for status.json, the status page and the report."""
+        short = " ".join(reason.split())[:MISSING_REASON_CHARACTERS]
+        self.holders[holder_id].evaluation_missing[round] = short
+        _log(f"holder {holder_id}: no evaluation of round {round} ({short})")
+
+    def _record_round(self, round: int, started: float, exchanged: float, finished: float, outcomes: dict, evaluated: bool,
+                      kept: float | None) -> None:
         seconds = finished - started
         record = {
             "round": round,
@@ -652,11 +662,14 @@ class Federation:
             "overhead_seconds": None,
             "evaluation_included": evaluated,
             "holders": outcomes,
+            # The share of the average the previous global weights keep (capped_fedavg); None: nothing aggregated.
+            "global_weights_share": kept,
         }
         self.status["rounds"].append(record)
         committed = sum(1 for outcome in outcomes.values() if outcome["status"] == "committed")
         _log(
             f"round {round}: {committed}/{len(outcomes)} update(s) verified and aggregated in {seconds:.1f} s"
+            + (f" (max_weight_share caps each holder: the update was scaled by {1 - kept:.3g})" if kept else "")
         )
 
     def _finish(self, weights: dict[str, np.ndarray]) -> None:
@@ -698,6 +711,7 @@ class Federation:
             "rounds_committed": state.rounds_committed,
             "accuracy": {str(k): v for k, v in sorted(state.accuracy.items())},
             "evaluation": {str(k): v for k, v in sorted(state.evaluation.items())},
+            "evaluation_missing": {str(k): v for k, v in sorted(state.evaluation_missing.items())},
         }
         if self.ledger is not None:
             spend = self.ledger.spend(holder_id)

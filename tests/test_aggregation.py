@@ -6,9 +6,11 @@ import pytest
 from accountant.errors import InvalidInputError
 from coordinator.aggregation import (
     adam_coordinate_step_bound,
+    capped_fedavg,
     capped_shares,
     check_update_norm,
     default_update_norm_bound,
+    kept_global_share,
     weighted_average,
 )
 
@@ -66,9 +68,28 @@ def test_a_huge_claimed_dataset_is_capped_and_its_excess_redistributed():
     assert max(capped_shares([5, 10**6, 10**7, 1], 0.3)) <= 0.3 + 1e-12
 
 
-def test_a_cap_below_one_over_k_gives_equal_shares_and_one_holder_has_all():
-    assert capped_shares([1, 1000], 0.2) == pytest.approx([0.5, 0.5])
-    assert capped_shares([7]) == [1.0]
+def test_a_cap_at_or_below_one_over_k_gives_each_holder_the_cap_and_the_rest_to_the_global_weights():
+    assert capped_shares([1, 1000], 0.2) == pytest.approx([0.2, 0.2])
+    assert capped_shares([7]) == [0.5]  # one holder of a federation: the default cap still holds
+    assert capped_shares([7], 1.0) == [1.0]
+    assert capped_shares([1, 1000], 0.5) == pytest.approx([0.5, 0.5])
+    assert kept_global_share(capped_shares([1, 1000], 0.2)) == pytest.approx(0.6)
+    assert kept_global_share(capped_shares([1, 2, 3, 100], 0.4)) == 0.0
+
+
+def test_one_reply_under_the_cap_moves_the_global_weights_only_by_the_cap():
+    """The attack: the other holders' replies are dropped so that one holder's update replaces the global
+    model. With the cap 0.5 it moves the global weights half way: w = 0.5 w_global + 0.5 w_1."""
+    reference = _weights(2.0)
+    averaged, shares, kept = capped_fedavg([_weights(1000.0)], [10**9], reference, 0.5)
+    assert shares == [0.5] and kept == 0.5
+    np.testing.assert_allclose(averaged["a"], np.full((2, 3), 501.0))
+    averaged, shares, kept = capped_fedavg([_weights(10.0), _weights(20.0)], [100, 300], reference, 0.3)
+    assert shares == pytest.approx([0.3, 0.3]) and kept == pytest.approx(0.4)
+    np.testing.assert_allclose(averaged["a"], np.full((2, 3), 0.4 * 2 + 0.3 * 10 + 0.3 * 20))
+    averaged, shares, kept = capped_fedavg([_weights(10.0), _weights(20.0)], [100, 300], reference, 0.8)
+    assert shares == pytest.approx([0.25, 0.75]) and kept == 0.0  # no cap binds: McMahan et al.'s average
+    np.testing.assert_allclose(averaged["a"], np.full((2, 3), 17.5))
 
 
 def test_capped_average_limits_a_big_holder_s_pull():

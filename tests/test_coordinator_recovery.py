@@ -159,7 +159,8 @@ def test_a_tampered_update_in_the_inbox_is_aborted_not_committed(tmp_path):
     resumed = _restart(tmp_path, nodes)
     (outcome,) = resumed["resumed"]["reconciled"]
     assert outcome["action"] == "abort" and "does not match its receipt" in outcome["reason"]
-    assert resumed["state"] == "finished" and resumed["rounds"][0]["holders"] == {"a": {"status": "committed", "weight_share": 1.0}}
+    assert resumed["state"] == "finished" and resumed["rounds"][0]["holders"] == {"a": {"status": "committed", "weight_share": 0.5}}
+    assert resumed["rounds"][0]["global_weights_share"] == 0.5  # the cap 0.5 holds for a rebuilt round too
 
 
 def test_a_finished_federation_is_not_resumed_and_other_settings_are_refused(tmp_path):

@@ -183,9 +183,26 @@ def test_forged_receipts_are_aborted_and_not_aggregated(run):
     assert "no reply within 1 s" in reasons["dead"]
     for holder in reasons:
         assert status["holders"][holder]["rounds_committed"] == 0 and not status["holders"][holder]["active"]
-    # Only the honest update (global + 2 each round) was aggregated.
+    # Only the honest update (global + 2 each round) was aggregated, alone, at the cap 0.5: global + 1 a round.
     final = load_weights(directory / "out" / "final.safetensors")
-    np.testing.assert_array_equal(final["w"], np.full((2, 2), 4.0, np.float32))
+    np.testing.assert_array_equal(final["w"], np.full((2, 2), 2.0, np.float32))
+
+
+def test_a_round_with_one_reply_applies_the_cap_and_says_so(run):
+    """The attack: every other holder's reply is lost, so the one that arrives would be the new global model.
+    The cap 0.5 still holds: its share is 0.5, the global weights keep 0.5, and the status and the run's
+    progress line say the update was scaled."""
+    import io
+
+    from coordinator.run_progress import RunProgress
+    from federation.progress import Progress
+
+    _, status, _, _ = run
+    for record in status["rounds"]:
+        assert record["holders"]["honest"]["weight_share"] == 0.5 and record["global_weights_share"] == 0.5
+    stream = io.StringIO()
+    RunProgress(Progress(stream, "lines"))(status)
+    assert "max_weight_share caps each holder: the update was scaled by 0.5" in stream.getvalue()
 
 
 def test_the_coordinator_ledger_records_commits_and_aborts_and_verifies(run):

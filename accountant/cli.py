@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     )
     _add_mechanism_arguments(epsilon)
     epsilon.add_argument("--noise-multiplier", required=True, metavar="S", help="sigma = noise std / clip norm")
-    epsilon.add_argument("--delta", required=True, metavar="D", help="target delta, in (0, 1)")
+    epsilon.add_argument("--delta", required=True, metavar="D", help="target delta, in (0, 0.1): a larger one guarantees nothing")
     epsilon.add_argument(
         "--rdp", action="store_true", help="also the RDP bound of dp_accounting (imports it: about a second more)"
     )
@@ -50,7 +50,7 @@ def register(subparsers) -> None:
         "epsilon it yields.",
     )
     sigma.add_argument("--epsilon", required=True, metavar="E", help="target epsilon, > 0")
-    sigma.add_argument("--delta", required=True, metavar="D", help="target delta, in (0, 1)")
+    sigma.add_argument("--delta", required=True, metavar="D", help="target delta, in (0, 0.1): a larger one guarantees nothing")
     _add_mechanism_arguments(sigma)
     sigma.add_argument(
         "--policy",
@@ -220,9 +220,9 @@ def _sampling_rate(text: str) -> float:
 
 
 def _delta(text: str) -> float:
-    from accountant.privacy_accountant import check_delta
+    from accountant.privacy_accountant import check_meaningful_delta
 
-    return check_delta(_number(text, "delta"))
+    return check_meaningful_delta(_number(text, "delta"))
 
 
 def _steps(text: str) -> int:

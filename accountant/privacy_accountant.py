@@ -37,6 +37,23 @@ def check_delta(delta: Any) -> float:
     return float(delta)
 
 
+MEANINGFUL_DELTA_LIMIT = 0.1  # the commands and the Python API refuse a target delta at or above it
+
+
+def check_meaningful_delta(delta: Any) -> float:
+    """``delta`` as a float in (0, :data:`MEANINGFUL_DELTA_LIMIT`), or a one-line error saying why. (epsilon,
+    delta)-DP with a large delta holds for a mechanism that publishes each record outright with probability
+    delta (Dwork & Roth 2014, "The Algorithmic Foundations of Differential Privacy", sec. 2.3), so the epsilon
+    at such a delta (often 0) guarantees nothing; the accountants still answer any delta in (0, 1)."""
+    delta = check_delta(delta)
+    if delta >= MEANINGFUL_DELTA_LIMIT:
+        raise InvalidInputError(
+            f"delta {delta:g} is not below {MEANINGFUL_DELTA_LIMIT:g}: (epsilon, delta)-DP then allows publishing each "
+            "record outright with probability delta, so its epsilon guarantees nothing; use a delta below 1/N (N records), e.g. 1e-5"
+        )
+    return delta
+
+
 def check_epsilon(epsilon: Any) -> float:
     """``epsilon`` as a finite float >= 0, or a one-line error."""
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (epsilon >= 0 and math.isfinite(epsilon)):

@@ -145,9 +145,9 @@ def certified_epsilon(sampling_rate: float, noise_multiplier: float, steps: int,
     ``"replace_one"``: an upper bound on the true epsilon (the PLD accountant of :mod:`accountant.certified`)."""
     from accountant.certified import certified_epsilon as epsilon_of
     from accountant.events import Neighbouring, PoissonGaussianEvent
-    from accountant.privacy_accountant import check_delta
+    from accountant.privacy_accountant import check_meaningful_delta
 
-    return epsilon_of(PoissonGaussianEvent(sampling_rate, noise_multiplier, steps, Neighbouring(relation)), check_delta(delta))
+    return epsilon_of(PoissonGaussianEvent(sampling_rate, noise_multiplier, steps, Neighbouring(relation)), check_meaningful_delta(delta))
 
 
 def noise_multiplier_for(epsilon: float, delta: float, sampling_rate: float, steps: int, relation: str = "add_remove") -> float:
@@ -155,10 +155,10 @@ def noise_multiplier_for(epsilon: float, delta: float, sampling_rate: float, ste
     the target ``epsilon`` (:func:`accountant.calibration.calibrate_noise_multiplier`, certified policy)."""
     from accountant.calibration import calibrate_noise_multiplier
     from accountant.events import Neighbouring
-    from accountant.privacy_accountant import check_delta
+    from accountant.privacy_accountant import check_meaningful_delta
 
     phases = [(sampling_rate, steps)]
-    return calibrate_noise_multiplier(epsilon, check_delta(delta), phases, neighbouring=Neighbouring(relation)).noise_multiplier
+    return calibrate_noise_multiplier(epsilon, check_meaningful_delta(delta), phases, neighbouring=Neighbouring(relation)).noise_multiplier
 
 
 def verify_ledger(path: str | os.PathLike, public_key: str | Mapping[str, str] | None = None):

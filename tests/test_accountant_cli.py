@@ -85,6 +85,21 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv):
     assert err.startswith("ewtune: error: ") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", [
+    ["epsilon", "--sampling-rate", "0.01", "--noise-multiplier", "1", "--steps", "100"],
+    ["sigma", "--epsilon", "1", "--sampling-rate", "0.01", "--steps", "100"],
+], ids=["epsilon", "sigma"])  # fmt: skip
+@pytest.mark.parametrize("delta", ["0.5", "0.1"])
+def test_a_delta_that_guarantees_nothing_is_refused_with_the_reason(capsys, command, delta):
+    """At delta 0.5 the certified epsilon is 0 (a mechanism publishing each record with probability 0.5 is
+    (0, 0.5)-DP): printing it with exit 0 reads as perfect privacy. It is refused, one line, exit 2."""
+    code, out, err = _run(capsys, ["accountant", *command, "--delta", delta])
+    assert (code, out) == (2, "")
+    assert err == f"ewtune: error: delta {delta} is not below 0.1: (epsilon, delta)-DP then allows publishing each record outright with probability delta, so its epsilon guarantees nothing; use a delta below 1/N (N records), e.g. 1e-5\n"
+    code, out, _ = _run(capsys, ["accountant", *command, "--delta", "0.09", "--json"])
+    assert code == 0 and json.loads(out)["delta"] == 0.09
+
+
 def test_accountant_cli_imports_no_heavy_module():
     probe = (
         "import sys, accountant.cli; "

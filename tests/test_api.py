@@ -41,10 +41,12 @@ def test_the_accountant_calls_give_the_commands_figures(capsys):
 
 @pytest.mark.parametrize("call", [
     lambda: ewtune.certified_epsilon(0.01, 1.0, 100, 1.0),
+    lambda: ewtune.certified_epsilon(0.01, 1.0, 100, 0.5),
+    lambda: ewtune.noise_multiplier_for(1.0, 0.1, 0.01, 100),
     lambda: ewtune.certified_epsilon(1.5, 1.0, 100, 1e-5),
     lambda: ewtune.noise_multiplier_for(-1.0, 1e-5, 0.01, 100),
     lambda: ewtune.noise_multiplier_for(1.0, 1e-5, 0.01, 0),
-], ids=["delta-one", "rate-above-one", "negative-epsilon", "zero-steps"])  # fmt: skip
+], ids=["delta-one", "delta-half", "delta-tenth", "rate-above-one", "negative-epsilon", "zero-steps"])  # fmt: skip
 def test_bad_accountant_input_raises_the_commands_error(call):
     with pytest.raises(InvalidInputError):
         call()

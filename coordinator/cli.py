@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from accountant.errors import EwtuneError, InvalidInputError
+from coordinator.run_progress import missing_evaluations
 
 
 def register(subparsers) -> None:
@@ -279,7 +280,7 @@ def status_table(status: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for holder_id, holder in sorted(status.get("holders", {}).items()):
-        accuracy = " ".join(_evaluation(r, holder) for r in sorted(holder.get("accuracy", {}), key=int))
+        accuracy = " ".join([_evaluation(r, holder) for r in sorted(holder.get("accuracy", {}), key=int)] + [missing_evaluations(holder)]).strip()
         lines.append(
             f"| {holder_id} | {_fmt(holder.get('budget_epsilon'))} | {_fmt(holder.get('epsilon_certified'))} | "
             f"{_fmt(holder.get('epsilon_edgeworth_estimate'))} | {_fmt(holder.get('epsilon_rdp'))} | {_fmt(holder.get('noise_multiplier'))} | "

@@ -1,7 +1,7 @@
 """The status page's HTML and script: plain HTML and JavaScript, nothing loaded from elsewhere (it works
 offline and under a strict Content-Security-Policy). The script polls ``status.json`` every two seconds and
 redraws: the run's state and round, one row per holder (its state, certified epsilon spent, the Edgeworth
-estimate beside it, budget left, rounds, accuracy so far) and the recent events, newest first (skips at planning, rounds, why the run stopped).
+estimate beside it, budget left, rounds, accuracy so far, or why a holder sent no evaluation) and the recent events, newest first (skips at planning, rounds, why the run stopped).
 Every value is written with ``textContent``: reasons sent by holders are never parsed as HTML."""
 
 from __future__ import annotations
@@ -51,6 +51,13 @@ function bar(td, spent, budget) {
   const b = document.createElement("span"); b.className = "bar"; b.style.width = Math.round(width * (1 - used)) + "px";
   td.appendChild(a); td.appendChild(b);
 }
+function missingEvaluations(holder) {
+  // each reason a holder gave for sending no evaluation, once, after its rounds (as coordinator.run_progress)
+  const rounds = new Map();
+  const missing = Object.entries(holder.evaluation_missing || {}).sort((x, y) => Number(x[0]) - Number(y[0]));
+  for (const [round, reason] of missing) { if (!rounds.has(reason)) rounds.set(reason, []); rounds.get(reason).push(round); }
+  return Array.from(rounds, ([reason, list]) => "no evaluation of round" + (list.length > 1 ? "s " : " ") + list.join(", ") + ": " + reason);
+}
 function events(status) {
   const items = [];
   for (const [holder, reason] of Object.entries(status.skipped || {})) items.push("skipped " + holder + ": " + reason);
@@ -86,7 +93,8 @@ function render(status) {
     bar(cell(row, ""), holder.epsilon_certified, holder.budget_epsilon);
     cell(row, String(holder.rounds_committed || 0));
     const accuracy = Object.entries(holder.accuracy || {}).sort((x, y) => Number(x[0]) - Number(y[0]));
-    cell(row, accuracy.length ? accuracy.map(([r, a]) => r + ": " + fmt(a, 3)).join(", ") : "-");
+    const texts = accuracy.map(([r, a]) => r + ": " + fmt(a, 3)).concat(missingEvaluations(holder));
+    cell(row, texts.length ? texts.join("; ") : "-");
     body.appendChild(row);
   }
   const list = document.getElementById("events");

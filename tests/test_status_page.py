@@ -304,3 +304,20 @@ def test_serve_status_off_loopback_makes_a_private_token_and_requires_it(tmp_pat
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_the_page_shows_why_a_holder_sent_no_evaluation_in_chromium(tmp_path):
+    """A holder whose policy refuses evaluation: the accuracy cell gives its reason per round, not a bare "-"."""
+    document = status(2)
+    document["holders"]["bank-b"]["evaluation_missing"] = {
+        "0": "refused: this holder releases no evaluation metrics", "1": "refused: this holder releases no evaluation metrics"}
+    document["holders"]["hospital-a"].update(accuracy={"0": 0.5}, evaluation_missing={"1": "no reply within the timeout"})
+    path = tmp_path / "status.json"
+    write(path, document)
+    with StatusServer(path) as server, chromium_page() as page:
+        page.goto(server.url)
+        wait_for_text(page, "#round", "2/3", 10)
+        rows = holder_rows(page)
+        assert rows["bank-b"][-1] == "no evaluation of rounds 0, 1: refused: this holder releases no evaluation metrics"
+        assert rows["hospital-a"][-1] == "0: 0.500; no evaluation of round 1: no reply within the timeout"
+        assert rows["clinic-c"][-1] == "-"

@@ -209,7 +209,7 @@ def _run_phases(args, trainer, recipe, calibrated, ledger, progress, size: int) 
     steps that ran are committed even when the phase fails)."""
     from datetime import datetime, timezone
 
-    from agent.training import StepPlan, TrainingFailed
+    from agent.training import StepPlan, TrainingFailed, TrainingInterrupted
 
     results = []  # size: the N the phases' q was planned for (with a ledger, its noised count)
     run_id = "train-local-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
@@ -229,13 +229,14 @@ def _run_phases(args, trainer, recipe, calibrated, ledger, progress, size: int) 
         reservation = None if ledger is None else ledger.reserve(ledger.writer_id, run_id, index, event)
         try:
             result = _train_with_progress(trainer, plan, name, progress)
-        except TrainingFailed as failure:  # records were touched: the steps that began are charged
+        except (TrainingFailed, TrainingInterrupted) as failure:  # records were touched: the steps that began are charged
             if reservation is not None:
                 ledger.commit(reservation, failure.event, extra={"phase": name, "released": False, "reason": failure.what_ran})
             raise
-        except Exception:
+        except (Exception, KeyboardInterrupt) as failure:
             if reservation is not None:
-                ledger.abort(reservation, f"the {name} phase failed before any record was touched: nothing ran")
+                stopped = "was interrupted" if isinstance(failure, KeyboardInterrupt) else "failed"
+                ledger.abort(reservation, f"the {name} phase {stopped} before any record was touched: nothing ran")
             raise
         if reservation is not None:
             _close(ledger, reservation, result.event, {"phase": name, "randomness": result.randomness})

@@ -169,6 +169,17 @@ class TrainingFailed(EwtuneError):
         self.what_ran = what_ran
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) after the run touched records: ``event`` counts every step that began, as for
+    :class:`TrainingFailed` (the interrupted step included), and ``what_ran`` says so for the ledger. It stays a
+    KeyboardInterrupt, so that the command still ends as interrupted (exit 130) once the caller has charged it."""
+
+    def __init__(self, event: PoissonGaussianEvent, what_ran: str):
+        super().__init__(what_ran)
+        self.event = event
+        self.what_ran = what_ran
+
+
 class LocalTrainer:
     """Loads the model and the data of ``config`` once; :meth:`train` runs DP-SGD on the training split."""
 
@@ -259,8 +270,11 @@ class LocalTrainer:
             raise InvalidInputError("a head-only run needs a classification task")
         try:
             module, collate_fn = self.phase_inputs(head_only)
-        except Exception as failure:  # the caches read every training record: charged as the first step
+        except (Exception, KeyboardInterrupt) as failure:  # the caches read every training record: charged as the first step
             first = PoissonGaussianEvent(executable_sampling_rate(plan.sampling_rate), plan.noise_multiplier, 1)
+            if isinstance(failure, KeyboardInterrupt):
+                raise TrainingInterrupted(first, "interrupted after 1 step(s): while caching the records' features, "
+                                          "before step 1 ran; charged as 1 step") from None
             raise TrainingFailed(first, failure, "failed while caching the records' features, before step 1 ran; "
                                  "charged as 1 step") from failure
         try:
@@ -322,6 +336,10 @@ class LocalTrainer:
             with torch.random.fork_rng():  # dropout masks from the trainer's own stream, not the global one
                 torch.manual_seed(dropout_seed)
                 _run_steps(engine, sampler, collate_fn, should_stop, on_step, progress)
+        except KeyboardInterrupt:
+            if not progress.begun:
+                raise
+            raise TrainingInterrupted(progress.event(sampler, plan), progress.what_ran_until_interrupted(plan)) from None
         except Exception as failure:
             if not progress.begun:  # no sample drawn, no record read
                 raise
@@ -402,6 +420,10 @@ class _Progress:
 
     def what_ran(self, plan: StepPlan) -> str:
         return (f"failed in step {self.begun} of {plan.steps} after {self.executed} completed step(s); "
+                f"{self.begun} step(s) charged")
+
+    def what_ran_until_interrupted(self, plan: StepPlan) -> str:
+        return (f"interrupted after {self.begun} step(s) of {plan.steps} began ({self.executed} completed); "
                 f"{self.begun} step(s) charged")
 
 

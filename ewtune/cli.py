@@ -97,8 +97,8 @@ def _run_command(argv: list[str] | None) -> int:
             raise
         print(f"ewtune: error: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        print("ewtune: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # a TrainingInterrupted says what ran and was charged
+        print("ewtune: interrupted" + (f": {interrupt}" if str(interrupt) else ""), file=sys.stderr)
         return 130
 
 

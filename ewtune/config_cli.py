@@ -21,7 +21,7 @@ def register(subparsers) -> None:
         "tables and keys, types, ranges (epsilon > 0, 0 < delta < 1/N for the holder's N records, clip norms > "
         "0...), the model directory, the data file, the private keys' permissions (0600) and the writable "
         "directories. Every problem is printed with the file and the key. Exit 0 when valid, 2 otherwise. "
-        "Example files: deploy/agent.toml.example, deploy/federation.toml.example.",
+        "Example files: deploy/agent.toml.example, coordinator/federation.toml.example.",
     )
     check.add_argument("file", help="the TOML file")
     check.add_argument("--role", choices=sorted(ROLES), help="which file it is (default: from its tables)")

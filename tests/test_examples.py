@@ -125,3 +125,11 @@ def test_the_consistency_check_catches_a_holder_that_would_refuse(examples, chan
     path.write_text(text.replace(*change))
     with pytest.raises(AssertionError, match=refusal):
         check_accepted(load_agent_config(path), load_federation_config(examples[1]), 4 * 1024)
+
+
+def test_the_readmes_evaluate_command_reads_head_weights(examples, tiny_pooled_dir, mr_csv, capsys):
+    """deploy/README.md's `ewtune evaluate ... --weights final.safetensors --mode head`, on the weights `weights
+    init --mode head` wrote (a federation's final.safetensors has the same names and shapes)."""
+    weights = examples[1].parent / "initial.safetensors"
+    assert main(["evaluate", "--model", str(tiny_pooled_dir), "--weights", str(weights), "--mode", "head", "--data", str(mr_csv)]) == 0
+    assert "accuracy" in capsys.readouterr().out

@@ -88,18 +88,23 @@ from federation.messages import (
     EVALUATE_ROUND,
     EVALUATION,
     EVALUATION_REFUSED,
+    FAILED,
+    INVALID,
     METRICS,
     PURPOSE,
     RECEIPT_DOCUMENT,
+    REFUSED,
     RESULT,
     REVEAL,
     STEPS,
+    UNAVAILABLE,
     weight_records,
     weights_of,
 )
 
 STATUS_FILE = "status.json"
 MISSING_REASON_CHARACTERS = 200  # the longest reason for a missing evaluation kept in status.json
+ERROR_KINDS = {REFUSED: "refused", INVALID: "refused as malformed", UNAVAILABLE: "holder unavailable", FAILED: "failed"}
 
 app = ServerApp()
 
@@ -564,7 +569,8 @@ class Federation:
             if reply is None:
                 return self._evaluation_missing(holder_id, round, "no reply within the timeout")
             if reply.has_error():
-                return self._evaluation_missing(holder_id, round, f"refused or failed (code {reply.error.code}): {reply.error.reason}")
+                kind = ERROR_KINDS.get(reply.error.code, f"failed (code {reply.error.code})")  # the holder's codes, federation.messages
+                return self._evaluation_missing(holder_id, round, f"{kind}: {reply.error.reason}")
             released = _evaluation_inside(reply.content) if inside_train else reply.content.get(METRICS)
             if isinstance(released, str):  # the reason of a refusal
                 return self._evaluation_missing(holder_id, round, f"refused: {released}")

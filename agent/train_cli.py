@@ -82,9 +82,9 @@ def register(commands) -> None:
     tune.add_argument("--tune-batch", type=int, help=f"expected Poisson batch (default {defaults.tune_expected_batch}, at most "
                       f"{MAX_DEFAULT_SAMPLING_RATE:g} N: see below)")
     tune.add_argument("--tune-lr", type=float, default=defaults.tune_learning_rate, help=f"learning rate (default {defaults.tune_learning_rate:g})")
-    tune.add_argument("--tune-layers", type=int, default=defaults.tune_layers,
+    tune.add_argument("--tune-layers", type=int, default=None,
                       help=f"tune only the top K encoder layers and the head, on cached inputs of layer L-K (sentence-embedding "
-                      f"checkpoints; default {defaults.tune_layers}); 0: the whole model", metavar="K")
+                      f"checkpoints; default {defaults.tune_layers}, 0 with --task causal_lm); 0: the whole model", metavar="K")
     tune.add_argument("--tune-optimizer", choices=OPTIMIZERS, default=defaults.tune_optimizer, help=f"(default {defaults.tune_optimizer}; sgd has momentum 0.9)")
     parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm, help=f"per-example gradient clip norm C, both phases (default {defaults.clip_norm:g})")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
@@ -189,6 +189,7 @@ def train_local(args) -> LocalRun:
         for choice in fitted.choices:
             progress.event("recipe", f"recipe: {choice}", choice=choice)
         trainer = LocalTrainer(config)
+        before = trainer.evaluate() if args.task == "causal_lm" else None  # the perplexity the training changes
         torch.manual_seed(args.seed)
         results = _run_phases(args, trainer, fitted.recipe, calibrated, ledger, progress, fitted.dataset_size)
         written = () if ledger is None else tuple(ledger.entries[first_entry:])
@@ -197,7 +198,10 @@ def train_local(args) -> LocalRun:
         if ledger is not None:
             ledger.close()
     evaluation = trainer.evaluate()
-    evaluation["majority_baseline"] = majority_baseline(trainer.data.eval.labels)
+    if before is None:
+        evaluation["majority_baseline"] = majority_baseline(trainer.data.eval.labels)
+    else:
+        evaluation["perplexity_before"], evaluation["loss_before"] = before["perplexity"], before["loss"]
     summary = _summary(args, trainer, fitted, results, evaluation, time.perf_counter() - started)
     if args.output:
         _save(trainer, args.output, summary)
@@ -350,16 +354,35 @@ def _check_paths(args) -> None:
 
 
 def _recipe(args):
-    """The default recipe for ``--epsilon`` (:func:`agent.recipe.default_recipe`), with the probe settings given."""
+    """The default recipe for ``--epsilon`` (:func:`agent.recipe.default_recipe`), with the probe settings given;
+    for ``--task causal_lm`` the language model itself is tuned (:func:`_causal_lm_settings`)."""
     from agent.recipe import default_recipe
 
     optional = {"probe_epochs": args.probe_epochs, "probe_expected_batch": args.probe_batch, "probe_learning_rate": args.probe_lr,
-                "tune_expected_batch": args.tune_batch}
+                "tune_expected_batch": args.tune_batch, "tune_layers": args.tune_layers}
+    if args.task == "causal_lm":
+        optional.update(_causal_lm_settings(args))
     return default_recipe(
         args.epsilon, **{name: value for name, value in optional.items() if value is not None},
         mode=args.mode, probe_budget_share=args.probe_share, tune_epochs=args.tune_epochs,
-        tune_learning_rate=args.tune_lr, tune_optimizer=args.tune_optimizer, tune_layers=args.tune_layers, clip_norm=args.clip_norm,
+        tune_learning_rate=args.tune_lr, tune_optimizer=args.tune_optimizer, clip_norm=args.clip_norm,
     )  # fmt: skip
+
+
+def _causal_lm_settings(args) -> dict:
+    """A causal LM has no classification head: no probe phase (the probe trains the head alone), the whole
+    model tuned (cached top-layer inputs need a sentence-embedding classifier), and a tune phase asked for, all
+    refused in one line before torch loads rather than after the model, the data and the training."""
+    if args.mode == "head":
+        raise InvalidInputError("--task causal_lm tunes the language model itself, and mode 'head' trains a classification "
+                                "head alone: give --mode lora (or full) and --tune-epochs > 0")
+    if args.probe_epochs:
+        raise InvalidInputError(f"--task causal_lm has no classification head to probe: --probe-epochs must be 0, got {args.probe_epochs:g}")
+    if args.tune_layers:
+        raise InvalidInputError(f"--tune-layers {args.tune_layers} needs a sentence-embedding classifier: use --tune-layers 0 with --task causal_lm")
+    if not args.tune_epochs > 0:
+        raise InvalidInputError("--task causal_lm trains in the tune phase alone: give --tune-epochs > 0")
+    return {"probe_epochs": 0.0, "tune_layers": 0}
 
 
 def _check_arguments(args) -> None:
@@ -513,7 +536,9 @@ def _summary(args, trainer, fitted, results, evaluation, seconds) -> dict:
         "epsilon_edgeworth_estimate": edgeworth_epsilon(event, args.delta),
         "accuracy": evaluation.get("accuracy"),
         "macro_f1": evaluation.get("f1"),
-        "majority_baseline": evaluation["majority_baseline"],
+        "majority_baseline": evaluation.get("majority_baseline"),  # None for a causal LM
+        "perplexity": evaluation.get("perplexity"),
+        "perplexity_before": evaluation.get("perplexity_before"),
         "eval": evaluation,
         "randomness": results[-1][1].randomness,
         "device": str(trainer.device),
@@ -553,7 +578,8 @@ def _report(summary: dict) -> str:
             f"baseline {evaluation['majority_baseline']:.4f}, on {evaluation['num_examples']} examples"
         )
     else:
-        lines.append(f"held-out            perplexity {evaluation['perplexity']:.4f}, loss {evaluation['loss']:.4f} on {evaluation['num_examples']} examples")
+        lines.append(f"held-out            perplexity {evaluation['perplexity']:.4f} (before training "
+                     f"{evaluation['perplexity_before']:.4f}), loss {evaluation['loss']:.4f} on {evaluation['num_examples']} examples")
     lines += [
         f"device              {summary['device']}, {summary['precision']}",
         f"saved               {summary['output'] or 'not saved (use --output DIR)'}",

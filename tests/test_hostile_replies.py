@@ -149,8 +149,10 @@ def test_the_round_goes_on_and_only_honest_updates_are_aggregated(hostile_round)
     report = verify_ledger(directory / "ledger.jsonl", key.public_key_text)
     assert report.ok, report.summary()
     assert [row for row in report.reservations if row["status"] == "open"] == []  # nothing left charged for nothing
-    # Round 1 averages honest (+1) and replay's genuine round-1 update (+1); round 2 only honest (+1).
-    np.testing.assert_array_equal(load_weights(directory / "out" / "final.safetensors")["w"], np.full((2, 2), 2.0, np.float32))
+    # Round 1 averages honest (+1) and replay's genuine round-1 update (+1); round 2 has honest (+1) alone, at the
+    # default cap of 0.5 per holder (coordinator.aggregation.capped_fedavg: the global weights keep the other half).
+    np.testing.assert_array_equal(load_weights(directory / "out" / "final.safetensors")["w"], np.full((2, 2), 1.5, np.float32))
+    assert [round_["global_weights_share"] for round_ in status["rounds"]] == [0.0, 0.5]
 
 
 def test_a_holder_answering_after_the_deadline_is_aborted_and_its_late_reply_is_never_used(hostile_round):

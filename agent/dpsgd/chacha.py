@@ -16,26 +16,23 @@ arithmetic right shift. Because the wrap-around is a property of the hardware an
 guarantee, :class:`ChaChaRandom` runs RFC 8439's known-answer block (section 2.3.2) on its device when it is
 built and refuses to exist if the answer differs: it never falls back silently to another generator.
 
-*Normals.* Box-Muller (Box & Muller 1958) as in :class:`agent.dpsgd.randomness.SecureRandom`, on the device: per
-pair of normals, a 53-bit uniform u in (0, 1) from two words gives the radius sqrt(-2 ln u) in float64 (tails exact
-to 8.6 standard deviations, mass beyond 1e-17) and a third word gives the angle 2 pi w / 2^32; the pair is
-rounded to float32. Poisson inclusion bits use 53-bit uniforms from two words, as ``SecureRandom.uniform_bits``.
+*Normals.* :func:`agent.dpsgd.box_muller.box_muller` on the device, as :class:`agent.dpsgd.randomness.SecureRandom`:
+per pair of normals, a 53-bit uniform from two words for the radius and a third word for the angle. Poisson
+inclusion bits use 53-bit uniforms from two words, as ``SecureRandom.uniform_bits``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
 from accountant.sampling import RATE_BITS
+from agent.dpsgd.box_muller import box_muller
 
 _CONSTANTS = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)  # "expand 32-byte k", little-endian words
 _MAX_BLOCKS = 1 << 32  # the 32-bit block counter of RFC 8439
 _WORDS_PER_BLOCK = 16
-_UNIFORM_SCALE = 2.0**-53
-_ANGLE_SCALE = 2.0 * math.pi / 2.0**32
 _LOW21 = (1 << 21) - 1
 
 # RFC 8439, section 2.3.2: key 00..1f, nonce 00 00 00 09 00 00 00 4a 00 00 00 00, block counter 1.
@@ -160,7 +157,4 @@ class ChaChaRandom:
             return torch.zeros(0, device=self.device)
         pairs = (count + 1) // 2
         words = _fresh_words(3 * pairs, self.device).reshape(3, pairs)
-        uniforms = _uniform53(words[0], words[1]).double().add_(0.5).mul_(_UNIFORM_SCALE)
-        radius = uniforms.log_().mul_(-2.0).sqrt_().float()
-        angle = words[2].float().mul_(_ANGLE_SCALE)
-        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
+        return box_muller(_uniform53(words[0], words[1]), words[2], count)

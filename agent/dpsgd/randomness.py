@@ -19,7 +19,6 @@ it, and a local run that uses it says so in its results.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Protocol
 
@@ -27,11 +26,10 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from accountant.sampling import RATE_BITS
+from agent.dpsgd.box_muller import box_muller
 from agent.dpsgd.chacha import ChaChaRandom
 
 _BITS_MASK = (1 << RATE_BITS) - 1
-_UNIFORM_SCALE = 2.0**-53
-_ANGLE_SCALE = 2.0 * math.pi / 2.0**32
 
 
 class RandomSource(Protocol):
@@ -84,9 +82,8 @@ class SecureRandom:
         return _bits53(torch.frombuffer(_keystream(8 * count), dtype=torch.int64, count=count))
 
     def standard_normal(self, count: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """Box-Muller: per pair, a 53-bit uniform u in (0, 1) gives the radius sqrt(-2 ln u) in float64, a
-        32-bit uniform gives the angle; cos and sin of the angle give two normals. On a device other than the
-        CPU, :class:`agent.dpsgd.chacha.ChaChaRandom` draws them there (the same transform)."""
+        """Box-Muller (:func:`agent.dpsgd.box_muller.box_muller`) on 12 keystream bytes per pair. On a device
+        other than the CPU, :class:`agent.dpsgd.chacha.ChaChaRandom` draws them there (the same transform)."""
         device = torch.device(device or "cpu")
         if device.type != "cpu":
             if device not in self._device_sources:
@@ -96,14 +93,8 @@ class SecureRandom:
             return torch.zeros(0)
         pairs = (count + 1) // 2
         raw = _keystream(12 * pairs)
-        words = torch.frombuffer(raw, dtype=torch.int64, count=pairs)
-        uniforms = _bits53(words).double().add_(0.5).mul_(_UNIFORM_SCALE)
-        radius = uniforms.log_().mul_(-2.0).sqrt_().float()
-        angle = torch.frombuffer(raw, dtype=torch.int32, offset=8 * pairs).float().mul_(_ANGLE_SCALE)
-        normals = torch.empty(2 * pairs)
-        torch.mul(radius, torch.cos(angle), out=normals[:pairs])
-        torch.mul(radius, angle.sin_(), out=normals[pairs:])
-        return normals[:count]
+        bits = _bits53(torch.frombuffer(raw, dtype=torch.int64, count=pairs))
+        return box_muller(bits, torch.frombuffer(raw, dtype=torch.int32, offset=8 * pairs), count)
 
 
 class InsecureSeededRandom:

@@ -3,16 +3,16 @@
 Each function runs the same code as its command, so that a figure from Python and one from the command line
 are the same figure:
 
-- :func:`train_private` runs ``ewtune agent train-local`` (:func:`agent.train_cli.train_local`) and returns
+- :func:`train_private` runs ``ewtune agent train-local`` (:func:`ewtune.agent.train_cli.train_local`) and returns
   the trained model with the figures: the certified epsilon (the guarantee, PLD accounting composed over the
   phases), the Edgeworth estimate (arXiv 2206.04236, an estimate, not a guarantee) and the held-out accuracy
   and macro F1 beside the majority-class baseline.
 - :func:`evaluate` runs ``ewtune evaluate`` (:mod:`ewtune.evaluate_cli`): exact figures, released nowhere.
 - :func:`certified_epsilon` and :func:`noise_multiplier_for` run ``ewtune accountant epsilon`` and
   ``ewtune accountant sigma`` for the Poisson-subsampled Gaussian (DP-SGD; Abadi et al. 2016).
-- :func:`verify_ledger` runs ``ewtune ledger verify`` (:func:`accountant.verify.verify_ledger`).
+- :func:`verify_ledger` runs ``ewtune ledger verify`` (:func:`ewtune.accountant.verify.verify_ledger`).
 
-Bad input raises :class:`accountant.errors.InvalidInputError` with the message the command prints. torch is
+Bad input raises :class:`ewtune.accountant.errors.InvalidInputError` with the message the command prints. torch is
 imported only by :func:`train_private` and :func:`evaluate`, when called.
 """
 
@@ -65,7 +65,7 @@ class TrainResult:
 
     def trainable_state(self) -> dict:
         """Copies of the trainable parameters by name (what a federation exchanges)."""
-        from agent.models import trainable_state
+        from ewtune.agent.models import trainable_state
 
         return trainable_state(self.model)
 
@@ -93,7 +93,7 @@ def train_private(
     the run to a holder ledger. ``output``: save the model and run.json there. ``progress``: report the phases
     and steps on stderr. Every other train-local option goes by its attribute name (``probe_epochs=2``,
     ``max_examples=500``, ``seed=1``, ``eval_fraction=0.2``, ...)."""
-    from agent.train_cli import default_arguments, train_local
+    from ewtune.agent.train_cli import default_arguments, train_local
 
     with _data_file(data) as path:
         args = default_arguments(
@@ -142,30 +142,30 @@ def evaluate(model: str, data: str | os.PathLike, **options: Any) -> dict:
 def certified_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float, relation: str = "add_remove") -> float:
     """The certified epsilon at ``delta`` of ``steps`` Poisson-subsampled Gaussian steps (rate ``sampling_rate``,
     noise ``noise_multiplier`` times the clip norm), under the neighbouring ``relation`` ``"add_remove"`` or
-    ``"replace_one"``: an upper bound on the true epsilon (the PLD accountant of :mod:`accountant.certified`)."""
-    from accountant.certified import certified_epsilon as epsilon_of
-    from accountant.events import Neighbouring, PoissonGaussianEvent
-    from accountant.privacy_accountant import check_meaningful_delta
+    ``"replace_one"``: an upper bound on the true epsilon (the PLD accountant of :mod:`ewtune.accountant.certified`)."""
+    from ewtune.accountant.certified import certified_epsilon as epsilon_of
+    from ewtune.accountant.events import Neighbouring, PoissonGaussianEvent
+    from ewtune.accountant.privacy_accountant import check_meaningful_delta
 
     return epsilon_of(PoissonGaussianEvent(sampling_rate, noise_multiplier, steps, Neighbouring(relation)), check_meaningful_delta(delta))
 
 
 def noise_multiplier_for(epsilon: float, delta: float, sampling_rate: float, steps: int, relation: str = "add_remove") -> float:
     """The noise multiplier whose certified epsilon at ``delta`` after ``steps`` steps at ``sampling_rate`` meets
-    the target ``epsilon`` (:func:`accountant.calibration.calibrate_noise_multiplier`, certified policy)."""
-    from accountant.calibration import calibrate_noise_multiplier
-    from accountant.events import Neighbouring
-    from accountant.privacy_accountant import check_meaningful_delta
+    the target ``epsilon`` (:func:`ewtune.accountant.calibration.calibrate_noise_multiplier`, certified policy)."""
+    from ewtune.accountant.calibration import calibrate_noise_multiplier
+    from ewtune.accountant.events import Neighbouring
+    from ewtune.accountant.privacy_accountant import check_meaningful_delta
 
     phases = [(sampling_rate, steps)]
     return calibrate_noise_multiplier(epsilon, check_meaningful_delta(delta), phases, neighbouring=Neighbouring(relation)).noise_multiplier
 
 
 def verify_ledger(path: str | os.PathLike, public_key: str | Mapping[str, str] | None = None):
-    """The :class:`accountant.verify.VerificationReport` of the ledger at ``path``: ``.ok``, ``.summary()``,
+    """The :class:`ewtune.accountant.verify.VerificationReport` of the ledger at ``path``: ``.ok``, ``.summary()``,
     the holders' certified spends. ``public_key`` pins the writer's key (base64, or writer id to key); without
     it, the signatures are checked against the ledger's own genesis key, which proves no authorship."""
-    from accountant.verify import verify_ledger as verify
+    from ewtune.accountant.verify import verify_ledger as verify
 
     return verify(path, public_key)
 

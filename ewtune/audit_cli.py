@@ -1,5 +1,5 @@
-"""``ewtune audit --federated``: the audit of ``agent.audit_cli`` through a real federation on loopback
-(:mod:`ewtune.federated_audit`). This module adds its options to the ``audit`` command that ``agent.audit_cli``
+"""``ewtune audit --federated``: the audit of ``ewtune.agent.audit_cli`` through a real federation on loopback
+(:mod:`ewtune.federated_audit`). This module adds its options to the ``audit`` command that ``ewtune.agent.audit_cli``
 registers, since only the CLI package may start both the holders' daemons and the coordinator. Imports only
 argparse until the command runs."""
 
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
         if args.federated:
             return _federated(args)
         if args.work_dir is not None or args.broken_engine is not None:
-            from accountant.errors import InvalidInputError
+            from ewtune.accountant.errors import InvalidInputError
 
             raise InvalidInputError("--work-dir and --broken-engine apply to --federated only")
         return local(args)
@@ -39,8 +39,8 @@ def _federated(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from accountant.errors import InvalidInputError
-    from agent.audit.breakages import check_breakage
+    from ewtune.accountant.errors import InvalidInputError
+    from ewtune.agent.audit.breakages import check_breakage
     from ewtune.federated_audit import FederatedAuditConfig, run_federated_audit
 
     if args.model != "linear" or args.fdp:

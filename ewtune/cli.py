@@ -17,16 +17,16 @@ import os
 import signal
 import sys
 
-from accountant.errors import EwtuneError
+from ewtune.accountant.errors import EwtuneError
 
 # (module, what it adds): each module defines ``register(subparsers)``.
 _PARTS = (
-    "accountant.cli",  # ewtune accountant
-    "accountant.ledger_cli",  # ewtune ledger
-    "agent.cli",  # ewtune agent
-    "agent.audit_cli",  # ewtune audit
-    "ewtune.audit_cli",  # ewtune audit --federated (after agent.audit_cli, whose parser it extends)
-    "coordinator.cli",  # ewtune coordinator
+    "ewtune.accountant.cli",  # ewtune accountant
+    "ewtune.accountant.ledger_cli",  # ewtune ledger
+    "ewtune.agent.cli",  # ewtune agent
+    "ewtune.agent.audit_cli",  # ewtune audit
+    "ewtune.audit_cli",  # ewtune audit --federated (after ewtune.agent.audit_cli, whose parser it extends)
+    "ewtune.coordinator.cli",  # ewtune coordinator
     "ewtune.federation_cli",  # ewtune keys, ewtune demo
     "ewtune.commands",  # ewtune bench
     "ewtune.config_cli",  # ewtune config check
@@ -84,7 +84,7 @@ def _discard_stdout() -> None:
 
 
 def _run_command(argv: list[str] | None) -> int:
-    from federation.processes import QUIET_FLOWER_ENVIRONMENT
+    from ewtune.federation.processes import QUIET_FLOWER_ENVIRONMENT
 
     for name, value in QUIET_FLOWER_ENVIRONMENT.items():  # what this process starts is quiet and offline too
         os.environ.setdefault(name, value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-from bench import BENCHMARKS
+from ewtune.bench import BENCHMARKS
 
 
 def register(subparsers) -> None:

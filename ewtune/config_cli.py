@@ -21,7 +21,7 @@ def register(subparsers) -> None:
         "tables and keys, types, ranges (epsilon > 0, 0 < delta < 1/N for the holder's N records, clip norms > "
         "0...), the model directory, the data file, the private keys' permissions (0600) and the writable "
         "directories. Every problem is printed with the file and the key. Exit 0 when valid, 2 otherwise. "
-        "Example files: deploy/agent.toml.example, coordinator/federation.toml.example.",
+        "Example files: deploy/agent.toml.example, ewtune/coordinator/federation.toml.example.",
     )
     check.add_argument("file", help="the TOML file")
     check.add_argument("--role", choices=sorted(ROLES), help="which file it is (default: from its tables)")
@@ -32,8 +32,8 @@ def register(subparsers) -> None:
 def _check(args: argparse.Namespace) -> int:
     import json
 
-    from accountant.errors import InvalidInputError
-    from accountant.tomlfiles import read_toml
+    from ewtune.accountant.errors import InvalidInputError
+    from ewtune.accountant.tomlfiles import read_toml
 
     document, path = read_toml(args.file)
     role = args.role or next((role for role, table in ROLES.items() if table in document), None)
@@ -41,9 +41,9 @@ def _check(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"{path} has neither a [holder] table (agent.toml) nor a [federation] table "
                                 "(federation.toml); pass --role")
     if role == "agent":
-        from agent.config_check import check_agent_config as check
+        from ewtune.agent.config_check import check_agent_config as check
     else:
-        from coordinator.config_check import check_federation_config as check
+        from ewtune.coordinator.config_check import check_federation_config as check
     problems = check(path)
     if args.json:
         print(json.dumps({"role": role, **problems.to_json()}, indent=2))

@@ -5,7 +5,7 @@ registers their public cards, starts a Flower SuperLink (TLS, SuperNode authenti
 with their SuperNodes, each holding its own quarter of the Rotten Tomatoes polarity sentences (MR), and runs
 federated linear probing of all-MiniLM-L6-v2 with DP-SGD at a certified target epsilon of 8 (delta 1e-5): a
 linear head on the mean-pooled sentence embedding, trained on embeddings each daemon computes once, with the
-probe recipe of agent/recipe.py (expected batch 1024, SGD at learning rate 4, 20 epochs over the rounds: 13 local
+probe recipe of ewtune/agent/recipe.py (expected batch 1024, SGD at learning rate 4, 20 epochs over the rounds: 13 local
 steps a round). At the end it verifies every ledger (the coordinator's and each holder's), cross-checks them,
 and prints per holder: the certified epsilon (the guarantee), the Edgeworth estimate and RDP beside it, and the
 rounds. Holders release no evaluation metrics (their default policy), so the demo measures the global model
@@ -23,14 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.recipe import Recipe
+from ewtune.agent.recipe import Recipe
 
 HOLDERS = ("hospital-a", "bank-b", "clinic-c")
 TEST_SPLIT = "demo-held-out"  # the demo's own share of MR: no holder sees it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from federation.progress import add_quiet_flag
+    from ewtune.federation.progress import add_quiet_flag
 
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end on stdout; progress as JSON lines on stderr")
     add_quiet_flag(parser)
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accountant.errors import InvalidInputError
+    from ewtune.accountant.errors import InvalidInputError
 
     for name in ("rounds", "local_steps", "rows_per_holder", "max_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError("--batch-size must be > 0")
     if args.local_steps is None:
         args.local_steps = recipe_local_steps(args.rounds, args.rows_per_holder, args.batch_size)
-    from federation.progress import Progress
+    from ewtune.federation.progress import Progress
 
     reporter = Progress.from_args(args)
     progress = reporter.printer("demo")
@@ -91,8 +91,8 @@ def recipe_local_steps(rounds: int, records: int, expected_batch: float) -> int:
 
 
 def run_federation(work: Path, args: argparse.Namespace, reporter) -> dict[str, Any]:
-    from agent.assets import minilm_model_dir, write_mr_csv
-    from coordinator.run_progress import RunProgress
+    from ewtune.agent.assets import minilm_model_dir, write_mr_csv
+    from ewtune.coordinator.run_progress import RunProgress
     from ewtune.local_federation import FederationJob, HolderSetup, LocalFederation, initial_weights, partition_csv
 
     progress = reporter.printer("demo")  # the demo's phases, and LocalFederation's log
@@ -148,11 +148,11 @@ def global_accuracy(model_dir: Path, training: dict[str, Any], test_csv: Path, w
     import numpy as np
     import torch
 
-    from agent import models
-    from agent.data import DataSpec, load_local_data
-    from agent.evaluation import accuracy_and_macro_f1, evaluate_model, majority_baseline
-    from agent.heads import embed_examples
-    from coordinator.checkpoints import load_weights
+    from ewtune.agent import models
+    from ewtune.agent.data import DataSpec, load_local_data
+    from ewtune.agent.evaluation import accuracy_and_macro_f1, evaluate_model, majority_baseline
+    from ewtune.agent.heads import embed_examples
+    from ewtune.coordinator.checkpoints import load_weights
 
     tokenizer = models.load_tokenizer(model_dir)
     data = load_local_data(DataSpec(path=str(test_csv), max_length=training["max_length"], eval_fraction=0.0), tokenizer)
@@ -178,8 +178,8 @@ def global_accuracy(model_dir: Path, training: dict[str, Any], test_csv: Path, w
 
 
 def _result(work: Path, status: dict[str, Any], credentials) -> dict[str, Any]:
-    from accountant.verify import verify_ledger
-    from coordinator.ledger_crosscheck import cross_check, read_entries
+    from ewtune.accountant.verify import verify_ledger
+    from ewtune.coordinator.ledger_crosscheck import cross_check, read_entries
 
     coordinator_ledger = work / "coordinator" / "ledger.jsonl"
     reports = {"coordinator": verify_ledger(coordinator_ledger, credentials.coordinator_ledger_public_key)}
@@ -266,7 +266,7 @@ def _status_page(work: Path, port: int | None, progress):
 
     if port is None:
         return contextlib.nullcontext()
-    from coordinator.status_server import StatusServer
+    from ewtune.coordinator.status_server import StatusServer
 
     page = StatusServer(work / "coordinator" / "run" / "status.json", port=port)
     progress(f"status page: {page.url}")

@@ -1,6 +1,6 @@
 """``ewtune evaluate``: the metrics of any weights on a local file, for the eyes of whoever runs it (what is
 evaluated, on which records: :data:`DESCRIPTION`, the command's help). The figures are exact and released
-nowhere: the noised evaluation a coordinator may see is :func:`agent.evaluation.private_metrics`. Only argparse
+nowhere: the noised evaluation a coordinator may see is :func:`ewtune.agent.evaluation.private_metrics`. Only argparse
 is imported at module import time; the paths are checked before torch loads.
 """
 
@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from accountant.errors import InvalidInputError
+from ewtune.accountant.errors import InvalidInputError
 
 WEIGHT_MODES = ("lora", "full", "head")
 
@@ -122,9 +122,9 @@ def evaluate(spec: EvaluationSpec) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from agent.device import resolve_device
-    from agent.evaluation import evaluate_model, majority_baseline
-    from agent.models import load_tokenizer
+    from ewtune.agent.device import resolve_device
+    from ewtune.agent.evaluation import evaluate_model, majority_baseline
+    from ewtune.agent.models import load_tokenizer
 
     device = resolve_device(spec.device)
     model_dir = _model_dir(spec.model)
@@ -173,7 +173,7 @@ def check(spec: EvaluationSpec) -> None:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(spec, name)}")
     if spec.tune_layers < 0:
         raise InvalidInputError(f"--tune-layers must be >= 0, got {spec.tune_layers}")
-    from agent.device import check_device_name
+    from ewtune.agent.device import check_device_name
 
     check_device_name(spec.device)
 
@@ -201,14 +201,14 @@ def _check_file(path: str, option: str) -> None:
 
 
 def _model_dir(name: str) -> str:
-    from agent.train_cli import resolve_model
+    from ewtune.agent.train_cli import resolve_model
 
     return resolve_model(name)
 
 
 def _records(spec: EvaluationSpec, tokenizer):
     """The tokenised records to evaluate (every record, or the held-out split) and the number of labels."""
-    from agent.data import DataSpec, load_local_data, split_key
+    from ewtune.agent.data import DataSpec, load_local_data, split_key
 
     data = load_local_data(
         DataSpec(
@@ -228,8 +228,8 @@ def _records(spec: EvaluationSpec, tokenizer):
 def _load(spec: EvaluationSpec, model_dir: str, num_labels: int, pad_token_id: int):
     """The model to evaluate: the adapter on the base model, the weights loaded into the model ``spec.mode``
     builds, or the model directory as saved."""
-    from agent import models
-    from agent.training import check_padded_length_fits
+    from ewtune.agent import models
+    from ewtune.agent.training import check_padded_length_fits
 
     if spec.adapter is not None:
         model = models.load_adapter(model_dir, spec.adapter, num_labels, spec.task)
@@ -248,8 +248,8 @@ def _load(spec: EvaluationSpec, model_dir: str, num_labels: int, pad_token_id: i
 
 
 def _load_weights(model, path: str) -> None:
-    from agent.models import load_trainable_state
-    from coordinator.checkpoints import load_weights
+    from ewtune.agent.models import load_trainable_state
+    from ewtune.coordinator.checkpoints import load_weights
 
     try:
         load_trainable_state(model, load_weights(path))

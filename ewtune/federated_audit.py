@@ -1,8 +1,8 @@
 """``ewtune audit --federated``: the one-run audit (Steinke, Nasr, Jagielski 2023) of a real federation on
-loopback: a SuperLink, one audit daemon with its SuperNode per holder (:mod:`agent.audit.holder`: synthetic
+loopback: a SuperLink, one audit daemon with its SuperNode per holder (:mod:`ewtune.agent.audit.holder`: synthetic
 records, Dirac canaries on the holder's own disjoint coordinates of the audit block, inclusion bits from the
 operating system's secure source), the coordinator's ServerApp observing each update as received and scoring
-it (:mod:`coordinator.canary_audit`). The planner calibrates each holder's sigma to the target epsilon as in any
+it (:mod:`ewtune.coordinator.canary_audit`). The planner calibrates each holder's sigma to the target epsilon as in any
 run; the bounds, per holder and pooled, land in the coordinator's ledger, verified here with its pinned key.
 """
 
@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from accountant.errors import InvalidInputError
-from accountant.one_run_audit import check_audit_layout
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.one_run_audit import check_audit_layout
 from ewtune.local_federation import FederationJob, HolderSetup, LocalFederation
 
 AUDIT_PARAMETER = "audit.weight"
@@ -81,10 +81,10 @@ def run_federated_audit(config: FederatedAuditConfig, work_dir: Path, log: Calla
                         timeout: float = 1800) -> dict[str, Any]:
     """Run the audit federation in ``work_dir``; returns the run's status (its ``audit`` record: the bounds
     per holder and pooled) with ``ledger_audits``: the coordinator ledger's audit entry as verified."""
-    from accountant.verify import verify_ledger
-    from agent import models
-    from agent.audit.holder import audit_model
-    from coordinator.checkpoints import save_weights
+    from ewtune.accountant.verify import verify_ledger
+    from ewtune.agent import models
+    from ewtune.agent.audit.holder import audit_model
+    from ewtune.coordinator.checkpoints import save_weights
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -67,8 +67,8 @@ def register(subparsers) -> None:
 
 
 def _keys_init(args: argparse.Namespace) -> int:
-    from accountant.errors import InvalidInputError
-    from coordinator.credentials import init_credentials
+    from ewtune.accountant.errors import InvalidInputError
+    from ewtune.coordinator.credentials import init_credentials
 
     if args.holders:
         raise InvalidInputError(
@@ -85,7 +85,7 @@ def _keys_init(args: argparse.Namespace) -> int:
 
 
 def _keys_add_holder(args: argparse.Namespace) -> int:
-    from coordinator.credentials import add_holder, load_credentials
+    from ewtune.coordinator.credentials import add_holder, load_credentials
 
     holder = add_holder(args.directory, args.card)
     registry = load_credentials(args.directory).registry

@@ -1,10 +1,10 @@
 """A whole federation on one machine, on loopback: credentials, a real SuperLink (TLS, SuperNode
 authentication), one agent daemon per holder with its SuperNode, and ``flwr run`` of the coordinator's app.
 
-Keys follow the real flow: the coordinator's credentials come from :func:`coordinator.credentials.init_credentials`;
+Keys follow the real flow: the coordinator's credentials come from :func:`ewtune.coordinator.credentials.init_credentials`;
 each holder generates its own keys in its own folder with the holder-side function
-(:func:`agent.keys.init_holder_keys`, what ``ewtune agent keys init`` runs) and only its public card is
-registered (:func:`coordinator.credentials.add_holder`). :meth:`LocalFederation.prepare_holder` is the one place where
+(:func:`ewtune.agent.keys.init_holder_keys`, what ``ewtune agent keys init`` runs) and only its public card is
+registered (:func:`ewtune.coordinator.credentials.add_holder`). :meth:`LocalFederation.prepare_holder` is the one place where
 a holder's folder, keys and agent.toml are prepared.
 
 Used by ``ewtune demo``, ``ewtune bench federation`` and the end-to-end tests. Every process it starts is
@@ -25,19 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accountant.errors import EwtuneError
+from ewtune.accountant.errors import EwtuneError
 
 
 @dataclass(frozen=True)
 class HolderSetup:
     """One data holder: its id, its CSV, its lifetime budget and its training settings (agent.toml); or, for an
-    audit daemon, no CSV and its ``[audit]`` table (agent.audit.holder.AuditHolderConfig fields)."""
+    audit daemon, no CSV and its ``[audit]`` table (ewtune.agent.audit.holder.AuditHolderConfig fields)."""
 
     holder_id: str
     data_file: Path | None
     budget_epsilon: float = 8.0
     budget_delta: float = 1e-5
-    training: dict[str, Any] = field(default_factory=dict)  # agent.training.TrainingConfig fields
+    training: dict[str, Any] = field(default_factory=dict)  # ewtune.agent.training.TrainingConfig fields
     policy: dict[str, Any] = field(default_factory=dict)  # [policy] of agent.toml
     supernode: dict[str, Any] = field(default_factory=dict)  # more [supernode] settings of agent.toml (isolation)
     audit: dict[str, Any] | None = None  # [audit] of an audit daemon, which has no [training]
@@ -45,12 +45,12 @@ class HolderSetup:
 
 @dataclass(frozen=True)
 class FederationJob:
-    """The coordinator's side of federation.toml (see coordinator.config)."""
+    """The coordinator's side of federation.toml (see ewtune.coordinator.config)."""
 
     federation: dict[str, Any]
     model: dict[str, Any]
     timeouts: dict[str, Any] = field(default_factory=dict)
-    audit: dict[str, Any] | None = None  # [audit]: the run is an empirical privacy audit (coordinator.canary_audit)
+    audit: dict[str, Any] | None = None  # [audit]: the run is an empirical privacy audit (ewtune.coordinator.canary_audit)
 
 
 def free_port() -> int:
@@ -80,8 +80,8 @@ def initial_weights(model_dir: Path, path: Path, training: dict[str, Any], num_l
     """The global trainable parameters before round 1, from the holders' own model recipe (same seed)."""
     import torch
 
-    from agent import models
-    from coordinator.checkpoints import save_weights
+    from ewtune.agent import models
+    from ewtune.coordinator.checkpoints import save_weights
 
     torch.manual_seed(int(training.get("seed", 0)))
     model = models.load_model(
@@ -108,7 +108,7 @@ class LocalFederation:
         self.port = free_port()
         self.flwr_home = self.work_dir / "coordinator" / "flwr-home"
         self.credentials = None
-        self.holder_keys: dict[str, Any] = {}  # holder id -> agent.keys.HolderKeys (the holder's own files)
+        self.holder_keys: dict[str, Any] = {}  # holder id -> ewtune.agent.keys.HolderKeys (the holder's own files)
         self.agent_configs: dict[str, Path] = {}
         self.node_ids: dict[str, int] = {}
 
@@ -128,8 +128,8 @@ class LocalFederation:
         """The coordinator's credentials, each holder prepared in its own folder (its own keys, its card in
         the coordinator's registry, agent.toml), the SuperLink, the registration of ``register`` (default:
         every holder) with it and, with ``daemons``, one agent daemon with its SuperNode per holder."""
-        from coordinator import superlink
-        from coordinator.credentials import init_credentials, load_credentials
+        from ewtune.coordinator import superlink
+        from ewtune.coordinator.credentials import init_credentials, load_credentials
 
         self.credentials = init_credentials(self.work_dir / "keys")
         self.log(f"coordinator credentials in {self.credentials.directory} (CA, SuperLink certificate, ledger key, registry)")
@@ -149,8 +149,8 @@ class LocalFederation:
             self.log(f"{len(self.holders)} agent daemons started, each with its SuperNode")
 
     def start_superlink(self) -> None:
-        from coordinator import superlink
-        from federation.processes import flower_environment
+        from ewtune.coordinator import superlink
+        from ewtune.federation.processes import flower_environment
 
         coordinator = self.work_dir / "coordinator"
         coordinator.mkdir(parents=True, exist_ok=True)
@@ -167,8 +167,8 @@ class LocalFederation:
         ``holders/<id>``, its own keys in ``holders/<id>/keys`` (``ewtune agent keys init``), its public card
         handed to the coordinator (``ewtune keys add-holder``), its agent.toml and, with ``initialise`` (a
         holder that will run a daemon), its ledger (``ewtune agent init``). Returns agent.toml."""
-        from agent.keys import init_holder_keys
-        from coordinator.credentials import add_holder
+        from ewtune.agent.keys import init_holder_keys
+        from ewtune.coordinator.credentials import add_holder
 
         folder = self.work_dir / "holders" / holder.holder_id
         if holder.holder_id not in self.holder_keys:
@@ -216,7 +216,7 @@ class LocalFederation:
         return path
 
     def start_daemon(self, holder: HolderSetup) -> None:
-        from federation.processes import flower_environment
+        from ewtune.federation.processes import flower_environment
 
         folder = self.work_dir / "holders" / holder.holder_id
         config = self.prepare_holder(holder)  # rewrites agent.toml; keys and ledger are made only once
@@ -267,9 +267,9 @@ class LocalFederation:
 
     def run(self, job: FederationJob, on_status: Callable[[dict], None] | None = None, timeout: float = 3600, name: str = "run") -> dict[str, Any]:
         """Submit the job with ``flwr run`` and follow ``status.json`` until the run ends; returns the status."""
-        from coordinator import superlink
-        from coordinator.cli import follow_run
-        from federation.processes import flower_environment, stop_process_group
+        from ewtune.coordinator import superlink
+        from ewtune.coordinator.cli import follow_run
+        from ewtune.federation.processes import flower_environment, stop_process_group
 
         config_path = self.federation_toml(job, name)
         status_path = self.work_dir / "coordinator" / name / "status.json"
@@ -287,7 +287,7 @@ class LocalFederation:
 
     def stop(self) -> None:
         """Stop every process started here, newest first, by pid (and its process group)."""
-        from federation.processes import stop_process_group
+        from ewtune.federation.processes import stop_process_group
 
         for name in reversed(list(self.processes)):
             stop_process_group(self.processes.pop(name), timeout=15)

@@ -27,7 +27,7 @@ VOCAB_SIZE = 30522  # the MiniLM (bert-base-uncased) WordPiece vocabulary
 
 
 def _copy_minilm_tokenizer(target) -> None:
-    from agent.assets import minilm_model_dir
+    from ewtune.agent.assets import minilm_model_dir
 
     source = minilm_model_dir()
     for name in TOKENIZER_FILES:
@@ -83,7 +83,7 @@ def tiny_gpt2_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mr_csv(tmp_path_factory):
     """400 MR sentences (columns text,label), shuffled with seed 0."""
-    from agent.assets import write_mr_csv
+    from ewtune.agent.assets import write_mr_csv
 
     return write_mr_csv(tmp_path_factory.mktemp("mr") / "mr.csv", max_rows=400, seed=0)
 
@@ -94,7 +94,7 @@ def minilm_1layer_dir(tmp_path_factory):
     its tokenizer: a pretrained model small enough for a private training run in CI."""
     from transformers import AutoModel
 
-    from agent.assets import minilm_model_dir
+    from ewtune.agent.assets import minilm_model_dir
 
     directory = tmp_path_factory.mktemp("minilm_1layer")
     AutoModel.from_pretrained(minilm_model_dir(), num_hidden_layers=1).save_pretrained(directory)

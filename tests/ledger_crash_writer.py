@@ -6,7 +6,7 @@ Usage: ``python tests/ledger_crash_writer.py LEDGER KEY POINT N``. It opens the 
 reserves, aborts and reserves (appends 1 to 5), printing one ``ACK`` line (JSON) after each call returns: an
 acknowledged entry, on which a caller (the daemon) may act, e.g. release an update after its commit.
 
-Points of an append (``accountant.ledger.Ledger._append``, then the head update):
+Points of an append (``ewtune.accountant.ledger.Ledger._append``, then the head update):
 - ``before-write``: before the line's ``write``;
 - ``mid-line``: after the first half of the line is written;
 - ``before-fsync``: the whole line written, before its ``fsync``;
@@ -22,10 +22,10 @@ import os
 import signal
 import sys
 
-import accountant.ledger as ledger_module
-from accountant.events import PoissonGaussianEvent, event_to_json
-from accountant.ledger import Ledger, entry_hash
-from accountant.signing import SigningKey
+import ewtune.accountant.ledger as ledger_module
+from ewtune.accountant.events import PoissonGaussianEvent, event_to_json
+from ewtune.accountant.ledger import Ledger, entry_hash
+from ewtune.accountant.signing import SigningKey
 
 WRITER = "hospital-a"
 ROUND = PoissonGaussianEvent(0.01, 1.0, 200)

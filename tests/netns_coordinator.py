@@ -20,7 +20,7 @@ from pathlib import Path
 import tomli_w
 from fleet_proxy import start_proxy
 
-import coordinator.credentials
+import ewtune.coordinator.credentials
 from ewtune.local_federation import FederationJob, HolderSetup, LocalFederation
 
 PROBE = """
@@ -88,8 +88,8 @@ def main(spec_path: str, result_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     proxy = (spec["proxy"][0], int(spec["proxy"][1]))
     # The SuperLink certificate (which the proxy presents) also names the address the holders dial.
-    coordinator.credentials.init_credentials = functools.partial(
-        coordinator.credentials.init_credentials, addresses=("127.0.0.1", "localhost", proxy[0])
+    ewtune.coordinator.credentials.init_credentials = functools.partial(
+        ewtune.coordinator.credentials.init_credentials, addresses=("127.0.0.1", "localhost", proxy[0])
     )
     holders = [HolderSetup(h["holder_id"], Path(h["data_file"]), training=h["training"]) for h in spec["holders"]]
     job = FederationJob(**spec["job"])

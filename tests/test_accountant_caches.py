@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from accountant.certified import CertifiedAccountant, certified_epsilon
-from accountant.edgeworth import EdgeworthAccountant
-from accountant.errors import InvalidInputError
-from accountant.events import Neighbouring, PoissonGaussianEvent, compose
-from accountant.memo import Memo
-from accountant.rdp import RdpAccountant
-from accountant.spend import LedgerState
+from ewtune.accountant.certified import CertifiedAccountant, certified_epsilon
+from ewtune.accountant.edgeworth import EdgeworthAccountant
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import Neighbouring, PoissonGaussianEvent, compose
+from ewtune.accountant.memo import Memo
+from ewtune.accountant.rdp import RdpAccountant
+from ewtune.accountant.spend import LedgerState
 
 EVENT = compose(PoissonGaussianEvent(0.01, 1.0, 200), PoissonGaussianEvent(0.02, 1.2, 100))
 

@@ -102,7 +102,7 @@ def test_a_delta_that_guarantees_nothing_is_refused_with_the_reason(capsys, comm
 
 def test_accountant_cli_imports_no_heavy_module():
     probe = (
-        "import sys, accountant.cli; "
+        "import sys, ewtune.accountant.cli; "
         "heavy = {'torch', 'flwr', 'transformers', 'scipy', 'dp_accounting'} & {m.split('.')[0] for m in sys.modules}; "
         "print(sorted(heavy))"
     )
@@ -112,9 +112,9 @@ def test_accountant_cli_imports_no_heavy_module():
 
 @pytest.fixture
 def calibration():
-    import accountant.calibration
+    import ewtune.accountant.calibration
 
-    return accountant.calibration
+    return ewtune.accountant.calibration
 
 
 def test_sigma_certified_meets_the_target(capsys, calibration):
@@ -138,7 +138,7 @@ def test_sigma_edgeworth_policy_reproduces_ew_tune_and_says_the_certified_epsilo
 
 
 def test_bench_bisection_finds_the_smallest_sigma_to_the_stated_width():
-    from bench.accountant import BISECTION_RELATIVE_WIDTH, _bisection
+    from ewtune.bench.accountant import BISECTION_RELATIVE_WIDTH, _bisection
 
     sigma, evaluations = _bisection(lambda s: 10.0 / s, 5.0)
     assert 2.0 <= sigma <= 2.0 * (1 + BISECTION_RELATIVE_WIDTH)
@@ -146,7 +146,7 @@ def test_bench_bisection_finds_the_smallest_sigma_to_the_stated_width():
 
 
 def test_bench_reference_cache_is_keyed_on_everything_the_reference_depends_on(tmp_path):
-    from bench.accountant import _cached_references, _reference_key
+    from ewtune.bench.accountant import _cached_references, _reference_key
 
     key = _reference_key(((0.01, 1.0, 100),), 1e-5)
     assert key != _reference_key(((0.01, 1.0, 101),), 1e-5)

@@ -10,9 +10,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from accountant.errors import InvalidInputError
-from accountant.signing import SigningKey, verify_signature
-from agent.keys import init_holder_keys
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.signing import SigningKey, verify_signature
+from ewtune.agent.keys import init_holder_keys
 from ewtune.cli import main
 
 
@@ -55,6 +55,6 @@ def test_cli_writes_the_card_and_refuses_bad_ids_with_one_line(tmp_path, capsys)
     assert not (tmp_path / "k2").exists()
 
 
-def test_agent_keys_imports_neither_torch_nor_flwr_nor_ewtune():
-    code = "import sys, agent.keys, agent.keys_cli; print(sorted(m for m in ('torch', 'flwr', 'ewtune') if m in sys.modules))"
+def test_agent_keys_imports_neither_torch_nor_flwr_nor_the_cli():
+    code = "import sys, ewtune.agent.keys, ewtune.agent.keys_cli; print(sorted(m for m in ('torch', 'flwr', 'ewtune.cli') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""Crash recovery of the agent daemon (agent/recovery.py): a real `ewtune agent start` process is killed with
+"""Crash recovery of the agent daemon (ewtune/agent/recovery.py): a real `ewtune agent start` process is killed with
 SIGKILL at a chosen point of a round, then the daemon starts again on the same ledger and closes the open
 reservation from what its progress journal proves: abort only when provably no step ran, the steps recorded
 otherwise, the receipt's event once signed, and the whole reservation when no record covers it."""
@@ -13,16 +13,16 @@ import sys
 
 import pytest
 
-from accountant.events import PoissonGaussianEvent, event_from_json
-from accountant.ledger import Ledger
-from accountant.receipts import verify_receipt
-from accountant.sampling import executable_sampling_rate
-from accountant.signing import SigningKey
-from accountant.verify import verify_ledger
-from agent.policy import load_agent_config
-from agent.recovery import ProgressJournal, journal_path, read_progress
-from agent.rpc import DaemonClient, DaemonError
-from coordinator.recovery import commit_extra
+from ewtune.accountant.events import PoissonGaussianEvent, event_from_json
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.receipts import verify_receipt
+from ewtune.accountant.sampling import executable_sampling_rate
+from ewtune.accountant.signing import SigningKey
+from ewtune.accountant.verify import verify_ledger
+from ewtune.agent.policy import load_agent_config
+from ewtune.agent.recovery import ProgressJournal, journal_path, read_progress
+from ewtune.agent.rpc import DaemonClient, DaemonError
+from ewtune.coordinator.recovery import commit_extra
 from test_daemon import COUNT, HOLDER, PLAN, REPO, _agent_toml, _entries, _global_weights, _kinds, _wait_for_daemon, count_epsilon
 from test_daemon import trainer  # noqa: F401 - the fixture
 
@@ -86,7 +86,7 @@ def _crash_during_a_round(config_path, trainer, kill_point):
 
 def _restart(config_path, trainer):
     """The daemon's start on the same ledger (in this process, with the test's trainer)."""
-    from agent.daemon import Daemon
+    from ewtune.agent.daemon import Daemon
 
     config = load_agent_config(config_path)
     key = SigningKey.load(config.signing_key)
@@ -112,7 +112,7 @@ def _status(config_path, capsys):
 def test_killed_after_steps_ran_the_restart_charges_exactly_the_steps_recorded(holder, trainer, capsys):
     """The attack: kill the daemon mid-round so that the steps that ran are never charged. Step 2 is the
     last recorded before the kill, so the restart commits two steps, released: false."""
-    _crash_during_a_round(holder, trainer, ("agent.recovery", "ProgressJournal.step", "after", "2"))
+    _crash_during_a_round(holder, trainer, ("ewtune.agent.recovery", "ProgressJournal.step", "after", "2"))
     ledger_path = load_agent_config(holder).ledger_path
     assert _kinds(ledger_path) == ["genesis", *COUNT, "reserve"]
     status = _status(holder, capsys)
@@ -137,7 +137,7 @@ def test_killed_after_steps_ran_the_restart_charges_exactly_the_steps_recorded(h
 
 
 def test_killed_before_the_first_step_the_restart_aborts(holder, trainer):
-    _crash_during_a_round(holder, trainer, ("agent.recovery", "ProgressJournal.step", "before", "1"))
+    _crash_during_a_round(holder, trainer, ("ewtune.agent.recovery", "ProgressJournal.step", "before", "1"))
     daemon = _restart(holder, trainer)
     daemon.close()
     closing = _closing_entry(holder)
@@ -147,7 +147,7 @@ def test_killed_before_the_first_step_the_restart_aborts(holder, trainer):
 
 
 def test_killed_after_the_receipt_was_signed_the_restart_commits_the_receipt(holder, trainer):
-    _crash_during_a_round(holder, trainer, ("agent.recovery", "ProgressJournal.receipt", "after", "-"))
+    _crash_during_a_round(holder, trainer, ("ewtune.agent.recovery", "ProgressJournal.receipt", "after", "-"))
     ledger_path = load_agent_config(holder).ledger_path
     receipt = read_progress(journal_path(ledger_path)).receipt
     daemon = _restart(holder, trainer)
@@ -165,7 +165,7 @@ def test_killed_after_the_receipt_was_signed_the_restart_commits_the_receipt(hol
 
 
 def test_killed_after_the_commit_the_restart_has_nothing_to_reconcile(holder, trainer):
-    _crash_during_a_round(holder, trainer, ("accountant.ledger", "Ledger.commit", "after", "-"))
+    _crash_during_a_round(holder, trainer, ("ewtune.accountant.ledger", "Ledger.commit", "after", "-"))
     ledger_path = load_agent_config(holder).ledger_path
     daemon = _restart(holder, trainer)
     daemon.close()

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from accountant.errors import InvalidInputError
-from coordinator.aggregation import (
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.coordinator.aggregation import (
     adam_coordinate_step_bound,
     capped_fedavg,
     capped_shares,

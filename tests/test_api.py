@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import ewtune
-from accountant.errors import InvalidInputError
+from ewtune.accountant.errors import InvalidInputError
 from ewtune.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ def test_the_readme_python_example_runs_as_a_doctest(monkeypatch, tmp_path):
 
 
 def test_import_ewtune_loads_neither_torch_nor_the_accountant():
-    code = "import sys, ewtune; ewtune.__version__; print('torch' in sys.modules, 'accountant.certified' in sys.modules)"
+    code = "import sys, ewtune; ewtune.__version__; print('torch' in sys.modules, 'ewtune.accountant.certified' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
 
 
@@ -53,8 +53,8 @@ def test_bad_accountant_input_raises_the_commands_error(call):
 
 
 def _ledger(tmp_path):
-    from accountant.ledger import Ledger
-    from accountant.signing import SigningKey
+    from ewtune.accountant.ledger import Ledger
+    from ewtune.accountant.signing import SigningKey
 
     key = SigningKey.generate()
     key.save(tmp_path / "ledger.key")
@@ -66,7 +66,7 @@ def test_train_private_on_a_dataframe_charges_the_ledger_and_returns_the_trained
     import pandas as pd
     import torch
 
-    from agent.models import load_model
+    from ewtune.agent.models import load_model
 
     ledger, key, public_key = _ledger(tmp_path)
     result = ewtune.train_private(tiny_bert_dir, pd.read_csv(mr_csv), epsilon=8, delta=1e-5, mode="head", device="cpu",
@@ -99,9 +99,9 @@ def test_a_dataframe_or_a_dataset_trains_as_the_same_records_in_a_file(tiny_bert
 
 
 def test_verify_ledger_reports_a_tampered_entry(tmp_path):
-    from accountant.events import PoissonGaussianEvent
-    from accountant.ledger import Ledger
-    from accountant.signing import SigningKey
+    from ewtune.accountant.events import PoissonGaussianEvent
+    from ewtune.accountant.ledger import Ledger
+    from ewtune.accountant.signing import SigningKey
 
     path, key_file, public_key = _ledger(tmp_path)
     event = PoissonGaussianEvent(0.01, 1.0, 100)

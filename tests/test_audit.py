@@ -1,4 +1,4 @@
-"""The empirical privacy audit (agent/audit, ewtune audit) on the real DP-SGD engine: validity on a correct run,
+"""The empirical privacy audit (ewtune/agent/audit, ewtune audit) on the real DP-SGD engine: validity on a correct run,
 power against an engine broken in its noise, clipping or sampling (each broken in the engine's own code, the audit
 run unchanged), the checks beside the bound, and the canary plumbing."""
 
@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from accountant.ledger import Ledger
-from accountant.signing import SigningKey
-from agent.audit.breakages import broken
-from agent.audit.canaries import AuditedModel, CanaryCollator, audited_loss
-from agent.audit.run import AuditConfig, FeatureClassifier, run_audit
-from agent.dpsgd.engine import PerExampleClipper
-from agent.dpsgd.losses import classification_loss
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.signing import SigningKey
+from ewtune.agent.audit.breakages import broken
+from ewtune.agent.audit.canaries import AuditedModel, CanaryCollator, audited_loss
+from ewtune.agent.audit.run import AuditConfig, FeatureClassifier, run_audit
+from ewtune.agent.dpsgd.engine import PerExampleClipper
+from ewtune.agent.dpsgd.losses import classification_loss
 from ewtune.cli import main
 
 CERTIFIED_AT_DEFAULTS = 1.6525  # q 0.1, sigma 2, 50 steps, delta 1e-5 (the recipe of the audit notes: 1.653)

@@ -1,4 +1,4 @@
-"""The holder's side of the federated audit (agent.audit.holder, the daemon's audit mode) and the coordinator
+"""The holder's side of the federated audit (ewtune.agent.audit.holder, the daemon's audit mode) and the coordinator
 ledger's ``audit`` entry, without Flower: an audit run is a run kind of its own that the policy must allow, its
 canaries' bits leave only through one reveal after a released round, and the bounds recorded in the ledger are
 stated by ``ledger verify`` beside the certified epsilon of the holder's commits in that run."""
@@ -10,14 +10,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from accountant.certified import certified_epsilon
-from accountant.errors import InvalidInputError
-from accountant.events import PoissonGaussianEvent
-from accountant.ledger import AUDIT_PURPOSE, Ledger
-from accountant.signing import SigningKey
-from accountant.verify import verify_ledger
-from agent.audit.holder import AuditHolderConfig, AuditTrainer
-from agent.policy import HolderPolicy, PlanRefused
+from ewtune.accountant.certified import certified_epsilon
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import PoissonGaussianEvent
+from ewtune.accountant.ledger import AUDIT_PURPOSE, Ledger
+from ewtune.accountant.signing import SigningKey
+from ewtune.accountant.verify import verify_ledger
+from ewtune.agent.audit.holder import AuditHolderConfig, AuditTrainer
+from ewtune.agent.policy import HolderPolicy, PlanRefused
 
 HOLDER = "audit-0"
 BUDGET = {"budget_epsilon": 10.0, "budget_delta": 1e-5}
@@ -26,7 +26,7 @@ PLAN = {"run_id": "audit-1", "round": 1, "steps": 4, "sampling_rate": 0.1, "nois
 
 
 def _daemon(tmp_path, audit_runs=True, **audit):
-    from agent.daemon import Daemon
+    from ewtune.agent.daemon import Daemon
 
     key = SigningKey.generate()
     ledger = Ledger.create(tmp_path / "ledger.jsonl", key, HOLDER, BUDGET)
@@ -94,7 +94,7 @@ def test_a_broken_engine_is_named_in_every_commit(tmp_path):
 
 
 def test_a_training_daemon_refuses_audit_plans_and_reveals(tmp_path):
-    from agent.daemon import Daemon
+    from ewtune.agent.daemon import Daemon
 
     class Plain:  # the trainer interface of a training daemon (no reveal); never reached past the refusals
         model_id, randomness, dataset_size, record_count = "plain", "os-secure", 1000, 1000

@@ -1,14 +1,14 @@
 """Where the audit was blind (issue 20): a clip norm other than 1 (the sigma vs sigma C mix-up), halved noise
 (from the canaries' scores themselves, through the f-DP test of the claimed DP-SGD curve), and canaries that
 ride a real transformer layer instead of an audit block. Every run goes through the real engine
-(agent.audit.run.run_audit); each breakage patches the engine's own code (agent.audit.breakages)."""
+(ewtune.agent.audit.run.run_audit); each breakage patches the engine's own code (ewtune.agent.audit.breakages)."""
 
 import numpy as np
 import pytest
 import torch
 
-from agent.audit.breakages import broken
-from agent.audit.run import AuditConfig, run_audit
+from ewtune.agent.audit.breakages import broken
+from ewtune.agent.audit.run import AuditConfig, run_audit
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from bench.accountant import _measure, _positive_int
+from ewtune.bench.accountant import _measure, _positive_int
 
 
 def test_repeats_time_every_call_and_keep_the_median():

@@ -3,7 +3,7 @@
 import os
 import time
 
-from bench.federation import SuperLinkCpu, round_overheads
+from ewtune.bench.federation import SuperLinkCpu, round_overheads
 
 
 def _burn(seconds: float) -> None:

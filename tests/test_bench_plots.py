@@ -1,10 +1,10 @@
-"""``python -m bench.plots``: BENCHMARKS.md's plots are drawn from the committed JSON results."""
+"""``python -m ewtune.bench.plots``: BENCHMARKS.md's plots are drawn from the committed JSON results."""
 
 import shutil
 import struct
 from pathlib import Path
 
-from bench.plots import accountant_figure, draw
+from ewtune.bench.plots import accountant_figure, draw
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 

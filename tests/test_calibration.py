@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from accountant.calibration import SIGMA_TOLERANCE, Calibration, calibrate_noise_multiplier, plan_event
-from accountant.certified import certified_epsilon
-from accountant.errors import InvalidInputError
-from accountant.events import ComposedEvent, Neighbouring, PoissonGaussianEvent
+from ewtune.accountant.calibration import SIGMA_TOLERANCE, Calibration, calibrate_noise_multiplier, plan_event
+from ewtune.accountant.certified import certified_epsilon
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import ComposedEvent, Neighbouring, PoissonGaussianEvent
 
 SST2_Q, SST2_STEPS = 0.029696060817532555, 660
 

@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import optimize, special
 
-from accountant.certified import CERTIFIED_ACCOUNTANT, certified_delta, certified_epsilon
-from accountant.errors import InvalidInputError
-from accountant.events import Neighbouring, PoissonGaussianEvent, compose
+from ewtune.accountant.certified import CERTIFIED_ACCOUNTANT, certified_delta, certified_epsilon
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import Neighbouring, PoissonGaussianEvent, compose
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "pld_reference.json").read_text())
 TIGHTNESS = 0.005  # the promise: within 0.5% of the exact epsilon
@@ -151,7 +151,7 @@ def test_a_heterogeneous_composition_matches_an_independent_pld_accountant(first
     0.01%), and above either mechanism alone."""
     from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 
-    from accountant.events import to_dp_accounting
+    from ewtune.accountant.events import to_dp_accounting
 
     ours = certified_epsilon(compose(first, second), 1e-5)
     reference = PLDAccountant(value_discretization_interval=1e-4)
@@ -215,10 +215,10 @@ def test_a_ledger_pins_the_accountant_and_another_version_does_not_claim_to_chec
     """The pinned description ties a ledger's stated epsilons to the engine that computed them. The bug this
     catches: a verifier that ignores the pin and reports an old ledger's figures as recomputed by a newer
     engine (whose numbers may differ)."""
-    import accountant.certified as certified
-    from accountant.ledger import Ledger
-    from accountant.signing import SigningKey
-    from accountant.verify import verify_ledger
+    import ewtune.accountant.certified as certified
+    from ewtune.accountant.ledger import Ledger
+    from ewtune.accountant.signing import SigningKey
+    from ewtune.accountant.verify import verify_ledger
 
     path, event = tmp_path / "ledger.jsonl", PoissonGaussianEvent(0.01, 1.0, 50)
     with Ledger.create(path, SigningKey.generate(), "h", {"budget_epsilon": 8.0, "budget_delta": 1e-5}) as ledger:

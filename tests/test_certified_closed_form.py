@@ -13,9 +13,9 @@ import sys
 import mpmath
 import pytest
 
-from accountant.certified import certified_delta, certified_epsilon
-from accountant.errors import InvalidInputError
-from accountant.events import Neighbouring, PoissonGaussianEvent, compose
+from ewtune.accountant.certified import certified_delta, certified_epsilon
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import Neighbouring, PoissonGaussianEvent, compose
 
 REPLACE, ADD_REMOVE = Neighbouring.REPLACE_ONE, Neighbouring.ADD_REMOVE
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from accountant.certified import certified_epsilon
-from accountant.events import PoissonGaussianEvent
+from ewtune.accountant.certified import certified_epsilon
+from ewtune.accountant.events import PoissonGaussianEvent
 
 GRID = 3000
 

@@ -2,15 +2,15 @@
 buckets, pessimistic_estimate=False) is below the true epsilon, so the certified bound must not be below it;
 its connect-the-dots pessimistic PLD at interval 1e-4 is above the truth and within a small discretisation
 error of it, so the certified bound must be within 0.5% of it. Small deltas and q near 1 put the decisive
-cells where FFT round-off used to matter (issue 20); the big random sweep is bench/certified_sweep.py."""
+cells where FFT round-off used to matter (issue 20); the big random sweep is ewtune/bench/certified_sweep.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from accountant.certified import certified_delta, certified_epsilon
-from accountant.events import Neighbouring, PoissonGaussianEvent
-from bench.certified_sweep import _dp_accounting_epsilon
+from ewtune.accountant.certified import certified_delta, certified_epsilon
+from ewtune.accountant.events import Neighbouring, PoissonGaussianEvent
+from ewtune.bench.certified_sweep import _dp_accounting_epsilon
 
 TIGHTNESS = 0.005
 
@@ -55,7 +55,7 @@ def test_fft_round_off_bound_holds_against_exact_rational_arithmetic():
 
     import numpy as np
 
-    from accountant.pld_engine import _circular_power
+    from ewtune.accountant.pld_engine import _circular_power
 
     size, steps = 64, 12
     probs = np.array([0.5, 0.3, 0.15, 0.04, 0.009, 0.001])
@@ -79,7 +79,7 @@ def test_tilted_window_near_its_centre_bounds_the_exact_composition_above_its_st
 
     import numpy as np
 
-    from accountant.pld_engine import Direction, compose, step_pmf
+    from ewtune.accountant.pld_engine import Direction, compose, step_pmf
 
     h, steps, tilt = 2.0**-7, 30, 2.0
     pmf = step_pmf(Direction.REMOVE, 0.2, 1.0, h, 1e-20)

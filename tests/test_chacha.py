@@ -1,4 +1,4 @@
-"""The on-device secure generator (agent.dpsgd.chacha): RFC 8439's test vectors through the same code that draws
+"""The on-device secure generator (ewtune.agent.dpsgd.chacha): RFC 8439's test vectors through the same code that draws
 the noise, agreement with an independent ChaCha20 (the cryptography package's OpenSSL binding) over many blocks
 and counters past 2^31, the known-answer guard, and the distributions of its uniforms and normals."""
 
@@ -10,8 +10,8 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from scipy import stats
 
-from agent.dpsgd import chacha
-from agent.dpsgd.chacha import ChaChaRandom, GeneratorSelfTestError, block_bytes, chacha20_blocks
+from ewtune.agent.dpsgd import chacha
+from ewtune.agent.dpsgd.chacha import ChaChaRandom, GeneratorSelfTestError, block_bytes, chacha20_blocks
 
 
 def openssl_keystream(key: bytes, nonce: bytes, counter: int, blocks: int) -> bytes:
@@ -114,7 +114,7 @@ def test_an_empty_draw_is_empty():
 def test_secure_noise_for_a_gpu_tensor_is_drawn_on_its_device(monkeypatch):
     """SecureRandom routes a draw for any device but the CPU to ChaCha20 on that device (one generator per
     device, self-tested once), and the noise of a gradient is asked for on the gradient's device."""
-    from agent.dpsgd import noise, randomness
+    from ewtune.agent.dpsgd import noise, randomness
 
     built = []
 

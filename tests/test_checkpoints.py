@@ -4,8 +4,8 @@
 import numpy as np
 import pytest
 
-from accountant.errors import InvalidInputError
-from coordinator.checkpoints import save_peft_adapter
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.coordinator.checkpoints import save_peft_adapter
 
 
 def test_a_pooled_checkpoint_is_refused_by_the_adapter_export(tiny_pooled_dir, tmp_path):

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from accountant.config_check import InvalidConfiguration
-from agent.config_check import check_agent_config
-from coordinator.config_check import check_federation_config
+from ewtune.accountant.config_check import InvalidConfiguration
+from ewtune.agent.config_check import check_agent_config
+from ewtune.coordinator.config_check import check_federation_config
 from ewtune.cli import main
 from test_daemon import _agent_toml
 
@@ -96,7 +96,7 @@ def test_ewtune_agent_start_checks_the_file_before_anything_loads(tmp_path, tiny
 
 @pytest.fixture
 def federation_toml(tmp_path):
-    from accountant.signing import SigningKey
+    from ewtune.accountant.signing import SigningKey
 
     SigningKey.generate().save(tmp_path / "ledger.key")
     (tmp_path / "supernodes.json").write_text("[]")
@@ -162,8 +162,8 @@ def test_a_bad_device_or_precision_is_reported_and_a_good_one_passes(tmp_path, t
 
 
 def test_the_agent_toml_loader_refuses_a_bad_device_in_one_line(tmp_path, tiny_bert_dir, mr_csv):
-    from accountant.errors import InvalidInputError
-    from agent.policy import load_agent_config
+    from ewtune.accountant.errors import InvalidInputError
+    from ewtune.agent.policy import load_agent_config
 
     path = _agent_toml(tmp_path, tiny_bert_dir, mr_csv)
     path.write_text(path.read_text().replace("[training]", '[training]\ndevice = "cuda:x"'))

@@ -46,7 +46,7 @@ def test_coordinator_start_refuses_a_public_bind_address(tmp_path, capsys):
 
 
 def test_only_loopback_addresses_count_as_loopback():
-    from coordinator.superlink import is_loopback
+    from ewtune.coordinator.superlink import is_loopback
 
     assert all(is_loopback(host) for host in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"))
     assert not any(is_loopback(host) for host in ("0.0.0.0", "::", "10.0.0.1", "coordinator.example.org", ""))
@@ -85,7 +85,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_weights_init_writes_the_lora_factors_and_the_head(tiny_bert_dir, tmp_path):
-    from coordinator.checkpoints import load_weights, lora_layout
+    from ewtune.coordinator.checkpoints import load_weights, lora_layout
 
     output = tmp_path / "initial.safetensors"
     assert main(["weights", "init", str(output), "--model-dir", str(tiny_bert_dir), "--lora-rank", "4", "--lora-target-modules", "query", "value"]) == 0
@@ -97,8 +97,8 @@ def test_weights_init_writes_the_lora_factors_and_the_head(tiny_bert_dir, tmp_pa
 def test_weights_init_head_writes_the_head_alone_as_the_holders_build_it(tiny_pooled_dir, tmp_path):
     """--mode head (the recommended probe): only the classifier head's parameters, exactly those a holder's
     head-mode model trains and with the same shapes, so the ServerApp's first round is accepted."""
-    from agent import models
-    from coordinator.checkpoints import load_weights
+    from ewtune.agent import models
+    from ewtune.coordinator.checkpoints import load_weights
 
     output = tmp_path / "initial.safetensors"
     assert main(["weights", "init", str(output), "--model-dir", str(tiny_pooled_dir), "--mode", "head"]) == 0
@@ -110,7 +110,7 @@ def test_weights_init_head_writes_the_head_alone_as_the_holders_build_it(tiny_po
 
 
 def test_superlink_credentials_list_the_registered_holders_public_keys(tmp_path):
-    from coordinator.credentials import load_credentials
+    from ewtune.coordinator.credentials import load_credentials
 
     assert main(["keys", "init", str(tmp_path / "keys")]) == 0
     assert main(["agent", "keys", "init", str(tmp_path / "a"), "--holder-id", "a"]) == 0
@@ -162,8 +162,8 @@ def _runnable_federation(tmp_path):
     points at a loopback port where nothing listens."""
     import socket
 
-    from accountant.signing import SigningKey
-    from coordinator.superlink import write_connection
+    from ewtune.accountant.signing import SigningKey
+    from ewtune.coordinator.superlink import write_connection
 
     SigningKey.generate().save(tmp_path / "coordinator.key")
     (tmp_path / "supernodes.json").write_text("[]")
@@ -198,8 +198,8 @@ def test_a_flwr_run_that_exits_before_any_status_says_so(tmp_path):
 
     import pytest
 
-    from accountant.errors import EwtuneError
-    from coordinator.cli import follow_run
+    from ewtune.accountant.errors import EwtuneError
+    from ewtune.coordinator.cli import follow_run
 
     process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     with pytest.raises(EwtuneError, match=r"^`flwr run` exited with code 3 before the ServerApp wrote any status$"):

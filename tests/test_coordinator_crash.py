@@ -32,12 +32,12 @@ import pytest
 
 from tiny_federation import descendants, mr_holders, verified_ledgers
 
-from accountant.crosscheck import cross_check, read_entries
-from coordinator import crash_points
-from coordinator.checkpoints import load_weights
-from coordinator.superlink import run_command
+from ewtune.accountant.crosscheck import cross_check, read_entries
+from ewtune.coordinator import crash_points
+from ewtune.coordinator.checkpoints import load_weights
+from ewtune.coordinator.superlink import run_command
 from ewtune.local_federation import FederationJob, LocalFederation
-from federation.processes import flower_environment, stop_process_group
+from ewtune.federation.processes import flower_environment, stop_process_group
 
 
 def _serverapps(superlink_pid: int) -> list[int]:

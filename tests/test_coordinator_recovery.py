@@ -1,6 +1,6 @@
 """Coordinator crash recovery, in-process against the fake Grid of test_server_app (deterministic holders: an
 update is the incoming weights plus the holder's step). The ServerApp runs in a forked child that SIGKILLs itself
-at a named point of a round (coordinator/crash_points.py); the parent starts it again with a new Flower run id,
+at a named point of a round (ewtune/coordinator/crash_points.py); the parent starts it again with a new Flower run id,
 as a second ``ewtune coordinator run`` would. Whatever the kill point, the resumed federation ends with the same
 final model and the same certified spend as an uninterrupted run of the same holders, every reservation is
 closed once, and the coordinator's ledger verifies.
@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 from test_server_app import FakeGrid, Node, _directory, _federation, fake_task_identity
 
-from accountant.crosscheck import read_entries
-from accountant.errors import InvalidInputError
-from accountant.verify import verify_ledger
-from coordinator import crash_points
-from coordinator.checkpoints import load_weights
-from coordinator.cli import status_table
-from coordinator.config import load_federation_config
-from coordinator.recovery import INBOX, RUN_RECORD, earlier_flower_run_ids, load_run_record
-from coordinator.run_progress import RunProgress
-from coordinator.server_app import Federation
-from federation.progress import Progress
+from ewtune.accountant.crosscheck import read_entries
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.verify import verify_ledger
+from ewtune.coordinator import crash_points
+from ewtune.coordinator.checkpoints import load_weights
+from ewtune.coordinator.cli import status_table
+from ewtune.coordinator.config import load_federation_config
+from ewtune.coordinator.recovery import INBOX, RUN_RECORD, earlier_flower_run_ids, load_run_record
+from ewtune.coordinator.run_progress import RunProgress
+from ewtune.coordinator.server_app import Federation
+from ewtune.federation.progress import Progress
 
 HOLDERS = (("a", 1.0, 100), ("b", 2.0, 300))
 
@@ -152,7 +152,7 @@ def test_a_tampered_update_in_the_inbox_is_aborted_not_committed(tmp_path):
     nodes = _nodes()
     _run_killed_at(tmp_path, nodes, "committed:1:1")
     (kept,) = (tmp_path / "out" / INBOX).rglob("b.safetensors")
-    from coordinator.checkpoints import read_metadata, save_weights
+    from ewtune.coordinator.checkpoints import read_metadata, save_weights
 
     update = load_weights(kept)
     save_weights(kept, {name: array + 1 for name, array in update.items()}, read_metadata(kept))

@@ -8,12 +8,12 @@ import json
 import pytest
 from test_ledger import anchor_head_at, read_entries, resign, write_entries
 
-import coordinator.ledger_crosscheck as coordinator_crosscheck
-from accountant import crosscheck
-from accountant.events import PoissonGaussianEvent
-from accountant.ledger import Ledger, default_head_path
-from accountant.signing import SigningKey
-from accountant.verify import verify_ledger
+import ewtune.coordinator.ledger_crosscheck as coordinator_crosscheck
+from ewtune.accountant import crosscheck
+from ewtune.accountant.events import PoissonGaussianEvent
+from ewtune.accountant.ledger import Ledger, default_head_path
+from ewtune.accountant.signing import SigningKey
+from ewtune.accountant.verify import verify_ledger
 from ewtune.cli import main
 
 HOLDER = "bank"
@@ -120,7 +120,7 @@ def test_the_coordinator_module_re_exports_the_accountant_cross_check():
 def test_a_holders_private_evaluations_do_not_shadow_its_training_commits(tmp_path):
     """A private evaluation of round r's model is reserved under (run, r) like round r's training: charged in the
     holder's ledger, never aggregated, so it must not replace the training commit the coordinator matches."""
-    from accountant.ledger import EVALUATION_PURPOSE
+    from ewtune.accountant.ledger import EVALUATION_PURPOSE
 
     coordinator_key, holder_key = SigningKey.generate(), SigningKey.generate()
     coordinator_path, holder_path = tmp_path / "coordinator.jsonl", tmp_path / "bank.jsonl"

@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from accountant.errors import InvalidInputError
-from accountant.events import PoissonGaussianEvent
-from accountant.ledger import Ledger
-from accountant.receipts import update_digest, verify_receipt
-from accountant.sampling import executable_sampling_rate
-from accountant.signing import SigningKey
-from accountant.verify import verify_ledger
-from agent.policy import HolderPolicy, PlanRefused, load_agent_config
-from agent.rpc import DaemonClient, DaemonError, DaemonUnavailable, RequestFailed, decode, encode, serve
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import PoissonGaussianEvent
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.receipts import update_digest, verify_receipt
+from ewtune.accountant.sampling import executable_sampling_rate
+from ewtune.accountant.signing import SigningKey
+from ewtune.accountant.verify import verify_ledger
+from ewtune.agent.policy import HolderPolicy, PlanRefused, load_agent_config
+from ewtune.agent.rpc import DaemonClient, DaemonError, DaemonUnavailable, RequestFailed, decode, encode, serve
 
 HOLDER = "holder0"
 BUDGET = {"budget_epsilon": 8.0, "budget_delta": 1e-5}
@@ -43,8 +43,8 @@ COUNT = ["reserve", "commit"]
 
 
 def count_epsilon(noise=20.0, delta=BUDGET["budget_delta"]):
-    """The certified epsilon of one count release (agent.released_count): the Gaussian mechanism at q = 1."""
-    from accountant.certified import certified_epsilon
+    """The certified epsilon of one count release (ewtune.agent.released_count): the Gaussian mechanism at q = 1."""
+    from ewtune.accountant.certified import certified_epsilon
 
     return certified_epsilon(PoissonGaussianEvent(1.0, noise, 1), delta)
 
@@ -62,7 +62,7 @@ def _training_config(tiny_bert_dir, mr_csv):
 def trainer(tiny_bert_dir, mr_csv):
     import torch
 
-    from agent.training import LocalTrainer, TrainingConfig
+    from ewtune.agent.training import LocalTrainer, TrainingConfig
 
     torch.set_num_threads(1)
     return LocalTrainer(TrainingConfig(**_training_config(tiny_bert_dir, mr_csv)))
@@ -77,7 +77,7 @@ def daemon_parts(tmp_path, trainer):
 
 
 def _daemon(daemon_parts, trainer, **policy):
-    from agent.daemon import Daemon
+    from ewtune.agent.daemon import Daemon
 
     key, ledger, _ = daemon_parts
     return Daemon(HOLDER, HolderPolicy(**BUDGET, **policy), trainer, ledger, key)
@@ -134,8 +134,8 @@ def test_train_commits_the_executed_event_and_returns_a_receipt_that_verifies(da
     assert commit["event"]["event"]["steps"] == PLAN["steps"]
     assert commit["extra"] == {"randomness": "os-secure", "public": {"dataset_size": daemon.released_dataset_size}}
     description = daemon.describe()
-    from accountant.certified import certified_epsilon
-    from accountant.events import compose
+    from ewtune.accountant.certified import certified_epsilon
+    from ewtune.accountant.events import compose
 
     assert description["spent_epsilon_certified"] == pytest.approx(
         certified_epsilon(compose(PoissonGaussianEvent(1.0, 20.0, 1), executed), 1e-5))
@@ -145,7 +145,7 @@ def test_train_commits_the_executed_event_and_returns_a_receipt_that_verifies(da
 
 
 def test_a_sigma_below_the_daemons_own_is_refused_and_nothing_is_charged(daemon_parts, trainer):
-    from accountant.calibration import calibrate_noise_multiplier
+    from ewtune.accountant.calibration import calibrate_noise_multiplier
 
     daemon = _daemon(daemon_parts, trainer, max_epsilon_per_round=1.0)
     rate = executable_sampling_rate(PLAN["sampling_rate"])
@@ -195,7 +195,7 @@ def test_the_rate_accounted_is_the_rate_executed(daemon_parts, trainer):
 
 
 def test_a_sigma_below_the_policy_minimum_is_refused_whatever_the_budget(tmp_path, trainer):
-    from agent.daemon import Daemon
+    from ewtune.agent.daemon import Daemon
 
     key, budget = SigningKey.generate(), {"budget_epsilon": 1e6, "budget_delta": 1e-5}
     ledger = Ledger.create(tmp_path / "ledger.jsonl", key, HOLDER, budget)
@@ -206,7 +206,7 @@ def test_a_sigma_below_the_policy_minimum_is_refused_whatever_the_budget(tmp_pat
 
 
 def test_a_delta_at_or_above_one_over_n_is_refused(daemon_parts, trainer, tmp_path):
-    from agent.daemon import Daemon
+    from ewtune.agent.daemon import Daemon
 
     daemon = _daemon(daemon_parts, trainer)
     with pytest.raises(PlanRefused, match=f"not below 1/N = 1/{daemon.released_dataset_size}:"):
@@ -287,7 +287,7 @@ class _FailingTrainer:
 
 @pytest.mark.parametrize("failure, error", [("crash", RequestFailed), ("stopped", DaemonUnavailable)])
 def test_a_round_that_released_nothing_and_ran_no_step_is_aborted(daemon_parts, trainer, failure, error):
-    from agent.daemon import Daemon
+    from ewtune.agent.daemon import Daemon
 
     key, ledger, ledger_path = daemon_parts
     failing = _FailingTrainer(trainer, failure)
@@ -303,7 +303,7 @@ def test_a_round_that_released_nothing_and_ran_no_step_is_aborted(daemon_parts, 
 def test_a_failure_after_steps_ran_charges_them_and_says_nothing_of_the_data(daemon_parts, trainer):
     """The attack: a failure after steps ran used to abort the reservation (retries for free) and return the
     exception text (a data-dependent error leaked). Now the steps that ran are charged and the reason is generic."""
-    from agent.daemon import Daemon
+    from ewtune.agent.daemon import Daemon
 
     key, ledger, ledger_path = daemon_parts
     daemon = Daemon(HOLDER, HolderPolicy(**BUDGET), _FailingTrainer(trainer, "late"), ledger, key)
@@ -322,7 +322,7 @@ def test_a_step_that_fails_after_reading_records_is_charged_with_the_steps_befor
     value). The reservation used to be charged only for the 2 steps that ended (or aborted free when the first
     step failed), a free query. Charging follows data access: the 3 steps that began are committed, and the
     ledger's reason says what ran."""
-    from agent.daemon import Daemon
+    from ewtune.agent.daemon import Daemon
 
     key, ledger, ledger_path = daemon_parts
     daemon = Daemon(HOLDER, HolderPolicy(**BUDGET), trainer, ledger, key)
@@ -352,17 +352,17 @@ def test_a_step_that_fails_after_reading_records_is_charged_with_the_steps_befor
     assert commit["payload"]["extra"]["released"] is False
     assert commit["payload"]["extra"]["reason"] == "failed in step 3 of 6 after 2 completed step(s); 3 step(s) charged"
     assert verify_ledger(ledger_path).ok
-    from accountant.certified import certified_epsilon
+    from ewtune.accountant.certified import certified_epsilon
 
     three = PoissonGaussianEvent(executable_sampling_rate(PLAN["sampling_rate"]), PLAN["noise_multiplier"], 3)
-    from accountant.events import compose
+    from ewtune.accountant.events import compose
 
     spent = certified_epsilon(compose(PoissonGaussianEvent(1.0, 20.0, 1), three), 1e-5)
     assert daemon.describe()["spent_epsilon_certified"] == pytest.approx(spent, rel=1e-9)
 
 
 def test_an_evaluation_that_fails_after_reading_the_held_out_records_is_charged(daemon_parts, trainer):
-    from agent.daemon import Daemon
+    from ewtune.agent.daemon import Daemon
 
     key, ledger, ledger_path = daemon_parts
     daemon = Daemon(HOLDER, HolderPolicy(**BUDGET, evaluation="private"), trainer, ledger, key)
@@ -390,7 +390,7 @@ def test_no_evaluation_metrics_leave_by_default(daemon_parts, trainer):
 
 
 def test_private_evaluation_is_noised_charged_and_limited_per_day(daemon_parts, trainer):
-    from accountant.certified import certified_epsilon
+    from ewtune.accountant.certified import certified_epsilon
 
     daemon = _daemon(daemon_parts, trainer, evaluation="private", evaluation_noise_multiplier=5.0, max_evaluations_per_day=2)
     before = _global_weights(trainer)
@@ -405,7 +405,7 @@ def test_private_evaluation_is_noised_charged_and_limited_per_day(daemon_parts, 
     commit = _entries(daemon_parts[2])[-1]["payload"]
     assert commit["extra"]["purpose"] == "evaluation"
     spent = daemon.describe()["spent_epsilon_certified"]
-    from accountant.events import compose
+    from ewtune.accountant.events import compose
 
     count = PoissonGaussianEvent(1.0, 20.0, 1)
     assert spent == pytest.approx(certified_epsilon(compose(count, PoissonGaussianEvent(1.0, 5.0, 2)), 1e-5), rel=1e-9)
@@ -420,7 +420,7 @@ def test_private_evaluation_is_noised_charged_and_limited_per_day(daemon_parts, 
 def test_evaluations_under_fresh_run_ids_or_after_a_restart_stay_within_the_daily_limit(daemon_parts, trainer):
     """The attack: the limit counted per run id, which the coordinator chooses, so a fresh run id bought a fresh
     allowance. The limit is per holder and 24 hours, counted from the ledger's own evaluation commits."""
-    from agent.daemon import Daemon, _evaluations_since
+    from ewtune.agent.daemon import Daemon, _evaluations_since
 
     key, ledger, ledger_path = daemon_parts
     policy = HolderPolicy(**BUDGET, evaluation="private", evaluation_noise_multiplier=5.0, max_evaluations_per_day=2)
@@ -453,8 +453,8 @@ def test_a_per_run_evaluation_limit_in_agent_toml_is_a_one_line_error(tmp_path, 
 def test_private_metrics_follow_the_noised_confusion_matrix():
     import torch
 
-    from agent.dpsgd.randomness import InsecureSeededRandom
-    from agent.evaluation import metrics_from_confusion, private_metrics
+    from ewtune.agent.dpsgd.randomness import InsecureSeededRandom
+    from ewtune.agent.evaluation import metrics_from_confusion, private_metrics
 
     counts = torch.tensor([[40.0, 10.0], [5.0, 45.0]])
     exact = metrics_from_confusion(counts)
@@ -466,7 +466,7 @@ def test_private_metrics_follow_the_noised_confusion_matrix():
 
 
 def test_a_budget_that_differs_from_the_ledgers_genesis_is_refused(daemon_parts, trainer):
-    from agent.daemon import Daemon
+    from ewtune.agent.daemon import Daemon
 
     key, ledger, _ = daemon_parts
     with pytest.raises(InvalidInputError, match="cannot change"):
@@ -553,7 +553,7 @@ def _client_message(message_type, content):
 def test_the_client_app_forwards_query_train_evaluate_and_refusals(served, trainer, daemon_parts):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
-    from agent.client_app import REFUSED, app
+    from ewtune.agent.client_app import REFUSED, app
 
     daemon, address = served
     key = daemon_parts[0]
@@ -583,7 +583,7 @@ def test_the_client_app_forwards_query_train_evaluate_and_refusals(served, train
     # Packed, and asked to evaluate the incoming model first: the whole reply is one record, 3 Flower objects.
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-    from federation.messages import weight_records, weights_of
+    from ewtune.federation.messages import weight_records, weights_of
 
     packed = RecordDict({**weight_records(_global_weights(trainer), packed=True),
                          "config": ConfigRecord(dict(PLAN, round=2, evaluate_round=1))})
@@ -599,7 +599,7 @@ def test_the_client_app_forwards_query_train_evaluate_and_refusals(served, train
 
 
 def test_the_client_app_does_not_import_torch_or_transformers():
-    code = "import sys, agent.client_app; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    code = "import sys, ewtune.agent.client_app; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -660,8 +660,8 @@ def test_the_example_agent_toml_is_valid():
 
 def test_the_daemon_refuses_insecure_randomness(tmp_path, tiny_bert_dir, mr_csv, daemon_parts):
     """The attack: noise from a generator seeded with seed + 1 can be regenerated and subtracted exactly."""
-    from agent.daemon import Daemon
-    from agent.training import LocalTrainer, TrainingConfig
+    from ewtune.agent.daemon import Daemon
+    from ewtune.agent.training import LocalTrainer, TrainingConfig
 
     path = _agent_toml(tmp_path, tiny_bert_dir, mr_csv)
     for line, message in (("secure_noise = false", "secure_noise is gone"),
@@ -740,14 +740,14 @@ def _wait_for_daemon(address, process, timeout=120.0):
 
 
 def test_supernode_command_has_tls_auth_and_the_daemon_address(tmp_path):
-    from agent.policy import SuperNodeConfig
-    from agent.supernode import supernode_command
+    from ewtune.agent.policy import SuperNodeConfig
+    from ewtune.agent.supernode import supernode_command
 
     (tmp_path / "ca.crt").write_text("x")
     (tmp_path / "node.key").write_text("x")
     config = SuperNodeConfig("127.0.0.1:9092", tmp_path / "ca.crt", tmp_path / "node.key", port=9101)
     command = supernode_command(config, "unix:///run/a.sock", HOLDER)
-    assert command[:3] == [sys.executable, "-m", "agent.warm_supernode"]  # the default: one warm task loop
+    assert command[:3] == [sys.executable, "-m", "ewtune.agent.warm_supernode"]  # the default: one warm task loop
     flower_default = supernode_command(dataclasses.replace(config, isolation="subprocess"), "unix:///run/a.sock", HOLDER)
     assert Path(flower_default[0]).name == "flower-supernode" and flower_default[1:] == command[3:]
     joined = " ".join(command)
@@ -759,7 +759,7 @@ def test_supernode_command_has_tls_auth_and_the_daemon_address(tmp_path):
 
 
 def test_the_supervisor_restarts_a_dead_supernode_and_stops_its_whole_process_group(tmp_path):
-    from agent.supernode import SuperNodeSupervisor
+    from ewtune.agent.supernode import SuperNodeSupervisor
 
     pids = tmp_path / "pids"
     # A stand-in SuperNode that leaves a child behind (as flower-superexec is) and dies on its first run.

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from test_daemon import BUDGET, COUNT, HOLDER, PLAN, _daemon, _global_weights, _kinds, daemon_parts, trainer  # noqa: F401
 
-from accountant.certified import certified_epsilon
-from accountant.errors import EwtuneError
-from accountant.events import PoissonGaussianEvent
-from accountant.ledger import Ledger
-from accountant.sampling import executable_sampling_rate
-from accountant.signing import SigningKey
-from agent.policy import HolderPolicy, PlanRefused
+from ewtune.accountant.certified import certified_epsilon
+from ewtune.accountant.errors import EwtuneError
+from ewtune.accountant.events import PoissonGaussianEvent
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.sampling import executable_sampling_rate
+from ewtune.accountant.signing import SigningKey
+from ewtune.agent.policy import HolderPolicy, PlanRefused
 
 
 def test_a_replayed_or_stale_train_request_is_refused_and_charges_nothing(daemon_parts, trainer):
@@ -103,7 +103,7 @@ def _planned(trainer):
 
 @pytest.mark.parametrize("fault", ["full disk under the ledger", "read-only head directory"])
 def test_a_failed_ledger_write_stops_the_round_without_releasing_the_update(tmp_path, trainer, fault, request):
-    from agent.daemon import Daemon
+    from ewtune.agent.daemon import Daemon
 
     key = SigningKey.generate()
     if fault == "full disk under the ledger":

@@ -6,14 +6,14 @@ import pandas as pd
 import pytest
 import torch
 
-from accountant.errors import InvalidInputError
-from agent.assets import mr_rows, sms_spam_rows, write_mr_csv, write_sms_spam_csv
-from agent.data import IGNORE_INDEX, DataSpec, collate, load_local_data
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.agent.assets import mr_rows, sms_spam_rows, write_mr_csv, write_sms_spam_csv
+from ewtune.agent.data import IGNORE_INDEX, DataSpec, collate, load_local_data
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_bert_dir):
-    from agent.models import load_tokenizer
+    from ewtune.agent.models import load_tokenizer
 
     return load_tokenizer(tiny_bert_dir)
 

@@ -6,7 +6,7 @@ import csv
 import numpy as np
 import pytest
 
-from coordinator.checkpoints import load_weights, save_weights
+from ewtune.coordinator.checkpoints import load_weights, save_weights
 from ewtune.demo import global_accuracy
 from ewtune.local_federation import initial_weights
 
@@ -41,9 +41,9 @@ def test_head_mode_embeds_once_and_scores_like_the_full_forward(tiny_pooled_dir,
 
     import torch
 
-    from agent import models
-    from agent.data import DataSpec, load_local_data
-    from agent.evaluation import evaluate_model
+    from ewtune.agent import models
+    from ewtune.agent.data import DataSpec, load_local_data
+    from ewtune.agent.evaluation import evaluate_model
 
     tokenizer = models.load_tokenizer(tiny_pooled_dir)
     data = load_local_data(DataSpec(path=str(mr_csv), max_length=24, eval_fraction=0.0), tokenizer)
@@ -84,7 +84,7 @@ def test_the_demo_report_has_one_heading_per_section_all_alike_and_states_the_ru
 
 
 def test_the_demo_takes_the_probe_recipes_epochs_over_its_rounds_by_default():
-    from agent.recipe import Recipe
+    from ewtune.agent.recipe import Recipe
     from ewtune.demo import recipe_local_steps
 
     epochs = Recipe().probe_epochs

@@ -125,7 +125,7 @@ class _SuperLinkStandIn(BaseHTTPRequestHandler):
 def fleet_proxy(tmp_path):
     if nginx_missing():
         pytest.skip(nginx_missing())
-    from coordinator.credentials import init_credentials
+    from ewtune.coordinator.credentials import init_credentials
 
     credentials = init_credentials(tmp_path / "keys", ["127.0.0.1", "localhost"])
     upstream_port, proxy_port = _free_port(), _free_port()

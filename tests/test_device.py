@@ -1,11 +1,11 @@
-"""Device and precision settings (agent.device): names checked without torch, a device that is not here is a
+"""Device and precision settings (ewtune.agent.device): names checked without torch, a device that is not here is a
 one-line error (never a silent fall back to the CPU), auto picks CUDA only when torch sees it."""
 
 import pytest
 import torch
 
-from accountant.errors import InvalidInputError
-from agent.device import check_device_name, check_precision, resolve_device
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.agent.device import check_device_name, check_precision, resolve_device
 
 # A test that needs a GPU: marked ``gpu`` (``pytest -m gpu`` runs these alone on a lent device), skipped without CUDA.
 ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -59,7 +59,7 @@ def test_bf16_on_the_cpu_is_refused(monkeypatch):
 
 
 def test_batch_to_moves_every_tensor_to_the_device():
-    from agent.device import batch_to
+    from ewtune.agent.device import batch_to
 
     batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": torch.zeros(2, dtype=torch.long)}
     moved = batch_to(batch, torch.device("meta"))  # a device other than the CPU that every torch build has
@@ -70,7 +70,7 @@ def test_batch_to_moves_every_tensor_to_the_device():
 
 
 def test_autocast_is_bfloat16_for_bf16_only():
-    from agent.device import autocast
+    from ewtune.agent.device import autocast
 
     linear = torch.nn.Linear(4, 4)
     with autocast(torch.device("cpu"), "bf16"):
@@ -82,7 +82,7 @@ def test_autocast_is_bfloat16_for_bf16_only():
 
 
 def test_module_device():
-    from agent.device import module_device
+    from ewtune.agent.device import module_device
 
     assert module_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
     assert module_device(torch.nn.Linear(2, 2, device="meta")) == torch.device("meta")
@@ -127,7 +127,7 @@ def _tiny_batch(device):
 def _clipped_sum(model, clip_norm, batch, how):
     """The engine's clipped sum in float32 (``how = None``), under its own bfloat16 autocast (``engine``), or under
     the caller's (``caller``), on the batch's device."""
-    from agent.dpsgd import PerExampleClipper, classification_loss
+    from ewtune.agent.dpsgd import PerExampleClipper, classification_loss
 
     clipper = PerExampleClipper(model, clip_norm, classification_loss, autocast_dtype=torch.bfloat16 if how == "engine" else None)
     device_type = batch["input_ids"].device.type

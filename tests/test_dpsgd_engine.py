@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from agent.dpsgd import DPSGDStep, PerExampleClipper, PerExampleGradientError, causal_lm_loss, classification_loss
-from agent.dpsgd.engine import CLIP_EPSILON
-from agent.dpsgd.randomness import InsecureSeededRandom
+from ewtune.agent.dpsgd import DPSGDStep, PerExampleClipper, PerExampleGradientError, causal_lm_loss, classification_loss
+from ewtune.agent.dpsgd.engine import CLIP_EPSILON
+from ewtune.agent.dpsgd.randomness import InsecureSeededRandom
 
 VOCAB, BATCH, LENGTH = 101, 6, 10
 LENGTHS = [10, 7, 4, 10, 2, 9]
@@ -273,7 +273,7 @@ def test_classification_loss_is_per_example_cross_entropy():
 
 
 def _dense_rows(factor, batch):
-    from agent.dpsgd.ghost import OneHot
+    from ewtune.agent.dpsgd.ghost import OneHot
 
     if isinstance(factor, OneHot):
         return torch.nn.functional.one_hot(factor.ids, factor.size).double()
@@ -281,7 +281,7 @@ def _dense_rows(factor, batch):
 
 
 def _explicit(use, batch):
-    from agent.dpsgd.ghost import Direct
+    from ewtune.agent.dpsgd.ghost import Direct
 
     if isinstance(use, Direct):
         return use.values.double()
@@ -294,7 +294,7 @@ def _explicit(use, batch):
 )
 def test_factored_norms_and_sums_match_explicit_per_example_gradients(case):
     """Every norm route of ``ghost`` (Gram, instantiation, one-hot, several uses) against explicit G_i."""
-    from agent.dpsgd.ghost import Dense, Direct, OneHot, Outer, squared_norms, weighted_sum
+    from ewtune.agent.dpsgd.ghost import Dense, Direct, OneHot, Outer, squared_norms, weighted_sum
 
     generator = torch.Generator().manual_seed(12)
     batch, length, vocab = 3, 4, 7
@@ -327,8 +327,8 @@ def test_factored_norms_and_sums_match_explicit_per_example_gradients(case):
 def test_bench_summary_takes_medians_and_ratios_to_non_private_and_best_opacus():
     import argparse
 
-    from accountant.errors import InvalidInputError
-    from bench import dpsgd as bench
+    from ewtune.accountant.errors import InvalidInputError
+    from ewtune.bench import dpsgd as bench
 
     def run(engine, seconds, memory):
         return {"mode": "full", "engine": engine, "batch_size": 32, "wall_seconds": [seconds + 1], "cpu_seconds": [seconds, seconds, 99.0],

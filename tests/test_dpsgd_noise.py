@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from agent.dpsgd.noise import gaussian_noise_like
-from agent.dpsgd.randomness import InsecureSeededRandom, SecureRandom
+from ewtune.agent.dpsgd.noise import gaussian_noise_like
+from ewtune.agent.dpsgd.randomness import InsecureSeededRandom, SecureRandom
 
 DRAWS = 100_000
 STD = 0.7
@@ -76,7 +76,7 @@ def test_the_in_place_aes_ctr_keystream_is_the_standard_one():
     as an encryption of zeros into a separate buffer."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-    from agent.dpsgd.randomness import aes_ctr_keystream
+    from ewtune.agent.dpsgd.randomness import aes_ctr_keystream
 
     key = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
     counter = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")

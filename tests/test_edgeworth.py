@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate
 
-from accountant.cumulants import directions, step_cumulants
-from accountant.edgeworth import composed_cumulants, edgeworth_bound_epsilon, edgeworth_delta, edgeworth_epsilon
-from accountant.errors import InvalidInputError
-from accountant.events import Neighbouring, PoissonGaussianEvent, compose
+from ewtune.accountant.cumulants import directions, step_cumulants
+from ewtune.accountant.edgeworth import composed_cumulants, edgeworth_bound_epsilon, edgeworth_delta, edgeworth_epsilon
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import Neighbouring, PoissonGaussianEvent, compose
 
 # EW-Tune SST-2 (arXiv 2210.15042; star-ailab/LLM_Tune logs): q = B/N = 2000/67349, 20 epochs.
 SST2 = PoissonGaussianEvent(0.029696060817532555, 0.7865, 660)
@@ -117,7 +117,7 @@ def _dp_accounting_pld_epsilon(event, delta, interval):
     import dp_accounting
     from dp_accounting.pld import pld_privacy_accountant
 
-    from accountant.events import to_dp_accounting
+    from ewtune.accountant.events import to_dp_accounting
 
     dp_event, relation = to_dp_accounting(event)
     accountant = pld_privacy_accountant.PLDAccountant(relation, value_discretization_interval=interval)
@@ -169,7 +169,7 @@ def test_a_heterogeneous_composition_is_estimated_near_its_certified_epsilon(fir
     """The estimate of two different mechanisms composed (the cumulants of both, summed) stays within 6% of
     the certified epsilon of the same composition (measured: 1.8% to 4.4% above it); leaving out or
     double-counting either mechanism moves it far outside."""
-    from accountant.certified import certified_epsilon
+    from ewtune.accountant.certified import certified_epsilon
 
     estimate = edgeworth_epsilon(compose(first, second), 1e-5, order)
     assert estimate == pytest.approx(certified_epsilon(compose(first, second), 1e-5), rel=0.06)
@@ -226,7 +226,7 @@ def test_bound_on_the_edgeworth_papers_fixed_delta_example():
 
 
 def test_uniform_error_is_at_least_its_leading_term_and_shrinks_with_n():
-    from accountant.edgeworth_error import uniform_error
+    from ewtune.accountant.edgeworth_error import uniform_error
 
     k3, k3_tilde, k4, lam3 = 2.0, 3.0, 9.0, 1.0
     errors = [uniform_error(n, k3, k3_tilde, k4, lam3) for n in (10**3, 10**4, 10**5)]

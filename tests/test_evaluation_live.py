@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.cli import status_table
+from ewtune.coordinator.cli import status_table
 
 pytestmark = pytest.mark.slow
 

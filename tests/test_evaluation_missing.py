@@ -9,18 +9,18 @@ import pytest
 from flwr.app import Error, Message, MessageType
 from test_server_app import Node, _directory, _federation, fake_task_identity
 
-from coordinator.cli import status_table
-from coordinator.run_progress import RunProgress, missing_evaluations
-from federation.messages import REFUSED
+from ewtune.coordinator.cli import status_table
+from ewtune.coordinator.run_progress import RunProgress, missing_evaluations
+from ewtune.federation.messages import REFUSED
 
 REFUSED_INSIDE_TRAIN = "refused: evaluation metrics are not released"  # the text the fake holder's train reply carries
 REFUSED_AFTER_LAST_ROUND = "failed (code 0): evaluation metrics are not released"  # its evaluate reply's error (code 0: none of a holder's)
-DAILY_LIMIT = "this holder has released 10 private evaluation(s) in the last 24 hours and allows 10 per day"  # agent.daemon's
+DAILY_LIMIT = "this holder has released 10 private evaluation(s) in the last 24 hours and allows 10 per day"  # ewtune.agent.daemon's
 
 
 class DailyLimited(Node):
     """A holder whose daemon refuses the evaluation after the last round with its daily-limit reason and the
-    holder's REFUSED code, as agent.client_app sends a PlanRefused."""
+    holder's REFUSED code, as ewtune.agent.client_app sends a PlanRefused."""
 
     def reply(self, message):
         if message.metadata.message_type == MessageType.EVALUATE:

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from accountant.errors import InvalidInputError, UnknownEventKindError
-from accountant.events import (
+from ewtune.accountant.errors import InvalidInputError, UnknownEventKindError
+from ewtune.accountant.events import (
     ComposedEvent,
     Neighbouring,
     PoissonGaussianEvent,
@@ -93,7 +93,7 @@ def test_dp_accounting_conversion_carries_the_replace_one_relation():
     is dropped (its default is add/remove-one) and 2.84 with it, the value of our certified accountant."""
     from dp_accounting.pld import pld_privacy_accountant
 
-    from accountant.certified import certified_epsilon
+    from ewtune.accountant.certified import certified_epsilon
 
     event = PoissonGaussianEvent(0.01, 1.0, 1000, Neighbouring.REPLACE_ONE)
     converted, relation = to_dp_accounting(event)

@@ -1,4 +1,4 @@
-"""The shipped examples (deploy/agent.toml.example, coordinator/federation.toml.example) as deploy/README.md
+"""The shipped examples (deploy/agent.toml.example, ewtune/coordinator/federation.toml.example) as deploy/README.md
 installs them: each passes `ewtune config check` once its paths point at real files, and they work together:
 both use the recommended recipe (head mode: the probe), and the federation's plan and its evaluation requests
 are what the example holder's policy accepts, its private evaluations included in its budget."""
@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from accountant.certified import certified_epsilon
-from accountant.events import PoissonGaussianEvent, compose
-from accountant.signing import SigningKey
-from agent.policy import RoundPlan, load_agent_config
-from coordinator.config import load_federation_config
-from coordinator.planner import HolderDescription, plan_federation
+from ewtune.accountant.certified import certified_epsilon
+from ewtune.accountant.events import PoissonGaussianEvent, compose
+from ewtune.accountant.signing import SigningKey
+from ewtune.agent.policy import RoundPlan, load_agent_config
+from ewtune.coordinator.config import load_federation_config
+from ewtune.coordinator.planner import HolderDescription, plan_federation
 from ewtune.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 AGENT_EXAMPLE = REPO / "deploy" / "agent.toml.example"
-FEDERATION_EXAMPLE = REPO / "coordinator" / "federation.toml.example"
+FEDERATION_EXAMPLE = REPO / "ewtune" / "coordinator" / "federation.toml.example"
 
 
 def _agent_toml(directory: Path, model_dir: Path, data_file: Path) -> Path:

@@ -1,15 +1,15 @@
-"""The f-DP one-run test of the DP-SGD hypothesis (accountant.fdp_one_run; Mahloujifar, Melis, Chaudhuri 2025,
+"""The f-DP one-run test of the DP-SGD hypothesis (ewtune.accountant.fdp_one_run; Mahloujifar, Melis, Chaudhuri 2025,
 Algorithm 3) on its own: what it refutes for given guess counts, that its claims are ordered, its edge cases, and
 that it is not a lower bound on epsilon for a mechanism that is not DP-SGD (randomized response)."""
 
 import numpy as np
 import pytest
 
-from accountant.errors import InvalidInputError
-import accountant.fdp_one_run as fdp_module
-from accountant.fdp_one_run import SIGMA_GRID, _tpr_lines, claimed_curve_refuted, dpsgd_curve_test, rejects
-from accountant.one_run_audit import one_run_bound
-from bench.audit import randomized_response
+from ewtune.accountant.errors import InvalidInputError
+import ewtune.accountant.fdp_one_run as fdp_module
+from ewtune.accountant.fdp_one_run import SIGMA_GRID, _tpr_lines, claimed_curve_refuted, dpsgd_curve_test, rejects
+from ewtune.accountant.one_run_audit import one_run_bound
+from ewtune.bench.audit import randomized_response
 
 ALPHA = 0.05 / 8
 
@@ -58,7 +58,7 @@ def test_randomized_response_at_epsilon_2_refutes_dpsgd_curves_above_its_true_ep
 
 
 def test_the_figure_is_nowhere_called_a_lower_bound_on_epsilon():
-    import agent.audit_cli as cli
+    import ewtune.agent.audit_cli as cli
     from pathlib import Path
 
     def words(text: str) -> str:

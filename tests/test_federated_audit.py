@@ -17,11 +17,11 @@ import json
 import numpy as np
 import pytest
 
-from accountant.crosscheck import cross_check, read_entries
-from accountant.ledger import AUDIT_PURPOSE
-from accountant.one_run_audit import one_run_bound
-from accountant.verify import verify_ledger
-from coordinator.canary_audit import scores_digest
+from ewtune.accountant.crosscheck import cross_check, read_entries
+from ewtune.accountant.ledger import AUDIT_PURPOSE
+from ewtune.accountant.one_run_audit import one_run_bound
+from ewtune.accountant.verify import verify_ledger
+from ewtune.coordinator.canary_audit import scores_digest
 from ewtune.cli import main
 
 CERTIFIED = 1.6525  # the target the planner calibrates sigma to: q 0.1, 50 steps, delta 1e-5

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from tiny_federation import mr_holders, verified_ledgers
 
-from coordinator.checkpoints import load_weights
-from coordinator.ledger_crosscheck import cross_check, read_entries
+from ewtune.coordinator.checkpoints import load_weights
+from ewtune.coordinator.ledger_crosscheck import cross_check, read_entries
 from ewtune.local_federation import FederationJob, LocalFederation
 
 
@@ -56,10 +56,10 @@ def test_every_ledger_verifies_and_the_coordinator_matches_the_holders(federatio
     work, credentials, _, _ = federation_run
     coordinator = work / "coordinator" / "ledger.jsonl"
     report, own, holder_entries = verified_ledgers(work, credentials)
-    from accountant.certified import certified_epsilon
-    from accountant.crosscheck import commits_by_round
-    from accountant.events import compose, event_from_json
-    from agent.released_count import count_event
+    from ewtune.accountant.certified import certified_epsilon
+    from ewtune.accountant.crosscheck import commits_by_round
+    from ewtune.accountant.events import compose, event_from_json
+    from ewtune.agent.released_count import count_event
 
     rounds = commits_by_round(read_entries(coordinator))
     for holder_id in ("h0", "h1"):
@@ -76,8 +76,8 @@ def test_every_ledger_verifies_and_the_coordinator_matches_the_holders(federatio
 def test_the_plan_and_the_fedavg_weights_use_the_noised_count_each_holder_released(federation_run):
     """N never leaves exactly: the size the coordinator planned and weighted each holder with is the noised
     count charged in that holder's ledger, and every commit records that count, never another."""
-    from agent.released_count import latest_count
-    from coordinator.aggregation import capped_shares
+    from ewtune.agent.released_count import latest_count
+    from ewtune.coordinator.aggregation import capped_shares
 
     work, _, status, _ = federation_run
     released = {}

@@ -20,9 +20,9 @@ import pytest
 from flwr.supercore.task_identity import TaskIdentity
 from test_server_app import FakeGrid, Node, _directory, _federation
 
-from accountant.ledger import parse_line, split_lines
-from accountant.verify import verify_ledger
-from coordinator.checkpoints import load_weights
+from ewtune.accountant.ledger import parse_line, split_lines
+from ewtune.accountant.verify import verify_ledger
+from ewtune.coordinator.checkpoints import load_weights
 
 HOLDERS, ROUNDS = 20, 6
 REAL_ROUNDS = 5
@@ -84,8 +84,8 @@ def test_twenty_holders_over_real_flower_processes_lose_nothing_and_memory_stays
     from test_coordinator_crash import _serverapps
     from tiny_federation import mr_holders, verified_ledgers
 
-    from accountant.crosscheck import cross_check, read_entries
-    from agent.assets import write_mr_csv
+    from ewtune.accountant.crosscheck import cross_check, read_entries
+    from ewtune.agent.assets import write_mr_csv
     from ewtune.local_federation import FederationJob, LocalFederation
 
     mr_csv = write_mr_csv(tmp_path / "mr.csv", max_rows=4000, seed=0)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from tiny_federation import verified_ledgers
 
-from coordinator.checkpoints import load_weights
-from coordinator.ledger_crosscheck import cross_check, read_entries
+from ewtune.coordinator.checkpoints import load_weights
+from ewtune.coordinator.ledger_crosscheck import cross_check, read_entries
 from ewtune.local_federation import FederationJob, HolderSetup, LocalFederation, initial_weights, partition_csv
 
 

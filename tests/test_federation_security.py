@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from coordinator.superlink import executable
-from federation.processes import flower_environment, stop_process_group
+from ewtune.coordinator.superlink import executable
+from ewtune.federation.processes import flower_environment, stop_process_group
 from ewtune.local_federation import HolderSetup, LocalFederation, free_port
 
 REFUSED = "ref-exit-codes/305"  # flwr's exit code 305: the SuperNode cannot connect

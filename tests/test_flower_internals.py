@@ -1,4 +1,4 @@
-"""The one module that touches Flower internals (federation/flower_internals.py): it refuses a flwr that is not
+"""The one module that touches Flower internals (ewtune/federation/flower_internals.py): it refuses a flwr that is not
 the pinned one or lacks a name it patches, its waits are short only while a run is active, and the SuperLink's
 database waits long for a lock."""
 
@@ -6,8 +6,8 @@ import functools
 
 import pytest
 
-from federation import flower_internals
-from federation.flower_internals import (
+from ewtune.federation import flower_internals
+from ewtune.federation.flower_internals import (
     ActivePolling,
     FlowerInternalsError,
     RunEndedWhileReceiving,

@@ -1,7 +1,7 @@
 """Property-based fuzzing of every parser of hostile bytes: ledger lines, whole ledgers (open and verify), head
 files and head texts, signed receipts, packed weights, the daemon's wire messages, ``agent.toml`` and
 ``federation.toml``, and safetensors checkpoints. Each input is either read or refused with the project's
-one-line error (:class:`accountant.errors.EwtuneError`); nothing else escapes (no traceback, no
+one-line error (:class:`ewtune.accountant.errors.EwtuneError`); nothing else escapes (no traceback, no
 RecursionError, no crash in a library). A ledger that opens after damage still holds every anchored entry.
 
 The example budget is fixed and reproducible (``tests/fuzzing.py``)."""
@@ -21,17 +21,17 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from test_ledger import build_ledger
 
-from accountant.errors import EwtuneError
-from accountant.events import PoissonGaussianEvent
-from accountant.ledger import Head, Ledger, default_head_path, parse_head, parse_line, split_lines
-from accountant.receipts import Receipt, sign_receipt, update_digest, verify_receipt
-from accountant.signing import SigningKey, canonical_json
-from accountant.verify import verify_ledger
-from agent.policy import load_agent_config
-from agent.rpc import MAGIC, decode, encode
-from coordinator.checkpoints import load_weights, save_weights
-from coordinator.config import load_federation_config
-from federation.packing import pack, unpack
+from ewtune.accountant.errors import EwtuneError
+from ewtune.accountant.events import PoissonGaussianEvent
+from ewtune.accountant.ledger import Head, Ledger, default_head_path, parse_head, parse_line, split_lines
+from ewtune.accountant.receipts import Receipt, sign_receipt, update_digest, verify_receipt
+from ewtune.accountant.signing import SigningKey, canonical_json
+from ewtune.accountant.verify import verify_ledger
+from ewtune.agent.policy import load_agent_config
+from ewtune.agent.rpc import MAGIC, decode, encode
+from ewtune.coordinator.checkpoints import load_weights, save_weights
+from ewtune.coordinator.config import load_federation_config
+from ewtune.federation.packing import pack, unpack
 
 REPO = Path(__file__).resolve().parents[1]
 DEEP = b"[" * 3000  # json.loads raises RecursionError, not ValueError, on deep nesting
@@ -202,7 +202,7 @@ def test_agent_toml_loads_or_is_refused(content):
 
 
 @fuzz_settings()
-@given(_configuration_cases(REPO / "coordinator" / "federation.toml.example"))
+@given(_configuration_cases(REPO / "ewtune" / "coordinator" / "federation.toml.example"))
 @example(b"\xfe[federation]\n")
 def test_federation_toml_loads_or_is_refused(content):
     _load_from(load_federation_config, content)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from accountant.errors import InvalidInputError
-from agent import models
-from agent.heads import Pooling, PooledClassifier, pool, read_pooling
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.agent import models
+from ewtune.agent.heads import Pooling, PooledClassifier, pool, read_pooling
 
 
 def test_mean_pooling_is_the_masked_mean_then_unit_length():
@@ -24,7 +24,7 @@ def test_mean_pooling_is_the_masked_mean_then_unit_length():
 
 
 def test_the_packaged_minilm_is_read_as_mean_pooled_and_normalised():
-    from agent.assets import minilm_model_dir
+    from ewtune.agent.assets import minilm_model_dir
 
     pooling = read_pooling(minilm_model_dir())
     assert (pooling.mode, pooling.normalize) == ("mean", True)
@@ -86,7 +86,7 @@ def test_a_saved_lora_adapter_loads_back_with_the_same_head(tiny_pooled_dir, tmp
 
 
 def test_cached_embeddings_give_the_same_clipped_gradients_as_the_encoder(tiny_pooled_dir):
-    from agent.dpsgd import PerExampleClipper, classification_loss
+    from ewtune.agent.dpsgd import PerExampleClipper, classification_loss
 
     model = models.load_model(tiny_pooled_dir, mode="head").eval()
     tokenizer = models.load_tokenizer(tiny_pooled_dir)
@@ -106,9 +106,9 @@ def _probe_accuracy(model_dir, data_file):
     and the majority-class baseline; seeded so that the figures are the same on every run."""
     from collections import Counter
 
-    from accountant.phases import Phase, calibrate_phases
-    from accountant.sampling import executable_sampling_rate
-    from agent.training import LocalTrainer, StepPlan, TrainingConfig
+    from ewtune.accountant.phases import Phase, calibrate_phases
+    from ewtune.accountant.sampling import executable_sampling_rate
+    from ewtune.agent.training import LocalTrainer, StepPlan, TrainingConfig
 
     trainer = LocalTrainer(TrainingConfig(model_dir=str(model_dir), data_file=str(data_file), mode="head", max_length=32,
                                           eval_fraction=0.2, insecure_seeded_randomness=True))
@@ -126,7 +126,7 @@ def test_a_private_probe_on_mr_learns_on_mean_pooling_and_not_on_cls(tmp_path):
     import json
     import os
 
-    from agent.assets import minilm_model_dir, write_mr_csv
+    from ewtune.agent.assets import minilm_model_dir, write_mr_csv
 
     torch.set_num_threads(2)
     data = write_mr_csv(tmp_path / "mr.csv", max_rows=1500, seed=0)

@@ -1,4 +1,4 @@
-"""Hostile train replies through the real ServerApp round (``coordinator.server_app.Federation``) against the
+"""Hostile train replies through the real ServerApp round (``ewtune.coordinator.server_app.Federation``) against the
 fake Grid of ``tests/test_server_app.py``: each reply below carries a receipt that is validly signed by the
 sender (unless the attack is the signature itself) and is refused with a logged reason, its reservation is
 aborted in the coordinator's ledger, nothing of it is aggregated, and the round goes on with the others.
@@ -19,12 +19,12 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from test_server_app import FakeGrid, Node, _directory, _federation
 
-from accountant.events import PoissonGaussianEvent
-from accountant.ledger import parse_line, split_lines
-from accountant.receipts import Receipt, sign_receipt, update_digest
-from accountant.verify import verify_ledger
-from coordinator.checkpoints import load_weights
-from federation.messages import RESULT, weight_records, weights_of
+from ewtune.accountant.events import PoissonGaussianEvent
+from ewtune.accountant.ledger import parse_line, split_lines
+from ewtune.accountant.receipts import Receipt, sign_receipt, update_digest
+from ewtune.accountant.verify import verify_ledger
+from ewtune.coordinator.checkpoints import load_weights
+from ewtune.federation.messages import RESULT, weight_records, weights_of
 
 LATE_SECONDS = 1.5  # the round's deadline in the federation.toml of test_server_app is 1 s
 
@@ -150,7 +150,7 @@ def test_the_round_goes_on_and_only_honest_updates_are_aggregated(hostile_round)
     assert report.ok, report.summary()
     assert [row for row in report.reservations if row["status"] == "open"] == []  # nothing left charged for nothing
     # Round 1 averages honest (+1) and replay's genuine round-1 update (+1); round 2 has honest (+1) alone, at the
-    # default cap of 0.5 per holder (coordinator.aggregation.capped_fedavg: the global weights keep the other half).
+    # default cap of 0.5 per holder (ewtune.coordinator.aggregation.capped_fedavg: the global weights keep the other half).
     np.testing.assert_array_equal(load_weights(directory / "out" / "final.safetensors")["w"], np.full((2, 2), 1.5, np.float32))
     assert [round_["global_weights_share"] for round_ in status["rounds"]] == [0.0, 0.5]
 

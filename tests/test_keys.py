@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from accountant.errors import InvalidInputError
-from accountant.signing import SigningKey, verify_signature
-from agent.keys import init_holder_keys
-from coordinator.credentials import add_holder, init_credentials, load_credentials
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.signing import SigningKey, verify_signature
+from ewtune.agent.keys import init_holder_keys
+from ewtune.coordinator.credentials import add_holder, init_credentials, load_credentials
 
 
 @pytest.fixture(scope="module")

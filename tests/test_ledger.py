@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from accountant.errors import InvalidInputError
-from accountant.events import PoissonGaussianEvent, compose
-from accountant.ledger import (
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import PoissonGaussianEvent, compose
+from ewtune.accountant.ledger import (
     GENESIS_PREV,
     Head,
     Ledger,
@@ -29,8 +29,8 @@ from accountant.ledger import (
     signed_bytes,
     write_head,
 )
-from accountant.signing import SigningKey, canonical_json, verify_signature
-from accountant.spend import holder_spends, spend_with
+from ewtune.accountant.signing import SigningKey, canonical_json, verify_signature
+from ewtune.accountant.spend import holder_spends, spend_with
 
 WRITER = "hospital-a"
 BUDGET = {"budget_epsilon": 3.0, "budget_delta": 1e-5}
@@ -39,7 +39,7 @@ DIGEST = "ab" * 32
 
 
 def certified(event, delta=BUDGET["budget_delta"]):
-    from accountant.certified import certified_epsilon
+    from ewtune.accountant.certified import certified_epsilon
 
     return certified_epsilon(event, delta)
 
@@ -151,7 +151,7 @@ def test_entries_are_chained_signed_and_monotone(tmp_path):
     for entry in entries:
         assert verify_signature(key.public_key_text, signed_bytes(entry), entry["signature"])
     genesis = entries[0]["payload"]
-    from accountant.verify import verify_ledger
+    from ewtune.accountant.verify import verify_ledger
 
     assert genesis["public_key"] == key.public_key_text
     # The accountant the writer pins reads back, from the file, as the one this release verifies with.

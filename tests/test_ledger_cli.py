@@ -12,8 +12,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from test_ledger import BUDGET, ROUND, WRITER, build_ledger, read_entries
 
-from accountant.ledger import Ledger, entry_hash
-from accountant.signing import SigningKey
+from ewtune.accountant.ledger import Ledger, entry_hash
+from ewtune.accountant.signing import SigningKey
 from ewtune.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_the_installed_command_prints_no_traceback_and_starts_light(built, tmp_p
     assert result.stderr.startswith("ewtune: error:") and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
     probe = (
-        "import sys, accountant.ledger_cli, accountant.verify, accountant.ledger, accountant.spend, accountant.crosscheck; "
+        "import sys, ewtune.accountant.ledger_cli, ewtune.accountant.verify, ewtune.accountant.ledger, ewtune.accountant.spend, ewtune.accountant.crosscheck; "
         "print(sorted(m for m in ('torch', 'transformers', 'flwr') if m in sys.modules))"
     )
     imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -167,8 +167,8 @@ def test_the_installed_command_prints_no_traceback_and_starts_light(built, tmp_p
 
 
 def test_show_a_coordinator_ledger_lists_each_registered_holder(capsys, tmp_path):
-    from accountant.events import PoissonGaussianEvent
-    from accountant.ledger import Ledger
+    from ewtune.accountant.events import PoissonGaussianEvent
+    from ewtune.accountant.ledger import Ledger
 
     path = tmp_path / "coordinator.jsonl"
     with Ledger.create(path, SigningKey.generate(), "coordinator", {"budget_epsilon": 8.0, "budget_delta": 1e-5}) as ledger:

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 from ledger_crash_writer import APPENDS, POINTS, ROUND, WRITER
 
-from accountant.certified import certified_epsilon
-from accountant.events import compose, event_from_json
-from accountant.ledger import Ledger, default_head_path, entry_hash
-from accountant.signing import SigningKey
-from accountant.verify import verify_ledger
+from ewtune.accountant.certified import certified_epsilon
+from ewtune.accountant.events import compose, event_from_json
+from ewtune.accountant.ledger import Ledger, default_head_path, entry_hash
+from ewtune.accountant.signing import SigningKey
+from ewtune.accountant.verify import verify_ledger
 
 BUDGET = {"budget_epsilon": 3.0, "budget_delta": 1e-5}
 WRITER_SCRIPT = Path(__file__).with_name("ledger_crash_writer.py")

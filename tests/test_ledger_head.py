@@ -12,8 +12,8 @@ import pytest
 from test_ledger import BUDGET, ROUND, WRITER, anchor_head_at, build_ledger, read_entries
 from test_ledger_tamper import ledger, lines_of, pristine  # noqa: F401 - fixtures shared with the tamper tests
 
-from accountant.errors import EwtuneError, InvalidInputError
-from accountant.ledger import (
+from ewtune.accountant.errors import EwtuneError, InvalidInputError
+from ewtune.accountant.ledger import (
     Head,
     Ledger,
     default_head_path,
@@ -22,8 +22,8 @@ from accountant.ledger import (
     read_head,
     write_head,
 )
-from accountant.signing import SigningKey
-from accountant.verify import verify_ledger
+from ewtune.accountant.signing import SigningKey
+from ewtune.accountant.verify import verify_ledger
 from ewtune.cli import main
 
 
@@ -211,7 +211,7 @@ def test_a_complete_last_entry_ahead_of_the_head_is_completed_and_the_head_advan
 
 def test_a_crash_between_the_fsynced_append_and_the_head_update_is_accepted(ledger, monkeypatch):
     path, key = ledger
-    import accountant.ledger as ledger_module
+    import ewtune.accountant.ledger as ledger_module
 
     def failing_write_head(*args, **kwargs):
         raise OSError(errno.EIO, "Input/output error")

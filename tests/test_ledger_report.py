@@ -12,11 +12,11 @@ import struct
 import pytest
 from browser import chromium_page, loaded_images
 
-from accountant.audit_report import build_report
-from accountant.certified import certified_epsilon
-from accountant.events import ComposedEvent, PoissonGaussianEvent
-from accountant.ledger import Ledger
-from accountant.signing import SigningKey
+from ewtune.accountant.audit_report import build_report
+from ewtune.accountant.certified import certified_epsilon
+from ewtune.accountant.events import ComposedEvent, PoissonGaussianEvent
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.signing import SigningKey
 from ewtune.cli import main
 
 RUN = "run-1"

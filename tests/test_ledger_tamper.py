@@ -8,10 +8,10 @@ import shutil
 import pytest
 from test_ledger import BUDGET, ROUND, WRITER, anchor_head_at, build_ledger, read_entries, resign, write_entries
 
-from accountant.errors import InvalidInputError
-from accountant.ledger import Ledger, default_head_path, read_head
-from accountant.signing import SigningKey
-from accountant.verify import verify_ledger
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.ledger import Ledger, default_head_path, read_head
+from ewtune.accountant.signing import SigningKey
+from ewtune.accountant.verify import verify_ledger
 
 
 @pytest.fixture(scope="module")

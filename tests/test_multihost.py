@@ -23,8 +23,8 @@ from fleet_proxy import nginx_missing
 from netns import Namespaces, unavailable
 from tiny_federation import mr_holders, verified_ledgers
 
-from accountant.crosscheck import cross_check, read_entries
-from coordinator.credentials import load_credentials
+from ewtune.accountant.crosscheck import cross_check, read_entries
+from ewtune.coordinator.credentials import load_credentials
 
 REPO = Path(__file__).resolve().parents[1]
 PROXY_PORT = 8443

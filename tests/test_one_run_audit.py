@@ -1,4 +1,4 @@
-"""The one-run audit's statistics (accountant/one_run_audit.py) and the canary scores (accountant/canary_scores.py)."""
+"""The one-run audit's statistics (ewtune/accountant/one_run_audit.py) and the canary scores (ewtune/accountant/canary_scores.py)."""
 
 import math
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.stats import binom, norm
 
-from accountant.canary_scores import likelihood_ratio_scores
-from accountant.errors import InvalidInputError
-from accountant.one_run_audit import check_audit_layout, epsilon_lower_bound, guess_grid, one_run_bound, p_value
+from ewtune.accountant.canary_scores import likelihood_ratio_scores
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.one_run_audit import check_audit_layout, epsilon_lower_bound, guess_grid, one_run_bound, p_value
 
 ALPHA = 0.05 / 8
 

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from accountant.errors import InvalidInputError
-from accountant.receipts import update_digest
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.receipts import update_digest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from federation.messages import BUFFER, LAYOUT, PACKED_NAME, unpack_in_place, weight_records, weights_of
-from federation.packing import pack, unpack
+from ewtune.federation.messages import BUFFER, LAYOUT, PACKED_NAME, unpack_in_place, weight_records, weights_of
+from ewtune.federation.packing import pack, unpack
 
 ARRAYS = {
     "layer.lora_A.default.weight": np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32),

@@ -3,10 +3,10 @@ composition so far within its share, and the composed event's certified epsilon 
 
 import pytest
 
-from accountant.certified import certified_epsilon
-from accountant.errors import InvalidInputError
-from accountant.events import PoissonGaussianEvent, compose
-from accountant.phases import Phase, calibrate_phases, composed
+from ewtune.accountant.certified import certified_epsilon
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import PoissonGaussianEvent, compose
+from ewtune.accountant.phases import Phase, calibrate_phases, composed
 
 PROBE = Phase("probe", 0.02, 300, budget_share=0.5)
 TUNE = Phase("tune", 0.01, 200)

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from accountant.certified import certified_epsilon
-from accountant.errors import InvalidInputError
-from accountant.events import PoissonGaussianEvent
-from coordinator.planner import FederationSettings, HolderDescription, plan_federation
+from ewtune.accountant.certified import certified_epsilon
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import PoissonGaussianEvent
+from ewtune.coordinator.planner import FederationSettings, HolderDescription, plan_federation
 from test_daemon import trainer  # noqa: F401 - the tiny model the real daemon trains
 
 SETTINGS = FederationSettings(
@@ -106,7 +106,7 @@ def test_invalid_settings_are_refused(field, value):
 def test_planned_rates_are_the_rates_the_sampler_executes():
     """B / N is rarely on the sampler's 2^-53 grid (16 / 107 is not); the plan names the executed rate, so the
     holder's receipt (which records what ran) equals the plan exactly and the receipt check can demand it."""
-    from accountant.sampling import executable_sampling_rate
+    from ewtune.accountant.sampling import executable_sampling_rate
 
     settings = FederationSettings(rounds=2, local_steps=3, expected_batch_size=16, clip_norm=1.0, learning_rate=0.01,
                                   target_epsilon=8.0, delta=1e-5)
@@ -149,15 +149,15 @@ def test_a_delta_not_below_one_over_n_skips_the_holder():
 
 
 def _rows(*events):
-    from accountant.events import compose
-    from accountant.spend import mechanism_rows
+    from ewtune.accountant.events import compose
+    from ewtune.accountant.spend import mechanism_rows
 
     return json.dumps(mechanism_rows(compose(*events)))
 
 
 def _stating_events(holder_id, events, budget=8.0, size=200):
     """A description that states its ledger's events, as a daemon's does (spent_mechanisms)."""
-    from accountant.events import compose
+    from ewtune.accountant.events import compose
 
     spent = certified_epsilon(compose(*events), 1e-5)
     return HolderDescription.from_mapping(3, {
@@ -169,7 +169,7 @@ def _stating_events(holder_id, events, budget=8.0, size=200):
 def test_the_plan_composes_the_spent_events_instead_of_subtracting_epsilons():
     """Budget 8 = target 8, a count released at sigma 20 (epsilon about 0.16 alone): subtracting would plan the
     run to 7.84; composed with the plan, as the holder's ledger accounts it, the count costs a few thousandths."""
-    from accountant.events import compose
+    from ewtune.accountant.events import compose
 
     settings = FederationSettings(rounds=2, local_steps=5, expected_batch_size=20, clip_norm=1.0, learning_rate=0.01,
                                   target_epsilon=8.0, delta=1e-5)
@@ -194,7 +194,7 @@ def test_a_malformed_spent_mechanisms_is_refused_naming_the_node():
 def test_a_nearly_spent_budget_is_planned_with_a_warning_naming_the_holder():
     """The holder has spent nearly all of its 8: the noise that keeps the plan within it is far above what a fresh
     budget gives, so the plan carries a plain warning (the coordinator prints it) with the budget left."""
-    from coordinator.planner import USELESS_SIGMA_RATIO
+    from ewtune.coordinator.planner import USELESS_SIGMA_RATIO
 
     nearly, much = PoissonGaussianEvent(0.1, 1.547, 500), PoissonGaussianEvent(0.1, 1.55, 500)  # 7.993 and 7.970 of 8
     (fresh,) = plan_federation(SETTINGS, [_holder("fresh")]).holders
@@ -214,10 +214,10 @@ def test_the_real_daemon_accepts_the_composed_plan_to_the_last_thousandths_of_it
     Describe reply is accepted round after round and brings the ledger to within 0.01 of the budget of 8, where
     subtracting the count's epsilon stopped at about 7.84 plus the count; a noise 3% lower than planned, for the
     second round alone, is refused."""
-    from accountant.ledger import Ledger
-    from accountant.signing import SigningKey
-    from agent.daemon import Daemon
-    from agent.policy import HolderPolicy, PlanRefused
+    from ewtune.accountant.ledger import Ledger
+    from ewtune.accountant.signing import SigningKey
+    from ewtune.agent.daemon import Daemon
+    from ewtune.agent.policy import HolderPolicy, PlanRefused
     from test_daemon import BUDGET, HOLDER, PLAN, _global_weights
 
     key = SigningKey.generate()

@@ -1,4 +1,4 @@
-"""The accountant interface (accountant.privacy_accountant): every accountant composes events and answers
+"""The accountant interface (ewtune.accountant.privacy_accountant): every accountant composes events and answers
 epsilon(delta) and delta(epsilon) consistently with its own functions; bad delta and epsilon are refused
 the same way everywhere."""
 
@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from accountant.accountants import standard_accountants
-from accountant.certified import certified_epsilon
-from accountant.errors import InvalidInputError
-from accountant.events import Neighbouring, PoissonGaussianEvent, compose
-from accountant.privacy_accountant import Kind
+from ewtune.accountant.accountants import standard_accountants
+from ewtune.accountant.certified import certified_epsilon
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import Neighbouring, PoissonGaussianEvent, compose
+from ewtune.accountant.privacy_accountant import Kind
 
 EVENT = PoissonGaussianEvent(0.01, 1.0, 500)
 

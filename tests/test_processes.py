@@ -1,5 +1,5 @@
 """One environment for every Flower process and one way to stop a process group
-(federation/processes.py), used by the coordinator, the holder's SuperNode supervisor and the local
+(ewtune/federation/processes.py), used by the coordinator, the holder's SuperNode supervisor and the local
 federation alike."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from federation.processes import QUIET_FLOWER_ENVIRONMENT, flower_environment, stop_process_group
+from ewtune.federation.processes import QUIET_FLOWER_ENVIRONMENT, flower_environment, stop_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,8 +102,8 @@ def test_no_other_module_builds_the_flower_environment_or_signals_a_group():
         and ('"FLWR_TELEMETRY_ENABLED"' in path.read_text() or "os.killpg(" in path.read_text())
     ]
     assert offenders == [], (
-        f"{offenders}: build a Flower process's environment with federation.processes.flower_environment and stop "
-        "a process group with federation.processes.stop_process_group (one helper each)"
+        f"{offenders}: build a Flower process's environment with ewtune.federation.processes.flower_environment and stop "
+        "a process group with ewtune.federation.processes.stop_process_group (one helper each)"
     )
 
 
@@ -114,7 +114,7 @@ def test_the_superlinks_own_superexec_polls_at_flowers_interval_not_the_short_on
     from tiny_federation import descendants
 
     from ewtune.local_federation import LocalFederation
-    from federation.processes import SUPERLINK_TASK_POLL_S
+    from ewtune.federation.processes import SUPERLINK_TASK_POLL_S
 
     assert float(SUPERLINK_TASK_POLL_S) > float(QUIET_FLOWER_ENVIRONMENT["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"])
     with LocalFederation(tmp_path, []) as federation:

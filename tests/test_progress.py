@@ -1,6 +1,6 @@
-"""Progress output (federation/progress.py): plain lines when stderr is no terminal, one live line on a terminal,
+"""Progress output (ewtune/federation/progress.py): plain lines when stderr is no terminal, one live line on a terminal,
 nothing with --quiet, one JSON object per line with --json; the coordinator's round progress read from status.json
-(coordinator/run_progress.py); and `ewtune agent train-local`, whose result on stdout stays one JSON document
+(ewtune/coordinator/run_progress.py); and `ewtune agent train-local`, whose result on stdout stays one JSON document
 with --json while its progress goes to stderr."""
 
 import argparse
@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from coordinator.run_progress import RunProgress
+from ewtune.coordinator.run_progress import RunProgress
 from ewtune.cli import main
-from federation.progress import Progress
+from ewtune.federation.progress import Progress
 
 
 class Clock:

@@ -4,9 +4,9 @@ import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from accountant.errors import InvalidInputError
-from accountant.events import Neighbouring, PoissonGaussianEvent, compose, to_dp_accounting
-from accountant.rdp import RDP_ORDERS, rdp_epsilon, rdp_epsilon_and_order
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import Neighbouring, PoissonGaussianEvent, compose, to_dp_accounting
+from ewtune.accountant.rdp import RDP_ORDERS, rdp_epsilon, rdp_epsilon_and_order
 
 CASES = [
     (0.029696060817532555, 0.7865, 660, 1e-5),  # EW-Tune SST-2
@@ -66,8 +66,8 @@ def test_summed_curves_equal_dp_accountings_own_composition_and_each_curve_is_co
     import dp_accounting
     from dp_accounting.rdp import rdp_privacy_accountant
 
-    from accountant.events import compose, to_dp_accounting
-    from accountant.rdp import RdpAccountant
+    from ewtune.accountant.events import compose, to_dp_accounting
+    from ewtune.accountant.rdp import RdpAccountant
 
     first, second = PoissonGaussianEvent(0.02, 1.1, 300), PoissonGaussianEvent(0.05, 2.0, 40)
     event = compose(first, second, first)

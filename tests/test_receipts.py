@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from accountant.errors import InvalidInputError
-from accountant.events import PoissonGaussianEvent, compose
-from accountant.receipts import Receipt, receipt_digest, sign_receipt, update_digest, verify_receipt
-from accountant.signing import SigningKey, canonical_json
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import PoissonGaussianEvent, compose
+from ewtune.accountant.receipts import Receipt, receipt_digest, sign_receipt, update_digest, verify_receipt
+from ewtune.accountant.signing import SigningKey, canonical_json
 
 EVENT = PoissonGaussianEvent(sampling_rate=0.01, noise_multiplier=1.1, steps=30)
 

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from accountant.events import PoissonGaussianEvent, compose
-from accountant.receipts import Receipt, sign_receipt, update_digest
-from accountant.signing import SigningKey
-from coordinator.receipts_check import ReceiptRejected, check_receipt
+from ewtune.accountant.events import PoissonGaussianEvent, compose
+from ewtune.accountant.receipts import Receipt, sign_receipt, update_digest
+from ewtune.accountant.signing import SigningKey
+from ewtune.coordinator.receipts_check import ReceiptRejected, check_receipt
 
 PLANNED = PoissonGaussianEvent(0.05, 1.3, 10)
 

@@ -1,4 +1,4 @@
-"""The default recipe (agent/recipe.py): its probe settings by budget, explicit settings first, and what
+"""The default recipe (ewtune/agent/recipe.py): its probe settings by budget, explicit settings first, and what
 train-local builds from its arguments."""
 
 import argparse
@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from accountant.errors import InvalidInputError
-from agent.recipe import LOW_EPSILON, LOW_EPSILON_PROBE, LPFT, MAX_DEFAULT_SAMPLING_RATE, MIN_DEFAULT_BATCH, Recipe, default_recipe, fit_to_data
-from agent.train_cli import _recipe, register
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.agent.recipe import LOW_EPSILON, LOW_EPSILON_PROBE, LPFT, MAX_DEFAULT_SAMPLING_RATE, MIN_DEFAULT_BATCH, Recipe, default_recipe, fit_to_data
+from ewtune.agent.train_cli import _recipe, register
 
 
 def test_a_small_budget_gets_the_low_epsilon_probe_and_a_large_one_the_defaults():

@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
-from accountant.errors import InvalidInputError
-from agent.data import DataSpec, load_local_data, split_key
-from agent.dpsgd.engine import PerExampleClipper
-from agent.dpsgd.step import DPSGDStep
-from agent.evaluation import confusion_matrix
-from agent.training import LocalTrainer, StepPlan, TrainingConfig, _only_head_trainable
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.agent.data import DataSpec, load_local_data, split_key
+from ewtune.agent.dpsgd.engine import PerExampleClipper
+from ewtune.agent.dpsgd.step import DPSGDStep
+from ewtune.agent.evaluation import confusion_matrix
+from ewtune.agent.training import LocalTrainer, StepPlan, TrainingConfig, _only_head_trainable
 
 CLIP = 1.0
 SHORT = ["a truly fine and moving film", "not good at all, sadly", "dull and slow and too long", "the cast is great in it"]
@@ -32,7 +32,7 @@ SCALE = 5.5e9  # the LoRA factors' entries; their product, 3e19, overflows a pad
 
 @pytest.fixture(scope="module")
 def minilm_dir():
-    from agent.assets import minilm_model_dir
+    from ewtune.agent.assets import minilm_model_dir
 
     return minilm_model_dir()
 
@@ -109,7 +109,7 @@ def _assert_only_the_added_record_changes(without, with_long):
 
 def test_the_hostile_adapters_do_poison_a_padded_batch(lora_pair):
     """The attack's premise: on one padded batch the short records' logits are NaN, alone they are finite."""
-    from agent.data import collate
+    from ewtune.agent.data import collate
 
     trainer = lora_pair[1]
     trainer.model.eval()
@@ -168,7 +168,7 @@ def test_a_training_run_on_the_hostile_weights_counts_every_record(lora_pair):
 
 @pytest.fixture(scope="module")
 def tokenizer(minilm_dir):
-    from agent.models import load_tokenizer
+    from ewtune.agent.models import load_tokenizer
 
     return load_tokenizer(minilm_dir)
 
@@ -210,7 +210,7 @@ def test_max_examples_is_an_order_per_record(tmp_path, tokenizer):
 
 def test_the_daemons_split_key_is_secret_by_default_and_made_once(tmp_path, tiny_bert_dir, mr_csv):
     """What the daemon loads from agent.toml: a split key beside the data file, 0600, reused at the next start."""
-    from agent.policy import load_agent_config
+    from ewtune.agent.policy import load_agent_config
 
     data_file = tmp_path / "data.csv"
     data_file.write_bytes(mr_csv.read_bytes())
@@ -234,7 +234,7 @@ def test_a_max_length_that_pads_beyond_the_models_positions_is_refused(tmp_path,
     (the largest multiple of 8 that fits) trains."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from agent.assets import minilm_model_dir
+    from ewtune.agent.assets import minilm_model_dir
 
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=30, num_labels=2)

@@ -8,10 +8,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from accountant.errors import InvalidInputError
-from accountant.signing import SigningKey
-from coordinator.registry import Registry, new_registry
-from federation.cards import holder_card
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.signing import SigningKey
+from ewtune.coordinator.registry import Registry, new_registry
+from ewtune.federation.cards import holder_card
 
 
 def _holder(holder_id):

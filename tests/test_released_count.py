@@ -1,6 +1,6 @@
 """N never leaves a holder exactly: the daemon releases its training-set count once per data set as N + Gaussian
 noise, charged to its ledger; the coordinator plans q = B / N_noisy and weights FedAvg with N_noisy
-(agent.released_count, SECURITY.md "What leaves a holder")."""
+(ewtune.agent.released_count, SECURITY.md "What leaves a holder")."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 
-from accountant.certified import certified_epsilon
-from accountant.errors import InvalidInputError
-from accountant.events import PoissonGaussianEvent, compose
-from accountant.ledger import Ledger
-from accountant.sampling import executable_sampling_rate
-from accountant.verify import verify_ledger
-from agent.policy import HolderPolicy
+from ewtune.accountant.certified import certified_epsilon
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import PoissonGaussianEvent, compose
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.sampling import executable_sampling_rate
+from ewtune.accountant.verify import verify_ledger
+from ewtune.agent.policy import HolderPolicy
 from test_daemon import BUDGET, COUNT, HOLDER, PLAN, _entries, _global_weights, _kinds, count_epsilon, daemon_parts, trainer  # noqa: F401
 
 NOISE_DRAW = 0.7  # the standard normal a test's count release draws: N_noisy = N + 0.7 * 20 = N + 14
@@ -33,13 +33,13 @@ class _FixedDraw:
 
 @pytest.fixture
 def fixed_draw(monkeypatch):
-    import agent.daemon
+    import ewtune.agent.daemon
 
-    monkeypatch.setattr(agent.daemon, "SecureRandom", _FixedDraw)
+    monkeypatch.setattr(ewtune.agent.daemon, "SecureRandom", _FixedDraw)
 
 
 def _daemon(daemon_parts, trainer, **policy):
-    from agent.daemon import Daemon
+    from ewtune.agent.daemon import Daemon
 
     key, ledger, _ = daemon_parts
     return Daemon(HOLDER, HolderPolicy(**BUDGET, **policy), trainer, ledger, key)
@@ -99,7 +99,7 @@ class _OtherData:
 
 def test_the_count_is_reused_across_starts_and_released_anew_for_a_new_data_file(daemon_parts, trainer, tmp_path):
     """Drawing again at every start would let anyone who restarts the daemon average the noise away."""
-    from agent.daemon import Daemon
+    from ewtune.agent.daemon import Daemon
 
     key, ledger, ledger_path = daemon_parts
     policy = HolderPolicy(**BUDGET)
@@ -125,10 +125,10 @@ def test_the_count_is_reused_across_starts_and_released_anew_for_a_new_data_file
 
 
 def test_a_holder_whose_budget_cannot_fund_the_count_describes_none_and_is_skipped(tmp_path, trainer):
-    from accountant.signing import SigningKey
-    from agent.daemon import Daemon
-    from agent.policy import PlanRefused
-    from coordinator.planner import FederationSettings, HolderDescription, plan_federation
+    from ewtune.accountant.signing import SigningKey
+    from ewtune.agent.daemon import Daemon
+    from ewtune.agent.policy import PlanRefused
+    from ewtune.coordinator.planner import FederationSettings, HolderDescription, plan_federation
 
     key, budget = SigningKey.generate(), {"budget_epsilon": 0.05, "budget_delta": 1e-5}
     ledger = Ledger.create(tmp_path / "ledger.jsonl", key, HOLDER, budget)
@@ -148,8 +148,8 @@ def test_a_holder_whose_budget_cannot_fund_the_count_describes_none_and_is_skipp
 
 def test_the_planner_plans_q_and_sigma_for_the_noised_count_and_the_daemon_trains_it(daemon_parts, trainer, fixed_draw):
     """The holder's q is B / N_noisy, a function of released values: the ledger's q says nothing more about N."""
-    from accountant.calibration import calibrate_noise_multiplier
-    from coordinator.planner import FederationSettings, HolderDescription, plan_federation
+    from ewtune.accountant.calibration import calibrate_noise_multiplier
+    from ewtune.coordinator.planner import FederationSettings, HolderDescription, plan_federation
 
     daemon = _daemon(daemon_parts, trainer)
     noisy = trainer.dataset_size + 14
@@ -167,23 +167,23 @@ def test_the_planner_plans_q_and_sigma_for_the_noised_count_and_the_daemon_train
 
 def test_the_update_is_divided_by_the_noised_expected_batch(daemon_parts, trainer, fixed_draw, monkeypatch):
     """The noised sum is divided by q N_noisy, not q N: the update's scale would otherwise carry the exact N."""
-    import agent.dpsgd.step
+    import ewtune.agent.dpsgd.step
 
     divisors = []
-    real_init = agent.dpsgd.step.DPSGDStep.__init__
+    real_init = ewtune.agent.dpsgd.step.DPSGDStep.__init__
 
     def recording_init(self, *args, **kwargs):
         divisors.append(kwargs["expected_batch_size"])
         real_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(agent.dpsgd.step.DPSGDStep, "__init__", recording_init)
+    monkeypatch.setattr(ewtune.agent.dpsgd.step.DPSGDStep, "__init__", recording_init)
     daemon = _daemon(daemon_parts, trainer)
     daemon.train(_global_weights(trainer), PLAN)
     assert divisors == [executable_sampling_rate(PLAN["sampling_rate"]) * (trainer.dataset_size + 14)]
 
 
 def test_the_removed_granularity_setting_is_a_one_line_error(tmp_path, tiny_bert_dir, mr_csv):
-    from agent.policy import load_agent_config
+    from ewtune.agent.policy import load_agent_config
     from test_daemon import _agent_toml
 
     path = _agent_toml(tmp_path, tiny_bert_dir, mr_csv)

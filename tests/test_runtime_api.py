@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 
-from agent.policy import SuperNodeConfig
-from agent.supernode import SuperNodeSupervisor, supernode_command
+from ewtune.agent.policy import SuperNodeConfig
+from ewtune.agent.supernode import SuperNodeSupervisor, supernode_command
 from ewtune.local_federation import FederationJob, HolderSetup, LocalFederation, free_port, initial_weights, partition_csv
-from federation.processes import flower_environment, stop_process_group
+from ewtune.federation.processes import flower_environment, stop_process_group
 
 
 def ask_for_a_task(runtime_address: str, secret: bytes | None = None) -> int | str:
@@ -122,7 +122,7 @@ def test_the_holders_loop_serves_a_round_while_another_process_asks_for_its_task
 
 
 def test_the_caller_cannot_replace_the_secret_or_move_the_runtime_api(capsys):
-    from agent import warm_supernode
+    from ewtune.agent import warm_supernode
 
     for flag in ("--superexec-auth-secret-file=/tmp/known", "--host", "--isolation"):
         assert warm_supernode.main([flag, "x"]) == 2

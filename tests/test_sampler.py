@@ -9,10 +9,10 @@ import pytest
 import torch
 from scipy import stats
 
-from accountant.errors import InvalidInputError
-from accountant.sampling import executable_sampling_rate
-from agent.dpsgd.randomness import InsecureSeededRandom, SecureRandom
-from agent.sampler import PoissonSampler
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.sampling import executable_sampling_rate
+from ewtune.agent.dpsgd.randomness import InsecureSeededRandom, SecureRandom
+from ewtune.agent.sampler import PoissonSampler
 
 
 def _batch_sizes(num_examples, rate, steps, seed=0):

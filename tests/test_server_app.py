@@ -15,17 +15,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from accountant.events import PoissonGaussianEvent, compose
-from accountant.ledger import parse_line, split_lines
-from accountant.receipts import Receipt, sign_receipt, update_digest
-from accountant.signing import SigningKey
-from accountant.verify import verify_ledger
-from coordinator.checkpoints import load_weights, save_weights
-from coordinator.config import load_federation_config
-from federation.messages import RESULT, weight_records, weights_of
-from coordinator.registry import new_registry
-from federation.cards import HolderCard
-from coordinator.server_app import Federation
+from ewtune.accountant.events import PoissonGaussianEvent, compose
+from ewtune.accountant.ledger import parse_line, split_lines
+from ewtune.accountant.receipts import Receipt, sign_receipt, update_digest
+from ewtune.accountant.signing import SigningKey
+from ewtune.accountant.verify import verify_ledger
+from ewtune.coordinator.checkpoints import load_weights, save_weights
+from ewtune.coordinator.config import load_federation_config
+from ewtune.federation.messages import RESULT, weight_records, weights_of
+from ewtune.coordinator.registry import new_registry
+from ewtune.federation.cards import HolderCard
+from ewtune.coordinator.server_app import Federation
 
 INITIAL = {"w": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
 
@@ -194,8 +194,8 @@ def test_a_round_with_one_reply_applies_the_cap_and_says_so(run):
     progress line say the update was scaled."""
     import io
 
-    from coordinator.run_progress import RunProgress
-    from federation.progress import Progress
+    from ewtune.coordinator.run_progress import RunProgress
+    from ewtune.federation.progress import Progress
 
     _, status, _, _ = run
     for record in status["rounds"]:
@@ -357,10 +357,10 @@ def test_a_holder_whose_budget_left_makes_its_updates_noise_is_warned_about_befo
     before the first round, and the status (table and page) carries it; a fresh holder gets none."""
     import json
 
-    from accountant.certified import certified_epsilon
-    from accountant.events import PoissonGaussianEvent
-    from accountant.spend import mechanism_rows
-    from coordinator.cli import status_table
+    from ewtune.accountant.certified import certified_epsilon
+    from ewtune.accountant.events import PoissonGaussianEvent
+    from ewtune.accountant.spend import mechanism_rows
+    from ewtune.coordinator.cli import status_table
 
     fake_task_identity(monkeypatch)
     _directory(tmp_path, expected=2)
@@ -377,8 +377,8 @@ def test_a_holder_whose_budget_left_makes_its_updates_noise_is_warned_about_befo
     assert f"WARNING: {warning}" in status_table(status).splitlines()
     import io
 
-    from coordinator.run_progress import RunProgress
-    from federation.progress import Progress
+    from ewtune.coordinator.run_progress import RunProgress
+    from ewtune.federation.progress import Progress
 
     stream = io.StringIO()
     RunProgress(Progress(stream, "lines"))(status)  # what `ewtune coordinator run` prints as it follows the run

@@ -18,8 +18,8 @@ import pytest
 from browser import chromium_page
 from playwright.sync_api import expect
 
-from accountant.errors import InvalidInputError
-from coordinator.status_server import StatusServer
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.coordinator.status_server import StatusServer
 from tiny_federation import MINIMAL_FEDERATION_TOML
 
 
@@ -67,7 +67,7 @@ def test_read_only_endpoints(tmp_path):
 
 
 def test_exposed_only_with_tls(tmp_path):
-    from coordinator.credentials import init_credentials
+    from ewtune.coordinator.credentials import init_credentials
 
     with pytest.raises(InvalidInputError, match="only with TLS"):
         StatusServer(tmp_path / "status.json", host="0.0.0.0")
@@ -158,8 +158,8 @@ def test_the_page_follows_a_live_federation_in_chromium(tiny_pooled_dir, mr_csv,
 @pytest.fixture
 def exposed(tmp_path):
     """The page bound to every address (off loopback: TLS and a token), reached over 127.0.0.1."""
-    from coordinator.credentials import init_credentials
-    from coordinator.status_server import status_token
+    from ewtune.coordinator.credentials import init_credentials
+    from ewtune.coordinator.status_server import status_token
 
     credentials = init_credentials(tmp_path / "keys")
     write(tmp_path / "status.json", status(2))
@@ -196,7 +196,7 @@ def test_off_loopback_every_request_needs_the_token(exposed, tmp_path):
 
 
 def test_off_loopback_the_page_is_refused_without_a_token_or_tls(tmp_path):
-    from coordinator.credentials import init_credentials
+    from ewtune.coordinator.credentials import init_credentials
 
     credentials = init_credentials(tmp_path / "keys")
     with pytest.raises(InvalidInputError, match="a token"):
@@ -206,7 +206,7 @@ def test_off_loopback_the_page_is_refused_without_a_token_or_tls(tmp_path):
 
 
 def test_the_token_file_is_made_private_once_and_then_read(tmp_path):
-    from coordinator.status_server import status_token
+    from ewtune.coordinator.status_server import status_token
 
     path = tmp_path / "run" / "status-token"
     first = status_token(path)
@@ -223,7 +223,7 @@ def test_idle_connections_beyond_the_limit_cannot_starve_a_request(exposed):
     clients still hold them open."""
     import socket
 
-    from coordinator.status_server import CONNECTION_DEADLINE_S, MAX_CONNECTIONS
+    from ewtune.coordinator.status_server import CONNECTION_DEADLINE_S, MAX_CONNECTIONS
 
     url, token, context = exposed
     port = int(url.rsplit(":", 1)[1].strip("/"))
@@ -252,7 +252,7 @@ def test_a_request_sent_a_byte_at_a_time_is_cut_at_the_deadline(tmp_path):
     """Slowloris: a request line dribbled one byte every 0.2 s keeps its connection no longer than the deadline."""
     import socket
 
-    from coordinator.status_server import CONNECTION_DEADLINE_S
+    from ewtune.coordinator.status_server import CONNECTION_DEADLINE_S
 
     with StatusServer(tmp_path / "status.json") as page:
         port = int(page.url.rsplit(":", 1)[1].strip("/"))
@@ -281,7 +281,7 @@ def test_serve_status_off_loopback_makes_a_private_token_and_requires_it(tmp_pat
     import subprocess
     import sys
 
-    from coordinator.credentials import init_credentials
+    from ewtune.coordinator.credentials import init_credentials
     from ewtune.local_federation import free_port
 
     credentials = init_credentials(tmp_path / "keys")

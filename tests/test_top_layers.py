@@ -7,16 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from accountant.errors import InvalidInputError
-from agent import models
-from agent.top_layers import TopLayers, hidden_batch, hidden_states_below
-from agent.training import _base
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.agent import models
+from ewtune.agent.top_layers import TopLayers, hidden_batch, hidden_states_below
+from ewtune.agent.training import _base
 
 TEXTS = ("a good film", "a dull and tired film with nothing in it", "fine", "not bad at all, really")
 
 
 def _examples(tokenizer, labels=(1, 0, 1, 0)):
-    from agent.data import Examples
+    from ewtune.agent.data import Examples
 
     encoded = tokenizer(list(TEXTS))
     return Examples(input_ids=encoded["input_ids"], token_type_ids=encoded["token_type_ids"], labels=list(labels))
@@ -34,7 +34,7 @@ def _perturbed(model):
 
 @pytest.mark.parametrize(("mode", "count"), [("full", 1), ("full", 2), ("lora", 2)])
 def test_the_cached_forward_equals_the_full_models(tiny_pooled_3layer_dir, mode, count):
-    from agent.data import collate
+    from ewtune.agent.data import collate
 
     model = _perturbed(models.load_model(tiny_pooled_3layer_dir, mode=mode, tune_layers=count, lora_rank=2)).eval()
     tokenizer = models.load_tokenizer(tiny_pooled_3layer_dir)
@@ -54,8 +54,8 @@ def test_the_cached_forward_equals_the_full_models(tiny_pooled_3layer_dir, mode,
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_cached_states_give_the_same_clipped_gradients_as_the_full_model(tiny_pooled_3layer_dir, mode):
-    from agent.dpsgd import PerExampleClipper, classification_loss
-    from agent.data import collate
+    from ewtune.agent.dpsgd import PerExampleClipper, classification_loss
+    from ewtune.agent.data import collate
 
     model = _perturbed(models.load_model(tiny_pooled_3layer_dir, mode=mode, tune_layers=2, lora_rank=2)).eval()
     tokenizer = models.load_tokenizer(tiny_pooled_3layer_dir)
@@ -105,7 +105,7 @@ def test_a_checkpoint_without_pooling_cannot_tune_top_layers(tiny_bert_dir):
 
 
 def test_a_tuned_lora_adapter_and_a_tuned_model_load_back(tiny_pooled_3layer_dir, tmp_path):
-    from agent.data import collate
+    from ewtune.agent.data import collate
 
     tokenizer = models.load_tokenizer(tiny_pooled_3layer_dir)
     batch = collate(_examples(tokenizer), range(4), tokenizer.pad_token_id)
@@ -123,7 +123,7 @@ def test_a_tuned_lora_adapter_and_a_tuned_model_load_back(tiny_pooled_3layer_dir
 
 
 def test_a_private_run_trains_the_top_layers_from_the_cache_and_leaves_the_rest(tiny_pooled_3layer_dir, mr_csv):
-    from agent.training import LocalTrainer, StepPlan, TrainingConfig
+    from ewtune.agent.training import LocalTrainer, StepPlan, TrainingConfig
 
     trainer = LocalTrainer(TrainingConfig(model_dir=str(tiny_pooled_3layer_dir), data_file=str(mr_csv), mode="full",
                                           tune_layers=1, max_length=32, max_examples=120, insecure_seeded_randomness=True))
@@ -138,7 +138,7 @@ def test_a_private_run_trains_the_top_layers_from_the_cache_and_leaves_the_rest(
 
 
 def test_probe_features_from_the_cache_equal_the_encoders(tiny_pooled_3layer_dir):
-    from agent.heads import embed_examples
+    from ewtune.agent.heads import embed_examples
 
     model = models.load_model(tiny_pooled_3layer_dir, mode="lora", tune_layers=2, lora_rank=2)
     tokenizer = models.load_tokenizer(tiny_pooled_3layer_dir)
@@ -157,12 +157,12 @@ def test_the_daemon_releases_only_the_top_layers_and_keeps_its_policy_checks(tin
     shapes, sigma floor, steps) still refuse a bad plan before anything is charged."""
     import numpy as np
 
-    from accountant.ledger import Ledger
-    from accountant.receipts import update_digest, verify_receipt
-    from accountant.signing import SigningKey
-    from agent.daemon import Daemon
-    from agent.policy import HolderPolicy, PlanRefused
-    from agent.training import LocalTrainer, TrainingConfig
+    from ewtune.accountant.ledger import Ledger
+    from ewtune.accountant.receipts import update_digest, verify_receipt
+    from ewtune.accountant.signing import SigningKey
+    from ewtune.agent.daemon import Daemon
+    from ewtune.agent.policy import HolderPolicy, PlanRefused
+    from ewtune.agent.training import LocalTrainer, TrainingConfig
 
     trainer = LocalTrainer(TrainingConfig(model_dir=str(tiny_pooled_3layer_dir), data_file=str(mr_csv), mode="lora", lora_rank=2,
                                           tune_layers=1, max_length=32, max_examples=200))
@@ -183,7 +183,7 @@ def test_the_daemon_releases_only_the_top_layers_and_keeps_its_policy_checks(tin
     for arrays, bad_plan, message in refusals:
         with pytest.raises((InvalidInputError, PlanRefused), match=message):
             daemon.train(arrays, bad_plan)
-    count = ["reserve", "commit"]  # the noised count released at the daemon's start (agent.released_count)
+    count = ["reserve", "commit"]  # the noised count released at the daemon's start (ewtune.agent.released_count)
     assert [e["kind"] for e in ledger.entries] == ["genesis", *count]
     reply = daemon.train(weights, plan)
     assert set(reply.arrays) == set(weights)
@@ -194,7 +194,7 @@ def test_the_daemon_releases_only_the_top_layers_and_keeps_its_policy_checks(tin
 
 
 def test_the_coordinators_initial_weights_are_the_holders_tuned_parameters(tiny_pooled_3layer_dir, tmp_path):
-    from coordinator.checkpoints import load_weights
+    from ewtune.coordinator.checkpoints import load_weights
     from ewtune.cli import main
 
     output = tmp_path / "initial.safetensors"

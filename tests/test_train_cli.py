@@ -35,8 +35,8 @@ def test_lora_run_saves_an_adapter_peft_loads(tiny_bert_dir, mr_csv, tmp_path, c
     composed = summary["event"]["event"]
     assert composed["kind"] == "composed" and [e["noise_multiplier"] for e in composed["events"]] == [
         probe["event"]["event"]["noise_multiplier"], tune["event"]["event"]["noise_multiplier"]]
-    from accountant.certified import certified_epsilon
-    from accountant.events import event_from_json
+    from ewtune.accountant.certified import certified_epsilon
+    from ewtune.accountant.events import event_from_json
 
     assert summary["epsilon_certified"] == certified_epsilon(event_from_json(summary["event"]), 1e-5)
     assert 7.9 < summary["epsilon_certified"] <= 8.0 * (1 + 1e-9)
@@ -78,7 +78,7 @@ def test_head_run_saves_the_whole_model_with_only_the_head_changed(tiny_bert_dir
     summary = json.loads(capsys.readouterr().out)
     assert (summary["device"], summary["precision"]) == ("cpu", "fp32")  # what ran, recorded beside the guarantee
     assert json.loads((output / "run.json").read_text())["device"] == "cpu"
-    from agent.train_cli import _report
+    from ewtune.agent.train_cli import _report
 
     assert "device              cpu, fp32" in _report(summary).splitlines()
     assert summary["mode"] == "head" and summary["trainable_parameters"] == 32 * 2 + 2
@@ -137,8 +137,8 @@ def test_the_insecure_seeded_mode_says_so_in_its_results(tiny_bert_dir, mr_csv, 
 
 
 def _holder_ledger(tmp_path, epsilon):
-    from accountant.ledger import Ledger
-    from accountant.signing import SigningKey
+    from ewtune.accountant.ledger import Ledger
+    from ewtune.accountant.signing import SigningKey
 
     key = SigningKey.generate()
     key.save(tmp_path / "ledger.key")
@@ -155,7 +155,7 @@ def test_a_run_charged_to_the_ledger_composes_its_phases_to_the_certified_total(
                                                                                  tmp_path, capsys, top):
     """Tuning the whole model (LoRA on every layer) or the top 2 layers on cached inputs: each phase is reserved
     and committed, and the ledger's certified total is the composition the run reports."""
-    from accountant.verify import verify_ledger
+    from ewtune.accountant.verify import verify_ledger
 
     model, layers = (tiny_pooled_3layer_dir, "2") if top else (tiny_bert_dir, "0")
     # a budget of 8.5 for a recipe at 8: the count released first costs about 0.16 of it
@@ -164,15 +164,15 @@ def test_a_run_charged_to_the_ledger_composes_its_phases_to_the_certified_total(
     summary = json.loads(capsys.readouterr().out)
     assert summary["tune_layers"] == int(layers)
     entries = _entries(tmp_path / "ledger.jsonl")
-    # first the training set's noised count (agent.released_count), always from the secure source
+    # first the training set's noised count (ewtune.agent.released_count), always from the secure source
     assert [e["kind"] for e in entries] == ["genesis", "reserve", "commit", "reserve", "commit", "reserve", "commit"]
     count, *phases = [e["payload"] for e in entries if e["kind"] == "commit"]
     assert count["extra"]["purpose"] == "dataset_size" and count["extra"]["randomness"] == "os-secure"
     assert [phase["extra"]["phase"] for phase in phases] == ["probe", "tune"]
     # the seeded, insecure mode is recorded with what it released
     assert {phase["extra"]["randomness"] for phase in phases} == {"insecure-seeded"}
-    from accountant.certified import certified_epsilon
-    from accountant.events import compose, event_from_json
+    from ewtune.accountant.certified import certified_epsilon
+    from ewtune.accountant.events import compose, event_from_json
 
     total = certified_epsilon(compose(*(event_from_json(c["event"]) for c in [count, *phases])), 1e-5)
     assert entries[-1]["payload"]["epsilon_certified"] == pytest.approx(total, rel=1e-12)
@@ -191,7 +191,7 @@ def test_a_recipe_over_the_ledgers_budget_is_refused_before_any_step(tiny_bert_d
 
 
 def _small_csv(tmp_path, rows):
-    from agent.assets import write_mr_csv
+    from ewtune.agent.assets import write_mr_csv
 
     return write_mr_csv(tmp_path / f"mr{rows}.csv", max_rows=rows, seed=1)
 
@@ -214,7 +214,7 @@ def test_the_default_recipe_fits_a_300_row_csv_and_says_what_it_chose(tiny_bert_
     event = probe["event"]["event"]
     assert event["sampling_rate"] == pytest.approx(batch / size, rel=1e-6) and event["steps"] == round(20 / event["sampling_rate"])
     assert 7.9 < summary["epsilon_certified"] <= 8.0 * (1 + 1e-9)
-    from agent.train_cli import _report
+    from ewtune.agent.train_cli import _report
 
     assert f"recipe              {choice}" in _report(summary).splitlines()  # the text report's line
 
@@ -236,7 +236,7 @@ def test_a_30_row_csv_is_refused_in_one_line_before_any_model_loads(tmp_path, ca
 def test_with_a_ledger_the_recipe_is_fitted_to_the_released_count(tiny_bert_dir, tmp_path, capsys):
     """Charged to a ledger, the default batch is a quarter of the noised count the ledger holds, never of the
     exact N, so the q it records reveals nothing beyond that count."""
-    from agent.released_count import latest_count
+    from ewtune.agent.released_count import latest_count
 
     argv = ["agent", "train-local", "--model", str(tiny_bert_dir), "--data", str(_small_csv(tmp_path, 300)), "--epsilon", "8",
             "--delta", "1e-5", "--max-length", "24", "--physical-batch-size", "64", "--probe-epochs", "2", "--json",

@@ -2,7 +2,7 @@
 that began (the interrupted one included), with the reason "interrupted after k step(s) ...", no reservation
 is left open for a later start to call a crash, and the command ends with one line and exit 130.
 
-The SIGINT is real: a launcher wraps the DP-SGD step (``agent.dpsgd.step.DPSGDStep.step``) so that the process
+The SIGINT is real: a launcher wraps the DP-SGD step (``ewtune.agent.dpsgd.step.DPSGDStep.step``) so that the process
 sends SIGINT to itself as step K begins, after its Poisson sample was drawn and its batch built."""
 
 import os
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 INTERRUPTING_LAUNCHER = """
 import os, signal, sys
-from agent.dpsgd.step import DPSGDStep
+from ewtune.agent.dpsgd.step import DPSGDStep
 
 interrupt_at = int(sys.argv[1])
 original, calls = DPSGDStep.step, []
@@ -35,7 +35,7 @@ sys.exit(main(sys.argv[2:]))
 
 
 def test_ctrl_c_charges_the_steps_that_began_and_leaves_no_open_reservation(tiny_bert_dir, mr_csv, tmp_path):
-    from accountant.verify import verify_ledger
+    from ewtune.accountant.verify import verify_ledger
 
     interrupt_at = 3
     argv = _argv(tiny_bert_dir, mr_csv, *_holder_ledger(tmp_path, 9.0), "--probe-epochs", "3", "--device", "cpu")

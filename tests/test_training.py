@@ -7,11 +7,11 @@ from collections import Counter
 import pytest
 import torch
 
-from accountant.errors import InvalidInputError
-from accountant.events import PoissonGaussianEvent
-from accountant.sampling import executable_sampling_rate
-from agent.dpsgd.unpadded import padded_length
-from agent.training import LocalTrainer, StepPlan, TrainingConfig, TrainingFailed
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import PoissonGaussianEvent
+from ewtune.accountant.sampling import executable_sampling_rate
+from ewtune.agent.dpsgd.unpadded import padded_length
+from ewtune.agent.training import LocalTrainer, StepPlan, TrainingConfig, TrainingFailed
 from test_device import ON_GPU
 
 
@@ -27,8 +27,8 @@ def tiny_trainer(tiny_bert_dir, mr_csv):
 
 
 def test_private_run_on_real_model_and_data_lowers_the_loss_within_its_certified_epsilon(minilm_1layer_dir, mr_csv):
-    from accountant.calibration import calibrate_noise_multiplier
-    from accountant.certified import certified_epsilon
+    from ewtune.accountant.calibration import calibrate_noise_multiplier
+    from ewtune.accountant.certified import certified_epsilon
 
     torch.set_num_threads(1)
     trainer = LocalTrainer(_config(minilm_1layer_dir, mr_csv, physical_batch_size=64))
@@ -91,8 +91,8 @@ def test_full_fine_tuning_runs_on_the_secure_source_by_default(tiny_bert_dir, mr
 
 
 def test_head_mode_trains_only_the_classifier_within_its_certified_epsilon(tiny_bert_dir, mr_csv):
-    from accountant.calibration import calibrate_noise_multiplier
-    from accountant.certified import certified_epsilon
+    from ewtune.accountant.calibration import calibrate_noise_multiplier
+    from ewtune.accountant.certified import certified_epsilon
 
     trainer = LocalTrainer(_config(tiny_bert_dir, mr_csv, max_examples=80, mode="head"))
     head = {"classifier.weight", "classifier.bias"}
@@ -108,7 +108,7 @@ def test_head_mode_trains_only_the_classifier_within_its_certified_epsilon(tiny_
 
 
 def test_head_mode_needs_a_classification_task(tiny_gpt2_dir):
-    from agent.models import load_model
+    from ewtune.agent.models import load_model
 
     with pytest.raises(InvalidInputError, match="needs task classification"):
         load_model(tiny_gpt2_dir, task="causal_lm", mode="head")
@@ -139,7 +139,7 @@ def test_a_missing_model_directory_is_a_clear_error(tmp_path, mr_csv):
 
 
 def test_accuracy_and_macro_f1_match_a_hand_count():
-    from agent.evaluation import accuracy_and_macro_f1
+    from ewtune.agent.evaluation import accuracy_and_macro_f1
 
     labels = [0, 0, 0, 1, 1, 2]
     predictions = [0, 0, 1, 1, 2, 2]
@@ -151,7 +151,7 @@ def test_accuracy_and_macro_f1_match_a_hand_count():
 
 
 def test_optimizer_choice():
-    from agent.training import make_optimizer
+    from ewtune.agent.training import make_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert isinstance(make_optimizer("adamw", params, 1e-3), torch.optim.AdamW)
@@ -208,8 +208,8 @@ def test_the_trainer_puts_the_model_batches_and_caches_on_its_configured_device(
                                                                                 device, precision):
     """The device asked for explicitly (the CPU in CI): the model, every batch the engine receives (copied there by
     the transfer helper), the embedding and hidden-state caches are on it, and the evaluation runs there."""
-    import agent.training as training
-    from agent.dpsgd.step import DPSGDStep
+    import ewtune.agent.training as training
+    from ewtune.agent.dpsgd.step import DPSGDStep
 
     resolved, moved, received = [], [], []
     real_resolve, real_batch_to, real_step = training.resolve_device, training.batch_to, DPSGDStep.step

@@ -1,7 +1,7 @@
 """The warm task loop killed mid-round, with real Flower processes on 127.0.0.1.
 
 Two holders serve their ClientApp from the warm task loop inside their SuperNode process (the default,
-``agent.warm_supernode``). When h0's daemon has reserved round 1 (its plan was delivered and training began),
+``ewtune.agent.warm_supernode``). When h0's daemon has reserved round 1 (its plan was delivered and training began),
 h0's SuperNode process is SIGKILLed, warm loop and all. The round must end within its deadline with h0's
 reservation aborted at the coordinator and h1 aggregated; h0 is charged exactly once for round 1 in its own
 ledger (the daemon commits what ran even though the reply never left), every ledger verifies and the
@@ -19,7 +19,7 @@ import time
 import pytest
 from tiny_federation import mr_holders, verified_ledgers
 
-from coordinator.ledger_crosscheck import cross_check, read_entries
+from ewtune.coordinator.ledger_crosscheck import cross_check, read_entries
 from ewtune.local_federation import FederationJob, LocalFederation
 
 ROUND_TIMEOUT_S = 25.0

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from accountant.crosscheck import read_entries
-from accountant.verify import verify_ledger
+from ewtune.accountant.crosscheck import read_entries
+from ewtune.accountant.verify import verify_ledger
 from ewtune.local_federation import HolderSetup, initial_weights, partition_csv
 
 MINIMAL_FEDERATION_TOML = """

@@ -1,0 +1,110 @@
+"""One DP-SGD step on a Poisson-sampled logical batch (Abadi et al. 2016, Algorithm 1).
+
+    g = (sum_{i in batch} clip_C(g_i) + N(0, sigma^2 C^2 I)) / (q N)
+
+The logical batch may have any size, including 0, and is processed in physical micro-batches of records of
+one padded length, each padded by its own length alone (:mod:`ewtune.agent.dpsgd.unpadded`), whose clipped sums are
+added up; the noise is drawn once per logical step, and the sum is divided by the
+*expected* batch size q N, never by the realised one, whose scale would then depend on the data and
+leak the batch size (Opacus' ``expected_batch_size`` does the same). An empty batch still takes
+a step: a noise-only update, which the accountant counts like any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.agent.dpsgd.engine import PerExampleClipper, batch_size_of, in_batch_order
+from ewtune.agent.dpsgd.noise import add_gaussian_noise_
+from ewtune.agent.dpsgd.randomness import RandomSource, SecureRandom
+from ewtune.agent.dpsgd.unpadded import own_padding_parts
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one logical step did: its realised batch size, summed loss and per-example norms."""
+
+    examples: int
+    micro_batches: int
+    loss_sum: float
+    clipped: int
+    per_example_norms: torch.Tensor
+
+
+class DPSGDStep:
+    """Clip, sum, noise once, scale by 1/(expected batch size), then ``optimizer.step()``. The noise comes from
+    ``noise_source``: the operating system's secure source unless a test passes a seeded one."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        clipper: PerExampleClipper,
+        optimizer: torch.optim.Optimizer,
+        noise_multiplier: float,
+        clip_norm: float,
+        expected_batch_size: float,
+        physical_batch_size: int,
+        noise_source: RandomSource | None = None,
+    ):
+        if not noise_multiplier >= 0:
+            raise InvalidInputError(f"noise_multiplier must be non-negative, got {noise_multiplier}")
+        if clip_norm != clipper.clip_norm:
+            raise InvalidInputError(f"clip_norm {clip_norm} differs from the clipper's {clipper.clip_norm}")
+        if not expected_batch_size > 0:
+            raise InvalidInputError(f"expected_batch_size must be positive, got {expected_batch_size}")
+        if physical_batch_size < 1:
+            raise InvalidInputError(f"physical_batch_size must be at least 1, got {physical_batch_size}")
+        self.model = model
+        self.clipper = clipper
+        self.optimizer = optimizer
+        self.noise_multiplier = float(noise_multiplier)
+        self.clip_norm = float(clip_norm)
+        self.expected_batch_size = float(expected_batch_size)
+        self.physical_batch_size = int(physical_batch_size)
+        self.noise_source = noise_source or SecureRandom()
+
+    def noisy_gradient(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], StepStats]:
+        """(sum of clipped gradients + noise) / expected batch size, and the step's statistics.
+
+        Sums, noise and scaling happen in place, so the step holds one gradient-sized buffer at a time.
+        """
+        sums, rows, norms, loss_sum = None, [], [], 0.0
+        micro_batches = own_padding_parts(batch, self.physical_batch_size)
+        for micro_rows, micro_batch in micro_batches:
+            clipped = self.clipper.clipped_grad_sum(micro_batch)
+            if sums is None:
+                sums = clipped.grads
+            else:
+                for name, grad in clipped.grads.items():
+                    sums[name].add_(grad)
+            rows.append(micro_rows)
+            norms.append(clipped.per_example_norms)
+            loss_sum += clipped.loss_sum
+        if sums is None:
+            sums = self.clipper.zero_grads()
+        std = self.noise_multiplier * self.clip_norm
+        add_gaussian_noise_(sums, std, self.noise_source)
+        for grad in sums.values():
+            grad.div_(self.expected_batch_size)
+        norms = in_batch_order(rows, norms) if norms else torch.zeros(0)
+        stats = StepStats(
+            examples=batch_size_of(batch),
+            micro_batches=len(micro_batches),
+            loss_sum=loss_sum,
+            clipped=int((norms > self.clip_norm).sum()),
+            per_example_norms=norms,
+        )
+        return sums, stats
+
+    def step(self, batch: Mapping[str, torch.Tensor]) -> StepStats:
+        """One private optimizer step on a (possibly empty) logical batch."""
+        grads, stats = self.noisy_gradient(batch)
+        for name, param in self.clipper.params.items():
+            param.grad = grads[name]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats

@@ -1,0 +1,487 @@
+"""The local trainer of a data holder: a model and its data loaded once, then DP-SGD runs (Abadi et al. 2016;
+EW-Tune, arXiv 2210.15042, Alg. 1) that report the DP event they actually executed.
+
+Per step: Poisson-sample a logical batch (:mod:`ewtune.agent.sampler`), collate it, and hand it to the engine's
+:class:`ewtune.agent.dpsgd.step.DPSGDStep`, which clips per example, sums over physical micro-batches, adds
+N(0, sigma^2 C^2) once, divides by the expected batch size qN and steps the optimizer.
+
+A head-only run (``mode = "head"``, or phase 1 of linear-probe-then-fine-tune, ``StepPlan.head_only``) on a
+pooled-embedding classifier (:mod:`ewtune.agent.heads`) trains on each record's embedding, computed once with the
+frozen encoder in eval mode and reused at every step: a deterministic function of that record alone, so the
+cache costs no privacy, and a step costs a linear layer instead of the encoder (Kumar et al. 2022, LP-FT).
+Likewise a run with ``tune_layers = k`` trains the top k encoder layers and the head on the cached hidden states
+entering layer L-k (:mod:`ewtune.agent.top_layers`).
+
+Device and precision (``device``, ``precision``; :mod:`ewtune.agent.device`): the model, every batch, the engine's
+work, the noise (drawn on the gradients' device, :mod:`ewtune.agent.dpsgd.noise`), the evaluation's forward passes and
+the embedding and hidden-state caches live on the configured device; the Poisson sampler chooses indices on the
+CPU and each batch is built there and copied over. With ``bf16`` the forward passes run under bfloat16 autocast;
+per-example norms, clipping, the clipped sums and the noise stay float32 (:mod:`ewtune.agent.dpsgd.engine`). A private
+evaluation's confusion matrix and its noise stay on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ewtune.accountant.errors import EwtuneError, InvalidInputError
+from ewtune.accountant.events import PoissonGaussianEvent
+from ewtune.accountant.sampling import executable_sampling_rate
+from ewtune.agent import models
+from ewtune.agent.data import DataSpec, collate, load_local_data, split_key
+from ewtune.agent.device import autocast, batch_to, check_device_name, check_precision, resolve_device
+from ewtune.agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
+from ewtune.agent.dpsgd.unpadded import PAD_MULTIPLE, padded_length
+from ewtune.agent.evaluation import evaluate_model
+from ewtune.agent.heads import PooledClassifier, embed_examples
+from ewtune.agent.recipe import OPTIMIZERS
+from ewtune.agent.sampler import PoissonSampler
+from ewtune.agent.top_layers import TopLayers, hidden_batch, hidden_states_below
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What a holder trains on and how; fixed for the life of a :class:`LocalTrainer`."""
+
+    model_dir: str
+    data_file: str
+    task: str = "classification"
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    num_labels: int | None = None  # None: inferred from the labels (max label + 1, at least 2)
+    max_length: int = 128
+    mode: str = "lora"  # "lora", "full" or "head" (the classification head only): see ewtune.agent.models.load_model
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_target_modules: tuple[str, ...] | None = None
+    eval_fraction: float = 0.1
+    seed: int = 0
+    physical_batch_size: int = 32
+    # Tests and benchmarks only: batches and noise from generators seeded with ``seed`` (predictable, so no
+    # privacy against anyone who knows or guesses the seed). The agent daemon refuses it.
+    insecure_seeded_randomness: bool = False
+    max_examples: int | None = None
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9): see make_optimizer
+    tune_layers: int = 0  # lora/full: k > 0 trains only the top k encoder layers and the head (ewtune.agent.top_layers)
+    # The holder's secret key of the record-by-record split (ewtune.agent.data.split_key; the daemon's default is
+    # <data_file>.split-key); None: a public key derived from ``seed`` (train-local, tests, benchmarks).
+    split_key_file: str | None = None
+    device: str = "auto"  # auto (CUDA when present, else the CPU), cpu, cuda or cuda:N (ewtune.agent.device)
+    precision: str = "fp32"  # or bf16: bfloat16 autocast for the forward passes, on a CUDA device only
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
+        check_precision(self.precision)
+
+    def data_spec(self) -> DataSpec:
+        """Where the examples are and how to read and split them."""
+        return DataSpec(
+            path=self.data_file,
+            task=self.task,
+            text_column=self.text_column,
+            text_pair_column=self.text_pair_column,
+            label_column=self.label_column,
+            num_labels=self.num_labels,
+            max_length=self.max_length,
+            eval_fraction=self.eval_fraction,
+            seed=self.seed,
+            max_examples=self.max_examples,
+            split_key=split_key(self.split_key_file) if self.split_key_file else None,
+        )
+
+
+def make_optimizer(name: str, params, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW (no weight decay) or SGD with momentum 0.9. On noisy DP gradients AdamW's per-coordinate scaling
+    moves coordinates that carry almost no signal (a zero-initialised LoRA B) by about the learning rate at every
+    step, a random walk; SGD moves them by the noise itself, which is small."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate, momentum=0.9)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    raise InvalidInputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One DP-SGD run: ``steps`` Poisson steps at rate ``sampling_rate`` with noise multiplier sigma."""
+
+    steps: int
+    sampling_rate: float
+    noise_multiplier: float
+    clip_norm: float
+    learning_rate: float
+    head_only: bool = False  # only the classification head trains (linear probing; phase 1 of LP-FT)
+    optimizer: str | None = None  # None: the trainer's (TrainingConfig.optimizer)
+    # The noised sum is divided by it; None: q N with the exact N. The daemon passes q N_noisy (the released
+    # count, ewtune.agent.released_count), so the update is a function of the noised sum and released values only.
+    expected_batch_size: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise InvalidInputError(f"steps must be an integer >= 1, got {self.steps!r}")
+        check_step_settings(self)
+        batch = self.expected_batch_size
+        if batch is not None and not (isinstance(batch, (int, float)) and math.isfinite(batch) and batch > 0):
+            raise InvalidInputError(f"expected batch size must be a finite number > 0, got {batch!r}")
+
+
+def check_step_settings(plan) -> None:
+    """A DP-SGD run's rate in (0, 1] and its noise multiplier, clip norm and learning rate finite and > 0."""
+    if not 0.0 < plan.sampling_rate <= 1.0:
+        raise InvalidInputError(f"sampling rate must be in (0, 1], got {plan.sampling_rate!r}")
+    for name in ("noise_multiplier", "clip_norm", "learning_rate"):
+        value = getattr(plan, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise InvalidInputError(f"{name.replace('_', ' ')} must be a finite number > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """``event``: the mechanism executed, at the sampling rate actually realised (``None`` only when stopped
+    before the first step); ``trainable_state``: the updated trainable parameters; ``metrics``: loss (mean
+    training loss of the sampled examples), examples, steps, seconds; ``randomness``: the source of batches and
+    noise (``os-secure`` or ``insecure-seeded``)."""
+
+    event: PoissonGaussianEvent | None
+    trainable_state: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+    randomness: str = SecureRandom.name
+
+
+class TrainingFailed(EwtuneError):
+    """A run failed after it touched records: ``event`` counts every step that *began* (its Poisson sample was
+    drawn, or, for ``steps = 1`` with ``what_ran`` saying so, the feature cache read the records), the failing
+    step included. Charging follows data access, not success: a data-dependent failure is an answer about
+    the data, so the caller must account ``event`` (a failure before any record is touched is no
+    TrainingFailed). ``what_ran`` says it in words, for the ledger."""
+
+    def __init__(self, event: PoissonGaussianEvent, cause: BaseException, what_ran: str):
+        super().__init__(f"training failed ({what_ran}): {type(cause).__name__}: {cause}")
+        self.event = event
+        self.cause = cause
+        self.what_ran = what_ran
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) after the run touched records: ``event`` counts every step that began, as for
+    :class:`TrainingFailed` (the interrupted step included), and ``what_ran`` says so for the ledger. It stays a
+    KeyboardInterrupt, so that the command still ends as interrupted (exit 130) once the caller has charged it."""
+
+    def __init__(self, event: PoissonGaussianEvent, what_ran: str):
+        super().__init__(what_ran)
+        self.event = event
+        self.what_ran = what_ran
+
+
+class LocalTrainer:
+    """Loads the model and the data of ``config`` once; :meth:`train` runs DP-SGD on the training split."""
+
+    def __init__(self, config: TrainingConfig):
+        self.config = config
+        self.device = resolve_device(config.device, config.precision)  # before anything loads: a missing GPU fails fast
+        torch.manual_seed(config.seed)  # a fresh classifier head and LoRA factors are initialised from it
+        self.tokenizer = models.load_tokenizer(config.model_dir)
+        self.data = load_local_data(config.data_spec(), self.tokenizer)
+        if config.physical_batch_size < 1:
+            raise InvalidInputError(f"physical batch size must be >= 1, got {config.physical_batch_size}")
+        self.model = models.load_model(
+            config.model_dir,
+            task=config.task,
+            num_labels=self.data.num_labels or 2,
+            mode=config.mode,
+            lora_rank=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_target_modules=config.lora_target_modules,
+            pad_token_id=self.tokenizer.pad_token_id,
+            tune_layers=config.tune_layers,
+        ).to(self.device)
+        check_padded_length_fits(config.max_length, self.model)
+        self.model_id = models.model_id(config.model_dir)
+        # Batches and noise come from the operating system's secure source: amplification by subsampling assumes
+        # nobody knows who was sampled, and noise that can be predicted can be subtracted. The seeded streams of
+        # the insecure test mode are separate, so that the batches do not depend on how much noise was drawn.
+        self._sampling_source = _random_source(config, stream=0)
+        self._noise_source = _random_source(config, stream=1)
+        self._dropout_source = _random_source(config, stream=2)
+        self._features: torch.Tensor | None = None  # the training records' embeddings, for head-only runs
+        self._hidden: list[torch.Tensor] | None = None  # their states below the tuned layers (never trained)
+
+    @property
+    def randomness(self) -> str:
+        """The name of the source of batches and noise: ``os-secure`` or ``insecure-seeded``."""
+        return self._noise_source.name
+
+    @property
+    def dataset_size(self) -> int:
+        """Number of training examples N (the held-out split excluded): q = expected batch / N."""
+        return len(self.data.train)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return models.trainable_state(self.model)
+
+    def load_trainable_state(self, state) -> None:
+        models.load_trainable_state(self.model, state)
+        if any(not _is_head(name) for name in state):
+            self._features = None  # the encoder may have changed: its embeddings are computed again when needed
+
+    @property
+    def precision(self) -> str:
+        """``fp32`` or ``bf16`` (bfloat16 autocast for the forward passes)."""
+        return self.config.precision
+
+    def collate(self, indices) -> dict[str, torch.Tensor]:
+        """The padded batch of the training examples at ``indices``, on the trainer's device."""
+        return batch_to(collate(self.data.train, indices, self.pad_token_id, self.config.task), self.device)
+
+    def autocast(self):
+        """The context of every forward pass: bfloat16 autocast with ``precision = "bf16"``."""
+        return autocast(self.device, self.precision)
+
+    def loss_fn(self):
+        from ewtune.agent.dpsgd.losses import causal_lm_loss, classification_loss
+
+        return classification_loss if self.config.task == "classification" else causal_lm_loss
+
+    def train(
+        self,
+        plan: StepPlan,
+        should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int, object], None] | None = None,
+    ) -> TrainResult:
+        """Run up to ``plan.steps`` DP-SGD steps; ``should_stop()`` is asked before each step and ends the run
+        early. ``on_step(step_number, stats)`` is called after each step (progress bars). The returned event
+        counts exactly the steps executed, at the rate the sampler realised (:mod:`ewtune.agent.sampler`: the
+        requested rate rounded up to the 2^-53 grid). A failure after a step ran raises
+        :class:`TrainingFailed` carrying the event executed so far."""
+        started = time.perf_counter()
+        head_only = plan.head_only or self.config.mode == "head"
+        if head_only and self.config.task != "classification":
+            raise InvalidInputError("a head-only run needs a classification task")
+        try:
+            module, collate_fn = self.phase_inputs(head_only)
+        except (Exception, KeyboardInterrupt) as failure:  # the caches read every training record: charged as the first step
+            first = PoissonGaussianEvent(executable_sampling_rate(plan.sampling_rate), plan.noise_multiplier, 1)
+            if isinstance(failure, KeyboardInterrupt):
+                raise TrainingInterrupted(first, "interrupted after 1 step(s): while caching the records' features, "
+                                          "before step 1 ran; charged as 1 step") from None
+            raise TrainingFailed(first, failure, "failed while caching the records' features, before step 1 ran; "
+                                 "charged as 1 step") from failure
+        try:
+            with _only_head_trainable(self.model, head_only):
+                event, metrics = self._train(plan, module, collate_fn, should_stop, on_step)
+        finally:
+            if not head_only:
+                self._features = None  # the encoder trained: its embeddings changed
+        metrics["seconds"] = time.perf_counter() - started
+        return TrainResult(event, self.trainable_state(), metrics, self.randomness)
+
+    def phase_inputs(self, head_only: bool):
+        """(the module a run's batches enter, the function that makes a batch from indices): the cached embeddings
+        and the head for a head-only run on a pooled classifier, the cached states below the tuned layers and
+        :class:`TopLayers` when ``tune_layers`` is set, else the model on tokenised batches; the batches are on the
+        trainer's device. The caches are filled on first use, on that device."""
+        if head_only and self._embeds_sentences:
+            if self._features is None:
+                self._features = self._train_features()
+            return self.model, self._feature_batch
+        if self.config.tune_layers and not head_only:
+            return self._top_layers(), self._hidden_batch
+        return self.model, self.collate
+
+    def _top_layers(self) -> TopLayers:
+        """The tuned top layers and the head, with the states entering them cached."""
+        module = TopLayers(_base(self.model), self.config.tune_layers)
+        if self._hidden is None:
+            with self.autocast():
+                self._hidden = hidden_states_below(module.model, self.config.tune_layers, self.data.train,
+                                                   self.pad_token_id, self._cache_batch, self.device)
+        return module
+
+    def _train(self, plan: StepPlan, module, collate_fn, should_stop, on_step):
+        """``module``: the model, or the part of it that ``collate_fn``'s batches enter (:class:`TopLayers`)."""
+        from ewtune.agent.dpsgd.engine import PerExampleClipper
+        from ewtune.agent.dpsgd.step import DPSGDStep
+
+        module.train()
+        sampler = PoissonSampler(self.dataset_size, plan.sampling_rate, plan.steps, self._sampling_source)
+        trainable = [param for param in module.parameters() if param.requires_grad]
+        optimizer = make_optimizer(plan.optimizer or self.config.optimizer, trainable, plan.learning_rate)
+        clipper = PerExampleClipper(module, plan.clip_norm, self.loss_fn(),
+                                    autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None)
+        engine = DPSGDStep(
+            module,
+            clipper,
+            optimizer,
+            noise_multiplier=plan.noise_multiplier,
+            clip_norm=plan.clip_norm,
+            expected_batch_size=sampler.executed_rate * self.dataset_size if plan.expected_batch_size is None
+            else plan.expected_batch_size,
+            physical_batch_size=self.config.physical_batch_size,
+            noise_source=self._noise_source,
+        )
+        progress = _Progress()
+        dropout_seed = int(self._dropout_source.uniform_bits(1)[0])
+        try:
+            with torch.random.fork_rng():  # dropout masks from the trainer's own stream, not the global one
+                torch.manual_seed(dropout_seed)
+                _run_steps(engine, sampler, collate_fn, should_stop, on_step, progress)
+        except KeyboardInterrupt:
+            if not progress.begun:
+                raise
+            raise TrainingInterrupted(progress.event(sampler, plan), progress.what_ran_until_interrupted(plan)) from None
+        except Exception as failure:
+            if not progress.begun:  # no sample drawn, no record read
+                raise
+            raise TrainingFailed(progress.event(sampler, plan), failure, progress.what_ran(plan)) from failure
+        finally:
+            clipper.close()
+        metrics = {
+            "loss": progress.loss_sum / progress.examples if progress.examples else math.nan,
+            "examples": progress.examples,
+            "steps": progress.executed,
+        }
+        return progress.event(sampler, plan), metrics
+
+    @property
+    def _embeds_sentences(self) -> bool:
+        return isinstance(_base(self.model), PooledClassifier)
+
+    @property
+    def _cache_batch(self) -> int:
+        return max(self.config.physical_batch_size, 64)
+
+    def _train_features(self) -> torch.Tensor:
+        """Every training record's pooled embedding, from the encoder in eval mode (no dropout); from the cached
+        states below the tuned layers when a tune phase will need them anyway (one encoder pass, not two)."""
+        if self.config.tune_layers:
+            top = self._top_layers()
+            with self.autocast():
+                return top.embed_cached(self._hidden, self._cache_batch).float()
+        with self.autocast():
+            features = embed_examples(_base(self.model), self.data.train, self.pad_token_id, self._cache_batch, self.device)
+        return features.float().to(self.device)
+
+    def _feature_batch(self, indices) -> dict[str, torch.Tensor]:
+        """The cached embeddings and the labels of the training records at ``indices``."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        labels = torch.as_tensor(self.data.train.labels, dtype=torch.int64)
+        return batch_to({"features": self._features[indices.to(self.device)], "labels": labels[indices]}, self.device)
+
+    def _hidden_batch(self, indices) -> dict[str, torch.Tensor]:
+        """The cached states below the tuned layers, the attention mask and the labels of the records at ``indices``."""
+        labels = torch.as_tensor(self.data.train.labels, dtype=torch.int64)
+        return batch_to(hidden_batch(self._hidden, labels, indices), self.device)
+
+    def confusion_matrix(self, batch_size: int | None = None) -> torch.Tensor:
+        """The held-out split's confusion matrix (classification only; see :mod:`ewtune.agent.evaluation`)."""
+        from ewtune.agent.evaluation import confusion_matrix
+
+        if self.config.task != "classification":
+            raise InvalidInputError("a confusion matrix needs a classification task")
+        size = batch_size or max(self.config.physical_batch_size, 32)
+        with self.autocast():
+            return confusion_matrix(self.model, self.data.eval, self.pad_token_id, self.data.num_labels or 2, size)
+
+    @property
+    def record_count(self) -> int:
+        """Every record the holder's guarantee covers: the training and the held-out split."""
+        return len(self.data.train) + len(self.data.eval)
+
+    def evaluate(self, batch_size: int | None = None) -> dict[str, float]:
+        """Metrics on the held-out split (see :func:`ewtune.agent.evaluation.evaluate_model`)."""
+        size = batch_size or max(self.config.physical_batch_size, 32)
+        with self.autocast():
+            return evaluate_model(self.model, self.data.eval, self.pad_token_id, self.config.task, size)
+
+
+@dataclass
+class _Progress:
+    begun: int = 0  # steps whose sample was drawn and handed to the engine: charged, whether they ended or not
+    executed: int = 0  # steps that ended
+    examples: int = 0
+    loss_sum: float = 0.0
+
+    def event(self, sampler: PoissonSampler, plan: StepPlan) -> PoissonGaussianEvent | None:
+        """The mechanism to charge: every step that began, at the rate the sampler realised."""
+        if not self.begun:
+            return None
+        return PoissonGaussianEvent(sampler.executed_rate, plan.noise_multiplier, self.begun)
+
+    def what_ran(self, plan: StepPlan) -> str:
+        return (f"failed in step {self.begun} of {plan.steps} after {self.executed} completed step(s); "
+                f"{self.begun} step(s) charged")
+
+    def what_ran_until_interrupted(self, plan: StepPlan) -> str:
+        return (f"interrupted after {self.begun} step(s) of {plan.steps} began ({self.executed} completed); "
+                f"{self.begun} step(s) charged")
+
+
+def _run_steps(engine, sampler, collate_fn, should_stop, on_step, progress: _Progress) -> None:
+    """One engine step per sampled batch until done or stopped, counted in ``progress`` as it begins (its
+    sample drawn, before any record is read) and as it ends."""
+    for indices in sampler:
+        if should_stop is not None and should_stop():
+            break
+        progress.begun += 1
+        stats = engine.step(collate_fn(indices))
+        progress.executed += 1
+        progress.examples += stats.examples
+        progress.loss_sum += stats.loss_sum
+        if on_step is not None:
+            on_step(progress.executed, stats)
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _is_head(name: str) -> bool:
+    """Whether a parameter name belongs to the classification head (plain, or saved whole under peft)."""
+    return any(part in models.CLASSIFIER_HEAD_NAMES for part in name.split("."))
+
+
+@contextmanager
+def _only_head_trainable(model, head_only: bool):
+    """Within the block, only the head's parameters require gradients (when ``head_only``)."""
+    if not head_only:
+        yield
+        return
+    frozen = [param for name, param in model.named_parameters() if param.requires_grad and not _is_head(name)]
+    if not any(param.requires_grad for name, param in model.named_parameters() if _is_head(name)):
+        raise InvalidInputError("this model has no trainable classification head for a head-only run")
+    for param in frozen:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
+
+
+def check_padded_length_fits(max_length: int, model) -> None:
+    """A record is padded to a length fixed by its own (:func:`ewtune.agent.dpsgd.unpadded.padded_length`), up to that of
+    ``max_length``; it must stay within the model's positions, or the longest records would fail in a forward pass."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is not None and padded_length(max_length) > positions:
+        raise InvalidInputError(
+            f"max_length {max_length} pads to {padded_length(max_length)} tokens (a multiple of {PAD_MULTIPLE}), beyond "
+            f"the model's {positions} positions: use a max_length of at most {positions // PAD_MULTIPLE * PAD_MULTIPLE}"
+        )
+
+
+def _random_source(config: TrainingConfig, stream: int) -> RandomSource:
+    if config.insecure_seeded_randomness:
+        return InsecureSeededRandom(config.seed + stream)
+    return SecureRandom()

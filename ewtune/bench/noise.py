@@ -1,0 +1,116 @@
+"""``ewtune bench noise``: how fast each source draws standard normals, in one run, on every device present.
+
+Sources, interleaved ``--repeats`` times at ``--count`` normals each (medians compared in the same run):
+
+- ``aes-ctr (cpu)``: :class:`ewtune.agent.dpsgd.randomness.SecureRandom`, the landed secure source (AES-256-CTR
+  keystream on one CPU core, Box-Muller in float64), then copied to the device the gradients live on;
+- ``chacha20 (DEVICE)``: :class:`ewtune.agent.dpsgd.chacha.ChaChaRandom`, secure, computed on the device itself;
+- ``torch.randn (DEVICE)``: torch's own generator (Mersenne Twister on the CPU, Philox on CUDA), which is
+  *not* cryptographically secure: the speed a DP step would have if noise cost nothing extra.
+
+The ratio reported is each secure source's normals per second over the landed AES path's, per device; on a GPU
+the AES row includes the copy to the device, as a DP step on the GPU pays it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ewtune.accountant.errors import InvalidInputError
+from ewtune.bench.report import machine, median, positive_int, timed, write
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--count", default="4000000", metavar="N", help="normals per draw (default 4,000,000)")
+    parser.add_argument("--repeats", default="5", metavar="N", help="draws per source (default 5)")
+    parser.add_argument("--threads", default="1", metavar="N",
+                        help="torch intra-op threads on the CPU (default 1, as `ewtune bench dpsgd`: on a shared machine "
+                        "two threads wait on each other whenever the other core is busy)")
+    parser.add_argument("--devices", nargs="+", default=None, help="devices to measure (default: cpu and cuda if present)")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the markdown table to PATH")
+
+
+def sources(device: str) -> dict[str, Any]:
+    """Name -> a function drawing ``count`` normals that ends when they are on ``device``."""
+    import torch
+
+    from ewtune.agent.dpsgd.chacha import ChaChaRandom
+    from ewtune.agent.dpsgd.randomness import SecureRandom
+
+    aes, chacha = SecureRandom(), ChaChaRandom(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def finished(draw):
+        def run(count: int):
+            out = draw(count)
+            sync()
+            return out
+
+        return run
+
+    return {
+        f"aes-ctr (cpu) -> {device}": finished(lambda n: aes.standard_normal(n).to(device)),
+        f"chacha20 ({device})": finished(chacha.standard_normal),
+        f"torch.randn ({device})": finished(lambda n: torch.randn(n, device=device)),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    count, repeats = positive_int("--count", args.count), positive_int("--repeats", args.repeats)
+    threads = positive_int("--threads", args.threads)
+    torch.set_num_threads(threads)
+    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise InvalidInputError(f"device {device} was asked for but CUDA is not available here")
+    before = machine()
+    seconds: dict[str, list[float]] = {}
+    for device in devices:
+        draws = sources(device)
+        for draw in draws.values():
+            draw(1024)  # warm-up: first-call allocation and kernel set-up
+        for _ in range(repeats):
+            for name, draw in draws.items():
+                seconds.setdefault(name, []).append(timed(lambda: draw(count))[1])
+    per_second = {name: count / median(values) for name, values in seconds.items()}
+    report: dict[str, Any] = {
+        "command": f"ewtune bench noise --count {count} --repeats {repeats} --threads {threads} --devices {' '.join(devices)}",
+        "count": count,
+        "devices": devices,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "machine_before": before,
+        "machine_after": machine(),
+        "seconds": seconds,
+        "normals_per_second": per_second,
+        "ratio_to_aes": {name: rate / per_second[_aes_name(name)] for name, rate in per_second.items()},
+    }
+    write(report, render_markdown(report), args.json, args.markdown)
+    return 0
+
+
+def _aes_name(name: str) -> str:
+    device = name[name.rindex("(") + 1 : -1] if not name.startswith("aes") else name.rsplit(" ", 1)[1]
+    return f"aes-ctr (cpu) -> {device}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    loads = f"{report['machine_before']['load_average'][0]:.2f} -> {report['machine_after']['load_average'][0]:.2f}"
+    lines = [
+        f"`{report['command']}`: {report['count']:,} standard normals a draw, medians of interleaved draws; "
+        f"load average (1 min) {loads} on {report['machine_before']['cpus']} CPUs"
+        + (f"; GPU {report['gpu']}." if report["gpu"] else "; no GPU."),
+        "",
+        "| source | secure | median s | normals / s | ratio to aes-ctr |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, values in report["seconds"].items():
+        secure = "no" if name.startswith("torch.randn") else "yes"
+        lines.append(
+            f"| {name} | {secure} | {median(values):.4f} | {report['normals_per_second'][name] / 1e6:.1f} M "
+            f"| {report['ratio_to_aes'][name]:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"

@@ -21,14 +21,14 @@ from ewtune.accountant.errors import EwtuneError
 
 # (module, what it adds): each module defines ``register(subparsers)``.
 _PARTS = (
-    "ewtune.accountant.cli",  # ewtune accountant
-    "ewtune.accountant.ledger_cli",  # ewtune ledger
+    "ewtune.accountant_cli",  # ewtune accountant
+    "ewtune.ledger_cli",  # ewtune ledger
     "ewtune.agent.cli",  # ewtune agent
     "ewtune.agent.audit_cli",  # ewtune audit
     "ewtune.audit_cli",  # ewtune audit --federated (after ewtune.agent.audit_cli, whose parser it extends)
     "ewtune.coordinator.cli",  # ewtune coordinator
     "ewtune.federation_cli",  # ewtune keys, ewtune demo
-    "ewtune.commands",  # ewtune bench
+    "ewtune.bench.cli",  # ewtune bench
     "ewtune.config_cli",  # ewtune config check
     "ewtune.evaluate_cli",  # ewtune evaluate
 )

@@ -102,7 +102,7 @@ def test_a_delta_that_guarantees_nothing_is_refused_with_the_reason(capsys, comm
 
 def test_accountant_cli_imports_no_heavy_module():
     probe = (
-        "import sys, ewtune.accountant.cli; "
+        "import sys, ewtune.accountant_cli; "
         "heavy = {'torch', 'flwr', 'transformers', 'scipy', 'dp_accounting'} & {m.split('.')[0] for m in sys.modules}; "
         "print(sorted(heavy))"
     )

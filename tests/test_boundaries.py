@@ -77,3 +77,10 @@ def test_the_app_bundle_names_the_contract_entry_points():
         module, _, attribute = component.partition(":")
         assert (REPO / (module.replace(".", "/") + ".py")).is_file()
         assert f"\n{attribute} = " in (REPO / (module.replace(".", "/") + ".py")).read_text()
+
+
+def test_the_cli_layer_and_the_benchmarks_do_not_import_each_other_both_ways():
+    """ewtune/bench/ sits above the command line's orchestration (it runs local federations and audits); the command
+    line finds the benchmarks by module name only (``ewtune.bench.cli`` in ewtune/cli.py), so there is no cycle."""
+    top_level = {str(path.relative_to(REPO)): sorted(imported_packages(path) & {"bench"}) for path in sorted(PACKAGE.glob("*.py"))}
+    assert {path: names for path, names in top_level.items() if names} == {}

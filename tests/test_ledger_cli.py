@@ -159,7 +159,7 @@ def test_the_installed_command_prints_no_traceback_and_starts_light(built, tmp_p
     assert result.stderr.startswith("ewtune: error:") and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
     probe = (
-        "import sys, ewtune.accountant.ledger_cli, ewtune.accountant.verify, ewtune.accountant.ledger, ewtune.accountant.spend, ewtune.accountant.crosscheck; "
+        "import sys, ewtune.ledger_cli, ewtune.accountant.verify, ewtune.accountant.ledger, ewtune.accountant.spend, ewtune.accountant.crosscheck; "
         "print(sorted(m for m in ('torch', 'transformers', 'flwr') if m in sys.modules))"
     )
     imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)

@@ -1,4 +1,4 @@
-"""``ewtune bench ...``: one subcommand per benchmark of :data:`bench.BENCHMARKS` (the package docstring
+"""``ewtune bench ...``: one subcommand per benchmark of :data:`ewtune.bench.BENCHMARKS` (the package docstring
 says how to add one)."""
 
 from __future__ import annotations

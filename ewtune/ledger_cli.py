@@ -87,7 +87,8 @@ def register(subparsers) -> None:
                         "`ledger crosscheck --public-key` and `ledger verify --public-key` do")
     report.add_argument("--out", required=True, metavar="DIR", help="directory for report.html and the PNG plots")
     report.add_argument("--accuracy", metavar="JSON",
-                        help="accuracy by round: the demo's --json result or a coordinator's status.json")
+                        help="accuracy by round: the demo's --json result or a coordinator's status.json; or one figure: "
+                             "ewtune evaluate --json")
     report.add_argument("--json", action="store_true", help="print the report's figures as one JSON object")
     report.set_defaults(func=_write_report)
 

@@ -126,7 +126,7 @@ def test_bad_accuracy_input_is_a_one_line_error(ledgers, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
     assert main(["ledger", "report", str(paths[1]), "--out", str(tmp_path), "--accuracy", str(bad)]) == 2
-    assert "holds neither a demo result nor a coordinator status" in capsys.readouterr().err
+    assert "holds a JSON list, not an object with accuracy_by_round (ewtune demo --json)" in capsys.readouterr().err
 
 
 def test_every_plot_loads_in_chromium_offline(written, tmp_path):

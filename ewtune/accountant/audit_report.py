@@ -12,12 +12,12 @@ epsilon is the guarantee; the Edgeworth values are estimates, RDP and the Edgewo
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ewtune.accountant.accuracy_records import read_accuracy
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
 from ewtune.accountant.events import ComposedEvent, event_from_json
 from ewtune.accountant.privacy_accountant import PrivacyAccountant
@@ -167,40 +167,6 @@ def entry_row(entry: Mapping[str, Any]) -> dict[str, Any]:
         "epsilon_edgeworth": payload.get("epsilon_edgeworth"),
         "note": payload.get("reason") or payload.get("receipt_sha256") or payload.get("extra", {}).get("receipt_sha256"),
     }
-
-
-def read_accuracy(path: str | Path) -> list[dict[str, Any]]:
-    """Accuracy by round from the demo's ``--json`` result (``accuracy_by_round``: the global model on
-    held-out data) or a coordinator's ``status.json`` (each holder's private, noised evaluation)."""
-    try:
-        document = json.loads(Path(path).read_text())
-    except OSError as error:
-        raise InvalidInputError(f"cannot read {path}: {error.strerror or error}") from None
-    except ValueError as error:
-        raise InvalidInputError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(document, dict):
-        raise InvalidInputError(f"{path} holds neither a demo result nor a coordinator status")
-    try:
-        if "accuracy_by_round" in document:
-            rows = document["accuracy_by_round"]
-            return [{
-                "name": "global model on held-out data",
-                "rounds": [int(row["round"]) for row in rows],
-                "values": [float(row["accuracy"]) for row in rows],
-                "baseline": float(rows[0]["majority_baseline"]) if rows else None,
-            }]  # fmt: skip
-        if "holders" in document:
-            series = []
-            for holder_id, holder in sorted(document["holders"].items()):
-                by_round = sorted((int(r), float(a)) for r, a in holder.get("accuracy", {}).items())
-                if by_round:
-                    series.append({"name": f"{holder_id} (private, noised by the holder)",
-                                   "rounds": [r for r, _ in by_round], "values": [a for _, a in by_round],
-                                   "baseline": None})
-            return series
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise InvalidInputError(f"{path}: unexpected accuracy records ({type(error).__name__}: {error})") from None
-    raise InvalidInputError(f"{path} holds neither accuracy_by_round (a demo result) nor holders (a coordinator status)")
 
 
 def _verify_and_cross_check(paths: list[str], public_key: str | None) -> tuple[dict[str, VerificationReport], dict[str, Any]]:

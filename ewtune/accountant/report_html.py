@@ -73,9 +73,11 @@ def render_html(report: AuditReport, images: dict[str, str]) -> str:
     parts.append("<h2>Accuracy against rounds</h2>")
     if report.accuracy:
         parts.append(_image(images, "accuracy", "accuracy against rounds"))
+        parts += [f"<p class=note>{html.escape(line['name'])}: no accuracy released ({html.escape(line['missing'])}).</p>"
+                  for line in report.accuracy if line.get("missing")]
     else:
-        parts.append("<p class=note>No accuracy records were given (<code>--accuracy</code>: a demo's JSON result "
-                     "or a coordinator's status.json).</p>")
+        parts.append("<p class=note>No accuracy records were given (<code>--accuracy</code>: a demo's JSON result, "
+                     "a coordinator's status.json, or <code>ewtune evaluate --json</code>).</p>")
     parts.append("<h2>Every entry</h2>")
     for path, rows in report.entries.items():
         parts += [f"<h3>{html.escape(path)}</h3>", _entries_table(rows)]
@@ -131,7 +133,10 @@ def _budget_figure(curves: list[HolderCurve]):
 def _accuracy_figure(series: list[dict[str, Any]]):
     figure, axes = _figure()
     for line in series:
-        axes.plot(line["rounds"], line["values"], marker="o", label=line["name"])
+        if line["rounds"] is None:  # one figure of one model (ewtune evaluate): no rounds to draw it against
+            axes.axhline(line["values"][0], color="tab:green", label=f"{line['name']}: {line['values'][0]:.3f}")
+        elif line["values"]:
+            axes.plot(line["rounds"], line["values"], marker="o", label=line["name"])
         if line.get("baseline") is not None:
             axes.axhline(line["baseline"], color="grey", linestyle=":", label="majority-class baseline")
     axes.set_xlabel("round (0 = initial model)")

@@ -88,3 +88,56 @@ def test_the_in_place_aes_ctr_keystream_is_the_standard_one():
     count = (1 << 20) + 7
     separate = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor().update(bytes(count))
     assert aes_ctr_keystream(key, counter, count) == separate
+
+
+def _one_pass_normals(key: bytes, nonce: bytes, count: int) -> torch.Tensor:
+    """The transform on the whole keystream at once: box_muller's layout, 12 bytes a pair, no chunks, no threads."""
+    from ewtune.agent.dpsgd.box_muller import box_muller
+    from ewtune.agent.dpsgd.randomness import aes_ctr_keystream
+
+    pairs = (count + 1) // 2
+    raw = aes_ctr_keystream(key, nonce, 12 * pairs)
+    bits53 = (torch.frombuffer(raw, dtype=torch.int64, count=pairs) >> 11) & ((1 << 53) - 1)
+    return box_muller(bits53, torch.frombuffer(raw, dtype=torch.int32, offset=8 * pairs), count)
+
+
+@pytest.mark.parametrize(
+    "nonce",
+    [bytes(range(16)), bytes(12) + b"\xff" * 4, b"\xff" * 16],
+    ids=["plain", "carry-past-32-bits", "wrap-at-2^128"],
+)
+def test_chunks_and_threads_give_the_one_pass_stream(nonce):
+    """Chunk boundaries (1, 3, 64 pairs and the default) and 1 to 3 threads, each seeking its range by the CTR
+    counter, at odd and even counts (the angle stream starting inside an AES block, the last sine dropped), give
+    bit for bit the normals of one pass over the whole keystream, also where the counter carries or wraps."""
+    from ewtune.agent.dpsgd.randomness import aes_ctr_normals
+
+    key = bytes(range(100, 132))
+    for count in (1, 2, 7, 130, 20_001):
+        expected = _one_pass_normals(key, nonce, count)
+        for chunk_pairs, workers in ((1, 1), (3, 2), (64, 3), (1 << 14, 1), (1 << 14, 2)):
+            if chunk_pairs < 64 and count > 130:
+                continue  # thousands of one-pair chunks: slow, and the boundaries are tested at the small counts
+            drawn = aes_ctr_normals(key, nonce, count, chunk_pairs=chunk_pairs, workers=workers)
+            assert torch.equal(drawn, expected), (count, chunk_pairs, workers)
+
+
+def test_chunked_normals_depend_on_the_key():
+    from ewtune.agent.dpsgd.randomness import aes_ctr_normals
+
+    nonce = bytes(16)
+    assert not torch.equal(aes_ctr_normals(bytes(32), nonce, 1000), aes_ctr_normals(bytes(31) + b"\x01", nonce, 1000))
+
+
+def test_extreme_uniforms_give_finite_normals():
+    """u = (b + 1/2) / 2^53 is never 0: the smallest b gives the largest radius sqrt(106 ln 2 + 2 ln 2) ~ 8.65,
+    the largest b rounds to u = 1 and the radius 0; the extreme angle words stay finite too."""
+    from ewtune.agent.dpsgd.box_muller import box_muller
+
+    bits53 = torch.tensor([0, 0, (1 << 53) - 1, 1 << 52], dtype=torch.int64)
+    angles = torch.tensor([0, -(1 << 31), (1 << 31) - 1, 1 << 30], dtype=torch.int32)
+    normals = box_muller(bits53, angles, 8)
+    assert torch.isfinite(normals).all()
+    assert normals[0].item() == pytest.approx(math.sqrt(108 * math.log(2)), rel=1e-6)
+    assert normals[4].item() == 0.0 and normals[2].item() == 0.0 and normals[6].item() == 0.0
+    assert normals[1].item() == pytest.approx(-math.sqrt(108 * math.log(2)), rel=1e-6)  # angle -pi

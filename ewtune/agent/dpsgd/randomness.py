@@ -8,7 +8,12 @@ it, and whoever knows who was sampled loses the amplification by subsampling tha
 from ``os.urandom`` (a block-cipher keystream, the core of NIST SP 800-90A's CTR_DRBG, here without reseeding
 since every call is freshly keyed). Normals come from the Box-Muller transform (Box & Muller 1958), with the
 radius from 53-bit uniforms in float64, so the tails are exact to 8.6 standard deviations (mass beyond: 1e-17),
-and the angle from 32-bit uniforms; they are rounded to float32. Noise wanted on a GPU is drawn there, by ChaCha20 under a fresh key from
+and the angle from 32-bit uniforms; they are rounded to float32 (:mod:`ewtune.agent.dpsgd.box_muller` states
+the precision). The keystream and the transform run chunk by chunk (:func:`aes_ctr_normals`): each chunk's
+keystream is written into a buffer that stays in the core's cache and transformed there, straight into the
+output tensor, so memory is crossed once instead of once per operation; with torch's intra-op threads above
+one, that many threads each draw a contiguous range of pairs, seeking the keystream by its counter, and the
+normals do not depend on the chunk size or the thread count. Noise wanted on a GPU is drawn there, by ChaCha20 under a fresh key from
 ``os.urandom`` (:mod:`ewtune.agent.dpsgd.chacha`), instead of on one CPU core and copied. This protects the noise from being predicted;
 it is no defence against floating-point attacks on the rounded samples (Mironov 2012; Jin et al. 2022, "Are we
 there yet? Timing and floating-point attacks on DP systems"), which no mainstream DP-SGD library addresses either.
@@ -20,16 +25,19 @@ it, and a local run that uses it says so in its results.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ewtune.accountant.sampling import RATE_BITS
-from ewtune.agent.dpsgd.box_muller import box_muller
+from ewtune.agent.dpsgd.box_muller import box_muller_into
 from ewtune.agent.dpsgd.chacha import ChaChaRandom
 
 _BITS_MASK = (1 << RATE_BITS) - 1
+_AES_BLOCK = 16
+_CHUNK_PAIRS = 1 << 14  # a chunk's keystream (192 KiB) and scratch (256 KiB) stay in a core's L2 cache
 
 
 class RandomSource(Protocol):
@@ -67,6 +75,73 @@ def _bits53(words: torch.Tensor) -> torch.Tensor:
     return (words >> 11) & _BITS_MASK
 
 
+def _counter_after(nonce: bytes, blocks: int) -> bytes:
+    """The CTR counter block ``blocks`` blocks after ``nonce``: a 128-bit big-endian integer modulo 2^128, as
+    OpenSSL's CTR mode increments it (NIST SP 800-38A, appendix B.1, the whole block as the counter)."""
+    return ((int.from_bytes(nonce, "big") + blocks) % (1 << 128)).to_bytes(_AES_BLOCK, "big")
+
+
+class _KeystreamCursor:
+    """The AES-256-CTR keystream under (key, nonce) from byte ``start`` on, read piece after piece into one
+    reused buffer of ``capacity`` bytes (zeros encrypted into it: the input stays zero, the output is the stream)."""
+
+    def __init__(self, key: bytes, nonce: bytes, start: int, capacity: int):
+        blocks, skip = divmod(start, _AES_BLOCK)
+        self._encryptor = Cipher(algorithms.AES(key), modes.CTR(_counter_after(nonce, blocks))).encryptor()
+        self._encryptor.update(bytes(skip))  # CTR is a stream: the first block's bytes before ``start``
+        self._zeros = memoryview(bytes(capacity))
+        self.buffer = bytearray(capacity + _AES_BLOCK - 1)  # update_into wants room for a block less one beyond
+
+    def advance(self, count: int) -> None:
+        """Put the next ``count`` keystream bytes at the start of ``buffer``."""
+        written = self._encryptor.update_into(self._zeros[:count], self.buffer)
+        if written != count:
+            raise RuntimeError(f"AES-CTR wrote {written} bytes of keystream, {count} were asked for")
+
+
+def _normals_range(key: bytes, nonce: bytes, out: torch.Tensor, first: int, last: int, chunk: int) -> None:
+    """Pairs ``first .. last - 1`` of :func:`aes_ctr_normals`, ``chunk`` pairs at a time, into ``out``."""
+    pairs, chunk = (out.numel() + 1) // 2, max(1, min(chunk, last - first))
+    radii = _KeystreamCursor(key, nonce, 8 * first, 8 * chunk)
+    angles = _KeystreamCursor(key, nonce, 8 * pairs + 4 * first, 4 * chunk)
+    radius_words = torch.frombuffer(radii.buffer, dtype=torch.int64, count=chunk)
+    angle_words = torch.frombuffer(angles.buffer, dtype=torch.int32, count=chunk)
+    bits = torch.empty(chunk, dtype=torch.int64)
+    scratch = (torch.empty(chunk, dtype=torch.float64), torch.empty(chunk), torch.empty(chunk))
+    for start in range(first, last, chunk):
+        size = min(chunk, last - start)
+        radii.advance(8 * size)
+        angles.advance(4 * size)
+        torch.bitwise_right_shift(radius_words[:size], 11, out=bits[:size]).bitwise_and_(_BITS_MASK)
+        sines = out[pairs + start : pairs + start + size]  # one short at the end of an odd count
+        box_muller_into(bits[:size], angle_words[:size], out[start : start + size], sines, scratch)
+
+
+def aes_ctr_normals(
+    key: bytes, nonce: bytes, count: int, chunk_pairs: int = _CHUNK_PAIRS, workers: int = 1
+) -> torch.Tensor:
+    """``count`` N(0, 1) draws (float32, CPU) from the AES-256-CTR keystream under (key, nonce), 12 bytes a pair
+    for ``pairs = ceil(count / 2)`` pairs: pair i's radius from the 53 high bits of the little-endian int64 at byte
+    8i, its angle from the int32 at byte 8 pairs + 4i (:func:`ewtune.agent.dpsgd.box_muller.box_muller`); normal i
+    is pair i's r cos, normal pairs + i its r sin. Computed ``chunk_pairs`` pairs at a time by ``workers`` threads
+    over contiguous ranges of pairs (torch's operations release the GIL); neither changes a bit of the result."""
+    if chunk_pairs < 1 or workers < 1:
+        raise ValueError(f"chunk_pairs and workers must be at least 1, got {chunk_pairs} and {workers}")
+    out = torch.empty(count)
+    pairs = (count + 1) // 2
+    chunks = -(-pairs // chunk_pairs)
+    workers = min(workers, chunks)
+    if workers <= 1:
+        _normals_range(key, nonce, out, 0, pairs, chunk_pairs)
+        return out
+    bounds = [min(pairs, (chunks * w // workers) * chunk_pairs) for w in range(workers + 1)]
+    with ThreadPoolExecutor(workers) as pool:
+        ranges = [pool.submit(_normals_range, key, nonce, out, a, b, chunk_pairs) for a, b in zip(bounds, bounds[1:])]
+        for finished in ranges:
+            finished.result()  # re-raises a worker's error
+    return out
+
+
 class SecureRandom:
     """Randomness from the operating system's secure source (see the module docstring)."""
 
@@ -82,19 +157,14 @@ class SecureRandom:
         return _bits53(torch.frombuffer(_keystream(8 * count), dtype=torch.int64, count=count))
 
     def standard_normal(self, count: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """Box-Muller (:func:`ewtune.agent.dpsgd.box_muller.box_muller`) on 12 keystream bytes per pair. On a device
-        other than the CPU, :class:`ewtune.agent.dpsgd.chacha.ChaChaRandom` draws them there (the same transform)."""
+        """:func:`aes_ctr_normals` under a fresh key and nonce, with torch's intra-op thread count as workers. On a
+        device other than the CPU, :class:`ewtune.agent.dpsgd.chacha.ChaChaRandom` draws them there (the same transform)."""
         device = torch.device(device or "cpu")
         if device.type != "cpu":
             if device not in self._device_sources:
                 self._device_sources[device] = ChaChaRandom(device)  # runs RFC 8439's known answer there
             return self._device_sources[device].standard_normal(count)
-        if count == 0:
-            return torch.zeros(0)
-        pairs = (count + 1) // 2
-        raw = _keystream(12 * pairs)
-        bits = _bits53(torch.frombuffer(raw, dtype=torch.int64, count=pairs))
-        return box_muller(bits, torch.frombuffer(raw, dtype=torch.int32, offset=8 * pairs), count)
+        return aes_ctr_normals(os.urandom(32), os.urandom(16), count, workers=torch.get_num_threads())
 
 
 class InsecureSeededRandom:

@@ -100,8 +100,12 @@ def initial_weights(model_dir: Path, path: Path, training: dict[str, Any], num_l
 class LocalFederation:
     """``with LocalFederation(work_dir, holders) as federation: federation.start(); federation.run(job)``."""
 
-    def __init__(self, work_dir: Path, holders: Sequence[HolderSetup], log: Callable[[str], None] | None = None):
+    def __init__(self, work_dir: Path, holders: Sequence[HolderSetup], log: Callable[[str], None] | None = None,
+                 superlink_launcher: Sequence[str] = ()):
         self.work_dir = Path(work_dir).resolve()
+        # A module (and its arguments) run in place of ewtune.coordinator.superlink_main, which it must end by
+        # running: `ewtune bench federation`'s request recorder (ewtune.bench.superlink_requests).
+        self.superlink_launcher = list(superlink_launcher)
         self.holders = list(holders)
         self.log = log or (lambda text: None)
         self.processes: dict[str, subprocess.Popen] = {}
@@ -159,6 +163,9 @@ class LocalFederation:
         command = superlink.superlink_command(
             credentials.ca_certificate, credentials.server_certificate, credentials.server_key, coordinator / "superlink.db", port=self.port
         )
+        if self.superlink_launcher:
+            at = command.index("ewtune.coordinator.superlink_main")
+            command[at:at + 1] = self.superlink_launcher
         process = self._spawn("superlink", command, coordinator / "superlink.log", flower_environment(self.flwr_home), cwd=coordinator)
         superlink.wait_for_port("127.0.0.1", self.port, 60, process)
 

@@ -20,6 +20,6 @@ BENCHMARKS = {
     "cli": ("ewtune.bench.cli_speed", "whole-process time of `ewtune accountant epsilon` against dp_accounting PLD, and `ewtune --help`"),
     "dpsgd": ("ewtune.bench.dpsgd", "DP-SGD step time and memory against non-private training and Opacus"),
     "noise": ("ewtune.bench.noise", "secure normals per second: the AES-CTR CPU source, ChaCha20 on each device, torch.randn (not secure)"),
-    "federation": ("ewtune.bench.federation", "coordination overhead per round on loopback, ewtune against Flower's defaults, 3 and 10 holders"),
+    "federation": ("ewtune.bench.federation", "coordination overhead per round on loopback, ewtune against Flower's defaults; per holder: Flower requests, SuperLink CPU, memory, nothing lost; 3, 10 and 20 holders"),
     "utility": ("ewtune.bench.utility", "accuracy of private linear probing of MiniLM on MR: non-private, certified epsilon 1/3/8, EW-Tune's policy, central and federated; LP-FT with --modes head lpft"),
 }

@@ -1,5 +1,6 @@
 """``ewtune bench federation``: coordination overhead per round on loopback, ewtune's message path against
-Flower's defaults, side by side in one run, with 3 and with 10 holders.
+Flower's defaults, side by side in one run, with 3, 10 and 20 holders (``--holders``; 30 needs more cores than
+the 2 of the development machine: on a lent 16-core machine), and what each holder costs as holders are added.
 
 Overhead of a round = its wall time at the coordinator (reserve, send, wait for every reply, verify receipts,
 aggregate, commit, checkpoint) minus the slowest holder's local DP-SGD time in that round, read from the
@@ -23,6 +24,13 @@ The table gives medians over rounds (round 1, which pays each process's first me
 medians and kept in the JSON) and the ratio baseline / ewtune. Beside the wall times it gives the SuperLink's CPU
 seconds per round (rounds 2 and later): the one process that serves every holder's polls and object transfers,
 whose work grows with the federation, and a figure that the machine's other load barely moves.
+
+Per holder and round (rounds 2 and later), a second table gives what the federation's size does to each
+holder: the Flower requests it makes (its empty pulls apart) and the Runtime API's (the ServerApp's and the
+SuperExec's) divided among the holders, counted inside the SuperLink by :mod:`ewtune.bench.superlink_requests`; its daemon's and its SuperNode's
+resident memory after round 1 and after the last round (:mod:`ewtune.bench.holder_memory`); and that nothing
+was lost: every round completed, every holder's reply accepted in every round, and as many training commits
+per holder as rounds in the coordinator's ledger and in the holder's own.
 """
 
 from __future__ import annotations
@@ -46,11 +54,15 @@ PARTS = ("deliver", "train", "return", "aggregate")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--holders", type=int, nargs="+", default=[3, 10], help="federation sizes to measure (default: 3 10)")
+    parser.add_argument("--holders", type=int, nargs="+", default=[3, 10, 20],
+                        help="federation sizes to measure (default: 3 10 20; 30 on a machine with 16 cores)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per configuration (default 5; round 1 is left out of medians)")
     parser.add_argument("--local-steps", type=int, default=2, help="DP-SGD steps per holder per round (default 2)")
     parser.add_argument("--rows-per-holder", type=int, default=120)
     parser.add_argument("--configurations", nargs="+", choices=list(CONFIGURATIONS), default=list(CONFIGURATIONS))
+    parser.add_argument("--baseline-max-holders", type=int, default=10,
+                        help="measure flower-defaults only up to this many holders (default 10: its rounds take a minute at 20, "
+                             "its comparison is made at 3 and 10)")
     parser.add_argument("--json", help="write the results as JSON here (default benchmarks/results/federation.json)",
                         default="benchmarks/results/federation.json")
     parser.add_argument("--markdown", help="write the table here (default benchmarks/results/federation.md)",
@@ -67,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, Any]] = {}
     for holders in args.holders:
         for name in args.configurations:
+            if name == "flower-defaults" and holders > args.baseline_max_holders:
+                continue
             key = f"{name}/{holders}"
             print(f"measuring {key}: {args.rounds} rounds", flush=True)
             if args.work_dir:
@@ -78,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "benchmark": "federation",
         "command": f"ewtune bench federation --holders {' '.join(map(str, args.holders))} --rounds {args.rounds} "
-                   f"--local-steps {args.local_steps} --rows-per-holder {args.rows_per_holder}",
+                   f"--local-steps {args.local_steps} --rows-per-holder {args.rows_per_holder} --baseline-max-holders {args.baseline_max_holders}",
         "definition": "overhead per round = round wall time at the coordinator - slowest holder's reserve->commit time in its own ledger",
         "configurations": CONFIGURATIONS,
         "goal_seconds": GOAL_SECONDS,
@@ -95,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _measure(work: Path, args: argparse.Namespace, holders: int, configuration: dict[str, Any]) -> dict[str, Any]:
     from ewtune.agent.assets import minilm_model_dir, write_mr_csv
+    from ewtune.bench import superlink_requests
+    from ewtune.bench.holder_memory import HolderMemory
     from ewtune.local_federation import FederationJob, HolderSetup, LocalFederation, initial_weights, partition_csv
 
     names = [f"holder-{index:02d}" for index in range(holders)]
@@ -105,7 +121,9 @@ def _measure(work: Path, args: argparse.Namespace, holders: int, configuration: 
     supernode = {"isolation": configuration["isolation"]}
     setups = [HolderSetup(name, path, budget_epsilon=100.0, training=training, supernode=supernode) for name, path in zip(names, partitions)]
     weights = initial_weights(model_dir, work / "initial.safetensors", training)
-    with LocalFederation(work, setups, log=print) as federation:
+    request_log = work.resolve() / "coordinator" / "superlink-requests.jsonl"
+    recorder = [superlink_requests.__name__, "--request-log", str(request_log)]
+    with LocalFederation(work, setups, log=print, superlink_launcher=recorder) as federation:
         federation.start()
         federation.wait_for_daemons()
         job = FederationJob(
@@ -119,11 +137,19 @@ def _measure(work: Path, args: argparse.Namespace, holders: int, configuration: 
                       "short_waits": configuration["short_waits"]},
         )
         meter = SuperLinkCpu(federation.processes["superlink"].pid)
-        status = federation.run(job, on_status=meter.on_status, timeout=3600)
+        memory = HolderMemory({name: federation.processes[f"agent:{name}"].pid for name in names})
+        status = federation.run(job, on_status=lambda update: (meter.on_status(update), memory.on_status(update)), timeout=3600)
         if status.get("state") != "finished":
             raise RuntimeError(f"the run ended {status.get('state')}: {status.get('reason')}")
-        status["breakdown"] = ledger_breakdown(work, status["run_id"], names)
+        committed = committed_rounds(work, status["run_id"], names)
+        status["breakdown"] = ledger_breakdown(committed)
+        status["nothing_lost"] = nothing_lost(status, committed, args.rounds)
         status["superlink_cpu_seconds_per_round"] = meter.per_round_after_first()
+        status["memory"] = memory.first_and_last()
+        phases = superlink_requests.requests_by_phase(
+            superlink_requests.read_records(request_log), {node: name for name, node in federation.node_ids.items()}
+        )
+        status["requests"] = superlink_requests.per_round(phases, names, args.rounds)
     return status
 
 
@@ -149,18 +175,44 @@ class SuperLinkCpu:
         return (self.at_rounds[last] - self.at_rounds[first]) / (last - first)
 
 
-def ledger_breakdown(work: Path, run_id: str, holders) -> list[dict[str, Any]]:
+def committed_rounds(work: Path, run_id: str, holders) -> dict[str, tuple[dict, dict]]:
+    """holder -> (round -> (reserve, commit) of its training in the coordinator's ledger, the same in its own)."""
+    from ewtune.coordinator.ledger_crosscheck import read_entries
+
+    coordinator = read_entries(work / "coordinator" / "ledger.jsonl")
+    return {
+        holder: (
+            _reserve_commit_by_round(coordinator, run_id, holder),
+            _reserve_commit_by_round(read_entries(work / "holders" / holder / "ledger.jsonl"), run_id, holder),
+        )
+        for holder in holders
+    }
+
+
+def nothing_lost(status: dict[str, Any], committed: dict[str, tuple[dict, dict]], rounds: int) -> dict[str, Any]:
+    """Whether the run lost nothing: every round completed, every holder's reply accepted (committed) in every
+    round, and ``rounds`` training commits per holder in the coordinator's ledger and in the holder's own."""
+    holders = len(committed)
+    accepted = sum(1 for record in status["rounds"] for outcome in record["holders"].values() if outcome.get("status") == "committed")
+    commits = {holder: [len(coordinator), len(own)] for holder, (coordinator, own) in committed.items()}
+    return {
+        "rounds_completed": status.get("rounds_completed"),
+        "replies_accepted": accepted,
+        "replies_expected": rounds * holders,
+        "ledger_commits": commits,  # holder -> [in the coordinator's ledger, in its own]
+        "complete": status.get("rounds_completed") == rounds and accepted == rounds * holders
+                    and all(counts == [rounds, rounds] for counts in commits.values()),
+    }
+
+
+def ledger_breakdown(committed: dict[str, tuple[dict, dict]]) -> list[dict[str, Any]]:
     """Per round and holder, from the ledgers' timestamps (one clock, one machine): ``deliver`` = coordinator
     reserve -> holder reserve (Flower's delivery, the ClientApp, the daemon's evaluation, plan and budget
     checks), ``train`` = holder reserve -> holder commit (DP-SGD and the holder's ledger), ``return`` = holder
     commit -> coordinator commit (Flower's return path, receipt checks, earlier commits)."""
-    from ewtune.coordinator.ledger_crosscheck import read_entries
-
-    coordinator = read_entries(work / "coordinator" / "ledger.jsonl")
     rows = []
-    for holder in holders:
-        own = _reserve_commit_by_round(read_entries(work / "holders" / holder / "ledger.jsonl"), run_id, holder)
-        for round, (reserve, commit) in sorted(_reserve_commit_by_round(coordinator, run_id, holder).items()):
+    for holder, (coordinator, own) in committed.items():
+        for round, (reserve, commit) in sorted(coordinator.items()):
             if round in own:
                 held_reserve, held_commit = own[round]
                 rows.append({
@@ -214,6 +266,8 @@ def round_overheads(rounds: list[dict[str, Any]], breakdown: list[dict[str, Any]
 
 
 def _summary(status: dict[str, Any]) -> dict[str, Any]:
+    from ewtune.bench.superlink_requests import steady_rates
+
     breakdown = status.get("breakdown", [])
     rounds = round_overheads(status["rounds"], breakdown)
     steady = [r for r in rounds if r["round"] > 1 and r["overhead_seconds"] is not None]
@@ -231,6 +285,10 @@ def _summary(status: dict[str, Any]) -> dict[str, Any]:
         "max_overhead_seconds": max(r["overhead_seconds"] for r in steady),
         "median_aggregate_seconds": statistics.median(r["aggregate_seconds"] for r in steady),
         "superlink_cpu_seconds_per_round": status.get("superlink_cpu_seconds_per_round"),
+        "nothing_lost": status.get("nothing_lost"),
+        "memory": status.get("memory"),
+        "requests_per_round": status.get("requests"),
+        "requests": steady_rates(status["requests"]) if status.get("requests") else None,
         **{f"median_{part}_seconds": statistics.median(row[f"{part}_seconds"] for row in steady_rows) for part in ("deliver", "train", "return")},
     }
 
@@ -267,15 +325,76 @@ def _markdown(report: dict[str, Any]) -> str:
         )
     lines.append("")
     for holders, ratio in report["ratios_flower_defaults_over_ewtune"].items():
-        lines.append(f"- {holders} holders: flower-defaults / ewtune median overhead = " + (f"{ratio:.1f}x" if ratio else "n/a"))
+        lines.append(f"- {holders} holders: flower-defaults / ewtune median overhead = " + (f"{ratio:.1f}x" if ratio else "n/a (not both measured)"))
     lines += [
         "",
         "deliver = coordinator reserve -> holder reserve (Flower's delivery, the ClientApp, the holder's evaluation of the "
         "incoming model, its plan and budget checks); train = holder reserve -> holder commit; return = holder commit -> "
         "coordinator commit (Flower's return path, receipt checks); aggregate = last reply -> end of round (commits, "
         "average, checkpoint). Times from the ledgers' timestamps and the coordinator's status.",
+        "",
+        *_per_holder_markdown(report["results"].values()),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _per_holder_markdown(results) -> list[str]:
+    """The second table: per holder and round, what the federation's size costs, and that nothing was lost."""
+    lines = [
+        "#### Per holder and round, as holders are added (rounds 2 and later)",
+        "",
+        "| configuration | holders | nothing lost: rounds, replies accepted, training commits per holder (coordinator's / own ledger) "
+        "| SuperLink CPU per holder and round (s) | Flower requests per holder and round: its own + its empty pulls "
+        "| Runtime API requests (ServerApp, SuperExec) per holder and round (their empty pulls per round) | daemon RSS after round 1 -> last, max (MiB) "
+        "| SuperNode RSS after round 1 -> last, max (MiB) | largest growth of one holder, daemon / SuperNode (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        lines.append(f"| {result['configuration']} | {result['holders']} | {_lost(result.get('nothing_lost'))} | "
+                     f"{_per_holder_cpu(result)} | {_requests(result.get('requests'))} | {_memory(result.get('memory'))} |")
+    lines += [
+        "",
+        "Requests are counted inside the SuperLink: `ewtune.bench.superlink_requests` puts one ASGI middleware outermost "
+        "in flwr 1.42's SuperLink app, which records every HTTP request it serves (Fleet, Runtime and Control APIs on one "
+        "port), the node id of a Fleet request (the one Flower's SuperNode authentication checks) and whether a pull found "
+        "nothing (read from the response the client received). Every request passes that layer once, so the count is exact; "
+        "a round's requests are those that arrived between its first train message push by the ServerApp and the next push. "
+        "A holder's own requests exclude its empty message and object pulls, given apart; the Runtime API's are the "
+        "ServerApp's (pushes, pulls of replies and objects, logs, heartbeats) and the SuperExec's task polls (1 a second). Memory is psutil's RSS of the "
+        "holder's agent daemon and, summed, of the processes under it (the SuperNode and what it started), read after round 1 "
+        "and after the last round. 30 holders need more than these 2 cores: run `ewtune bench federation --holders 30` on a "
+        "lent 16-core machine (not measured yet).",
+    ]
+    return lines
+
+
+def _lost(check: dict[str, Any] | None) -> str:
+    if not check:
+        return "n/a"
+    commits = sorted({tuple(counts) for counts in check["ledger_commits"].values()})
+    verdict = "**yes, nothing lost**" if check["complete"] else "**NO: something was lost**"
+    return (f"{verdict}: {check['rounds_completed']} rounds, {check['replies_accepted']}/{check['replies_expected']} replies, "
+            + ", ".join(f"{c}/{o}" for c, o in commits))
+
+
+def _per_holder_cpu(result: dict[str, Any]) -> str:
+    seconds = result.get("superlink_cpu_seconds_per_round")
+    return "n/a" if seconds is None else f"{seconds / result['holders']:.3f}"
+
+
+def _requests(rates: dict[str, Any] | None) -> str:
+    if not rates or rates["holder_requests"] is None:
+        return "n/a | n/a"
+    return (f"{rates['holder_requests']:.1f} + {rates['holder_empty_pulls']:.1f} (one holder's round: {rates['holder_requests_min']}-"
+            f"{rates['holder_requests_max']} in all) | {rates['coordinator_requests_per_holder']:.1f} ({rates['coordinator_empty_pulls']:.1f})")
+
+
+def _memory(memory: dict[str, Any] | None) -> str:
+    if not memory:
+        return "n/a | n/a | n/a"
+    daemon, supernode = memory["daemon"], memory["supernode"]
+    return (f"{daemon['first_max_mib']:.0f} -> {daemon['last_max_mib']:.0f} | {supernode['first_max_mib']:.0f} -> {supernode['last_max_mib']:.0f} | "
+            f"{daemon['growth_max_mib']:+.1f} / {supernode['growth_max_mib']:+.1f}")
 
 
 def _optional(seconds: float | None) -> str:

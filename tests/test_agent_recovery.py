@@ -23,8 +23,9 @@ from ewtune.agent.policy import load_agent_config
 from ewtune.agent.recovery import ProgressJournal, journal_path, read_progress
 from ewtune.agent.rpc import DaemonClient, DaemonError
 from ewtune.coordinator.recovery import commit_extra
-from test_daemon import COUNT, HOLDER, PLAN, REPO, _agent_toml, _entries, _global_weights, _kinds, _wait_for_daemon, count_epsilon
-from test_daemon import trainer  # noqa: F401 - the fixture
+from support.daemon import COUNT, HOLDER, PLAN, REPO, _agent_toml, _global_weights, _kinds, _wait_for_daemon, count_epsilon
+from support.daemon import trainer  # noqa: F401 - the fixture
+from support.ledgers import read_entries as _entries
 
 PLANNED = PoissonGaussianEvent(executable_sampling_rate(PLAN["sampling_rate"]), PLAN["noise_multiplier"], PLAN["steps"])
 

@@ -12,7 +12,7 @@ from ewtune.accountant.config_check import InvalidConfiguration
 from ewtune.agent.config_check import check_agent_config
 from ewtune.coordinator.config_check import check_federation_config
 from ewtune.cli import main
-from test_daemon import _agent_toml
+from support.daemon import _agent_toml
 
 FEDERATION = """\
 [federation]

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny_federation import descendants, mr_holders, verified_ledgers
+from tiny_federation import _serverapps, mr_holders, verified_ledgers
 
 from ewtune.accountant.crosscheck import cross_check, read_entries
 from ewtune.coordinator import crash_points
@@ -38,18 +38,6 @@ from ewtune.coordinator.checkpoints import load_weights
 from ewtune.coordinator.superlink import run_command
 from ewtune.local_federation import FederationJob, LocalFederation
 from ewtune.federation.processes import flower_environment, stop_process_group
-
-
-def _serverapps(superlink_pid: int) -> list[int]:
-    pids = []
-    for pid in descendants(superlink_pid):
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if b"flwr-serverapp" in command:
-            pids.append(pid)
-    return pids
 
 
 def _reserved_round(ledger: Path, name: str, round: int, holders: int = 2) -> bool:

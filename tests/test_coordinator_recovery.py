@@ -14,7 +14,7 @@ import signal
 
 import numpy as np
 import pytest
-from test_server_app import FakeGrid, Node, _directory, _federation, fake_task_identity
+from support.fake_grid import FakeGrid, Node, _directory, _federation, fake_task_identity
 
 from ewtune.accountant.crosscheck import read_entries
 from ewtune.accountant.errors import InvalidInputError

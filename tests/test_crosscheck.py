@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_ledger import anchor_head_at, read_entries, resign, write_entries
+from support.ledgers import anchor_head_at, read_entries, resign, write_entries
 
 import ewtune.coordinator.ledger_crosscheck as coordinator_crosscheck
 from ewtune.accountant import crosscheck

@@ -8,12 +8,28 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support.daemon import (  # noqa: F401 - trainer and daemon_parts are fixtures
+    BUDGET,
+    COUNT,
+    HOLDER,
+    PLAN,
+    REPO,
+    _agent_toml,
+    _daemon,
+    _global_weights,
+    _kinds,
+    _training_config,
+    _wait_for_daemon,
+    count_epsilon,
+    daemon_parts,
+    trainer,
+)
+from support.ledgers import read_entries as _entries
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.events import PoissonGaussianEvent
@@ -24,77 +40,6 @@ from ewtune.accountant.signing import SigningKey
 from ewtune.accountant.verify import verify_ledger
 from ewtune.agent.policy import HolderPolicy, PlanRefused, load_agent_config
 from ewtune.agent.rpc import DaemonClient, DaemonError, DaemonUnavailable, RequestFailed, decode, encode, serve
-
-HOLDER = "holder0"
-BUDGET = {"budget_epsilon": 8.0, "budget_delta": 1e-5}
-PLAN = {
-    "run_id": "run-1",
-    "round": 1,
-    "steps": 3,
-    "sampling_rate": 0.1,  # an expected batch of 18 of the 180 training records, far above the floor of 8 whatever the noised count
-    "noise_multiplier": 1.0,
-    "clip_norm": 1.0,
-    "learning_rate": 0.01,
-    "delta": 1e-5,
-}
-REPO = Path(__file__).resolve().parents[1]
-# A daemon releases its noised training-set count once, at its first start: a reservation and its commit.
-COUNT = ["reserve", "commit"]
-
-
-def count_epsilon(noise=20.0, delta=BUDGET["budget_delta"]):
-    """The certified epsilon of one count release (ewtune.agent.released_count): the Gaussian mechanism at q = 1."""
-    from ewtune.accountant.certified import certified_epsilon
-
-    return certified_epsilon(PoissonGaussianEvent(1.0, noise, 1), delta)
-
-
-def _training_config(tiny_bert_dir, mr_csv):
-    """The training section of the holder's agent.toml (_agent_toml), with the split key the daemon defaults to,
-    so that the test's trainer and a daemon started from the file split the records alike."""
-    return dict(
-        model_dir=str(tiny_bert_dir), data_file=str(mr_csv), max_length=32, physical_batch_size=16, max_examples=200,
-        split_key_file=str(mr_csv) + ".split-key",
-    )
-
-
-@pytest.fixture(scope="module")
-def trainer(tiny_bert_dir, mr_csv):
-    import torch
-
-    from ewtune.agent.training import LocalTrainer, TrainingConfig
-
-    torch.set_num_threads(1)
-    return LocalTrainer(TrainingConfig(**_training_config(tiny_bert_dir, mr_csv)))
-
-
-@pytest.fixture
-def daemon_parts(tmp_path, trainer):
-    key = SigningKey.generate()
-    ledger_path = tmp_path / "ledger.jsonl"
-    ledger = Ledger.create(ledger_path, key, HOLDER, BUDGET)
-    return key, ledger, ledger_path
-
-
-def _daemon(daemon_parts, trainer, **policy):
-    from ewtune.agent.daemon import Daemon
-
-    key, ledger, _ = daemon_parts
-    return Daemon(HOLDER, HolderPolicy(**BUDGET, **policy), trainer, ledger, key)
-
-
-def _global_weights(trainer):
-    return {name: tensor.detach().numpy().copy() for name, tensor in trainer.trainable_state().items()}
-
-
-def _kinds(ledger_path):
-    return [entry["kind"] for entry in _entries(ledger_path)]
-
-
-def _entries(ledger_path):
-    import json
-
-    return [json.loads(line) for line in Path(ledger_path).read_text().splitlines()]
 
 
 def _assert_nothing_charged(daemon, ledger_path):
@@ -607,40 +552,6 @@ def test_the_client_app_does_not_import_torch_or_transformers():
 # --- the command: ewtune agent start ----------------------------------------------------------------------
 
 
-def _agent_toml(tmp_path, tiny_bert_dir, mr_csv, epsilon=8.0):
-    key_path = tmp_path / "ledger.key"
-    if not key_path.exists():
-        SigningKey.generate().save(key_path)
-    training = _training_config(tiny_bert_dir, mr_csv)
-    path = tmp_path / "agent.toml"
-    path.write_text(
-        textwrap.dedent(
-            f"""\
-            [holder]
-            id = "{HOLDER}"
-            [budget]
-            epsilon = {epsilon}
-            delta = 1e-5
-            [policy]
-            max_clip_norm = 5.0
-            max_steps_per_round = 100
-            [ledger]
-            path = "state/ledger.jsonl"
-            signing_key = "ledger.key"
-            [rpc]
-            address = "unix:run/agent.sock"
-            [training]
-            model_dir = "{training['model_dir']}"
-            data_file = "{training['data_file']}"
-            max_length = 32
-            physical_batch_size = 16
-            max_examples = 200
-            """
-        )
-    )
-    return path
-
-
 def test_agent_toml_is_loaded_with_paths_resolved(tmp_path, tiny_bert_dir, mr_csv):
     config = load_agent_config(_agent_toml(tmp_path, tiny_bert_dir, mr_csv))
     assert config.holder_id == HOLDER and config.policy.max_steps_per_round == 100
@@ -721,19 +632,6 @@ def test_ewtune_agent_start_serves_and_stops_cleanly_on_sigterm(tmp_path, tiny_b
     assert verify_ledger(ledger_path).ok
     # the ledger is closed (its writer lock released): it opens again for writing
     Ledger.open(ledger_path, SigningKey.load(tmp_path / "ledger.key")).close()
-
-
-def _wait_for_daemon(address, process, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"ewtune agent start exited early: {process.stderr.read()[-2000:]}")
-        try:
-            with DaemonClient(address, timeout=2) as client:
-                return client.describe()
-        except DaemonError:
-            time.sleep(0.3)
-    raise AssertionError("the daemon did not come up")
 
 
 # --- the SuperNode supervisor -----------------------------------------------------------------------------

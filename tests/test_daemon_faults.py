@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_daemon import BUDGET, COUNT, HOLDER, PLAN, _daemon, _global_weights, _kinds, daemon_parts, trainer  # noqa: F401
+from support.daemon import BUDGET, COUNT, HOLDER, PLAN, _daemon, _global_weights, _kinds, daemon_parts, trainer  # noqa: F401
 
 from ewtune.accountant.certified import certified_epsilon
 from ewtune.accountant.errors import EwtuneError

@@ -3,12 +3,11 @@ one-line error (never a silent fall back to the CPU), auto picks CUDA only when 
 
 import pytest
 import torch
+from support.training import ON_GPU
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent.device import check_device_name, check_precision, resolve_device
 
-# A test that needs a GPU: marked ``gpu`` (``pytest -m gpu`` runs these alone on a lent device), skipped without CUDA.
-ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DEVICES = ["cpu", pytest.param("cuda", marks=ON_GPU)]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from flwr.app import Error, Message, MessageType
-from test_server_app import Node, _directory, _federation, fake_task_identity
+from support.fake_grid import Node, _directory, _federation, fake_task_identity
 
 from ewtune.coordinator.cli import status_table
 from ewtune.coordinator.run_progress import RunProgress, missing_evaluations

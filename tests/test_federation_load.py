@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
-from test_server_app import FakeGrid, Node, _directory, _federation
+from support.fake_grid import FakeGrid, Node, _directory, _federation
 
 from ewtune.accountant.ledger import parse_line, split_lines
 from ewtune.accountant.verify import verify_ledger
@@ -81,8 +81,7 @@ def test_twenty_holders_six_rounds_lose_nothing_and_memory_stays_flat(tmp_path, 
 
 @pytest.mark.slow  # about 10 minutes on 2 busy cores
 def test_twenty_holders_over_real_flower_processes_lose_nothing_and_memory_stays_flat(tiny_bert_dir, tmp_path):
-    from test_coordinator_crash import _serverapps
-    from tiny_federation import mr_holders, verified_ledgers
+    from tiny_federation import _serverapps, mr_holders, verified_ledgers
 
     from ewtune.accountant.crosscheck import cross_check, read_entries
     from ewtune.agent.assets import write_mr_csv

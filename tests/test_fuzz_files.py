@@ -19,7 +19,7 @@ import tomli_w
 from fuzzing import fuzz_settings, json_values, mutated
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
-from test_ledger import build_ledger
+from support.ledgers import build_ledger
 
 from ewtune.accountant.errors import EwtuneError
 from ewtune.accountant.events import PoissonGaussianEvent

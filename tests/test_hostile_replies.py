@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from test_server_app import FakeGrid, Node, _directory, _federation
+from support.fake_grid import FakeGrid, Node, _directory, _federation
 
 from ewtune.accountant.events import PoissonGaussianEvent
 from ewtune.accountant.ledger import parse_line, split_lines

@@ -1,9 +1,4 @@
-"""The ledger writer: keys, canonical JSON, durability, the budget pre-flight, and the reserve/commit/abort rules.
-
-``build_ledger``, ``read_entries``, ``write_entries``, ``resign`` and ``anchor_head_at`` are the test-side
-helpers the tamper, head and CLI tests share (they are not part of the package: a real writer never rewrites a
-ledger, nor moves its head back).
-"""
+"""The ledger writer: keys, canonical JSON, durability, the budget pre-flight, and the reserve/commit/abort rules."""
 
 from __future__ import annotations
 
@@ -11,77 +6,23 @@ import json
 import math
 import stat
 import threading
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support.ledgers import BUDGET, DIGEST, ROUND, WRITER, build_ledger, read_entries
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.events import PoissonGaussianEvent, compose
-from ewtune.accountant.ledger import (
-    GENESIS_PREV,
-    Head,
-    Ledger,
-    default_head_path,
-    entry_hash,
-    head_document,
-    signed_bytes,
-    write_head,
-)
+from ewtune.accountant.ledger import GENESIS_PREV, Ledger, entry_hash, signed_bytes
 from ewtune.accountant.signing import SigningKey, canonical_json, verify_signature
 from ewtune.accountant.spend import holder_spends, spend_with
-
-WRITER = "hospital-a"
-BUDGET = {"budget_epsilon": 3.0, "budget_delta": 1e-5}
-ROUND = PoissonGaussianEvent(0.01, 1.0, 200)
-DIGEST = "ab" * 32
 
 
 def certified(event, delta=BUDGET["budget_delta"]):
     from ewtune.accountant.certified import certified_epsilon
 
     return certified_epsilon(event, delta)
-
-
-def build_ledger(path: Path, key: SigningKey | None = None) -> SigningKey:
-    """A holder's ledger: 0 genesis, 1 reserve r0, 2 commit r0 (stopped early), 3 reserve r1, 4 abort r1,
-    5 reserve r2 (left open)."""
-    key = key or SigningKey.generate()
-    with Ledger.create(path, key, WRITER, BUDGET) as ledger:
-        first = ledger.reserve(WRITER, "run-1", 0, ROUND)
-        ledger.commit(first, PoissonGaussianEvent(0.01, 1.0, 150), extra={"receipt_sha256": DIGEST})
-        second = ledger.reserve(WRITER, "run-1", 1, ROUND)
-        ledger.abort(second, "holder went offline")
-        ledger.reserve(WRITER, "run-1", 2, ROUND)
-    return key
-
-
-def read_entries(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_bytes().splitlines()]
-
-
-def write_entries(path: Path, entries: list[dict]) -> None:
-    path.write_bytes(b"".join(canonical_json(entry) + b"\n" for entry in entries))
-
-
-def resign(entries: list[dict], key: SigningKey, start: int = 0) -> list[dict]:
-    """Re-chain and re-sign ``entries[start:]`` with ``key``, as a forger holding that key would."""
-    for index in range(start, len(entries)):
-        entry = entries[index]
-        entry["prev"] = GENESIS_PREV if index == 0 else entry_hash(entries[index - 1])
-        entry.pop("signature", None)
-        entry["signature"] = key.sign(signed_bytes(entry))
-    return entries
-
-
-def anchor_head_at(path: Path, key: SigningKey, seq: int, head_path: Path | None = None) -> Head:
-    """Sign and write the head as it stood when entry ``seq`` was the last: what a crash between an fsynced
-    append and its head update leaves behind."""
-    entries = read_entries(path)
-    head = Head(seq, entry_hash(entries[seq]))
-    write_head(head_path or default_head_path(path), head_document(path.name, entries[0]["writer"], head, key))
-    return head
 
 
 @pytest.fixture()

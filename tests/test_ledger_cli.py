@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from test_ledger import BUDGET, ROUND, WRITER, build_ledger, read_entries
+from support.ledgers import BUDGET, ROUND, WRITER, build_ledger, read_entries
 
 from ewtune.accountant.ledger import Ledger, entry_hash
 from ewtune.accountant.signing import SigningKey

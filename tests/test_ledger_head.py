@@ -9,8 +9,8 @@ import shutil
 import stat
 
 import pytest
-from test_ledger import BUDGET, ROUND, WRITER, anchor_head_at, build_ledger, read_entries
-from test_ledger_tamper import ledger, lines_of, pristine  # noqa: F401 - fixtures shared with the tamper tests
+from support.ledgers import BUDGET, ROUND, WRITER, anchor_head_at, build_ledger, read_entries
+from support.ledgers import ledger, lines_of, pristine  # noqa: F401 - fixtures shared with the tamper tests
 
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
 from ewtune.accountant.ledger import (

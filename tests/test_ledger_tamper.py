@@ -3,35 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 
 import pytest
-from test_ledger import BUDGET, ROUND, WRITER, anchor_head_at, build_ledger, read_entries, resign, write_entries
+from support.ledgers import BUDGET, ROUND, WRITER, anchor_head_at, ledger, lines_of, pristine, read_entries, resign, write_entries  # noqa: F401 - ledger and pristine are fixtures
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.ledger import Ledger, default_head_path, read_head
 from ewtune.accountant.signing import SigningKey
 from ewtune.accountant.verify import verify_ledger
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    """One ledger built once (entries: genesis, reserve, commit, reserve, abort, reserve) and its key."""
-    path = tmp_path_factory.mktemp("pristine") / "ledger.jsonl"
-    return path, build_ledger(path)
-
-
-@pytest.fixture()
-def ledger(pristine, tmp_path):
-    """A copy of the pristine ledger, with its head file."""
-    path = tmp_path / "ledger.jsonl"
-    shutil.copy(pristine[0], path)
-    shutil.copy(default_head_path(pristine[0]), default_head_path(path))
-    return path, pristine[1]
-
-
-def lines_of(path):
-    return path.read_bytes().split(b"\n")[:-1]
 
 
 def write_lines(path, lines):

@@ -8,7 +8,7 @@ from ewtune.accountant.certified import certified_epsilon
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.events import PoissonGaussianEvent
 from ewtune.coordinator.planner import FederationSettings, HolderDescription, plan_federation
-from test_daemon import trainer  # noqa: F401 - the tiny model the real daemon trains
+from support.daemon import trainer  # noqa: F401 - the tiny model the real daemon trains
 
 SETTINGS = FederationSettings(
     rounds=2, local_steps=5, expected_batch_size=20, clip_norm=1.0, learning_rate=0.01, target_epsilon=4.0, delta=1e-5
@@ -218,7 +218,7 @@ def test_the_real_daemon_accepts_the_composed_plan_to_the_last_thousandths_of_it
     from ewtune.accountant.signing import SigningKey
     from ewtune.agent.daemon import Daemon
     from ewtune.agent.policy import HolderPolicy, PlanRefused
-    from test_daemon import BUDGET, HOLDER, PLAN, _global_weights
+    from support.daemon import BUDGET, HOLDER, PLAN, _global_weights
 
     key = SigningKey.generate()
     daemon = Daemon(HOLDER, HolderPolicy(**BUDGET), trainer, Ledger.create(tmp_path / "ledger.jsonl", key, HOLDER, BUDGET), key)

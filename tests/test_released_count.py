@@ -17,7 +17,8 @@ from ewtune.accountant.ledger import Ledger
 from ewtune.accountant.sampling import executable_sampling_rate
 from ewtune.accountant.verify import verify_ledger
 from ewtune.agent.policy import HolderPolicy
-from test_daemon import BUDGET, COUNT, HOLDER, PLAN, _entries, _global_weights, _kinds, count_epsilon, daemon_parts, trainer  # noqa: F401
+from support.daemon import BUDGET, COUNT, HOLDER, PLAN, _global_weights, _kinds, count_epsilon, daemon_parts, trainer  # noqa: F401
+from support.ledgers import read_entries as _entries
 
 NOISE_DRAW = 0.7  # the standard normal a test's count release draws: N_noisy = N + 0.7 * 20 = N + 14
 
@@ -184,7 +185,7 @@ def test_the_update_is_divided_by_the_noised_expected_batch(daemon_parts, traine
 
 def test_the_removed_granularity_setting_is_a_one_line_error(tmp_path, tiny_bert_dir, mr_csv):
     from ewtune.agent.policy import load_agent_config
-    from test_daemon import _agent_toml
+    from support.daemon import _agent_toml
 
     path = _agent_toml(tmp_path, tiny_bert_dir, mr_csv)
     path.write_text(path.read_text().replace("[policy]", "[policy]\ndataset_size_granularity = 100", 1))

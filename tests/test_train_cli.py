@@ -8,16 +8,8 @@ import pytest
 import torch
 
 from ewtune.cli import main
-from test_device import ON_GPU
-
-
-def _argv(model_dir, data_file, *extra):
-    return [
-        "agent", "train-local", "--model", str(model_dir), "--data", str(data_file),
-        "--epsilon", "8", "--delta", "1e-5", "--probe-epochs", "1", "--probe-batch", "16", "--probe-lr", "0.5",
-        "--mode", "lora", "--tune-epochs", "1", "--tune-batch", "16", "--tune-layers", "0",
-        "--max-examples", "80", "--max-length", "24", "--physical-batch-size", "16", *extra,
-    ]  # fmt: skip
+from support.ledgers import read_entries as _entries
+from support.training import ON_GPU, _argv, _holder_ledger
 
 
 def test_lora_run_saves_an_adapter_peft_loads(tiny_bert_dir, mr_csv, tmp_path, capsys):
@@ -134,20 +126,6 @@ def test_the_insecure_seeded_mode_says_so_in_its_results(tiny_bert_dir, mr_csv, 
     assert "insecure-seeded: INSECURE" in out
     assert main(_argv(tiny_bert_dir, mr_csv, "--mode", "head", "--insecure-seeded-randomness", "--json")) == 0
     assert json.loads(capsys.readouterr().out)["randomness"] == "insecure-seeded"
-
-
-def _holder_ledger(tmp_path, epsilon):
-    from ewtune.accountant.ledger import Ledger
-    from ewtune.accountant.signing import SigningKey
-
-    key = SigningKey.generate()
-    key.save(tmp_path / "ledger.key")
-    Ledger.create(tmp_path / "ledger.jsonl", key, "holder", {"budget_epsilon": epsilon, "budget_delta": 1e-5}).close()
-    return ["--ledger", str(tmp_path / "ledger.jsonl"), "--signing-key", str(tmp_path / "ledger.key")]
-
-
-def _entries(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("top", [False, True], ids=["whole-model", "top-layers"])

@@ -11,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_train_cli import _argv, _entries, _holder_ledger
+from support.ledgers import read_entries as _entries
+from support.training import _argv, _holder_ledger
 
 REPO = Path(__file__).resolve().parents[1]
 

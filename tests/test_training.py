@@ -12,7 +12,7 @@ from ewtune.accountant.events import PoissonGaussianEvent
 from ewtune.accountant.sampling import executable_sampling_rate
 from ewtune.agent.dpsgd.unpadded import padded_length
 from ewtune.agent.training import LocalTrainer, StepPlan, TrainingConfig, TrainingFailed
-from test_device import ON_GPU
+from support.training import ON_GPU
 
 
 def _config(model_dir, data_file, **overrides):

@@ -78,3 +78,17 @@ def descendants(root: int) -> list[int]:
         found += children
         frontier = children
     return found
+
+
+def _serverapps(superlink_pid: int) -> list[int]:
+    """The ``flwr-serverapp`` processes below a SuperLink."""
+    pids = []
+    for pid in descendants(superlink_pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"flwr-serverapp" in command:
+            pids.append(pid)
+    return pids
+

@@ -39,6 +39,10 @@ DEFAULT_LORA_TARGETS = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "mistral": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "smollm3": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gemma": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gemma2": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "gemma3_text": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 

@@ -21,7 +21,11 @@ group of records of that padded length (:mod:`ewtune.agent.dpsgd.unpadded`), and
 caught: a module called with a batch of 1 broadcast over B (HF's default ``position_ids``, which this class
 therefore passes as [B, T] when the model takes them) raises, and so does an output changed in place after
 its module returned. Dropout is applied once in the forward pass, so every example keeps its own mask.
-Not supported: activation checkpointing (the hooks see the first forward, not the recomputed one).
+Activation checkpointing (``torch.utils.checkpoint`` with ``use_reentrant=False``, transformers' default for
+``gradient_checkpointing_enable``) gives the same sums: the hooks keep the first forward pass's layer inputs and
+outputs, and the backward pass to those outputs recomputes the rest, so what is saved is the memory of what
+lies between parametrised layers (attention scores and probabilities, activation functions). Reentrant
+checkpointing runs the forward pass without autograd, so the layer outputs have no gradient: it is refused.
 
 Mixed precision (``autocast_dtype=torch.bfloat16``, or the caller's own autocast): the forward pass runs under
 autocast, so layer inputs and output gradients may be bfloat16; everything the sensitivity bound rests on runs in
@@ -45,7 +49,7 @@ from torch import nn
 
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
 from ewtune.agent.dpsgd.ghost import RecentCache, Use, squared_norms, weighted_sum
-from ewtune.agent.dpsgd.rules import Call, rule_for
+from ewtune.agent.dpsgd.rules import Call, has_layer_rule, rule_for
 from ewtune.agent.dpsgd.unpadded import own_padding_parts
 
 CLIP_EPSILON = 1e-6
@@ -121,6 +125,15 @@ class PerExampleClipper:
             handle.remove()
         self._handles = []
 
+    def modules_without_layer_rule(self) -> list[str]:
+        """Names of the modules with trainable parameters whose per-example gradients come from the generic
+        ``torch.func`` fallback (exact, but a ``vmap`` per call and the per-example gradients in full)."""
+        return [
+            name
+            for name, module in self.model.named_modules()
+            if any(p.requires_grad for p in module.parameters(recurse=False)) and not has_layer_rule(module)
+        ]
+
     def _record(self, module, args, kwargs, output):
         if self._calls is None:
             return
@@ -161,6 +174,11 @@ class PerExampleClipper:
         for call in calls:
             if call.output._version != call.output_version:
                 raise PerExampleGradientError(f"the output of {type(call.module).__name__} is modified in place")
+            if losses.requires_grad and not call.output.requires_grad:
+                raise PerExampleGradientError(
+                    f"{type(call.module).__name__} ran without autograd (reentrant activation checkpointing?): "
+                    "its per-example gradients cannot be formed; checkpoint with use_reentrant=False"
+                )
         return losses, calls
 
     def _per_example_uses(self, calls: list[Call], output_grads, size: int) -> dict[str, list[Use]]:

@@ -1,8 +1,8 @@
 """Per-layer rules: a module's captured input and output gradient -> its parameters' per-example gradients.
 
 Each rule returns ``{local parameter name: Use}`` (see ``ghost``): factored for linear layers, GPT-2
-``Conv1D`` and embeddings, direct (``[B, *shape]``) for biases and LayerNorm, whose per-example gradients
-are small. Under a bfloat16 autocast forward pass the direct gradients are formed in float32 here and the factors
+``Conv1D`` and embeddings (Gemma's scaled ones too), direct (``[B, *shape]``) for biases, LayerNorm and the
+RMSNorm of Llama/Mistral/Qwen/Gemma-style decoders, whose per-example gradients are small. Under a bfloat16 autocast forward pass the direct gradients are formed in float32 here and the factors
 are upcast to float32 by ``ghost`` before any product, so no norm or sum is accumulated in bfloat16. A module without a rule falls back to ``torch.func``: ``vmap`` over the examples of ``grad`` of
 <module(x_i), g_i>, the module's own vector-Jacobian product (as Opacus' functorch mode does).
 """
@@ -64,6 +64,8 @@ def _embedding(call: Call, grad_out: torch.Tensor, batch: int) -> dict[str, Use]
         raise InvalidInputError("embeddings with max_norm or scale_grad_by_freq have no per-example rule")
     ids = call.args[0].reshape(batch, -1)
     e = _rows(grad_out, batch)
+    if _from_transformers(module, SCALED_EMBEDDINGS):  # y = E[id] * s, so dL/dE[id] = s * dL/dy
+        e = e * module.embed_scale.to(module.weight.dtype)
     if module.padding_idx is not None:  # the padding row receives no gradient
         e = e * (ids != module.padding_idx).unsqueeze(-1).to(e.dtype)
     return {"weight": Outer(OneHot(ids, module.num_embeddings), Dense(e), module.weight.shape)}
@@ -81,6 +83,27 @@ def _layer_norm(call: Call, grad_out: torch.Tensor, batch: int) -> dict[str, Use
     if module.bias is not None:
         uses["bias"] = Direct(g.sum(dim=1))
     return uses
+
+
+def _rms_norm(call: Call, grad_out: torch.Tensor, batch: int) -> dict[str, Use]:
+    """RMSNorm (Zhang & Sennrich 2019, eq. 4): n(x) = x / sqrt(mean(x^2) + eps) over the normalised
+    dimensions, y = w * n(x) (Llama, Mistral, Qwen, ``torch.nn.RMSNorm``) or y = (1 + w) * n(x) (Gemma); in
+    both dy/dw = n(x), so example i's weight gradient is sum_t g_{i,t} * n(x_{i,t}), formed in float32."""
+    module = call.module
+    shape = module.weight.shape
+    eps = _rms_norm_eps(module, call.args[0].dtype)
+    x = call.args[0].detach().float()
+    dims = tuple(range(-len(shape), 0))
+    normalised = (x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)).reshape(batch, -1, *shape)
+    g = grad_out.float().reshape(batch, -1, *shape)
+    return {"weight": Direct((g * normalised).sum(dim=1))}
+
+
+def _rms_norm_eps(module: nn.Module, dtype: torch.dtype) -> float:
+    """The epsilon of an RMSNorm: transformers' ``variance_epsilon`` or ``eps``; ``torch.nn.RMSNorm``'s ``None``
+    means the machine epsilon of the input's dtype (its documented default)."""
+    eps = getattr(module, RMS_NORMS.get(type(module).__name__, "eps"))
+    return torch.finfo(dtype).eps if eps is None else float(eps)
 
 
 def _functional(call: Call, grad_out: torch.Tensor, batch: int) -> dict[str, Use]:
@@ -121,15 +144,42 @@ def _detached_float32(value):
 
 Rule = Callable[[Call, torch.Tensor, int], dict[str, Use]]
 
+# transformers' RMSNorm classes whose forward is one of the two forms ``_rms_norm`` differentiates (checked
+# against autograd per class in tests/test_causal_lm_rules.py), with the attribute holding their epsilon.
+RMS_NORMS = {
+    "LlamaRMSNorm": "variance_epsilon",
+    "MistralRMSNorm": "variance_epsilon",
+    "Qwen2RMSNorm": "variance_epsilon",
+    "Qwen3RMSNorm": "variance_epsilon",
+    "SmolLM3RMSNorm": "variance_epsilon",
+    "GemmaRMSNorm": "eps",
+    "Gemma2RMSNorm": "eps",
+    "Gemma3RMSNorm": "eps",
+}
+# Gemma's token embeddings: an ``nn.Embedding`` whose output is multiplied by the buffer ``embed_scale``.
+SCALED_EMBEDDINGS = ("GemmaTextScaledWordEmbedding", "Gemma2TextScaledWordEmbedding", "Gemma3TextScaledWordEmbedding")
+
+
+def _from_transformers(module: nn.Module, names) -> bool:
+    cls = type(module)
+    return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
+
 
 def rule_for(module: nn.Module) -> Rule:
     """The fastest exact rule for this module's own parameters; ``torch.func`` when there is none."""
     if type(module) is nn.Linear:
         return _linear
-    if type(module) is nn.Embedding:
+    if type(module) is nn.Embedding or _from_transformers(module, SCALED_EMBEDDINGS):
         return _embedding
     if type(module) is nn.LayerNorm:
         return _layer_norm
+    if type(module) is nn.RMSNorm or _from_transformers(module, RMS_NORMS):
+        return _rms_norm
     if Conv1D is not None and type(module) is Conv1D:
         return _conv1d
     return _functional
+
+
+def has_layer_rule(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters have a per-layer rule (not the ``torch.func`` fallback)."""
+    return rule_for(module) is not _functional

@@ -16,12 +16,18 @@ A record is always padded to a length fixed by its own length (:func:`ewtune.age
 everything that computes on records does so one group of one padded length at a time (:func:`length_batches`,
 :mod:`ewtune.agent.dpsgd.unpadded`), so padding never carries one record's influence into another's result.
 
+Files are read through Hugging Face ``datasets`` (:func:`read_table`): converted once into Arrow files in a cache
+directory (by default ``.ewtune-cache`` beside the data file, one folder per content digest, so an edited file is
+never served from a stale cache) and memory-mapped from there; tokenisation is cached beside them, keyed by the
+data, the tokenizer's files and the settings (:func:`_tokenised`), so a daemon's next start tokenises nothing.
+
 For causal language modelling the privacy unit is one example, a whole sequence: its labels are its input ids
 with padding masked to -100, and the engine reduces the token losses within each sequence before clipping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -29,6 +35,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 
@@ -36,6 +43,11 @@ from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent.dpsgd.unpadded import padded_length, same_padding_chunks
 
 READERS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+BUILDERS = {"csv": "csv", "jsonl": "json", "parquet": "parquet"}  # the datasets builder of each format
+CSV_OPTIONS = {"keep_default_na": False, "na_values": [""]}  # only an empty field is missing ("NA" is a text)
+CACHE_FOLDER = ".ewtune-cache"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
 IGNORE_INDEX = -100
 SPLIT_KEY_BYTES = 32
 HASH_SCALE = 2.0**-64  # a keyed hash's first 8 bytes, read as an integer, times this: uniform on [0, 1)
@@ -56,6 +68,7 @@ class DataSpec:
     seed: int = 0
     max_examples: int | None = None
     split_key: bytes | None = None  # the holder's secret (see split_key); None: public, derived from seed
+    cache_dir: str | None = None  # Arrow and tokenisation caches; None: .ewtune-cache beside the data file
 
 
 @dataclass(frozen=True)
@@ -77,31 +90,69 @@ class LocalData:
     num_labels: int | None
 
 
-def read_table(path) -> "pandas.DataFrame":  # noqa: F821
-    """The rows of a CSV, JSON Lines (``.jsonl``/``.json``) or Parquet file."""
-    import pandas as pd
-
+def read_table(path, cache_dir: str | Path | None = None) -> "datasets.Dataset":
+    """The rows of a CSV, JSON Lines (``.jsonl``/``.json``) or Parquet file as a memory-mapped ``datasets.Dataset``,
+    converted to Arrow once per content (:func:`cache_directory`); a file it cannot read is a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"data file {path} does not exist")
     kind = READERS.get(path.suffix.lower())
     if kind is None:
         raise InvalidInputError(f"{path}: unsupported format {path.suffix!r} (use .csv, .jsonl or .parquet)")
+    cache = cache_directory(path, cache_dir)
     try:
-        if kind == "csv":
-            return pd.read_csv(path, keep_default_na=False, na_values=[""])
-        if kind == "jsonl":
-            return pd.read_json(path, lines=True)
-        return pd.read_parquet(path)
-    except Exception as error:  # pandas raises many parser-specific types
-        raise InvalidInputError(f"cannot read {path} as {kind}: {str(error).splitlines()[0]}") from None
+        with _quiet_datasets():
+            return datasets.load_dataset(BUILDERS[kind], data_files=str(path), split="train", cache_dir=str(cache),
+                                         **(CSV_OPTIONS if kind == "csv" else {}))  # fmt: skip
+    except Exception as error:  # datasets wraps each reader's own error types
+        raise InvalidInputError(f"cannot read {path} as {kind}: {_root_cause(error)}") from None
+
+
+def cache_directory(path: Path, cache_dir: str | Path | None = None) -> Path:
+    """Where the Arrow copy and the tokenisations of the file ``path`` live: ``CACHE/<name>-<SHA-256 of its
+    content, 16 hex digits>``, CACHE being ``cache_dir`` or ``.ewtune-cache`` beside the file. Keyed by content,
+    not by name or modification time, so a file rewritten in place never reads an older copy."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        directory = (Path(cache_dir) if cache_dir is not None else path.parent / CACHE_FOLDER) / f"{path.name}-{digest.hexdigest()[:16]}"
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InvalidInputError(f"cannot read {path} or write its data cache: {error.strerror or error} (give another "
+                                "cache directory)") from None  # fmt: skip
+    return directory
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No progress bars and no log lines from datasets while ewtune reads: its own progress goes to stderr as
+    lines, and a file datasets cannot read is ewtune's one-line error, not a log record beside it."""
+    shown, verbosity = datasets.utils.logging.is_progress_bar_enabled(), datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.utils.logging.set_verbosity(verbosity)
+        if shown:
+            datasets.utils.logging.enable_progress_bar()
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost error a reader raised (datasets wraps it in its own)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def load_local_data(spec: DataSpec, tokenizer) -> LocalData:
     """Read, check, split (record by record, see the module docstring) and tokenise the examples of ``spec``."""
-    table, labels, num_labels, (training, held_out) = _read_records(spec)
-    encoded = _tokenise(table, spec, tokenizer)
-    split = lambda rows: _subset(encoded, labels, rows)  # noqa: E731
+    records, labels, num_labels, (training, held_out) = _read_records(spec)
+    tokenised = _tokenised(records.dataset, spec, tokenizer)
+    split = lambda rows: _subset(tokenised, records.source_rows, labels, rows)  # noqa: E731
     return LocalData(train=split(training), eval=split(held_out), num_labels=num_labels)
 
 
@@ -112,26 +163,37 @@ def split_sizes(spec: DataSpec) -> tuple[int, int]:
     return len(training), len(held_out)
 
 
+@dataclass(frozen=True)
+class _Records:
+    """A file's rows (``dataset``) and its complete records: ``table`` holds the columns ``spec`` reads of the
+    rows where none is missing, ``source_rows[i]`` the row of ``dataset`` that record i is."""
+
+    dataset: "datasets.Dataset"
+    table: "pandas.DataFrame"  # noqa: F821
+    source_rows: np.ndarray
+
+
 def _read_records(spec: DataSpec):
-    """The checked table of ``spec``, its labels (None for causal LM), the number of labels and the split."""
+    """The checked records of ``spec``, their labels (None for causal LM), the number of labels and the split."""
     if not 0.0 <= spec.eval_fraction < 1.0:
         raise InvalidInputError(f"eval_fraction must be in [0, 1), got {spec.eval_fraction}")
     if spec.max_length < 2:
         raise InvalidInputError(f"max_length must be >= 2, got {spec.max_length}")
     if spec.max_examples is not None and spec.max_examples < 2:
         raise InvalidInputError(f"max_examples must be >= 2, got {spec.max_examples}")
-    table = read_table(spec.path)
+    dataset = read_table(spec.path, spec.cache_dir)
     classification = spec.task == "classification"
     columns = [spec.text_column] + [c for c in (spec.text_pair_column,) if c]
     columns += [spec.label_column] if classification else []
-    _require_columns(table, columns, spec.path)
-    table = table.dropna(subset=columns).reset_index(drop=True)
-    if len(table) == 0:
+    _require_columns(dataset.column_names, columns, spec.path)
+    table = dataset.select_columns(columns).to_pandas().dropna(subset=columns)
+    records = _Records(dataset, table.reset_index(drop=True), table.index.to_numpy())
+    if len(records.table) == 0:
         raise InvalidInputError(f"{spec.path} holds no examples with all of the columns {columns}")
     labels, num_labels = None, None
     if classification:
-        labels, num_labels = _checked_labels(table[spec.label_column], spec.num_labels)
-    return table, labels, num_labels, _split_rows(_record_contents(table, spec, labels), spec)
+        labels, num_labels = _checked_labels(records.table[spec.label_column], spec.num_labels)
+    return records, labels, num_labels, _split_rows(_record_contents(records.table, spec, labels), spec)
 
 
 def _split_rows(contents: list[bytes], spec: DataSpec) -> tuple[list[int], list[int]]:
@@ -184,11 +246,10 @@ def split_key(path) -> bytes:
     return key
 
 
-def _require_columns(table, columns, path) -> None:
-    missing = [column for column in columns if column not in table.columns]
+def _require_columns(available: list[str], columns: list[str], path) -> None:
+    missing = [column for column in columns if column not in available]
     if missing:
-        available = ", ".join(map(str, table.columns)) or "none"
-        raise InvalidInputError(f"{path} has no column {missing[0]!r} (available: {available})")
+        raise InvalidInputError(f"{path} has no column {missing[0]!r} (available: {', '.join(map(str, available)) or 'none'})")
 
 
 def _checked_labels(column, num_labels: int | None) -> tuple[list[int], int]:
@@ -209,21 +270,56 @@ def _checked_labels(column, num_labels: int | None) -> tuple[list[int], int]:
     return labels.tolist(), num_labels
 
 
-def _tokenise(table, spec: DataSpec, tokenizer) -> dict[str, list[list[int]]]:
-    texts = table[spec.text_column].astype(str).tolist()
-    pairs = table[spec.text_pair_column].astype(str).tolist() if spec.text_pair_column else None
-    if spec.task == "causal_lm" and pairs is not None:
-        texts, pairs = [f"{text}\n{pair}" for text, pair in zip(texts, pairs)], None
-    encoded = tokenizer(texts, pairs, truncation=True, max_length=spec.max_length)
-    return {key: encoded[key] for key in ("input_ids", "token_type_ids") if key in encoded}
+def _tokenised(dataset: "datasets.Dataset", spec: DataSpec, tokenizer) -> "datasets.Dataset":
+    """``input_ids`` (and ``token_type_ids``) of every row of ``dataset``, each record tokenised alone (truncated to
+    ``max_length``, never padded), in the same order. Computed once: written beside the data's Arrow copy under a
+    fingerprint of the data, the tokenizer and the settings (:func:`_tokenisation_fingerprint`) and read back,
+    memory-mapped, at the next load; a tokenizer without files to fingerprint is not cached."""
+    columns = [spec.text_column] + ([spec.text_pair_column] if spec.text_pair_column else [])
+
+    def encode(batch):
+        texts = [str(text) for text in batch[spec.text_column]]
+        pairs = [str(pair) for pair in batch[spec.text_pair_column]] if spec.text_pair_column else None
+        if spec.task == "causal_lm" and pairs is not None:
+            texts, pairs = [f"{text}\n{pair}" for text, pair in zip(texts, pairs)], None
+        encoded = tokenizer(texts, pairs, truncation=True, max_length=spec.max_length)
+        return {key: encoded[key] for key in ("input_ids", "token_type_ids") if key in encoded}
+
+    fingerprint = _tokenisation_fingerprint(dataset, spec, tokenizer)
+    cached = fingerprint is not None
+    with _quiet_datasets():
+        return dataset.select_columns(columns).map(
+            encode, batched=True, remove_columns=columns, load_from_cache_file=cached, keep_in_memory=not cached,
+            new_fingerprint=fingerprint if cached else f"uncached-{os.urandom(8).hex()}",
+        )  # fmt: skip
 
 
-def _subset(encoded, labels, rows: list[int]) -> Examples:
-    pick = lambda values: [values[row] for row in rows]  # noqa: E731
+def _tokenisation_fingerprint(dataset: "datasets.Dataset", spec: DataSpec, tokenizer) -> str | None:
+    """SHA-256 of what decides the tokens: the data's Arrow files (content-keyed, :func:`cache_directory`), the
+    tokenizer's class, files and truncation side, the transformers version, ``max_length``, the columns and the
+    task. None when the tokenizer has no files in its ``name_or_path`` directory."""
+    directory = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    files = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    if not files or not dataset.cache_files:
+        return None
+    import transformers
+
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
+    settings = [[f["filename"] for f in dataset.cache_files], type(tokenizer).__name__, getattr(tokenizer, "truncation_side", None),
+                transformers.__version__, spec.max_length, spec.text_column, spec.text_pair_column, spec.task]  # fmt: skip
+    digest.update(json.dumps(settings).encode())
+    return digest.hexdigest()[:32]
+
+
+def _subset(tokenised: "datasets.Dataset", source_rows: np.ndarray, labels: list[int] | None, rows: list[int]) -> Examples:
+    """The examples of the records ``rows`` (positions among the complete records), in that order."""
+    picked = tokenised.select([int(source_rows[row]) for row in rows]).to_dict()
     return Examples(
-        input_ids=pick(encoded["input_ids"]),
-        token_type_ids=pick(encoded["token_type_ids"]) if "token_type_ids" in encoded else None,
-        labels=pick(labels) if labels is not None else None,
+        input_ids=picked["input_ids"],
+        token_type_ids=picked.get("token_type_ids"),
+        labels=[labels[row] for row in rows] if labels is not None else None,
     )
 
 

@@ -102,6 +102,10 @@ def register(commands) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help=f"where the model, batches, noise and evaluation run: {DEVICE_HELP} "
                         "(default auto); a device this machine lacks is an error, never a fall back to the CPU")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="train as N worker processes (torch.distributed: gloo on the CPU, NCCL with one GPU each), "
+                        "each sampling and clipping its own share of the records; the noise is drawn once, the "
+                        "guarantee and the ledger's charge are those of one process (default 1)")
     parser.add_argument("--precision", default="fp32", help=f"{' or '.join(PRECISIONS)}: bf16 runs the forward passes under "
                         "bfloat16 autocast (CUDA only); norms, clipping, sums and noise stay float32 (default fp32)")
     parser.add_argument(
@@ -171,8 +175,8 @@ def train_local(args) -> LocalRun:
     resolve_device(args.device, args.precision)  # a missing GPU is reported before the model, the data or a ledger load
     from ewtune.accountant.privacy_accountant import delta_too_large
     from ewtune.agent.data import split_sizes
+    from ewtune.agent.distributed.launch import worker_group
     from ewtune.agent.evaluation import majority_baseline
-    from ewtune.agent.training import LocalTrainer
     from ewtune.federation.progress import Progress
 
     started = time.perf_counter()
@@ -188,10 +192,10 @@ def train_local(args) -> LocalRun:
         fitted, calibrated = _fitted_recipe(args, recipe, ledger, (config.data_file, training, held_out))
         for choice in fitted.choices:
             progress.event("recipe", f"recipe: {choice}", choice=choice)
-        trainer = LocalTrainer(config)
-        before = trainer.evaluate() if args.task == "causal_lm" else None  # the perplexity the training changes
-        torch.manual_seed(args.seed)
-        results = _run_phases(args, trainer, fitted.recipe, calibrated, ledger, progress, fitted.dataset_size)
+        with worker_group(config, args.nproc) as trainer:  # rank 0 of --nproc workers, or the trainer alone
+            before = trainer.evaluate() if args.task == "causal_lm" else None  # the perplexity the training changes
+            torch.manual_seed(args.seed)
+            results = _run_phases(args, trainer, fitted.recipe, calibrated, ledger, progress, fitted.dataset_size)
         written = () if ledger is None else tuple(ledger.entries[first_entry:])
     finally:
         progress.close()
@@ -390,7 +394,7 @@ def _check_arguments(args) -> None:
         raise InvalidInputError(f"--epsilon must be a finite number > 0, got {args.epsilon}")
     if not 0 < args.delta < 1:
         raise InvalidInputError(f"--delta must be in (0, 1), got {args.delta}")
-    for name in ("physical_batch_size", "max_length"):
+    for name in ("physical_batch_size", "max_length", "nproc"):
         if getattr(args, name) < 1:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     check_device_name(args.device)
@@ -542,6 +546,7 @@ def _summary(args, trainer, fitted, results, evaluation, seconds) -> dict:
         "eval": evaluation,
         "randomness": results[-1][1].randomness,
         "device": str(trainer.device),
+        "processes": args.nproc,
         "precision": trainer.precision,
         "output": str(args.output) if args.output else None,
         "seconds": seconds,
@@ -581,7 +586,8 @@ def _report(summary: dict) -> str:
         lines.append(f"held-out            perplexity {evaluation['perplexity']:.4f} (before training "
                      f"{evaluation['perplexity_before']:.4f}), loss {evaluation['loss']:.4f} on {evaluation['num_examples']} examples")
     lines += [
-        f"device              {summary['device']}, {summary['precision']}",
+        f"device              {summary['device']}, {summary['precision']}"
+        + (f", {summary['processes']} worker processes" if summary["processes"] > 1 else ""),
         f"saved               {summary['output'] or 'not saved (use --output DIR)'}",
         f"wall time           {summary['seconds']:.1f} s",
     ]

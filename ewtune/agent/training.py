@@ -18,6 +18,11 @@ the embedding and hidden-state caches live on the configured device; the Poisson
 CPU and each batch is built there and copied over. With ``bf16`` the forward passes run under bfloat16 autocast;
 per-example norms, clipping, the clipped sums and the noise stay float32 (:mod:`ewtune.agent.dpsgd.engine`). A private
 evaluation's confusion matrix and its noise stay on the CPU.
+
+Several processes (``group``, :mod:`ewtune.agent.distributed`): each worker builds the same trainer, samples its own
+shard of the records and computes its shard's clipped sums; rank 0 draws the noise once, the sums are all-reduced
+and every worker takes the same step. Rank 0 announces each run to the others (:meth:`LocalTrainer.train`), counts
+its steps and returns the event; the others follow.
 """
 
 from __future__ import annotations
@@ -36,12 +41,12 @@ from ewtune.accountant.sampling import executable_sampling_rate
 from ewtune.agent import models
 from ewtune.agent.data import DataSpec, collate, load_local_data, split_key
 from ewtune.agent.device import autocast, batch_to, check_device_name, check_precision, resolve_device
+from ewtune.agent.distributed.group import SINGLE_PROCESS
 from ewtune.agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
 from ewtune.agent.dpsgd.unpadded import PAD_MULTIPLE, padded_length
 from ewtune.agent.evaluation import evaluate_model
 from ewtune.agent.heads import PooledClassifier, embed_examples
 from ewtune.agent.recipe import OPTIMIZERS
-from ewtune.agent.sampler import PoissonSampler
 from ewtune.agent.top_layers import TopLayers, hidden_batch, hidden_states_below
 
 
@@ -181,10 +186,12 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class LocalTrainer:
-    """Loads the model and the data of ``config`` once; :meth:`train` runs DP-SGD on the training split."""
+    """Loads the model and the data of ``config`` once; :meth:`train` runs DP-SGD on the training split, alone or
+    as one worker of ``group`` (:class:`ewtune.agent.distributed.group.WorkerGroup`)."""
 
-    def __init__(self, config: TrainingConfig):
+    def __init__(self, config: TrainingConfig, group=SINGLE_PROCESS):
         self.config = config
+        self.group = group
         self.device = resolve_device(config.device, config.precision)  # before anything loads: a missing GPU fails fast
         torch.manual_seed(config.seed)  # a fresh classifier head and LoRA factors are initialised from it
         self.tokenizer = models.load_tokenizer(config.model_dir)
@@ -207,9 +214,9 @@ class LocalTrainer:
         # Batches and noise come from the operating system's secure source: amplification by subsampling assumes
         # nobody knows who was sampled, and noise that can be predicted can be subtracted. The seeded streams of
         # the insecure test mode are separate, so that the batches do not depend on how much noise was drawn.
-        self._sampling_source = _random_source(config, stream=0)
-        self._noise_source = _random_source(config, stream=1)
-        self._dropout_source = _random_source(config, stream=2)
+        self._sampling_source = _random_source(config, stream=0, rank=group.rank)
+        self._noise_source = _random_source(config, stream=1, rank=group.rank)
+        self._dropout_source = _random_source(config, stream=2, rank=group.rank)
         self._features: torch.Tensor | None = None  # the training records' embeddings, for head-only runs
         self._hidden: list[torch.Tensor] | None = None  # their states below the tuned layers (never trained)
 
@@ -268,8 +275,11 @@ class LocalTrainer:
         head_only = plan.head_only or self.config.mode == "head"
         if head_only and self.config.task != "classification":
             raise InvalidInputError("a head-only run needs a classification task")
+        self.group.announce(plan)  # the other workers run this plan too
+        self.group.sync_parameters(self.model)
         try:
             module, collate_fn = self.phase_inputs(head_only)
+            self.group.barrier()  # every worker has read its caches: one that died doing so is charged as here
         except (Exception, KeyboardInterrupt) as failure:  # the caches read every training record: charged as the first step
             first = PoissonGaussianEvent(executable_sampling_rate(plan.sampling_rate), plan.noise_multiplier, 1)
             if isinstance(failure, KeyboardInterrupt):
@@ -311,18 +321,17 @@ class LocalTrainer:
     def _train(self, plan: StepPlan, module, collate_fn, should_stop, on_step):
         """``module``: the model, or the part of it that ``collate_fn``'s batches enter (:class:`TopLayers`)."""
         from ewtune.agent.dpsgd.engine import PerExampleClipper
-        from ewtune.agent.dpsgd.step import DPSGDStep
 
         module.train()
-        sampler = PoissonSampler(self.dataset_size, plan.sampling_rate, plan.steps, self._sampling_source)
+        sampler = self.group.sampler(self.dataset_size, plan.sampling_rate, plan.steps, self._sampling_source)
         trainable = [param for param in module.parameters() if param.requires_grad]
         optimizer = make_optimizer(plan.optimizer or self.config.optimizer, trainable, plan.learning_rate)
         clipper = PerExampleClipper(module, plan.clip_norm, self.loss_fn(),
                                     autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None)
-        engine = DPSGDStep(
-            module,
-            clipper,
-            optimizer,
+        engine = self.group.engine(
+            model=module,
+            clipper=clipper,
+            optimizer=optimizer,
             noise_multiplier=plan.noise_multiplier,
             clip_norm=plan.clip_norm,
             expected_batch_size=sampler.executed_rate * self.dataset_size if plan.expected_batch_size is None
@@ -335,7 +344,8 @@ class LocalTrainer:
         try:
             with torch.random.fork_rng():  # dropout masks from the trainer's own stream, not the global one
                 torch.manual_seed(dropout_seed)
-                _run_steps(engine, sampler, collate_fn, should_stop, on_step, progress)
+                _run_steps(engine, sampler, collate_fn, self.group.stop_signal(should_stop), on_step, progress)
+            self.group.check_in_sync(module)
         except KeyboardInterrupt:
             if not progress.begun:
                 raise
@@ -481,7 +491,9 @@ def check_padded_length_fits(max_length: int, model) -> None:
         )
 
 
-def _random_source(config: TrainingConfig, stream: int) -> RandomSource:
+def _random_source(config: TrainingConfig, stream: int, rank: int) -> RandomSource:
+    """The secure source; in the insecure test mode, a generator seeded per stream (0 batches, 1 noise, 2
+    dropout) and per worker (rank 0 as a process alone)."""
     if config.insecure_seeded_randomness:
-        return InsecureSeededRandom(config.seed + stream)
+        return InsecureSeededRandom(config.seed + stream + 3 * rank)
     return SecureRandom()

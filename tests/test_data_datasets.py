@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import datasets
 import pandas as pd
@@ -84,6 +85,16 @@ def test_a_given_cache_directory_holds_every_cache_file_and_the_data_directory_n
     load_local_data(DataSpec(path=str(path), eval_fraction=0.1, cache_dir=str(tmp_path / "cache")), tokenizer)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["data.parquet"]
     assert list((tmp_path / "cache").rglob("*.arrow"))
+
+
+def test_a_data_directory_where_no_cache_can_be_made_is_read_with_a_cache_of_the_process(tmp_path, tokenizer):
+    """As under the agent's unit, which mounts /srv/ewtune read-only: here .ewtune-cache is a file, not a folder."""
+    path = write(tmp_path / "data.jsonl")
+    (tmp_path / CACHE_FOLDER).write_text("not a directory")
+    data = load_local_data(DataSpec(path=str(path), eval_fraction=0.0, max_length=12), tokenizer)
+    assert data.train.input_ids == tokenizer([row["text"] for row in ROWS], truncation=True, max_length=12)["input_ids"]
+    assert read_table(path).cache_files[0]["filename"].startswith(tempfile.gettempdir() + "/ewtune-data-cache-")
+    assert (tmp_path / CACHE_FOLDER).read_text() == "not a directory"
 
 
 @pytest.mark.parametrize("name, content, reason", [

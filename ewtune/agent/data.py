@@ -18,7 +18,7 @@ everything that computes on records does so one group of one padded length at a 
 
 Files are read through Hugging Face ``datasets`` (:func:`read_table`): converted once into Arrow files in a cache
 directory (by default ``.ewtune-cache`` beside the data file, one folder per content digest, so an edited file is
-never served from a stale cache) and memory-mapped from there; tokenisation is cached beside them, keyed by the
+never served from a stale cache; where the data's directory is read-only, one of the process's own) and memory-mapped from there; tokenisation is cached beside them, keyed by the
 data, the tokenizer's files and the settings (:func:`_tokenised`), so a daemon's next start tokenises nothing.
 
 For causal language modelling the privacy unit is one example, a whole sequence: its labels are its input ids
@@ -27,11 +27,15 @@ with padding masked to -100, and the engine reduces the token losses within each
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,18 +114,39 @@ def read_table(path, cache_dir: str | Path | None = None) -> "datasets.Dataset":
 
 def cache_directory(path: Path, cache_dir: str | Path | None = None) -> Path:
     """Where the Arrow copy and the tokenisations of the file ``path`` live: ``CACHE/<name>-<SHA-256 of its
-    content, 16 hex digits>``, CACHE being ``cache_dir`` or ``.ewtune-cache`` beside the file. Keyed by content,
-    not by name or modification time, so a file rewritten in place never reads an older copy."""
+    content, 16 hex digits>``, CACHE being ``cache_dir``, else ``.ewtune-cache`` beside the file, else (a
+    read-only data directory, as the agent's unit mounts /srv/ewtune) a temporary directory of this process,
+    removed at its exit. Keyed by content, not by name or modification time, so a file rewritten in place never
+    reads an older copy."""
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
-        directory = (Path(cache_dir) if cache_dir is not None else path.parent / CACHE_FOLDER) / f"{path.name}-{digest.hexdigest()[:16]}"
-        directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InvalidInputError(f"cannot read {path} or write its data cache: {error.strerror or error} (give another "
-                                "cache directory)") from None  # fmt: skip
+        raise InvalidInputError(f"cannot read {path}: {error.strerror or error}") from None
+    name = f"{path.name}-{digest.hexdigest()[:16]}"
+    if cache_dir is None:
+        try:
+            return _made(path.parent / CACHE_FOLDER / name)
+        except OSError:
+            return _made(_process_cache() / name)
+    try:
+        return _made(Path(cache_dir) / name)
+    except OSError as error:
+        raise InvalidInputError(f"cannot write the data cache {cache_dir}: {error.strerror or error}") from None
+
+
+def _made(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+@functools.cache
+def _process_cache() -> Path:
+    """This process's own cache directory, removed when it exits."""
+    directory = Path(tempfile.mkdtemp(prefix="ewtune-data-cache-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     return directory
 
 

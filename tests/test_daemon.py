@@ -439,11 +439,11 @@ def test_the_grpc_api_on_a_unix_socket(served, trainer, daemon_parts):
         health = client.health()
         assert health["status"] == "ok" and (health["device"], health["precision"]) == (str(trainer.device), "fp32")
         description = client.describe()
-        assert description["holder_id"] == HOLDER and description["public_key"] == key.public_key_text
-        updated, receipt_document, metrics = client.train(_global_weights(trainer), PLAN)
-        receipt = verify_receipt(receipt_document, key.public_key_text)
+        assert description.holder_id == HOLDER and description.public_key == key.public_key_text
+        updated, reply = client.train(_global_weights(trainer), PLAN)
+        receipt = verify_receipt(reply.receipt, key.public_key_text)
         assert receipt.update_sha256 == update_digest(updated)  # the arrays survived the wire bit for bit
-        assert metrics["steps"] == PLAN["steps"]
+        assert reply.steps == PLAN["steps"]
         with pytest.raises(DaemonError) as refusal:
             client.train(_global_weights(trainer), dict(PLAN, clip_norm=1e6))
         assert refusal.value.refused and "clip norm" in refusal.value.reason
@@ -461,7 +461,7 @@ def test_the_grpc_api_refuses_messages_over_its_size_limit(daemon_parts, trainer
     server = serve(_daemon(daemon_parts, trainer), address, max_message_bytes=64 * 1024)
     try:
         with DaemonClient(address, timeout=30) as client:
-            assert client.describe()["holder_id"] == HOLDER
+            assert client.describe().holder_id == HOLDER
             with pytest.raises(DaemonError) as refused:
                 client.train({"x": np.zeros(100_000, np.float32)}, PLAN)
             assert refused.value.status == "RESOURCE_EXHAUSTED"
@@ -617,7 +617,7 @@ def test_ewtune_agent_start_serves_and_stops_cleanly_on_sigterm(tmp_path, tiny_b
     try:
         address = f"unix://{tmp_path}/run/agent.sock"
         description = _wait_for_daemon(address, process)
-        assert description["holder_id"] == HOLDER
+        assert description.holder_id == HOLDER
         with DaemonClient(address, timeout=120) as client:
             client.train(_global_weights(trainer), PLAN)  # the same recipe and seed: the same initial parameters
         process.send_signal(signal.SIGTERM)

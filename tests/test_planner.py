@@ -16,8 +16,7 @@ SETTINGS = FederationSettings(
 
 
 def _holder(holder_id, size=200, budget=8.0, spent=0.0, delta=1e-5, node_id=None):
-    return HolderDescription.from_mapping(
-        node_id if node_id is not None else abs(hash(holder_id)) % 1000,
+    return HolderDescription.from_config(
         {
             "holder_id": holder_id,
             "dataset_size": size,
@@ -27,6 +26,7 @@ def _holder(holder_id, size=200, budget=8.0, spent=0.0, delta=1e-5, node_id=None
             "public_key": "key-" + holder_id,
             "model_id": "m",
         },
+        node_id=node_id if node_id is not None else abs(hash(holder_id)) % 1000,
     )
 
 
@@ -89,12 +89,12 @@ def test_two_nodes_claiming_one_holder_id_are_refused():
 def test_malformed_descriptions_are_refused(change, message):
     values = {"holder_id": "a", "dataset_size": 10, "budget_epsilon": 1.0, "budget_delta": 1e-5, "spent_epsilon_certified": 0.0, "public_key": "k", **change}
     with pytest.raises(InvalidInputError, match=message):
-        HolderDescription.from_mapping(1, values)
+        HolderDescription.from_config(values, node_id=1)
 
 
 def test_description_lacking_fields_is_refused():
     with pytest.raises(InvalidInputError, match="lacks"):
-        HolderDescription.from_mapping(1, {"holder_id": "a"})
+        HolderDescription.from_config({"holder_id": "a"}, node_id=1)
 
 
 @pytest.mark.parametrize("field, value", [("rounds", 0), ("delta", 1.0), ("target_epsilon", -1), ("local_steps", 1.5)])
@@ -120,7 +120,7 @@ def _with_floors(holder_id, **floors):
         holder_id=holder_id, dataset_size=200, budget_epsilon=1000.0, budget_delta=1e-5, spent_epsilon_certified=0.0,
         public_key="key-" + holder_id, model_id="m", **floors,
     )
-    return HolderDescription.from_mapping(7, description)
+    return HolderDescription.from_config(description, node_id=7)
 
 
 def test_the_plan_meets_each_holders_floors():
@@ -160,10 +160,10 @@ def _stating_events(holder_id, events, budget=8.0, size=200):
     from ewtune.accountant.events import compose
 
     spent = certified_epsilon(compose(*events), 1e-5)
-    return HolderDescription.from_mapping(3, {
+    return HolderDescription.from_config({
         "holder_id": holder_id, "dataset_size": size, "budget_epsilon": budget, "budget_delta": 1e-5,
         "spent_epsilon_certified": spent, "public_key": "key-" + holder_id, "spent_mechanisms": _rows(*events),
-    })  # fmt: skip
+    }, node_id=3)  # fmt: skip
 
 
 def test_the_plan_composes_the_spent_events_instead_of_subtracting_epsilons():
@@ -188,7 +188,7 @@ def test_a_malformed_spent_mechanisms_is_refused_naming_the_node():
     for bad in ("not json", json.dumps([{"sampling_rate": 2.0, "noise_multiplier": 1.0, "steps": 1, "neighbouring": "add_remove"}]),
                 json.dumps([{}] * 300), "{}"):
         with pytest.raises(InvalidInputError, match="node 1's spent_mechanisms is malformed"):
-            HolderDescription.from_mapping(1, {**values, "spent_mechanisms": bad})
+            HolderDescription.from_config({**values, "spent_mechanisms": bad}, node_id=1)
 
 
 def test_a_nearly_spent_budget_is_planned_with_a_warning_naming_the_holder():
@@ -224,7 +224,7 @@ def test_the_real_daemon_accepts_the_composed_plan_to_the_last_thousandths_of_it
     daemon = Daemon(HOLDER, HolderPolicy(**BUDGET), trainer, Ledger.create(tmp_path / "ledger.jsonl", key, HOLDER, BUDGET), key)
     settings = FederationSettings(rounds=2, local_steps=3, expected_batch_size=20.0, clip_norm=1.0, learning_rate=0.01,
                                   target_epsilon=8.0, delta=1e-5)
-    holder = HolderDescription.from_mapping(1, daemon.describe())
+    holder = HolderDescription.from_config(daemon.describe(), node_id=1)
     assert holder.spent_events == (PoissonGaussianEvent(1.0, 20.0, 1),)  # the released count
     (plan,) = plan_federation(settings, [holder]).holders
     request = dict(PLAN, steps=3, sampling_rate=plan.sampling_rate, noise_multiplier=plan.noise_multiplier)

@@ -142,7 +142,7 @@ def test_a_holder_whose_budget_cannot_fund_the_count_describes_none_and_is_skipp
                                   target_epsilon=1.0, delta=1e-5)
     for sent in (description, {name: value for name, value in description.items() if value is not None}):  # Flower drops nulls
         with pytest.raises(InvalidInputError, match=f"{HOLDER}: its budget cannot fund the release of its noised count"):
-            plan_federation(settings, [HolderDescription.from_mapping(1, sent)])
+            plan_federation(settings, [HolderDescription.from_config(sent, node_id=1)])
     assert _kinds(tmp_path / "ledger.jsonl") == ["genesis"]
     daemon.close()
 
@@ -156,7 +156,7 @@ def test_the_planner_plans_q_and_sigma_for_the_noised_count_and_the_daemon_train
     noisy = trainer.dataset_size + 14
     settings = FederationSettings(rounds=2, local_steps=3, expected_batch_size=20.0, clip_norm=1.0, learning_rate=0.01,
                                   target_epsilon=6.0, delta=1e-5)
-    plan = plan_federation(settings, [HolderDescription.from_mapping(1, daemon.describe())]).holders[0]
+    plan = plan_federation(settings, [HolderDescription.from_config(daemon.describe(), node_id=1)]).holders[0]
     assert plan.sampling_rate == executable_sampling_rate(20.0 / noisy)
     epsilon_left = min(6.0, BUDGET["budget_epsilon"] - count_epsilon())
     expected = calibrate_noise_multiplier(epsilon_left, 1e-5, [(plan.sampling_rate, 6)], policy="certified")

@@ -55,10 +55,11 @@ from ewtune.accountant.sampling import executable_sampling_rate
 from ewtune.accountant.signing import SigningKey
 from ewtune.accountant.spend import mechanism_rows
 from ewtune.agent.dpsgd.randomness import SecureRandom
-from ewtune.agent.policy import AgentConfig, HolderPolicy, PlanRefused, RoundPlan
+from ewtune.agent.policy import AgentConfig, HolderPolicy, PlanRefused
 from ewtune.agent.recovery import ProgressJournal, journal_path, reconcile
 from ewtune.agent.released_count import current_count, latest_count
 from ewtune.agent.rpc import DaemonUnavailable, RequestFailed
+from ewtune.federation.contract import EvaluationRequest, HolderDescription, RevealRequest, RoundPlan
 
 log = logging.getLogger(__name__)
 
@@ -140,29 +141,26 @@ class Daemon:
             spend = self.ledger.spend(self.holder_id)
             open_reservations = len(self.ledger.open_reservations(self.holder_id))
         policy = self.policy
-        description = {
-            "holder_id": self.holder_id,
-            "dataset_size": self.released_dataset_size,
-            "dataset_size_noise": None if self.audit else policy.dataset_size_noise,
-            "budget_epsilon": spend.budget_epsilon,
-            "budget_delta": spend.budget_delta,
-            "spent_epsilon_certified": spend.epsilon_certified,
-            "budget_left_epsilon": spend.budget_left_epsilon,
+        return HolderDescription(
+            holder_id=self.holder_id,
+            dataset_size=self.released_dataset_size,
+            dataset_size_noise=None if self.audit else policy.dataset_size_noise,
+            budget_epsilon=spend.budget_epsilon,
+            budget_delta=spend.budget_delta,
+            spent_epsilon_certified=spend.epsilon_certified,
+            spent_epsilon_edgeworth_estimate=spend.epsilon_edgeworth,
             # the ledger's events (committed and reserved), so the planner composes instead of subtracting
-            "spent_mechanisms": json.dumps(mechanism_rows(spend.event)),
-            "open_reservations": open_reservations,
-            "public_key": self.key.public_key_text,
-            "model_id": self.trainer.model_id,
-            "min_clip_norm": policy.min_clip_norm,
-            "max_clip_norm": policy.max_clip_norm,
-            "max_steps_per_round": policy.max_steps_per_round,
-            "min_expected_batch": policy.min_expected_batch,
-            "min_noise_multiplier": policy.min_noise_multiplier,
-            "evaluation": policy.evaluation,
-        }
-        if spend.epsilon_edgeworth is not None:
-            description["spent_epsilon_edgeworth_estimate"] = spend.epsilon_edgeworth
-        return description
+            spent_mechanisms=json.dumps(mechanism_rows(spend.event)),
+            open_reservations=open_reservations,
+            public_key=self.key.public_key_text,
+            model_id=self.trainer.model_id,
+            min_clip_norm=policy.min_clip_norm,
+            max_clip_norm=policy.max_clip_norm,
+            max_steps_per_round=policy.max_steps_per_round,
+            min_expected_batch=policy.min_expected_batch,
+            min_noise_multiplier=policy.min_noise_multiplier,
+            evaluation=policy.evaluation,
+        ).to_config()
 
     def health(self) -> dict[str, Any]:
         return {
@@ -205,9 +203,8 @@ class Daemon:
         before asking, is written to the holder's log."""
         if not self.audit:
             raise PlanRefused("this daemon runs no audit: it has no canaries to reveal")
-        run_id = config.get("run_id") if isinstance(config, Mapping) else None
-        if not isinstance(run_id, str) or not run_id:
-            raise InvalidInputError("a reveal request needs a config with the audit's run_id")
+        request = RevealRequest.from_config(config)
+        run_id = request.run_id
         with self._work:
             with self._ledger_lock:
                 released = _released_rounds(self.ledger.entries, run_id)
@@ -215,7 +212,7 @@ class Daemon:
                 raise PlanRefused(f"this holder released no audit round of run {run_id!r}: nothing to reveal")
             revealed = self.trainer.reveal()
         log.info("audit run %s: canaries revealed after %d released round(s); the coordinator's scores have SHA-256 %s",
-                 run_id, len(released), str(config.get("scores_sha256"))[:64])
+                 run_id, len(released), str(request.scores_sha256)[:64])
         return {"holder_id": self.holder_id, **revealed}
 
     def planned_event(self, plan: RoundPlan) -> PoissonGaussianEvent:
@@ -231,7 +228,7 @@ class Daemon:
         restored afterwards."""
         if self.policy.evaluation != "private":
             raise PlanRefused('this holder releases no evaluation metrics (its policy has evaluation = "none")')
-        run_id, round = _evaluation_request(config)
+        request = EvaluationRequest.from_config(config)
         event = PoissonGaussianEvent(1.0, self.policy.evaluation_noise_multiplier, 1)
         with self._work:
             self._refuse_if_stopping()
@@ -239,7 +236,7 @@ class Daemon:
             with self._ledger_lock:
                 self._check_evaluations_left()
                 self._check_budget(event)
-                reservation = self._reserve(run_id, round, event)
+                reservation = self._reserve(request.run_id, request.round, event)
             try:
                 return self._evaluate_reserved(state, event, reservation)
             finally:
@@ -502,15 +499,6 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.float()
     return tensor.numpy().copy()
-
-
-def _evaluation_request(config: Mapping[str, Any] | None) -> tuple[str, int]:
-    if not isinstance(config, Mapping) or not isinstance(config.get("run_id"), str) or not config["run_id"]:
-        raise InvalidInputError("an evaluation request needs a config with the run_id and the round it evaluates")
-    round = config.get("round", 0)
-    if isinstance(round, bool) or not isinstance(round, int) or round < 0:
-        raise InvalidInputError(f"the evaluation's round must be an integer >= 0, got {round!r}")
-    return config["run_id"], round
 
 
 def _evaluations_since(entries, since: datetime) -> int:

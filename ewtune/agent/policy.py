@@ -9,7 +9,6 @@ This module imports neither torch nor flwr.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
 from ewtune.accountant.tomlfiles import optional_table, read_toml, required, resolve, strings, table
 from ewtune.agent.device import check_device_name, check_precision
+from ewtune.federation.contract import RoundPlan, integer, positive
 
 
 class PlanRefused(EwtuneError):
@@ -70,23 +70,23 @@ class HolderPolicy:
     audit_runs: bool = False
 
     def __post_init__(self) -> None:
-        _positive_finite("budget epsilon", self.budget_epsilon)
+        positive("budget epsilon", self.budget_epsilon)
         if not _number(self.budget_delta) or not 0 < self.budget_delta < 1:
             raise InvalidInputError(f"budget delta must be in (0, 1), got {self.budget_delta!r}")
-        _positive_finite("min clip norm", self.min_clip_norm)
-        _positive_finite("max clip norm", self.max_clip_norm)
+        positive("min clip norm", self.min_clip_norm)
+        positive("max clip norm", self.max_clip_norm)
         if self.min_clip_norm > self.max_clip_norm:
             raise InvalidInputError(f"min clip norm {self.min_clip_norm} exceeds max clip norm {self.max_clip_norm}")
-        _integer("max steps per round", self.max_steps_per_round, minimum=1)
+        integer(1)("max steps per round", self.max_steps_per_round)
         if self.max_epsilon_per_round is not None:
-            _positive_finite("max epsilon per round", self.max_epsilon_per_round)
-        _positive_finite("min expected batch", self.min_expected_batch)
-        _positive_finite("min noise multiplier", self.min_noise_multiplier)
+            positive("max epsilon per round", self.max_epsilon_per_round)
+        positive("min expected batch", self.min_expected_batch)
+        positive("min noise multiplier", self.min_noise_multiplier)
         if self.evaluation not in EVALUATION_MODES:
             raise InvalidInputError(f"evaluation must be one of {', '.join(EVALUATION_MODES)}, got {self.evaluation!r}")
-        _positive_finite("evaluation noise multiplier", self.evaluation_noise_multiplier)
-        _integer("max evaluations per day", self.max_evaluations_per_day, minimum=0)
-        _positive_finite("dataset size noise", self.dataset_size_noise)
+        positive("evaluation noise multiplier", self.evaluation_noise_multiplier)
+        integer(0)("max evaluations per day", self.max_evaluations_per_day)
+        positive("dataset size noise", self.dataset_size_noise)
         if not isinstance(self.audit_runs, bool):
             raise InvalidInputError(f"audit_runs must be true or false, got {self.audit_runs!r}")
         object.__setattr__(self, "allowed_models", tuple(self.allowed_models))
@@ -101,7 +101,7 @@ class HolderPolicy:
         if self.allowed_models and model_id not in self.allowed_models:
             raise PlanRefused(f"model {model_id!r} is not allowed by this holder's policy {list(self.allowed_models)}")
 
-    def check_plan(self, plan: "RoundPlan", model_id: str) -> None:
+    def check_plan(self, plan: RoundPlan, model_id: str) -> None:
         """Refuse a plan outside the policy's static limits (the budget is checked against the ledger)."""
         if plan.model_id is not None and plan.model_id != model_id:
             raise PlanRefused(f"the plan is for model {plan.model_id!r} but this holder trains {model_id!r}")
@@ -127,45 +127,6 @@ class HolderPolicy:
                 f"expected batch q*N = {sampling_rate:.6g} * {released_size} (the released count) = {expected:.6g} "
                 f"is below this holder's minimum of {self.min_expected_batch:g} records"
             )
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """One round as the coordinator asks for it (the ``config`` of a train message)."""
-
-    run_id: str
-    round: int
-    steps: int
-    sampling_rate: float
-    noise_multiplier: float
-    clip_norm: float
-    learning_rate: float
-    delta: float | None = None
-    model_id: str | None = None
-    purpose: str | None = None  # AUDIT_PURPOSE for an audit run's round; None for a training run's
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "RoundPlan":
-        missing = [name for name in ("run_id", "round", "steps", "sampling_rate", "noise_multiplier", "clip_norm", "learning_rate") if name not in config]
-        if missing:
-            raise InvalidInputError(f"the round plan lacks {', '.join(missing)}")
-        plan = cls(
-            run_id=str(config["run_id"]),
-            round=_integer("round", config["round"], minimum=0),
-            steps=_integer("steps", config["steps"], minimum=1),
-            sampling_rate=_float("sampling_rate", config["sampling_rate"]),
-            noise_multiplier=_float("noise_multiplier", config["noise_multiplier"]),
-            clip_norm=_float("clip_norm", config["clip_norm"]),
-            learning_rate=_float("learning_rate", config["learning_rate"]),
-            delta=None if config.get("delta") is None else _float("delta", config["delta"]),
-            model_id=None if config.get("model_id") in (None, "") else str(config["model_id"]),
-            purpose=None if config.get("purpose") in (None, "") else str(config["purpose"]),
-        )
-        if not plan.run_id:
-            raise InvalidInputError("the round plan's run_id is empty")
-        if not 0 < plan.sampling_rate <= 1:
-            raise InvalidInputError(f"sampling rate must be in (0, 1], got {plan.sampling_rate}")
-        return plan
 
 
 SUPERNODE_ISOLATIONS = ("warm", "subprocess")
@@ -246,7 +207,7 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         signing_key=resolve(base, required(ledger, "signing_key", "ledger", path)),
         ledger_head=None if ledger.get("head") is None else resolve(base, ledger["head"]),
         rpc_address=_rpc_address(base, rpc.get("address", "unix:agent.sock")),
-        rpc_max_message_bytes=int(_positive_float("[rpc] max_message_mb", rpc.get("max_message_mb", 256)) * 2**20),
+        rpc_max_message_bytes=int(positive("[rpc] max_message_mb", rpc.get("max_message_mb", 256)) * 2**20),
         training=training,
         audit=audit,
         supernode=_supernode_config(base, optional_table(document, "supernode", path), path),
@@ -304,7 +265,7 @@ def _supernode_config(base: Path, section: Mapping[str, Any] | None, path: Path)
         superlink=required(section, "superlink", "supernode", path),
         root_certificates=None if root is None else resolve(base, root),
         auth_private_key=None if key is None else resolve(base, key),
-        port=_integer("supernode port", section.get("port", 9094), minimum=1),
+        port=integer(1)("supernode port", section.get("port", 9094)),
         insecure=insecure,
         executable=section.get("executable"),
         extra_node_config=dict(optional_table(section, "node_config", path)),
@@ -342,27 +303,3 @@ def _rpc_address(base: Path, address: Any) -> str:
 
 def _number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
-
-
-def _positive_finite(name: str, value: Any) -> None:
-    if not _number(value) or not (value > 0 and math.isfinite(value)):
-        raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _positive_float(name: str, value: Any) -> float:
-    _positive_finite(name, value)
-    return float(value)
-
-
-def _float(name: str, value: Any) -> float:
-    if not _number(value) or not math.isfinite(value) or value <= 0:
-        raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value

@@ -2,8 +2,10 @@
 
 The methods are registered with gRPC's generic handlers and carry plain bytes, so there is no protoc code to
 drift from the installed protobuf. A message is ``MAGIC | uint32 header length | JSON header | safetensors``:
-the header holds the plan, the receipt or the metrics; the safetensors blob (possibly empty) holds the named
-numpy arrays of the trainable weights (safetensors: no pickling, dtype and shape kept exactly, so the
+the header holds a message of :mod:`ewtune.federation.contract` in its dict form, the one the Flower records
+carry (a request's under :data:`REQUEST`: the round plan, the evaluation or reveal request; a reply's as it is:
+the holder's description, the train reply, the evaluation reply); the safetensors blob (possibly empty) holds
+the named numpy arrays of the trainable weights (safetensors: no pickling, dtype and shape kept exactly, so the
 receipt's :func:`ewtune.accountant.receipts.update_digest` is the same on both ends).
 
 This module imports neither torch nor flwr: the ClientApp shim uses :class:`DaemonClient` and must start
@@ -20,15 +22,18 @@ import struct
 from collections.abc import Callable, Mapping
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
 from ewtune.agent.policy import PlanRefused
+from ewtune.federation.contract import EvaluationReply, EvaluationRequest, HolderDescription, RevealRequest, RoundPlan, TrainReply
 
 SERVICE = "ewtune.agent.v1.AgentDaemon"
+REQUEST = "config"  # the header key of a request's contract message
+CANARIES = "canaries"  # the header key of an audit daemon's reveal
 MAGIC = b"EWT1"
 _HEADER_LENGTH = struct.Struct(">I")
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
@@ -37,6 +42,7 @@ _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
+Message = TypeVar("Message", RoundPlan, EvaluationRequest, RevealRequest)
 
 
 class DaemonUnavailable(EwtuneError):
@@ -126,8 +132,8 @@ def serve(daemon: Any, address: str, max_workers: int = 4, socket_mode: int = 0o
         "Describe": _unary(lambda header, arrays: (daemon.describe(), None)),
         "Health": _unary(lambda header, arrays: (daemon.health(), None)),
         "Train": _unary(lambda header, arrays: _train(daemon, header, arrays)),
-        "Evaluate": _unary(lambda header, arrays: ({"metrics": daemon.evaluate(_required(arrays), header.get("config"))}, None)),
-        "RevealAudit": _unary(lambda header, arrays: ({"canaries": daemon.reveal_audit(header.get("config"))}, None)),
+        "Evaluate": _unary(lambda header, arrays: (_evaluation(daemon, header, arrays).to_config(), None)),
+        "RevealAudit": _unary(lambda header, arrays: ({CANARIES: daemon.reveal_audit(header.get(REQUEST))}, None)),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     if server.add_insecure_port(address) == 0:
@@ -139,11 +145,14 @@ def serve(daemon: Any, address: str, max_workers: int = 4, socket_mode: int = 0o
 
 
 def _train(daemon: Any, header: dict[str, Any], arrays: Arrays | None) -> tuple[dict[str, Any], Arrays]:
-    config = header.get("config")
-    if not isinstance(config, dict):
-        raise InvalidInputError("a train request needs the object 'config' (the round plan)")
-    reply = daemon.train(_required(arrays), config)
-    return {"receipt": reply.receipt, "metrics": reply.metrics}, reply.arrays
+    """The daemon decodes the plan itself (``RoundPlan.from_config``): what it checks is what it was sent."""
+    reply = daemon.train(_required(arrays), header.get(REQUEST))
+    released = TrainReply(receipt=json.dumps(reply.receipt, sort_keys=True), steps=reply.metrics["steps"])
+    return released.to_config(), reply.arrays
+
+
+def _evaluation(daemon: Any, header: dict[str, Any], arrays: Arrays | None) -> EvaluationReply:
+    return EvaluationReply.released(daemon.evaluate(_required(arrays), header.get(REQUEST)))
 
 
 def _required(arrays: Arrays | None) -> Arrays:
@@ -226,24 +235,26 @@ class DaemonClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def describe(self) -> dict[str, Any]:
-        return self._call("Describe", {})[0]
+    def describe(self) -> HolderDescription:
+        return HolderDescription.from_config(self._call("Describe", {})[0])
 
     def health(self) -> dict[str, Any]:
         return self._call("Health", {})[0]
 
-    def train(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> tuple[Arrays, dict, dict]:
-        """(updated arrays, signed receipt document, metrics) for the round plan ``config``."""
-        header, reply_arrays = self._call("Train", {"config": dict(config)}, arrays)
-        return reply_arrays or {}, header["receipt"], header["metrics"]
+    def train(self, arrays: Mapping[str, np.ndarray], plan: RoundPlan | Mapping[str, Any]) -> tuple[Arrays, TrainReply]:
+        """(updated arrays, the train reply: the signed receipt and the steps executed) for the round ``plan``
+        (a :class:`RoundPlan` or its dict form)."""
+        header, reply_arrays = self._call("Train", {REQUEST: _message(RoundPlan, plan).to_config()}, arrays)
+        return reply_arrays or {}, TrainReply.from_config(header)
 
-    def evaluate(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any] | None = None) -> dict[str, float]:
-        """Private evaluation metrics of ``arrays``; ``config`` names the run and round evaluated."""
-        return self._call("Evaluate", {"config": dict(config or {})}, arrays)[0]["metrics"]
+    def evaluate(self, arrays: Mapping[str, np.ndarray], request: EvaluationRequest | Mapping[str, Any]) -> EvaluationReply:
+        """The private evaluation of ``arrays`` as the model after the run and round ``request`` names."""
+        header = self._call("Evaluate", {REQUEST: _message(EvaluationRequest, request).to_config()}, arrays)[0]
+        return EvaluationReply.from_config(header)
 
-    def reveal_audit(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        """An audit daemon's canaries and inclusion bits for the run ``config`` names (once)."""
-        return self._call("RevealAudit", {"config": dict(config)})[0]["canaries"]
+    def reveal_audit(self, request: RevealRequest | Mapping[str, Any]) -> dict[str, Any]:
+        """An audit daemon's canaries and inclusion bits for the run ``request`` names (once)."""
+        return self._call("RevealAudit", {REQUEST: _message(RevealRequest, request).to_config()})[0][CANARIES]
 
     def _call(self, method: str, header: dict[str, Any], arrays=None) -> tuple[dict[str, Any], Arrays | None]:
         stub = self._channel.unary_unary(f"/{SERVICE}/{method}")
@@ -252,3 +263,8 @@ class DaemonClient:
         except grpc.RpcError as error:
             raise DaemonError(error.code().name, error.details() or error.code().name) from None
         return decode(reply)
+
+
+def _message(kind: type[Message], message: Message | Mapping[str, Any]) -> Message:
+    """``message`` as the contract type ``kind``: a dict form is decoded first (and refused when malformed)."""
+    return message if isinstance(message, kind) else kind.from_config(message)

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent.policy import SuperNodeConfig
+from ewtune.federation.contract import DAEMON_ADDRESS_KEY, HOLDER_ID_KEY
 from ewtune.federation.processes import flower_environment, stop_process_group
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def supernode_command(config: SuperNodeConfig, daemon_address: str, holder_id: s
                 raise InvalidInputError(f"SuperNode credential {path} does not exist")
         command += ["--root-certificates", str(config.root_certificates)]
         command += ["--auth-supernode-private-key", str(config.auth_private_key)]
-    node_config = {"daemon-address": daemon_address, "holder-id": holder_id, **config.extra_node_config}
+    node_config = {DAEMON_ADDRESS_KEY: daemon_address, HOLDER_ID_KEY: holder_id, **config.extra_node_config}
     return command + ["--node-config", node_config_text(node_config)]
 
 

@@ -29,23 +29,19 @@ This module imports neither torch nor flwr.
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from ewtune.accountant.errors import InvalidInputError
-from ewtune.accountant.events import Neighbouring, PoissonGaussianEvent
+from ewtune.accountant.events import PoissonGaussianEvent
 from ewtune.accountant.privacy_accountant import delta_too_large
+from ewtune.federation.contract import HolderDescription, positive  # the reply to a query, as both sides read it
 
-# dataset_size is optional: a holder whose budget could not fund the release of its noised count sends none (a null
-# does not survive Flower's records) and is skipped.
-DESCRIPTION_FIELDS = ("holder_id", "budget_epsilon", "budget_delta", "spent_epsilon_certified", "public_key")
 # The budget bound's search stops within 0.02% of the smallest sigma (the calibration's 0.2% would leave up to
 # about 0.3% of the budget unspent; a few more certified evaluations cost well under a second).
 LEDGER_SIGMA_TOLERANCE = 2e-4
-MAX_SPENT_MECHANISMS = 256  # distinct (q, sigma) a description may list: each costs the planner's accountant time
 # A plan's sigma over this many times a fresh budget's is warned about: 16 times the noise variance, so the
 # updates carry the signal-to-noise of a run 16 times shorter.
 USELESS_SIGMA_RATIO = 4.0
@@ -76,83 +72,17 @@ class FederationSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInputError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("expected_batch_size", "clip_norm", "learning_rate", "target_epsilon", "max_noise_multiplier"):
-            _positive(name, getattr(self, name))
+            positive(name, getattr(self, name))
         if not _number(self.delta) or not 0 < self.delta < 1:
             raise InvalidInputError(f"delta must be in (0, 1), got {self.delta!r}")
         if self.max_weight_share is not None and (not _number(self.max_weight_share) or not 0 < self.max_weight_share <= 1):
             raise InvalidInputError(f"max_weight_share must be in (0, 1], got {self.max_weight_share!r}")
         if self.max_update_norm is not None:
-            _positive("max_update_norm", self.max_update_norm)
+            positive("max_update_norm", self.max_update_norm)
 
     @property
     def total_steps(self) -> int:
         return self.rounds * self.local_steps
-
-
-@dataclass(frozen=True)
-class HolderDescription:
-    """What a holder's daemon says about itself in reply to the query message."""
-
-    node_id: int
-    holder_id: str
-    dataset_size: int | None  # the released noised count N_noisy; None: the holder's budget could not fund its release
-    budget_epsilon: float
-    budget_delta: float
-    spent_epsilon_certified: float
-    public_key: str
-    model_id: str | None = None
-    min_expected_batch: float = 0.0  # the holder's floors, as its daemon states them (0: none stated)
-    min_noise_multiplier: float = 0.0
-    # The events its ledger holds (committed and reserved) as JSON rows of ewtune.accountant.spend.mechanism_rows;
-    # None: not stated (the planner then subtracts epsilons).
-    spent_mechanisms: str | None = None
-
-    @classmethod
-    def from_mapping(cls, node_id: int, values: Mapping[str, Any]) -> "HolderDescription":
-        missing = [name for name in DESCRIPTION_FIELDS if name not in values]
-        if missing:
-            raise InvalidInputError(f"node {node_id}'s description lacks {', '.join(missing)}")
-        size = values.get("dataset_size")
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise InvalidInputError(f"node {node_id}'s dataset_size must be an integer >= 1 or null, got {size!r}")
-        for name in ("budget_epsilon", "budget_delta"):
-            _positive(f"node {node_id}'s {name}", values[name])
-        spent = values["spent_epsilon_certified"]
-        if not _number(spent) or spent < 0:
-            raise InvalidInputError(f"node {node_id}'s spent_epsilon_certified must be a number >= 0, got {spent!r}")
-        for name in ("holder_id", "public_key"):
-            if not isinstance(values[name], str) or not values[name]:
-                raise InvalidInputError(f"node {node_id}'s {name} must be a non-empty string")
-        model_id = values.get("model_id")
-        spent_mechanisms = values.get("spent_mechanisms")
-        if spent_mechanisms is not None:
-            _spent_events(node_id, spent_mechanisms)  # refused here, with the node named, when malformed
-        floors = {}
-        for name in ("min_expected_batch", "min_noise_multiplier"):
-            if name in values:
-                _positive(f"node {node_id}'s {name}", values[name])
-                floors[name] = float(values[name])
-        return cls(
-            node_id=int(node_id),
-            holder_id=values["holder_id"],
-            dataset_size=size,
-            budget_epsilon=float(values["budget_epsilon"]),
-            budget_delta=float(values["budget_delta"]),
-            spent_epsilon_certified=float(spent),
-            public_key=values["public_key"],
-            model_id=str(model_id) if model_id else None,
-            spent_mechanisms=spent_mechanisms,
-            **floors,
-        )
-
-    @property
-    def budget_left_epsilon(self) -> float:
-        return max(0.0, self.budget_epsilon - self.spent_epsilon_certified)
-
-    @property
-    def spent_events(self) -> tuple[PoissonGaussianEvent, ...] | None:
-        """The events its ledger holds, or None when its description did not state them."""
-        return None if self.spent_mechanisms is None else _spent_events(self.node_id, self.spent_mechanisms)
 
 
 @dataclass(frozen=True)
@@ -293,21 +223,6 @@ def _useless_warning(holder: HolderDescription, sigma: float, fresh_sigma: float
     )
 
 
-def _spent_events(node_id: int, text: Any) -> tuple[PoissonGaussianEvent, ...]:
-    """The events of a description's ``spent_mechanisms`` (JSON rows {sampling_rate, noise_multiplier,
-    neighbouring, steps}), or a one-line refusal naming the node."""
-    try:
-        rows = json.loads(text) if isinstance(text, str) else None
-        if not isinstance(rows, list) or len(rows) > MAX_SPENT_MECHANISMS:
-            raise ValueError(f"a JSON list of at most {MAX_SPENT_MECHANISMS} rows is expected")
-        return tuple(
-            PoissonGaussianEvent(row["sampling_rate"], row["noise_multiplier"], row["steps"], Neighbouring(row["neighbouring"]))
-            for row in rows
-        )
-    except (ValueError, TypeError, KeyError, InvalidInputError) as bad:
-        raise InvalidInputError(f"node {node_id}'s spent_mechanisms is malformed: {str(bad)[:160]}") from None
-
-
 @dataclass(frozen=True)
 class _Calibration:
     noise_multiplier: float
@@ -330,8 +245,3 @@ def _at_sigma(sigma: float, delta: float, sampling_rate: float, steps: int) -> _
 
 def _number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _positive(name: str, value: Any) -> None:
-    if not _number(value) or value <= 0:
-        raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")

@@ -48,13 +48,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from ewtune.accountant.certified import certified_epsilon
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.events import total_steps
-from ewtune.accountant.ledger import AUDIT_PURPOSE, Ledger, Policy
+from ewtune.accountant.ledger import Ledger, Policy
 from ewtune.accountant.rdp import RdpAccountant
 from ewtune.accountant.signing import SigningKey
 from ewtune.accountant.spend import check_within
@@ -64,7 +64,7 @@ from ewtune.coordinator.checkpoints import checkpoint_path, load_weights, round_
 from ewtune.coordinator.config import FederationConfig, load_federation_config
 from ewtune.coordinator.crash_points import reach
 from ewtune.coordinator.exchange import exchange
-from ewtune.coordinator.planner import FederationPlan, HolderDescription, HolderPlan, SkippedHolder, plan_federation
+from ewtune.coordinator.planner import FederationPlan, HolderPlan, SkippedHolder, plan_federation
 from ewtune.coordinator.receipts_check import check_receipt
 from ewtune.coordinator.recovery import (
     Inbox,
@@ -81,30 +81,23 @@ from ewtune.coordinator.recovery import (
 from ewtune.coordinator.registry import Registry
 from ewtune.federation.apps import RUN_CONFIG_KEY
 from ewtune.federation.flower_internals import shorten_serverapp_object_backoff
-from ewtune.federation.messages import (
-    CANARIES,
-    CONFIG,
-    DESCRIPTION,
-    EVALUATE_ROUND,
-    EVALUATION,
-    EVALUATION_REFUSED,
-    FAILED,
-    INVALID,
-    METRICS,
-    PURPOSE,
-    RECEIPT_DOCUMENT,
-    REFUSED,
-    RESULT,
-    REVEAL,
-    STEPS,
-    UNAVAILABLE,
-    weight_records,
-    weights_of,
+from ewtune.coordinator.round_messages import (
+    EvaluationMissing,
+    description_of,
+    evaluate_message,
+    query_message,
+    released_metrics,
+    reveal_message,
+    revealed_canaries,
+    round_plan,
+    train_message,
+    train_reply_of,
 )
+from ewtune.federation.contract import EvaluationRequest, HolderDescription, RevealRequest
+from ewtune.federation.messages import weight_records
 
 STATUS_FILE = "status.json"
 MISSING_REASON_CHARACTERS = 200  # the longest reason for a missing evaluation kept in status.json
-ERROR_KINDS = {REFUSED: "refused", INVALID: "refused as malformed", UNAVAILABLE: "holder unavailable", FAILED: "failed"}
 
 app = ServerApp()
 
@@ -246,12 +239,12 @@ class Federation:
     def _query(self, nodes: dict[int, bytes]) -> list[HolderDescription]:
         self.status["state"] = "querying"
         self._write_status()
-        messages = {node: Message(RecordDict(), node, MessageType.QUERY, ttl=self.config.timeouts.query + 30) for node in nodes}
+        messages = {node: query_message(node, self.config.timeouts.query) for node in nodes}
         replies = exchange(self.grid, list(messages.values()), self.config.timeouts.query, self.config.timeouts.poll_interval)
         descriptions = []
         for node, message in messages.items():
             try:
-                description = _description(node, replies.get(message.metadata.message_id))
+                description = description_of(node, replies.get(message.metadata.message_id))
                 self.registry.check_node(node, nodes[node], description.holder_id, description.public_key)
             except Exception as failure:  # noqa: BLE001 - a node's bad description leaves out that node only
                 reason = _reason(failure)
@@ -351,7 +344,11 @@ class Federation:
         reach(f"reserved:{round}")
         arrays = weight_records(weights, self.config.model.pack_weights)
         evaluated_round = round - 1 if evaluate_previous else None
-        trains = {holder_id: self._train_message(round, state, arrays, evaluated_round) for holder_id, state in active.items()}
+        trains = {
+            holder_id: train_message(round_plan(self.run_id, round, state.plan, settings, self.canaries is not None, evaluated_round),
+                                     state.plan.holder.node_id, arrays, timeouts.round)
+            for holder_id, state in active.items()
+        }
         _log(f"round {round}: training on {', '.join(active)}")
         arrivals: dict[str, float] = {}
         try:
@@ -491,48 +488,11 @@ class Federation:
         if previous.get("run_id") in earlier:
             self.status["rounds"] = [r for r in previous.get("rounds", []) if isinstance(r, dict) and r.get("round", 0) <= completed]
 
-    def _evaluate_message(self, round: int, state: HolderState, arrays: dict, ttl: float) -> Message:
-        """An evaluate message for the global model after ``round`` (0: the initial model), naming the run
-        and the round so that a holder's daemon can decide (and record) what it releases."""
-        content = RecordDict({**arrays, CONFIG: ConfigRecord({"run_id": self.run_id, "round": round})})
-        return Message(content, state.plan.holder.node_id, MessageType.EVALUATE, ttl=ttl, group_id=str(round))
-
-    def _train_message(self, round: int, state: HolderState, arrays: dict, evaluated_round: int | None) -> Message:
-        """The round's train message; with ``evaluated_round``, it also asks the holder to evaluate the incoming
-        weights (the global model after that round) before training."""
-        settings = self.config.settings
-        plan = {
-            "run_id": self.run_id,
-            "round": round,
-            "steps": settings.local_steps,
-            "sampling_rate": state.plan.sampling_rate,
-            "noise_multiplier": state.plan.noise_multiplier,
-            "clip_norm": float(settings.clip_norm),
-            "learning_rate": float(settings.learning_rate),
-            "delta": state.plan.delta,
-        }
-        if state.plan.holder.model_id:
-            plan["model_id"] = state.plan.holder.model_id
-        if self.canaries is not None:
-            plan[PURPOSE] = AUDIT_PURPOSE
-        if evaluated_round is not None:
-            plan[EVALUATE_ROUND] = evaluated_round
-        content = RecordDict({**arrays, CONFIG: ConfigRecord(plan)})
-        return Message(content, state.plan.holder.node_id, MessageType.TRAIN, ttl=self.config.timeouts.round, group_id=str(round))
-
     def _verified_update(self, round: int, state: HolderState, reply: Message | None, weights: dict[str, np.ndarray]):
         """(update, receipt document, receipt, numeric metrics, update norm) of a train reply, or an exception
         saying what is wrong with it (the caller aborts the holder whatever the exception)."""
-        if reply is None:
-            raise InvalidInputError(f"no reply within {self.config.timeouts.round:g} s")
-        if reply.has_error():
-            raise InvalidInputError(f"refused or failed (code {reply.error.code}): {reply.error.reason}")
-        content = reply.content
-        result = _result(content)
-        document = result.get(RECEIPT_DOCUMENT)
-        if not isinstance(document, str):
-            raise InvalidInputError(f"the {RESULT!r} record lacks the receipt as the string {RECEIPT_DOCUMENT!r}")
-        update = weights_of(content, RESULT)
+        train, update = train_reply_of(reply, self.config.timeouts.round)
+        document = train.receipt
         planned = state.plan.round_event(self.config.settings.local_steps)
         receipt = check_receipt(
             document,
@@ -546,13 +506,13 @@ class Federation:
         check_within(receipt.event, planned)  # what Ledger.commit will demand, checked before anything is written
         check_update(update, weights)
         norm = check_update_norm(update, weights, self.max_update_norm)
-        metrics = _numeric_metrics({STEPS: result[STEPS]}, f"holder {state.plan.holder_id}'s train metrics") if STEPS in result else {}
-        return update, json.loads(document), receipt, metrics, norm
+        metrics = {} if train.steps is None else {"steps": train.steps}
+        return update, train.receipt_document(), receipt, metrics, norm
 
     def _evaluate(self, round: int, weights: dict[str, np.ndarray]) -> None:
         arrays = weight_records(weights, self.config.model.pack_weights)
         messages = {
-            holder_id: self._evaluate_message(round, state, arrays, self.config.timeouts.evaluate)
+            holder_id: evaluate_message(EvaluationRequest(self.run_id, round), state.plan.holder.node_id, arrays, self.config.timeouts.evaluate)
             for holder_id, state in self._active().items()
         }
         replies = exchange(self.grid, list(messages.values()), self.config.timeouts.evaluate, self.config.timeouts.poll_interval)
@@ -566,21 +526,11 @@ class Federation:
         for it); its short reason is logged and kept per round (status.json's "evaluation_missing")."""
         state = self.holders[holder_id]
         try:
-            if reply is None:
-                return self._evaluation_missing(holder_id, round, "no reply within the timeout")
-            if reply.has_error():
-                kind = ERROR_KINDS.get(reply.error.code, f"failed (code {reply.error.code})")  # the holder's codes, ewtune.federation.messages
-                return self._evaluation_missing(holder_id, round, f"{kind}: {reply.error.reason}")
-            released = _evaluation_inside(reply.content) if inside_train else reply.content.get(METRICS)
-            if isinstance(released, str):  # the reason of a refusal
-                return self._evaluation_missing(holder_id, round, f"refused: {released}")
-            if released is None:
-                return self._evaluation_missing(holder_id, round, "the reply carries no evaluation metrics")
-            metrics = _numeric_metrics(released, f"holder {holder_id}'s evaluation metrics")
+            metrics = released_metrics(reply, inside_train)
+        except EvaluationMissing as missing:
+            return self._evaluation_missing(holder_id, round, str(missing))
         except Exception as failure:  # noqa: BLE001 - a malformed evaluation reply is ignored, not fatal
             return self._evaluation_missing(holder_id, round, f"reply ignored: {_reason(failure)}")
-        if not metrics:
-            return self._evaluation_missing(holder_id, round, "the reply carries no finite metric")
         state.evaluation[round] = metrics
         if "accuracy" in metrics:
             state.accuracy[round] = metrics["accuracy"]
@@ -610,13 +560,12 @@ class Federation:
                  **{f"observations:{h}": np.stack(o) for h, o in observed.items()})
         _log(f"audit: {len(scores)} holder(s) scored, scores SHA-256 {digest}; asking for the reveals")
         messages = {
-            holder_id: Message(RecordDict({REVEAL: ConfigRecord({"run_id": self.run_id, "scores_sha256": digest})}),
-                               plan.holder.node_id, MessageType.QUERY, ttl=self.config.timeouts.query + 30)
+            holder_id: reveal_message(RevealRequest(self.run_id, digest), plan.holder.node_id, self.config.timeouts.query)
             for holder_id, plan in plans.items()
         }
         replies = exchange(self.grid, list(messages.values()), self.config.timeouts.query, self.config.timeouts.poll_interval)
         block = len(tie_break)
-        revealed = {holder_id: Canaries.from_reveal(holder_id, _reveal(replies.get(m.metadata.message_id)), block)
+        revealed = {holder_id: Canaries.from_reveal(holder_id, revealed_canaries(replies.get(m.metadata.message_id)), block)
                     for holder_id, m in messages.items()}
         holders, pooled = audit_bounds(scores, revealed, settings.delta, tie_break)
         np.savez(self.config.output_dir / "audit-canaries.npz", tie_break=tie_break,
@@ -737,62 +686,6 @@ def _read_status(output_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return status if isinstance(status, dict) else {}
-
-
-def _description(node: int, reply: Message | None) -> HolderDescription:
-    if reply is None:
-        raise InvalidInputError("no description within the query timeout")
-    if reply.has_error():
-        raise InvalidInputError(f"query failed (code {reply.error.code}): {reply.error.reason}")
-    if DESCRIPTION not in reply.content or not isinstance(reply.content[DESCRIPTION], ConfigRecord):
-        raise InvalidInputError("query reply lacks the ConfigRecord 'description'")
-    return HolderDescription.from_mapping(node, dict(reply.content[DESCRIPTION]))
-
-
-def _reveal(reply: Message | None) -> dict[str, Any]:
-    if reply is None:
-        raise InvalidInputError("a holder did not reveal its canaries within the query timeout")
-    if reply.has_error():
-        raise InvalidInputError(f"a holder refused to reveal its canaries (code {reply.error.code}): {reply.error.reason}")
-    if CANARIES not in reply.content or not isinstance(reply.content[CANARIES], ConfigRecord):
-        raise InvalidInputError("a reveal reply lacks the ConfigRecord 'canaries'")
-    return dict(reply.content[CANARIES])
-
-
-def _result(content: RecordDict) -> ConfigRecord:
-    if RESULT not in content or not isinstance(content[RESULT], ConfigRecord):
-        raise InvalidInputError(f"train reply lacks the ConfigRecord {RESULT!r}")
-    return content[RESULT]
-
-
-def _evaluation_inside(content: RecordDict) -> Any:
-    """What a train reply says of the evaluation it was asked for: the reason of a refusal (text), the
-    metrics as the holder sent them (parsed from their JSON text), or None when it says nothing."""
-    result = _result(content)
-    if EVALUATION_REFUSED in result:
-        return str(result[EVALUATION_REFUSED])
-    if EVALUATION not in result:
-        return None
-    if not isinstance(result[EVALUATION], str):
-        raise InvalidInputError(f"the {EVALUATION!r} of a train reply must be a JSON object as text")
-    return json.loads(result[EVALUATION])
-
-
-def _numeric_metrics(record: Any, what: str) -> dict[str, float]:
-    """The finite numbers of a holder's metrics record; anything else (lists, strings, NaN, a record of
-    another kind) is left out with a log line."""
-    try:
-        items = list(record.items())
-    except Exception:  # noqa: BLE001 - not a mapping at all
-        _log(f"{what}: not a record of metrics, ignored")
-        return {}
-    metrics = {}
-    for name, value in items:
-        if isinstance(name, str) and not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value):
-            metrics[name] = float(value)
-        else:
-            _log(f"{what}: {str(name)[:40]!r} is not a finite number, ignored")
-    return metrics
 
 
 def _reason(failure: BaseException) -> str:

@@ -1,7 +1,10 @@
 """The contract between a data holder and the coordinator: what they exchange over Flower.
 
-- :mod:`ewtune.federation.messages`: the records of query, train and evaluate messages and their replies, the
-  error codes of a refusal, the SuperNode's node config keys;
+- :mod:`ewtune.federation.contract`: the typed messages (round plan, holder description, train reply,
+  evaluation request and reply, reveal request), each with the one encoder and decoder both sides use, and the
+  SuperNode's node config keys;
+- :mod:`ewtune.federation.messages`: the records of query, train and evaluate messages and their replies, how
+  weights ride in them, the error codes of a refusal;
 - :mod:`ewtune.federation.packing`: the named trainable weights as one buffer and a layout, and the dtypes
   weights may travel in;
 - :mod:`ewtune.federation.cards`: the holder card (holder id, SuperNode key, ledger key) a holder hands the

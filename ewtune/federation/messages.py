@@ -1,28 +1,28 @@
 """The messages a holder and the coordinator exchange over Flower, and how weights ride in them.
 
-The exchange (Flower's Message API; every reply answers one message of the ServerApp):
+The exchange (Flower's Message API; every reply answers one message of the ServerApp). What each record holds
+is a message of :mod:`ewtune.federation.contract`, encoded and decoded there, the same on both sides:
 
-- ``query`` (empty) -> :data:`DESCRIPTION`: the holder's public description (holder_id; dataset_size, the
-  noised count of its training records released once per data set and charged to its ledger, never the exact
-  N, with dataset_size_noise, its noise std, or null when its budget could not fund that release; budget,
-  spent certified epsilon, spent_mechanisms (its ledger's events, committed and reserved, as JSON rows of
-  :func:`ewtune.accountant.spend.mechanism_rows`: the planner composes them with its plan, as the daemon's own
-  budget check does), ledger public key, model id, policy limits; ``ewtune.agent.daemon.Daemon.describe``);
+- ``query`` (empty) -> :data:`DESCRIPTION`: the holder's public description, a
+  :class:`~ewtune.federation.contract.HolderDescription` (holder_id; dataset_size, the noised count of its
+  training records released once per data set and charged to its ledger, never the exact N; budget, spent
+  certified epsilon, spent_mechanisms (its ledger's events, committed and reserved, which the planner composes
+  with its plan as the daemon's own budget check does), ledger public key, model id, policy limits);
 - ``train``: the global trainable weights (packed in :data:`LAYOUT`, or plain in :data:`ARRAYS`) and
-  :data:`CONFIG` (the holder's plan: run_id, round, sampling rate, noise multiplier, steps, clip norm,
-  learning rate, delta and, optionally, :data:`EVALUATE_ROUND`: evaluate the same incoming weights, the global
-  model after that round, first) -> one :data:`RESULT` record: the signed receipt as JSON text
-  (:data:`RECEIPT_DOCUMENT`), the steps executed (:data:`STEPS`), the noised weights (packed as the request
-  was: inside :data:`RESULT`, or plain in :data:`ARRAYS`) and, when an evaluation was asked, either
-  :data:`EVALUATION` (the evaluation's metrics as a JSON object, as below) or :data:`EVALUATION_REFUSED` (the
-  reason). Evaluation rides inside the train message so that a round costs one message per holder, and the
-  reply is one record so that it costs three Flower objects (see :func:`weight_records`);
-- ``query`` with :data:`REVEAL` {run_id, scores_sha256} (audit runs only, after the last round and after the
-  coordinator has fixed its canary scores) -> :data:`CANARIES` {holder_id, first, count, included: one "0"/"1"
-  per canary, breakage}: an audit daemon's canaries and inclusion bits, revealed once;
-- ``evaluate``: the weights and :data:`CONFIG` {run_id, round} -> :data:`METRICS` (accuracy, f1,
-  num_examples, noise_multiplier) from a noised confusion matrix, only when the holder opts in to private
-  evaluation; otherwise a refusal. Sent alone only after the last round.
+  :data:`CONFIG`, the holder's :class:`~ewtune.federation.contract.RoundPlan` (with ``evaluate_round``: evaluate
+  the same incoming weights, the global model after that round, first) -> one :data:`RESULT` record: a
+  :class:`~ewtune.federation.contract.TrainReply` (the signed receipt as JSON text, the steps executed), the
+  noised weights (packed as the request was: inside :data:`RESULT`, or plain in :data:`ARRAYS`) and, when an
+  evaluation was asked, an :class:`~ewtune.federation.contract.EvaluationReply` (the metrics as a JSON object,
+  or the reason none were released). Evaluation rides inside the train message so that a round costs one
+  message per holder, and the reply is one record so that it costs three Flower objects (see
+  :func:`weight_records`);
+- ``query`` with :data:`REVEAL`, a :class:`~ewtune.federation.contract.RevealRequest` (audit runs only, after
+  the last round and after the coordinator has fixed its canary scores) -> :data:`CANARIES` {holder_id, first,
+  count, included: one "0"/"1" per canary, breakage}: an audit daemon's canaries and inclusion bits, revealed once;
+- ``evaluate``: the weights and :data:`CONFIG`, an :class:`~ewtune.federation.contract.EvaluationRequest` ->
+  :data:`METRICS` (accuracy, f1, num_examples, noise_multiplier) from a noised confusion matrix, only when the
+  holder opts in to private evaluation; otherwise a refusal. Sent alone only after the last round.
 
 A refusal or failure is a Flower ``Error`` with one of the codes below and the daemon's reason (generic for
 failures after work on the data began). Nothing else leaves a holder (SECURITY.md, "What leaves a holder").
@@ -39,35 +39,24 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.federation.packing import check_weight_dtype, pack, unpack
 
-DESCRIPTION = "description"  # ConfigRecord: the reply to a query
+DESCRIPTION = "description"  # ConfigRecord: the reply to a query (a HolderDescription, ewtune.federation.contract)
 ARRAYS = "arrays"  # ArrayRecord: trainable weights, by parameter name or packed
 LAYOUT = "layout"  # ConfigRecord {LAYOUT_JSON: layout, BUFFER: packed bytes} or {LAYOUT_JSON: layout} beside a packed ArrayRecord
 LAYOUT_JSON = "json"  # the packed weights' layout (ewtune.federation.packing), in LAYOUT or in a train reply's RESULT
 BUFFER = "buffer"  # the packed weights' bytes, beside LAYOUT_JSON
 PACKED_NAME = "packed"  # the single entry of a packed ArrayRecord
 INLINE_LIMIT_BYTES = 5 * 1024 * 1024  # packed weights up to Flower's Array chunk size ride inside the LAYOUT record
-CONFIG = "config"  # ConfigRecord: the plan of a train message, {run_id, round} of an evaluate message
-EVALUATE_ROUND = "evaluate_round"  # in a train message's CONFIG: evaluate the incoming weights (the model after that round) first
-RESULT = "result"  # ConfigRecord: all of a train reply but plain weights (RECEIPT_DOCUMENT, STEPS, evaluation, packed weights)
-RECEIPT_DOCUMENT = "receipt"  # in RESULT: the signed receipt as JSON text
-STEPS = "steps"  # in RESULT: the DP-SGD steps executed
-EVALUATION = "evaluation"  # in RESULT: the metrics of the evaluation asked for, as a JSON object
-EVALUATION_REFUSED = "evaluation_refused"  # in RESULT: why no evaluation was released (text)
+CONFIG = "config"  # ConfigRecord: a train message's RoundPlan, an evaluate message's EvaluationRequest (ewtune.federation.contract)
+RESULT = "result"  # ConfigRecord: all of a train reply but plain weights (its TrainReply, EvaluationReply, packed weights)
 METRICS = "metrics"  # MetricRecord: the reply to an evaluate message
-REVEAL = "reveal"  # ConfigRecord {run_id, scores_sha256} in a query: an audit daemon's canaries, please
+REVEAL = "reveal"  # ConfigRecord in a query (a RevealRequest, ewtune.federation.contract): an audit daemon's canaries, please
 CANARIES = "canaries"  # ConfigRecord: the reply to a reveal
-PURPOSE = "purpose"  # in a train message's CONFIG: ewtune.accountant.ledger.AUDIT_PURPOSE for an audit run's round
 
 # Flower Error codes of the holder's replies.
 FAILED = 4000  # anything else (the reason says what)
 REFUSED = 4001  # the holder's policy or budget refuses the plan; nothing was charged
 INVALID = 4002  # the message was malformed (weights or plan)
 UNAVAILABLE = 4003  # the daemon is down, stopping or timed out
-
-# The SuperNode's node config (``flower-supernode --node-config``), read by the ClientApp.
-DAEMON_ADDRESS_KEY = "daemon-address"
-DAEMON_TIMEOUT_KEY = "daemon-timeout-s"
-HOLDER_ID_KEY = "holder-id"
 
 
 def weight_records(arrays: Mapping[str, np.ndarray], packed: bool, inline_limit: int = INLINE_LIMIT_BYTES,

@@ -8,6 +8,14 @@ added up; the noise is drawn once per logical step, and the sum is divided by th
 *expected* batch size q N, never by the realised one, whose scale would then depend on the data and
 leak the batch size (Opacus' ``expected_batch_size`` does the same). An empty batch still takes
 a step: a noise-only update, which the accountant counts like any other.
+
+A micro-batch that runs out of memory (``torch.OutOfMemoryError`` on a GPU, the CPU allocator's RuntimeError
+"not enough memory") is computed again in halves, and halves of those, down to one record: each record's
+clipped gradient depends on that record and the weights alone (:mod:`ewtune.agent.dpsgd.unpadded`), so the
+parts add up to the same clipped sum, up to the order of float32 additions. A part's sum is added only once its
+computation has finished, so no record is counted twice or half; a record that does not fit even alone ends the
+step before any noise is drawn or any parameter moves, with a one-line :class:`OutOfMemoryStepError`. The
+largest size that fitted then bounds the micro-batches of the later steps, which would run out of memory again.
 """
 
 from __future__ import annotations
@@ -17,11 +25,23 @@ from dataclasses import dataclass
 
 import torch
 
-from ewtune.accountant.errors import InvalidInputError
-from ewtune.agent.dpsgd.engine import PerExampleClipper, batch_size_of, in_batch_order
+from ewtune.accountant.errors import EwtuneError, InvalidInputError
+from ewtune.agent.dpsgd.engine import ClippedSum, PerExampleClipper, batch_size_of, in_batch_order
 from ewtune.agent.dpsgd.noise import add_gaussian_noise_
 from ewtune.agent.dpsgd.randomness import RandomSource, SecureRandom
 from ewtune.agent.dpsgd.unpadded import own_padding_parts
+
+
+class OutOfMemoryStepError(EwtuneError):
+    """One record's clipped gradient does not fit in memory even alone: the step was not taken."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure: CUDA's (and other accelerators') ``torch.OutOfMemoryError``
+    or the CPU allocator's RuntimeError ("DefaultCPUAllocator: not enough memory")."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "not enough memory" in str(error)
+    )
 
 
 @dataclass(frozen=True)
@@ -72,10 +92,15 @@ class DPSGDStep:
 
         Sums, noise and scaling happen in place, so the step holds one gradient-sized buffer at a time.
         """
-        sums, rows, norms, loss_sum = None, [], [], 0.0
-        micro_batches = own_padding_parts(batch, self.physical_batch_size)
-        for micro_rows, micro_batch in micro_batches:
-            clipped = self.clipper.clipped_grad_sum(micro_batch)
+        sums, rows, norms, loss_sum, micro_batches = None, [], [], 0.0, 0
+        pending = own_padding_parts(batch, self.physical_batch_size)
+        while pending:
+            micro_rows, micro_batch = pending.pop(0)
+            clipped = self._clipped_sum_or_none(micro_batch)
+            if clipped is None:  # out of memory: its halves go first, in order; nothing of it was added
+                pending[:0] = self._halves(micro_rows, micro_batch)
+                continue
+            micro_batches += 1
             if sums is None:
                 sums = clipped.grads
             else:
@@ -93,12 +118,38 @@ class DPSGDStep:
         norms = in_batch_order(rows, norms) if norms else torch.zeros(0)
         stats = StepStats(
             examples=batch_size_of(batch),
-            micro_batches=len(micro_batches),
+            micro_batches=micro_batches,
             loss_sum=loss_sum,
             clipped=int((norms > self.clip_norm).sum()),
             per_example_norms=norms,
         )
         return sums, stats
+
+    def _clipped_sum_or_none(self, micro_batch: Mapping[str, torch.Tensor]) -> ClippedSum | None:
+        """The micro-batch's clipped sum, or None when computing it ran out of memory (the error, and with it
+        every tensor its frames held, is dropped before the caller retries)."""
+        try:
+            return self.clipper.clipped_grad_sum(micro_batch)
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the failed attempt's blocks, cached by the allocator, go back to the device
+        return None
+
+    def _halves(self, micro_rows: torch.Tensor, micro_batch: Mapping[str, torch.Tensor]) -> list[tuple]:
+        """The micro-batch that ran out of memory as two parts (rows of the logical batch, sub-batch), and the
+        later steps' physical size bounded by the larger part; a single record is a one-line error."""
+        count = micro_rows.numel()
+        if count == 1:
+            device = next(iter(micro_batch.values())).device
+            raise OutOfMemoryStepError(
+                f"one record does not fit in memory on {device} even alone (physical micro-batch 1); the step was "
+                "not taken: use shorter records (a lower maximum length), a smaller model or a larger device"
+            )
+        half = (count + 1) // 2
+        self.physical_batch_size = min(self.physical_batch_size, half)
+        return [(micro_rows[part_rows], part) for part_rows, part in own_padding_parts(micro_batch, half)]
 
     def step(self, batch: Mapping[str, torch.Tensor]) -> StepStats:
         """One private optimizer step on a (possibly empty) logical batch."""

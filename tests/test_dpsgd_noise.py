@@ -141,3 +141,13 @@ def test_extreme_uniforms_give_finite_normals():
     assert normals[0].item() == pytest.approx(math.sqrt(108 * math.log(2)), rel=1e-6)
     assert normals[4].item() == 0.0 and normals[2].item() == 0.0 and normals[6].item() == 0.0
     assert normals[1].item() == pytest.approx(-math.sqrt(108 * math.log(2)), rel=1e-6)  # angle -pi
+
+
+def test_noise_added_in_place_has_the_scale_and_keeps_each_dtype():
+    from ewtune.agent.dpsgd.noise import add_gaussian_noise_
+
+    grads = {**_grads(), "half": torch.full((1000,), 3.0, dtype=torch.bfloat16)}
+    add_gaussian_noise_(grads, STD, SecureRandom())
+    _check_gaussian(torch.cat([grads["a"], grads["b"].reshape(-1)]), STD)
+    assert grads["half"].dtype == torch.bfloat16 and grads["b"].shape == (50, DRAWS // 100)
+    assert (grads["half"].float() - 3.0).std().item() == pytest.approx(STD, rel=0.15)

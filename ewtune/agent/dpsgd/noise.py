@@ -30,8 +30,9 @@ def gaussian_noise_like(
 
 
 def add_gaussian_noise_(grads: dict[str, torch.Tensor], std: float, source: RandomSource | None = None) -> None:
-    """Add the noise of ``gaussian_noise_like`` in place, one tensor at a time (to bound memory)."""
+    """Add independent N(0, std^2) noise in place, one tensor at a time (to bound memory): g + std z in one
+    pass over g, rounded once to g's dtype."""
     _check_std(std)
     source = source or SecureRandom()
     for g in grads.values():
-        g.add_(_noise_like(g, std, source))
+        g.add_(source.standard_normal(g.numel(), device=g.device).view(g.shape), alpha=std)

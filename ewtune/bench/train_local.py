@@ -31,6 +31,7 @@ def non_private_run(args) -> dict:
     started = time.perf_counter()
     recipe = train_cli._recipe(args)
     trainer = LocalTrainer(train_cli._training_config(args, recipe))
+    before = trainer.evaluate() if args.task == "causal_lm" else None  # the perplexity train-local reports before
     size = trainer.dataset_size
     phases = []
     for phase in recipe.phases(size):
@@ -43,7 +44,10 @@ def non_private_run(args) -> dict:
         phases.append({"phase": phase.name, "steps": phase.steps, "sampling_rate": phase.sampling_rate, "noise_multiplier": 0.0,
                        "learning_rate": recipe.learning_rate(phase.name), "train_loss": loss})
     evaluation = trainer.evaluate()
-    evaluation["majority_baseline"] = majority_baseline(trainer.data.eval.labels)
+    if before is None:
+        evaluation["majority_baseline"] = majority_baseline(trainer.data.eval.labels)
+    else:
+        evaluation["perplexity_before"] = before["perplexity"]
     return {
         "mode": args.mode,
         "tune_layers": recipe.trained_layers,
@@ -51,7 +55,9 @@ def non_private_run(args) -> dict:
         "phases": phases,
         "accuracy": evaluation.get("accuracy"),
         "macro_f1": evaluation.get("f1"),
-        "majority_baseline": evaluation["majority_baseline"],
+        "majority_baseline": evaluation.get("majority_baseline"),
+        "perplexity_before": evaluation.get("perplexity_before"),
+        "perplexity": evaluation.get("perplexity"),
         "eval": evaluation,
         "device": str(trainer.device),
         "precision": trainer.precision,

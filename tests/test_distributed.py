@@ -280,3 +280,37 @@ def test_nproc_below_one_is_one_line(capsys):
     argv = ["agent", "train-local", "--model", "minilm", "--data", "mr", "--epsilon", "8", "--delta", "1e-5", "--nproc", "0"]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == "ewtune: error: --nproc must be >= 1, got 0"
+
+
+@pytest.mark.slow
+def test_train_local_with_two_workers_charges_the_planned_steps_of_each_phase(tiny_bert_dir, mr_csv, tmp_path, capsys):
+    from ewtune.accountant.verify import verify_ledger
+    from ewtune.cli import main
+
+    argv = ["agent", "train-local", "--model", str(tiny_bert_dir), "--data", str(mr_csv), "--epsilon", "8", "--delta", "1e-5",
+            "--probe-epochs", "1", "--probe-batch", "16", "--probe-lr", "0.5", "--mode", "lora", "--tune-epochs", "1",
+            "--tune-batch", "16", "--tune-layers", "0", "--max-examples", "80", "--max-length", "24",
+            "--physical-batch-size", "16", "--device", "cpu", "--nproc", "2", "--json", "--quiet", *_holder_ledger(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["processes"] == 2
+    entries = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    reserves = {entry["seq"]: entry["payload"] for entry in entries if entry["kind"] == "reserve"}
+    commits = {entry["payload"]["reservation"]: entry["payload"] for entry in entries if entry["kind"] == "commit"}
+    phases = [commits[seq] for seq in sorted(reserves) if commits[seq].get("extra", {}).get("phase")]
+    assert [phase["extra"]["phase"] for phase in phases] == ["probe", "tune"]
+    for phase, reported in zip(phases, summary["phases"], strict=True):
+        planned = reserves[phase["reservation"]]["event"]
+        assert phase["event"] == planned  # every planned step ran, charged once for the whole group
+        assert reported["event"] == planned and reported["train"]["steps"] == planned["event"]["steps"]
+    assert verify_ledger(tmp_path / "ledger.jsonl").ok
+
+
+def test_a_worker_per_gpu_is_refused_a_single_gpu_name():
+    from ewtune.accountant.errors import InvalidInputError
+    from ewtune.agent.distributed.launch import rank_device
+
+    assert rank_device("cpu", 1, 2) == "cpu"
+    assert rank_device("cuda:1", 0, 1) == "cuda:1"
+    with pytest.raises(InvalidInputError, match="names one GPU for 2 workers"):
+        rank_device("cuda:1", 0, 2)

@@ -275,7 +275,7 @@ class LocalTrainer:
         head_only = plan.head_only or self.config.mode == "head"
         if head_only and self.config.task != "classification":
             raise InvalidInputError("a head-only run needs a classification task")
-        self.group.announce(plan)  # the other workers run this plan too
+        self.group.announce(plan, features_current=self._features is not None)  # the other workers follow it
         self.group.sync_parameters(self.model)
         try:
             module, collate_fn = self.phase_inputs(head_only)
@@ -295,6 +295,13 @@ class LocalTrainer:
                 self._features = None  # the encoder trained: its embeddings changed
         metrics["seconds"] = time.perf_counter() - started
         return TrainResult(event, self.trainable_state(), metrics, self.randomness)
+
+    def follow(self, plan: StepPlan, features_current: bool) -> TrainResult:
+        """A worker of rank > 0 runs ``plan`` as rank 0 announced it; ``features_current``: whether rank 0 kept its
+        cached embeddings (:meth:`load_trainable_state` on rank 0 drops them when the encoder changes)."""
+        if not features_current:
+            self._features = None
+        return self.train(plan)
 
     def phase_inputs(self, head_only: bool):
         """(the module a run's batches enter, the function that makes a batch from indices): the cached embeddings

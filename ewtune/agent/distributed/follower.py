@@ -20,7 +20,7 @@ def main() -> int:
         config = group.receive()
         trainer = LocalTrainer(replace(config, device=rank_device(config.device, group.rank, group.world_size)), group)
         while (message := group.receive())[0] == "train":
-            trainer.train(message[1])
+            trainer.follow(*message[1:])
         return 0
     except (Exception, KeyboardInterrupt) as error:
         text = (str(error).strip().splitlines() or [""])[0]

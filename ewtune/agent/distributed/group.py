@@ -68,7 +68,7 @@ class SingleProcess:
     def stop_signal(self, should_stop):
         return should_stop
 
-    def announce(self, plan) -> None:
+    def announce(self, plan, features_current: bool) -> None:
         """Nothing to tell: no other worker."""
 
     def sync_parameters(self, module) -> None:
@@ -139,10 +139,11 @@ class WorkerGroup:
 
         return stopping
 
-    def announce(self, plan) -> None:
-        """Rank 0 tells the other workers to train ``plan`` (they wait for it in :meth:`receive`)."""
+    def announce(self, plan, features_current: bool) -> None:
+        """Rank 0 tells the other workers to train ``plan`` (they wait for it in :meth:`receive`), and whether its
+        cached embeddings are still those of the current encoder (:meth:`ewtune.agent.training.LocalTrainer.follow`)."""
         if self.is_leader:
-            self.send(("train", plan))
+            self.send(("train", plan, features_current))
 
     def send(self, message) -> None:
         """Rank 0 sends a picklable ``message`` to every other worker."""

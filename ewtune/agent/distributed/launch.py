@@ -44,6 +44,8 @@ class Followers:
     def __init__(self, processes: list[subprocess.Popen], logs: list):
         self.processes = processes
         self.logs = logs
+        self.leader_threads = torch.get_num_threads()  # rank 0's own, restored once the workers have stopped
+        torch.set_num_threads(_threads_per_worker(self.world_size))
 
     @property
     def world_size(self) -> int:
@@ -75,6 +77,7 @@ class Followers:
         for log in self.logs:
             if not log.closed:
                 log.close()
+        torch.set_num_threads(self.leader_threads)
 
     def _last_line(self, rank: int) -> str:
         log = self.logs[rank - 1]
@@ -108,25 +111,31 @@ def _backend(device: str) -> str:
 
 @contextmanager
 def worker_group(config, world_size: int):
-    """Rank 0's trainer for ``config``, with ranks 1..N-1 started and following it; on exit the workers are told
-    to end (or stopped) and the group is left. ``world_size`` 1: the plain single-process trainer."""
+    """:func:`start_workers` for the length of a block: on exit the workers are told to end (after an exception,
+    when they may be inside a step, stopped) and the group is left."""
+    trainer = start_workers(config, world_size)
+    try:
+        yield trainer
+    except BaseException:
+        trainer.group.close(finished=False)
+        raise
+    else:
+        trainer.group.close(finished=True)
+
+
+def start_workers(config, world_size: int) -> LocalTrainer:
+    """Rank 0's trainer for ``config``, with ranks 1..N-1 started and following it (``trainer.group.close()`` ends
+    them); ``world_size`` 1: the plain single-process trainer."""
     if world_size == 1:
-        yield LocalTrainer(config)
-        return
+        return LocalTrainer(config)
     device = rank_device(config.device, 0, world_size)
     group = _start(world_size, _backend(device))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_threads_per_worker(world_size))
     try:
         group.send(config)  # the followers build the same trainer from it
-        yield LocalTrainer(replace(config, device=device), group)
+        return LocalTrainer(replace(config, device=device), group)
     except BaseException:
         group.close(finished=False)
         raise
-    else:
-        group.close(finished=True)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _threads_per_worker(world_size: int) -> int:

@@ -151,3 +151,19 @@ def test_noise_added_in_place_has_the_scale_and_keeps_each_dtype():
     _check_gaussian(torch.cat([grads["a"], grads["b"].reshape(-1)]), STD)
     assert grads["half"].dtype == torch.bfloat16 and grads["b"].shape == (50, DRAWS // 100)
     assert (grads["half"].float() - 3.0).std().item() == pytest.approx(STD, rel=0.15)
+
+
+def test_normals_added_in_place_are_the_drawn_normals_times_std():
+    """aes_ctr_add_normals_ (the CPU noise of a DP step, never stored outside the gradient) adds std z with z bit
+    for bit aes_ctr_normals' draw under the same key, through chunks and threads, at an odd count."""
+    from ewtune.agent.dpsgd.randomness import aes_ctr_add_normals_, aes_ctr_normals
+
+    key, nonce, std = bytes(range(32)), bytes(range(16, 32)), 0.37
+    base = torch.linspace(-2.0, 2.0, 3 * 7001).reshape(3, 7001)
+    expected = base.clone().add_(aes_ctr_normals(key, nonce, base.numel()).view(base.shape), alpha=std)
+    for chunk_pairs, workers in ((5, 1), (64, 3), (1 << 14, 2)):
+        target = base.clone()
+        aes_ctr_add_normals_(key, nonce, target, std, chunk_pairs=chunk_pairs, workers=workers)
+        assert torch.equal(target, expected), (chunk_pairs, workers)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        aes_ctr_add_normals_(key, nonce, base.t(), std)

@@ -35,4 +35,7 @@ def add_gaussian_noise_(grads: dict[str, torch.Tensor], std: float, source: Rand
     _check_std(std)
     source = source or SecureRandom()
     for g in grads.values():
-        g.add_(source.standard_normal(g.numel(), device=g.device).view(g.shape), alpha=std)
+        if isinstance(source, SecureRandom):
+            source.add_standard_normal_(g, std)  # on the CPU without storing the normals (SecureRandom's docstring)
+        else:
+            g.add_(source.standard_normal(g.numel(), device=g.device).view(g.shape), alpha=std)

@@ -99,8 +99,11 @@ class _KeystreamCursor:
             raise RuntimeError(f"AES-CTR wrote {written} bytes of keystream, {count} were asked for")
 
 
-def _normals_range(key: bytes, nonce: bytes, out: torch.Tensor, first: int, last: int, chunk: int) -> None:
-    """Pairs ``first .. last - 1`` of :func:`aes_ctr_normals`, ``chunk`` pairs at a time, into ``out``."""
+def _normals_range(
+    key: bytes, nonce: bytes, out: torch.Tensor, std: float | None, first: int, last: int, chunk: int
+) -> None:
+    """Pairs ``first .. last - 1`` of :func:`aes_ctr_normals`, ``chunk`` pairs at a time: written into ``out``
+    (``std`` None), or times ``std`` added to it, each chunk's normals staying in cache."""
     pairs, chunk = (out.numel() + 1) // 2, max(1, min(chunk, last - first))
     radii = _KeystreamCursor(key, nonce, 8 * first, 8 * chunk)
     angles = _KeystreamCursor(key, nonce, 8 * pairs + 4 * first, 4 * chunk)
@@ -108,13 +111,43 @@ def _normals_range(key: bytes, nonce: bytes, out: torch.Tensor, first: int, last
     angle_words = torch.frombuffer(angles.buffer, dtype=torch.int32, count=chunk)
     bits = torch.empty(chunk, dtype=torch.int64)
     scratch = (torch.empty(chunk, dtype=torch.float64), torch.empty(chunk), torch.empty(chunk))
+    staged = None if std is None else torch.empty(2 * chunk)
     for start in range(first, last, chunk):
         size = min(chunk, last - start)
         radii.advance(8 * size)
         angles.advance(4 * size)
         torch.bitwise_right_shift(radius_words[:size], 11, out=bits[:size]).bitwise_and_(_BITS_MASK)
-        sines = out[pairs + start : pairs + start + size]  # one short at the end of an odd count
-        box_muller_into(bits[:size], angle_words[:size], out[start : start + size], sines, scratch)
+        # the sines' slice is one short at the end of an odd count
+        cosines, sines = out[start : start + size], out[pairs + start : pairs + start + size]
+        if staged is None:
+            box_muller_into(bits[:size], angle_words[:size], cosines, sines, scratch)
+            continue
+        staged_cosines, staged_sines = staged[:size], staged[chunk : chunk + sines.numel()]
+        box_muller_into(bits[:size], angle_words[:size], staged_cosines, staged_sines, scratch)
+        cosines.add_(staged_cosines, alpha=std)
+        sines.add_(staged_sines, alpha=std)
+
+
+def _draw_ranges(
+    key: bytes, nonce: bytes, out: torch.Tensor, std: float | None, chunk_pairs: int, workers: int
+) -> None:
+    """:func:`_normals_range` over all of ``out``'s pairs, split into ``workers`` contiguous ranges of chunks."""
+    if chunk_pairs < 1 or workers < 1:
+        raise ValueError(f"chunk_pairs and workers must be at least 1, got {chunk_pairs} and {workers}")
+    pairs = (out.numel() + 1) // 2
+    chunks = -(-pairs // chunk_pairs)
+    workers = min(workers, chunks)
+    if workers <= 1:
+        _normals_range(key, nonce, out, std, 0, pairs, chunk_pairs)
+        return
+    bounds = [min(pairs, (chunks * w // workers) * chunk_pairs) for w in range(workers + 1)]
+    with ThreadPoolExecutor(workers) as pool:
+        ranges = [
+            pool.submit(_normals_range, key, nonce, out, std, first, last, chunk_pairs)
+            for first, last in zip(bounds, bounds[1:])
+        ]
+        for finished in ranges:
+            finished.result()  # re-raises a worker's error
 
 
 def aes_ctr_normals(
@@ -125,21 +158,20 @@ def aes_ctr_normals(
     8i, its angle from the int32 at byte 8 pairs + 4i (:func:`ewtune.agent.dpsgd.box_muller.box_muller`); normal i
     is pair i's r cos, normal pairs + i its r sin. Computed ``chunk_pairs`` pairs at a time by ``workers`` threads
     over contiguous ranges of pairs (torch's operations release the GIL); neither changes a bit of the result."""
-    if chunk_pairs < 1 or workers < 1:
-        raise ValueError(f"chunk_pairs and workers must be at least 1, got {chunk_pairs} and {workers}")
     out = torch.empty(count)
-    pairs = (count + 1) // 2
-    chunks = -(-pairs // chunk_pairs)
-    workers = min(workers, chunks)
-    if workers <= 1:
-        _normals_range(key, nonce, out, 0, pairs, chunk_pairs)
-        return out
-    bounds = [min(pairs, (chunks * w // workers) * chunk_pairs) for w in range(workers + 1)]
-    with ThreadPoolExecutor(workers) as pool:
-        ranges = [pool.submit(_normals_range, key, nonce, out, a, b, chunk_pairs) for a, b in zip(bounds, bounds[1:])]
-        for finished in ranges:
-            finished.result()  # re-raises a worker's error
+    _draw_ranges(key, nonce, out, None, chunk_pairs, workers)
     return out
+
+
+def aes_ctr_add_normals_(
+    key: bytes, nonce: bytes, target: torch.Tensor, std: float, chunk_pairs: int = _CHUNK_PAIRS, workers: int = 1
+) -> None:
+    """``target += std z`` in place, z being ``aes_ctr_normals(key, nonce, target.numel())`` in the order of the
+    flattened ``target`` (float32, contiguous, CPU), without forming z: each chunk's normals are added while
+    they are in cache."""
+    if target.dtype != torch.float32 or not target.is_contiguous() or target.device.type != "cpu":
+        raise ValueError("adding normals in place needs a contiguous float32 tensor on the CPU")
+    _draw_ranges(key, nonce, target.view(-1), float(std), chunk_pairs, workers)
 
 
 class SecureRandom:
@@ -158,13 +190,23 @@ class SecureRandom:
 
     def standard_normal(self, count: int, device: torch.device | str | None = None) -> torch.Tensor:
         """:func:`aes_ctr_normals` under a fresh key and nonce, with torch's intra-op thread count as workers. On a
-        device other than the CPU, :class:`ewtune.agent.dpsgd.chacha.ChaChaRandom` draws them there (the same transform)."""
+        device other than the CPU, :class:`ewtune.agent.dpsgd.chacha.ChaChaRandom` draws them there (the same
+        transform)."""
         device = torch.device(device or "cpu")
         if device.type != "cpu":
             if device not in self._device_sources:
                 self._device_sources[device] = ChaChaRandom(device)  # runs RFC 8439's known answer there
             return self._device_sources[device].standard_normal(count)
         return aes_ctr_normals(os.urandom(32), os.urandom(16), count, workers=torch.get_num_threads())
+
+    def add_standard_normal_(self, tensor: torch.Tensor, std: float) -> None:
+        """``tensor += std z`` in place, z distributed as ``standard_normal(tensor.numel())``: on the CPU for a
+        contiguous float32 tensor by :func:`aes_ctr_add_normals_` (no normal is stored outside the tensor), else
+        by adding that draw."""
+        if tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous():
+            aes_ctr_add_normals_(os.urandom(32), os.urandom(16), tensor, std, workers=torch.get_num_threads())
+        else:
+            tensor.add_(self.standard_normal(tensor.numel(), device=tensor.device).view(tensor.shape), alpha=std)
 
 
 class InsecureSeededRandom:

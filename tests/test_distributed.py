@@ -314,3 +314,29 @@ def test_a_worker_per_gpu_is_refused_a_single_gpu_name():
     assert rank_device("cuda:1", 0, 1) == "cuda:1"
     with pytest.raises(InvalidInputError, match="names one GPU for 2 workers"):
         rank_device("cuda:1", 0, 2)
+
+
+@pytest.mark.slow
+def test_a_long_lived_holder_steers_its_workers_with_weights_and_a_stop(tiny_bert_dir, mr_csv):
+    """The daemon's use ([training] processes = 2): weights loaded on rank 0 reach the other worker (else the
+    parameters' digests differ after the run and it fails), a stop asked on rank 0 ends every worker at the same
+    step, and the group then trains again and closes."""
+    from ewtune.agent.distributed.launch import start_workers
+    from ewtune.agent.training import StepPlan, TrainingConfig
+
+    config = TrainingConfig(model_dir=str(tiny_bert_dir), data_file=str(mr_csv), mode="head", max_examples=80, max_length=24,
+                            physical_batch_size=16, device="cpu", processes=2)  # fmt: skip
+    trainer = start_workers(config)
+    try:
+        assert trainer.group.world_size == 2
+        loaded = {name: torch.full_like(value, 0.25) for name, value in trainer.trainable_state().items()}
+        trainer.load_trainable_state(loaded)
+        asked = []
+        plan = StepPlan(steps=6, sampling_rate=0.2, noise_multiplier=1.0, clip_norm=1.0, learning_rate=0.1, head_only=True)
+        stopped = trainer.train(plan, should_stop=lambda: asked.append(1) or len(asked) > 3)
+        assert stopped.event.steps == stopped.metrics["steps"] == 3
+        again = trainer.train(plan)
+        assert again.event.steps == 6
+    finally:
+        trainer.group.close()
+    assert trainer.group.followers.processes[0].returncode == 0

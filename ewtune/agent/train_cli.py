@@ -194,7 +194,7 @@ def train_local(args) -> LocalRun:
         fitted, calibrated = _fitted_recipe(args, recipe, ledger, (config.data_file, training, held_out))
         for choice in fitted.choices:
             progress.event("recipe", f"recipe: {choice}", choice=choice)
-        with worker_group(config, args.nproc) as trainer:  # rank 0 of --nproc workers, or the trainer alone
+        with worker_group(config) as trainer:  # rank 0 of --nproc workers, or the trainer alone
             before = trainer.evaluate() if args.task == "causal_lm" else None  # the perplexity the training changes
             torch.manual_seed(args.seed)
             results = _run_phases(args, trainer, fitted.recipe, calibrated, ledger, progress, fitted.dataset_size)
@@ -451,6 +451,7 @@ def _training_config(args, recipe):
         tune_layers=recipe.trained_layers,
         device=args.device,
         precision=args.precision,
+        processes=args.nproc,
     )
 
 

@@ -80,10 +80,15 @@ class TrainingConfig:
     split_key_file: str | None = None
     device: str = "auto"  # auto (CUDA when present, else the CPU), cpu, cuda or cuda:N (ewtune.agent.device)
     precision: str = "fp32"  # or bf16: bfloat16 autocast for the forward passes, on a CUDA device only
+    # Worker processes (ewtune.agent.distributed.launch.start_workers: train-local --nproc, agent.toml's
+    # [training] processes); a LocalTrainer itself is one of them.
+    processes: int = 1
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
         check_precision(self.precision)
+        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1:
+            raise InvalidInputError(f"processes must be an integer >= 1, got {self.processes!r}")
 
     def data_spec(self) -> DataSpec:
         """Where the examples are and how to read and split them."""

@@ -110,10 +110,10 @@ def _backend(device: str) -> str:
 
 
 @contextmanager
-def worker_group(config, world_size: int):
+def worker_group(config):
     """:func:`start_workers` for the length of a block: on exit the workers are told to end (after an exception,
     when they may be inside a step, stopped) and the group is left."""
-    trainer = start_workers(config, world_size)
+    trainer = start_workers(config)
     try:
         yield trainer
     except BaseException:
@@ -123,9 +123,10 @@ def worker_group(config, world_size: int):
         trainer.group.close(finished=True)
 
 
-def start_workers(config, world_size: int) -> LocalTrainer:
-    """Rank 0's trainer for ``config``, with ranks 1..N-1 started and following it (``trainer.group.close()`` ends
-    them); ``world_size`` 1: the plain single-process trainer."""
+def start_workers(config) -> LocalTrainer:
+    """Rank 0's trainer for ``config``, with ranks 1..N-1 (N = ``config.processes``) started and following it
+    (``trainer.group.close()`` ends them); N = 1: the plain single-process trainer."""
+    world_size = config.processes
     if world_size == 1:
         return LocalTrainer(config)
     device = rank_device(config.device, 0, world_size)

@@ -252,6 +252,8 @@ class Daemon:
         with self._work, self._ledger_lock:
             self.ledger.close()
             self._journal.close()
+            if hasattr(self.trainer, "group"):  # the worker processes of [training] processes > 1
+                self.trainer.group.close()
 
     # -- the steps of a round ------------------------------------------------------------------------------
 
@@ -476,15 +478,17 @@ class Daemon:
 
 
 def _trainer(config: AgentConfig):
-    """The daemon's trainer: the holder's data and model ([training]), or an audit's ([audit])."""
-    from ewtune.agent.training import LocalTrainer, TrainingConfig
+    """The daemon's trainer: the holder's data and model ([training]; with ``processes`` > 1, rank 0 of that many
+    worker processes, :mod:`ewtune.agent.distributed`), or an audit's ([audit])."""
+    from ewtune.agent.distributed.launch import start_workers
+    from ewtune.agent.training import TrainingConfig
 
     try:
         if config.audit is not None:
             from ewtune.agent.audit.holder import AuditHolderConfig, AuditTrainer
 
             return AuditTrainer(AuditHolderConfig(**config.audit))
-        return LocalTrainer(TrainingConfig(**config.training))
+        return start_workers(TrainingConfig(**config.training))
     except TypeError as bad:
         raise InvalidInputError(f"[{'audit' if config.audit is not None else 'training'}] in agent.toml: {bad}") from None
 

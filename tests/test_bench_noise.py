@@ -27,6 +27,7 @@ def test_bench_noise_times_each_source_and_compares_with_torch_randn(tmp_path, c
     assert bench.run(args) == 0
     report = json.loads(out.read_text())
     names = ["aes-ctr (cpu) -> cpu", "chacha20 (cpu)", "torch.randn (cpu)"]
+    names += ["g += z: aes-ctr (cpu)", "g += z: torch.randn (cpu)"]
     assert sorted(report["seconds"]) == sorted(names) and report["threads"] == 1
     assert all(len(report["seconds"][name]) == 3 and len(report["cpu_seconds"][name]) == 3 for name in names)
     per_second = report["normals_per_second"]
@@ -35,8 +36,11 @@ def test_bench_noise_times_each_source_and_compares_with_torch_randn(tmp_path, c
     assert report["time_vs_randn"]["torch.randn (cpu)"] == 1.0
     assert report["ratio_to_aes"]["torch.randn (cpu)"] == pytest.approx(randn / aes)
     assert report["cpu_time_vs_randn"]["torch.randn (cpu)"] == 1.0
+    added, added_randn = per_second["g += z: aes-ctr (cpu)"], per_second["g += z: torch.randn (cpu)"]
+    assert report["time_vs_randn"]["g += z: aes-ctr (cpu)"] == pytest.approx(added_randn / added)  # row against row
     table = capsys.readouterr().out
     assert "| aes-ctr (cpu) -> cpu | yes |" in table and "| torch.randn (cpu) | no |" in table
+    assert "| g += z: aes-ctr (cpu) | yes |" in table and "| g += z: torch.randn (cpu) | no |" in table
 
 
 def test_bench_noise_refuses_a_missing_gpu_in_one_line():

@@ -6,7 +6,10 @@ Sources, interleaved ``--repeats`` times at ``--count`` normals each (medians co
   keystream on one CPU core, Box-Muller in float64), then copied to the device the gradients live on;
 - ``chacha20 (DEVICE)``: :class:`ewtune.agent.dpsgd.chacha.ChaChaRandom`, secure, computed on the device itself;
 - ``torch.randn (DEVICE)``: torch's own generator (Mersenne Twister on the CPU, Philox on CUDA), which is
-  *not* cryptographically secure: the speed a DP step would have if noise cost nothing extra.
+  *not* cryptographically secure: the speed a DP step would have if noise cost nothing extra;
+- on the CPU, ``g += z: ...``: what a DP step does with the noise, ``g += z`` into a gradient-sized
+  float32 tensor: :meth:`ewtune.agent.dpsgd.randomness.SecureRandom.add_standard_normal_` (never storing z)
+  against ``g.add_(torch.randn(n))``; these two rows are compared with each other.
 
 The ratios reported are each source's normals per second over the landed AES path's, and each source's time
 over torch.randn's on the same device at the same thread count (issue 24's CPU goal: at most 1.5x), by wall
@@ -23,6 +26,8 @@ from typing import Any
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.bench.report import machine, median, positive_int, timed, write
+
+_ADDED = "g += z:"  # the rows that add the normals to a gradient-sized tensor, as a DP step does
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,11 +59,20 @@ def sources(device: str) -> dict[str, Any]:
 
         return run
 
-    return {
+    draws = {
         f"aes-ctr (cpu) -> {device}": finished(lambda n: aes.standard_normal(n).to(device)),
         f"chacha20 ({device})": finished(chacha.standard_normal),
         f"torch.randn ({device})": finished(lambda n: torch.randn(n, device=device)),
     }
+    if device == "cpu":
+        gradients: dict[int, torch.Tensor] = {}
+
+        def gradient(count: int) -> torch.Tensor:  # one tensor per count, as a step's gradient is reused
+            return gradients.setdefault(count, torch.zeros(count))
+
+        draws[f"{_ADDED} aes-ctr (cpu)"] = lambda n: aes.add_standard_normal_(gradient(n), 1.0)
+        draws[f"{_ADDED} torch.randn (cpu)"] = lambda n: gradient(n).add_(torch.randn(n))
+    return draws
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,11 +123,11 @@ def _device_of(name: str) -> str:
 
 
 def _aes_name(name: str) -> str:
-    return f"aes-ctr (cpu) -> {_device_of(name)}"
+    return f"{_ADDED} aes-ctr (cpu)" if name.startswith(_ADDED) else f"aes-ctr (cpu) -> {_device_of(name)}"
 
 
 def _randn_name(name: str) -> str:
-    return f"torch.randn ({_device_of(name)})"
+    return f"{_ADDED} torch.randn (cpu)" if name.startswith(_ADDED) else f"torch.randn ({_device_of(name)})"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -129,7 +143,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, values in report["seconds"].items():
-        secure = "no" if name.startswith("torch.randn") else "yes"
+        secure = "no" if "torch.randn" in name else "yes"
         lines.append(
             f"| {name} | {secure} | {median(values):.4f} | {median(report['cpu_seconds'][name]):.4f} "
             f"| {report['normals_per_second'][name] / 1e6:.1f} M | {report['ratio_to_aes'][name]:.2f}x "

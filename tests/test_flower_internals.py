@@ -286,10 +286,10 @@ def test_the_warm_task_loop_pulls_a_lagging_message_object_again_after_0_05_s(mo
     assert 0.05 * 0.8 <= _gaps(tries)[0] < 0.4  # 50 ms jittered by 20%; flwr: at least 0.8 s
 
 
-def test_a_superlink_write_outwaits_a_5_s_lock_that_fails_flwrs_own(monkeypatch, tmp_path):
+def test_a_superlink_write_outwaits_a_lock_that_fails_flwrs_own_after_5_s(monkeypatch, tmp_path):
     """Two of the SuperLink's SQL object stores on one database file, one connected with flwr's pragmas and one
-    after ``patient_superlink_database``; another connection holds the write lock for 5.5 s. flwr's write fails
-    with "database is locked" after its 5 s; the patient one waits the lock out and writes."""
+    after ``patient_superlink_database``; another connection holds the write lock until flwr's write has given up.
+    flwr's fails with "database is locked" after its 5 s; the patient one waits the lock out and writes."""
     import sqlite3
 
     from flwr.proto.message_pb2 import ObjectTree
@@ -308,7 +308,6 @@ def test_a_superlink_write_outwaits_a_5_s_lock_that_fails_flwrs_own(monkeypatch,
 
     locker = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
     locker.execute("BEGIN EXCLUSIVE")
-    release = threading.Timer(5.5, locker.execute, args=("COMMIT",))
     outcomes = {}
 
     def write(name, store, object_id):
@@ -319,16 +318,16 @@ def test_a_superlink_write_outwaits_a_5_s_lock_that_fails_flwrs_own(monkeypatch,
         except Exception as failure:  # noqa: BLE001 - what flwr's write raises is the point
             outcomes[name] = (str(failure), time.monotonic() - started)
 
-    writers = [threading.Thread(target=write, args=("flwr", flwrs, "cd" * 32)), threading.Thread(target=write, args=("patient", patient, "ef" * 32))]
-    release.start()
-    for writer in writers:
-        writer.start()
-    for writer in writers:
-        writer.join(30)
-    release.join()
+    flwr_writer = threading.Thread(target=write, args=("flwr", flwrs, "cd" * 32))
+    patient_writer = threading.Thread(target=write, args=("patient", patient, "ef" * 32))
+    patient_writer.start()
+    flwr_writer.start()
+    flwr_writer.join(60)
+    locker.execute("COMMIT")  # only now, after flwr's write gave up
+    patient_writer.join(60)
     locker.close()
     flwr_outcome, flwr_waited = outcomes["flwr"]
-    assert "database is locked" in flwr_outcome and 4.5 <= flwr_waited < 5.5
+    assert "database is locked" in flwr_outcome and 4.9 <= flwr_waited < 10.0
     assert outcomes["patient"][0] == "written" and outcomes["patient"][1] >= 5.0
 
 

@@ -2,9 +2,11 @@
 
 Each rule returns ``{local parameter name: Use}`` (see ``ghost``): factored for linear layers, GPT-2
 ``Conv1D`` and embeddings (Gemma's scaled ones too), direct (``[B, *shape]``) for biases, LayerNorm and the
-RMSNorm of Llama/Mistral/Qwen/Gemma-style decoders, whose per-example gradients are small. Under a bfloat16 autocast forward pass the direct gradients are formed in float32 here and the factors
-are upcast to float32 by ``ghost`` before any product, so no norm or sum is accumulated in bfloat16. A module without a rule falls back to ``torch.func``: ``vmap`` over the examples of ``grad`` of
-<module(x_i), g_i>, the module's own vector-Jacobian product (as Opacus' functorch mode does).
+RMSNorm of Llama/Mistral/Qwen/Gemma-style decoders, whose per-example gradients are small. Under a bfloat16
+autocast forward pass the direct gradients are formed in float32 here and the factors are upcast to float32 by
+``ghost`` before any product, so no norm or sum is accumulated in bfloat16. A module without a rule falls back to
+``torch.func``: ``vmap`` over the examples of ``grad`` of <module(x_i), g_i>, the module's own vector-Jacobian
+product (as Opacus' functorch mode does).
 """
 
 from __future__ import annotations

@@ -93,6 +93,11 @@ class HolderStatus:
     epsilon_edgeworth_estimate: float | None = _omitted_when_none()  # an estimate beside the certified bound
     epsilon_rdp: float | None = _omitted_when_none()  # the looser RDP baseline
 
+    @classmethod
+    def from_json(cls, document: Any) -> "HolderStatus":
+        """One holder's line of a status of any stage (as :meth:`RunStatus.from_json` reads it)."""
+        return _from_json(cls, document if isinstance(document, dict) else {})
+
 
 @dataclass
 class PlanStatus:

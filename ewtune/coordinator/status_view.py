@@ -2,7 +2,9 @@
 offline and under a strict Content-Security-Policy). The script polls ``status.json`` every two seconds and
 redraws: the run's state and round, one row per holder (its state, certified epsilon spent, the Edgeworth
 estimate beside it, budget left, rounds, accuracy so far, or why a holder sent no evaluation) and the recent events, newest first (skips at planning, rounds, why the run stopped).
-Every value is written with ``textContent``: reasons sent by holders are never parsed as HTML."""
+Every value is written with ``textContent``: reasons sent by holders are never parsed as HTML. The names the
+script reads are the fields of :class:`ewtune.coordinator.run_status.RunStatus` (a field absent while it has no
+value reads as ``undefined``)."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -340,3 +341,57 @@ def test_a_long_lived_holder_steers_its_workers_with_weights_and_a_stop(tiny_ber
     finally:
         trainer.group.close()
     assert trainer.group.followers.processes[0].returncode == 0
+
+
+def test_a_worker_that_fails_to_start_is_one_line_before_anything_trains(tiny_bert_dir, mr_csv, monkeypatch):
+    from ewtune.agent.distributed import launch
+    from ewtune.agent.distributed.group import WorkerFailed
+    from ewtune.agent.training import TrainingConfig
+
+    failing = "import sys; print('first line'); print('ImportError: no module named cuda_kernels', file=sys.stderr); sys.exit(3)"
+    monkeypatch.setattr(launch, "FOLLOWER_COMMAND", [sys.executable, "-c", failing])
+    threads = torch.get_num_threads()
+    config = TrainingConfig(model_dir=str(tiny_bert_dir), data_file=str(mr_csv), device="cpu", processes=2)
+    with pytest.raises(WorkerFailed) as failure:
+        launch.start_workers(config)
+    assert str(failure.value) == ("worker 1 of 2 exited with status 3: ImportError: no module named cuda_kernels, "
+                                  "before the workers had joined")
+    assert not dist.is_initialized() and torch.get_num_threads() == threads
+
+
+INTERRUPTING_LAUNCHER = """
+import os, signal, sys
+from ewtune.agent.dpsgd.step import DPSGDStep
+
+interrupt_at, original, calls = int(sys.argv[1]), DPSGDStep.step, []
+
+def interrupting(self, batch):
+    calls.append(1)
+    if len(calls) == interrupt_at:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaches rank 0 (the workers run in sessions of their own)
+    return original(self, batch)
+
+DPSGDStep.step = interrupting
+from ewtune.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_rank_0_charges_the_steps_begun_and_stops_the_workers(tiny_bert_dir, mr_csv, tmp_path):
+    interrupt_at = 3
+    argv = ["agent", "train-local", "--model", str(tiny_bert_dir), "--data", str(mr_csv), "--epsilon", "8", "--delta", "1e-5",
+            "--mode", "head", "--probe-epochs", "3", "--probe-batch", "16", "--probe-lr", "0.5", "--max-examples", "80",
+            "--max-length", "24", "--physical-batch-size", "16", "--device", "cpu", "--nproc", "2", "--quiet",
+            *_holder_ledger(tmp_path)]  # fmt: skip
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", INTERRUPTING_LAUNCHER, str(interrupt_at), *argv], cwd=REPO,
+                            env=environment, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 128 + signal.SIGINT, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert re.fullmatch(rf"ewtune: interrupted: interrupted after {interrupt_at} step\(s\) of \d+ began "
+                        rf"\({interrupt_at - 1} completed\); {interrupt_at} step\(s\) charged", lines[0]), lines[0]  # fmt: skip
+    entries = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    probe = [entry for entry in entries if entry["kind"] == "commit"][-1]["payload"]
+    assert probe["extra"]["phase"] == "probe" and probe["event"]["event"]["steps"] == interrupt_at

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ewtune.accountant.entries import registered_keys, reservations_and_commits
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.ledger import EVALUATION_PURPOSE, parse_line, split_lines
 
@@ -44,15 +45,13 @@ def read_entries(path) -> list[dict[str, Any]]:
 def commits_by_round(entries: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
     """(holder, run_id, round) -> {"event": ..., "receipt_sha256": ...} for every training commit of a ledger
     (a holder's private evaluations are charged in its own ledger but never aggregated: they are left out)."""
-    reservations, commits = {}, {}
-    for entry in entries:
-        payload = entry["payload"]
-        if entry["kind"] == "reserve":
-            reservations[entry["seq"]] = (payload.get("holder", entry["writer"]), payload["run_id"], payload["round"])
-        elif entry["kind"] == "commit" and payload.get("extra", {}).get("purpose") != EVALUATION_PURPOSE:
-            key = reservations[payload["reservation"]]
-            commits[key] = {"event": payload["event"], "receipt_sha256": payload.get("receipt_sha256")}
-    return commits
+    reservations, commits = reservations_and_commits(entries)
+    by_round = {}
+    for commit in commits:
+        if commit.purpose != EVALUATION_PURPOSE:
+            reserved = reservations[commit.reservation]
+            by_round[reserved.holder, reserved.run_id, reserved.round] = {"event": commit.event, "receipt_sha256": commit.receipt_sha256}
+    return by_round
 
 
 def cross_check(coordinator_entries: Iterable[Mapping[str, Any]], holder_entries: Mapping[str, Iterable[Mapping[str, Any]]]) -> CrossCheck:
@@ -117,11 +116,7 @@ def cross_check_ledgers(coordinator_path: str | Path, holder_paths: Mapping[str,
 
     coordinator = verify_with_its_head(coordinator_path, coordinator_key)
     coordinator_entries = _verified_entries(coordinator_path, coordinator.entries_verified)
-    registered = {
-        entry["payload"]["holder"]: entry["payload"]["public_key"]
-        for entry in coordinator_entries
-        if entry["kind"] == "holder"
-    }
+    registered = registered_keys(coordinator_entries)
     reports: dict[str, Any] = {"coordinator": coordinator}
     holder_entries = {}
     for holder_id, path in holder_paths.items():

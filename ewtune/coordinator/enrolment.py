@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from flwr.serverapp import Grid
 
+from ewtune.accountant.entries import registered_keys
 from ewtune.accountant.ledger import Ledger, Policy
 from ewtune.accountant.signing import SigningKey
 from ewtune.coordinator.config import FederationConfig
@@ -83,11 +84,7 @@ def open_ledger(config: FederationConfig) -> Ledger:
 def register(ledger: Ledger, plans: Mapping[str, HolderPlan]) -> list[str]:
     """A holder entry per planned holder (once per ledger); the holders whose ledger key differs from the one
     registered earlier, which the run drops: their receipts could not be tied to their past entries."""
-    registered = {
-        entry["payload"]["holder"]: entry["payload"]["public_key"]
-        for entry in ledger.entries
-        if entry["kind"] == "holder"
-    }
+    registered = registered_keys(ledger.entries)
     rekeyed = []
     for holder_id, plan in plans.items():
         description = plan.holder

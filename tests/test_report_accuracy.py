@@ -11,6 +11,7 @@ import pytest
 from ewtune.accountant.ledger import Ledger
 from ewtune.accountant.signing import SigningKey
 from ewtune.cli import main
+from ewtune.coordinator.run_status import HolderStatus, RunStatus
 
 REFUSAL = 'refused: this holder releases no evaluation metrics (its policy has evaluation = "none")'
 
@@ -23,13 +24,13 @@ def ledger(tmp_path_factory):
 
 
 def status_document(private_accuracy: dict[str, float]) -> dict:
-    """A coordinator's status.json as the ServerApp writes it: one holder releasing its noised evaluations (or
-    none), one refusing every one."""
+    """A coordinator's status.json as its one writer (ewtune.coordinator.run_status) writes it: one holder releasing
+    its noised evaluations (or none), one refusing every one."""
     evaluation = {r: {"accuracy": a, "f1": a, "majority_baseline": 0.52} for r, a in private_accuracy.items()}
-    return {"state": "finished", "holders": {
-        "hospital-a": {"accuracy": private_accuracy, "evaluation": evaluation, "evaluation_missing": {}},
-        "hospital-b": {"accuracy": {}, "evaluation": {}, "evaluation_missing": {r: REFUSAL for r in ("0", "1", "2")}},
-    }}  # fmt: skip
+    return RunStatus(state="finished", holders={
+        "hospital-a": HolderStatus(accuracy=private_accuracy, evaluation=evaluation),
+        "hospital-b": HolderStatus(evaluation_missing={r: REFUSAL for r in ("0", "1", "2")}),
+    }).to_json()  # fmt: skip
 
 
 def report_json(tmp_path, ledger, document, capsys) -> tuple[int, dict | None, str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_dpsgd_engine import BATCH, VOCAB, _batch, _check_against_reference, _perturb_lora
+from support.dpsgd import BATCH, VOCAB, _batch, _check_against_reference, _perturb_lora
 from torch import nn
 
 from ewtune.agent.dpsgd import PerExampleClipper, PerExampleGradientError, causal_lm_loss, classification_loss

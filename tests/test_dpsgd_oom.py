@@ -43,7 +43,8 @@ def _batch() -> dict[str, torch.Tensor]:
     width = max(LENGTHS)
     mask = (torch.arange(width) < torch.tensor(LENGTHS)[:, None]).long()
     ids = torch.randint(1, VOCAB, (len(LENGTHS), width), generator=generator) * mask
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (len(LENGTHS),), generator=generator)}
+    labels = torch.randint(0, 3, (len(LENGTHS),), generator=generator)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def _engine(model: torch.nn.Module, physical: int, seed: int = 5) -> DPSGDStep:

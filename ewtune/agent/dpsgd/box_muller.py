@@ -44,7 +44,8 @@ def box_muller_into(
 
 def box_muller(bits53: torch.Tensor, angle_words: torch.Tensor, count: int) -> torch.Tensor:
     """``count`` N(0, 1) draws (float32, on the inputs' device) from ``pairs`` 53-bit integers (int64) and as many
-    32-bit words (int32), ``count`` being ``2 pairs`` or ``2 pairs - 1``: r cos of every pair, then r sin of every pair, cut at ``count``."""
+    32-bit words (int32), ``count`` being ``2 pairs`` or ``2 pairs - 1``: r cos of every pair, then r sin of every
+    pair, cut at ``count``."""
     pairs, device = bits53.numel(), bits53.device
     normals = torch.empty(count, device=device)
     scratch = (torch.empty(pairs, dtype=torch.float64, device=device), torch.empty(pairs, device=device),

@@ -13,10 +13,12 @@ the precision). The keystream and the transform run chunk by chunk (:func:`aes_c
 keystream is written into a buffer that stays in the core's cache and transformed there, straight into the
 output tensor, so memory is crossed once instead of once per operation; with torch's intra-op threads above
 one, that many threads each draw a contiguous range of pairs, seeking the keystream by its counter, and the
-normals do not depend on the chunk size or the thread count. Noise wanted on a GPU is drawn there, by ChaCha20 under a fresh key from
-``os.urandom`` (:mod:`ewtune.agent.dpsgd.chacha`), instead of on one CPU core and copied. This protects the noise from being predicted;
-it is no defence against floating-point attacks on the rounded samples (Mironov 2012; Jin et al. 2022, "Are we
-there yet? Timing and floating-point attacks on DP systems"), which no mainstream DP-SGD library addresses either.
+normals do not depend on the chunk size or the thread count. A DP step's noise is added to the gradient the same
+way, chunk by chunk, and never stored (:func:`aes_ctr_add_normals_`). Noise wanted on a GPU is drawn there, by
+ChaCha20 under a fresh key from ``os.urandom`` (:mod:`ewtune.agent.dpsgd.chacha`), instead of on one CPU core and
+copied. This protects the noise from being predicted; it is no defence against floating-point attacks on the
+rounded samples (Mironov 2012; Jin et al. 2022, "Are we there yet? Timing and floating-point attacks on DP
+systems"), which no mainstream DP-SGD library addresses either.
 
 :class:`InsecureSeededRandom` is reproducible from its seed, and therefore predictable: the agent daemon refuses
 it, and a local run that uses it says so in its results.
@@ -37,7 +39,7 @@ from ewtune.agent.dpsgd.chacha import ChaChaRandom
 
 _BITS_MASK = (1 << RATE_BITS) - 1
 _AES_BLOCK = 16
-_CHUNK_PAIRS = 1 << 14  # a chunk's keystream (192 KiB) and scratch (256 KiB) stay in a core's L2 cache
+_CHUNK_PAIRS = 1 << 14  # a chunk's keystream (192 KiB) and scratch (512 KiB) stay in a core's L2 cache
 
 
 class RandomSource(Protocol):

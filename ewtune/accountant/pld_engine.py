@@ -25,11 +25,13 @@ The argument, in five steps:
    composition: Dong, Roth, Su 2019, Lemma C.3; Doroshenko et al. 2022, Thm 3.3), whose loss is the sum of
    independent discrete losses: its PMF is the convolution, computed here on a circle of N grid cells by
    FFT, raising each mechanism's transform to its number of steps in one shot (Koskela et al. 2021).
-4. *Wrap-around.* The circle holds the window of sums found by Chernoff bounds on the untilted PMFs,
-   widened to that of the tilted ones (step 5; at most _TILTED_WINDOW_FACTOR times as wide). Mass of the
-   true sum above the window may wrap to lower losses: a bound on it is added to delta (infinite loss):
-   untilted, Pr[J >= x] <= e^{log M - theta x} Pr_tilted[J >= x], the latter by Chernoff on the tilted
-   PMFs; what wraps stays in the circle as extra non-negative mass (only more delta). With no tilt, mass below the window wraps to higher losses, which only
+4. *Wrap-around.* The circle (a power of two, N cells) holds the window of sums found by Chernoff bounds
+   on the untilted PMFs (tail_mass on each side), widened to that of the tilted ones (step 5; tilted mass
+   _TILTED_UPPER_TAIL above it, and at most _TILTED_WINDOW_FACTOR times as wide). Mass of the true sum above
+   the circle may wrap to lower losses: a bound on it is added to delta (infinite loss): the smaller of
+   Chernoff's on the untilted PMFs and e^{log M - theta x} Pr_tilted[J >= x] with Chernoff's on the tilted
+   ones; what wraps stays in the circle as extra non-negative mass (only more delta, so the window only
+   decides tightness). With no tilt, mass below the window wraps to higher losses, which only
    increases delta; with a positive tilt (which would shrink it), a bound on it is put at the window's
    lowest loss (moving mass up only increases delta). Every window is therefore sound, and with a positive
    tilt the window may start _TILTED_LOWER_SDS tilted standard deviations below the tilted mean (the
@@ -272,10 +274,11 @@ class ComposedPmf:
         # which the scan from the top meets first, usually high in the upper tail: it stops there.
         decay = math.exp(-self.h)
         discounted = np.empty(p.size)
-        block = max(1, min(_SCAN_CELLS, int(30 / self.h)))
+        block, longest = _SCAN_CELLS, max(1, int(30 / self.h))
         end, last_over, carried = p.size, None, 0.0
         while end > 0 and last_over is None:
-            start = max(0, end - block)
+            start = max(0, end - min(block, longest))
+            block *= 2  # the answer is usually met in the first blocks; if not, longer ones mean fewer steps
             k = np.arange(end - start)
             within = np.cumsum((p[start:end] * np.exp(-self.h * k))[::-1])[::-1]
             discounted[start:end] = within * np.exp(self.h * k) + np.exp(-self.h * (end - start - k)) * carried
@@ -297,66 +300,136 @@ class ComposedPmf:
 
 
 def compose(
-    pmfs: tuple[tuple[StepPmf, int], ...], h: float, tail_mass: float, tilt: float = 0.0, near_centre: bool = True
+    pmfs: tuple[tuple[StepPmf, int], ...],
+    h: float,
+    tail_mass: float,
+    tilt: float = 0.0,
+    near_centre: bool = True,
+    circle: "Circle | None" = None,
 ) -> ComposedPmf:
     """The FFT composition of ``steps`` copies of each PMF (module docstring, steps 3 to 5), on a window
     sized by Chernoff bounds so that at most about ``tail_mass`` of the sum lies outside it, computed on the
     PMFs tilted by e^{tilt * loss} (step 5) and returned as cell-wise upper bounds. With a tilt and
     ``near_centre``, the window starts a few tilted standard deviations below the tilted centre (step 4):
-    then only the losses above ``start`` are resolved (the rest is an atom at ``start``)."""
+    then only the losses above ``start`` are resolved (the rest is an atom at ``start``). ``circle`` is
+    :meth:`Circle.of` the same arguments, if the caller keeps it."""
     if any(not np.any(pmf.probs > 0) for pmf, _ in pmfs):  # a step with no finite loss: nothing is certified
         return ComposedPmf(0.0, h, np.zeros(1), 1.0)
-    base = sum(steps * pmf.offset for pmf, steps in pmfs)
-    support = sum(steps * (pmf.probs.size - 1) for pmf, steps in pmfs) + 1
-    finite_log_mass = sum(steps * math.log1p(-pmf.infinite) for pmf, steps in pmfs)
-    cell_tilt = tilt * h
-    tilted = [(_tilted(pmf.probs, cell_tilt), steps) for pmf, steps in pmfs]
-    log_scale = sum(steps * log_norm for (_, log_norm), steps in tilted)
-    tilted_probs = [(probs, steps) for (probs, _), steps in tilted]
-    # The full window covers both the tilted and the untilted sums' bulk (the latter so that little untilted
-    # mass lies below it, step 4).
-    tilted_lo, tilted_hi, upper, _ = _window(tilted_probs, support, tail_mass)
-    untilted_lo, untilted_hi, _, lower = _window([(pmf.probs, steps) for pmf, steps in pmfs], support, tail_mass)
-    window_lo, window_hi = _circle_window(min(tilted_lo, untilted_lo), tilted_hi, untilted_lo, untilted_hi)
-    # Tilted, the window may start near the tilted centre (step 4): the cells below carry no delta at the
-    # epsilon aimed at, and what lies below the window wraps to its top shrunk by e^{-tilt h size} (at most
-    # tail_mass in all when tilt h size >= log(1 / tail_mass)).
-    raised = max(window_lo, _tilted_centre_less_sds(tilted_probs, _TILTED_LOWER_SDS))
-    if tilt > 0 and near_centre and raised < tilted_hi:
-        raised_lo, raised_hi = _circle_window(raised, tilted_hi, untilted_lo, untilted_hi)
-        if cell_tilt * (raised_hi - raised_lo) >= -math.log(tail_mass):
-            window_lo, window_hi = raised_lo, raised_hi
-    size = 1 << max(1, (window_hi - window_lo).bit_length())  # a power of two: Higham's Thm 24.2 (step 5)
+    circle = circle or Circle.of(pmfs, h, tail_mass, tilt, near_centre)
+    window_lo, size, cell_tilt, log_scale = circle.window_lo, circle.size, tilt * h, circle.log_scale
     # The circle holds the sums J in [window_lo, window_lo + size); heavier sums wrap to lower losses and
-    # count as infinite: untilted, Pr[J >= x] <= e^{log_scale - cell_tilt x} Pr_tilted[J >= x].
+    # count as infinite: by Chernoff on the untilted PMFs, or on the tilted ones as
+    # Pr[J >= x] <= e^{log_scale - cell_tilt x} Pr_tilted[J >= x], whichever is smaller.
     first_above = window_lo + size
-    outside = math.exp(min(0.0, log_scale - cell_tilt * first_above)) * upper.mass_from(first_above, support)
-    circle, error = _circular_power(tilted_probs, size)
+    outside = min(
+        circle.bulk.upper.mass_from(first_above, circle.support),
+        math.exp(min(0.0, log_scale - cell_tilt * first_above)) * circle.upper.mass_from(first_above, circle.support),
+    )
+    values, error = _circular_power(circle.tilted, size)
     local = window_lo + np.arange(size)
     log_untilt = log_scale - cell_tilt * local
     # Relative round-off of exp(log_scale - cell_tilt J) (step 5, last item).
     untilt_error = 8 * _UNIT_ROUNDOFF * (1 + abs(log_scale) + float(np.max(np.abs(cell_tilt * local))))
     with np.errstate(divide="ignore"):
-        log_upper = np.log(np.maximum(np.roll(circle, -(window_lo % size)) + error, 0.0)) + log_untilt
+        log_upper = np.log(np.maximum(np.roll(values, -(window_lo % size)) + error, 0.0)) + log_untilt
     # No cell holds more than probability 1: capping there keeps an upper bound and avoids overflow.
     probs = np.minimum(np.exp(np.minimum(log_upper, 0.0)) * (1 + untilt_error), 1.0)
     if tilt > 0:  # lighter sums wrapped up shrink when untilted: their mass is put at the window's lowest loss
-        probs[0] += min(math.exp(finite_log_mass), lower.mass_below(window_lo))
-    infinite = -math.expm1(finite_log_mass) + outside + size * _SMALLEST_COUNTED
+        probs[0] += min(math.exp(circle.finite_log_mass), circle.bulk.lower.mass_below(window_lo))
+    infinite = -math.expm1(circle.finite_log_mass) + outside + size * _SMALLEST_COUNTED
     # The round-off bound in loss units decreases with the loss when tilted; untilted it is the same everywhere.
     round_off = error * math.exp(min(700.0, float(np.max(log_untilt[size // 2 :])))) * (1 + untilt_error)
-    return ComposedPmf((base + window_lo) * h, h, probs, min(1.0, infinite), round_off)
+    return ComposedPmf((circle.base + window_lo) * h, h, probs, min(1.0, infinite), round_off)
+
+
+@dataclass(frozen=True)
+class Bulk:
+    """The untilted sum's window [lo, hi] (local indices of the composed support) and the Chernoff bounds on
+    its mass below and above: the same for every tilt."""
+
+    lo: int
+    hi: int
+    upper: "_ChernoffBound"
+    lower: "_ChernoffBound"
+
+    @property
+    def circle_size(self) -> int:
+        """The power of two above the window's width: about the untilted composition's circle."""
+        return 1 << max(1, (self.hi - self.lo).bit_length())
+
+
+def untilted_bulk(pmfs: tuple[tuple[StepPmf, int], ...], tail_mass: float) -> Bulk:
+    """The :class:`Bulk` of the untilted composition of ``pmfs``: mass at most tail_mass outside, each side."""
+    support = sum(steps * (pmf.probs.size - 1) for pmf, steps in pmfs) + 1
+    return Bulk(*_window([(pmf.probs, steps) for pmf, steps in pmfs], support, tail_mass, tail_mass))
 
 
 _TILTED_WINDOW_FACTOR = 4
 _TILTED_LOWER_SDS = 3.0  # a tilted window may start this many tilted standard deviations below the tilted mean
+_TILTED_UPPER_TAIL = 1e-7  # tilted mass above the circle's top (a guide: what wraps is counted, step 4)
+
+
+@dataclass(frozen=True)
+class Circle:
+    """The window of sums that the FFT circle of :func:`compose` holds (module docstring, step 4), in local
+    indices of the composed support (which starts at loss ``base * h``), with the tilted probability vectors
+    and the Chernoff bounds that bound the mass outside it."""
+
+    base: int
+    support: int
+    finite_log_mass: float
+    log_scale: float
+    tilted: list[tuple[np.ndarray, int]]
+    upper: "_ChernoffBound"  # of the tilted sum
+    bulk: Bulk
+    window_lo: int
+    size: int
+
+    @classmethod
+    def of(
+        cls, pmfs: tuple[tuple[StepPmf, int], ...], h: float, tail_mass: float, tilt: float, near_centre: bool = True, bulk: Bulk | None = None
+    ) -> "Circle":
+        """The circle :func:`compose` uses for these arguments; ``bulk`` is :func:`untilted_bulk` of the same
+        PMFs and tail_mass, if the caller keeps it."""
+        bulk = bulk or untilted_bulk(pmfs, tail_mass)
+        support = sum(steps * (pmf.probs.size - 1) for pmf, steps in pmfs) + 1
+        cell_tilt = tilt * h
+        tilted = [(_tilted(pmf.probs, cell_tilt), steps) for pmf, steps in pmfs]
+        tilted_probs = [(probs, steps) for (probs, _), steps in tilted]
+        # The full window covers the tilted sum's bulk (its top only where the tilted mass above is at most
+        # _TILTED_UPPER_TAIL: more wraps, sound but looser) and the untilted sum's bulk (so that little
+        # untilted mass lies below it, step 4).
+        tilted_lo, tilted_hi, upper, _ = _window(tilted_probs, support, tail_mass, _TILTED_UPPER_TAIL)
+        untilted_lo, untilted_hi = bulk.lo, bulk.hi
+        window_lo, size = _circle_window(min(tilted_lo, untilted_lo), tilted_hi, untilted_lo, untilted_hi)
+        # Tilted, the window may start near the tilted centre (step 4): the cells below carry no delta at the
+        # epsilon aimed at, and what lies below the window wraps to the circle's top shrunk by e^{-tilt h size}
+        # (at most tail_mass in all when tilt h size >= log(1 / tail_mass)).
+        raised = max(window_lo, _tilted_centre_less_sds(tilted_probs, _TILTED_LOWER_SDS))
+        if tilt > 0 and near_centre and raised < tilted_hi:
+            raised_lo, raised_size = _circle_window(raised, tilted_hi, untilted_lo, untilted_hi)
+            if cell_tilt * raised_size >= -math.log(tail_mass):
+                window_lo, size = raised_lo, raised_size
+        return cls(
+            base=sum(steps * pmf.offset for pmf, steps in pmfs),
+            support=support,
+            finite_log_mass=sum(steps * math.log1p(-pmf.infinite) for pmf, steps in pmfs),
+            log_scale=sum(steps * log_norm for (_, log_norm), steps in tilted),
+            tilted=tilted_probs,
+            upper=upper,
+            bulk=bulk,
+            window_lo=window_lo,
+            size=size,
+        )
 
 
 def _circle_window(lo: int, tilted_hi: int, untilted_lo: int, untilted_hi: int) -> tuple[int, int]:
-    """The circle's window from ``lo``: to the tilted upper edge, which a tilted heavy tail can put far away,
-    so capped at _TILTED_WINDOW_FACTOR times the untilted window's width (any window is sound: what wraps is
-    counted, step 4), at the price of looseness that the choice among tilts then avoids."""
-    return lo, max(untilted_hi, min(tilted_hi, lo + _TILTED_WINDOW_FACTOR * (untilted_hi - untilted_lo + 1)))
+    """The circle's first sum ``lo`` and its size, the power of two above the window from ``lo`` to the
+    tilted upper edge, which a tilted heavy tail can put far away, so capped at _TILTED_WINDOW_FACTOR times
+    the untilted window's width (any window is sound: what wraps is counted, step 4), at the price of
+    looseness that the choice among tilts then avoids."""
+    hi = max(untilted_hi, min(tilted_hi, lo + _TILTED_WINDOW_FACTOR * (untilted_hi - untilted_lo + 1)))
+    return lo, 1 << max(1, (hi - lo).bit_length())  # a power of two: Higham's Thm 24.2 (step 5)
 
 
 def _tilted_centre_less_sds(pmfs: list[tuple[np.ndarray, int]], sds: float) -> int:
@@ -395,35 +468,34 @@ def _fft_error_factor(size: int) -> float:
 
 def _circular_power(pmfs: list[tuple[np.ndarray, int]], size: int) -> tuple[np.ndarray, float]:
     """The circular convolution of ``steps`` copies of each probability vector, by FFT, and a bound on the
-    absolute error of every computed cell (module docstring, step 5)."""
+    absolute error of every computed cell (module docstring, step 5). Complex logarithms and exponentials
+    are evaluated only at the frequencies whose powered modulus is representable (above e^-745): a long
+    composition's spectrum is negligible beyond its lowest frequencies, and elsewhere the composed entry is
+    set to 0 with its true modulus, at most e^-745 there, counted as its error."""
     g = _fft_error_factor(size)
-    log_spectra, log_radii, entry_errors = [], [], []
+    spectra, log_moduli, log_radii, entry_errors = [], [], [], []
     for probs, steps in pmfs:
         wrapped = _wrap(probs, size)
         spectrum = fft.rfft(wrapped)
         # Per-entry error of the spectrum: the normwise bound g ||F x||_2 = g sqrt(N) ||x||_2, plus the
         # rounding of the tilted input and of its wrapping (at most 4 u in l1, hence in every entry).
         entry_error = 1.01 * g * math.sqrt(size) * _l2_norm(wrapped) + 4 * _UNIT_ROUNDOFF
-        entry_errors.append((entry_error, steps))
         modulus = np.abs(spectrum)
-        log_radii.append(np.log(np.minimum(modulus + entry_error, 1.0 + entry_error)))
         with np.errstate(divide="ignore"):
-            log_spectra.append((np.log(spectrum), steps))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_modulus = sum(steps * log_spectrum.real for log_spectrum, steps in log_spectra)
-        alive = log_modulus > -745.0
-        composed = np.zeros(log_modulus.size, dtype=complex)
-        composed[alive] = np.exp(sum(steps * log_spectrum[alive] for log_spectrum, steps in log_spectra))
-        # Powering: |prod a^T - prod b^T| <= sum_i T_i |a_i - b_i| r_i^{T_i - 1} prod_{k != i} r_k^{T_k},
-        # r the larger of the true and computed moduli (at most |b| + error, and the true one at most 1).
-        log_all = sum(steps * log_radius for log_radius, (_, steps) in zip(log_radii, log_spectra))
-        propagated = sum(
-            np.exp(math.log(steps * error) + log_all - log_radius)
-            for log_radius, (error, steps) in zip(log_radii, entry_errors)
-        )
-        # Evaluating exp(sum T log b): log b to within 2u|log b| + 8u absolute, each sum term's rounding, exp's.
-        drift = sum(steps * (2 * _UNIT_ROUNDOFF * np.abs(log_spectrum) + 8 * _UNIT_ROUNDOFF) for log_spectrum, steps in log_spectra)
-        evaluated = np.where(alive, np.abs(composed) * (np.expm1(np.minimum(drift, 700.0)) + 4 * _UNIT_ROUNDOFF), np.exp(log_modulus))
+            log_moduli.append(np.log(modulus))
+        log_radii.append(np.log(np.minimum(modulus + entry_error, 1.0 + entry_error)))
+        spectra.append((spectrum, steps))
+        entry_errors.append((entry_error, steps))
+    log_modulus = sum(steps * log_mod for log_mod, (_, steps) in zip(log_moduli, spectra))
+    alive = np.nonzero(log_modulus > -745.0)[0]
+    composed, evaluated = _powered_alive(spectra, alive, log_modulus)
+    # Powering: |prod a^T - prod b^T| <= sum_i T_i |a_i - b_i| r_i^{T_i - 1} prod_{k != i} r_k^{T_k},
+    # r the larger of the true and computed moduli (at most |b| + error, and the true one at most 1).
+    log_all = sum(steps * log_radius for log_radius, (_, steps) in zip(log_radii, spectra))
+    propagated = sum(
+        np.exp(math.log(steps * error) + log_all - log_radius)
+        for log_radius, (error, steps) in zip(log_radii, entry_errors)
+    )
     spectrum_error = propagated + evaluated
     circle = fft.irfft(composed, size)
     # The inverse DFT of the spectrum's errors: each cell moves by at most (1/N) sum over all N frequencies
@@ -432,6 +504,19 @@ def _circular_power(pmfs: list[tuple[np.ndarray, int]], size: int) -> tuple[np.n
     full_l2 = math.sqrt(2 * float(np.sum(spectrum_error**2)))
     own = g / (1 - g) * (_l2_norm(circle) + full_l2 / math.sqrt(size))
     return circle, full_l1 / size + own
+
+
+def _powered_alive(spectra: list[tuple[np.ndarray, int]], alive: np.ndarray, log_modulus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """prod b^T = exp(sum T log b) at the ``alive`` frequencies (0 elsewhere), and a bound on the error of
+    evaluating it at every frequency: elsewhere the product's modulus itself, exp(log_modulus)."""
+    log_spectra = [(np.log(spectrum[alive]), steps) for spectrum, steps in spectra]
+    composed = np.zeros(log_modulus.size, dtype=complex)
+    composed[alive] = np.exp(sum(steps * log_spectrum for log_spectrum, steps in log_spectra))
+    evaluated = np.exp(log_modulus)
+    # Evaluating exp(sum T log b): log b to within 2u|log b| + 8u absolute, each sum term's rounding, exp's.
+    drift = sum(steps * (2 * _UNIT_ROUNDOFF * np.abs(log_spectrum) + 8 * _UNIT_ROUNDOFF) for log_spectrum, steps in log_spectra)
+    evaluated[alive] = np.abs(composed[alive]) * (np.expm1(np.minimum(drift, 700.0)) + 4 * _UNIT_ROUNDOFF)
+    return composed, evaluated
 
 
 def _l2_norm(values: np.ndarray) -> float:
@@ -446,21 +531,21 @@ def _wrap(probs: np.ndarray, size: int) -> np.ndarray:
     return padded.reshape(rows, size).sum(axis=0)
 
 
-def _window(pmfs, support: int, tail_mass: float) -> tuple[int, int, "_ChernoffBound", "_ChernoffBound"]:
+def _window(pmfs, support: int, lower_tail: float, upper_tail: float) -> tuple[int, int, "_ChernoffBound", "_ChernoffBound"]:
     """Index range [lo, hi] (relative to the composed support's start) outside which the composed sum has
-    mass <= tail_mass on each side, by Chernoff's bound Pr[J >= x] <= E[e^{lam J}] e^{-lam x}."""
+    mass <= lower_tail below and <= upper_tail above, by Chernoff's bound Pr[J >= x] <= E[e^{lam J}] e^{-lam x}."""
     exact = [(_Support.of(probs), steps) for probs, steps in pmfs]
     coarse = [(support_.coarsened(_SEARCH_CELLS), steps) for support_, steps in exact]
     variance = sum(steps * support_.variance() for support_, steps in exact)
-    start = 0.5 * math.log(2 * -math.log(tail_mass) / max(variance, 1.0))  # the Gaussian optimum of log lam
-    upper = _ChernoffBound(exact, coarse, 1.0, -math.log(tail_mass), start)
-    lower = _ChernoffBound(exact, coarse, -1.0, -math.log(tail_mass), start)
+    log_lam = lambda tail: 0.5 * math.log(2 * -math.log(tail) / max(variance, 1.0))  # noqa: E731  the Gaussian optimum
+    upper = _ChernoffBound(exact, coarse, 1.0, -math.log(upper_tail), log_lam(upper_tail))
+    lower = _ChernoffBound(exact, coarse, -1.0, -math.log(lower_tail), log_lam(lower_tail))
     hi = min(support - 1, math.ceil(upper.edge))
     return min(max(0, math.floor(lower.edge)), hi), hi, upper, lower
 
 
-_SEARCH_CELLS = 4096
-_SCAN_CELLS = 4096  # cells per step of ComposedPmf.epsilon's downward scan
+_SEARCH_CELLS = 1024
+_SCAN_CELLS = 4096  # cells in the first step of ComposedPmf.epsilon's downward scan (each next one twice as many)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ewtune.accountant.accuracy_records import read_accuracy
+from ewtune.accountant.entries import COMMIT, RESERVE, CommitEntry, ReserveEntry
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
 from ewtune.accountant.events import ComposedEvent, event_from_json
 from ewtune.accountant.privacy_accountant import PrivacyAccountant
@@ -124,13 +125,14 @@ def holder_curves(
     points: dict[str, list[tuple[str, ComposedEvent]]] = {}
     for entry in entries:
         state.apply(entry)
-        payload = entry["payload"]
-        if entry["kind"] == "reserve":
-            reserved[entry["seq"]] = f"{payload['run_id']}:{payload['round']}"
-        elif entry["kind"] == "commit":
-            holder_id = next(h for h, account in state.holders.items() if entry["seq"] in account.committed)
+        if entry["kind"] == RESERVE:
+            reservation = ReserveEntry.of(entry)
+            reserved[reservation.seq] = f"{reservation.run_id}:{reservation.round}"
+        elif entry["kind"] == COMMIT:
+            commit = CommitEntry.of(entry)
+            holder_id = next(h for h, account in state.holders.items() if commit.seq in account.committed)
             events = tuple(state.holders[holder_id].committed.values())
-            points.setdefault(holder_id, []).append((reserved[payload["reservation"]], ComposedEvent(events)))
+            points.setdefault(holder_id, []).append((reserved[commit.reservation], ComposedEvent(events)))
     curves = []
     for holder_id, account in state.holders.items():
         if holder_id not in points and holder_id == state.writer and len(state.holders) > 1:

@@ -209,18 +209,20 @@ def test_max_examples_is_an_order_per_record(tmp_path, tokenizer):
 
 
 def test_the_daemons_split_key_is_secret_by_default_and_made_once(tmp_path, tiny_bert_dir, mr_csv):
-    """What the daemon loads from agent.toml: a split key beside the data file, 0600, reused at the next start."""
+    """What the daemon loads from agent.toml: a split key with the holder's state, beside the ledger (the data's
+    folder may be read-only), 0600, reused at the next start."""
     from ewtune.agent.policy import load_agent_config
 
     data_file = tmp_path / "data.csv"
     data_file.write_bytes(mr_csv.read_bytes())
     (tmp_path / "agent.toml").write_text(
-        '[holder]\nid = "h"\n[budget]\nepsilon = 8.0\ndelta = 1e-5\n[ledger]\npath = "ledger.jsonl"\nsigning_key = "k"\n[rpc]\naddress = "unix:agent.sock"\n'
+        '[holder]\nid = "h"\n[budget]\nepsilon = 8.0\ndelta = 1e-5\n[ledger]\npath = "state/ledger.jsonl"\nsigning_key = "k"\n[rpc]\naddress = "unix:agent.sock"\n'
         f'[training]\nmodel_dir = "{tiny_bert_dir}"\ndata_file = "data.csv"\nmax_length = 16\n')
     training = load_agent_config(tmp_path / "agent.toml").training
-    assert training["split_key_file"] == str(tmp_path / "data.csv.split-key")
+    key_file = tmp_path / "state" / "data.csv.split-key"
+    assert training["split_key_file"] == str(key_file)
+    (tmp_path / "state").mkdir()
     first = LocalTrainer(TrainingConfig(**training))
-    key_file = tmp_path / "data.csv.split-key"
     assert key_file.stat().st_mode & 0o777 == 0o600
     again = load_local_data(DataSpec(path=str(data_file), max_length=16, split_key=split_key(key_file)), first.tokenizer)
     assert again.eval.input_ids == first.data.eval.input_ids and first.data.eval.input_ids  # the same key, kept

@@ -197,13 +197,14 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
     except TypeError as bad:
         raise InvalidInputError(f"{path}: [policy] {bad}") from None
     ledger = table(document, "ledger", path)
+    ledger_path = resolve(base, required(ledger, "path", "ledger", path))
     audit = _audit_table(document, policy, path)
-    training = {} if audit is not None else _training_table(document, base, path)
+    training = {} if audit is not None else _training_table(document, base, path, ledger_path.parent)
     rpc = table(document, "rpc", path)
     return AgentConfig(
         holder_id=holder_id,
         policy=policy,
-        ledger_path=resolve(base, required(ledger, "path", "ledger", path)),
+        ledger_path=ledger_path,
         signing_key=resolve(base, required(ledger, "signing_key", "ledger", path)),
         ledger_head=None if ledger.get("head") is None else resolve(base, ledger["head"]),
         rpc_address=_rpc_address(base, rpc.get("address", "unix:agent.sock")),
@@ -214,13 +215,16 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
     )
 
 
-def _training_table(document: Mapping[str, Any], base: Path, path: Path) -> dict[str, Any]:
+def _training_table(document: Mapping[str, Any], base: Path, path: Path, state_dir: Path) -> dict[str, Any]:
+    """The ``[training]`` table, paths resolved. The daemon's split key is secret and lives with the holder's
+    state, beside the ledger (``<ledger dir>/<data file name>.split-key``), not beside the data, whose folder a
+    deployment mounts read-only."""
     training = dict(table(document, "training", path))
     for key in ("model_dir", "data_file"):
         if key not in training:
             raise InvalidInputError(f"{path}: [training] needs {key}")
         training[key] = str(resolve(base, training[key]))
-    key_file = training.get("split_key_file", training["data_file"] + ".split-key")  # the daemon's split is secret
+    key_file = training.get("split_key_file", str(state_dir / (Path(training["data_file"]).name + ".split-key")))
     if isinstance(key_file, str):
         training["split_key_file"] = str(resolve(base, key_file))
     if "lora_target_modules" in training:

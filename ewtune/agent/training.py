@@ -76,7 +76,7 @@ class TrainingConfig:
     optimizer: str = "adamw"  # or "sgd" (momentum 0.9): see make_optimizer
     tune_layers: int = 0  # lora/full: k > 0 trains only the top k encoder layers and the head (ewtune.agent.top_layers)
     # The holder's secret key of the record-by-record split (ewtune.agent.data.split_key; the daemon's default is
-    # <data_file>.split-key); None: a public key derived from ``seed`` (train-local, tests, benchmarks).
+    # <ledger dir>/<data file name>.split-key); None: a public key derived from ``seed`` (train-local, tests, benchmarks).
     split_key_file: str | None = None
     device: str = "auto"  # auto (CUDA when present, else the CPU), cpu, cuda or cuda:N (ewtune.agent.device)
     precision: str = "fp32"  # or bf16: bfloat16 autocast for the forward passes, on a CUDA device only

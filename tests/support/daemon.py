@@ -43,8 +43,8 @@ def count_epsilon(noise=20.0, delta=BUDGET["budget_delta"]):
 
 
 def _training_config(tiny_bert_dir, mr_csv):
-    """The training section of the holder's agent.toml (_agent_toml), with the split key the daemon defaults to,
-    so that the test's trainer and a daemon started from the file split the records alike."""
+    """The training section of the holder's agent.toml (_agent_toml), with its split key named, so that the
+    test's trainer and a daemon started from the file split the records alike."""
     return dict(
         model_dir=str(tiny_bert_dir), data_file=str(mr_csv), max_length=32, physical_batch_size=16, max_examples=200,
         split_key_file=str(mr_csv) + ".split-key",
@@ -106,6 +106,7 @@ def _agent_toml(tmp_path, tiny_bert_dir, mr_csv, epsilon=8.0):
             max_length = 32
             physical_batch_size = 16
             max_examples = 200
+            split_key_file = "{training['split_key_file']}"
             """
         )
     )

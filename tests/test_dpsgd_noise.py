@@ -167,3 +167,29 @@ def test_normals_added_in_place_are_the_drawn_normals_times_std():
         assert torch.equal(target, expected), (chunk_pairs, workers)
     with pytest.raises(ValueError, match="contiguous float32"):
         aes_ctr_add_normals_(key, nonce, base.t(), std)
+
+
+def test_a_draw_leaves_torchs_thread_count_as_it_found_it(monkeypatch):
+    """The draw runs each chunk's operations on one thread (randomness._one_intra_op_thread) and restores the
+    setting afterwards, also when a draw fails inside."""
+    from ewtune.agent.dpsgd import randomness
+    from ewtune.agent.dpsgd.randomness import aes_ctr_normals
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        SecureRandom().add_standard_normal_(torch.zeros(100_001), 1.0)
+        assert torch.get_num_threads() == 2
+        def failing_range(*args):
+            raise MemoryError("a chunk failed")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(randomness, "_normals_range", failing_range)
+            with pytest.raises(MemoryError):
+                aes_ctr_normals(bytes(32), bytes(16), 10)
+        assert torch.get_num_threads() == 2
+        assert torch.equal(
+            aes_ctr_normals(bytes(32), bytes(16), 70_001, workers=2), aes_ctr_normals(bytes(32), bytes(16), 70_001)
+        )
+    finally:
+        torch.set_num_threads(threads)

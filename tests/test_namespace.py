@@ -2,6 +2,7 @@
 called ``accountant``, ``agent``, ``bench``, ``coordinator`` or ``federation`` (all taken on the package index)
 can be installed in the same environment and both sides import what they expect."""
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -13,13 +14,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CLASHING = ("accountant", "agent", "bench", "coordinator", "federation")
+# Without PYTHONPATH, so that the clean environment sees only what is installed in it (a source tree on
+# PYTHONPATH would also make pip take ewtune for installed already).
+CLEAN = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(REPO)], check=True, capture_output=True)
+                    str(REPO)], check=True, capture_output=True, env=CLEAN)
     return next(out.glob("ewtune-*.whl"))
 
 
@@ -51,15 +55,15 @@ def test_the_wheel_has_one_top_level_name(wheel):
 
 def test_the_wheel_imports_beside_packages_of_the_clashing_names(wheel, tmp_path):
     environment = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(environment)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(environment)], check=True, env=CLEAN)
     python = environment / "bin" / "python"
     projects = [str(_stand_in_project(tmp_path / "projects", name)) for name in CLASHING]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "wheels"), *projects], check=True, capture_output=True)
+                    str(tmp_path / "wheels"), *projects], check=True, capture_output=True, env=CLEAN)
     wheels = [str(wheel), *map(str, (tmp_path / "wheels").glob("*.whl"))]
     assert len(wheels) == 1 + len(CLASHING)
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", *wheels],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=CLEAN)
     # ewtune's own dependencies (numpy, torch, flwr...) come from this environment, after the clean one's packages.
     site = environment / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     (site / "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -72,11 +76,11 @@ def test_the_wheel_imports_beside_packages_of_the_clashing_names(wheel, tmp_path
         assert ewtune.__file__.startswith({str(site)!r}), ewtune.__file__
         print(round(ewtune.certified_epsilon(sampling_rate=0.01, noise_multiplier=1.0, steps=100, delta=1e-5), 3))
         """)
-    result = subprocess.run([str(python), "-c", check], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run([str(python), "-c", check], capture_output=True, text=True, cwd=tmp_path, env=CLEAN)
     assert result.returncode == 0, result.stderr
     assert 0 < float(result.stdout) < 1
     cli = subprocess.run([str(environment / "bin" / "ewtune"), "accountant", "epsilon", "--sampling-rate", "0.01",
                           "--noise-multiplier", "1", "--steps", "100", "--delta", "1e-5", "--json"],
-                         capture_output=True, text=True, cwd=tmp_path)
+                         capture_output=True, text=True, cwd=tmp_path, env=CLEAN)
     assert cli.returncode == 0, cli.stderr
     assert '"epsilon_certified"' in cli.stdout

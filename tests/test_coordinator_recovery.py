@@ -178,3 +178,40 @@ def test_a_finished_federation_is_not_resumed_and_other_settings_are_refused(tmp
     fresh = _restart(tmp_path, nodes, flower_run_id=10)
     assert "resumed" not in fresh and fresh["run_id"] == "t-10"
     assert json.loads((tmp_path / "out" / RUN_RECORD).read_text())["segments"] == ["t-10"]
+
+
+class _Dropping(Node):
+    """A holder whose daemon stops during round ``drops_in`` (its train message is never answered), then comes back."""
+
+    drops_in: int | None = None
+
+    def reply(self, message):
+        if self.drops_in is not None and "round" in message.content.get("config", {}) and message.content["config"]["round"] == self.drops_in:
+            return None
+        return super().reply(message)
+
+
+def test_a_holder_that_drops_leaves_the_run_interrupted_and_a_second_start_resumes_it(tmp_path):
+    """min_holders = 2 and b's daemon stops in round 1: the run stops before round 2 as ``interrupted`` (the run record
+    stays open, no final model is written), and `coordinator run` again, b back, resumes at round 2 with both."""
+    key = _directory(tmp_path, expected=2)
+    toml = tmp_path / "federation.toml"
+    toml.write_text(toml.read_text().replace("min_holders = 1", "min_holders = 2"))
+    nodes = [Node(1, "a", step=1.0, dataset_size=100), _Dropping(2, "b", step=2.0, dataset_size=300)]
+    nodes[1].drops_in = 1
+    federation = _federation(tmp_path, nodes)
+    federation.run()
+    status = federation.status
+    assert status["state"] == "interrupted" and status["rounds_completed"] == 1
+    assert "dropped: b" in status["reason"] and "resumes at round 2" in status["reason"]
+    assert load_run_record(tmp_path / "out").resumable and not (tmp_path / "out" / "final.safetensors").exists()
+    assert earlier_flower_run_ids(tmp_path / "out") == [7]
+    nodes[1].drops_in = None  # the holder's daemon is back
+    resumed = _restart(tmp_path, nodes)
+    assert resumed["state"] == "finished" and resumed["rounds_completed"] == 2 and resumed["resumed"]["from_runs"] == ["t-7"]
+    assert (tmp_path / "out" / "final.safetensors").exists()
+    entries = read_entries(tmp_path / "ledger.jsonl")
+    reserved = {e["seq"]: (e["payload"]["holder"], e["payload"]["run_id"], e["payload"]["round"]) for e in entries if e["kind"] == "reserve"}
+    closed = [(*reserved[e["payload"]["reservation"]], e["kind"]) for e in entries if e["kind"] in ("commit", "abort")]
+    assert len(closed) == len(reserved) and set(closed) == {("a", "t-7", 1, "commit"), ("b", "t-7", 1, "abort"), ("a", "t-8", 2, "commit"), ("b", "t-8", 2, "commit")}
+    assert {"a", "b"} <= set(_holder_epsilons(tmp_path, key))  # the ledger verifies, both holders charged

@@ -15,6 +15,7 @@ from typing import Any
 
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
 from ewtune.coordinator.run_progress import missing_evaluations
+from ewtune.coordinator.run_status import FINAL_STATES
 
 
 def register(subparsers) -> None:
@@ -232,13 +233,13 @@ def follow_run(process: subprocess.Popen, status_path: Path, on_status: Callable
                 last_text, status = text, json.loads(text)
                 if on_status is not None:
                     on_status(status)
-        if status.get("state") in ("finished", "stopped", "failed"):
+        if status.get("state") in FINAL_STATES:
             return status
         if process.poll() is not None:
             time.sleep(1.0)  # the final status is written before the ServerApp returns; allow the file to land
             if status_path.exists() and status_path.read_text() != last_text:
                 status = json.loads(status_path.read_text())
-            if status.get("state") not in ("finished", "stopped", "failed"):
+            if status.get("state") not in FINAL_STATES:
                 where = "before the ServerApp wrote any status" if not status else f"while the run was {status.get('state')!r}"
                 raise EwtuneError(f"`flwr run` exited with code {process.returncode} {where}")
             return status

@@ -57,7 +57,7 @@ from ewtune.coordinator.receipts_check import check_receipt
 
 RUN_RECORD = "federation-run.json"
 INBOX = "inbox"
-FINAL_STATES = ("finished", "stopped")
+FINAL_STATES = ("finished", "stopped")  # of a run record: a failed or interrupted run is resumed
 _RECEIPT_METADATA = "receipt"
 
 

@@ -25,7 +25,10 @@ from typing import Any
 import numpy as np
 
 STATUS_FILE = "status.json"
-FINAL_STATES = ("finished", "stopped", "failed")
+FINAL_STATES = ("finished", "stopped", "failed", "interrupted")
+"""A run's last states. ``interrupted``: fewer than ``min_holders`` holders were left (they dropped: a daemon
+stopped, a reply that never came); the run record stays open and the next ``ewtune coordinator run`` with the same
+federation.toml resumes it from the last committed round once the holders are back (:mod:`ewtune.coordinator.resume`)."""
 
 
 def _omitted_when_none(default: Any = None) -> Any:

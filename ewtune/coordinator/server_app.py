@@ -134,7 +134,7 @@ class Federation:
         finally:
             self._write_status()
             if self.record is not None:
-                self.record.state = self.run_status.state  # a failed run stays resumable; finished or stopped closes it
+                self.record.state = self.run_status.state  # a failed or interrupted run stays resumable; finished or stopped closes it
                 save_run_record(self.config.output_dir, self.record)
             if self.ledger is not None:
                 self.ledger.close()
@@ -148,6 +148,8 @@ class Federation:
         if len(self.record.segments) > 1:
             first_round, weights = self._resume(weights)
         weights = self._rounds(first_round, weights)
+        if self.run_status.state == "interrupted":
+            return  # resumable: no final model, no evaluation, no audit until the federation has run its rounds
         if self.config.model.evaluate != "never" and self._active():
             self._evaluate(self.run_status.rounds_completed, weights)
         if self.canaries is not None:
@@ -169,6 +171,9 @@ class Federation:
     def _rounds(self, first_round: int, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         evaluate_each = self.config.model.evaluate == "every_round"
         for round in range(first_round, self.config.settings.rounds + 1):
+            if len(self._active()) < self.config.settings.min_holders:
+                self._interrupt(round)
+                break
             stop = self._reason_to_stop_before(round)
             if stop:
                 self.run_status.reason = stop
@@ -178,6 +183,18 @@ class Federation:
             self.run_status.rounds_completed = round
             self._write_status()
         return weights
+
+    def _interrupt(self, round: int) -> None:
+        """Too few holders left for round ``round``: the run stops resumable (``interrupted``), its committed rounds
+        and checkpoints kept; started again with the same federation.toml, it resumes at this round."""
+        dropped = sorted(holder_id for holder_id, state in self.holders.items() if holder_id not in self._active())
+        self.run_status.state = "interrupted"
+        self.run_status.reason = (
+            f"{len(self._active())} active holder(s) left before round {round}, {self.config.settings.min_holders} needed "
+            f"(dropped: {', '.join(dropped) or 'none'}); once they are back, run `ewtune coordinator run` again with "
+            f"the same federation.toml: it resumes at round {round}"
+        )
+        log(f"run interrupted: {self.run_status.reason}")
 
     # -- describe and plan ---------------------------------------------------------------------------------
 
@@ -242,8 +259,6 @@ class Federation:
         deadline = self.config.timeouts.run_deadline
         if deadline > 0 and time.monotonic() - self.started >= deadline:
             return f"the run deadline ({deadline:g} s) has passed"
-        if len(self._active()) < self.config.settings.min_holders:
-            return f"{len(self._active())} active holder(s) left, {self.config.settings.min_holders} needed"
         for holder_id, state in self._active().items():
             spend = self.ledger.spend_with(holder_id, state.plan.round_event(self.config.settings.local_steps))
             if not spend.within_budget:

@@ -26,6 +26,7 @@ from ewtune.accountant.ledger import (
     STATED_EPSILONS,
     ChainChecker,
     Head,
+    SplitFile,
     entry_hash,
     head_mismatch,
     parse_head,
@@ -148,30 +149,50 @@ def verify_ledger(path: str | Path, public_keys: str | Mapping[str, str] | None 
     ledger must contain. A file that is not a ledger at all, or an unreadable head file, raises
     ``InvalidInputError``; every other defect is reported in the result, naming the first bad entry."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise InvalidInputError(f"cannot read ledger {path}: {error.strerror or error}") from None
+    data = _read_file(path, "ledger")
     heads = [] if expect_head is None else [("expected", expect_head if isinstance(expect_head, Head) else Head.parse(expect_head))]
-    head_bytes = None
-    if head_path is not None:
-        try:
-            head_bytes = Path(head_path).read_bytes()
-        except OSError as error:
-            raise InvalidInputError(f"cannot read head file {head_path}: {error.strerror or error}") from None
+    head_bytes = None if head_path is None else _read_file(head_path, "head file")
     split = split_lines(data)
     report = VerificationReport(str(path))
     writer = _genesis_writer(path, split.lines)
     pinned = public_keys.get(writer) if isinstance(public_keys, Mapping) else public_keys
     report.key_pinned = pinned is not None
     chain, state = ChainChecker(pinned), LedgerState()
+    if isinstance(public_keys, Mapping) and pinned is None:
+        report.first_bad = BadEntry(chain.next_seq, 1, f"no pinned public key was given for the writer {writer!r}")
+        hashes: list[str] = []
+    else:
+        hashes = _check_entries(report, split.lines, chain, state)
+    if report.first_bad is None and split.torn_tail:
+        _report_torn_tail(report, split, chain, state)
+    if head_bytes is not None and report.public_key is not None:
+        try:
+            record = parse_head(head_bytes, pinned or report.public_key, head_path)
+            heads.append((f"head file {head_path}", record.head))
+        except InvalidInputError as error:
+            report.head_failure = str(error)
+    _check_heads(report, heads, hashes)
+    report.holders = _spends(state)
+    report.reservations = _reservations(state)
+    return report
+
+
+def _read_file(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise InvalidInputError(f"cannot read {what} {path}: {error.strerror or error}") from None
+
+
+def _check_entries(report: VerificationReport, lines: tuple[bytes, ...], chain: ChainChecker,
+                   state: LedgerState) -> list[str]:
+    """Check each complete line in turn (canonical form, chain, signature, rules, stated spends, repair offsets,
+    audit statements), filling ``report`` up to the first bad entry; the hashes of the entries that passed."""
     hashes: list[str] = []
     offset = 0
-    for number, line in enumerate(split.lines, start=1):
+    for number, line in enumerate(lines, start=1):
         seq = chain.next_seq  # the entry is named by the seq it should carry: its own may be the defect
         try:
-            if isinstance(public_keys, Mapping) and pinned is None:
-                raise InvalidInputError(f"no pinned public key was given for the writer {writer!r}")
             entry = parse_line(line)
             chain.check(entry)
             holder_id = state.apply(entry)
@@ -179,13 +200,7 @@ def verify_ledger(path: str | Path, public_keys: str | Mapping[str, str] | None 
                 report.writer, report.public_key = state.writer, state.public_key
                 report.accountant_mismatch = _accountant_mismatch(state.accountant)
             _check_repair_offset(entry, offset)
-            if entry["kind"] == "audit" and report.accountant_mismatch is None:
-                report.audits.extend(federated_audit_statements(entry, state))
-            if holder_id is not None and _states_or_reserves(entry) and report.accountant_mismatch is None:
-                _check_spend(entry, state.spend(holder_id))
-                audit = audit_statement(entry, state.spend(holder_id).budget_delta)
-                if audit is not None:
-                    report.audits.append(audit)
+            _check_statements(report, entry, state, holder_id)
         except InvalidInputError as error:
             report.first_bad = BadEntry(seq, number, str(error))
             break
@@ -194,39 +209,52 @@ def verify_ledger(path: str | Path, public_keys: str | Mapping[str, str] | None 
         report.entries_verified += 1
         hashes.append(entry_hash(entry))
         offset += len(line) + 1
-    if report.first_bad is None and split.torn_tail:
-        torn_seq = chain.next_seq  # before _is_next_entry, whose passing check advances the chain
-        report.torn_tail = {
-            "line": len(split.lines) + 1,
-            "offset": split.torn_offset,
-            "bytes": len(split.torn_tail),
-            "sha256": hashlib.sha256(split.torn_tail).hexdigest(),
-            "complete_entry": _is_next_entry(split.torn_tail, chain, state),
-        }
-        what = (
-            "a complete entry that lost its newline; opening the ledger for writing completes it"
-            if report.torn_tail["complete_entry"]
-            else "a crash mid-write; opening the ledger for writing saves it aside and cuts it"
-        )
-        report.first_bad = BadEntry(
-            torn_seq,
-            len(split.lines) + 1,
-            f"torn last line: {len(split.torn_tail)} bytes without a newline ({what})",
-        )
-    if head_bytes is not None and report.public_key is not None:
-        try:
-            record = parse_head(head_bytes, pinned or report.public_key, head_path)
-            heads.append((f"head file {head_path}", record.head))
-        except InvalidInputError as error:
-            report.head_failure = str(error)
+    return hashes
+
+
+def _check_statements(report: VerificationReport, entry: Mapping[str, Any], state: LedgerState,
+                      holder_id: str | None) -> None:
+    """Recompute what an entry states (its spend, an audit's lower bounds) unless the pinned accountant differs."""
+    if report.accountant_mismatch is not None:
+        return
+    if entry["kind"] == "audit":
+        report.audits.extend(federated_audit_statements(entry, state))
+    if holder_id is not None and _states_or_reserves(entry):
+        _check_spend(entry, state.spend(holder_id))
+        audit = audit_statement(entry, state.spend(holder_id).budget_delta)
+        if audit is not None:
+            report.audits.append(audit)
+
+
+def _report_torn_tail(report: VerificationReport, split: SplitFile, chain: ChainChecker, state: LedgerState) -> None:
+    """Describe a torn last line (bytes after the last newline) and report it as the first bad entry."""
+    torn_seq = chain.next_seq  # before _is_next_entry, whose passing check advances the chain
+    report.torn_tail = {
+        "line": len(split.lines) + 1,
+        "offset": split.torn_offset,
+        "bytes": len(split.torn_tail),
+        "sha256": hashlib.sha256(split.torn_tail).hexdigest(),
+        "complete_entry": _is_next_entry(split.torn_tail, chain, state),
+    }
+    what = (
+        "a complete entry that lost its newline; opening the ledger for writing completes it"
+        if report.torn_tail["complete_entry"]
+        else "a crash mid-write; opening the ledger for writing saves it aside and cuts it"
+    )
+    report.first_bad = BadEntry(
+        torn_seq,
+        len(split.lines) + 1,
+        f"torn last line: {len(split.torn_tail)} bytes without a newline ({what})",
+    )
+
+
+def _check_heads(report: VerificationReport, heads: list[tuple[str, Head]], hashes: list[str]) -> None:
+    """Each head kept elsewhere must name an entry the ledger holds, with that hash (the first failure is kept)."""
     for source, head in heads:
         report.heads.append({"source": source, "seq": head.seq, "hash": head.hash})
         reason = head_mismatch(hashes, head) if report.public_key is not None else None
         if reason is not None and report.head_failure is None:
             report.head_failure = f"{reason} ({source} {head})"
-    report.holders = _spends(state)
-    report.reservations = _reservations(state)
-    return report
 
 
 def ledger_writer(path: str | Path) -> str | None:

@@ -31,11 +31,11 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ewtune.accountant.errors import EwtuneError, InvalidInputError
+from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.events import PoissonGaussianEvent
 from ewtune.accountant.sampling import executable_sampling_rate
 from ewtune.agent import models
@@ -44,9 +44,16 @@ from ewtune.agent.device import autocast, batch_to, check_device_name, check_pre
 from ewtune.agent.distributed.group import SINGLE_PROCESS
 from ewtune.agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
 from ewtune.agent.dpsgd.unpadded import PAD_MULTIPLE, padded_length
+from ewtune.agent.dpsgd_run import (  # the run's contract, imported from here by the daemon, the CLI and the tests
+    StepPlan,
+    TrainingFailed,
+    TrainingInterrupted,
+    TrainResult,
+    make_optimizer,
+    run_charged,
+)
 from ewtune.agent.evaluation import evaluate_model
 from ewtune.agent.heads import PooledClassifier, embed_examples
-from ewtune.agent.recipe import OPTIMIZERS
 from ewtune.agent.top_layers import TopLayers, hidden_batch, hidden_states_below
 
 
@@ -105,89 +112,6 @@ class TrainingConfig:
             max_examples=self.max_examples,
             split_key=split_key(self.split_key_file) if self.split_key_file else None,
         )
-
-
-def make_optimizer(name: str, params, learning_rate: float) -> torch.optim.Optimizer:
-    """AdamW (no weight decay) or SGD with momentum 0.9. On noisy DP gradients AdamW's per-coordinate scaling
-    moves coordinates that carry almost no signal (a zero-initialised LoRA B) by about the learning rate at every
-    step, a random walk; SGD moves them by the noise itself, which is small."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=learning_rate, momentum=0.9)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    raise InvalidInputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """One DP-SGD run: ``steps`` Poisson steps at rate ``sampling_rate`` with noise multiplier sigma."""
-
-    steps: int
-    sampling_rate: float
-    noise_multiplier: float
-    clip_norm: float
-    learning_rate: float
-    head_only: bool = False  # only the classification head trains (linear probing; phase 1 of LP-FT)
-    optimizer: str | None = None  # None: the trainer's (TrainingConfig.optimizer)
-    # The noised sum is divided by it; None: q N with the exact N. The daemon passes q N_noisy (the released
-    # count, ewtune.agent.released_count), so the update is a function of the noised sum and released values only.
-    expected_batch_size: float | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise InvalidInputError(f"steps must be an integer >= 1, got {self.steps!r}")
-        check_step_settings(self)
-        batch = self.expected_batch_size
-        if batch is not None and not (isinstance(batch, (int, float)) and math.isfinite(batch) and batch > 0):
-            raise InvalidInputError(f"expected batch size must be a finite number > 0, got {batch!r}")
-
-
-def check_step_settings(plan) -> None:
-    """A DP-SGD run's rate in (0, 1] and its noise multiplier, clip norm and learning rate finite and > 0."""
-    if not 0.0 < plan.sampling_rate <= 1.0:
-        raise InvalidInputError(f"sampling rate must be in (0, 1], got {plan.sampling_rate!r}")
-    for name in ("noise_multiplier", "clip_norm", "learning_rate"):
-        value = getattr(plan, name)
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise InvalidInputError(f"{name.replace('_', ' ')} must be a finite number > 0, got {value!r}")
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """``event``: the mechanism executed, at the sampling rate actually realised (``None`` only when stopped
-    before the first step); ``trainable_state``: the updated trainable parameters; ``metrics``: loss (mean
-    training loss of the sampled examples), examples, steps, seconds; ``randomness``: the source of batches and
-    noise (``os-secure`` or ``insecure-seeded``)."""
-
-    event: PoissonGaussianEvent | None
-    trainable_state: dict[str, torch.Tensor]
-    metrics: dict[str, float] = field(default_factory=dict)
-    randomness: str = SecureRandom.name
-
-
-class TrainingFailed(EwtuneError):
-    """A run failed after it touched records: ``event`` counts every step that *began* (its Poisson sample was
-    drawn, or, for ``steps = 1`` with ``what_ran`` saying so, the feature cache read the records), the failing
-    step included. Charging follows data access, not success: a data-dependent failure is an answer about
-    the data, so the caller must account ``event`` (a failure before any record is touched is no
-    TrainingFailed). ``what_ran`` says it in words, for the ledger."""
-
-    def __init__(self, event: PoissonGaussianEvent, cause: BaseException, what_ran: str):
-        super().__init__(f"training failed ({what_ran}): {type(cause).__name__}: {cause}")
-        self.event = event
-        self.cause = cause
-        self.what_ran = what_ran
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) after the run touched records: ``event`` counts every step that began, as for
-    :class:`TrainingFailed` (the interrupted step included), and ``what_ran`` says so for the ledger. It stays a
-    KeyboardInterrupt, so that the command still ends as interrupted (exit 130) once the caller has charged it."""
-
-    def __init__(self, event: PoissonGaussianEvent, what_ran: str):
-        super().__init__(what_ran)
-        self.event = event
-        self.what_ran = what_ran
 
 
 class LocalTrainer:
@@ -351,21 +275,10 @@ class LocalTrainer:
             physical_batch_size=self.config.physical_batch_size,
             noise_source=self._noise_source,
         )
-        progress = _Progress()
         dropout_seed = int(self._dropout_source.uniform_bits(1)[0])
         try:
-            with torch.random.fork_rng():  # dropout masks from the trainer's own stream, not the global one
-                torch.manual_seed(dropout_seed)
-                _run_steps(engine, sampler, collate_fn, self.group.stop_signal(should_stop), on_step, progress)
-            self.group.check_in_sync(module)
-        except KeyboardInterrupt:
-            if not progress.begun:
-                raise
-            raise TrainingInterrupted(progress.event(sampler, plan), progress.what_ran_until_interrupted(plan)) from None
-        except Exception as failure:
-            if not progress.begun:  # no sample drawn, no record read
-                raise
-            raise TrainingFailed(progress.event(sampler, plan), failure, progress.what_ran(plan)) from failure
+            progress = run_charged(plan, engine, sampler, collate_fn, self.group.stop_signal(should_stop), on_step,
+                                   around=self._own_dropout_stream(dropout_seed, module))
         finally:
             clipper.close()
         metrics = {
@@ -374,6 +287,15 @@ class LocalTrainer:
             "steps": progress.executed,
         }
         return progress.event(sampler, plan), metrics
+
+    @contextmanager
+    def _own_dropout_stream(self, seed: int, module):
+        """Dropout masks from the trainer's own stream, not the global one; on leaving, the workers' copies of
+        ``module`` checked equal (a failure there is the run's, charged)."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            yield
+        self.group.check_in_sync(module)
 
     @property
     def _embeds_sentences(self) -> bool:
@@ -425,43 +347,6 @@ class LocalTrainer:
         size = batch_size or max(self.config.physical_batch_size, 32)
         with self.autocast():
             return evaluate_model(self.model, self.data.eval, self.pad_token_id, self.config.task, size)
-
-
-@dataclass
-class _Progress:
-    begun: int = 0  # steps whose sample was drawn and handed to the engine: charged, whether they ended or not
-    executed: int = 0  # steps that ended
-    examples: int = 0
-    loss_sum: float = 0.0
-
-    def event(self, sampler: PoissonSampler, plan: StepPlan) -> PoissonGaussianEvent | None:
-        """The mechanism to charge: every step that began, at the rate the sampler realised."""
-        if not self.begun:
-            return None
-        return PoissonGaussianEvent(sampler.executed_rate, plan.noise_multiplier, self.begun)
-
-    def what_ran(self, plan: StepPlan) -> str:
-        return (f"failed in step {self.begun} of {plan.steps} after {self.executed} completed step(s); "
-                f"{self.begun} step(s) charged")
-
-    def what_ran_until_interrupted(self, plan: StepPlan) -> str:
-        return (f"interrupted after {self.begun} step(s) of {plan.steps} began ({self.executed} completed); "
-                f"{self.begun} step(s) charged")
-
-
-def _run_steps(engine, sampler, collate_fn, should_stop, on_step, progress: _Progress) -> None:
-    """One engine step per sampled batch until done or stopped, counted in ``progress`` as it begins (its
-    sample drawn, before any record is read) and as it ends."""
-    for indices in sampler:
-        if should_stop is not None and should_stop():
-            break
-        progress.begun += 1
-        stats = engine.step(collate_fn(indices))
-        progress.executed += 1
-        progress.examples += stats.examples
-        progress.loss_sum += stats.loss_sum
-        if on_step is not None:
-            on_step(progress.executed, stats)
 
 
 def _base(model):

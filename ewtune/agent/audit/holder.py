@@ -33,9 +33,9 @@ from ewtune.agent import models
 from ewtune.agent.audit.breakages import broken, check_breakage
 from ewtune.agent.audit.canaries import AuditedModel, CanaryCollator, audited_loss
 from ewtune.agent.dpsgd.randomness import SecureRandom
+from ewtune.agent.dpsgd_run import StepPlan, TrainResult, run_charged
 from ewtune.agent.policy import PlanRefused
 from ewtune.agent.sampler import PoissonSampler
-from ewtune.agent.training import StepPlan, TrainingFailed, TrainResult, _Progress, _run_steps
 
 MODEL_ID = "ewtune-audit-linear"
 PHYSICAL_BATCH = 256
@@ -128,14 +128,9 @@ class AuditTrainer:
             expected_batch_size=sampler.executed_rate * self.dataset_size,
             physical_batch_size=PHYSICAL_BATCH, noise_source=self._noise_source,
         )
-        progress = _Progress()
         try:
-            with broken(self.config.breakage):
-                _run_steps(engine, sampler, self.collator, should_stop, on_step, progress)
-        except Exception as failure:
-            if not progress.begun:
-                raise
-            raise TrainingFailed(progress.event(sampler, plan), failure, progress.what_ran(plan)) from failure
+            progress = run_charged(plan, engine, sampler, self.collator, should_stop, on_step,
+                                   around=broken(self.config.breakage))
         finally:
             clipper.close()
         metrics = {"steps": progress.executed, "examples": progress.examples, "seconds": time.perf_counter() - started}

@@ -6,7 +6,7 @@ on a CPU), or with ``model = "transformer"`` a tiny random BERT whose feed-forwa
 (:mod:`ewtune.agent.audit.transformer`: the canaries then pass through a real transformer layer's rules), with the
 agent's components, put together as :mod:`ewtune.agent.training` puts them: the Poisson sampler over
 N + (included canaries) records, the per-example clipper, ``DPSGDStep`` (noise from the OS's secure source unless
-a test seeds it, division by q N) and the trainer's step loop. Each holder's canaries own disjoint coordinates
+a test seeds it, division by q N) and the trainer's step loop (:mod:`ewtune.agent.dpsgd_run`). Each holder's canaries own disjoint coordinates
 of the audit block (:mod:`ewtune.agent.audit.canaries`), each included with probability 1/2.
 
 A release is a holder's update after ``local_steps`` steps (a federated round; 1: every step, the white-box
@@ -46,8 +46,8 @@ from ewtune.agent.dpsgd.engine import PerExampleClipper
 from ewtune.agent.dpsgd.losses import classification_loss
 from ewtune.agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
 from ewtune.agent.dpsgd.step import DPSGDStep
+from ewtune.agent.dpsgd_run import StepProgress, check_step_settings, run_steps
 from ewtune.agent.sampler import PoissonSampler
-from ewtune.agent.training import _Progress, _run_steps, check_step_settings
 
 SENSITIVITY_BATCH = 24  # real records in the leave-one-out check, plus up to 8 canaries
 MODELS = ("linear", "transformer")
@@ -191,7 +191,7 @@ class _Holder:
             physical_batch_size=256,
             noise_source=noise_source,
         )
-        self.progress = _Progress()
+        self.progress = StepProgress()
         self.sampled = 0
         self.observations: list[np.ndarray] = []
 
@@ -200,7 +200,7 @@ class _Holder:
         models.load_trainable_state(self.model, start)
         before = self.model.audit_coordinates()
         sampler = PoissonSampler(self.collator.size, self.config.sampling_rate, self.config.local_steps, self.sampling_source)
-        _run_steps(self.engine, sampler, self.collator, None, self._count, self.progress)
+        run_steps(self.engine, sampler, self.collator, None, self._count, self.progress)
         change = (self.model.audit_coordinates() - before)[self.offset : self.offset + self.count].double()
         scale = -self.engine.expected_batch_size / (self.config.learning_rate * self.config.clip_norm)
         self.observations.append((change * scale).numpy())

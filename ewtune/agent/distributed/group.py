@@ -14,7 +14,7 @@ exact arithmetic this is the single process's update; in floating point the addi
 equal; :meth:`WorkerGroup.check_in_sync` verifies it (a SHA-256 of the trainable parameters) after every phase.
 
 Before every step rank 0 broadcasts whether the step runs (:meth:`WorkerGroup.stop_signal`) and, once the broadcast
-has gone out, counts the step as begun (:func:`ewtune.agent.training._run_steps`): a worker begins no step that rank 0,
+has gone out, counts the step as begun (:func:`ewtune.agent.dpsgd_run.run_steps`): a worker begins no step that rank 0,
 which charges the run, has not counted, and a broadcast that fails (a worker gone) begins nothing.
 """
 

@@ -48,19 +48,19 @@ def test_delta_near_full_batch_is_not_below_the_pessimistic_bracket_minus_its_er
 
 
 def test_fft_round_off_bound_holds_against_exact_rational_arithmetic():
-    """The per-cell bound of the FFT composition (pld_engine, step 5) against the same circular convolution
+    """The per-cell bound of the FFT composition (pld_fft, step 5) against the same circular convolution
     done in exact rational arithmetic: every computed cell is within the bound of the exact one, including
     cells 1e-15 below the peak where FFT round-off dominates."""
     from fractions import Fraction
 
     import numpy as np
 
-    from ewtune.accountant.pld_engine import _circular_power
+    from ewtune.accountant.pld_fft import circular_power
 
     size, steps = 64, 12
     probs = np.array([0.5, 0.3, 0.15, 0.04, 0.009, 0.001])
     probs = probs / probs.sum()
-    circle, bound = _circular_power([(probs, steps)], size)
+    circle, bound = circular_power([(probs, steps)], size)
     step = [Fraction(float(p)) for p in np.pad(probs, (0, size - probs.size))]
     exact = [Fraction(1)] + [Fraction(0)] * (size - 1)
     for _ in range(steps):

@@ -13,7 +13,11 @@ WITHHELD = "INVALID LEDGER, figures withheld"
 def register(subparsers) -> None:
     parser = subparsers.add_parser("ledger", help="verify, show, anchor or cross-check privacy ledgers")
     actions = parser.add_subparsers(dest="ledger_command", metavar="ACTION", required=True)
+    for add_action in (_add_verify, _add_show, _add_anchor, _add_crosscheck, _add_report):
+        add_action(actions)
 
+
+def _add_verify(actions) -> None:
     verify = actions.add_parser(
         "verify",
         help="check chain, signatures, rules, every epsilon, and the head; exit 0 only when all holds",
@@ -27,6 +31,8 @@ def register(subparsers) -> None:
     verify.add_argument("--json", action="store_true", help="print the report as one JSON object")
     verify.set_defaults(func=_verify)
 
+
+def _add_show(actions) -> None:
     show = actions.add_parser(
         "show",
         help="per holder: events, certified epsilon, Edgeworth estimate, budget left",
@@ -39,6 +45,8 @@ def register(subparsers) -> None:
     show.add_argument("--json", action="store_true", help="print one JSON object")
     show.set_defaults(func=_show)
 
+
+def _add_anchor(actions) -> None:
     anchor = actions.add_parser(
         "anchor",
         help="write a head file for a ledger that has none (after moving it): accepts its current state",
@@ -52,6 +60,8 @@ def register(subparsers) -> None:
     anchor.add_argument("--head", metavar="PATH", help="the head file to write (default: LEDGER.head)")
     anchor.set_defaults(func=_anchor)
 
+
+def _add_crosscheck(actions) -> None:
     crosscheck = actions.add_parser(
         "crosscheck",
         help="verify the coordinator's and holders' ledgers and match every coordinator commit",
@@ -67,6 +77,7 @@ def register(subparsers) -> None:
     crosscheck.set_defaults(func=_crosscheck)
 
 
+def _add_report(actions) -> None:
     report = actions.add_parser(
         "report",
         help="an HTML report with PNG plots, readable offline: epsilon per round, budgets, every entry, receipts",

@@ -70,7 +70,7 @@ def test_head_run_saves_the_whole_model_with_only_the_head_changed(tiny_bert_dir
     summary = json.loads(capsys.readouterr().out)
     assert (summary["device"], summary["precision"]) == ("cpu", "fp32")  # what ran, recorded beside the guarantee
     assert json.loads((output / "run.json").read_text())["device"] == "cpu"
-    from ewtune.agent.train_cli import _report
+    from ewtune.agent.train_output import report_text as _report
 
     assert "device              cpu, fp32" in _report(summary).splitlines()
     assert summary["mode"] == "head" and summary["trainable_parameters"] == 32 * 2 + 2
@@ -192,7 +192,7 @@ def test_the_default_recipe_fits_a_300_row_csv_and_says_what_it_chose(tiny_bert_
     event = probe["event"]["event"]
     assert event["sampling_rate"] == pytest.approx(batch / size, rel=1e-6) and event["steps"] == round(20 / event["sampling_rate"])
     assert 7.9 < summary["epsilon_certified"] <= 8.0 * (1 + 1e-9)
-    from ewtune.agent.train_cli import _report
+    from ewtune.agent.train_output import report_text as _report
 
     assert f"recipe              {choice}" in _report(summary).splitlines()  # the text report's line
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent.device import DEVICE_HELP, PRECISIONS, check_device_name, check_precision, resolve_device
 from ewtune.agent.recipe import LOW_EPSILON, LOW_EPSILON_PROBE, MAX_DEFAULT_SAMPLING_RATE, MIN_DEFAULT_BATCH, OPTIMIZERS, RECIPE_MODES, Recipe
+from ewtune.agent.train_output import report_text, save_run, summary_document, train_with_progress
 
 PACKAGED_MODELS = ("minilm", "smollm2")
 PACKAGED_DATA = ("mr", "sms_spam")
@@ -69,6 +70,18 @@ def register(commands) -> None:
         help=f"lora or full: a probe phase then a tune phase of LoRA adapters or of the weights of the top "
         f"--tune-layers layers; head: the probe alone (linear probing) (default {defaults.mode})",
     )
+    _add_probe_arguments(parser, defaults)
+    _add_tune_arguments(parser, defaults)
+    _add_data_arguments(parser, defaults)
+    _add_runtime_arguments(parser)
+    _add_ledger_and_output_arguments(parser)
+    from ewtune.federation.progress import add_quiet_flag
+
+    add_quiet_flag(parser)
+    parser.set_defaults(func=run)
+
+
+def _add_probe_arguments(parser, defaults) -> None:
     probe = parser.add_argument_group("probe phase (the classification head alone, on cached embeddings; SGD)")
     low = f"below epsilon {LOW_EPSILON:.3g}"
     probe.add_argument("--probe-epochs", type=float, help=f"expected passes (default {defaults.probe_epochs:g}, "
@@ -79,6 +92,9 @@ def register(commands) -> None:
                        f"{LOW_EPSILON_PROBE['probe_learning_rate']:g} {low})")
     probe.add_argument("--probe-share", type=float, default=defaults.probe_budget_share,
                        help=f"share of the epsilon budget for the probe when a tune phase follows (default {defaults.probe_budget_share:g})")
+
+
+def _add_tune_arguments(parser, defaults) -> None:
     tune = parser.add_argument_group("tune phase (LoRA or full fine-tuning from the probed head; lora and full modes)")
     tune.add_argument("--tune-epochs", type=float, default=defaults.tune_epochs, help=f"expected passes (default {defaults.tune_epochs:g}: no tune phase)")
     tune.add_argument("--tune-batch", type=int, help=f"expected Poisson batch (default {defaults.tune_expected_batch}, at most "
@@ -88,6 +104,10 @@ def register(commands) -> None:
                       help=f"tune only the top K encoder layers and the head, on cached inputs of layer L-K (sentence-embedding "
                       f"checkpoints; default {defaults.tune_layers}, 0 with --task causal_lm); 0: the whole model", metavar="K")
     tune.add_argument("--tune-optimizer", choices=OPTIMIZERS, default=defaults.tune_optimizer, help=f"(default {defaults.tune_optimizer}; sgd has momentum 0.9)")
+
+
+def _add_data_arguments(parser, defaults) -> None:
+    """The clip norm, the data's columns and split, the model's LoRA settings, micro-batches and the seed."""
     parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm, help=f"per-example gradient clip norm C, both phases (default {defaults.clip_norm:g})")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
     parser.add_argument("--task", choices=("classification", "causal_lm"), default="classification")
@@ -102,6 +122,10 @@ def register(commands) -> None:
     parser.add_argument("--max-examples", type=int, default=None, help="use a seeded subset of this many examples")
     parser.add_argument("--physical-batch-size", type=int, default=32, help="micro-batch size (memory bound)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _add_runtime_arguments(parser) -> None:
+    """Where and how the steps run: device, worker processes, precision, the source of randomness."""
     parser.add_argument("--device", default="auto", help=f"where the model, batches, noise and evaluation run: {DEVICE_HELP} "
                         "(default auto); a device this machine lacks is an error, never a fall back to the CPU")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
@@ -116,6 +140,10 @@ def register(commands) -> None:
         help="tests and benchmarks only: draw batches and noise from generators seeded with --seed, which anyone "
         "who knows the seed can replay (no privacy); by default both come from the operating system's secure source",
     )
+
+
+def _add_ledger_and_output_arguments(parser) -> None:
+    """The ledger charged, and where and how the result goes."""
     parser.add_argument("--ledger", default=None, help="charge the run to this holder ledger (made by `ewtune agent init`): "
                         "the recipe is refused if it would exceed the ledger's budget; each phase is reserved, then "
                         "committed with the steps it executed")
@@ -127,10 +155,6 @@ def register(commands) -> None:
     parser.add_argument("--output", default=None, help="save the adapter (full and head modes: the whole model) and run.json here")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout; progress "
                         "(phases, steps with loss and examples per second) as JSON lines on stderr")
-    from ewtune.federation.progress import add_quiet_flag
-
-    add_quiet_flag(parser)
-    parser.set_defaults(func=run)
 
 
 @dataclass(frozen=True)
@@ -160,7 +184,7 @@ def default_arguments(**options) -> argparse.Namespace:
 
 def run(args) -> int:
     summary = train_local(args).summary
-    print(json.dumps(summary, indent=2) if args.json else _report(summary))
+    print(json.dumps(summary, indent=2) if args.json else report_text(summary))
     return 0
 
 
@@ -208,9 +232,9 @@ def train_local(args) -> LocalRun:
         evaluation["majority_baseline"] = majority_baseline(trainer.data.eval.labels)
     else:
         evaluation["perplexity_before"], evaluation["loss_before"] = before["perplexity"], before["loss"]
-    summary = _summary(args, trainer, fitted, results, evaluation, time.perf_counter() - started)
+    summary = summary_document(args, trainer, fitted, results, evaluation, time.perf_counter() - started)
     if args.output:
-        _save(trainer, args.output, summary)
+        save_run(trainer, args.output, summary)
     return LocalRun(summary, trainer, written)
 
 
@@ -238,7 +262,7 @@ def _run_phases(args, trainer, recipe, calibrated, ledger, progress, size: int) 
             progress.event("embedding", f"probe: embedding the {size} training records once with the frozen encoder", phase=name)
         reservation = None if ledger is None else ledger.reserve(ledger.writer_id, run_id, index, event)
         try:
-            result = _train_with_progress(trainer, plan, name, progress)
+            result = train_with_progress(trainer, plan, name, progress)
         except (TrainingFailed, TrainingInterrupted) as failure:  # records were touched: the steps that began are charged
             if reservation is not None:
                 ledger.commit(reservation, failure.event, extra={"phase": name, "released": False, "reason": failure.what_ran})
@@ -453,148 +477,3 @@ def _training_config(args, recipe):
         precision=args.precision,
         processes=args.nproc,
     )
-
-
-def _train_with_progress(trainer, plan, name: str, progress):
-    """Trains one phase, reporting each step (its batch's mean training loss, local to the holder, and the
-    examples per second since the first step ended, so that the probe's one-off embedding is left out) and the
-    phase's end."""
-    rate = _ExampleRate()
-
-    def on_step(step: int, stats) -> None:
-        per_second = rate.add(stats.examples)
-        loss = stats.loss_sum / stats.examples if stats.examples else None
-        progress.update(
-            "step", f"DP-SGD {name}: step {step}/{plan.steps}, loss {_figure(loss, '.3f')}, {_figure(per_second, '.0f')} examples/s",
-            phase=name, step=step, steps=plan.steps, batch=stats.examples, loss=loss, examples_per_second=per_second,
-        )  # fmt: skip
-
-    result = trainer.train(plan, on_step=on_step)
-    metrics = result.metrics
-    progress.event(
-        "phase_end", f"{name}: {metrics['steps']} of {plan.steps} steps in {metrics['seconds']:.1f} s, mean training loss "
-        f"{_figure(metrics['loss'], '.4f')}, {_figure(rate.per_second, '.0f')} examples/s",
-        phase=name, steps=metrics["steps"], planned_steps=plan.steps, loss=metrics["loss"], examples=metrics["examples"],
-        examples_per_second=rate.per_second, seconds=metrics["seconds"],
-    )  # fmt: skip
-    return result
-
-
-class _ExampleRate:
-    """Examples per second over the steps after the first (the first may include one-off work such as the
-    probe's embedding pass); ``None`` until two steps have ended."""
-
-    def __init__(self):
-        self._first: float | None = None
-        self._examples = 0
-        self.per_second: float | None = None
-
-    def add(self, examples: int) -> float | None:
-        now = time.perf_counter()
-        if self._first is None:
-            self._first = now
-        else:
-            self._examples += examples
-            self.per_second = self._examples / (now - self._first) if now > self._first else None
-        return self.per_second
-
-
-def _figure(value: float | None, spec: str) -> str:
-    return "-" if value is None or not math.isfinite(value) else format(value, spec)
-
-
-def _summary(args, trainer, fitted, results, evaluation, seconds) -> dict:
-    from ewtune.accountant.certified import certified_epsilon
-    from ewtune.accountant.edgeworth import edgeworth_epsilon
-    from ewtune.accountant.events import compose, event_to_json
-    from ewtune.agent.models import count_parameters
-
-    recipe = fitted.recipe
-    executed = [result.event for _, result in results]
-    event = executed[0] if len(executed) == 1 else compose(*executed)
-    trainable, total = count_parameters(trainer.model)
-    phases = [
-        {
-            "phase": done.phase.name,
-            "planned_steps": done.event.steps,
-            "event": event_to_json(result.event),
-            "learning_rate": recipe.learning_rate(done.phase.name),
-            "optimizer": recipe.optimizer(done.phase.name),
-            "planned_epsilon_certified_after": done.epsilon_certified_so_far,
-            "train": result.metrics,
-        }
-        for done, result in results
-    ]
-    return {
-        "model_id": trainer.model_id,
-        "mode": args.mode,
-        "tune_layers": recipe.trained_layers,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "training_examples": trainer.dataset_size,
-        "clip_norm": recipe.clip_norm,
-        "recipe_fitted_to": fitted.dataset_size,  # N, or with --ledger the released noised count
-        "recipe_choices": list(fitted.choices),
-        "phases": phases,
-        "event": event_to_json(event),
-        "delta": args.delta,
-        "target_epsilon": args.epsilon,
-        "epsilon_certified": certified_epsilon(event, args.delta),
-        "epsilon_edgeworth_estimate": edgeworth_epsilon(event, args.delta),
-        "accuracy": evaluation.get("accuracy"),
-        "macro_f1": evaluation.get("f1"),
-        "majority_baseline": evaluation.get("majority_baseline"),  # None for a causal LM
-        "perplexity": evaluation.get("perplexity"),
-        "perplexity_before": evaluation.get("perplexity_before"),
-        "eval": evaluation,
-        "randomness": results[-1][1].randomness,
-        "device": str(trainer.device),
-        "processes": args.nproc,
-        "precision": trainer.precision,
-        "output": str(args.output) if args.output else None,
-        "seconds": seconds,
-    }
-
-
-def _save(trainer, output, summary) -> None:
-    from ewtune.agent.models import save_model
-
-    directory = save_model(trainer.model, trainer.tokenizer, output)
-    (directory / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-
-def _report(summary: dict) -> str:
-    evaluation = summary["eval"]
-    lines = [f"{'recipe':<20}{choice}" for choice in summary["recipe_choices"]]
-    if summary["tune_layers"]:
-        lines.append(f"{'tuned':<20}the top {summary['tune_layers']} encoder layers and the head, on cached inputs "
-                     f"({summary['trainable_parameters']:,} trainable parameters)")
-    for phase in summary["phases"]:
-        event = phase["event"]["event"]
-        lines.append(
-            f"{phase['phase']:<20}{event['steps']} of {phase['planned_steps']} steps (q {event['sampling_rate']:.5f}, "
-            f"sigma {event['noise_multiplier']:.4f}, C {summary['clip_norm']:g}, lr {phase['learning_rate']:g} {phase['optimizer']})"
-        )
-    lines += [
-        f"epsilon (certified) {summary['epsilon_certified']:.4f}  at delta {summary['delta']:g}  "
-        f"(target {summary['target_epsilon']:g}): the guarantee, composed over the phases",
-        f"epsilon (Edgeworth) {summary['epsilon_edgeworth_estimate']:.4f}  estimate only, not a guarantee",
-    ]
-    if "accuracy" in evaluation:
-        lines.append(
-            f"held-out            accuracy {evaluation['accuracy']:.4f}, macro F1 {evaluation['f1']:.4f}, majority-class "
-            f"baseline {evaluation['majority_baseline']:.4f}, on {evaluation['num_examples']} examples"
-        )
-    else:
-        lines.append(f"held-out            perplexity {evaluation['perplexity']:.4f} (before training "
-                     f"{evaluation['perplexity_before']:.4f}), loss {evaluation['loss']:.4f} on {evaluation['num_examples']} examples")
-    lines += [
-        f"device              {summary['device']}, {summary['precision']}"
-        + (f", {summary['processes']} worker processes" if summary["processes"] > 1 else ""),
-        f"saved               {summary['output'] or 'not saved (use --output DIR)'}",
-        f"wall time           {summary['seconds']:.1f} s",
-    ]
-    if summary["randomness"] != "os-secure":
-        lines.append(f"randomness          {summary['randomness']}: INSECURE, reproducible from the seed (tests only)")
-    return "\n".join(lines)
-

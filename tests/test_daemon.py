@@ -365,7 +365,8 @@ def test_private_evaluation_is_noised_charged_and_limited_per_day(daemon_parts, 
 def test_evaluations_under_fresh_run_ids_or_after_a_restart_stay_within_the_daily_limit(daemon_parts, trainer):
     """The attack: the limit counted per run id, which the coordinator chooses, so a fresh run id bought a fresh
     allowance. The limit is per holder and 24 hours, counted from the ledger's own evaluation commits."""
-    from ewtune.agent.daemon import Daemon, _evaluations_since
+    from ewtune.agent.daemon import Daemon
+    from ewtune.agent.ledger_history import evaluations_since
 
     key, ledger, ledger_path = daemon_parts
     policy = HolderPolicy(**BUDGET, evaluation="private", evaluation_noise_multiplier=5.0, max_evaluations_per_day=2)
@@ -383,7 +384,7 @@ def test_evaluations_under_fresh_run_ids_or_after_a_restart_stay_within_the_dail
         assert _kinds(ledger_path).count("commit") == 3  # the count and two evaluations
         from datetime import datetime, timedelta, timezone
 
-        assert _evaluations_since(restarted.ledger.entries, datetime.now(timezone.utc) + timedelta(seconds=1)) == 0
+        assert evaluations_since(restarted.ledger.entries, datetime.now(timezone.utc) + timedelta(seconds=1)) == 0
     finally:
         restarted.close()
 

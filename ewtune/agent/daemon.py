@@ -55,10 +55,12 @@ from ewtune.accountant.sampling import executable_sampling_rate
 from ewtune.accountant.signing import SigningKey
 from ewtune.accountant.spend import mechanism_rows
 from ewtune.agent.dpsgd.randomness import SecureRandom
+from ewtune.agent.ledger_history import evaluations_since, released_rounds
 from ewtune.agent.policy import AgentConfig, HolderPolicy, PlanRefused
 from ewtune.agent.recovery import ProgressJournal, journal_path, reconcile
 from ewtune.agent.released_count import current_count, latest_count
 from ewtune.agent.rpc import DaemonUnavailable, RequestFailed
+from ewtune.agent.weights_wire import state_from_arrays, to_numpy, trainable_layout
 from ewtune.federation.contract import EvaluationRequest, HolderDescription, RevealRequest, RoundPlan
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ class Daemon:
         if self.audit and not policy.audit_runs:
             raise InvalidInputError("an audit daemon needs a policy that allows audit runs ([policy] audit_runs = true)")
         self.holder_id, self.policy, self.trainer, self.ledger, self.key = holder_id, policy, trainer, ledger, key
-        self._parameters = {name: (tuple(t.shape), _wire_dtype(t.dtype)) for name, t in trainer.trainable_state().items()}
+        self._parameters = trainable_layout(trainer.trainable_state())
         self._work = threading.Lock()  # one training or evaluation at a time
         self._ledger_lock = threading.Lock()  # describe reads while train writes
         self._stopping = threading.Event()
@@ -181,7 +183,7 @@ class Daemon:
             self._check_count_released()
             if plan.delta is not None:  # against the released count: the refusal reveals nothing more
                 _check_delta(plan.delta, self.released_dataset_size)
-            state = self._state_from_arrays(arrays)
+            state = state_from_arrays(arrays, self._parameters)
             planned = self.planned_event(plan)
             self._check_round_epsilon(planned)
             with self._ledger_lock:
@@ -207,7 +209,7 @@ class Daemon:
         run_id = request.run_id
         with self._work:
             with self._ledger_lock:
-                released = _released_rounds(self.ledger.entries, run_id)
+                released = released_rounds(self.ledger.entries, run_id)
             if not released:
                 raise PlanRefused(f"this holder released no audit round of run {run_id!r}: nothing to reveal")
             revealed = self.trainer.reveal()
@@ -232,7 +234,7 @@ class Daemon:
         event = PoissonGaussianEvent(1.0, self.policy.evaluation_noise_multiplier, 1)
         with self._work:
             self._refuse_if_stopping()
-            state = self._state_from_arrays(arrays)
+            state = state_from_arrays(arrays, self._parameters)
             with self._ledger_lock:
                 self._check_evaluations_left()
                 self._check_budget(event)
@@ -312,7 +314,7 @@ class Daemon:
     def _refuse_replay(self, plan: RoundPlan) -> None:
         """A round of a run is trained once: a request for a round at or before one whose update this holder
         already released in that run is a replay (or a stale request) and is refused before anything runs."""
-        released = _released_rounds(self.ledger.entries, plan.run_id)
+        released = released_rounds(self.ledger.entries, plan.run_id)
         if released and plan.round <= max(released):
             raise PlanRefused(
                 f"run {plan.run_id!r} round {plan.round} is a replay: this holder already released its update for "
@@ -345,7 +347,7 @@ class Daemon:
             with self._ledger_lock:
                 self.ledger.abort(reservation, "the daemon stopped before the first step: nothing was released")
             raise DaemonUnavailable("the daemon is stopping: no step ran and nothing was released")
-        update = {name: _to_numpy(tensor) for name, tensor in result.trainable_state.items()}
+        update = {name: to_numpy(tensor) for name, tensor in result.trainable_state.items()}
         if not all(np.isfinite(array).all() for array in update.values()):
             self._charge_failure(reservation, result.event, ValueError("the update is not finite"),
                                  f"all {result.event.steps} step(s) ran; the update was not finite and was not released")
@@ -441,36 +443,12 @@ class Daemon:
     def _check_evaluations_left(self) -> None:
         """At most ``max_evaluations_per_day`` private evaluations in the last 24 hours, counted from the ledger."""
         since = datetime.now(timezone.utc) - EVALUATION_WINDOW
-        done = _evaluations_since(self.ledger.entries, since)
+        done = evaluations_since(self.ledger.entries, since)
         if done >= self.policy.max_evaluations_per_day:
             raise PlanRefused(
                 f"this holder has released {done} private evaluation(s) in the last 24 hours and allows "
                 f"{self.policy.max_evaluations_per_day} per day"
             )
-
-    def _state_from_arrays(self, arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """The global weights as tensors, refused unless they are exactly the trainable parameters: the same
-        names and shapes, each parameter's own dtype (a float64 1e300 would become inf in a float32
-        parameter), finite values."""
-        names = set(arrays)
-        if names != set(self._parameters):
-            missing, unknown = sorted(set(self._parameters) - names), sorted(names - set(self._parameters))
-            raise InvalidInputError(
-                f"the weights do not match this holder's trainable parameters (missing {missing[:3]}"
-                f"{'...' if len(missing) > 3 else ''}, unknown {unknown[:3]}{'...' if len(unknown) > 3 else ''})"
-            )
-        state = {}
-        for name, array in arrays.items():
-            array = np.asarray(array)
-            shape, dtype = self._parameters[name]
-            if tuple(array.shape) != shape:
-                raise InvalidInputError(f"weight {name!r} has shape {tuple(array.shape)}, expected {shape}")
-            if array.dtype != dtype:
-                raise InvalidInputError(f"weight {name!r} has dtype {array.dtype}, expected {dtype}")
-            if not np.isfinite(array).all():
-                raise InvalidInputError(f"weight {name!r} must hold finite values")
-            state[name] = torch.from_numpy(np.array(array, copy=True))
-        return state
 
     def _refuse_if_stopping(self) -> None:
         if self._stopping.is_set():
@@ -491,43 +469,6 @@ def _trainer(config: AgentConfig):
         return start_workers(TrainingConfig(**config.training))
     except TypeError as bad:
         raise InvalidInputError(f"[{'audit' if config.audit is not None else 'training'}] in agent.toml: {bad}") from None
-
-
-def _wire_dtype(dtype: torch.dtype) -> np.dtype:
-    """The numpy dtype a parameter travels in (bfloat16, which numpy lacks, as float32, see ``_to_numpy``)."""
-    return np.dtype(np.float32) if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
-
-
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.bfloat16:
-        tensor = tensor.float()
-    return tensor.numpy().copy()
-
-
-def _evaluations_since(entries, since: datetime) -> int:
-    """Private evaluations committed at or after ``since``, whatever their run: commits marked with the
-    evaluation purpose (a failed one that read records included). Ledger times are fixed-width UTC text."""
-    cutoff = since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return sum(
-        1
-        for entry in entries
-        if entry["kind"] == "commit"
-        and entry["payload"].get("extra", {}).get("purpose") == EVALUATION_PURPOSE
-        and entry["time"] >= cutoff
-    )
-
-
-def _released_rounds(entries, run_id: str) -> list[int]:
-    """Rounds of ``run_id`` whose training update was released: commits that carry a receipt's digest."""
-    reserved = {entry["seq"]: entry["payload"] for entry in entries if entry["kind"] == "reserve"}
-    return [
-        reserved[entry["payload"]["reservation"]]["round"]
-        for entry in entries
-        if entry["kind"] == "commit"
-        and "receipt_sha256" in entry["payload"]
-        and reserved.get(entry["payload"]["reservation"], {}).get("run_id") == run_id
-    ]
 
 
 def _check_delta(delta: float, records: int) -> None:

@@ -19,7 +19,8 @@ import torch
 
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
 from ewtune.accountant.events import PoissonGaussianEvent
-from ewtune.agent.dpsgd.randomness import SecureRandom
+from ewtune.agent.dpsgd.randomness import RandomSource, SecureRandom
+from ewtune.agent.dpsgd.step import DPSGDStep
 from ewtune.agent.recipe import OPTIMIZERS
 from ewtune.agent.sampler import PoissonSampler
 
@@ -105,6 +106,17 @@ def make_optimizer(name: str, params, learning_rate: float) -> torch.optim.Optim
     if name == "adamw":
         return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     raise InvalidInputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
+def plain_sgd_step(model, clipper, learning_rate: float, noise_multiplier: float, clip_norm: float,
+                   expected_batch_size: float, physical_batch_size: int, noise_source: RandomSource) -> DPSGDStep:
+    """The audits' engine: :class:`DPSGDStep` over ``model``'s trainable parameters with SGD without momentum, so
+    that a step moves a coordinate by exactly -lr times the privatized gradient and an update can be read back
+    as the sum of its steps' x = B + sigma z (Steinke, Nasr, Jagielski 2023)."""
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    return DPSGDStep(model, clipper, torch.optim.SGD(trainable, lr=learning_rate), noise_multiplier=noise_multiplier,
+                     clip_norm=clip_norm, expected_batch_size=expected_batch_size,
+                     physical_batch_size=physical_batch_size, noise_source=noise_source)
 
 
 @dataclass

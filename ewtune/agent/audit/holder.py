@@ -33,7 +33,7 @@ from ewtune.agent import models
 from ewtune.agent.audit.breakages import broken, check_breakage
 from ewtune.agent.audit.canaries import AuditedModel, CanaryCollator, audited_loss
 from ewtune.agent.dpsgd.randomness import SecureRandom
-from ewtune.agent.dpsgd_run import StepPlan, TrainResult, run_charged
+from ewtune.agent.dpsgd_run import StepPlan, TrainResult, plain_sgd_step, run_charged
 from ewtune.agent.policy import PlanRefused
 from ewtune.agent.sampler import PoissonSampler
 
@@ -113,7 +113,6 @@ class AuditTrainer:
         :meth:`ewtune.agent.training.LocalTrainer.train` reports it."""
         from ewtune.agent.dpsgd.engine import PerExampleClipper
         from ewtune.agent.dpsgd.losses import classification_loss
-        from ewtune.agent.dpsgd.step import DPSGDStep
 
         if self.revealed:
             raise PlanRefused("this audit's canaries were revealed: the daemon trains no more (start it again for a new audit)")
@@ -121,13 +120,8 @@ class AuditTrainer:
         sampler = PoissonSampler(self.collator.size, plan.sampling_rate, plan.steps, self._sampling_source)
         loss = audited_loss(classification_loss, self.config.raw_norm * plan.clip_norm)
         clipper = PerExampleClipper(self.model, plan.clip_norm, loss)
-        trainable = [param for param in self.model.parameters() if param.requires_grad]
-        engine = DPSGDStep(
-            self.model, clipper, torch.optim.SGD(trainable, lr=plan.learning_rate),
-            noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
-            expected_batch_size=sampler.executed_rate * self.dataset_size,
-            physical_batch_size=PHYSICAL_BATCH, noise_source=self._noise_source,
-        )
+        engine = plain_sgd_step(self.model, clipper, plan.learning_rate, plan.noise_multiplier, plan.clip_norm,
+                                sampler.executed_rate * self.dataset_size, PHYSICAL_BATCH, self._noise_source)
         try:
             progress = run_charged(plan, engine, sampler, self.collator, should_stop, on_step,
                                    around=broken(self.config.breakage))

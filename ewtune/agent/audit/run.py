@@ -45,8 +45,7 @@ from ewtune.agent.audit.canaries import AuditedModel, CanaryCollator, audited_lo
 from ewtune.agent.dpsgd.engine import PerExampleClipper
 from ewtune.agent.dpsgd.losses import classification_loss
 from ewtune.agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
-from ewtune.agent.dpsgd.step import DPSGDStep
-from ewtune.agent.dpsgd_run import StepProgress, check_step_settings, run_steps
+from ewtune.agent.dpsgd_run import StepProgress, check_step_settings, plain_sgd_step, run_steps
 from ewtune.agent.sampler import PoissonSampler
 
 SENSITIVITY_BATCH = 24  # real records in the leave-one-out check, plus up to 8 canaries
@@ -180,17 +179,8 @@ class _Holder:
         self.collator = CanaryCollator(inputs, labels, own[torch.from_numpy(self.included)])
         self.clipper = PerExampleClipper(model, config.clip_norm, audited_loss(classification_loss, config.raw_norm * config.clip_norm))
         self.rate = executable_sampling_rate(config.sampling_rate)
-        trainable = [param for param in model.parameters() if param.requires_grad]
-        self.engine = DPSGDStep(
-            model,
-            self.clipper,
-            torch.optim.SGD(trainable, lr=config.learning_rate),
-            noise_multiplier=config.noise_multiplier,
-            clip_norm=config.clip_norm,
-            expected_batch_size=self.rate * self.collator.size,
-            physical_batch_size=256,
-            noise_source=noise_source,
-        )
+        self.engine = plain_sgd_step(model, self.clipper, config.learning_rate, config.noise_multiplier, config.clip_norm,
+                                     self.rate * self.collator.size, 256, noise_source)
         self.progress = StepProgress()
         self.sampled = 0
         self.observations: list[np.ndarray] = []

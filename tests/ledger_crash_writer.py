@@ -41,7 +41,7 @@ def die() -> None:
 def install(point: str, crash_at: int, ledger_path: str) -> None:
     """Wrap the calls of ``point`` so that the ``crash_at``-th append to ``ledger_path`` dies there."""
     appends = {"count": 0}  # ledger lines started so far by this process
-    real_write_all, real_fsync = ledger_module._write_all, os.fsync
+    real_write_all, real_fsync = ledger_module.write_all, os.fsync
     real_write_head, real_replace = ledger_module.write_head, os.replace
 
     def on_ledger(fd: int) -> bool:
@@ -74,7 +74,7 @@ def install(point: str, crash_at: int, ledger_path: str) -> None:
             die()
         real_replace(source, target)
 
-    ledger_module._write_all, os.fsync, ledger_module.write_head, os.replace = write_all, fsync, write_head, rename
+    ledger_module.write_all, os.fsync, ledger_module.write_head, os.replace = write_all, fsync, write_head, rename
 
 
 def acknowledge(ledger: Ledger, operation: str, seq: int, event=None) -> None:

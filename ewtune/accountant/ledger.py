@@ -1,11 +1,5 @@
 """The privacy ledger: append-only JSON Lines, hash-chained with SHA-256 and signed with Ed25519.
 
-Each line is one entry in canonical JSON (:func:`ewtune.accountant.signing.canonical_json`)::
-
-    {"seq": n, "time": "2026-...Z", "kind": ..., "writer": ..., "payload": {...},
-     "prev": sha256 of the previous line's canonical JSON (64 zeros for genesis),
-     "signature": Ed25519 by the writer over the canonical JSON of the entry without "signature"}
-
 Kinds (a kind is never removed and its meaning never changes, so that an old ledger always reads the same):
 genesis (writer, public key, budget policy, the pinned certified accountant, schema), holder (a coordinator
 registers a holder's id, public key and budget), reserve (a planned event for a holder, run and round),
@@ -14,324 +8,67 @@ reservation released nothing), repair (a torn last line left by a crash was cut 
 audit (a federated audit run's empirical lower bounds on epsilon, per holder and pooled; no spend).
 The writer is itself a holder with the genesis budget; a holder's own ledger has no other.
 
-Durability: a line is written with O_APPEND and fsynced before the call returns; the directory is fsynced
-when the file is created; ``fcntl.flock`` keeps a second writer out. Nothing written is ever rewritten:
-a torn tail that is a complete, valid entry (only its newline was lost) is completed with its newline; any
-other torn tail is saved to ``PATH.torn-<time>`` before it is cut off, and the cut is recorded as an entry.
-Files are created with mode 0600: a ledger says which data sets were trained on, and when.
-
-Rollback: the chain and the signatures prove that every entry of a file was written by the writer in that
-order, but not that the file is *all* the writer wrote: a copy cut at a line boundary, or an older backup,
-is a valid shorter ledger whose holder has spent less. So the ledger's head (seq and entry hash of its last
-entry) is anchored outside the file, in a head file signed by the writer key (default ``PATH.head``; an
-operator should put it on another volume or directory, which a restore of the ledger file cannot reach).
-Every append updates it after the line is fsynced, atomically (temporary file, fsync, rename, directory
-fsync). :meth:`Ledger.open` refuses a ledger that lacks the anchored entry or holds another one there. A
-ledger *ahead* of its head is accepted: each append fsyncs its line before it touches the head, so a crash
-in between leaves the ledger one entry ahead, and entries beyond the anchored one are signed by the writer
-and chained onto it: they can only add spend, never hide it. The head is then brought forward.
+The line format, entry hashes and the chain check: :mod:`ewtune.accountant.ledger_lines`. Durability (O_APPEND,
+fsync, the writer lock, torn tails): :mod:`ewtune.accountant.ledger_files`. Rollback, and the head file that
+anchors the last entry outside the ledger: :mod:`ewtune.accountant.ledger_head`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
-import json
 import logging
 import os
-import re
-import secrets
 import threading
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
-from ewtune.accountant.events import DpEvent, ComposedEvent, PoissonGaussianEvent, event_to_json
-from ewtune.accountant.signing import SigningKey, canonical_json, verify_signature
+from ewtune.accountant.events import DpEvent, event_to_json
+from ewtune.accountant.ledger_files import FILE_MODE, fsync_directory, lock_writer, read_all, write_all
+from ewtune.accountant.ledger_head import (
+    Head,
+    HeadRecord,
+    default_head_path,
+    head_document,
+    head_mismatch,
+    parse_head,
+    read_head,
+    write_head,
+)
+from ewtune.accountant.ledger_lines import (
+    GENESIS_PREV,
+    ChainChecker,
+    SplitFile,
+    entry_hash,
+    format_time,
+    parse_line,
+    parse_time,
+    signed_bytes,
+    split_lines,
+)
+from ewtune.accountant.ledger_payloads import (
+    AUDIT_PURPOSE,
+    DATASET_SIZE_PURPOSE,
+    EVALUATION_PURPOSE,
+    STATED_EPSILONS,
+    Policy,
+    as_float,
+    check_event,
+    stated_epsilons,
+)
+from ewtune.accountant.signing import SigningKey, canonical_json
 from ewtune.accountant.spend import LEDGER_SCHEMA, HolderSpend, LedgerState, Reservation
 
-GENESIS_PREV = "0" * 64
-# A commit's ``extra.purpose`` for a release that is not a training update (a holder's private evaluation):
-# charged like any event, but never aggregated, so the coordinator's ledger has no commit to match it.
-EVALUATION_PURPOSE = "evaluation"
-# A commit's ``extra.purpose`` for an audit run's release (synthetic records and canaries, never a model for use).
-AUDIT_PURPOSE = "audit"
-# A commit's ``extra.purpose`` for a holder's private count of its training records (``extra.public.dataset_size``,
-# noised and charged like any event; ewtune.agent.released_count): never aggregated, no coordinator commit matches it.
-DATASET_SIZE_PURPOSE = "dataset_size"
-ENTRY_FIELDS = ("seq", "time", "kind", "writer", "payload", "prev", "signature")
-STATED_EPSILONS = ("epsilon_certified", "epsilon_edgeworth")
-_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-HEAD_TYPE = "ewtune-ledger-head"  # no ledger entry has a "type" field: a signed head never reads as an entry
-HEAD_FIELDS = ("type", "ledger", "writer", "seq", "hash", "time", "signature")
-FILE_MODE = 0o600
+__all__ = [  # with what other modules import from here since the head and line code moved out
+    "AUDIT_PURPOSE", "DATASET_SIZE_PURPOSE", "EVALUATION_PURPOSE", "FILE_MODE", "GENESIS_PREV", "STATED_EPSILONS",
+    "ChainChecker", "Head", "HeadRecord", "Ledger", "Policy", "SplitFile", "default_head_path", "entry_hash",
+    "head_document", "head_mismatch", "parse_head", "parse_line", "parse_time", "read_head", "signed_bytes",
+    "split_lines", "write_head",
+]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Policy:
-    """A ledger writer's lifetime budget: record-level (epsilon, delta)-DP, add/remove neighbours."""
-
-    budget_epsilon: float
-    budget_delta: float
-
-    @classmethod
-    def coerce(cls, policy: "Policy | Mapping[str, Any]") -> "Policy":
-        if isinstance(policy, Policy):
-            return policy
-        if not isinstance(policy, Mapping) or not {"budget_epsilon", "budget_delta"} <= policy.keys():
-            raise InvalidInputError("a ledger policy needs budget_epsilon and budget_delta")
-        return cls(policy["budget_epsilon"], policy["budget_delta"])
-
-    def to_json(self) -> dict[str, Any]:
-        return {"budget_epsilon": _as_float(self.budget_epsilon), "budget_delta": _as_float(self.budget_delta)}
-
-
-def entry_hash(entry: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of the entry's canonical JSON, signature included: what the next entry's ``prev`` holds."""
-    return hashlib.sha256(canonical_json(entry)).hexdigest()
-
-
-def signed_bytes(entry: Mapping[str, Any]) -> bytes:
-    """The bytes the writer signs: the canonical JSON of the entry without its ``signature``."""
-    return canonical_json({name: value for name, value in entry.items() if name != "signature"})
-
-
-def parse_time(text: Any) -> datetime:
-    """An entry time: UTC ISO-8601 with microseconds, e.g. ``2026-11-29T01:20:00.123456Z``."""
-    if not isinstance(text, str) or not _TIME.fullmatch(text):
-        raise InvalidInputError(f"time {text!r} is not UTC ISO-8601 with microseconds")
-    try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
-    except ValueError:
-        raise InvalidInputError(f"time {text!r} is not a valid date") from None
-
-
-def _format_time(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-@dataclass(frozen=True)
-class SplitFile:
-    """A ledger file cut at newlines: the complete lines, and any torn tail after the last newline
-    (a crash mid-write; an append is acknowledged only once its newline is on disk)."""
-
-    lines: tuple[bytes, ...]
-    torn_tail: bytes
-    torn_offset: int
-
-
-def split_lines(data: bytes) -> SplitFile:
-    end = data.rfind(b"\n") + 1
-    return SplitFile(tuple(data[:end].split(b"\n")[:-1]), data[end:], end)
-
-
-def parse_line(line: bytes) -> dict[str, Any]:
-    """One line as an entry object; it must be exactly the canonical JSON of what it parses to."""
-    try:
-        entry = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
-        raise InvalidInputError("the line is not valid JSON") from None
-    if not isinstance(entry, dict):
-        raise InvalidInputError("the line is not a JSON object")
-    missing = [name for name in ENTRY_FIELDS if name not in entry]
-    if missing:
-        raise InvalidInputError(f"the entry lacks {', '.join(missing)}")
-    if isinstance(entry["seq"], bool) or not isinstance(entry["seq"], int):
-        raise InvalidInputError(f"seq must be an integer, got {entry['seq']!r}")
-    wrong = [name for name in ("time", "kind", "writer", "prev", "signature") if not isinstance(entry[name], str)]
-    if wrong or not isinstance(entry["payload"], dict):
-        raise InvalidInputError(f"the entry has fields of the wrong type: {', '.join(wrong) or 'payload'}")
-    if canonical_json(entry) != line:
-        raise InvalidInputError("the line is not in canonical JSON form (it was edited)")
-    return entry
-
-
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-# -- the head anchor -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Head:
-    """A ledger's last entry, named by seq and entry hash. The hash covers, through ``prev``, every entry
-    before it, so a head pins the whole prefix of the ledger up to ``seq``."""
-
-    seq: int
-    hash: str
-
-    def __str__(self) -> str:
-        return f"{self.seq}:{self.hash}"
-
-    @classmethod
-    def parse(cls, text: str) -> "Head":
-        """``SEQ:HASH`` (as printed by ``str(head)``), e.g. from a head file or the coordinator's records."""
-        seq_text, _, digest = str(text).partition(":")
-        if not (seq_text.isascii() and seq_text.isdigit()) or not _SHA256_HEX.fullmatch(digest):  # int() refuses "²"
-            raise InvalidInputError(
-                f"a head is SEQ:HASH (an entry number and 64 lower-case hex digits), got {text!r}"
-            )
-        return cls(int(seq_text), digest)
-
-
-@dataclass(frozen=True)
-class HeadRecord:
-    """A head file's content, its signature verified: the ledger file name it anchors, the writer, when it
-    was written, and the head itself."""
-
-    path: Path
-    ledger: str
-    writer: str
-    time: str
-    head: Head
-
-
-def default_head_path(ledger_path: str | os.PathLike) -> Path:
-    """``<ledger path>.head``: next to the ledger, where a restore of the whole directory also reaches it;
-    pass another ``head_path`` to keep it out of reach."""
-    ledger_path = Path(ledger_path)
-    return ledger_path.with_name(ledger_path.name + ".head")
-
-
-def head_document(ledger_name: str, writer: str, head: Head, key: SigningKey) -> dict[str, Any]:
-    """The signed head: canonical JSON signed by the writer key, like an entry, but with a ``type`` field
-    that no entry has, so that one can never be passed off as the other."""
-    document: dict[str, Any] = {
-        "type": HEAD_TYPE,
-        "ledger": ledger_name,
-        "writer": writer,
-        "seq": head.seq,
-        "hash": head.hash,
-        "time": _format_time(datetime.now(timezone.utc)),
-    }
-    document["signature"] = key.sign(signed_bytes(document))
-    return document
-
-
-def parse_head(data: bytes, public_key_text: str, source: str | os.PathLike = "the head file") -> HeadRecord:
-    """A head file's bytes, checked: its fields, and its signature under ``public_key_text`` (the ledger's
-    genesis key, or the key an auditor pinned). Raises ``InvalidInputError`` naming what is wrong."""
-    try:
-        document = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise InvalidInputError(f"head file {source} is not valid JSON") from None
-    if not isinstance(document, dict) or document.get("type") != HEAD_TYPE:
-        raise InvalidInputError(f"head file {source} is not a ledger head")
-    missing = [name for name in HEAD_FIELDS if name not in document]
-    if missing:
-        raise InvalidInputError(f"head file {source} lacks {', '.join(missing)}")
-    seq, digest = document["seq"], document["hash"]
-    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
-        raise InvalidInputError(f"head file {source}: seq must be an integer >= 0, got {seq!r}")
-    if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
-        raise InvalidInputError(f"head file {source}: hash must be 64 lower-case hex digits")
-    if not all(isinstance(document[name], str) for name in ("ledger", "writer", "time", "signature")):
-        raise InvalidInputError(f"head file {source} has fields of the wrong type")
-    if not verify_signature(public_key_text, signed_bytes(document), document["signature"]):
-        raise InvalidInputError(
-            f"head file {source} is not signed by the ledger's writer key (forged, or the head of another ledger)"
-        )
-    return HeadRecord(Path(source), document["ledger"], document["writer"], document["time"], Head(seq, digest))
-
-
-def read_head(path: str | os.PathLike, public_key_text: str) -> HeadRecord:
-    """Read and verify a head file (for auditors: compare its head with a ledger copy, see
-    :func:`head_mismatch`). An unreadable file or a bad one raises ``InvalidInputError``."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        raise InvalidInputError(f"cannot read head file {path}: {error.strerror or error}") from None
-    return parse_head(data, public_key_text, path)
-
-
-def head_mismatch(entry_hashes: "list[str] | tuple[str, ...]", head: Head) -> str | None:
-    """Why a ledger whose entries hash to ``entry_hashes`` (in seq order) does not contain ``head``, or None
-    when it does. More entries than the head's are fine (they were appended after it was written)."""
-    if head.seq >= len(entry_hashes):
-        return (
-            f"it holds {len(entry_hashes)} entries but its head anchors seq {head.seq}: "
-            "the ledger was rolled back or truncated"
-        )
-    if entry_hashes[head.seq] != head.hash:
-        return (
-            f"entry {head.seq} has hash {entry_hashes[head.seq][:16]}... where its head anchors "
-            f"{head.hash[:16]}...: the ledger is an older or a different copy"
-        )
-    return None
-
-
-def write_head(path: str | os.PathLike, document: Mapping[str, Any], replace: bool = True) -> None:
-    """Write a head file atomically: a temporary file (mode 0600) in the same directory is written and
-    fsynced, then renamed over ``path`` (or, with ``replace=False``, linked to it, which fails rather than
-    overwrite an existing head), and the directory is fsynced. A reader sees the old head or the new one,
-    never a torn one."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    try:
-        try:
-            os.fchmod(fd, FILE_MODE)
-            _write_all(fd, canonical_json(document) + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if replace:
-            os.replace(temporary, path)
-        else:
-            os.link(temporary, path)
-            os.unlink(temporary)
-    except BaseException:
-        if os.path.lexists(temporary):
-            os.unlink(temporary)
-        raise
-    _fsync_directory(path)
-
-
-class ChainChecker:
-    """Checks entries one after another: contiguous seq, ``prev`` hashes, one writer, Ed25519 signatures
-    by the genesis key (or the key an auditor pinned), times non-decreasing. Raises ``InvalidInputError``
-    with the reason at the first entry that fails."""
-
-    def __init__(self, pinned_public_key: str | None = None) -> None:
-        self.pinned_public_key = pinned_public_key
-        self.public_key: str | None = None
-        self.writer: str | None = None
-        self.next_seq = 0
-        self.last_hash = GENESIS_PREV
-        self.last_time: datetime | None = None
-
-    def check(self, entry: Mapping[str, Any]) -> None:
-        seq = entry["seq"]
-        if seq != self.next_seq:
-            raise InvalidInputError(f"seq {seq!r} where {self.next_seq} was expected (an entry is missing or moved)")
-        if entry["prev"] != self.last_hash:
-            raise InvalidInputError("prev does not hash the previous entry (the chain is broken)")
-        if seq == 0:
-            self._adopt_genesis(entry)
-        if entry["writer"] != self.writer:
-            raise InvalidInputError(f"writer {entry['writer']!r} is not the ledger's writer {self.writer!r}")
-        if not verify_signature(self.public_key, signed_bytes(entry), entry["signature"]):
-            raise InvalidInputError("the signature does not verify with the writer's public key")
-        moment = parse_time(entry["time"])
-        if self.last_time is not None and moment < self.last_time:
-            raise InvalidInputError(f"time {entry['time']} goes back before the previous entry")
-        self.next_seq, self.last_hash, self.last_time = seq + 1, entry_hash(entry), moment
-
-    def _adopt_genesis(self, entry: Mapping[str, Any]) -> None:
-        payload = entry["payload"]
-        if entry["kind"] != "genesis" or not isinstance(payload, dict):
-            raise InvalidInputError("the first entry is not a genesis entry")
-        public_key = payload.get("public_key")
-        if self.pinned_public_key is not None and public_key != self.pinned_public_key:
-            raise InvalidInputError("the genesis public key differs from the pinned public key")
-        self.public_key, self.writer = public_key, payload.get("writer")
 
 
 def _serialised(method):
@@ -349,8 +86,8 @@ class Ledger:
     """A ledger open for appending by its writer (the holder of the genesis key).
 
     Use :meth:`create` or :meth:`open`; close it (or use ``with``) to release the writer lock. The head file
-    (``head_path``, default ``<path>.head``) anchors the last entry outside the ledger file; see the module
-    docstring for why, and :meth:`anchor` for an operator who moved a ledger on purpose.
+    (``head_path``, default ``<path>.head``) anchors the last entry outside the ledger file; see
+    :mod:`ewtune.accountant.ledger_head` for why, and :meth:`anchor` for an operator who moved a ledger on purpose.
     """
 
     def __init__(self, path: Path, key: SigningKey, fd: int, head_path: Path | None = None) -> None:
@@ -393,7 +130,7 @@ class Ledger:
         ledger = cls(path, key, fd, head_path)
         try:
             os.fchmod(fd, FILE_MODE)  # the umask may have narrowed it further, never widened: make it exact
-            _lock(fd, path)
+            lock_writer(fd, path)
             genesis = {
                 "writer": writer_id,
                 "public_key": key.public_key_text,
@@ -403,7 +140,7 @@ class Ledger:
                 "schema": LEDGER_SCHEMA,
             }
             ledger._append(ledger._new_entry("genesis", genesis, writer=writer_id), update_head=False)
-            _fsync_directory(path)  # the ledger's name is durable before a head can point at it
+            fsync_directory(path)  # the ledger's name is durable before a head can point at it
             ledger._write_head(replace=False)
         except BaseException:
             ledger.close()
@@ -438,8 +175,8 @@ class Ledger:
             raise InvalidInputError(f"cannot open ledger {path}: {error.strerror or error}") from None
         ledger = cls(path, key, fd, head_path)
         try:
-            _lock(fd, path)
-            split = split_lines(_read_all(fd))
+            lock_writer(fd, path)
+            split = split_lines(read_all(fd))
             ledger._load(split.lines)
             tail = ledger._tail_entry(split.torn_tail) if split.torn_tail else None
             if anchor:
@@ -496,7 +233,7 @@ class Ledger:
         """Restore the newline of a complete last entry: it was signed and fully written, and may already
         have been acknowledged (a reservation the caller relies on), so cutting it would lose it."""
         try:
-            _write_all(self._fd, b"\n")
+            write_all(self._fd, b"\n")
             os.fsync(self._fd)
         except OSError as error:
             raise EwtuneError(f"cannot complete the last line of ledger {self._path}: {error.strerror or error}") from None
@@ -550,11 +287,11 @@ class Ledger:
         fd = os.open(saved, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             os.fchmod(fd, FILE_MODE)
-            _write_all(fd, torn)
+            write_all(fd, torn)
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_directory(saved)
+        fsync_directory(saved)
         os.ftruncate(self._fd, split.torn_offset)
         os.fsync(self._fd)
         payload = {
@@ -601,7 +338,7 @@ class Ledger:
 
     def spend_with(self, holder_id: str, event: DpEvent) -> HolderSpend:
         """The spend ``holder_id`` would have with ``event`` reserved too (a pre-flight that writes nothing)."""
-        _check_event(event)
+        check_event(event)
         account = self._state.holders.get(holder_id)
         if account is None:
             raise InvalidInputError(f"unknown holder {holder_id!r}")
@@ -623,8 +360,8 @@ class Ledger:
         payload = {
             "holder": holder_id,
             "public_key": public_key_text,
-            "budget_epsilon": _as_float(budget_epsilon),
-            "budget_delta": _as_float(budget_delta),
+            "budget_epsilon": as_float(budget_epsilon),
+            "budget_delta": as_float(budget_delta),
         }
         return self._append(self._new_entry("holder", payload))
 
@@ -632,7 +369,7 @@ class Ledger:
     def reserve(self, holder_id: str, run_id: str, round: int, event: DpEvent) -> int:
         """Reserve ``event`` for a holder's round; refused when the holder's certified epsilon over its
         committed events, open reservations and this one, composed, would exceed its budget."""
-        _check_event(event)
+        check_event(event)
         payload = {"holder": holder_id, "run_id": run_id, "round": round, "event": event_to_json(event)}
         entry = self._new_entry("reserve", payload)
         change = self._state.prepare(entry)
@@ -642,14 +379,14 @@ class Ledger:
                 f"reservation refused: holder {holder_id!r} would reach certified epsilon "
                 f"{spend.epsilon_certified:.6g} > budget {spend.budget_epsilon:g} (delta {spend.budget_delta:g})"
             )
-        payload.update(_statements(spend))
+        payload.update(stated_epsilons(spend))
         return self._append(entry, change)
 
     @_serialised
     def commit(self, reservation_seq: int, event: DpEvent, extra: Mapping[str, Any] | None = None) -> int:
         """Close a reservation with the event actually executed (its steps may be fewer than reserved,
         never more). ``extra`` may hold ``receipt_sha256`` and any other JSON facts worth keeping."""
-        _check_event(event)
+        check_event(event)
         reservation = self._state.open_reservation(reservation_seq)
         payload: dict[str, Any] = {"reservation": reservation_seq, "event": event_to_json(event)}
         extra = dict(extra or {})
@@ -663,7 +400,7 @@ class Ledger:
         change = self._state.prepare(entry)
         account = self._state.holders[reservation.holder_id]
         still_open = {seq: planned for seq, planned in account.open.items() if seq != reservation_seq}
-        payload.update(_statements(account.spend(committed=(event,), open_=still_open)))
+        payload.update(stated_epsilons(account.spend(committed=(event,), open_=still_open)))
         return self._append(entry, change)
 
     @_serialised
@@ -693,7 +430,7 @@ class Ledger:
         self.close()
 
     def _new_entry(self, kind: str, payload: dict[str, Any], writer: str | None = None) -> dict[str, Any]:
-        now = _format_time(datetime.now(timezone.utc))
+        now = format_time(datetime.now(timezone.utc))
         last = self._entries[-1]["time"] if self._entries else now
         return {
             "seq": len(self._entries),
@@ -716,7 +453,7 @@ class Ledger:
         line = canonical_json(entry) + b"\n"
         self._chain.check(entry)
         try:
-            _write_all(self._fd, line)
+            write_all(self._fd, line)
             os.fsync(self._fd)
         except OSError as error:
             self._broken = error.strerror or str(error)
@@ -727,53 +464,3 @@ class Ledger:
             self._write_head()
         return entry["seq"]
 
-
-def _statements(spend: HolderSpend) -> dict[str, float]:
-    """The spend an entry leads to, stated so that an auditor can recompute and compare it."""
-    stated = {"epsilon_certified": spend.epsilon_certified}
-    if spend.epsilon_edgeworth is not None:
-        stated["epsilon_edgeworth"] = spend.epsilon_edgeworth
-    return stated
-
-
-def _as_float(value: Any) -> Any:
-    """Budgets are recorded as JSON doubles; anything that is not a number is left for validation to refuse."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-
-
-def _check_event(event: Any) -> None:
-    if not isinstance(event, (PoissonGaussianEvent, ComposedEvent)):
-        raise InvalidInputError(f"expected a DP event, got {type(event).__name__}")
-
-
-def _lock(fd: int, path: Path) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise InvalidInputError(f"ledger {path} is open for writing by another process") from None
-
-
-def _read_all(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    chunks, offset = [], 0
-    while offset < size:
-        chunk = os.pread(fd, size - offset, offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

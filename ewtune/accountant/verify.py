@@ -22,17 +22,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ewtune.accountant.errors import InvalidInputError
-from ewtune.accountant.ledger import (
-    STATED_EPSILONS,
-    ChainChecker,
-    Head,
-    SplitFile,
-    entry_hash,
-    head_mismatch,
-    parse_head,
-    parse_line,
-    split_lines,
-)
+from ewtune.accountant.ledger_head import Head, default_head_path, head_mismatch, parse_head
+from ewtune.accountant.ledger_lines import ChainChecker, SplitFile, entry_hash, parse_line, split_lines
+from ewtune.accountant.ledger_payloads import STATED_EPSILONS
 from ewtune.accountant.signing import canonical_json
 from ewtune.accountant.spend import HolderSpend, LedgerState, check_audit_bound, mechanism_rows
 
@@ -226,7 +218,8 @@ def _check_statements(report: VerificationReport, entry: Mapping[str, Any], stat
             report.audits.append(audit)
 
 
-def _report_torn_tail(report: VerificationReport, split: SplitFile, chain: ChainChecker, state: LedgerState) -> None:
+def _report_torn_tail(report: VerificationReport, split: SplitFile, chain: ChainChecker,
+                      state: LedgerState) -> None:
     """Describe a torn last line (bytes after the last newline) and report it as the first bad entry."""
     torn_seq = chain.next_seq  # before _is_next_entry, whose passing check advances the chain
     report.torn_tail = {
@@ -269,8 +262,6 @@ def ledger_writer(path: str | Path) -> str | None:
 def verify_with_its_head(path: str | Path, public_keys: str | Mapping[str, str] | None = None) -> VerificationReport:
     """:func:`verify_ledger` with the head file beside the ledger (``LEDGER.head``) when there is one, as
     ``ewtune ledger verify`` checks by default; what ``ledger crosscheck`` and ``ledger report`` verify."""
-    from ewtune.accountant.ledger import default_head_path
-
     head = default_head_path(path)
     return verify_ledger(path, public_keys, head_path=head if head.is_file() else None)
 

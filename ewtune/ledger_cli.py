@@ -220,8 +220,8 @@ def _mismatch_lines(mismatches: list[str], not_aggregated: list[str]) -> list[st
 def _write_report(args: argparse.Namespace) -> int:
     import json
 
-    from ewtune.accountant.audit_report import build_report
-    from ewtune.accountant.report_html import write_report
+    from ewtune.report.audit_report import build_report
+    from ewtune.report.report_html import write_report
 
     pinned = None if args.public_key is None else _public_key_argument(args.public_key)
     report = build_report(args.ledgers, args.accuracy, pinned)

@@ -9,14 +9,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "ewtune"
-PARTS = ("accountant", "agent", "bench", "coordinator", "federation")
+PARTS = ("accountant", "agent", "bench", "coordinator", "federation", "report")
 """The parts, each a subpackage of ``ewtune``; the CLI layer is ``ewtune``'s own modules (named "ewtune" below)."""
 
 FORBIDDEN = {
-    "accountant": {"torch", "flwr", "agent", "coordinator", "ewtune", "federation", "bench"},
+    "accountant": {"torch", "flwr", "agent", "coordinator", "ewtune", "federation", "bench", "report"},
     "federation": {"torch", "transformers", "agent", "coordinator", "ewtune", "bench"},
     "agent": {"coordinator", "ewtune", "bench"},
     "coordinator": {"agent", "ewtune", "bench"},
+    "report": {"torch", "flwr", "agent", "coordinator", "ewtune", "bench"},
 }
 
 

@@ -12,7 +12,7 @@ import struct
 import pytest
 from browser import chromium_page, loaded_images
 
-from ewtune.accountant.audit_report import build_report
+from ewtune.report.audit_report import build_report
 from ewtune.accountant.certified import certified_epsilon
 from ewtune.accountant.events import ComposedEvent, PoissonGaussianEvent
 from ewtune.accountant.ledger import Ledger

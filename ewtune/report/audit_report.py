@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ewtune.accountant.accuracy_records import read_accuracy
+from ewtune.report.accuracy_records import read_accuracy
 from ewtune.accountant.entries import COMMIT, RESERVE, CommitEntry, ReserveEntry
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
 from ewtune.accountant.events import ComposedEvent, event_from_json

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ewtune.accountant.audit_report import FAILED, VERIFIED, AuditReport, HolderCurve, ledger_verdict
+from ewtune.report.audit_report import FAILED, VERIFIED, AuditReport, HolderCurve, ledger_verdict
 
 GUARANTEE = "certified"  # the accountant whose epsilon is the guarantee: drawn solid and thick
 STYLE = """
@@ -184,7 +184,7 @@ def _details(report) -> str:
 
 
 def _verdict(verdict: str) -> str:
-    """A verdict of :mod:`ewtune.accountant.audit_report` (or the receipts' "matched"), styled."""
+    """A verdict of :mod:`ewtune.report.audit_report` (or the receipts' "matched"), styled."""
     style = "failed" if verdict == FAILED else "ok" if verdict in (VERIFIED, "matched") else "unpinned"
     return f"<span class={style}>{html.escape(verdict)}</span>"
 

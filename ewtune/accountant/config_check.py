@@ -6,6 +6,14 @@ The rules of a table are those of the dataclass its loader builds (``ewtune.agen
 ``ewtune.coordinator.planner.FederationSettings``...): its fields are the allowed keys, its annotations the types,
 and its own ``__post_init__`` the ranges, each key checked alone against the defaults
 (:func:`check_dataclass_table`), so the check and the loader cannot drift apart.
+
+Why this module sits in ``ewtune/accountant/`` and not in ``ewtune/federation/`` (issue 21): it is the generic
+half of the configuration layer, not a shape: the shapes are the loaders' dataclasses, which stay with the side that
+reads its file (``ewtune/agent/`` and ``ewtune/coordinator/``, each with its own ``config_check``), and neither file
+travels between a holder and the coordinator, which is all ``ewtune/federation/`` holds (what they exchange over
+Flower). Its other half, :mod:`ewtune.accountant.tomlfiles` (the reader both loaders use, whose ``resolve`` this
+module applies to the paths a file names), lives here too: the two are one layer, shared by both sides and free
+of torch and flwr as this package is, and would leave it together, not one without the other.
 """
 
 from __future__ import annotations

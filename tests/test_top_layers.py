@@ -10,7 +10,7 @@ import torch
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent import models
 from ewtune.agent.top_layers import TopLayers, hidden_batch, hidden_states_below
-from ewtune.agent.training import _base
+from ewtune.agent.training import base_model
 
 TEXTS = ("a good film", "a dull and tired film with nothing in it", "fine", "not bad at all, really")
 
@@ -39,7 +39,7 @@ def test_the_cached_forward_equals_the_full_models(tiny_pooled_3layer_dir, mode,
     model = _perturbed(models.load_model(tiny_pooled_3layer_dir, mode=mode, tune_layers=count, lora_rank=2)).eval()
     tokenizer = models.load_tokenizer(tiny_pooled_3layer_dir)
     examples = _examples(tokenizer)
-    base = _base(model)
+    base = base_model(model)
     records = hidden_states_below(base, count, examples, tokenizer.pad_token_id, batch_size=3)
     assert [len(r) for r in records] == [len(ids) for ids in examples.input_ids]  # trimmed to the real tokens
     order = [3, 0, 2, 1]
@@ -60,7 +60,7 @@ def test_cached_states_give_the_same_clipped_gradients_as_the_full_model(tiny_po
     model = _perturbed(models.load_model(tiny_pooled_3layer_dir, mode=mode, tune_layers=2, lora_rank=2)).eval()
     tokenizer = models.load_tokenizer(tiny_pooled_3layer_dir)
     examples = _examples(tokenizer)
-    base = _base(model)
+    base = base_model(model)
     records = hidden_states_below(base, 2, examples, tokenizer.pad_token_id)
     indices = [0, 1, 2, 3]
     clip = 0.05
@@ -143,7 +143,7 @@ def test_probe_features_from_the_cache_equal_the_encoders(tiny_pooled_3layer_dir
     model = models.load_model(tiny_pooled_3layer_dir, mode="lora", tune_layers=2, lora_rank=2)
     tokenizer = models.load_tokenizer(tiny_pooled_3layer_dir)
     examples = _examples(tokenizer)
-    base = _base(model)
+    base = base_model(model)
     records = hidden_states_below(base, 2, examples, tokenizer.pad_token_id)
     model.train()
     from_cache = TopLayers(base, 2).embed_cached(records, batch_size=3)

@@ -54,12 +54,12 @@ def run(args) -> int:
     import json
 
     from ewtune.accountant.errors import InvalidInputError
-    from ewtune.agent.train_cli import _open_ledger
+    from ewtune.agent.train_cli import open_ledger
 
     if args.ledger is not None and args.holders != 1:
         raise InvalidInputError("--ledger records one holder's run: use it with --holders 1")
     config = _config(args)
-    ledger = _open_ledger(args)
+    ledger = open_ledger(args)
     try:
         result = _run(config, ledger)
     finally:

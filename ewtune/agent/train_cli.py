@@ -193,7 +193,7 @@ def train_local(args) -> LocalRun:
     trains (charging a ledger when ``args.ledger`` is set), evaluates on the held-out split and saves to
     ``args.output`` when set. The Python API (:mod:`ewtune.api`) calls it too."""
     _check_arguments(args)
-    recipe = _recipe(args)  # bad settings and paths are reported before torch loads
+    recipe = recipe_from_args(args)  # bad settings and paths are reported before torch loads
     _check_paths(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -206,13 +206,13 @@ def train_local(args) -> LocalRun:
     from ewtune.federation.progress import Progress
 
     started = time.perf_counter()
-    config = _training_config(args, recipe)
+    config = training_config_from_args(args, recipe)
     training, held_out = split_sizes(config.data_spec())  # the data is read and split before the model loads
     too_large = delta_too_large(args.delta, training)
     if too_large:
         raise InvalidInputError(f"--{too_large}; use a delta well below 1/N (for example 1e-5)")
     progress = Progress.from_args(args)
-    ledger = _open_ledger(args)
+    ledger = open_ledger(args)
     first_entry = 0 if ledger is None else len(ledger.entries)
     try:
         fitted, calibrated = _fitted_recipe(args, recipe, ledger, (config.data_file, training, held_out))
@@ -280,7 +280,9 @@ def _run_phases(args, trainer, recipe, calibrated, ledger, progress, size: int) 
     return results
 
 
-def _open_ledger(args):
+def open_ledger(args):
+    """The privacy ledger named by ``--ledger`` (signed with ``--signing-key``), or None without one; a one-line error
+    when only one of the two is given or ``--delta`` differs from the ledger's budget delta."""
     if args.ledger is None:
         if args.signing_key is not None:
             raise InvalidInputError("--signing-key goes with --ledger")
@@ -383,7 +385,7 @@ def _check_paths(args) -> None:
             raise InvalidInputError(f"--data {data}: no such file")
 
 
-def _recipe(args):
+def recipe_from_args(args):
     """The default recipe for ``--epsilon`` (:func:`ewtune.agent.recipe.default_recipe`), with the probe settings given;
     for ``--task causal_lm`` the language model itself is tuned (:func:`_causal_lm_settings`)."""
     from ewtune.agent.recipe import default_recipe
@@ -449,7 +451,8 @@ def resolve_data(name: str, seed: int = 0) -> str:
     return str(path)
 
 
-def _training_config(args, recipe):
+def training_config_from_args(args, recipe):
+    """The :class:`ewtune.agent.training.TrainingConfig` that train-local's arguments and ``recipe`` describe."""
     from ewtune.agent.training import TrainingConfig
 
     names = (args.lora_target_modules or "").split(",")

@@ -42,6 +42,8 @@ from ewtune.agent import models
 from ewtune.agent.data import DataSpec, collate, load_local_data, split_key
 from ewtune.agent.device import autocast, batch_to, check_device_name, check_precision, resolve_device
 from ewtune.agent.distributed.group import SINGLE_PROCESS
+from ewtune.agent.dpsgd.engine import PerExampleClipper
+from ewtune.agent.dpsgd.losses import causal_lm_loss, classification_loss
 from ewtune.agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
 from ewtune.agent.dpsgd.unpadded import PAD_MULTIPLE, padded_length
 from ewtune.agent.dpsgd_run import (  # the run's contract, imported from here by the daemon, the CLI and the tests
@@ -52,7 +54,7 @@ from ewtune.agent.dpsgd_run import (  # the run's contract, imported from here b
     make_optimizer,
     run_charged,
 )
-from ewtune.agent.evaluation import evaluate_model
+from ewtune.agent.evaluation import confusion_matrix, evaluate_model
 from ewtune.agent.heads import PooledClassifier, embed_examples
 from ewtune.agent.top_layers import TopLayers, hidden_batch, hidden_states_below
 
@@ -185,8 +187,6 @@ class LocalTrainer:
         return autocast(self.device, self.precision)
 
     def loss_fn(self):
-        from ewtune.agent.dpsgd.losses import causal_lm_loss, classification_loss
-
         return classification_loss if self.config.task == "classification" else causal_lm_loss
 
     def train(
@@ -217,7 +217,7 @@ class LocalTrainer:
             raise TrainingFailed(first, failure, "failed while caching the records' features, before step 1 ran; "
                                  "charged as 1 step") from failure
         try:
-            with _only_head_trainable(self.model, head_only):
+            with only_head_trainable(self.model, head_only):
                 event, metrics = self._train(plan, module, collate_fn, should_stop, on_step)
         finally:
             if not head_only:
@@ -247,7 +247,7 @@ class LocalTrainer:
 
     def _top_layers(self) -> TopLayers:
         """The tuned top layers and the head, with the states entering them cached."""
-        module = TopLayers(_base(self.model), self.config.tune_layers)
+        module = TopLayers(base_model(self.model), self.config.tune_layers)
         if self._hidden is None:
             with self.autocast():
                 self._hidden = hidden_states_below(module.model, self.config.tune_layers, self.data.train,
@@ -256,8 +256,6 @@ class LocalTrainer:
 
     def _train(self, plan: StepPlan, module, collate_fn, should_stop, on_step):
         """``module``: the model, or the part of it that ``collate_fn``'s batches enter (:class:`TopLayers`)."""
-        from ewtune.agent.dpsgd.engine import PerExampleClipper
-
         module.train()
         sampler = self.group.sampler(self.dataset_size, plan.sampling_rate, plan.steps, self._sampling_source)
         trainable = [param for param in module.parameters() if param.requires_grad]
@@ -299,7 +297,7 @@ class LocalTrainer:
 
     @property
     def _embeds_sentences(self) -> bool:
-        return isinstance(_base(self.model), PooledClassifier)
+        return isinstance(base_model(self.model), PooledClassifier)
 
     @property
     def _cache_batch(self) -> int:
@@ -313,7 +311,7 @@ class LocalTrainer:
             with self.autocast():
                 return top.embed_cached(self._hidden, self._cache_batch).float()
         with self.autocast():
-            features = embed_examples(_base(self.model), self.data.train, self.pad_token_id, self._cache_batch, self.device)
+            features = embed_examples(base_model(self.model), self.data.train, self.pad_token_id, self._cache_batch, self.device)
         return features.float().to(self.device)
 
     def _feature_batch(self, indices) -> dict[str, torch.Tensor]:
@@ -329,8 +327,6 @@ class LocalTrainer:
 
     def confusion_matrix(self, batch_size: int | None = None) -> torch.Tensor:
         """The held-out split's confusion matrix (classification only; see :mod:`ewtune.agent.evaluation`)."""
-        from ewtune.agent.evaluation import confusion_matrix
-
         if self.config.task != "classification":
             raise InvalidInputError("a confusion matrix needs a classification task")
         size = batch_size or max(self.config.physical_batch_size, 32)
@@ -349,7 +345,8 @@ class LocalTrainer:
             return evaluate_model(self.model, self.data.eval, self.pad_token_id, self.config.task, size)
 
 
-def _base(model):
+def base_model(model):
+    """The model under a peft wrapper (``get_base_model``), or the model itself when it is not wrapped."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -359,7 +356,7 @@ def _is_head(name: str) -> bool:
 
 
 @contextmanager
-def _only_head_trainable(model, head_only: bool):
+def only_head_trainable(model, head_only: bool):
     """Within the block, only the head's parameters require gradients (when ``head_only``)."""
     if not head_only:
         yield

@@ -151,7 +151,7 @@ def tune_sweep(args) -> int:
     from ewtune.agent.recipe import Recipe
     from ewtune.agent.top_layers import TopLayers, hidden_states_below
     from ewtune.agent.train_cli import resolve_data, resolve_model
-    from ewtune.agent.training import LocalTrainer, StepPlan, TrainingConfig, _base
+    from ewtune.agent.training import LocalTrainer, StepPlan, TrainingConfig, base_model
 
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -162,7 +162,7 @@ def tune_sweep(args) -> int:
                                               tune_layers=layers, max_length=args.max_length, insecure_seeded_randomness=True,
                                               device="cpu"))
         size, labels = trainer.dataset_size, torch.tensor(trainer.data.eval.labels)
-        top = TopLayers(_base(trainer.model), layers)
+        top = TopLayers(base_model(trainer.model), layers)
         held_out = hidden_states_below(top.model, layers, trainer.data.eval, trainer.pad_token_id)
         initial, features = trainer.trainable_state(), None
 

@@ -26,17 +26,17 @@ def non_private_run(args) -> dict:
     from ewtune.agent.dpsgd.randomness import InsecureSeededRandom
     from ewtune.agent.evaluation import majority_baseline
     from ewtune.agent.sampler import PoissonSampler
-    from ewtune.agent.training import LocalTrainer, _only_head_trainable, make_optimizer
+    from ewtune.agent.training import LocalTrainer, only_head_trainable, make_optimizer
 
     started = time.perf_counter()
-    recipe = train_cli._recipe(args)
-    trainer = LocalTrainer(train_cli._training_config(args, recipe))
+    recipe = train_cli.recipe_from_args(args)
+    trainer = LocalTrainer(train_cli.training_config_from_args(args, recipe))
     before = trainer.evaluate() if args.task == "causal_lm" else None  # the perplexity train-local reports before
     size = trainer.dataset_size
     phases = []
     for phase in recipe.phases(size):
         head_only = phase.name == "probe"
-        with _only_head_trainable(trainer.model, head_only):
+        with only_head_trainable(trainer.model, head_only):
             module, collate = trainer.phase_inputs(head_only)
             sampler = PoissonSampler(size, phase.sampling_rate, phase.steps, InsecureSeededRandom(args.seed))
             optimizer = make_optimizer(recipe.optimizer(phase.name), _trainable(trainer), recipe.learning_rate(phase.name))

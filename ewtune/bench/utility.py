@@ -130,6 +130,7 @@ def _cached_mr(model_dir, max_length: int, max_examples: int | None, device, lpf
     from ewtune.agent.data import DataSpec, load_local_data
     from ewtune.agent.heads import embed_examples
     from ewtune.agent.top_layers import TopLayers, hidden_states_below
+    from ewtune.agent.training import base_model
 
     model_dir = model_dir or minilm_model_dir()
     with tempfile.TemporaryDirectory() as work:
@@ -143,14 +144,10 @@ def _cached_mr(model_dir, max_length: int, max_examples: int | None, device, lpf
         train, held_out = (embed_examples(model, split, tokenizer.pad_token_id, 128, device) for split in (data.train, data.eval))
         return _Cached(train, torch.tensor(data.train.labels), held_out, torch.tensor(data.eval.labels))
     model = models.load_model(model_dir, mode=lpft.mode, tune_layers=lpft.tune_layers).to(device).eval()
-    top = TopLayers(_base(model), lpft.tune_layers)
+    top = TopLayers(base_model(model), lpft.tune_layers)
     states = [hidden_states_below(top.model, lpft.tune_layers, split, tokenizer.pad_token_id, 128, device) for split in (data.train, data.eval)]
     train, held_out = (top.embed_cached(split, 128).cpu() for split in states)
     return _Cached(train, torch.tensor(data.train.labels), held_out, torch.tensor(data.eval.labels), model, *states)
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _lpft_rows(cached: _Cached, recipe, seeds: int) -> list[dict[str, Any]]:
@@ -176,7 +173,7 @@ def _lpft_once(cached: _Cached, recipe, epsilon: float | None):
     from ewtune.agent.dpsgd import DPSGDStep, PerExampleClipper, classification_loss
     from ewtune.agent.sampler import PoissonSampler
     from ewtune.agent.top_layers import TopLayers, hidden_batch
-    from ewtune.agent.training import make_optimizer
+    from ewtune.agent.training import base_model, make_optimizer
 
     started, cpu_started = time.perf_counter(), time.process_time()
     probe_phase, tune_phase = recipe.calibrate(epsilon or 8.0, DELTA, len(cached.train_labels))
@@ -189,7 +186,7 @@ def _lpft_once(cached: _Cached, recipe, epsilon: float | None):
     probed = head.module.classifier.state_dict()  # the probed head replaces the initial one (plain or under peft)
     models.load_trainable_state(model, {name: probed[name.rsplit(".", 1)[1]] if "classifier" in name else value
                                         for name, value in cached.initial.items()})
-    top = TopLayers(_base(model), recipe.tune_layers)
+    top = TopLayers(base_model(model), recipe.tune_layers)
     labels, size, device = cached.train_labels, len(cached.train_labels), module_device(model)
     sampler = PoissonSampler(size, tune_phase.event.sampling_rate, tune_phase.event.steps)
     optimizer = make_optimizer(recipe.tune_optimizer, [p for p in top.parameters() if p.requires_grad], recipe.tune_learning_rate)

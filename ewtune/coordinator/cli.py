@@ -1,21 +1,30 @@
 """``ewtune coordinator start|run|status|serve-status``: the coordinator operator's commands.
 
-Imports only argparse at import time; each handler imports what it needs.
+Imports no torch, transformers or flwr: the Flower processes it starts are subprocesses.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
-from ewtune.coordinator.run_progress import missing_evaluations
+from ewtune.coordinator import superlink
+from ewtune.coordinator.config import load_federation_config
+from ewtune.coordinator.config_check import check_federation_config
+from ewtune.coordinator.run_progress import RunProgress, missing_evaluations
 from ewtune.coordinator.run_status import FINAL_STATES
+from ewtune.coordinator.status_server import StatusServer, status_token
+from ewtune.federation.processes import flower_environment, stop_process_group
+from ewtune.federation.progress import Progress, add_quiet_flag
 
 
 def register(subparsers) -> None:
@@ -55,8 +64,6 @@ def register(subparsers) -> None:
     run.add_argument("--status-port", type=int, metavar="PORT",
                      help="also serve the read-only status page on 127.0.0.1:PORT while the run goes on")
     run.add_argument("--json", action="store_true", help="print the final status as one JSON document on stdout; progress as JSON lines on stderr")
-    from ewtune.federation.progress import add_quiet_flag
-
     add_quiet_flag(run)
     run.set_defaults(func=_run)
 
@@ -86,11 +93,7 @@ def register(subparsers) -> None:
 
 
 def _start(args: argparse.Namespace) -> int:
-    import signal
-
-    from ewtune.coordinator import superlink
-    from ewtune.coordinator.credentials import load_credentials
-    from ewtune.federation.processes import flower_environment, stop_process_group
+    from ewtune.coordinator.credentials import load_credentials  # cryptography: +78 ms on every `ewtune` command if at the top
 
     superlink.check_bind_address(args.host, args.behind_fleet_proxy)
     credentials = load_credentials(args.credentials)
@@ -137,15 +140,6 @@ def _last_line(path: Path) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import sys
-
-    from ewtune.coordinator import superlink
-    from ewtune.coordinator.config import load_federation_config
-    from ewtune.coordinator.config_check import check_federation_config
-    from ewtune.coordinator.run_progress import RunProgress
-    from ewtune.federation.processes import flower_environment, stop_process_group
-    from ewtune.federation.progress import Progress
-
     check_federation_config(args.config).raise_if_any()  # every problem of federation.toml at once
     config = load_federation_config(args.config)
     flwr_home = Path(args.state_dir).resolve() / "flwr-home"
@@ -161,8 +155,6 @@ def _run(args: argparse.Namespace) -> int:
     page, progress = None, Progress.from_args(args)
     try:
         if args.status_port is not None:
-            from ewtune.coordinator.status_server import StatusServer
-
             page = StatusServer(config.output_dir / "status.json", port=args.status_port).start()
             progress.event("status_page", f"status page: {page.url}", url=page.url)
         try:
@@ -179,8 +171,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from ewtune.coordinator.config import load_federation_config
-
     config = load_federation_config(args.config)
     path = config.output_dir / "status.json"
     if not path.is_file():
@@ -194,19 +184,12 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _serve_status(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
-    from ewtune.coordinator.config import load_federation_config
-    from ewtune.coordinator.status_server import StatusServer, status_token
-    from ewtune.coordinator.superlink import is_loopback
-
     config = load_federation_config(args.config)
     token_file = Path(args.token_file) if args.token_file else config.output_dir / "status-token"
-    token = None if is_loopback(args.host) and not args.token_file else status_token(token_file)
+    token = None if superlink.is_loopback(args.host) and not args.token_file else status_token(token_file)
     tls = {}
     if args.credentials is not None:
-        from ewtune.coordinator.credentials import load_credentials
+        from ewtune.coordinator.credentials import load_credentials  # cryptography: +78 ms on every `ewtune` command if at the top
 
         credentials = load_credentials(args.credentials)
         tls = {"certificate": credentials.server_certificate, "key": credentials.server_key}

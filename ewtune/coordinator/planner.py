@@ -37,6 +37,7 @@ from typing import Any
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.events import PoissonGaussianEvent
 from ewtune.accountant.privacy_accountant import delta_too_large
+from ewtune.accountant.sampling import executable_sampling_rate
 from ewtune.federation.contract import HolderDescription, positive  # the reply to a query, as both sides read it
 
 # The budget bound's search stops within 0.02% of the smallest sigma (the calibration's 0.2% would leave up to
@@ -147,8 +148,8 @@ def plan_federation(settings: FederationSettings, descriptions: Iterable[HolderD
 
 
 def _plan_holder(settings: FederationSettings, holder: HolderDescription) -> HolderPlan | SkippedHolder:
+    # scipy, mpmath: +0.6 s; `ewtune` builds its parser through config_check -> this module
     from ewtune.accountant.calibration import calibrate_noise_multiplier
-    from ewtune.accountant.sampling import executable_sampling_rate
 
     if holder.dataset_size is None:
         return SkippedHolder(holder, "its budget cannot fund the release of its noised count of records")
@@ -196,6 +197,7 @@ def _sigma_within_ledger(settings: FederationSettings, holder: HolderDescription
     """The smallest sigma for which the ``plan`` [(q, steps)], composed after the events of the holder's ledger,
     stays within its budget at its budget delta: the daemon's own check. A holder that does not state its
     events: the plan alone within min(target, budget - spent) at ``delta`` (0 when nothing was spent)."""
+    # scipy, mpmath: +0.6 s; `ewtune` builds its parser through config_check -> this module
     from ewtune.accountant.calibration import calibrate_noise_multiplier
     from ewtune.accountant.phases import Phase, smallest_sigma_after
 
@@ -232,6 +234,7 @@ class _Calibration:
 
 def _at_sigma(sigma: float, delta: float, sampling_rate: float, steps: int) -> _Calibration:
     """The plan's epsilons at a sigma fixed by a holder's floor instead of the calibration."""
+    # scipy, mpmath: +0.6 s; `ewtune` builds its parser through config_check -> this module
     from ewtune.accountant.certified import certified_epsilon
     from ewtune.accountant.edgeworth import edgeworth_epsilon
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.coordinator.status_view import PAGE, SCRIPT
+from ewtune.coordinator.superlink import is_loopback
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; img-src 'self'",
@@ -53,8 +54,6 @@ class StatusServer:
                  certificate: str | Path | None = None, key: str | Path | None = None, token: str | None = None,
                  max_connections: int = MAX_CONNECTIONS, deadline_s: float = CONNECTION_DEADLINE_S):
         """``token``: the secret every request must carry; required off loopback (see :func:`status_token`)."""
-        from ewtune.coordinator.superlink import is_loopback
-
         if (certificate is None) != (key is None):
             raise InvalidInputError("TLS for the status page needs both a certificate and its key")
         if not is_loopback(host) and (certificate is None or not token):

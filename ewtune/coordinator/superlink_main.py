@@ -8,14 +8,14 @@ from __future__ import annotations
 import os
 import sys
 
+from ewtune.federation.flower_internals import patient_superlink_database
+from ewtune.federation.processes import SUPERLINK_TASK_POLL_S
+
 
 def main() -> None:
-    from ewtune.federation.flower_internals import patient_superlink_database
-    from ewtune.federation.processes import SUPERLINK_TASK_POLL_S
-
     patient_superlink_database()
     os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = SUPERLINK_TASK_POLL_S  # inherited by the SuperExec it starts
-    from flwr.superlink.cli import flower_superlink
+    from flwr.superlink.cli import flower_superlink  # only once patient_superlink_database() checked the flwr pinned
 
     sys.argv[0] = "flower-superlink"
     flower_superlink()

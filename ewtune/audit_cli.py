@@ -6,6 +6,11 @@ argparse until the command runs."""
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from ewtune.accountant.errors import InvalidInputError
 
 
 def register(subparsers) -> None:
@@ -26,8 +31,6 @@ def register(subparsers) -> None:
         if args.federated:
             return _federated(args)
         if args.work_dir is not None or args.broken_engine is not None:
-            from ewtune.accountant.errors import InvalidInputError
-
             raise InvalidInputError("--work-dir and --broken-engine apply to --federated only")
         return local(args)
 
@@ -35,11 +38,6 @@ def register(subparsers) -> None:
 
 
 def _federated(args: argparse.Namespace) -> int:
-    import json
-    import tempfile
-    from pathlib import Path
-
-    from ewtune.accountant.errors import InvalidInputError
     from ewtune.agent.audit.breakages import check_breakage
     from ewtune.federated_audit import FederatedAuditConfig, run_federated_audit
 

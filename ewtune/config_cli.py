@@ -2,11 +2,14 @@
 (file, key, reason) at once; exit 0 when it is valid, 2 otherwise. The same check runs before ``ewtune agent
 init``/``start`` and ``ewtune coordinator run``, so nothing starts on a file it refuses.
 
-Imports only argparse until it runs."""
+Imports only the standard library and ewtune.accountant.errors until it runs."""
 
 from __future__ import annotations
 
 import argparse
+import json
+
+from ewtune.accountant.errors import InvalidInputError
 
 ROLES = {"agent": "holder", "federation": "federation"}  # role -> the table that identifies its file
 
@@ -30,9 +33,6 @@ def register(subparsers) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    import json
-
-    from ewtune.accountant.errors import InvalidInputError
     from ewtune.accountant.tomlfiles import read_toml
 
     document, path = read_toml(args.file)

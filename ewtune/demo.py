@@ -16,6 +16,7 @@ majority-class baseline beside the accuracy, so that nobody mistakes the class p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import tempfile
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent.recipe import Recipe
 
 HOLDERS = ("hospital-a", "bank-b", "clinic-c")
@@ -54,8 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ewtune.accountant.errors import InvalidInputError
-
     for name in ("rounds", "local_steps", "rows_per_holder", "max_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1")
@@ -262,8 +262,6 @@ def report(result: dict[str, Any]) -> str:
 
 def _status_page(work: Path, port: int | None, progress):
     """The status page of the run on 127.0.0.1:``port`` while it goes on (nothing without a port)."""
-    import contextlib
-
     if port is None:
         return contextlib.nullcontext()
     from ewtune.coordinator.status_server import StatusServer

@@ -1,8 +1,11 @@
-"""``ewtune keys init|add-holder``, ``ewtune weights init`` and ``ewtune demo``. Imports only argparse at import time."""
+"""``ewtune keys init|add-holder``, ``ewtune weights init`` and ``ewtune demo``. Imports only the standard library and ewtune.accountant.errors at import time."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ewtune.accountant.errors import InvalidInputError
 
 
 def register(subparsers) -> None:
@@ -67,7 +70,6 @@ def register(subparsers) -> None:
 
 
 def _keys_init(args: argparse.Namespace) -> int:
-    from ewtune.accountant.errors import InvalidInputError
     from ewtune.coordinator.credentials import init_credentials
 
     if args.holders:
@@ -94,8 +96,6 @@ def _keys_add_holder(args: argparse.Namespace) -> int:
 
 
 def _weights_init(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ewtune.local_federation import initial_weights
 
     training = {

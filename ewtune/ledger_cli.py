@@ -1,11 +1,15 @@
 """``ewtune ledger verify|show|anchor|crosscheck|report``: audit a privacy ledger offline, anchor a moved one,
 draw an auditor's HTML report.
 
-Imports only argparse until a command runs."""
+Imports only the standard library and ewtune.accountant.errors until a command runs."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+from ewtune.accountant.errors import InvalidInputError
 
 WITHHELD = "INVALID LEDGER, figures withheld"
 
@@ -127,8 +131,6 @@ def _add_verification_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace):
-    from pathlib import Path
-
     from ewtune.accountant.ledger import Head, default_head_path
     from ewtune.accountant.verify import verify_ledger
 
@@ -141,8 +143,6 @@ def _report(args: argparse.Namespace):
 
 
 def _verify(args: argparse.Namespace) -> int:
-    import json
-
     report = _report(args)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, sort_keys=True))
@@ -160,8 +160,6 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    import json
-
     report = _report(args)
     if args.json:
         print(json.dumps(report.to_json(figures=report.ok), indent=2, sort_keys=True))
@@ -184,10 +182,7 @@ def _anchor(args: argparse.Namespace) -> int:
 
 
 def _crosscheck(args: argparse.Namespace) -> int:
-    import json
-
     from ewtune.accountant.crosscheck import cross_check_ledgers
-    from ewtune.accountant.errors import InvalidInputError
 
     holders = {}
     for text in args.holders:
@@ -218,8 +213,6 @@ def _mismatch_lines(mismatches: list[str], not_aggregated: list[str]) -> list[st
 
 
 def _write_report(args: argparse.Namespace) -> int:
-    import json
-
     from ewtune.report.audit_report import build_report
     from ewtune.report.report_html import write_report
 
@@ -306,9 +299,6 @@ def _seqs(open_reservations) -> str:
 def _public_key_argument(text: str) -> str:
     """A pinned key given inline (base64) or as a file holding base64 text, a PEM public key, or the PEM
     private key itself."""
-    from pathlib import Path
-
-    from ewtune.accountant.errors import InvalidInputError
     from ewtune.accountant.signing import SigningKey, is_base64, load_public_key, public_key_text_from_pem
 
     path = Path(text)

@@ -1,11 +1,15 @@
 """``ewtune audit``: train the real DP-SGD engine with white-box canaries and show, beside the certified epsilon
 and the Edgeworth estimate, the empirical lower bound of the one-run audit (Steinke, Nasr, Jagielski 2023) and
 the checks the bound cannot make (``ewtune/agent/audit``). Exit 0 when the bound stays at or below the certified epsilon
-and every check passes, 1 otherwise. Imports only argparse until the command runs."""
+and every check passes, 1 otherwise. Imports only the standard library and ewtune.accountant.errors until the command runs."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import time
+
+from ewtune.accountant.errors import InvalidInputError
 
 
 def register(subparsers) -> None:
@@ -51,9 +55,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import json
-
-    from ewtune.accountant.errors import InvalidInputError
     from ewtune.agent.train_cli import open_ledger
 
     if args.ledger is not None and args.holders != 1:
@@ -86,7 +87,6 @@ def ledger_record(result) -> dict:
 
 def _config(args):
     from ewtune.accountant.calibration import calibrate_noise_multiplier
-    from ewtune.accountant.errors import InvalidInputError
     from ewtune.accountant.sampling import executable_sampling_rate
     from ewtune.agent.audit.run import AuditConfig
 
@@ -117,8 +117,6 @@ def _config(args):
 
 def _run(config, ledger):
     """The audit; with a ledger, its event reserved first and committed with the bound (aborted if no step ran)."""
-    import time
-
     from ewtune.accountant.events import PoissonGaussianEvent
     from ewtune.accountant.ledger import AUDIT_PURPOSE
     from ewtune.accountant.sampling import executable_sampling_rate

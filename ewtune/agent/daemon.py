@@ -54,11 +54,15 @@ from ewtune.accountant.receipts import Receipt, receipt_digest, sign_receipt, up
 from ewtune.accountant.sampling import executable_sampling_rate
 from ewtune.accountant.signing import SigningKey
 from ewtune.accountant.spend import mechanism_rows
+from ewtune.agent.audit.holder import AuditHolderConfig, AuditTrainer
+from ewtune.agent.distributed.launch import start_workers
 from ewtune.agent.dpsgd.randomness import SecureRandom
+from ewtune.agent.evaluation import private_metrics
 from ewtune.agent.ledger_history import evaluations_since, released_rounds
 from ewtune.agent.policy import AgentConfig, HolderPolicy, PlanRefused
 from ewtune.agent.recovery import ProgressJournal, journal_path, reconcile
 from ewtune.agent.released_count import current_count, latest_count
+from ewtune.agent.training import StepPlan, TrainingConfig, TrainingFailed
 from ewtune.agent.rpc import DaemonUnavailable, RequestFailed
 from ewtune.agent.weights_wire import state_from_arrays, to_numpy, trainable_layout
 from ewtune.federation.contract import EvaluationRequest, HolderDescription, RevealRequest, RoundPlan
@@ -332,8 +336,6 @@ class Daemon:
 
     def _train_reserved(self, plan: RoundPlan, planned: PoissonGaussianEvent, state: dict[str, torch.Tensor],
                         reservation: int) -> TrainReply:
-        from ewtune.agent.training import StepPlan, TrainingFailed
-
         step_plan = StepPlan(plan.steps, planned.sampling_rate, plan.noise_multiplier, plan.clip_norm, plan.learning_rate,
                              expected_batch_size=planned.sampling_rate * self.released_dataset_size)
         try:
@@ -383,8 +385,6 @@ class Daemon:
         ) from None
 
     def _evaluate_reserved(self, state: dict[str, torch.Tensor], event: PoissonGaussianEvent, reservation: int) -> dict[str, float]:
-        from ewtune.agent.evaluation import private_metrics
-
         saved = {name: tensor.detach().clone() for name, tensor in self.trainer.trainable_state().items()}
         records_read = False
         try:
@@ -458,13 +458,8 @@ class Daemon:
 def _trainer(config: AgentConfig):
     """The daemon's trainer: the holder's data and model ([training]; with ``processes`` > 1, rank 0 of that many
     worker processes, :mod:`ewtune.agent.distributed`), or an audit's ([audit])."""
-    from ewtune.agent.distributed.launch import start_workers
-    from ewtune.agent.training import TrainingConfig
-
     try:
         if config.audit is not None:
-            from ewtune.agent.audit.holder import AuditHolderConfig, AuditTrainer
-
             return AuditTrainer(AuditHolderConfig(**config.audit))
         return start_workers(TrainingConfig(**config.training))
     except TypeError as bad:

@@ -1,11 +1,16 @@
 """``ewtune agent start --config agent.toml``: run the holder's agent daemon until SIGTERM or SIGINT.
 
-Imports only argparse at import time (``ewtune --help`` must not load torch); the handler loads the rest.
+Imports only the standard library at import time (``ewtune --help`` must not load torch); the handler loads the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
 
 
 def register(commands) -> None:
@@ -35,8 +40,6 @@ def register(commands) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    import json
-
     from ewtune.accountant.ledger import Ledger
     from ewtune.accountant.signing import SigningKey
     from ewtune.agent.config_check import check_agent_config
@@ -66,11 +69,6 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
-    import logging
-    import signal
-    import threading
-    from pathlib import Path
-
     from ewtune.agent.config_check import check_agent_config
     from ewtune.agent.daemon import Daemon
     from ewtune.agent.policy import load_agent_config

@@ -1,12 +1,13 @@
 """``ewtune agent status --config agent.toml``: the holder's budget, spend, open reservations and ledger head.
 
 Reads the ledger file (verified against the holder's own key and its anchored head) and the daemon's
-progress journal, so it works whether the daemon runs or not. Imports only argparse until it runs.
+progress journal, so it works whether the daemon runs or not. Imports only the standard library until it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def register(commands) -> None:
@@ -71,8 +72,6 @@ def _journal_note(progress, seq: int) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import json
-
     from ewtune.agent.policy import load_agent_config
 
     status = holder_status(load_agent_config(args.config))

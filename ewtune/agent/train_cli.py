@@ -17,6 +17,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ewtune.accountant.errors import InvalidInputError
@@ -241,8 +242,6 @@ def train_local(args) -> LocalRun:
 def _run_phases(args, trainer, recipe, calibrated, ledger, progress, size: int) -> list:
     """Each phase in turn; with a ledger, reserved before it runs and committed with what it executed (the
     steps that ran are committed even when the phase fails)."""
-    from datetime import datetime, timezone
-
     from ewtune.agent.training import StepPlan, TrainingFailed, TrainingInterrupted
 
     results = []  # size: the N the phases' q was planned for (with a ledger, its noised count)

@@ -22,6 +22,8 @@ import os
 import secrets
 import sys
 
+from ewtune.accountant.errors import EwtuneError
+
 _RUNTIME_HOST = "127.0.0.1"  # flower-supernode's default --host for its Runtime API
 _DEFAULT_RUNTIME_PORT = 9094
 
@@ -62,8 +64,6 @@ def _log_task_loop() -> None:
 
 
 def main(arguments: list[str] | None = None) -> int:
-    from ewtune.accountant.errors import EwtuneError
-
     arguments = list(sys.argv[1:] if arguments is None else arguments)
     given = [flag for flag in _SET_HERE if any(a == flag or a.startswith(flag + "=") for a in arguments)]
     if given:
@@ -72,17 +72,18 @@ def main(arguments: list[str] | None = None) -> int:
         return 2
     _log_task_loop()
     try:
+        # deferred: flower_internals refuses an unpinned flwr and shortens its waits before flwr's SuperNode modules load
         from ewtune.federation.flower_internals import WarmTaskLoop, shorten_supernode_waits
 
         polling = shorten_supernode_waits()
-        from ewtune.agent.client_app import app
+        from ewtune.agent.client_app import app  # deferred: after the waits are shortened (it loads flwr)
 
         secret = secrets.token_bytes(_SECRET_BYTES)
         WarmTaskLoop(f"{_RUNTIME_HOST}:{runtime_port(arguments)}", app, wake=polling.arrived, secret=secret).start()
     except EwtuneError as error:
         print(f"ewtune: error: {error}", file=sys.stderr)
         return 2
-    from flwr.supernode.cli import flower_supernode
+    from flwr.supernode.cli import flower_supernode  # deferred: only once the task loop has started
 
     sys.argv = ["flower-supernode", *arguments, "--isolation", "process", *runtime_secret_argument(secret)]
     flower_supernode()

@@ -13,9 +13,12 @@ with the medians and the load average (the machine is shared; times are wall-clo
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import math
 import statistics
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -142,9 +145,6 @@ def _accountants(event, phases, delta: float) -> list[tuple[str, Callable[[], fl
 
 def _import_everything() -> None:
     """Import every accountant before the first timed call, so that no call is charged an import."""
-    import importlib
-    import warnings
-
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # dp_accounting's RDP warns per skipped fractional order
@@ -222,8 +222,6 @@ def _opacus(phases, delta: float, kind: str) -> float:
 
 
 def _installed(module: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(module) is not None
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -167,9 +169,6 @@ def _variants(names: list[str] | None) -> list[str | None] | None:
 
 
 def _federated(args) -> None:
-    import os
-    import tempfile
-
     load_before = os.getloadavg()
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="ewtune-bench-audit-"))
     variants = _variants(args.variants or ["correct", "noise off"])

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ewtune.accountant.errors import InvalidInputError
 from ewtune.bench.report import machine, write
 
 # name -> settings of the SuperNode, the ServerApp's reply polling and its object backoff, the weights' packing.
@@ -71,8 +72,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ewtune.accountant.errors import InvalidInputError
-
     if args.rounds < 2 or args.local_steps < 1 or min(args.holders) < 1:
         raise InvalidInputError("--rounds must be >= 2, --local-steps and --holders >= 1")
     before, started = machine(), time.monotonic()

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ewtune.accountant.errors import InvalidInputError
@@ -120,9 +122,6 @@ class _Cached:
 def _cached_mr(model_dir, max_length: int, max_examples: int | None, device, lpft) -> _Cached:
     """MR embedded once (with the frozen encoder in eval mode); with an LP-FT recipe, through the states entering
     its tuned layers, from which the embeddings are computed (the same embeddings, one encoder pass)."""
-    import tempfile
-    from pathlib import Path
-
     import torch
 
     from ewtune.agent import models

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,8 +224,6 @@ class _Holder:
 
 def run_audit(config: AuditConfig) -> AuditRun:
     """Train with canaries and audit (module docstring). Raises ``InvalidInputError`` for a bad config."""
-    import time
-
     started = time.perf_counter()
     claimed = PoissonGaussianEvent(executable_sampling_rate(config.sampling_rate), config.noise_multiplier, config.steps)
     epsilon_certified = certified_epsilon(claimed, config.delta)

@@ -1,5 +1,5 @@
 """ewtune installs beside other software: its wheel holds one top-level import name, ``ewtune``, so packages
-called ``accountant``, ``agent``, ``bench``, ``coordinator`` or ``federation`` (all taken on the package index)
+called ``accountant``, ``agent``, ``bench``, ``coordinator``, ``federation`` or ``report`` (all taken on the package index)
 can be installed in the same environment and both sides import what they expect."""
 
 import os
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CLASHING = ("accountant", "agent", "bench", "coordinator", "federation")
+CLASHING = ("accountant", "agent", "bench", "coordinator", "federation", "report")
 # Without PYTHONPATH, so that the clean environment sees only what is installed in it (a source tree on
 # PYTHONPATH would also make pip take ewtune for installed already).
 CLEAN = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
@@ -72,7 +72,7 @@ def test_the_wheel_imports_beside_packages_of_the_clashing_names(wheel, tmp_path
         for name in {CLASHING!r}:
             assert importlib.import_module(name).WHO == "the other " + name, name
         import ewtune, ewtune.accountant.certified, ewtune.agent.policy, ewtune.coordinator.planner
-        import ewtune.federation.messages, ewtune.bench
+        import ewtune.federation.messages, ewtune.bench, ewtune.report.audit_report
         assert ewtune.__file__.startswith({str(site)!r}), ewtune.__file__
         print(round(ewtune.certified_epsilon(sampling_rate=0.01, noise_multiplier=1.0, steps=100, delta=1e-5), 3))
         """)

@@ -12,7 +12,7 @@ __all__ = ["__version__", *_API]
 def __getattr__(name: str):
     """``ewtune.<name>`` for the names of :mod:`ewtune.api` (PEP 562), importing it on first use."""
     if name in _API:
-        from ewtune import api
+        from ewtune import api  # deferred: 'import ewtune' stays light (tests/test_api.py)
 
         return getattr(api, name)
     raise AttributeError(f"module 'ewtune' has no attribute {name!r}")

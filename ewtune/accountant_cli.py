@@ -72,6 +72,7 @@ def _add_mechanism_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_epsilon(args: argparse.Namespace) -> int:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.events import Neighbouring, PoissonGaussianEvent
 
     event = PoissonGaussianEvent(
@@ -117,6 +118,7 @@ class _Row:
 
 
 def _epsilon_rows(event, delta: float, rdp: bool) -> list[_Row]:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.accountants import standard_accountants
 
     rows = []
@@ -136,6 +138,7 @@ def run_sigma(args: argparse.Namespace) -> int:
     delta = _delta(args.delta)
     sampling_rate, steps = _sampling_rate(args.sampling_rate), _steps(args.steps)
 
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.calibration import calibrate_noise_multiplier
     from ewtune.accountant.events import Neighbouring
 
@@ -179,6 +182,7 @@ def run_sigma(args: argparse.Namespace) -> int:
 
 
 def _certified_accountant() -> Any:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.certified import CERTIFIED_ACCOUNTANT
 
     return CERTIFIED_ACCOUNTANT
@@ -220,6 +224,7 @@ def _sampling_rate(text: str) -> float:
 
 
 def _delta(text: str) -> float:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.privacy_accountant import check_meaningful_delta
 
     return check_meaningful_delta(_number(text, "delta"))

@@ -65,6 +65,7 @@ class TrainResult:
 
     def trainable_state(self) -> dict:
         """Copies of the trainable parameters by name (what a federation exchanges)."""
+        # deferred: 'import ewtune' stays light (tests/test_api.py): each helper loads only what it uses
         from ewtune.agent.models import trainable_state
 
         return trainable_state(self.model)
@@ -93,6 +94,7 @@ def train_private(
     the run to a holder ledger. ``output``: save the model and run.json there. ``progress``: report the phases
     and steps on stderr. Every other train-local option goes by its attribute name (``probe_epochs=2``,
     ``max_examples=500``, ``seed=1``, ``eval_fraction=0.2``, ...)."""
+    # deferred: 'import ewtune' stays light (tests/test_api.py): each helper loads only what it uses
     from ewtune.agent.train_cli import default_arguments, train_local
 
     with _data_file(data) as path:
@@ -117,6 +119,7 @@ class _data_file:
             return str(data)
         if not hasattr(data, "to_parquet"):
             raise TypeError(f"data must be a file path, a pandas DataFrame or a datasets.Dataset, not {type(data).__name__}")
+        # deferred: 'import ewtune' stays light (tests/test_api.py): each helper loads only what it uses
         import pandas
 
         self.directory = tempfile.TemporaryDirectory(prefix="ewtune-data-")
@@ -133,6 +136,7 @@ def evaluate(model: str, data: str | os.PathLike, **options: Any) -> dict:
     """The metrics of a model directory, or of ``adapter=`` / ``weights=`` on top of it, on a local file, as
     ``ewtune evaluate`` computes them (every record, or ``held_out=True`` for train-local's held-out split);
     nothing is released. Options by their attribute names (:class:`ewtune.evaluate_cli.EvaluationSpec`)."""
+    # deferred: 'import ewtune' stays light (tests/test_api.py): each helper loads only what it uses
     from ewtune.evaluate_cli import EvaluationSpec
     from ewtune.evaluate_cli import evaluate as run_evaluation
 
@@ -143,6 +147,7 @@ def certified_epsilon(sampling_rate: float, noise_multiplier: float, steps: int,
     """The certified epsilon at ``delta`` of ``steps`` Poisson-subsampled Gaussian steps (rate ``sampling_rate``,
     noise ``noise_multiplier`` times the clip norm), under the neighbouring ``relation`` ``"add_remove"`` or
     ``"replace_one"``: an upper bound on the true epsilon (the PLD accountant of :mod:`ewtune.accountant.certified`)."""
+    # deferred: 'import ewtune' stays light (tests/test_api.py): each helper loads only what it uses
     from ewtune.accountant.certified import certified_epsilon as epsilon_of
     from ewtune.accountant.events import Neighbouring, PoissonGaussianEvent
     from ewtune.accountant.privacy_accountant import check_meaningful_delta
@@ -153,6 +158,7 @@ def certified_epsilon(sampling_rate: float, noise_multiplier: float, steps: int,
 def noise_multiplier_for(epsilon: float, delta: float, sampling_rate: float, steps: int, relation: str = "add_remove") -> float:
     """The noise multiplier whose certified epsilon at ``delta`` after ``steps`` steps at ``sampling_rate`` meets
     the target ``epsilon`` (:func:`ewtune.accountant.calibration.calibrate_noise_multiplier`, certified policy)."""
+    # deferred: 'import ewtune' stays light (tests/test_api.py): each helper loads only what it uses
     from ewtune.accountant.calibration import calibrate_noise_multiplier
     from ewtune.accountant.events import Neighbouring
     from ewtune.accountant.privacy_accountant import check_meaningful_delta
@@ -165,6 +171,7 @@ def verify_ledger(path: str | os.PathLike, public_key: str | Mapping[str, str] |
     """The :class:`ewtune.accountant.verify.VerificationReport` of the ledger at ``path``: ``.ok``, ``.summary()``,
     the holders' certified spends. ``public_key`` pins the writer's key (base64, or writer id to key); without
     it, the signatures are checked against the ledger's own genesis key, which proves no authorship."""
+    # deferred: 'import ewtune' stays light (tests/test_api.py): each helper loads only what it uses
     from ewtune.accountant.verify import verify_ledger as verify
 
     return verify(path, public_key)

@@ -38,6 +38,7 @@ def register(subparsers) -> None:
 
 
 def _federated(args: argparse.Namespace) -> int:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.agent.audit.breakages import check_breakage
     from ewtune.federated_audit import FederatedAuditConfig, run_federated_audit
 

@@ -84,6 +84,7 @@ def _discard_stdout() -> None:
 
 
 def _run_command(argv: list[str] | None) -> int:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.federation.processes import QUIET_FLOWER_ENVIRONMENT
 
     for name, value in QUIET_FLOWER_ENVIRONMENT.items():  # what this process starts is quiet and offline too

@@ -33,6 +33,7 @@ def register(subparsers) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.tomlfiles import read_toml
 
     document, path = read_toml(args.file)

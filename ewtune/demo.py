@@ -32,6 +32,7 @@ TEST_SPLIT = "demo-held-out"  # the demo's own share of MR: no holder sees it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.federation.progress import add_quiet_flag
 
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end on stdout; progress as JSON lines on stderr")
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError("--batch-size must be > 0")
     if args.local_steps is None:
         args.local_steps = recipe_local_steps(args.rounds, args.rows_per_holder, args.batch_size)
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.federation.progress import Progress
 
     reporter = Progress.from_args(args)
@@ -91,6 +93,7 @@ def recipe_local_steps(rounds: int, records: int, expected_batch: float) -> int:
 
 
 def run_federation(work: Path, args: argparse.Namespace, reporter) -> dict[str, Any]:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.agent.assets import minilm_model_dir, write_mr_csv
     from ewtune.coordinator.run_progress import RunProgress
     from ewtune.local_federation import FederationJob, HolderSetup, LocalFederation, initial_weights, partition_csv
@@ -145,6 +148,7 @@ def run_federation(work: Path, args: argparse.Namespace, reporter) -> dict[str, 
 def global_accuracy(model_dir: Path, training: dict[str, Any], test_csv: Path, weight_files: list) -> list[dict[str, Any]]:
     """Accuracy and macro F1 of each global model (the initial weights, then one checkpoint per round) on
     ``test_csv``, and the majority-class baseline of that split."""
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     import numpy as np
     import torch
 
@@ -178,6 +182,7 @@ def global_accuracy(model_dir: Path, training: dict[str, Any], test_csv: Path, w
 
 
 def _result(work: Path, status: dict[str, Any], credentials) -> dict[str, Any]:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.verify import verify_ledger
     from ewtune.coordinator.ledger_crosscheck import cross_check, read_entries
 
@@ -264,6 +269,7 @@ def _status_page(work: Path, port: int | None, progress):
     """The status page of the run on 127.0.0.1:``port`` while it goes on (nothing without a port)."""
     if port is None:
         return contextlib.nullcontext()
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.coordinator.status_server import StatusServer
 
     page = StatusServer(work / "coordinator" / "run" / "status.json", port=port)

@@ -120,6 +120,7 @@ def evaluate(spec: EvaluationSpec) -> dict:
     (causal LM), with what was evaluated."""
     check(spec)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     import torch
 
     from ewtune.agent.device import resolve_device
@@ -173,6 +174,7 @@ def check(spec: EvaluationSpec) -> None:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(spec, name)}")
     if spec.tune_layers < 0:
         raise InvalidInputError(f"--tune-layers must be >= 0, got {spec.tune_layers}")
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.agent.device import check_device_name
 
     check_device_name(spec.device)
@@ -201,6 +203,7 @@ def _check_file(path: str, option: str) -> None:
 
 
 def _model_dir(name: str) -> str:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.agent.train_cli import resolve_model
 
     return resolve_model(name)
@@ -208,6 +211,7 @@ def _model_dir(name: str) -> str:
 
 def _records(spec: EvaluationSpec, tokenizer):
     """The tokenised records to evaluate (every record, or the held-out split) and the number of labels."""
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.agent.data import DataSpec, load_local_data, split_key
 
     data = load_local_data(
@@ -228,6 +232,7 @@ def _records(spec: EvaluationSpec, tokenizer):
 def _load(spec: EvaluationSpec, model_dir: str, num_labels: int, pad_token_id: int):
     """The model to evaluate: the adapter on the base model, the weights loaded into the model ``spec.mode``
     builds, or the model directory as saved."""
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.agent import models
     from ewtune.agent.training import check_padded_length_fits
 
@@ -248,6 +253,7 @@ def _load(spec: EvaluationSpec, model_dir: str, num_labels: int, pad_token_id: i
 
 
 def _load_weights(model, path: str) -> None:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.agent.models import load_trainable_state
     from ewtune.coordinator.checkpoints import load_weights
 

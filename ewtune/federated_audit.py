@@ -17,6 +17,10 @@ import numpy as np
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.one_run_audit import check_audit_layout
+from ewtune.accountant.verify import verify_ledger
+from ewtune.agent import models
+from ewtune.agent.audit.holder import audit_model
+from ewtune.coordinator.checkpoints import save_weights
 from ewtune.local_federation import FederationJob, HolderSetup, LocalFederation
 
 AUDIT_PARAMETER = "audit.weight"
@@ -81,11 +85,6 @@ def run_federated_audit(config: FederatedAuditConfig, work_dir: Path, log: Calla
                         timeout: float = 1800) -> dict[str, Any]:
     """Run the audit federation in ``work_dir``; returns the run's status (its ``audit`` record: the bounds
     per holder and pooled) with ``ledger_audits``: the coordinator ledger's audit entry as verified."""
-    from ewtune.accountant.verify import verify_ledger
-    from ewtune.agent import models
-    from ewtune.agent.audit.holder import audit_model
-    from ewtune.coordinator.checkpoints import save_weights
-
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     model = audit_model(config.canaries, config.features)

@@ -58,6 +58,7 @@ def register(subparsers) -> None:
     init_weights.add_argument("--seed", type=int, default=0)
     init_weights.set_defaults(func=_weights_init)
 
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune import demo
 
     parser = subparsers.add_parser(
@@ -70,6 +71,7 @@ def register(subparsers) -> None:
 
 
 def _keys_init(args: argparse.Namespace) -> int:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.coordinator.credentials import init_credentials
 
     if args.holders:
@@ -87,6 +89,7 @@ def _keys_init(args: argparse.Namespace) -> int:
 
 
 def _keys_add_holder(args: argparse.Namespace) -> int:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.coordinator.credentials import add_holder, load_credentials
 
     holder = add_holder(args.directory, args.card)
@@ -96,6 +99,7 @@ def _keys_add_holder(args: argparse.Namespace) -> int:
 
 
 def _weights_init(args: argparse.Namespace) -> int:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.local_federation import initial_weights
 
     training = {

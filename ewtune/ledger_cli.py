@@ -131,6 +131,7 @@ def _add_verification_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace):
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.ledger import Head, default_head_path
     from ewtune.accountant.verify import verify_ledger
 
@@ -172,6 +173,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _anchor(args: argparse.Namespace) -> int:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.ledger import Ledger, default_head_path
     from ewtune.accountant.signing import SigningKey
 
@@ -182,6 +184,7 @@ def _anchor(args: argparse.Namespace) -> int:
 
 
 def _crosscheck(args: argparse.Namespace) -> int:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.crosscheck import cross_check_ledgers
 
     holders = {}
@@ -213,6 +216,7 @@ def _mismatch_lines(mismatches: list[str], not_aggregated: list[str]) -> list[st
 
 
 def _write_report(args: argparse.Namespace) -> int:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.report.audit_report import build_report
     from ewtune.report.report_html import write_report
 
@@ -299,6 +303,7 @@ def _seqs(open_reservations) -> str:
 def _public_key_argument(text: str) -> str:
     """A pinned key given inline (base64) or as a file holding base64 text, a PEM public key, or the PEM
     private key itself."""
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.signing import SigningKey, is_base64, load_public_key, public_key_text_from_pem
 
     path = Path(text)

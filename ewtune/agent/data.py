@@ -42,6 +42,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+import transformers
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent.dpsgd.unpadded import padded_length, same_padding_chunks
@@ -327,7 +328,6 @@ def _tokenisation_fingerprint(dataset: "datasets.Dataset", spec: DataSpec, token
     files = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
     if not files or not dataset.cache_files:
         return None
-    import transformers
 
     digest = hashlib.sha256()
     for file in files:

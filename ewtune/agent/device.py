@@ -68,6 +68,7 @@ def batch_to(batch: Mapping[str, "torch.Tensor"], device: "torch.device") -> dic
 
 def autocast(device: "torch.device", precision: str):  # noqa: F821
     """The context a forward pass runs in: bfloat16 autocast for ``bf16``, nothing for ``fp32``."""
+    # deferred: device names and precisions are checked before torch loads (train-local's one-line errors)
     import torch
 
     check_precision(precision)
@@ -76,6 +77,7 @@ def autocast(device: "torch.device", precision: str):  # noqa: F821
 
 def module_device(module) -> "torch.device":  # noqa: F821
     """The device of ``module``'s first parameter (the CPU for a module without parameters)."""
+    # deferred: device names and precisions are checked before torch loads (train-local's one-line errors)
     import torch
 
     first = next(module.parameters(), None)

@@ -25,10 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ewtune.accountant.errors import InvalidInputError
+from ewtune.agent.data import length_batches
 
 POOLING_MODULE = "sentence_transformers.models.Pooling"
 NORMALIZE_MODULE = "sentence_transformers.models.Normalize"
@@ -103,8 +106,6 @@ class PooledClassifier(nn.Module):
 
     def save(self, directory: Path, source_dir: Path) -> None:
         """The encoder (Hugging Face format), the pooling files copied from ``source_dir``, the head."""
-        from safetensors.torch import save_file
-
         self.encoder.save_pretrained(directory, safe_serialization=True)
         copy_pooling_files(source_dir, directory, self.pooling)
         head = {name: tensor.detach().contiguous() for name, tensor in self.classifier.state_dict().items()}
@@ -112,8 +113,6 @@ class PooledClassifier(nn.Module):
 
     def load_head(self, directory: Path) -> None:
         """The head saved by :meth:`save` in ``directory``, when there is one."""
-        from safetensors.torch import load_file
-
         path = Path(directory) / HEAD_FILE
         if path.is_file():
             state = load_file(str(path))
@@ -146,8 +145,6 @@ def eval_mode(model: nn.Module):
 def input_batches(examples, pad_token_id: int, batch_size: int, device: str | None = None):
     """(indices, model inputs with the labels left out) of batches of ``examples`` of one padded length, each
     record with its own padding only (:func:`ewtune.agent.data.length_batches`), covering every example once."""
-    from ewtune.agent.data import length_batches
-
     for indices, batch in length_batches(examples, pad_token_id, batch_size):
         yield indices, {key: value.to(device) if device else value for key, value in batch.items() if key != "labels"}
 

@@ -25,6 +25,7 @@ def register(commands) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.agent.keys import init_holder_keys
 
     keys = init_holder_keys(args.directory, args.holder_id)

@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 
 import torch
+import transformers
+from transformers import AutoTokenizer
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent.heads import PooledClassifier, copy_pooling_files, read_pooling
@@ -49,8 +51,6 @@ DEFAULT_LORA_TARGETS = {
 
 def load_tokenizer(model_dir):
     """The tokenizer in ``model_dir``; a pad token is set to EOS when the tokenizer has none (GPT-2)."""
-    from transformers import AutoTokenizer
-
     model_dir = _checked_model_dir(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -103,8 +103,6 @@ def load_model(
 
 
 def _load_base_model(model_dir: Path, task: str, num_labels: int):
-    import transformers
-
     if task == "classification" and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2):
         raise InvalidInputError(f"num_labels must be an integer >= 2, got {num_labels!r}")
     pooling = read_pooling(model_dir) if task == "classification" else None
@@ -131,8 +129,6 @@ def _load_base_model(model_dir: Path, task: str, num_labels: int):
 
 def _pooled_classifier(model_dir: Path, pooling, num_labels: int):
     """The encoder of ``model_dir`` with a linear head on its pooled embedding (the saved head, if any)."""
-    import transformers
-
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # a checkpoint saved with a pooler or a head loads without them
     transformers.logging.disable_progress_bar()
@@ -167,6 +163,7 @@ def _with_only_head_trainable(model):
 
 
 def _with_lora(model, task: str, rank: int, alpha: float, target_modules, layers: list[int] | None = None):
+    # deferred: peft costs ~4 s to import on top of torch and transformers (measured) and only LoRA runs use it
     from peft import LoraConfig, TaskType, get_peft_model
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -191,6 +188,7 @@ def default_lora_targets(model_type: str) -> list[str]:
     """The attention projections LoRA adapts for ``model_type``, or peft's defaults for other types."""
     if model_type in DEFAULT_LORA_TARGETS:
         return list(DEFAULT_LORA_TARGETS[model_type])
+    # deferred: peft costs ~4 s to import on top of torch and transformers (measured) and only LoRA runs use it
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     if model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
@@ -239,6 +237,7 @@ def save_model(model, tokenizer, output_dir) -> Path:
 def load_adapter(base_model_dir, adapter_dir, num_labels: int = 2, task: str = "classification"):
     """A classifier (or, for ``task="causal_lm"``, a causal LM) with the LoRA adapter (and head) saved by
     :func:`save_model` in ``adapter_dir``."""
+    # deferred: peft costs ~4 s to import on top of torch and transformers (measured) and only LoRA runs use it
     from peft import PeftModel
 
     model = _load_base_model(_checked_model_dir(base_model_dir), task, num_labels)

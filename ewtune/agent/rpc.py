@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
 from ewtune.agent.policy import PlanRefused
@@ -95,20 +97,15 @@ def decode(message: bytes) -> tuple[dict[str, Any], Arrays | None]:
 def _arrays_to_bytes(arrays: Mapping[str, np.ndarray] | None) -> bytes:
     if arrays is None:
         return b""
-    from safetensors.numpy import save
-
-    return save({name: np.ascontiguousarray(array) for name, array in arrays.items()})
+    return safetensors.numpy.save({name: np.ascontiguousarray(array) for name, array in arrays.items()})
 
 
 def _arrays_from_bytes(blob: bytes) -> Arrays | None:
     if not blob:
         return None
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
     try:
-        return load(bytes(blob))
-    except (SafetensorError, ValueError) as bad:
+        return safetensors.numpy.load(bytes(blob))
+    except (safetensors.SafetensorError, ValueError) as bad:
         raise InvalidInputError(f"agent message arrays are not valid safetensors: {bad}") from None
 
 

@@ -27,6 +27,7 @@ def register(commands) -> None:
 
 def holder_status(config) -> dict:
     """The status of the holder of ``config`` (an :class:`ewtune.agent.policy.AgentConfig`) as a JSON object."""
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.ledger import default_head_path, entry_hash, parse_line, split_lines
     from ewtune.accountant.signing import SigningKey
     from ewtune.accountant.verify import verify_ledger
@@ -72,6 +73,7 @@ def _journal_note(progress, seq: int) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
+    # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.agent.policy import load_agent_config
 
     status = holder_status(load_agent_config(args.config))

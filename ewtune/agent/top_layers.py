@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ewtune.accountant.errors import InvalidInputError
@@ -64,8 +65,6 @@ class TopLayers(nn.Module):
 
     def embed(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The pooled sentence embedding [B, H]."""
-        from transformers.masking_utils import create_bidirectional_mask
-
         mask = create_bidirectional_mask(config=self.model.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
         for layer in self.layers:
             hidden_states = layer(hidden_states, mask)

@@ -21,9 +21,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ewtune.accountant.errors import InvalidInputError
+from ewtune.agent.assets import minilm_model_dir, smollm2_model_dir, write_mr_csv, write_sms_spam_csv
 from ewtune.agent.device import DEVICE_HELP, PRECISIONS, check_device_name, check_precision, resolve_device
 from ewtune.agent.recipe import LOW_EPSILON, LOW_EPSILON_PROBE, MAX_DEFAULT_SAMPLING_RATE, MIN_DEFAULT_BATCH, OPTIMIZERS, RECIPE_MODES, Recipe
+from ewtune.agent.recipe import default_recipe, fit_to_data
 from ewtune.agent.train_output import report_text, save_run, summary_document, train_with_progress
+from ewtune.federation.progress import Progress, add_quiet_flag
 
 PACKAGED_MODELS = ("minilm", "smollm2")
 PACKAGED_DATA = ("mr", "sms_spam")
@@ -76,7 +79,6 @@ def register(commands) -> None:
     _add_data_arguments(parser, defaults)
     _add_runtime_arguments(parser)
     _add_ledger_and_output_arguments(parser)
-    from ewtune.federation.progress import add_quiet_flag
 
     add_quiet_flag(parser)
     parser.set_defaults(func=run)
@@ -197,6 +199,7 @@ def train_local(args) -> LocalRun:
     recipe = recipe_from_args(args)  # bad settings and paths are reported before torch loads
     _check_paths(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # deferred: train-local checks its input before torch, scipy or cryptography load (tests/test_train_cli.py)
     import torch
 
     resolve_device(args.device, args.precision)  # a missing GPU is reported before the model, the data or a ledger load
@@ -204,7 +207,6 @@ def train_local(args) -> LocalRun:
     from ewtune.agent.data import split_sizes
     from ewtune.agent.distributed.launch import worker_group
     from ewtune.agent.evaluation import majority_baseline
-    from ewtune.federation.progress import Progress
 
     started = time.perf_counter()
     config = training_config_from_args(args, recipe)
@@ -242,6 +244,7 @@ def train_local(args) -> LocalRun:
 def _run_phases(args, trainer, recipe, calibrated, ledger, progress, size: int) -> list:
     """Each phase in turn; with a ledger, reserved before it runs and committed with what it executed (the
     steps that ran are committed even when the phase fails)."""
+    # deferred: train-local checks its input before torch, scipy or cryptography load (tests/test_train_cli.py)
     from ewtune.agent.training import StepPlan, TrainingFailed, TrainingInterrupted
 
     results = []  # size: the N the phases' q was planned for (with a ledger, its noised count)
@@ -288,6 +291,7 @@ def open_ledger(args):
         return None
     if args.signing_key is None:
         raise InvalidInputError("--ledger needs --signing-key (the ledger's Ed25519 key)")
+    # deferred: train-local checks its input before torch, scipy or cryptography load (tests/test_train_cli.py)
     from ewtune.accountant.ledger import Ledger
     from ewtune.accountant.signing import SigningKey
 
@@ -308,8 +312,8 @@ def _fitted_recipe(args, recipe, ledger, data: tuple[str, int, int]):
     count's own event): a check of the recipe with the exact N first would make the count's presence in the
     ledger depend on N. So a recipe refused after the count was released has paid for the count (about 0.004 of
     epsilon composed at delta 1e-5 with a recipe near 8), which a second run on the same data set reuses."""
+    # deferred: train-local checks its input before torch, scipy or cryptography load (tests/test_train_cli.py)
     from ewtune.accountant.phases import composed
-    from ewtune.agent.recipe import fit_to_data
 
     given = _given_batches(args)
     if ledger is None:
@@ -333,6 +337,7 @@ def _released_count(ledger, data: tuple[str, int, int], noise: float) -> int:
     (:mod:`ewtune.agent.released_count`): the noised count already charged to it, or a new one released and charged
     now. The phases' q = B / count, and the noised sums are divided by q count, so nothing the ledger holds
     reveals the exact N."""
+    # deferred: train-local checks its input before torch, scipy or cryptography load (tests/test_train_cli.py)
     from ewtune.agent.dpsgd.randomness import SecureRandom
     from ewtune.agent.released_count import current_count
 
@@ -344,6 +349,7 @@ def _released_count(ledger, data: tuple[str, int, int], noise: float) -> int:
 
 def _count_event(noise: float):
     """The event of a count release with noise std ``noise`` (:func:`ewtune.agent.released_count.count_event`)."""
+    # deferred: train-local checks its input before torch, scipy or cryptography load (tests/test_train_cli.py)
     from ewtune.agent.released_count import count_event
 
     if not (math.isfinite(noise) and noise > 0):
@@ -387,7 +393,6 @@ def _check_paths(args) -> None:
 def recipe_from_args(args):
     """The default recipe for ``--epsilon`` (:func:`ewtune.agent.recipe.default_recipe`), with the probe settings given;
     for ``--task causal_lm`` the language model itself is tuned (:func:`_causal_lm_settings`)."""
-    from ewtune.agent.recipe import default_recipe
 
     optional = {"probe_epochs": args.probe_epochs, "probe_expected_batch": args.probe_batch, "probe_learning_rate": args.probe_lr,
                 "tune_expected_batch": args.tune_batch, "tune_layers": args.tune_layers}
@@ -431,8 +436,6 @@ def _check_arguments(args) -> None:
 def resolve_model(name: str) -> str:
     """A model directory; ``minilm`` names the packaged all-MiniLM-L6-v2, ``smollm2`` the packaged SmolLM2-135M-Instruct."""
     if name in PACKAGED_MODELS:
-        from ewtune.agent.assets import minilm_model_dir, smollm2_model_dir
-
         return str(minilm_model_dir() if name == "minilm" else smollm2_model_dir())
     return name
 
@@ -441,17 +444,16 @@ def resolve_data(name: str, seed: int = 0) -> str:
     """A data file; ``mr`` and ``sms_spam`` are written (once) from the packaged copies."""
     if name not in PACKAGED_DATA:
         return name
-    from ewtune.agent import assets
-
     path = Path(os.environ.get("EWTUNE_DATA_DIR", Path.home() / ".cache" / "ewtune" / "data")) / f"{name}.csv"
     if not path.is_file():
-        writer = assets.write_mr_csv if name == "mr" else assets.write_sms_spam_csv
+        writer = write_mr_csv if name == "mr" else write_sms_spam_csv
         writer(path.with_suffix(".csv.partial"), seed=seed).replace(path)
     return str(path)
 
 
 def training_config_from_args(args, recipe):
     """The :class:`ewtune.agent.training.TrainingConfig` that train-local's arguments and ``recipe`` describe."""
+    # deferred: train-local checks its input before torch, scipy or cryptography load (tests/test_train_cli.py)
     from ewtune.agent.training import TrainingConfig
 
     names = (args.lora_target_modules or "").split(",")

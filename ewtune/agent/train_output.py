@@ -62,6 +62,7 @@ def summary_document(args, trainer, fitted, results, evaluation, seconds) -> dic
     """The result document train-local prints (``--json``) and saves as run.json: the executed events, the
     certified epsilon composed over the phases (the guarantee) and the Edgeworth estimate beside it, the held-out
     metrics, and what ran (device, precision, processes, randomness)."""
+    # deferred: train_cli imports this module at start-up: torch and scipy load only once a run is reported
     from ewtune.accountant.certified import certified_epsilon
     from ewtune.accountant.edgeworth import edgeworth_epsilon
     from ewtune.accountant.events import compose, event_to_json
@@ -116,6 +117,7 @@ def summary_document(args, trainer, fitted, results, evaluation, seconds) -> dic
 
 def save_run(trainer, output, summary) -> None:
     """The model (the adapter; in full and head modes the whole model) and run.json under ``output``."""
+    # deferred: train_cli imports this module at start-up: torch and scipy load only once a run is reported
     from ewtune.agent.models import save_model
 
     directory = save_model(trainer.model, trainer.tokenizer, output)

@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_case(name: str, phases, delta: float, cached: dict[str, float], repeats: int = 1) -> dict[str, Any]:
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from ewtune.accountant.events import PoissonGaussianEvent, compose
 
     event = compose(*(PoissonGaussianEvent(q, sigma, steps) for q, sigma, steps in phases))
@@ -119,6 +120,7 @@ def _run_case(name: str, phases, delta: float, cached: dict[str, float], repeats
 
 
 def _accountants(event, phases, delta: float) -> list[tuple[str, Callable[[], float | None]]]:
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from ewtune.accountant.certified import CertifiedAccountant
     from ewtune.accountant.edgeworth import EdgeworthAccountant, EdgeworthBoundAccountant
     from ewtune.accountant.rdp import RdpAccountant
@@ -145,6 +147,7 @@ def _accountants(event, phases, delta: float) -> list[tuple[str, Callable[[], fl
 
 def _import_everything() -> None:
     """Import every accountant before the first timed call, so that no call is charged an import."""
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # dp_accounting's RDP warns per skipped fractional order
@@ -187,6 +190,7 @@ def _positive_int(text: str) -> int:
 
 
 def _dp_accounting_pld(event, delta: float, interval: float) -> float:
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from dp_accounting.pld import pld_privacy_accountant
 
     from ewtune.accountant.events import to_dp_accounting
@@ -199,6 +203,7 @@ def _dp_accounting_pld(event, delta: float, interval: float) -> float:
 
 def _prv_accountant(phases, delta: float) -> float:
     """prv_accountant's upper bound (Gopi, Lee, Wutschitz 2021), eps_error 0.01, delta_error delta/1000."""
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from prv_accountant import PRVAccountant
     from prv_accountant.privacy_random_variables import PoissonSubsampledGaussianMechanism
 
@@ -211,6 +216,7 @@ def _prv_accountant(phases, delta: float) -> float:
 
 
 def _opacus(phases, delta: float, kind: str) -> float:
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import torch
 
     torch.set_num_threads(1)
@@ -229,6 +235,7 @@ def _installed(module: str) -> bool:
 
 
 def _run_calibration(name: str, q: float, steps: int, target: float, delta: float) -> dict[str, Any]:
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from ewtune.accountant.events import PoissonGaussianEvent
 
     from ewtune.accountant.calibration import calibrate_noise_multiplier

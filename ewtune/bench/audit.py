@@ -73,6 +73,7 @@ def measure_randomized_response(seeds: int, epsilon: float = 2.0, canaries: int 
     """Randomized response at ``epsilon``: Steinke et al.'s bound (valid for every mechanism) and the epsilon of the
     DP-SGD curve the f-DP test refutes (a test of the DP-SGD hypothesis, not a bound), against DP-SGD curves of
     q = 0.1 over 50 steps and of one Gaussian step (q = 1, T = 1)."""
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from ewtune.accountant.fdp_one_run import dpsgd_curve_test
     from ewtune.accountant.one_run_audit import one_run_bound
 
@@ -90,6 +91,7 @@ def measure_federated(runs: int, variants: list[str | None], holders: int, canar
                       work_dir: Path) -> list[dict]:
     """Per variant: ``runs`` real federations (the first holder's engine broken as the variant says), each
     holder's bound and the pooled one beside the certified epsilon, and each run's wall time."""
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from ewtune.federated_audit import FederatedAuditConfig, run_federated_audit
 
     rows = []

@@ -26,6 +26,7 @@ NEAR_ONE = (0.9, 0.99, 0.999)
 
 def exact_gaussian_epsilon(steps: int, sigma: float, relation: str, delta: float):
     """The exact epsilon(delta) of T Gaussian steps, by bisection in 40 digits (the lower end of the bracket)."""
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import mpmath
 
     with mpmath.workdps(40):
@@ -43,6 +44,7 @@ def exact_gaussian_epsilon(steps: int, sigma: float, relation: str, delta: float
 
 
 def full_batch_case(rng: random.Random) -> dict:
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import mpmath
 
     from ewtune.accountant.certified import certified_epsilon
@@ -64,6 +66,7 @@ def _dp_accounting_epsilon(q, sigma, steps, relation, delta, interval, pessimist
 
 
 def _dp_accounting_pld(q, sigma, steps, relation, interval, pessimistic):
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import dp_accounting
     from dp_accounting.pld import privacy_loss_distribution
 
@@ -79,6 +82,7 @@ def _dp_accounting_pld(q, sigma, steps, relation, interval, pessimistic):
 
 
 def subsampled_case(rng: random.Random) -> dict:
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from ewtune.accountant.certified import certified_epsilon
     from ewtune.accountant.events import PoissonGaussianEvent
 

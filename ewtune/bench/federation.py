@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure(work: Path, args: argparse.Namespace, holders: int, configuration: dict[str, Any]) -> dict[str, Any]:
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from ewtune.agent.assets import minilm_model_dir, write_mr_csv
     from ewtune.bench import superlink_requests
     from ewtune.bench.holder_memory import HolderMemory
@@ -157,6 +158,7 @@ class SuperLinkCpu:
     its CPU seconds per round can be taken between the end of round 1 and the end of the last round."""
 
     def __init__(self, pid: int):
+        # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
         import psutil
 
         self.process = psutil.Process(pid)
@@ -176,6 +178,7 @@ class SuperLinkCpu:
 
 def committed_rounds(work: Path, run_id: str, holders) -> dict[str, tuple[dict, dict]]:
     """holder -> (round -> (reserve, commit) of its training in the coordinator's ledger, the same in its own)."""
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from ewtune.coordinator.ledger_crosscheck import read_entries
 
     coordinator = read_entries(work / "coordinator" / "ledger.jsonl")
@@ -225,6 +228,7 @@ def ledger_breakdown(committed: dict[str, tuple[dict, dict]]) -> list[dict[str, 
 
 def _reserve_commit_by_round(entries, run_id: str, holder: str) -> dict[int, tuple[dict, dict]]:
     """round -> (reserve, commit) of the training events of ``holder`` in ``run_id`` (evaluations left out)."""
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from ewtune.accountant.ledger import EVALUATION_PURPOSE
 
     reserves = {
@@ -239,6 +243,7 @@ def _reserve_commit_by_round(entries, run_id: str, holder: str) -> dict[int, tup
 
 
 def _seconds(entry: dict) -> float:
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from ewtune.accountant.ledger import parse_time
 
     return parse_time(entry["time"]).timestamp()
@@ -265,6 +270,7 @@ def round_overheads(rounds: list[dict[str, Any]], breakdown: list[dict[str, Any]
 
 
 def _summary(status: dict[str, Any]) -> dict[str, Any]:
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from ewtune.bench.superlink_requests import steady_rates
 
     breakdown = status.get("breakdown", [])

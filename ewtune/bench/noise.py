@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sources(device: str) -> dict[str, Any]:
     """Name -> a function drawing ``count`` normals that ends when they are on ``device``."""
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import torch
 
     from ewtune.agent.dpsgd.chacha import ChaChaRandom
@@ -76,6 +77,7 @@ def sources(device: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import torch
 
     count, repeats = positive_int("--count", args.count), positive_int("--repeats", args.repeats)

@@ -69,6 +69,7 @@ def draw(results: Path) -> list[Path]:
 
 
 def _figure():
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(9, 4.2), dpi=100, layout="constrained")

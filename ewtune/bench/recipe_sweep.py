@@ -45,6 +45,7 @@ def main() -> int:
     if args.phase == "tune":
         return tune_sweep(args)
     args.output = args.output or "benchmarks/results/recipe_sweep"
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import torch
 
     from ewtune.accountant.phases import Phase, calibrate_phases
@@ -99,6 +100,7 @@ def main() -> int:
 
 def _metrics(labels, predicted) -> dict:
     """Accuracy and macro F1 of binary predictions (:func:`ewtune.agent.evaluation.metrics_from_confusion`)."""
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import torch
 
     ones = torch.ones(len(labels), dtype=torch.float64)
@@ -146,6 +148,7 @@ def tune_sweep(args) -> int:
     """For each (mode, top layers), share and seed: the default probe on the cached embeddings, then each tune
     setting from the probed head, scored on the held-out split (also through the cached states: exact, see
     ``tests/test_top_layers.py``). Against the probe alone at the whole budget, same seeds."""
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import torch
 
     from ewtune.agent.recipe import Recipe

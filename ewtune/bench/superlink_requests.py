@@ -186,6 +186,7 @@ def install(log_path: Path) -> None:
     (``flwr.superlink.main._get_middleware``, read when ``create_app`` runs); refuses a flwr other than the pinned one."""
     # Here, not at the top: the SuperLink app's module loads FastAPI and the whole SuperLink (about 1 s of CPU),
     # which only the SuperLink process needs; the bench reads the records without it.
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import flwr.superlink.main as superlink_app
     from starlette.middleware import Middleware
 

@@ -23,6 +23,7 @@ from ewtune.bench.report import machine
 
 
 def non_private_run(args) -> dict:
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from ewtune.agent.dpsgd.randomness import InsecureSeededRandom
     from ewtune.agent.evaluation import majority_baseline
     from ewtune.agent.sampler import PoissonSampler
@@ -99,6 +100,7 @@ def main(argv=None) -> int:
     local.add_argument("--non-private", action="store_true", help="sigma = 0, no clipping")
     local.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args(["train-local", *(sys.argv[1:] if argv is None else argv)])
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import torch
 
     torch.set_num_threads(args.threads)

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     seeds, rounds = positive_int("--seeds", args.seeds), positive_int("--rounds", args.rounds)
     max_length = positive_int("--max-length", args.max_length)
     max_examples = None if args.max_examples is None else positive_int("--max-examples", args.max_examples)
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import torch
 
     from ewtune.agent.device import resolve_device
@@ -122,6 +123,7 @@ class _Cached:
 def _cached_mr(model_dir, max_length: int, max_examples: int | None, device, lpft) -> _Cached:
     """MR embedded once (with the frozen encoder in eval mode); with an LP-FT recipe, through the states entering
     its tuned layers, from which the embeddings are computed (the same embeddings, one encoder pass)."""
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import torch
 
     from ewtune.agent import models
@@ -163,6 +165,7 @@ def _lpft_rows(cached: _Cached, recipe, seeds: int) -> list[dict[str, Any]]:
 def _lpft_once(cached: _Cached, recipe, epsilon: float | None):
     """One LP-FT run from the untrained head and layers: (scores, probe sigma, certified epsilon, CPU s, tune
     sigma, wall s); sigma None without privacy (same phases and steps, no clipping and no noise)."""
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import torch
 
     from ewtune.accountant.certified import certified_epsilon
@@ -220,6 +223,7 @@ class _Head:
     """A linear head on embeddings, trained with the project's DP-SGD engine (or without privacy)."""
 
     def __init__(self, width: int, classes: int, state=None):
+        # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
         import torch
 
         class Module(torch.nn.Module):
@@ -236,6 +240,7 @@ class _Head:
 
     def train(self, features, labels, rate: float, steps: int, sigma: float | None, recipe) -> None:
         """``steps`` Poisson steps at ``rate``; DP-SGD with noise multiplier ``sigma`` (None: plain SGD)."""
+        # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
         import torch
 
         from ewtune.agent.dpsgd import DPSGDStep, PerExampleClipper, classification_loss
@@ -260,6 +265,7 @@ class _Head:
             clipper.close()
 
     def accuracy_and_f1(self, features, labels) -> tuple[float, float]:
+        # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
         import torch
 
         from ewtune.agent.evaluation import accuracy_and_macro_f1
@@ -270,6 +276,7 @@ class _Head:
 
 def _central(features, labels, recipe, privacy) -> tuple[_Head, float | None, float | None]:
     """The probe on all the training records: (head, sigma, certified epsilon spent)."""
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from ewtune.accountant.calibration import calibrate_noise_multiplier
     from ewtune.accountant.sampling import executable_sampling_rate
 
@@ -287,6 +294,7 @@ def _central(features, labels, recipe, privacy) -> tuple[_Head, float | None, fl
 
 def _federated(features, labels, recipe, epsilon: float, rounds: int) -> tuple[_Head, float, float]:
     """Three holders with a third of the records each; FedAvg of the heads after each round."""
+    # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import torch
 
     from ewtune.accountant.calibration import calibrate_noise_multiplier

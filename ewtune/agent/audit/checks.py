@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import chi2
 
 from ewtune.accountant.certified import certified_epsilon
 from ewtune.accountant.events import PoissonGaussianEvent
+from ewtune.accountant.fdp_one_run import claimed_curve_refuted
 
 SENSITIVITY_TOLERANCE = 1e-4  # relative: float32 sums of a few dozen gradients
 RATE_Z_LIMIT = 5.0  # a realised batch total this many binomial standard deviations off the rate fails
@@ -75,8 +77,6 @@ def executed_accounting(rate: float, noise_multiplier: float, steps_executed: in
 def noise_scale(observations: np.ndarray, included: np.ndarray, noise_multiplier: float, local_steps: int) -> Check:
     """Observations [releases, canaries] of the left-out canaries against N(0, L sigma^2): the ratio of the
     measured standard deviation to the claimed one, and the two-sided chi-square p-value of their variance."""
-    from scipy.stats import chi2
-
     left_out = np.asarray(observations, dtype=float)[:, ~np.asarray(included, dtype=bool)].ravel()
     claimed = noise_multiplier * math.sqrt(local_steps)
     statistic = float(np.sum(left_out**2)) / claimed**2
@@ -92,8 +92,6 @@ def noise_scale(observations: np.ndarray, included: np.ndarray, noise_multiplier
 def dpsgd_hypothesis(scores: np.ndarray, included: np.ndarray, tie_break: np.ndarray, rate: float, steps: int,
                      noise_multiplier: float, confidence: float) -> Check:
     """Whether the canaries refute DP-SGD(q, T, sigma) with the claimed sigma (:func:`claimed_curve_refuted`)."""
-    from ewtune.accountant.fdp_one_run import claimed_curve_refuted
-
     refuted = claimed_curve_refuted(scores, included, tie_break, rate, steps, noise_multiplier, confidence)
     return Check("dpsgd_hypothesis", not refuted, {"claimed_curve_refuted": refuted, "canaries": len(scores),
                                                    "false_alarm_rate_at_most": 1.0 - confidence})

@@ -32,6 +32,10 @@ from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent import models
 from ewtune.agent.audit.breakages import broken, check_breakage
 from ewtune.agent.audit.canaries import AuditedModel, CanaryCollator, audited_loss
+from ewtune.agent.audit.run import FeatureClassifier
+from ewtune.agent.audit.run import synthetic_records
+from ewtune.agent.dpsgd.engine import PerExampleClipper
+from ewtune.agent.dpsgd.losses import classification_loss
 from ewtune.agent.dpsgd.randomness import SecureRandom
 from ewtune.agent.dpsgd_run import StepPlan, TrainResult, plain_sgd_step, run_charged
 from ewtune.agent.policy import PlanRefused
@@ -68,8 +72,6 @@ class AuditHolderConfig:
 
 def audit_model(block: int, features: int) -> AuditedModel:
     """The audit's model with its public initial weights (the coordinator's initial global weights are these)."""
-    from ewtune.agent.audit.run import FeatureClassifier
-
     torch.manual_seed(0)
     return AuditedModel(FeatureClassifier(features), block)
 
@@ -82,8 +84,6 @@ class AuditTrainer:
     device, precision = torch.device("cpu"), "fp32"  # the audited model is a few weights: a GPU would not pay
 
     def __init__(self, config: AuditHolderConfig):
-        from ewtune.agent.audit.run import synthetic_records
-
         self.config = config
         self.model = audit_model(config.block, config.features)
         self._sampling_source, self._noise_source, secrets = SecureRandom(), SecureRandom(), SecureRandom()
@@ -111,9 +111,6 @@ class AuditTrainer:
     def train(self, plan: StepPlan, should_stop=None, on_step=None) -> TrainResult:
         """``plan.steps`` steps of the engine with plain SGD (module docstring); the executed event as
         :meth:`ewtune.agent.training.LocalTrainer.train` reports it."""
-        from ewtune.agent.dpsgd.engine import PerExampleClipper
-        from ewtune.agent.dpsgd.losses import classification_loss
-
         if self.revealed:
             raise PlanRefused("this audit's canaries were revealed: the daemon trains no more (start it again for a new audit)")
         started = time.perf_counter()

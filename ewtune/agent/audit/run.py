@@ -43,6 +43,8 @@ from ewtune.accountant.one_run_audit import DEFAULT_CONFIDENCE, OneRunBound, che
 from ewtune.agent import models
 from ewtune.agent.audit import checks
 from ewtune.agent.audit.canaries import AuditedModel, CanaryCollator, audited_loss
+from ewtune.agent.audit.transformer import TransformerCanaries, tiny_bert
+from ewtune.agent.audit.transformer import synthetic_sequences
 from ewtune.agent.dpsgd.engine import PerExampleClipper
 from ewtune.agent.dpsgd.losses import classification_loss
 from ewtune.agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
@@ -259,8 +261,6 @@ def _audited_model(config: AuditConfig) -> nn.Module:
     """The model with its canaries' coordinates, initial weights public (seeded by the config's seed)."""
     seed = 0 if config.seed is None else config.seed
     if config.model == "transformer":
-        from ewtune.agent.audit.transformer import TransformerCanaries, tiny_bert
-
         return TransformerCanaries(tiny_bert(seed), config.canaries)
     torch.manual_seed(seed)
     return AuditedModel(FeatureClassifier(config.features), config.canaries)
@@ -268,8 +268,6 @@ def _audited_model(config: AuditConfig) -> nn.Module:
 
 def _records(config: AuditConfig, seed: int) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
     if config.model == "transformer":
-        from ewtune.agent.audit.transformer import synthetic_sequences
-
         return synthetic_sequences(config.records, seed)
     return synthetic_records(config.records, config.features, seed)
 

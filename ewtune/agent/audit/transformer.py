@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent.audit.canaries import AuditedOutput
@@ -36,8 +37,6 @@ MAX_POSITIONS = 64  # room for the engine to pad a record to a length fixed by i
 def tiny_bert(seed: int = 0) -> nn.Module:
     """A randomly initialised 2-layer BERT classifier (hidden 32, 2 heads, feed-forward 64), eager attention,
     no dropout (public weights: the audit's, no one's data)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=MAX_POSITIONS, num_labels=2,

@@ -138,20 +138,20 @@ def test_sigma_edgeworth_policy_reproduces_ew_tune_and_says_the_certified_epsilo
 
 
 def test_bench_bisection_finds_the_smallest_sigma_to_the_stated_width():
-    from ewtune.bench.accountant import BISECTION_RELATIVE_WIDTH, _bisection
+    from ewtune.bench.accountant import BISECTION_RELATIVE_WIDTH, bisection
 
-    sigma, evaluations = _bisection(lambda s: 10.0 / s, 5.0)
+    sigma, evaluations = bisection(lambda s: 10.0 / s, 5.0)
     assert 2.0 <= sigma <= 2.0 * (1 + BISECTION_RELATIVE_WIDTH)
     assert 5 < evaluations < 20
 
 
 def test_bench_reference_cache_is_keyed_on_everything_the_reference_depends_on(tmp_path):
-    from ewtune.bench.accountant import _cached_references, _reference_key
+    from ewtune.bench.accountant import cached_references, reference_key
 
-    key = _reference_key(((0.01, 1.0, 100),), 1e-5)
-    assert key != _reference_key(((0.01, 1.0, 101),), 1e-5)
-    assert key != _reference_key(((0.01, 1.0, 100),), 1e-6)
+    key = reference_key(((0.01, 1.0, 100),), 1e-5)
+    assert key != reference_key(((0.01, 1.0, 101),), 1e-5)
+    assert key != reference_key(((0.01, 1.0, 100),), 1e-6)
     report = tmp_path / "accountant.json"
     report.write_text(json.dumps({"cases": [{"reference_key": key, "reference": {"epsilon": 1.5}}]}))
-    assert _cached_references(report) == {key: 1.5}
-    assert _cached_references(tmp_path / "missing.json") == {}
+    assert cached_references(report) == {key: 1.5}
+    assert cached_references(tmp_path / "missing.json") == {}

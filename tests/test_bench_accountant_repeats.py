@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ewtune.bench.accountant import _measure, _positive_int
+from ewtune.bench.accountant import measure, positive_int_argument
 
 
 def test_repeats_time_every_call_and_keep_the_median():
@@ -20,7 +20,7 @@ def test_repeats_time_every_call_and_keep_the_median():
         time.sleep(next(pauses))
         return 1.5
 
-    entry = _measure(compute, repeats=3)
+    entry = measure(compute, repeats=3)
     assert len(calls) == 3 and len(entry["seconds_each"]) == 3
     assert entry["epsilon"] == 1.5
     assert sorted(entry["seconds_each"])[1] == entry["seconds"]
@@ -28,11 +28,11 @@ def test_repeats_time_every_call_and_keep_the_median():
 
 
 def test_one_repeat_is_the_plain_cold_timing():
-    entry = _measure(lambda: 2.0)
+    entry = measure(lambda: 2.0)
     assert entry["epsilon"] == 2.0 and "seconds_each" not in entry
 
 
 @pytest.mark.parametrize("text", ["0", "-2", "three", "1.5"])
 def test_repeats_must_be_a_positive_whole_number(text):
     with pytest.raises(argparse.ArgumentTypeError):
-        _positive_int(text)
+        positive_int_argument(text)

@@ -11,7 +11,7 @@ from support.dpsgd import BATCH, VOCAB, _batch, _check_against_reference, _pertu
 from torch import nn
 
 from ewtune.agent.dpsgd import PerExampleClipper, PerExampleGradientError, causal_lm_loss, classification_loss
-from ewtune.agent.models import _with_lora
+from ewtune.agent.models import with_lora
 
 SIZES = dict(
     vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -39,7 +39,7 @@ def _decoder(family: str, mode: str) -> nn.Module:
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     if mode == "lora":  # the adapters train-local adds: every attention projection
-        model = _with_lora(model, "causal_lm", 4, 8.0, None)
+        model = with_lora(model, "causal_lm", 4, 8.0, None)
         _perturb_lora(model)
     model.train()
     return model

@@ -10,7 +10,7 @@ import pytest
 
 from ewtune.accountant.certified import certified_delta, certified_epsilon
 from ewtune.accountant.events import Neighbouring, PoissonGaussianEvent
-from ewtune.bench.certified_sweep import _dp_accounting_epsilon
+from ewtune.bench.certified_sweep import dp_accounting_epsilon
 
 TIGHTNESS = 0.005
 
@@ -27,8 +27,8 @@ CASES = [
 @pytest.mark.parametrize("q, sigma, steps, relation, delta", CASES)
 def test_between_dp_accountings_brackets(q, sigma, steps, relation, delta):
     bound = certified_epsilon(PoissonGaussianEvent(q, sigma, steps, relation), delta)
-    optimistic = _dp_accounting_epsilon(q, sigma, steps, relation, delta, 2e-4, pessimistic=False)
-    pessimistic = _dp_accounting_epsilon(q, sigma, steps, relation, delta, 1e-4, pessimistic=True)
+    optimistic = dp_accounting_epsilon(q, sigma, steps, relation, delta, 2e-4, pessimistic=False)
+    pessimistic = dp_accounting_epsilon(q, sigma, steps, relation, delta, 1e-4, pessimistic=True)
     assert optimistic <= bound <= pessimistic * (1 + TIGHTNESS), (optimistic, bound, pessimistic)
 
 
@@ -101,6 +101,6 @@ def test_issue_20_tail_case_near_full_batch_is_above_the_optimistic_bracket():
     """q = 0.999 (still the FFT), replace-one, delta near 1e-11, many steps: the regime where round-off made
     the bound fall below the truth."""
     bound = certified_epsilon(PoissonGaussianEvent(0.999, 161.3155692, 3000, Neighbouring.REPLACE_ONE), 3.3656e-11)
-    optimistic = _dp_accounting_epsilon(0.999, 161.3155692, 3000, Neighbouring.REPLACE_ONE, 3.3656e-11, 2e-4, False)
-    pessimistic = _dp_accounting_epsilon(0.999, 161.3155692, 3000, Neighbouring.REPLACE_ONE, 3.3656e-11, 1e-4, True)
+    optimistic = dp_accounting_epsilon(0.999, 161.3155692, 3000, Neighbouring.REPLACE_ONE, 3.3656e-11, 2e-4, False)
+    pessimistic = dp_accounting_epsilon(0.999, 161.3155692, 3000, Neighbouring.REPLACE_ONE, 3.3656e-11, 1e-4, True)
     assert optimistic <= bound <= pessimistic * (1 + TIGHTNESS)

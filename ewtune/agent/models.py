@@ -99,7 +99,7 @@ def load_model(
                 encoder_layers(model)[index].requires_grad_(True)
             model.classifier.requires_grad_(True)
         return model
-    return _with_lora(model, task, lora_rank, lora_alpha, lora_target_modules, layers)
+    return with_lora(model, task, lora_rank, lora_alpha, lora_target_modules, layers)
 
 
 def _load_base_model(model_dir: Path, task: str, num_labels: int):
@@ -162,7 +162,9 @@ def _with_only_head_trainable(model):
     return model
 
 
-def _with_lora(model, task: str, rank: int, alpha: float, target_modules, layers: list[int] | None = None):
+def with_lora(model, task: str, rank: int, alpha: float, target_modules, layers: list[int] | None = None):
+    """``model`` under peft LoRA adapters of ``rank`` and ``alpha`` on ``target_modules`` (the architecture's defaults
+    when None), restricted to ``layers`` when given (Hu et al. 2021, LoRA)."""
     # deferred: peft costs ~4 s to import on top of torch and transformers (measured) and only LoRA runs use it
     from peft import LoraConfig, TaskType, get_peft_model
 

@@ -60,12 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON (and reuse its cached references)")
     parser.add_argument("--markdown", metavar="PATH", help="also write the markdown tables to PATH")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_CASES)} and one calibration")
-    parser.add_argument("--repeats", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--repeats", type=positive_int_argument, default=1, metavar="N",
                         help="time the certified bound and PLD 1e-4 (the speed ratio's pair) N times cold, keep the median")
 
 
 def run(args: argparse.Namespace) -> int:
-    cached = _cached_references(Path(args.json)) if args.json else {}
+    cached = cached_references(Path(args.json)) if args.json else {}
     cases = [case for case in CASES if not args.quick or case[0] in QUICK_CASES]
     calibrations = CALIBRATIONS[:1] if args.quick else CALIBRATIONS
     _import_everything()
@@ -98,12 +98,12 @@ def _run_case(name: str, phases, delta: float, cached: dict[str, float], repeats
 
     event = compose(*(PoissonGaussianEvent(q, sigma, steps) for q, sigma, steps in phases))
     accountants = _accountants(event, phases, delta)
-    entries = {label: _measure(compute, repeats if label in SPEED_PAIR else 1) for label, compute in accountants}
-    key = _reference_key(phases, delta)
+    entries = {label: measure(compute, repeats if label in SPEED_PAIR else 1) for label, compute in accountants}
+    key = reference_key(phases, delta)
     if key in cached:
         reference = {"epsilon": cached[key], "seconds": None, "cached": True}
     else:
-        reference = _measure(lambda: _dp_accounting_pld(event, delta, REFERENCE_INTERVAL))
+        reference = measure(lambda: _dp_accounting_pld(event, delta, REFERENCE_INTERVAL))
         reference["cached"] = False
     for entry in entries.values():
         entry["relative_error"] = _relative_error(entry.get("epsilon"), reference.get("epsilon"))
@@ -158,7 +158,7 @@ def _import_everything() -> None:
             importlib.import_module(module)
 
 
-def _measure(compute: Callable[[], float | None], repeats: int = 1) -> dict[str, Any]:
+def measure(compute: Callable[[], float | None], repeats: int = 1) -> dict[str, Any]:
     """epsilon and seconds of ``compute`` (each call cold: it makes its own accountant); with repeats, the
     median seconds of that many calls, which are all listed."""
     failures: list[str] = []
@@ -180,7 +180,8 @@ def _measure(compute: Callable[[], float | None], repeats: int = 1) -> dict[str,
     return entry
 
 
-def _positive_int(text: str) -> int:
+def positive_int_argument(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return int(text)
@@ -250,13 +251,13 @@ def _run_calibration(name: str, q: float, steps: int, target: float, delta: floa
         "seconds": seconds,
     }
     epsilon_at = lambda s: _dp_accounting_pld(PoissonGaussianEvent(q, s, steps), delta, BASELINE_INTERVAL)  # noqa: E731
-    (sigma, evaluations), seconds = timed(lambda: _bisection(epsilon_at, target))
+    (sigma, evaluations), seconds = timed(lambda: bisection(epsilon_at, target))
     result["bisection_pld_1e-4"] = {"noise_multiplier": sigma, "evaluations": evaluations, "seconds": seconds}
     result["speed_ratio"] = _ratio(result["bisection_pld_1e-4"]["seconds"], result["certified"].get("seconds"))
     return result
 
 
-def _bisection(epsilon_of: Callable[[float], float], target: float) -> tuple[float, int]:
+def bisection(epsilon_of: Callable[[float], float], target: float) -> tuple[float, int]:
     """Plain geometric bisection on a fixed bracket: the smallest sigma (to 0.2%) with epsilon <= target."""
     low, high = BISECTION_BRACKET
     evaluations = 0
@@ -427,7 +428,7 @@ def _ratio(slow: float | None, fast: float | None) -> float | None:
 # --- reference cache ----------------------------------------------------------------------------------
 
 
-def _reference_key(phases, delta: float) -> str:
+def reference_key(phases, delta: float) -> str:
     """Everything the reference value depends on: recomputed whenever any of it changes."""
     return json.dumps(
         {
@@ -441,7 +442,8 @@ def _reference_key(phases, delta: float) -> str:
     )
 
 
-def _cached_references(path: Path) -> dict[str, float]:
+def cached_references(path: Path) -> dict[str, float]:
+    """The reference epsilons of an earlier report at ``path``, by :func:`reference_key`; empty when there is none."""
     try:
         previous = json.loads(path.read_text())
     except (OSError, ValueError):

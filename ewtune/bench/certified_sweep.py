@@ -61,7 +61,9 @@ def full_batch_case(rng: random.Random) -> dict:
             "certified": bound, "exact": float(exact), "relative_gap": gap, "below": bool(mpmath.mpf(bound) < exact)}
 
 
-def _dp_accounting_epsilon(q, sigma, steps, relation, delta, interval, pessimistic) -> float:
+def dp_accounting_epsilon(q, sigma, steps, relation, delta, interval, pessimistic) -> float:
+    """dp_accounting's privacy-loss-distribution epsilon at ``delta`` for ``steps`` Poisson-subsampled Gaussian steps,
+    discretised at ``interval``: its pessimistic estimate (an upper bound) when ``pessimistic``, else its optimistic one."""
     return float(_dp_accounting_pld(q, sigma, steps, relation, interval, pessimistic).get_epsilon_for_delta(delta))
 
 
@@ -96,7 +98,7 @@ def subsampled_case(rng: random.Random) -> dict:
     seconds = time.perf_counter() - started
     # dp_accounting's intervals: the pessimistic one fine (error ~ h^2), the optimistic one (error ~ T h, it
     # rounds every step's loss down) as fine as its grid allows.
-    pessimistic = _dp_accounting_epsilon(q, sigma, steps, relation, delta, 1e-4, True)
+    pessimistic = dp_accounting_epsilon(q, sigma, steps, relation, delta, 1e-4, True)
     optimistic_interval = max(2e-5, min(1e-3, 0.002 * max(pessimistic, 0.05) / steps))
     optimistic_pld = _dp_accounting_pld(q, sigma, steps, relation, optimistic_interval, False)
     optimistic = float(optimistic_pld.get_epsilon_for_delta(delta))

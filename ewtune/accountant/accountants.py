@@ -8,14 +8,13 @@ left out with ``rdp=False``.
 
 from __future__ import annotations
 
+from ewtune.accountant.certified import CertifiedAccountant
+from ewtune.accountant.edgeworth import ORDERS, EdgeworthAccountant, EdgeworthBoundAccountant
 from ewtune.accountant.privacy_accountant import PrivacyAccountant
+from ewtune.accountant.rdp import RdpAccountant
 
 
 def standard_accountants(rdp: bool = True) -> list[PrivacyAccountant]:
-    from ewtune.accountant.certified import CertifiedAccountant
-    from ewtune.accountant.edgeworth import ORDERS, EdgeworthAccountant, EdgeworthBoundAccountant
-    from ewtune.accountant.rdp import RdpAccountant
-
     accountants: list[PrivacyAccountant] = [CertifiedAccountant()]
     accountants += [EdgeworthAccountant(order) for order in ORDERS]
     accountants.append(EdgeworthBoundAccountant())

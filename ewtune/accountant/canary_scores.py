@@ -29,6 +29,7 @@ def likelihood_ratio_scores(observations: np.ndarray, sampling_rate: float, nois
         raise InvalidInputError("canary observations are a [releases, canaries] array")
     if not 0.0 < sampling_rate <= 1.0 or not noise_multiplier > 0 or local_steps < 1:
         raise InvalidInputError("scores need 0 < q <= 1, sigma > 0 and at least one step per release")
+    # scipy.stats: +0.65 s on the ServerApp's start (server_app imports canary_audit -> this module)
     from scipy.special import logsumexp
     from scipy.stats import binom
 

@@ -23,6 +23,7 @@ from typing import Any
 from ewtune.accountant.entries import registered_keys, reservations_and_commits
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.ledger import EVALUATION_PURPOSE, parse_line, split_lines
+from ewtune.accountant.verify import verify_with_its_head
 
 
 @dataclass
@@ -112,8 +113,6 @@ def cross_check_ledgers(coordinator_path: str | Path, holder_paths: Mapping[str,
     cross-check the entries that verified. Only verified entries are compared: a defect past them is already
     reported by that ledger's verification. ``ewtune ledger crosscheck`` and the receipts of ``ewtune ledger
     report`` are both this result."""
-    from ewtune.accountant.verify import verify_with_its_head
-
     coordinator = verify_with_its_head(coordinator_path, coordinator_key)
     coordinator_entries = _verified_entries(coordinator_path, coordinator.entries_verified)
     registered = registered_keys(coordinator_entries)

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ewtune.accountant.certified import CertifiedAccountant, certified_epsilon
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.events import PoissonGaussianEvent
 from ewtune.accountant.one_run_audit import DEFAULT_CONFIDENCE, count_correct, guess_grid
@@ -76,8 +77,6 @@ class DpsgdCurveTest:
 @functools.lru_cache(maxsize=64)
 def _tpr_lines(sampling_rate: float, steps: int, noise_multiplier: float) -> tuple[np.ndarray, np.ndarray]:
     """(slopes e^epsilon, intercepts delta(epsilon)) of the lines whose minimum is fbar for DP-SGD(q, T, sigma')."""
-    from ewtune.accountant.certified import CertifiedAccountant
-
     accountant = CertifiedAccountant()
     event = PoissonGaussianEvent(sampling_rate, noise_multiplier, steps)
     epsilons = np.asarray(EPSILON_GRID)
@@ -156,6 +155,4 @@ def _smallest_refuted(counts, canaries: int, alpha: float, sampling_rate: float,
 def _epsilon(sigma: float | None, sampling_rate: float, steps: int, delta: float) -> float:
     if sigma is None:
         return 0.0
-    from ewtune.accountant.certified import certified_epsilon
-
     return float(certified_epsilon(PoissonGaussianEvent(sampling_rate, sigma, steps), delta))

@@ -109,6 +109,7 @@ class Ledger:
         """A new ledger holding only its genesis entry, and its head file. An existing ledger is never
         overwritten, and an existing head file refuses the creation too: it anchors a ledger that was
         there (deleting a ledger must not hand its writer a fresh budget)."""
+        # scipy, mpmath: +0.5 s for every module that imports the ledger, most only to read or append to one
         from ewtune.accountant.certified import CERTIFIED_ACCOUNTANT
 
         path = Path(path)

@@ -92,6 +92,7 @@ class SpendAccountants:
         if not key:
             return 0.0, 0.0
         if self._certified is None:
+            # scipy, mpmath: +0.5 s; ledger.py imports this module, and a ledger read or appended to prices nothing
             from ewtune.accountant.certified import CertifiedAccountant
             from ewtune.accountant.edgeworth import EdgeworthAccountant
 

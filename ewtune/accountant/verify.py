@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ewtune.accountant import certified as certified_engine  # its CERTIFIED_ACCOUNTANT read at each check
+from ewtune.accountant.certified import certified_epsilon
 from ewtune.accountant.errors import InvalidInputError
+from ewtune.accountant.events import ComposedEvent, event_from_json
 from ewtune.accountant.ledger_head import Head, default_head_path, head_mismatch, parse_head
 from ewtune.accountant.ledger_lines import ChainChecker, SplitFile, entry_hash, parse_line, split_lines
 from ewtune.accountant.ledger_payloads import STATED_EPSILONS
@@ -276,9 +279,6 @@ def audit_statement(entry: Mapping[str, Any], delta: float) -> dict[str, Any] | 
     audit = extra["audit"]
     check_audit_bound(audit, "extra.audit")
     bound, confidence, canaries = audit["epsilon_lower_bound"], audit["confidence"], audit["canaries"]
-    from ewtune.accountant.certified import certified_epsilon
-    from ewtune.accountant.events import event_from_json
-
     certified = certified_epsilon(event_from_json(entry["payload"]["event"]), delta)
     return {
         "seq": entry["seq"],
@@ -294,9 +294,6 @@ def federated_audit_statements(entry: Mapping[str, Any], state: LedgerState) -> 
     """The lower bounds of a federated audit entry (kind ``audit``), each beside the certified epsilon of what
     the coordinator committed for that holder in that run, recomputed here; the pooled bound beside the
     largest of them (each canary belongs to one holder, so the run is (max epsilon, delta)-DP for every canary)."""
-    from ewtune.accountant.certified import certified_epsilon
-    from ewtune.accountant.events import ComposedEvent
-
     payload = entry["payload"]
     statements, largest = [], 0.0
     for holder_id, bound in payload["holders"].items():
@@ -355,13 +352,11 @@ def _genesis_writer(path: Path, lines: tuple[bytes, ...]) -> str | None:
 
 
 def _accountant_mismatch(pinned: Any) -> str | None:
-    from ewtune.accountant.certified import CERTIFIED_ACCOUNTANT
-
-    if canonical_json(pinned) == canonical_json(dict(CERTIFIED_ACCOUNTANT)):
+    if canonical_json(pinned) == canonical_json(dict(certified_engine.CERTIFIED_ACCOUNTANT)):
         return None
     return (
         f"the ledger pins the accountant {canonical_json(pinned).decode()} but this release has "
-        f"{canonical_json(dict(CERTIFIED_ACCOUNTANT)).decode()}: stated epsilons were not checked"
+        f"{canonical_json(dict(certified_engine.CERTIFIED_ACCOUNTANT)).decode()}: stated epsilons were not checked"
     )
 
 

@@ -133,6 +133,7 @@ class ActivePolling:
 def shorten_supernode_waits(polling: ActivePolling | None = None) -> ActivePolling:
     """Rebind the SuperNode's sleeps and object backoff (call before flwr's ``flower_supernode`` starts)."""
     check_flower_internals()
+    # flwr internals: imported once check_flower_internals() accepted this flwr (module docstring)
     from flwr.supernode import start_client_internal as node
 
     polling = polling or ActivePolling()
@@ -159,6 +160,7 @@ def patient_superlink_database(busy_timeout_ms: int = SUPERLINK_BUSY_TIMEOUT_MS)
     message) with HTTP 500 "database is locked", flwr 1.42's SuperNode retries neither, and both messages were
     lost (RELIABILITY.md, "Load"). ``sql_mixin`` reads the pragma list it imported on every new connection."""
     check_flower_internals()
+    # flwr internals: imported once check_flower_internals() accepted this flwr (module docstring)
     from flwr.supercore import sql_mixin
 
     sql_mixin.SQLITE_PRAGMAS = tuple(
@@ -177,6 +179,7 @@ def _releasing_ended_runs(pull_objects: Callable) -> Callable:
     ``except Exception``, and the task stays pending forever without its objects: the warm task loop acquires it
     and waits for them, and no message of any later run is served. As an ``Exception``, the same cleanup runs:
     the header is deleted and the task finished as failed."""
+    # flwr internals: imported once check_flower_internals() accepted this flwr (module docstring)
     from flwr.supercore.run import RunNotRunningException
 
     @functools.wraps(pull_objects)
@@ -193,6 +196,7 @@ def shorten_serverapp_object_backoff() -> None:
     """Rebind the ServerApp grid's ``pull_objects`` so that a reply whose objects lag its header is re-pulled
     after 50 ms, not 1 s (call in the ServerApp process before the first pull)."""
     check_flower_internals()
+    # flwr internals: imported once check_flower_internals() accepted this flwr (module docstring)
     from flwr.superlink.grid import http_grid
 
     if not isinstance(http_grid.pull_objects, functools.partial):
@@ -225,6 +229,7 @@ class WarmTaskLoop:
         fallback poll. ``secret``: the SuperNode's ``--superexec-auth-secret-file`` secret, with which the loop
         signs its AcquireTask requests as ``flower-superexec`` does."""
         check_flower_internals()
+        # flwr internals: imported once check_flower_internals() accepted this flwr (module docstring)
         from flwr.supernode.runtime import run_clientapp
 
         # A task is acquired as soon as the SuperNode stored the message's header, often before its objects:
@@ -248,6 +253,7 @@ class WarmTaskLoop:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
+        # flwr internals: imported once check_flower_internals() accepted this flwr (module docstring)
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
 
@@ -267,6 +273,7 @@ class WarmTaskLoop:
                 self.wake.wait(self.poll_interval)
 
     def _serve(self, token: str) -> None:
+        # flwr internals: imported once check_flower_internals() accepted this flwr (module docstring)
         from flwr.app import Message
         from flwr.app.error import Error
         from flwr.common.constant import ErrorCode, SubStatus
@@ -306,6 +313,7 @@ class WarmTaskLoop:
                      time.monotonic() - started, _phases(started, marks, time.monotonic()))
 
     def _client(self, component: str, token: str | None = None, secret: bytes | None = None):
+        # flwr internals: imported once check_flower_internals() accepted this flwr (module docstring)
         from flwr.supercore.interceptors import (
             RuntimeTokenHttpInterceptor,
             RuntimeVersionHttpInterceptor,
@@ -340,6 +348,7 @@ def _phases(started: float, marks: dict[str, float], finished: float) -> str:
 def _heartbeat(client) -> Callable[[], bool]:
     """A task heartbeat that reports failure instead of raising SIGINT (flwr's own would stop this whole
     process when the SuperNode has given up on one task)."""
+    # flwr internals: imported once check_flower_internals() accepted this flwr (module docstring)
     from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
 
     request = SendTaskHeartbeatRequest()

@@ -21,6 +21,7 @@ import tomli_w
 from fleet_proxy import start_proxy
 
 import ewtune.coordinator.credentials
+import ewtune.local_federation
 from ewtune.local_federation import FederationJob, HolderSetup, LocalFederation
 
 PROBE = """
@@ -88,7 +89,8 @@ def main(spec_path: str, result_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     proxy = (spec["proxy"][0], int(spec["proxy"][1]))
     # The SuperLink certificate (which the proxy presents) also names the address the holders dial.
-    ewtune.coordinator.credentials.init_credentials = functools.partial(
+    # (patched where LocalFederation looks it up: ewtune.local_federation imports the function by name)
+    ewtune.local_federation.init_credentials = functools.partial(
         ewtune.coordinator.credentials.init_credentials, addresses=("127.0.0.1", "localhost", proxy[0])
     )
     holders = [HolderSetup(h["holder_id"], Path(h["data_file"]), training=h["training"]) for h in spec["holders"]]

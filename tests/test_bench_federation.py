@@ -167,7 +167,7 @@ def test_holder_memory_reads_daemon_and_supernode_and_keeps_each_rounds_first_re
     import psutil
 
     # The test process stands in for a daemon; its child, holding 64 MiB, for its SuperNode.
-    child = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(64 << 20); print(1, flush=True); time.sleep(60)"],
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; b = b'1' * (64 << 20); print(1, flush=True); time.sleep(60)"],
                              stdout=subprocess.PIPE)
     try:
         assert child.stdout.readline().strip() == b"1"
@@ -175,7 +175,9 @@ def test_holder_memory_reads_daemon_and_supernode_and_keeps_each_rounds_first_re
         memory.on_status({"rounds": [{"round": 1}]})
         assert memory.first_and_last() is None
         memory.on_status({"rounds": [{"round": 1}, {"round": 2}]})
-        ballast = bytearray(48 << 20)  # the "daemon" grows by 48 MiB after round 2's reading ...
+        # The "daemon" grows by 48 MiB after round 2's reading (written, so resident: a zeroed bytearray of this size
+        # comes from calloc's untouched pages and may not count in the RSS at all) ...
+        ballast = b"1" * (48 << 20)
         memory.on_status({"rounds": [{"round": 1}, {"round": 2}]})  # ... which a second update of round 2 does not replace
         memory.on_status({"rounds": [{"round": 1}, {"round": 2}, {"round": 3}]})
         summary = memory.first_and_last()

@@ -323,7 +323,8 @@ def test_a_long_lived_holder_steers_its_workers_with_weights_and_a_stop(tiny_ber
     parameters' digests differ after the run and it fails), a stop asked on rank 0 ends every worker at the same
     step, and the group then trains again and closes."""
     from ewtune.agent.distributed.launch import start_workers
-    from ewtune.agent.training import StepPlan, TrainingConfig
+    from ewtune.agent.training import TrainingConfig
+    from ewtune.agent.dpsgd_run import StepPlan
 
     config = TrainingConfig(model_dir=str(tiny_bert_dir), data_file=str(mr_csv), mode="head", max_examples=80, max_length=24,
                             physical_batch_size=16, device="cpu", processes=2)  # fmt: skip

@@ -108,7 +108,8 @@ def _probe_accuracy(model_dir, data_file):
 
     from ewtune.accountant.phases import Phase, calibrate_phases
     from ewtune.accountant.sampling import executable_sampling_rate
-    from ewtune.agent.training import LocalTrainer, StepPlan, TrainingConfig
+    from ewtune.agent.training import LocalTrainer, TrainingConfig
+    from ewtune.agent.dpsgd_run import StepPlan
 
     trainer = LocalTrainer(TrainingConfig(model_dir=str(model_dir), data_file=str(data_file), mode="head", max_length=32,
                                           eval_fraction=0.2, insecure_seeded_randomness=True))

@@ -21,7 +21,8 @@ from ewtune.agent.data import DataSpec, load_local_data, split_key
 from ewtune.agent.dpsgd.engine import PerExampleClipper
 from ewtune.agent.dpsgd.step import DPSGDStep
 from ewtune.agent.evaluation import confusion_matrix
-from ewtune.agent.training import LocalTrainer, StepPlan, TrainingConfig, only_head_trainable
+from ewtune.agent.training import LocalTrainer, TrainingConfig, only_head_trainable
+from ewtune.agent.dpsgd_run import StepPlan
 
 CLIP = 1.0
 SHORT = ["a truly fine and moving film", "not good at all, sadly", "dull and slow and too long", "the cast is great in it"]

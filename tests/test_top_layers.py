@@ -123,7 +123,8 @@ def test_a_tuned_lora_adapter_and_a_tuned_model_load_back(tiny_pooled_3layer_dir
 
 
 def test_a_private_run_trains_the_top_layers_from_the_cache_and_leaves_the_rest(tiny_pooled_3layer_dir, mr_csv):
-    from ewtune.agent.training import LocalTrainer, StepPlan, TrainingConfig
+    from ewtune.agent.training import LocalTrainer, TrainingConfig
+    from ewtune.agent.dpsgd_run import StepPlan
 
     trainer = LocalTrainer(TrainingConfig(model_dir=str(tiny_pooled_3layer_dir), data_file=str(mr_csv), mode="full",
                                           tune_layers=1, max_length=32, max_examples=120, insecure_seeded_randomness=True))

@@ -11,7 +11,8 @@ from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.events import PoissonGaussianEvent
 from ewtune.accountant.sampling import executable_sampling_rate
 from ewtune.agent.dpsgd.unpadded import padded_length
-from ewtune.agent.training import LocalTrainer, StepPlan, TrainingConfig, TrainingFailed
+from ewtune.agent.training import LocalTrainer, TrainingConfig
+from ewtune.agent.dpsgd_run import StepPlan, TrainingFailed
 from support.training import ON_GPU
 
 
@@ -151,7 +152,7 @@ def test_accuracy_and_macro_f1_match_a_hand_count():
 
 
 def test_optimizer_choice():
-    from ewtune.agent.training import make_optimizer
+    from ewtune.agent.dpsgd_run import make_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert isinstance(make_optimizer("adamw", params, 1e-3), torch.optim.AdamW)

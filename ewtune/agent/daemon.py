@@ -62,7 +62,8 @@ from ewtune.agent.ledger_history import evaluations_since, released_rounds
 from ewtune.agent.policy import AgentConfig, HolderPolicy, PlanRefused
 from ewtune.agent.recovery import ProgressJournal, journal_path, reconcile
 from ewtune.agent.released_count import current_count, latest_count
-from ewtune.agent.training import StepPlan, TrainingConfig, TrainingFailed
+from ewtune.agent.training import TrainingConfig
+from ewtune.agent.dpsgd_run import StepPlan, TrainingFailed
 from ewtune.agent.rpc import DaemonUnavailable, RequestFailed
 from ewtune.agent.weights_wire import state_from_arrays, to_numpy, trainable_layout
 from ewtune.federation.contract import EvaluationRequest, HolderDescription, RevealRequest, RoundPlan

@@ -52,7 +52,7 @@ from ewtune.accountant.sampling import executable_sampling_rate
 RECIPE_MODES = ("lora", "full", "head")
 LOW_EPSILON = math.sqrt(8.0)  # the geometric midpoint of the sweep's budgets, 1 and 8
 LOW_EPSILON_PROBE = {"probe_epochs": 10.0, "probe_expected_batch": 512, "probe_learning_rate": 1.0}
-OPTIMIZERS = ("adamw", "sgd")  # see ewtune.agent.training.make_optimizer
+OPTIMIZERS = ("adamw", "sgd")  # see ewtune.agent.dpsgd_run.make_optimizer
 # LP-FT: the settings that add the tune phase (the top layers on cached states) to the default probe.
 LPFT = {"mode": "lora", "tune_epochs": 1.0}
 MAX_DEFAULT_SAMPLING_RATE = 0.25  # a default expected batch is at most this share of the training records

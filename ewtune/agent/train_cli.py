@@ -245,7 +245,7 @@ def _run_phases(args, trainer, recipe, calibrated, ledger, progress, size: int) 
     """Each phase in turn; with a ledger, reserved before it runs and committed with what it executed (the
     steps that ran are committed even when the phase fails)."""
     # deferred: train-local checks its input before torch, scipy or cryptography load (tests/test_train_cli.py)
-    from ewtune.agent.training import StepPlan, TrainingFailed, TrainingInterrupted
+    from ewtune.agent.dpsgd_run import StepPlan, TrainingFailed, TrainingInterrupted
 
     results = []  # size: the N the phases' q was planned for (with a ledger, its noised count)
     run_id = "train-local-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")

@@ -46,7 +46,7 @@ from ewtune.agent.dpsgd.engine import PerExampleClipper
 from ewtune.agent.dpsgd.losses import causal_lm_loss, classification_loss
 from ewtune.agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
 from ewtune.agent.dpsgd.unpadded import PAD_MULTIPLE, padded_length
-from ewtune.agent.dpsgd_run import (  # the run's contract, imported from here by the daemon, the CLI and the tests
+from ewtune.agent.dpsgd_run import (
     StepPlan,
     TrainingFailed,
     TrainingInterrupted,

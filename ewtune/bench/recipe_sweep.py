@@ -52,7 +52,8 @@ def main() -> int:
     from ewtune.accountant.sampling import executable_sampling_rate
     from ewtune.agent.heads import embed_examples
     from ewtune.agent.train_cli import resolve_data, resolve_model
-    from ewtune.agent.training import LocalTrainer, StepPlan, TrainingConfig
+    from ewtune.agent.training import LocalTrainer, TrainingConfig
+    from ewtune.agent.dpsgd_run import StepPlan
 
     torch.set_num_threads(1)  # one thread: the machine is shared, and oversubscribed threads spin
     started = time.perf_counter()
@@ -154,7 +155,8 @@ def tune_sweep(args) -> int:
     from ewtune.agent.recipe import Recipe
     from ewtune.agent.top_layers import TopLayers, hidden_states_below
     from ewtune.agent.train_cli import resolve_data, resolve_model
-    from ewtune.agent.training import LocalTrainer, StepPlan, TrainingConfig, base_model
+    from ewtune.agent.training import LocalTrainer, TrainingConfig, base_model
+    from ewtune.agent.dpsgd_run import StepPlan
 
     torch.set_num_threads(1)
     started = time.perf_counter()

@@ -27,7 +27,8 @@ def non_private_run(args) -> dict:
     from ewtune.agent.dpsgd.randomness import InsecureSeededRandom
     from ewtune.agent.evaluation import majority_baseline
     from ewtune.agent.sampler import PoissonSampler
-    from ewtune.agent.training import LocalTrainer, only_head_trainable, make_optimizer
+    from ewtune.agent.training import LocalTrainer, only_head_trainable
+    from ewtune.agent.dpsgd_run import make_optimizer
 
     started = time.perf_counter()
     recipe = train_cli.recipe_from_args(args)

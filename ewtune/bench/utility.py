@@ -175,7 +175,8 @@ def _lpft_once(cached: _Cached, recipe, epsilon: float | None):
     from ewtune.agent.dpsgd import DPSGDStep, PerExampleClipper, classification_loss
     from ewtune.agent.sampler import PoissonSampler
     from ewtune.agent.top_layers import TopLayers, hidden_batch
-    from ewtune.agent.training import base_model, make_optimizer
+    from ewtune.agent.training import base_model
+    from ewtune.agent.dpsgd_run import make_optimizer
 
     started, cpu_started = time.perf_counter(), time.process_time()
     probe_phase, tune_phase = recipe.calibrate(epsilon or 8.0, DELTA, len(cached.train_labels))

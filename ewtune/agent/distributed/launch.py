@@ -9,7 +9,7 @@ Rank 0 hosts the rendezvous (a TCPStore on 127.0.0.1 at a port the system choose
 charges what ran and then stops them), with their stderr in a temporary file, and sends them the training
 configuration. A worker that ends early fails rank 0's next collective operation; rank 0 then names it, its exit
 status and its last line of stderr (:class:`Followers`), and the run fails as a failure of one process does, with
-the steps begun charged (:class:`ewtune.agent.training.TrainingFailed`).
+the steps begun charged (:class:`ewtune.agent.dpsgd_run.TrainingFailed`).
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ def _add_verification_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _report(args: argparse.Namespace):
     # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
-    from ewtune.accountant.ledger import Head, default_head_path
+    from ewtune.accountant.ledger_head import Head, default_head_path
     from ewtune.accountant.verify import verify_ledger
 
     pinned = None if args.public_key is None else _public_key_argument(args.public_key)
@@ -174,7 +174,8 @@ def _show(args: argparse.Namespace) -> int:
 
 def _anchor(args: argparse.Namespace) -> int:
     # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
-    from ewtune.accountant.ledger import Ledger, default_head_path
+    from ewtune.accountant.ledger import Ledger
+    from ewtune.accountant.ledger_head import default_head_path
     from ewtune.accountant.signing import SigningKey
 
     head_path = args.head or default_head_path(args.path)

@@ -24,7 +24,8 @@ import sys
 
 import ewtune.accountant.ledger as ledger_module
 from ewtune.accountant.events import PoissonGaussianEvent, event_to_json
-from ewtune.accountant.ledger import Ledger, entry_hash
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.ledger_lines import entry_hash
 from ewtune.accountant.signing import SigningKey
 
 WRITER = "hospital-a"

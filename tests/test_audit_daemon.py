@@ -13,7 +13,8 @@ import pytest
 from ewtune.accountant.certified import certified_epsilon
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.events import PoissonGaussianEvent
-from ewtune.accountant.ledger import AUDIT_PURPOSE, Ledger
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.ledger_payloads import AUDIT_PURPOSE
 from ewtune.accountant.signing import SigningKey
 from ewtune.accountant.verify import verify_ledger
 from ewtune.agent.audit.holder import AuditHolderConfig, AuditTrainer

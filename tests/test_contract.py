@@ -14,7 +14,7 @@ from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from ewtune.accountant.errors import InvalidInputError
-from ewtune.accountant.ledger import AUDIT_PURPOSE
+from ewtune.accountant.ledger_payloads import AUDIT_PURPOSE
 from ewtune.agent import client_app
 from ewtune.agent.rpc import DaemonClient, serve
 from ewtune.coordinator import round_messages

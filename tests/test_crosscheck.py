@@ -11,7 +11,8 @@ from support.ledgers import anchor_head_at, read_entries, resign, write_entries
 import ewtune.coordinator.ledger_crosscheck as coordinator_crosscheck
 from ewtune.accountant import crosscheck
 from ewtune.accountant.events import PoissonGaussianEvent
-from ewtune.accountant.ledger import Ledger, default_head_path
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.ledger_head import default_head_path
 from ewtune.accountant.signing import SigningKey
 from ewtune.accountant.verify import verify_ledger
 from ewtune.cli import main
@@ -120,7 +121,7 @@ def test_the_coordinator_module_re_exports_the_accountant_cross_check():
 def test_a_holders_private_evaluations_do_not_shadow_its_training_commits(tmp_path):
     """A private evaluation of round r's model is reserved under (run, r) like round r's training: charged in the
     holder's ledger, never aggregated, so it must not replace the training commit the coordinator matches."""
-    from ewtune.accountant.ledger import EVALUATION_PURPOSE
+    from ewtune.accountant.ledger_payloads import EVALUATION_PURPOSE
 
     coordinator_key, holder_key = SigningKey.generate(), SigningKey.generate()
     coordinator_path, holder_path = tmp_path / "coordinator.jsonl", tmp_path / "bank.jsonl"

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from ewtune.accountant.crosscheck import cross_check, read_entries
-from ewtune.accountant.ledger import AUDIT_PURPOSE
+from ewtune.accountant.ledger_payloads import AUDIT_PURPOSE
 from ewtune.accountant.one_run_audit import one_run_bound
 from ewtune.accountant.verify import verify_ledger
 from ewtune.coordinator.canary_audit import scores_digest

@@ -23,7 +23,9 @@ from support.ledgers import build_ledger
 
 from ewtune.accountant.errors import EwtuneError
 from ewtune.accountant.events import PoissonGaussianEvent
-from ewtune.accountant.ledger import Head, Ledger, default_head_path, parse_head, parse_line, split_lines
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.ledger_head import Head, default_head_path, parse_head
+from ewtune.accountant.ledger_lines import parse_line, split_lines
 from ewtune.accountant.receipts import Receipt, sign_receipt, update_digest, verify_receipt
 from ewtune.accountant.signing import SigningKey, canonical_json
 from ewtune.accountant.verify import verify_ledger

@@ -20,7 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from support.fake_grid import FakeGrid, Node, _directory, _federation
 
 from ewtune.accountant.events import PoissonGaussianEvent
-from ewtune.accountant.ledger import parse_line, split_lines
+from ewtune.accountant.ledger_lines import parse_line, split_lines
 from ewtune.accountant.receipts import Receipt, sign_receipt, update_digest
 from ewtune.accountant.verify import verify_ledger
 from ewtune.coordinator.checkpoints import load_weights

@@ -14,7 +14,8 @@ from support.ledgers import BUDGET, DIGEST, ROUND, WRITER, build_ledger, read_en
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.events import PoissonGaussianEvent, compose
-from ewtune.accountant.ledger import GENESIS_PREV, Ledger, entry_hash, signed_bytes
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.ledger_lines import GENESIS_PREV, entry_hash, signed_bytes
 from ewtune.accountant.signing import SigningKey, canonical_json, verify_signature
 from ewtune.accountant.spend import holder_spends, spend_with
 

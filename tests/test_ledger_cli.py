@@ -12,7 +12,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from support.ledgers import BUDGET, ROUND, WRITER, build_ledger, read_entries
 
-from ewtune.accountant.ledger import Ledger, entry_hash
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.ledger_lines import entry_hash
 from ewtune.accountant.signing import SigningKey
 from ewtune.cli import main
 

@@ -24,7 +24,9 @@ from ledger_crash_writer import APPENDS, POINTS, ROUND, WRITER
 
 from ewtune.accountant.certified import certified_epsilon
 from ewtune.accountant.events import compose, event_from_json
-from ewtune.accountant.ledger import Ledger, default_head_path, entry_hash
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.ledger_head import default_head_path
+from ewtune.accountant.ledger_lines import entry_hash
 from ewtune.accountant.signing import SigningKey
 from ewtune.accountant.verify import verify_ledger
 

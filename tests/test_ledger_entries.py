@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ewtune.accountant.entries import HolderEntry, holder_entries, registered_keys, reservations_and_commits
 from ewtune.accountant.events import PoissonGaussianEvent, event_from_json
-from ewtune.accountant.ledger import EVALUATION_PURPOSE, Ledger, Policy
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.ledger_payloads import EVALUATION_PURPOSE, Policy
 from ewtune.accountant.signing import SigningKey
 
 ROUND = PoissonGaussianEvent(0.01, 1.0, 200)

@@ -13,15 +13,9 @@ from support.ledgers import BUDGET, ROUND, WRITER, anchor_head_at, build_ledger,
 from support.ledgers import ledger, lines_of, pristine  # noqa: F401 - fixtures shared with the tamper tests
 
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
-from ewtune.accountant.ledger import (
-    Head,
-    Ledger,
-    default_head_path,
-    entry_hash,
-    head_document,
-    read_head,
-    write_head,
-)
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.ledger_head import Head, default_head_path, head_document, read_head, write_head
+from ewtune.accountant.ledger_lines import entry_hash
 from ewtune.accountant.signing import SigningKey
 from ewtune.accountant.verify import verify_ledger
 from ewtune.cli import main

@@ -8,7 +8,8 @@ import pytest
 from support.ledgers import BUDGET, ROUND, WRITER, anchor_head_at, ledger, lines_of, pristine, read_entries, resign, write_entries  # noqa: F401 - ledger and pristine are fixtures
 
 from ewtune.accountant.errors import InvalidInputError
-from ewtune.accountant.ledger import Ledger, default_head_path, read_head
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.ledger_head import default_head_path, read_head
 from ewtune.accountant.signing import SigningKey
 from ewtune.accountant.verify import verify_ledger
 

@@ -14,7 +14,7 @@ from flwr.app import MessageType
 from support.fake_grid import Node, _directory, _federation, fake_task_identity
 
 from ewtune.accountant.events import PoissonGaussianEvent
-from ewtune.accountant.ledger import parse_line, split_lines
+from ewtune.accountant.ledger_lines import parse_line, split_lines
 from ewtune.accountant.signing import SigningKey
 from ewtune.accountant.verify import verify_ledger
 from ewtune.coordinator.checkpoints import load_weights

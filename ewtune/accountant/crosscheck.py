@@ -22,7 +22,8 @@ from typing import Any
 
 from ewtune.accountant.entries import registered_keys, reservations_and_commits
 from ewtune.accountant.errors import InvalidInputError
-from ewtune.accountant.ledger import EVALUATION_PURPOSE, parse_line, split_lines
+from ewtune.accountant.ledger_lines import parse_line, split_lines
+from ewtune.accountant.ledger_payloads import EVALUATION_PURPOSE
 from ewtune.accountant.verify import verify_with_its_head
 
 

@@ -29,29 +29,22 @@ from ewtune.accountant.events import DpEvent, event_to_json
 from ewtune.accountant.ledger_files import FILE_MODE, fsync_directory, lock_writer, read_all, write_all
 from ewtune.accountant.ledger_head import (
     Head,
-    HeadRecord,
     default_head_path,
     head_document,
     head_mismatch,
-    parse_head,
     read_head,
     write_head,
 )
 from ewtune.accountant.ledger_lines import (
-    GENESIS_PREV,
     ChainChecker,
     SplitFile,
     entry_hash,
     format_time,
     parse_line,
-    parse_time,
     signed_bytes,
     split_lines,
 )
 from ewtune.accountant.ledger_payloads import (
-    AUDIT_PURPOSE,
-    DATASET_SIZE_PURPOSE,
-    EVALUATION_PURPOSE,
     STATED_EPSILONS,
     Policy,
     as_float,
@@ -60,13 +53,6 @@ from ewtune.accountant.ledger_payloads import (
 )
 from ewtune.accountant.signing import SigningKey, canonical_json
 from ewtune.accountant.spend import LEDGER_SCHEMA, HolderSpend, LedgerState, Reservation
-
-__all__ = [  # with what other modules import from here since the head and line code moved out
-    "AUDIT_PURPOSE", "DATASET_SIZE_PURPOSE", "EVALUATION_PURPOSE", "FILE_MODE", "GENESIS_PREV", "STATED_EPSILONS",
-    "ChainChecker", "Head", "HeadRecord", "Ledger", "Policy", "SplitFile", "default_head_path", "entry_hash",
-    "head_document", "head_mismatch", "parse_head", "parse_line", "parse_time", "read_head", "signed_bytes",
-    "split_lines", "write_head",
-]
 
 log = logging.getLogger(__name__)
 

@@ -121,7 +121,7 @@ def _run(config, ledger):
     """The audit; with a ledger, its event reserved first and committed with the bound (aborted if no step ran)."""
     # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.events import PoissonGaussianEvent
-    from ewtune.accountant.ledger import AUDIT_PURPOSE
+    from ewtune.accountant.ledger_payloads import AUDIT_PURPOSE
     from ewtune.accountant.sampling import executable_sampling_rate
     from ewtune.agent.audit.run import run_audit
 

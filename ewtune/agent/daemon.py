@@ -48,7 +48,8 @@ import torch
 from ewtune.accountant.certified import CertifiedAccountant
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
 from ewtune.accountant.events import PoissonGaussianEvent
-from ewtune.accountant.ledger import AUDIT_PURPOSE, EVALUATION_PURPOSE, Ledger
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.ledger_payloads import AUDIT_PURPOSE, EVALUATION_PURPOSE
 from ewtune.accountant.privacy_accountant import delta_too_large
 from ewtune.accountant.receipts import Receipt, receipt_digest, sign_receipt, update_digest
 from ewtune.accountant.sampling import executable_sampling_rate

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from ewtune.accountant.ledger import EVALUATION_PURPOSE
+from ewtune.accountant.ledger_payloads import EVALUATION_PURPOSE
 
 
 def evaluations_since(entries, since: datetime) -> int:

@@ -36,7 +36,8 @@ from typing import Any, Mapping
 
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
 from ewtune.accountant.events import PoissonGaussianEvent, mechanisms
-from ewtune.accountant.ledger import FILE_MODE, Ledger
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.ledger_files import FILE_MODE
 from ewtune.accountant.receipts import receipt_digest, verify_receipt
 from ewtune.accountant.signing import canonical_json
 from ewtune.accountant.spend import Reservation

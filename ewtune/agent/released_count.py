@@ -34,7 +34,9 @@ from typing import Any, Iterable, Mapping
 
 from ewtune.accountant.errors import EwtuneError
 from ewtune.accountant.events import PoissonGaussianEvent
-from ewtune.accountant.ledger import DATASET_SIZE_PURPOSE, FILE_MODE, Ledger
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.ledger_files import FILE_MODE
+from ewtune.accountant.ledger_payloads import DATASET_SIZE_PURPOSE
 from ewtune.agent.recovery import ProgressJournal
 
 COUNT_RUN_ID = "dataset-size"  # the run id of a count release's reservation (no training run's)

@@ -28,7 +28,8 @@ def register(commands) -> None:
 def holder_status(config) -> dict:
     """The status of the holder of ``config`` (an :class:`ewtune.agent.policy.AgentConfig`) as a JSON object."""
     # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
-    from ewtune.accountant.ledger import default_head_path, entry_hash, parse_line, split_lines
+    from ewtune.accountant.ledger_head import default_head_path
+    from ewtune.accountant.ledger_lines import entry_hash, parse_line, split_lines
     from ewtune.accountant.signing import SigningKey
     from ewtune.accountant.verify import verify_ledger
     from ewtune.agent.recovery import journal_path, read_progress

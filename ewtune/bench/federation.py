@@ -229,7 +229,7 @@ def ledger_breakdown(committed: dict[str, tuple[dict, dict]]) -> list[dict[str, 
 def _reserve_commit_by_round(entries, run_id: str, holder: str) -> dict[int, tuple[dict, dict]]:
     """round -> (reserve, commit) of the training events of ``holder`` in ``run_id`` (evaluations left out)."""
     # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
-    from ewtune.accountant.ledger import EVALUATION_PURPOSE
+    from ewtune.accountant.ledger_payloads import EVALUATION_PURPOSE
 
     reserves = {
         e["seq"]: e for e in entries
@@ -244,7 +244,7 @@ def _reserve_commit_by_round(entries, run_id: str, holder: str) -> dict[int, tup
 
 def _seconds(entry: dict) -> float:
     # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
-    from ewtune.accountant.ledger import parse_time
+    from ewtune.accountant.ledger_lines import parse_time
 
     return parse_time(entry["time"]).timestamp()
 

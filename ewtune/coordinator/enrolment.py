@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from flwr.serverapp import Grid
 
 from ewtune.accountant.entries import registered_keys
-from ewtune.accountant.ledger import Ledger, Policy
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.ledger_payloads import Policy
 from ewtune.accountant.signing import SigningKey
 from ewtune.coordinator.config import FederationConfig
 from ewtune.coordinator.exchange import exchange

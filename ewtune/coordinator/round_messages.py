@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from ewtune.accountant.errors import InvalidInputError
-from ewtune.accountant.ledger import AUDIT_PURPOSE
+from ewtune.accountant.ledger_payloads import AUDIT_PURPOSE
 from ewtune.coordinator.planner import FederationSettings, HolderPlan
 from ewtune.federation.contract import (
     EvaluationReply,

@@ -198,7 +198,7 @@ def _verify_and_cross_check(paths: list[str], public_key: str | None) -> tuple[d
 
 def _registers_holders(path: str) -> bool:
     """Whether any readable line of the ledger at ``path`` (verified or not) registers a holder: a coordinator's."""
-    from ewtune.accountant.ledger import parse_line, split_lines
+    from ewtune.accountant.ledger_lines import parse_line, split_lines
 
     try:
         lines = split_lines(Path(path).read_bytes()).lines
@@ -227,7 +227,7 @@ def _holder_ledgers(paths: list[str]) -> dict[str, str]:
 
 
 def _verified_entries(path, count: int) -> list[dict[str, Any]]:
-    from ewtune.accountant.ledger import parse_line, split_lines
+    from ewtune.accountant.ledger_lines import parse_line, split_lines
 
     return [parse_line(line) for line in split_lines(Path(path).read_bytes()).lines[:count]]
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from ewtune.accountant.events import PoissonGaussianEvent
-from ewtune.accountant.ledger import GENESIS_PREV, Head, Ledger, default_head_path, entry_hash, head_document, signed_bytes, write_head
+from ewtune.accountant.ledger import Ledger
+from ewtune.accountant.ledger_head import Head, default_head_path, head_document, write_head
+from ewtune.accountant.ledger_lines import GENESIS_PREV, entry_hash, signed_bytes
 from ewtune.accountant.signing import SigningKey, canonical_json
 
 WRITER = "hospital-a"

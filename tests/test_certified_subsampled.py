@@ -79,7 +79,8 @@ def test_tilted_window_near_its_centre_bounds_the_exact_composition_above_its_st
 
     import numpy as np
 
-    from ewtune.accountant.pld_engine import Direction, compose, step_pmf
+    from ewtune.accountant.pld_engine import compose
+    from ewtune.accountant.pld_grid import Direction, step_pmf
 
     h, steps, tilt = 2.0**-7, 30, 2.0
     pmf = step_pmf(Direction.REMOVE, 0.2, 1.0, h, 1e-20)

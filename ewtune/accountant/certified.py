@@ -61,7 +61,9 @@ from ewtune.accountant.gaussian_closed_form import gaussian_delta, gaussian_epsi
 from ewtune.accountant.events import DpEvent, Neighbouring, mechanisms, neighbouring_of
 from ewtune.accountant.memo import Memo
 from ewtune.accountant.privacy_accountant import Kind, PrivacyAccountant
-from ewtune.accountant.pld_engine import Bulk, Circle, ComposedPmf, Direction, StepPmf, compose, loss_moments, step_pmf, untilted_bulk
+from ewtune.accountant.pld_engine import ComposedPmf, compose
+from ewtune.accountant.pld_grid import Direction, StepPmf, loss_moments, step_pmf
+from ewtune.accountant.pld_window import Bulk, Circle, untilted_bulk
 
 TARGET_RELATIVE_ERROR = 2.5e-3
 """Loosest error aimed at by the interval choice: half the documented promise, 0.5%, checked in tests."""

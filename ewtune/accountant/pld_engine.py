@@ -30,12 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ewtune.accountant.pld_fft import circular_power
-from ewtune.accountant.pld_grid import UNIT_ROUNDOFF, Direction, StepPmf, loss_moments, step_pmf
-from ewtune.accountant.pld_window import Bulk, Circle, untilted_bulk
-
-__all__ = [  # with what ewtune.accountant.certified imports from here
-    "Bulk", "Circle", "ComposedPmf", "Direction", "StepPmf", "compose", "loss_moments", "step_pmf", "untilted_bulk",
-]
+from ewtune.accountant.pld_grid import UNIT_ROUNDOFF, StepPmf
+from ewtune.accountant.pld_window import Circle
 
 _SUMMATION_MARGIN = 1e-6  # relative: covers the rounding of ComposedPmf.epsilon's tail sums (step 5)
 _SCAN_CELLS = 4096  # cells in the first step of ComposedPmf.epsilon's downward scan (each next one twice as many)

@@ -231,11 +231,17 @@ class PerExampleClipper:
             del grams
             norms = norms_squared.sqrt()
             usable = torch.isfinite(norms) & torch.isfinite(losses.detach())
-            grads = self._weighted_sums(uses, instantiated, norms) if bool(usable.all()) else None
+            grads = self._weighted_sums(uses, instantiated, norms) if self.all_usable(usable) else None
         if grads is None:
             del uses, instantiated
             return self._sum_of_usable(batch, usable, norms)
         return ClippedSum(grads, norms, float(losses.detach().sum()), size)
+
+    def all_usable(self, usable: torch.Tensor) -> bool:
+        """Whether every example of the part has a finite loss and gradient norm (else the usable ones are computed
+        again, :meth:`_sum_of_usable`); a sharded clipper asks every worker, so that all take the same path
+        (:mod:`ewtune.agent.distributed.sharded`)."""
+        return bool(usable.all())
 
     def _weighted_sums(self, uses, instantiated, norms: torch.Tensor) -> dict[str, torch.Tensor]:
         """sum_i c_i g_i per parameter, with c_i = min(1, C / (||g_i|| + 1e-6))."""

@@ -17,12 +17,17 @@ time-sharing with other jobs does not inflate (at one thread it equals the wall 
 wall time is reported beside it. Peak memory is the peak resident set size during the timed steps
 (``VmHWM``, reset after loading) on CPU and ``torch.cuda.max_memory_allocated`` on GPU. Tokens per second count
 the non-padding tokens of the batch.
+
+``ewtune.cli`` imports this module for every command (``ewtune.bench.cli`` registers each benchmark), so torch
+(+0.9 s measured), opacus and the engines load inside the functions that run a configuration.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -127,13 +132,11 @@ def _on_cuda(device: str) -> bool:
 
 
 def _environment(device: str) -> dict:
-    import platform
-
-    import torch
+    import torch  # deferred: see the module docstring
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(), "device": device}
     try:
-        import opacus
+        import opacus  # deferred: +1.9 s over torch; optional (the [bench] extra)
 
         env["opacus"] = opacus.__version__
     except ImportError:
@@ -266,6 +269,7 @@ def _reset_peak_rss() -> None:
 
 
 def _step_function(engine: str, model, batch: dict, config: dict):
+    # deferred: see the module docstring
     import torch
     import torch.nn.functional as F
 
@@ -283,12 +287,14 @@ def _step_function(engine: str, model, batch: dict, config: dict):
 
         return step
     if engine == "ewtune":
+        # deferred: +0.7 s over torch; +7 MB resident, which would count in the other engines' peak memory
         from ewtune.agent.dpsgd import DPSGDStep, PerExampleClipper, classification_loss
 
         clipper = PerExampleClipper(model, 1.0, classification_loss)
         dp_step = DPSGDStep(model, clipper, optimizer, 1.0, 1.0, size, size)  # noise from the secure source, as shipped
         return lambda: dp_step.step(batch)
     if engine == "opacus-hooks":
+        # deferred: opacus +1.9 s and +114 MB resident, which would count in the other engines' peak memory
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
@@ -302,6 +308,7 @@ def _step_function(engine: str, model, batch: dict, config: dict):
 
         return step
     if engine == "opacus-ghost":
+        # deferred: opacus +1.9 s and +114 MB resident, which would count in the other engines' peak memory
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
         from opacus.optimizers import DPOptimizerFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
@@ -323,9 +330,7 @@ def _step_function(engine: str, model, batch: dict, config: dict):
 
 def worker(config: dict) -> dict:
     """Time one configuration: warm-up steps, then timed steps; peak memory over the timed steps."""
-    import contextlib
-
-    import torch
+    import torch  # deferred: see the module docstring
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)

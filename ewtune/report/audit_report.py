@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ewtune.report.accuracy_records import read_accuracy
+from ewtune.accountant.accountants import standard_accountants
+from ewtune.accountant.crosscheck import cross_check_ledgers
 from ewtune.accountant.entries import COMMIT, RESERVE, CommitEntry, ReserveEntry
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
 from ewtune.accountant.events import ComposedEvent, event_from_json
+from ewtune.accountant.ledger_lines import parse_line, split_lines
 from ewtune.accountant.privacy_accountant import PrivacyAccountant
 from ewtune.accountant.spend import LedgerState, mechanism_rows
-from ewtune.accountant.verify import VerificationReport
+from ewtune.accountant.verify import VerificationReport, ledger_writer, verify_with_its_head
+from ewtune.report.accuracy_records import read_accuracy
 
 
 VERIFIED = "verified"
@@ -106,8 +109,6 @@ def build_report(paths: Sequence[str | Path], accuracy_path: str | Path | None =
     verified = {
         str(path): _verified_entries(path, report.entries_verified) for path, report in zip(paths, reports) if report.ok
     }
-    from ewtune.accountant.accountants import standard_accountants
-
     accountants = standard_accountants()  # shared by every ledger: a coordinator's and a holder's record the same
     curves = [curve for path, entries in verified.items() for curve in holder_curves(path, entries, accountants)]
     rows = {path: [entry_row(entry) for entry in entries] for path, entries in verified.items()}
@@ -177,13 +178,9 @@ def _verify_and_cross_check(paths: list[str], public_key: str | None) -> tuple[d
     exactly as ``ewtune ledger crosscheck COORDINATOR HOLDER=LEDGER...`` computes them: each holder's ledger pinned
     to the key the coordinator registered for it, every holder ledger given taken into the cross-check (one that
     fails its own verification fails the receipts too)."""
-    from ewtune.accountant.verify import verify_with_its_head
-
     coordinators = [path for path in paths if _registers_holders(path)]
     if len(coordinators) == 1 and len(paths) > 1:
         holders = _holder_ledgers([path for path in paths if path != coordinators[0]])
-        from ewtune.accountant.crosscheck import cross_check_ledgers
-
         result = cross_check_ledgers(coordinators[0], holders, public_key)
         by_path = {coordinators[0]: result.reports["coordinator"]}
         by_path.update({path: result.reports[holder_id] for holder_id, path in holders.items()})
@@ -198,8 +195,6 @@ def _verify_and_cross_check(paths: list[str], public_key: str | None) -> tuple[d
 
 def _registers_holders(path: str) -> bool:
     """Whether any readable line of the ledger at ``path`` (verified or not) registers a holder: a coordinator's."""
-    from ewtune.accountant.ledger_lines import parse_line, split_lines
-
     try:
         lines = split_lines(Path(path).read_bytes()).lines
     except OSError:
@@ -215,8 +210,6 @@ def _registers_holders(path: str) -> bool:
 
 def _holder_ledgers(paths: list[str]) -> dict[str, str]:
     """Holder id (the writer its genesis names) -> ledger path; two ledgers of one writer are refused."""
-    from ewtune.accountant.verify import ledger_writer
-
     holders: dict[str, str] = {}
     for path in paths:
         writer = ledger_writer(path)
@@ -227,8 +220,6 @@ def _holder_ledgers(paths: list[str]) -> dict[str, str]:
 
 
 def _verified_entries(path, count: int) -> list[dict[str, Any]]:
-    from ewtune.accountant.ledger_lines import parse_line, split_lines
-
     return [parse_line(line) for line in split_lines(Path(path).read_bytes()).lines[:count]]
 
 

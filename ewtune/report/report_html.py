@@ -2,7 +2,8 @@
 
 The page embeds every plot as a ``data:`` URI and carries no script, stylesheet or font from elsewhere, so
 an auditor opens it offline in any browser, with no ewtune installed; the same plots are written beside it
-as PNG files. matplotlib is imported here only, when a report is drawn (``ewtune --help`` stays fast).
+as PNG files. matplotlib is imported here only, when a report is drawn: a refused ``ewtune ledger report`` (a
+ledger given twice, say) answers in 0.65 s without it, 0.95 s with it (measured).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def _accuracy_figure(series: list[dict[str, Any]]):
 
 
 def _figure():
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deferred: +0.3 s on a refused `ewtune ledger report` (module docstring)
 
     figure = Figure(figsize=(9, 4), dpi=100, layout="constrained")
     return figure, figure.add_subplot()

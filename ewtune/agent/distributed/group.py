@@ -134,7 +134,7 @@ class WorkerGroup:
 
         def stopping() -> bool:
             flag = torch.tensor([int(self.is_leader and should_stop is not None and bool(should_stop()))], device=self.device)
-            self._collective(dist.broadcast, flag, src=0)
+            self.collective(dist.broadcast, flag, src=0)
             return bool(flag.item())
 
         return stopping
@@ -147,12 +147,12 @@ class WorkerGroup:
 
     def send(self, message) -> None:
         """Rank 0 sends a picklable ``message`` to every other worker."""
-        self._collective(dist.broadcast_object_list, [message], src=0, device=self.device)
+        self.collective(dist.broadcast_object_list, [message], src=0, device=self.device)
 
     def receive(self):
         """The next message of rank 0 (:meth:`send`)."""
         box = [None]
-        self._collective(dist.broadcast_object_list, box, src=0, device=self.device)
+        self.collective(dist.broadcast_object_list, box, src=0, device=self.device)
         return box[0]
 
     def sync_parameters(self, module) -> None:
@@ -175,7 +175,7 @@ class WorkerGroup:
             if param.requires_grad:
                 digest.update(param.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
         digests = [None] * self.world_size
-        self._collective(dist.all_gather_object, digests, digest.hexdigest())
+        self.collective(dist.all_gather_object, digests, digest.hexdigest())
         if len(set(digests)) != 1:
             raise WorkerFailed(f"the {self.world_size} workers' trainable parameters differ after the phase")
 
@@ -195,16 +195,18 @@ class WorkerGroup:
     def _in_buckets(self, tensors: list[torch.Tensor], operation) -> None:
         for bucket in _buckets(tensors):
             if len(bucket) == 1 and bucket[0].is_contiguous():
-                self._collective(operation, bucket[0])
+                self.collective(operation, bucket[0])
                 continue
             flat = torch.cat([tensor.reshape(-1) for tensor in bucket])
-            self._collective(operation, flat)
+            self.collective(operation, flat)
             offset = 0
             for tensor in bucket:
                 tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
                 offset += tensor.numel()
 
-    def _collective(self, operation, *args, **kwargs):
+    def collective(self, operation, *args, **kwargs):
+        """``operation(*args, **kwargs)``, a collective operation of the workers; its failure (a worker gone) a
+        :class:`WorkerFailed` naming why."""
         try:
             return operation(*args, **kwargs)
         except RuntimeError as error:  # gloo and NCCL report a worker gone as a RuntimeError (DistBackendError)

@@ -1,0 +1,200 @@
+"""Full DP fine-tuning sharded with FSDP2 across two gloo workers (ewtune/agent/distributed/sharded.py) computes
+what one process computes: the clipped sums and per-example norms of each worker's records equal the unsharded
+engine's on the same records; the released update, with the single process's noise replayed shard by shard, equals
+the single process's; the noise is added once (the variance of a noise-only update is sigma^2 C^2 / B^2, not twice
+that); the parameters gathered back after two steps equal the single process's on every worker. A tiny random BERT
+with 101 token ids and 3 labels, so that some parameters split unevenly (51 + 50 rows, 2 + 1).
+
+The last test runs ``ewtune agent train-local --nproc 2 --sharding fsdp`` end to end and reads each worker's
+memory in its JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as multiprocessing
+from transformers import BertConfig, BertForSequenceClassification
+
+from ewtune.agent.distributed.group import WorkerGroup
+from ewtune.agent.distributed.sharded import ShardedWorkerGroup
+from ewtune.agent.dpsgd.engine import PerExampleClipper
+from ewtune.agent.dpsgd.losses import classification_loss
+from ewtune.agent.dpsgd.randomness import SecureRandom
+from ewtune.agent.dpsgd.step import DPSGDStep
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD_SIZE = 2
+RECORDS, LENGTH, VOCAB, LABELS = 12, 16, 101, 3
+STEP_BATCHES = (list(range(RECORDS)), [1, 2, 5, 8, 9])
+CLIP, SIGMA, EXPECTED_BATCH, LEARNING_RATE = 0.7, 1.3, 6.0, 0.01
+NOISE_ONLY = {"sigma": 1.7, "clip": 0.9, "expected_batch": 8.0, "steps": 4}
+
+
+def _tiny_bert() -> BertForSequenceClassification:
+    """A random 2-layer BERT without dropout, the same in every process (seeded)."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=32, num_labels=LABELS, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)  # fmt: skip
+    return BertForSequenceClassification(config).train()
+
+
+def _batch(indices) -> dict[str, torch.Tensor]:
+    """The records at ``indices`` of RECORDS right-padded token sequences of random lengths, with labels."""
+    generator = torch.Generator().manual_seed(5)
+    lengths = torch.randint(3, LENGTH + 1, (RECORDS,), generator=generator)
+    mask = (torch.arange(LENGTH) < lengths[:, None]).long()
+    input_ids = torch.randint(1, VOCAB, (RECORDS, LENGTH), generator=generator) * mask
+    labels = torch.randint(0, LABELS, (RECORDS,), generator=generator)
+    indices = torch.as_tensor(indices, dtype=torch.int64)
+    return {"input_ids": input_ids[indices], "attention_mask": mask[indices], "labels": labels[indices]}
+
+
+def _mine(indices, rank: int) -> list[int]:
+    return [i for i in indices if i % WORLD_SIZE == rank]
+
+
+class ReplayedNoise:
+    """A fixed stream of standard normals, one parameter's worth at a time; with ``rank`` and the parameters'
+    shapes, only that rank's rows (dim-0 chunks, as FSDP2 shards) of each parameter's normals, so that the
+    workers together add exactly the single process's noise."""
+
+    name = "replayed"
+    secure = False
+
+    def __init__(self, shapes=None, rank=None):
+        self.generator = torch.Generator().manual_seed(99)
+        self.shapes, self.rank, self.calls = shapes, rank, 0
+
+    def standard_normal(self, count, device=None):
+        if self.shapes is None:
+            return torch.randn(count, generator=self.generator)
+        shape = self.shapes[self.calls % len(self.shapes)]
+        self.calls += 1
+        full = torch.randn(math.prod(shape), generator=self.generator).reshape(shape[0], -1)
+        rows = math.ceil(shape[0] / WORLD_SIZE)
+        mine = full[self.rank * rows : (self.rank + 1) * rows].reshape(-1)
+        assert mine.numel() == count
+        return mine
+
+
+def _engine(model, group=None, noise=None, sigma=SIGMA, clip=CLIP, expected_batch=EXPECTED_BATCH):
+    """The engine of one process or of a worker of ``group``, with AdamW over the trainable parameters."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
+    settings = dict(model=model, clipper=PerExampleClipper(model, clip, classification_loss), optimizer=optimizer,
+                    noise_multiplier=sigma, clip_norm=clip, expected_batch_size=expected_batch, physical_batch_size=4)  # fmt: skip
+    if group is None:
+        return DPSGDStep(noise_source=noise, **settings)
+    return group.engine(noise_source=noise, **settings)
+
+
+def _full(released: dict) -> torch.Tensor:
+    return torch.cat([grad.full_tensor().reshape(-1) if hasattr(grad, "full_tensor") else grad.reshape(-1)
+                      for grad in released.values()])  # fmt: skip
+
+
+def _clipped_sums(group=None) -> dict:
+    """Without noise: the update (the clipped sum / B) of test (a)'s first batch, and this worker's norms."""
+    model = _tiny_bert()
+    engine = _engine(model, group, sigma=0.0)
+    indices = STEP_BATCHES[0] if group is None else _mine(STEP_BATCHES[0], group.rank)
+    released, stats = engine.noisy_gradient(_batch(indices))
+    update = _full(released)
+    if group is not None:
+        group.check_in_sync(model)  # the run ends: its shards go back into the model
+    return {"update": update, "norms": stats.per_example_norms, "examples": stats.examples}
+
+
+def _trained(group=None) -> dict:
+    """Two steps on the fixed batches with the replayed noise: the updates released, the parameters after."""
+    model = _tiny_bert()
+    shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+    engine = _engine(model, group, ReplayedNoise() if group is None else ReplayedNoise(shapes, group.rank))
+    released = []
+    for indices in STEP_BATCHES:
+        update, _ = engine.noisy_gradient(_batch(indices if group is None else _mine(indices, group.rank)))
+        released.append(_full(update))
+        for name, param in engine.clipper.params.items():
+            param.grad = update[name]
+        engine.optimizer.step()
+        engine.optimizer.zero_grad(set_to_none=True)
+    if group is not None:
+        group.check_in_sync(model)  # the shards gathered back into the model, and compared across the workers
+    return {"released": released, "parameters": torch.cat([p.detach().reshape(-1) for p in model.parameters()])}
+
+
+def _noise_only_updates(group) -> list[torch.Tensor]:
+    """Updates released from empty batches with each worker's secure source."""
+    model = _tiny_bert()
+    engine = _engine(model, group, SecureRandom(), NOISE_ONLY["sigma"], NOISE_ONLY["clip"], NOISE_ONLY["expected_batch"])
+    updates = [_full(engine.noisy_gradient(_batch([]))[0]) for _ in range(NOISE_ONLY["steps"])]
+    group.check_in_sync(model)
+    return updates
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    torch.set_num_threads(1)
+    try:
+        group = ShardedWorkerGroup.of(WorkerGroup(rank, WORLD_SIZE, torch.device("cpu")))
+        results = {"sums": _clipped_sums(group), "trained": _trained(group), "noise_only": _noise_only_updates(group)}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    """What each of the two gloo workers computed, by rank."""
+    out_dir = tmp_path_factory.mktemp("fsdp_workers")
+    multiprocessing.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+def test_sharded_clipped_sums_and_norms_equal_the_unsharded_engine_on_the_same_records(workers):
+    alone = _clipped_sums()
+    assert alone["update"].abs().max() > 1e-3
+    for rank, worker in enumerate(workers):
+        torch.testing.assert_close(worker["sums"]["update"], alone["update"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(worker["sums"]["norms"], alone["norms"][_mine(range(RECORDS), rank)], rtol=1e-5, atol=1e-7)
+        assert worker["sums"]["examples"] == RECORDS
+    one_worker_only = _engine(_tiny_bert(), sigma=0.0).noisy_gradient(_batch(_mine(STEP_BATCHES[0], 0)))[0]
+    assert not torch.allclose(_full(one_worker_only), alone["update"], atol=1e-4)  # the comparison above can fail
+
+
+def test_sharded_update_with_replayed_noise_and_parameters_after_equal_one_process(workers):
+    alone = _trained()
+    for worker in (worker["trained"] for worker in workers):
+        for released, expected in zip(worker["released"], alone["released"], strict=True):
+            assert released.abs().max() > 0.01  # noise std sigma C / B = 0.15
+            torch.testing.assert_close(released, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(worker["parameters"], alone["parameters"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(workers[0]["trained"]["parameters"], workers[1]["trained"]["parameters"])
+    assert not torch.allclose(alone["parameters"], torch.cat([p.detach().reshape(-1) for p in _tiny_bert().parameters()]))
+
+
+def test_sharded_noise_is_added_once_per_coordinate(workers):
+    expected_variance = (NOISE_ONLY["sigma"] * NOISE_ONLY["clip"] / NOISE_ONLY["expected_batch"]) ** 2
+    steps = [torch.stack([worker["noise_only"][step] for worker in workers]) for step in range(NOISE_ONLY["steps"])]
+    for both in steps:
+        assert torch.equal(both[0], both[1])  # every worker gathers the one released update
+    updates = torch.cat([both[0] for both in steps]).double()
+    assert updates.numel() > 20_000
+    # relative standard deviation of a sample variance: sqrt(2 / n) < 1%; noise drawn twice would double it
+    assert float(updates.var()) == pytest.approx(expected_variance, rel=0.05)
+    assert not torch.equal(steps[0][0], steps[1][0])

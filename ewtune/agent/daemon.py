@@ -18,7 +18,8 @@ metadata of Describe (the budget and spend; the data set size only as a noised c
 set and charged to the ledger, :mod:`ewtune.agent.released_count`: N never leaves exactly). Nothing
 measured from the data without noise leaves: not the training loss, not the sampled batch sizes, not the
 time a round took (it tracks the batch sizes). Evaluation metrics leave only when the policy opts in to
-private evaluation: a noised confusion matrix, charged to the ledger (:mod:`ewtune.agent.evaluation`).
+private evaluation: a noised confusion matrix (a causal LM: its noised clipped loss sums, a perplexity), charged to
+the ledger (:mod:`ewtune.agent.evaluation`).
 
 A refusal raises :class:`ewtune.agent.policy.PlanRefused` before anything is written, so it charges nothing. A
 failure after a step began (its sample drawn, records about to be read) charges every step that began, the
@@ -58,7 +59,7 @@ from ewtune.accountant.spend import mechanism_rows
 from ewtune.agent.audit.holder import AuditHolderConfig, AuditTrainer
 from ewtune.agent.distributed.launch import start_workers
 from ewtune.agent.dpsgd.randomness import SecureRandom
-from ewtune.agent.evaluation import private_metrics
+from ewtune.agent.evaluation import private_metrics, private_perplexity
 from ewtune.agent.ledger_history import evaluations_since, released_rounds
 from ewtune.agent.policy import AgentConfig, HolderPolicy, PlanRefused
 from ewtune.agent.recovery import ProgressJournal, journal_path, reconcile
@@ -393,7 +394,7 @@ class Daemon:
             self.trainer.load_trainable_state(state)
             self._journal.step(reservation, 1)
             records_read = True
-            metrics = private_metrics(self.trainer.confusion_matrix(), event.noise_multiplier)
+            metrics = self._released_evaluation(event.noise_multiplier)
         except BaseException as failure:  # once held-out records were read, a failure is charged like the release
             log.error("evaluation (reservation %d) failed: %s: %s", reservation, type(failure).__name__, failure)
             with self._ledger_lock:
@@ -409,6 +410,14 @@ class Daemon:
         with self._ledger_lock:
             self.ledger.commit(reservation, event, extra={"purpose": EVALUATION_PURPOSE, **self._release_facts()})
         return metrics
+
+    def _released_evaluation(self, noise_multiplier: float) -> dict[str, float]:
+        """The private evaluation of the held-out split (:mod:`ewtune.agent.evaluation`): a causal LM's perplexity
+        from its noised clipped loss sums, a classifier's metrics from its noised confusion matrix; either is one
+        Gaussian mechanism of sensitivity 1."""
+        if getattr(getattr(self.trainer, "config", None), "task", "classification") == "causal_lm":
+            return private_perplexity(self.trainer.clipped_loss_sums(), self.trainer.loss_bound, noise_multiplier)
+        return private_metrics(self.trainer.confusion_matrix(), noise_multiplier)
 
     def _audit_facts(self) -> dict[str, Any]:
         """An audit round's commit says so, and names the engine breakage an audit test asked for."""

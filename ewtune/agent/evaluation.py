@@ -1,6 +1,6 @@
 """Held-out evaluation: accuracy and macro-averaged F1 for classification, perplexity for causal LM
-(the exponential of the mean next-token loss over all evaluated tokens); and the private release of a
-classification evaluation, its confusion matrix with Gaussian noise.
+(the exponential of the mean next-token loss over all evaluated tokens); and the private release of an
+evaluation: for classification its confusion matrix with Gaussian noise, for a causal LM its clipped loss sums.
 
 Private evaluation (the only kind the agent daemon releases): the confusion matrix (true class x predicted
 class counts) has L2 sensitivity 1 under add/remove-one, whatever the model: a record adds 1 to exactly one
@@ -10,6 +10,15 @@ are computed from the noised matrix (post-processing, no further privacy cost). 
 each record alone, which holds in eval mode (no batch statistics) with each record padded by its own length alone
 (:func:`ewtune.agent.data.length_batches`): padding to the longest record of a batch would let weights that make padded
 positions non-finite spoil every shorter record's prediction, so that one long record moved many counts.
+
+Private perplexity (causal LM): each record's mean next-token loss l_i (the training loss of
+:func:`ewtune.agent.dpsgd.losses.causal_lm_loss`) is clipped to [0, B], a non-finite one counting as B, and the
+record adds the vector (min(l_i, B) / B, 1) / sqrt(2) to a two-cell sum: its L2 norm is at most 1, so the sum
+has L2 sensitivity 1 under add/remove-one and N(0, sigma^2) on each cell is the same Gaussian mechanism, the same
+ledger event, as the noised confusion matrix. The released perplexity is exp(B * s_0 / s_1) of the noised cells
+(post-processing): the exponential of the mean clipped per-record loss, which weights every record equally
+(the exact :func:`evaluate_model` weights every token equally). B is :func:`loss_bound`, twice the loss of a
+uniform guess over the vocabulary, public and the same for every holder of a model.
 
 The forward passes run on the model's device (each batch is built on the CPU and copied there), under whatever
 autocast the caller set; the confusion matrix and its noise stay on the CPU (a few cells).
@@ -23,6 +32,7 @@ import torch
 
 from ewtune.agent.data import IGNORE_INDEX, Examples, length_batches
 from ewtune.agent.device import batch_to, module_device
+from ewtune.agent.dpsgd.losses import causal_lm_loss
 from ewtune.agent.dpsgd.randomness import RandomSource, SecureRandom
 
 
@@ -87,6 +97,39 @@ def _causal_lm(model, examples, pad_token_id, batch_size):
         tokens += int((targets != IGNORE_INDEX).sum())
     loss = loss_sum / tokens if tokens else math.nan
     return {"loss": loss, "perplexity": math.exp(loss) if tokens else math.nan, "num_examples": len(examples)}
+
+
+def loss_bound(vocab_size: int) -> float:
+    """B of a private perplexity (module docstring): 2 ln V, twice the mean loss of a uniform guess over the V
+    tokens of the vocabulary; a record whose mean loss is higher counts as B."""
+    return 2.0 * math.log(vocab_size)
+
+
+@torch.no_grad()
+def clipped_loss_sums(model, examples: Examples, pad_token_id: int, bound: float, batch_size: int = 64) -> torch.Tensor:
+    """The two cells (sum of min(l_i, B) / B, number of records) / sqrt(2) of ``examples`` (float64; the module
+    docstring): every record adds a vector of L2 norm at most 1. The model is put in eval mode and left there."""
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64)
+    for batch in _batches(model, examples, pad_token_id, "causal_lm", batch_size):
+        losses = causal_lm_loss(model(**_inputs(batch)), batch).double().cpu()
+        clipped = torch.nan_to_num(losses, nan=bound, posinf=bound).clamp(0.0, bound) / bound
+        sums += torch.stack([clipped.sum(), torch.tensor(float(len(clipped)), dtype=torch.float64)])
+    return sums / math.sqrt(2.0)
+
+
+def private_perplexity(sums: torch.Tensor, bound: float, noise_multiplier: float, source: RandomSource | None = None) -> dict[str, float]:
+    """Perplexity, mean clipped loss and record count from :func:`clipped_loss_sums` after N(0, noise_multiplier^2)
+    noise on both cells (the module docstring); the mean loss of the noised cells is kept within [0, B]
+    (post-processing), and a noised count of at most zero releases no perplexity (NaN, which is never sent)."""
+    source = source or SecureRandom()
+    noised = sums.double() + source.standard_normal(2).double().cpu() * noise_multiplier
+    scaled_losses, count = float(noised[0]), float(noised[1])
+    if count <= 0:
+        return {"perplexity": math.nan, "loss": math.nan, "num_examples": 0.0, "noise_multiplier": float(noise_multiplier)}
+    loss = min(max(bound * scaled_losses / count, 0.0), bound)
+    return {"perplexity": math.exp(loss), "loss": loss, "num_examples": count * math.sqrt(2.0),
+            "noise_multiplier": float(noise_multiplier)}
 
 
 def majority_baseline(labels) -> float:

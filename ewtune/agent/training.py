@@ -54,7 +54,7 @@ from ewtune.agent.dpsgd_run import (
     make_optimizer,
     run_charged,
 )
-from ewtune.agent.evaluation import confusion_matrix, evaluate_model
+from ewtune.agent.evaluation import clipped_loss_sums, confusion_matrix, evaluate_model, loss_bound
 from ewtune.agent.heads import PooledClassifier, embed_examples
 from ewtune.agent.top_layers import TopLayers, hidden_batch, hidden_states_below
 
@@ -332,6 +332,19 @@ class LocalTrainer:
         size = batch_size or max(self.config.physical_batch_size, 32)
         with self.autocast():
             return confusion_matrix(self.model, self.data.eval, self.pad_token_id, self.data.num_labels or 2, size)
+
+    @property
+    def loss_bound(self) -> float:
+        """The per-record loss bound B of a private perplexity (:func:`ewtune.agent.evaluation.loss_bound`)."""
+        return loss_bound(base_model(self.model).config.vocab_size)
+
+    def clipped_loss_sums(self, batch_size: int | None = None) -> torch.Tensor:
+        """The held-out split's clipped loss sums (causal LM only; see :mod:`ewtune.agent.evaluation`)."""
+        if self.config.task != "causal_lm":
+            raise InvalidInputError("clipped loss sums need a causal_lm task")
+        size = batch_size or max(self.config.physical_batch_size, 32)
+        with self.autocast():
+            return clipped_loss_sums(self.model, self.data.eval, self.pad_token_id, self.loss_bound, size)
 
     @property
     def record_count(self) -> int:

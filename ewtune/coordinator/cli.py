@@ -232,8 +232,11 @@ def follow_run(process: subprocess.Popen, status_path: Path, on_status: Callable
 
 
 def _evaluation(round: str, holder: dict[str, Any]) -> str:
-    """``round:accuracy/f1 (majority)`` from a holder's private evaluation of that round's global model."""
+    """``round:accuracy/f1 (majority)`` from a holder's private evaluation of that round's global model, or
+    ``round:ppl perplexity`` from a causal LM's."""
     metrics = holder.get("evaluation", {}).get(round, {})
+    if round in holder.get("perplexity", {}):
+        return f"{int(round)}:ppl {holder['perplexity'][round]:.1f}"
     text = f"{int(round)}:{holder['accuracy'][round]:.3f}"
     if "f1" in metrics:
         text += f"/{metrics['f1']:.3f}"
@@ -260,11 +263,13 @@ def status_table(status: dict[str, Any]) -> str:
         + (f" (resumed after {', '.join(status['resumed']['from_runs'])})" if status.get("resumed") else ""),
         "",
         "| holder | budget eps | certified eps (this coordinator's ledger) | Edgeworth (estimate) | RDP eps | sigma | rounds | "
-        "private evaluation per round (0 = initial): accuracy / macro F1 (majority-class baseline), noised by the holder |",
+        "private evaluation per round (0 = initial): accuracy / macro F1 (majority-class baseline), or a causal LM's "
+        "perplexity (ppl), noised by the holder |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for holder_id, holder in sorted(status.get("holders", {}).items()):
-        accuracy = " ".join([_evaluation(r, holder) for r in sorted(holder.get("accuracy", {}), key=int)] + [missing_evaluations(holder)]).strip()
+        evaluated = {**holder.get("accuracy", {}), **holder.get("perplexity", {})}
+        accuracy = " ".join([_evaluation(r, holder) for r in sorted(evaluated, key=int)] + [missing_evaluations(holder)]).strip()
         lines.append(
             f"| {holder_id} | {_fmt(holder.get('budget_epsilon'))} | {_fmt(holder.get('epsilon_certified'))} | "
             f"{_fmt(holder.get('epsilon_edgeworth_estimate'))} | {_fmt(holder.get('epsilon_rdp'))} | {_fmt(holder.get('noise_multiplier'))} | "

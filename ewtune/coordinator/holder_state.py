@@ -25,6 +25,7 @@ class HolderState:
     reason: str | None = None
     rounds_committed: int = 0
     accuracy: dict[int, float] = field(default_factory=dict)
+    perplexity: dict[int, float] = field(default_factory=dict)  # a causal LM's holders release a perplexity instead
     evaluation: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluation_missing: dict[int, str] = field(default_factory=dict)  # round -> why no evaluation came back
 
@@ -50,6 +51,8 @@ class HolderState:
         self.evaluation[round] = metrics
         if "accuracy" in metrics:
             self.accuracy[round] = metrics["accuracy"]
+        if "perplexity" in metrics:
+            self.perplexity[round] = metrics["perplexity"]
         log(f"holder {self.holder_id}: global model after round {round}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
 
     def _evaluation_missing(self, round: int, why: str) -> None:
@@ -67,6 +70,7 @@ class HolderState:
             noise_multiplier=plan.noise_multiplier, planned_epsilon_certified=plan.epsilon_certified, warning=plan.warning,
             active=self.active, reason=self.reason, rounds_committed=self.rounds_committed,
             accuracy={str(k): v for k, v in sorted(self.accuracy.items())},
+            perplexity={str(k): v for k, v in sorted(self.perplexity.items())},
             evaluation={str(k): v for k, v in sorted(self.evaluation.items())},
             evaluation_missing={str(k): v for k, v in sorted(self.evaluation_missing.items())},
         )  # fmt: skip

@@ -1,8 +1,8 @@
 """A federated run's progress, read from the status file the ServerApp rewrites (``status.json``, whose schema is
 :class:`ewtune.coordinator.run_status.RunStatus`) and reported
 through :class:`ewtune.federation.progress.Progress`: each holder's plan, a holder skipped, each round (holders
-committed and aborted, its seconds, the certified epsilon each holder has spent), the accuracy a holder
-released, and the run's state. ``ewtune coordinator run`` and ``ewtune demo`` both follow a run with it.
+committed and aborted, its seconds, the certified epsilon each holder has spent), the accuracy (a causal LM:
+the perplexity) a holder released, and the run's state. ``ewtune coordinator run`` and ``ewtune demo`` both follow a run with it.
 
 Only what the status file holds is shown: holders release no training loss, and an accuracy appears only when
 a holder's policy releases its (noised) evaluation; otherwise the reason it sent instead (a refusal by its
@@ -47,7 +47,11 @@ class RunProgress:
         self._once(("state", state), "state", f"  run {state}" + (f" ({reason})" if reason else ""), state=state, reason=reason)
 
     def _released(self, holder_id: str, holder: HolderStatus) -> None:
-        """The accuracy a holder released after each round, or why it released none."""
+        """The accuracy (a causal LM: the perplexity) a holder released after each round, or why it released none."""
+        for round, perplexity in sorted(holder.perplexity.items(), key=lambda item: int(item[0])):
+            self._once(("perplexity", holder_id, round), "perplexity",
+                       f"    {holder_id} released a private (noised) perplexity of the global model after round {round}: {perplexity:.2f}",
+                       holder=holder_id, round=int(round), perplexity=perplexity)  # fmt: skip
         for round, accuracy in sorted(holder.accuracy.items(), key=lambda item: int(item[0])):
             metrics = holder.evaluation.get(round, {})
             self._once(("accuracy", holder_id, round), "accuracy",

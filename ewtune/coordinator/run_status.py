@@ -87,6 +87,7 @@ class HolderStatus:
     reason: str | None = None  # why it was dropped
     rounds_committed: int = 0
     accuracy: dict[str, float] = field(default_factory=dict)  # round -> the (noised) accuracy it released
+    perplexity: dict[str, float] = field(default_factory=dict)  # round -> the (noised) perplexity (a causal LM)
     evaluation: dict[str, dict[str, float]] = field(default_factory=dict)  # round -> every metric it released
     evaluation_missing: dict[str, str] = field(default_factory=dict)  # round -> why it released none (one line)
     # Its spend in this coordinator's ledger; absent until the ledger is open.

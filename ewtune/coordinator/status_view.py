@@ -27,7 +27,7 @@ updated <span id="updated">never</span> <span class="note">(refreshes every 2 s;
 <h2>Holders</h2>
 <table id="holders"><thead><tr><th>holder</th><th>state</th><th>records (noised count)</th><th>sigma</th>
 <th>certified epsilon in this coordinator's ledger (the guarantee)</th><th>Edgeworth (estimate)</th><th>budget</th><th>budget left</th>
-<th>spent / left</th><th>rounds</th><th>accuracy so far (private, noised by the holder)</th></tr></thead><tbody></tbody></table>
+<th>spent / left</th><th>rounds</th><th>accuracy (a causal LM: perplexity, ppl) so far (private, noised by the holder)</th></tr></thead><tbody></tbody></table>
 <p class="note">Certified epsilon (and the budget left from it) is what this coordinator's ledger records: every event it
 committed for the holder, in all its runs, at the holder's delta. A holder's own lifetime spend (local training,
 evaluations, other federations) can be higher and is what its agent enforces: <code>ewtune agent status</code> on its side.</p>
@@ -94,8 +94,10 @@ function render(status) {
     cell(row, holder.budget_epsilon === undefined ? "n/a" : fmt(Math.max(0, holder.budget_epsilon - (holder.epsilon_certified || 0)), 3));
     bar(cell(row, ""), holder.epsilon_certified, holder.budget_epsilon);
     cell(row, String(holder.rounds_committed || 0));
-    const accuracy = Object.entries(holder.accuracy || {}).sort((x, y) => Number(x[0]) - Number(y[0]));
-    const texts = accuracy.map(([r, a]) => r + ": " + fmt(a, 3)).concat(missingEvaluations(holder));
+    const accuracy = Object.entries(holder.accuracy || {}).map(([r, a]) => [r, fmt(a, 3)]);
+    const perplexity = Object.entries(holder.perplexity || {}).map(([r, p]) => [r, "ppl " + fmt(p, 1)]);
+    const released = accuracy.concat(perplexity).sort((x, y) => Number(x[0]) - Number(y[0]));
+    const texts = released.map(([r, text]) => r + ": " + text).concat(missingEvaluations(holder));
     cell(row, texts.length ? texts.join("; ") : "-");
     body.appendChild(row);
   }

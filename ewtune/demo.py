@@ -139,7 +139,7 @@ def run_federation(work: Path, args: argparse.Namespace, reporter) -> dict[str, 
         with _status_page(work, args.status_port, progress):
             status = federation.run(job, on_status=RunProgress(reporter))
     progress("all processes stopped; verifying the ledgers")
-    result = _result(work, status, federation.credentials)
+    result = federation_result(work, status, federation.credentials)
     progress(f"evaluating the global model after each round on the demo's own held-out sentences ({test_csv.name})")
     result["accuracy_by_round"] = global_accuracy(model_dir, training, test_csv, [weights, *status.get("checkpoints", [])])
     return result
@@ -181,7 +181,9 @@ def global_accuracy(model_dir: Path, training: dict[str, Any], test_csv: Path, w
     return rows
 
 
-def _result(work: Path, status: dict[str, Any], credentials) -> dict[str, Any]:
+def federation_result(work: Path, status: dict[str, Any], credentials) -> dict[str, Any]:
+    """A finished run's summary: each holder's epsilons (the coordinator's ledger and its own), plan and rounds,
+    every ledger verified against its pinned key and the coordinator's cross-checked against the holders'."""
     # deferred: ewtune/cli.py imports this module for every command; only the command run loads its parts
     from ewtune.accountant.verify import verify_ledger
     from ewtune.coordinator.ledger_crosscheck import cross_check, read_entries

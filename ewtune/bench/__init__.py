@@ -21,5 +21,6 @@ BENCHMARKS = {
     "dpsgd": ("ewtune.bench.dpsgd", "DP-SGD step time and memory against non-private training and Opacus"),
     "noise": ("ewtune.bench.noise", "secure normals per second: the AES-CTR CPU source, ChaCha20 on each device, torch.randn (not secure)"),
     "federation": ("ewtune.bench.federation", "coordination overhead per round on loopback, ewtune against Flower's defaults; per holder: Flower requests, SuperLink CPU, memory, nothing lost; 3, 10 and 20 holders"),
+    "federation-causal-lm": ("ewtune.bench.federation_causal_lm", "federated private LoRA fine-tuning of the packaged SmolLM2 on MR sentences, two holders, real Flower processes: held-out perplexity by round against a non-private single process"),
     "utility": ("ewtune.bench.utility", "accuracy of private linear probing of MiniLM on MR: non-private, certified epsilon 1/3/8, EW-Tune's policy, central and federated; LP-FT with --modes head lpft"),
 }

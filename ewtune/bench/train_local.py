@@ -42,7 +42,7 @@ def non_private_run(args) -> dict:
             module, collate = trainer.phase_inputs(head_only)
             sampler = PoissonSampler(size, phase.sampling_rate, phase.steps, InsecureSeededRandom(args.seed))
             optimizer = make_optimizer(recipe.optimizer(phase.name), _trainable(trainer), recipe.learning_rate(phase.name))
-            loss = _minimise(module, trainer.loss_fn(), sampler, collate, optimizer, args.physical_batch_size, trainer.autocast)
+            loss = minimise(module, trainer.loss_fn(), sampler, collate, optimizer, args.physical_batch_size, trainer.autocast)
         phases.append({"phase": phase.name, "steps": phase.steps, "sampling_rate": phase.sampling_rate, "noise_multiplier": 0.0,
                        "learning_rate": recipe.learning_rate(phase.name), "train_loss": loss})
     evaluation = trainer.evaluate()
@@ -72,7 +72,7 @@ def _trainable(trainer):
     return [p for p in trainer.model.parameters() if p.requires_grad]
 
 
-def _minimise(model, loss_fn, sampler, collate, optimizer, physical_batch_size, autocast) -> float:
+def minimise(model, loss_fn, sampler, collate, optimizer, physical_batch_size, autocast) -> float:
     """Plain minibatch training of ``model`` over the sampler's batches (each forward pass in the context
     ``autocast()`` returns, as the private run's); the mean training loss."""
     model.train()

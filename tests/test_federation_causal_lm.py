@@ -10,6 +10,7 @@ marked slow."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -157,6 +158,27 @@ def test_the_status_table_shows_a_causal_lms_perplexity():
               "perplexity": {"0": 1520.25, "1": 1490.5}, "evaluation": {}, "evaluation_missing": {}}  # fmt: skip
     table = status_table({"run_id": "r", "state": "finished", "rounds_completed": 1, "rounds_planned": 1, "holders": {"h0": holder}})
     assert "| 0:ppl 1520.2 1:ppl 1490.5 |" in table
+
+
+def test_the_offline_report_draws_a_causal_lms_released_perplexity(tmp_path, capsys):
+    """``ewtune ledger report --accuracy status.json`` of a causal LM's run: each holder's released perplexity is a
+    series of metric "perplexity" (drawn on a log scale), a refusing holder keeps its reason."""
+    from ewtune.cli import main
+    from ewtune.coordinator.run_status import HolderStatus, RunStatus
+
+    ledger = tmp_path / "holder.jsonl"
+    Ledger.create(ledger, SigningKey.generate(), "h0", {"budget_epsilon": 8.0, "budget_delta": 1e-5}).close()
+    status = RunStatus(state="finished", holders={
+        "h0": HolderStatus(perplexity={"0": 1520.25, "1": 1490.5}, evaluation={"0": {"perplexity": 1520.25}, "1": {"perplexity": 1490.5}}),
+        "h1": HolderStatus(evaluation_missing={"0": "refused: policy"}),
+    }).to_json()  # fmt: skip
+    (tmp_path / "status.json").write_text(json.dumps(status))
+    code = main(["ledger", "report", str(ledger), "--out", str(tmp_path / "out"), "--accuracy", str(tmp_path / "status.json"), "--json"])
+    assert code in (0, 1)  # an unpinned key: intact, not verified
+    released, refused = json.loads(capsys.readouterr().out)["accuracy"]
+    assert (released["metric"], released["rounds"], released["values"]) == ("perplexity", [0, 1], [1520.25, 1490.5])
+    assert refused["values"] == [] and refused["missing"] == "rounds 0: refused: policy"
+    assert (tmp_path / "out" / "accuracy.png").is_file()
 
 
 # --- the whole federation, real Flower processes ----------------------------------------------------------

@@ -4,8 +4,9 @@ itself writes:
 - ``ewtune demo --json``: ``accuracy_by_round``, the global model on the demo's own held-out share;
 - a coordinator's ``status.json`` (``ewtune coordinator run --json`` prints the same document): each holder's
   private, noised evaluation of every global model, ``holders.<id>.accuracy`` by round, with the majority-class
-  baseline of its ``evaluation`` metrics where released; a holder that released none keeps the reasons the
-  coordinator recorded (``evaluation_missing``);
+  baseline of its ``evaluation`` metrics where released; a causal LM's holders release a perplexity instead
+  (``holders.<id>.perplexity``), drawn as a series whose ``"metric"`` is ``"perplexity"``; a holder that released
+  none keeps the reasons the coordinator recorded (``evaluation_missing``);
 - ``ewtune evaluate --json`` and ``ewtune agent train-local --json``: one exact figure of one model on the
   caller's own records (top-level ``accuracy`` and ``majority_baseline``).
 
@@ -64,7 +65,8 @@ def _status_series(holders: dict[str, Any], path: str | Path) -> list[dict[str, 
     A status in which no holder released any is an error naming each holder's reason."""
     series = []
     for holder_id, holder in sorted(holders.items()):
-        by_round = sorted((int(r), _fraction(a, f"{holder_id} round {r}")) for r, a in holder.get("accuracy", {}).items())
+        metric = "perplexity" if holder.get("perplexity") and not holder.get("accuracy") else "accuracy"
+        by_round = sorted((int(r), _fraction(a, f"{holder_id} round {r}")) for r, a in holder.get(metric, {}).items())
         baselines = [m.get("majority_baseline") for m in holder.get("evaluation", {}).values() if isinstance(m, dict)]
         series.append({
             "name": f"{holder_id} (private, noised by the holder)",
@@ -72,6 +74,7 @@ def _status_series(holders: dict[str, Any], path: str | Path) -> list[dict[str, 
             "values": [a for _, a in by_round],
             "baseline": next((float(b) for b in baselines if b is not None), None),
             "missing": None if by_round else _missing_reason(holder),
+            **({"metric": metric} if metric != "accuracy" else {}),
         })  # fmt: skip
     if not any(line["values"] for line in series):
         reasons = "; ".join(f"{holder_id}: {_missing_reason(holder)}" for holder_id, holder in sorted(holders.items()))

@@ -71,7 +71,7 @@ def render_html(report: AuditReport, images: dict[str, str]) -> str:
             parts += [f"<h3>{html.escape(curve.holder_id)} <span class=note>({html.escape(_whose(curve))}: "
                       f"{html.escape(curve.ledger)})</span></h3>",
                       _image(images, _curve_key(curve), f"epsilon of {curve.holder_id} against rounds")]
-    parts.append("<h2>Accuracy against rounds</h2>")
+    parts.append("<h2>Accuracy (a causal LM: perplexity) against rounds</h2>")
     if report.accuracy:
         parts.append(_image(images, "accuracy", "accuracy against rounds"))
         parts += [f"<p class=note>{html.escape(line['name'])}: no accuracy released ({html.escape(line['missing'])}).</p>"
@@ -140,9 +140,12 @@ def _accuracy_figure(series: list[dict[str, Any]]):
             axes.plot(line["rounds"], line["values"], marker="o", label=line["name"])
         if line.get("baseline") is not None:
             axes.axhline(line["baseline"], color="grey", linestyle=":", label="majority-class baseline")
+    metric = series[0].get("metric", "accuracy") if series else "accuracy"  # a causal LM's status: "perplexity"
+    if metric == "perplexity":
+        axes.set_yscale("log")  # a noised perplexity spans 1 to V^2 (ewtune.agent.evaluation.loss_bound)
     axes.set_xlabel("round (0 = initial model)")
-    axes.set_ylabel("accuracy")
-    axes.set_title("accuracy against rounds")
+    axes.set_ylabel(metric)
+    axes.set_title(f"{metric} against rounds")
     axes.legend(fontsize=8)
     return figure
 

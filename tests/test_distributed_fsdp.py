@@ -198,3 +198,58 @@ def test_sharded_noise_is_added_once_per_coordinate(workers):
     # relative standard deviation of a sample variance: sqrt(2 / n) < 1%; noise drawn twice would double it
     assert float(updates.var()) == pytest.approx(expected_variance, rel=0.05)
     assert not torch.equal(steps[0][0], steps[1][0])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--nproc", "1", "--mode", "full", "--tune-layers", "0"], "sharding fsdp shards across N >= 2 worker processes, got 1"),
+        (["--nproc", "2", "--mode", "lora"], "sharding fsdp is for full fine-tuning (mode full), got mode 'lora'"),
+        (["--nproc", "2", "--mode", "full", "--tune-layers", "1"], "sharding fsdp trains the whole model, got tune_layers 1"),
+    ],
+)
+def test_sharding_that_cannot_work_is_refused_in_one_line(options, message, capsys):
+    from ewtune.cli import main
+
+    argv = ["agent", "train-local", "--model", "minilm", "--data", "mr", "--epsilon", "8", "--delta", "1e-5",
+            "--sharding", "fsdp", *options]  # fmt: skip
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith(f"ewtune: error: {message}")
+
+
+def test_agent_toml_sharding_without_the_processes_it_needs_is_refused_before_anything_loads(tmp_path, tiny_bert_dir,
+                                                                                             mr_csv, capsys):
+    from support.daemon import _agent_toml
+
+    from ewtune.cli import main
+
+    path = _agent_toml(tmp_path, tiny_bert_dir, mr_csv)
+    path.write_text(path.read_text().replace("[training]", '[training]\nsharding = "fsdp"\nmode = "full"'))
+    assert main(["agent", "start", "--config", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "sharding fsdp shards across N >= 2 worker processes, got 1" in error
+
+
+def test_train_local_sharded_trains_every_planned_step_and_reports_each_workers_shard(tiny_bert_dir, mr_csv, tmp_path):
+    """The essential end-to-end check: train-local --nproc 2 --sharding fsdp (probe and full tune phases), its JSON."""
+    argv = ["agent", "train-local", "--model", str(tiny_bert_dir), "--data", str(mr_csv), "--epsilon", "8", "--delta", "1e-5",
+            "--mode", "full", "--tune-layers", "0", "--probe-epochs", "1", "--probe-batch", "16", "--tune-epochs", "1",
+            "--tune-batch", "16", "--max-examples", "80", "--max-length", "24", "--physical-batch-size", "8",
+            "--device", "cpu", "--nproc", "2", "--sharding", "fsdp", "--json", "--quiet", "--output", str(tmp_path / "out")]  # fmt: skip
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "ewtune", *argv], cwd=REPO, env=environment, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["sharding"] == "fsdp" and summary["processes"] == 2
+    assert 0.0 <= summary["accuracy"] <= 1.0  # rank 0 evaluated the whole trained model, alone
+    tune = summary["phases"][-1]
+    assert tune["phase"] == "tune" and tune["train"]["steps"] == tune["event"]["event"]["steps"] == tune["planned_steps"]
+    workers = tune["train"]["workers"]
+    whole = 4 * summary["trainable_parameters"]  # float32
+    assert [worker["rank"] for worker in workers] == [0, 1]
+    assert sum(worker["parameter_bytes"] for worker in workers) == whole  # the shards partition the parameters
+    assert all(worker["parameter_bytes"] < 0.6 * whole and worker["peak_rss_bytes"] > 0 for worker in workers)
+    assert all(worker["optimizer_state_bytes"] >= worker["parameter_bytes"] for worker in workers)
+    assert (tmp_path / "out" / "run.json").is_file()

@@ -18,6 +18,7 @@ from typing import Any
 from ewtune.accountant.errors import EwtuneError, InvalidInputError
 from ewtune.accountant.tomlfiles import optional_table, read_toml, required, resolve, strings, table
 from ewtune.agent.device import check_device_name, check_precision
+from ewtune.agent.distributed.sharding import check_sharding
 from ewtune.federation.contract import RoundPlan, integer, positive
 
 
@@ -231,6 +232,7 @@ def _training_table(document: Mapping[str, Any], base: Path, path: Path, state_d
         training["lora_target_modules"] = strings(training["lora_target_modules"], "[training] lora_target_modules", path)
     _refuse_insecure_randomness(training, path)
     _check_device_settings(training, path)
+    _check_sharding(training, path)
     return training
 
 
@@ -243,6 +245,18 @@ def _check_device_settings(training: Mapping[str, Any], path: Path) -> None:
                 check(training[key])
             except InvalidInputError as bad:
                 raise InvalidInputError(f"{path}: [training] {bad}") from None
+
+
+def _check_sharding(training: Mapping[str, Any], path: Path) -> None:
+    """``sharding`` (:mod:`ewtune.agent.distributed.sharding`) with the ``processes``, ``mode`` and ``tune_layers`` it
+    needs (the types of those are checked with the rest of the table, by the trainer's configuration)."""
+    settings = (training.get("sharding", "none"), training.get("processes", 1), training.get("mode", "lora"),
+                training.get("tune_layers", 0))  # the defaults of ewtune.agent.training.TrainingConfig
+    if isinstance(settings[1], int) and isinstance(settings[3], int):
+        try:
+            check_sharding(*settings)
+        except InvalidInputError as bad:
+            raise InvalidInputError(f"{path}: [training] {bad}") from None
 
 
 def _audit_table(document: Mapping[str, Any], policy: HolderPolicy, path: Path) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent.assets import minilm_model_dir, smollm2_model_dir, write_mr_csv, write_sms_spam_csv
 from ewtune.agent.device import DEVICE_HELP, PRECISIONS, check_device_name, check_precision, resolve_device
+from ewtune.agent.distributed.sharding import SHARDINGS, check_sharding
 from ewtune.agent.recipe import LOW_EPSILON, LOW_EPSILON_PROBE, MAX_DEFAULT_SAMPLING_RATE, MIN_DEFAULT_BATCH, OPTIMIZERS, RECIPE_MODES, Recipe
 from ewtune.agent.recipe import default_recipe, fit_to_data
 from ewtune.agent.train_output import report_text, save_run, summary_document, train_with_progress
@@ -135,6 +136,10 @@ def _add_runtime_arguments(parser) -> None:
                         help="train as N worker processes (torch.distributed: gloo on the CPU, NCCL with one GPU each), "
                         "each sampling and clipping its own share of the records; the noise is drawn once, the "
                         "guarantee and the ledger's charge are those of one process (default 1)")
+    parser.add_argument("--sharding", default="none", choices=SHARDINGS,
+                        help="with --nproc N >= 2 and --mode full: fsdp shards the parameters, gradients and optimizer "
+                        "state across the workers (PyTorch FSDP2), for a model whose training state does not fit one "
+                        "device; none: every worker holds the whole model (default none)")
     parser.add_argument("--precision", default="fp32", help=f"{' or '.join(PRECISIONS)}: bf16 runs the forward passes under "
                         "bfloat16 autocast (CUDA only); norms, clipping, sums and noise stay float32 (default fp32)")
     parser.add_argument(
@@ -431,6 +436,7 @@ def _check_arguments(args) -> None:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     check_device_name(args.device)
     check_precision(args.precision)
+    check_sharding(args.sharding, args.nproc, args.mode, args.tune_layers)
 
 
 def resolve_model(name: str) -> str:
@@ -480,4 +486,5 @@ def training_config_from_args(args, recipe):
         device=args.device,
         precision=args.precision,
         processes=args.nproc,
+        sharding=args.sharding,
     )

@@ -109,6 +109,7 @@ def summary_document(args, trainer, fitted, results, evaluation, seconds) -> dic
         "randomness": results[-1][1].randomness,
         "device": str(trainer.device),
         "processes": args.nproc,
+        "sharding": args.sharding,
         "precision": trainer.precision,
         "output": str(args.output) if args.output else None,
         "seconds": seconds,

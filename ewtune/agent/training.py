@@ -42,6 +42,7 @@ from ewtune.agent import models
 from ewtune.agent.data import DataSpec, collate, load_local_data, split_key
 from ewtune.agent.device import autocast, batch_to, check_device_name, check_precision, resolve_device
 from ewtune.agent.distributed.group import SINGLE_PROCESS
+from ewtune.agent.distributed.sharding import check_sharding
 from ewtune.agent.dpsgd.engine import PerExampleClipper
 from ewtune.agent.dpsgd.losses import causal_lm_loss, classification_loss
 from ewtune.agent.dpsgd.randomness import InsecureSeededRandom, RandomSource, SecureRandom
@@ -92,12 +93,16 @@ class TrainingConfig:
     # Worker processes (ewtune.agent.distributed.launch.start_workers: train-local --nproc, agent.toml's
     # [training] processes); a LocalTrainer itself is one of them.
     processes: int = 1
+    # "none": each worker holds the whole model; "fsdp": parameters, gradients and optimizer state sharded across
+    # the workers with FSDP2 (ewtune.agent.distributed.sharded: train-local --sharding, [training] sharding)
+    sharding: str = "none"
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
         check_precision(self.precision)
         if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1:
             raise InvalidInputError(f"processes must be an integer >= 1, got {self.processes!r}")
+        check_sharding(self.sharding, self.processes, self.mode, self.tune_layers)
 
     def data_spec(self) -> DataSpec:
         """Where the examples are and how to read and split them."""
@@ -283,6 +288,7 @@ class LocalTrainer:
             "loss": progress.loss_sum / progress.examples if progress.examples else math.nan,
             "examples": progress.examples,
             "steps": progress.executed,
+            "workers": self.group.memory_report(engine),  # each worker's peak memory and its parameter and optimizer bytes
         }
         return progress.event(sampler, plan), metrics
 

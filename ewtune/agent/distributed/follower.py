@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import torch.distributed as dist
 
-from ewtune.agent.distributed.launch import join_from_environment, rank_device
+from ewtune.agent.distributed.launch import join_from_environment, rank_device, with_sharding
 from ewtune.agent.training import LocalTrainer
 
 
@@ -18,6 +18,7 @@ def main() -> int:
     try:
         group = join_from_environment()
         config = group.receive()
+        group = with_sharding(group, config.sharding)
         trainer = LocalTrainer(replace(config, device=rank_device(config.device, group.rank, group.world_size)), group)
         while (message := group.receive())[0] == "train":
             trainer.follow(*message[1:])

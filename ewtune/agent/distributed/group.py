@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ewtune.accountant.errors import EwtuneError
+from ewtune.agent.distributed.memory import worker_memory
 from ewtune.agent.dpsgd.step import DPSGDStep
 from ewtune.agent.sampler import PoissonSampler
 
@@ -82,6 +83,10 @@ class SingleProcess:
 
     def close(self, finished: bool = True) -> None:
         """Nothing to stop: no other worker."""
+
+    def memory_report(self, engine) -> list[dict]:
+        """This process's memory figures for the run of ``engine`` (:func:`ewtune.agent.distributed.memory.worker_memory`)."""
+        return [worker_memory(0, engine)]
 
 
 SINGLE_PROCESS = SingleProcess()
@@ -178,6 +183,12 @@ class WorkerGroup:
         self.collective(dist.all_gather_object, digests, digest.hexdigest())
         if len(set(digests)) != 1:
             raise WorkerFailed(f"the {self.world_size} workers' trainable parameters differ after the phase")
+
+    def memory_report(self, engine) -> list[dict]:
+        """Every worker's memory figures for the run of ``engine``, by rank (an all-gather; every worker calls it)."""
+        reports = [None] * self.world_size
+        self.collective(dist.all_gather_object, reports, worker_memory(self.rank, engine))
+        return reports
 
     def close(self, finished: bool = True) -> None:
         """Rank 0: when ``finished`` (the others wait for a message), tell the other workers to end and wait for

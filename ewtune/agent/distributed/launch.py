@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent.distributed.group import WorkerFailed, WorkerGroup
+from ewtune.agent.distributed.sharded import ShardedWorkerGroup
 from ewtune.agent.training import LocalTrainer
 
 RENDEZVOUS_HOST = "127.0.0.1"
@@ -130,13 +131,19 @@ def start_workers(config) -> LocalTrainer:
     if world_size == 1:
         return LocalTrainer(config)
     device = rank_device(config.device, 0, world_size)
-    group = _start(world_size, _backend(device))
+    group = with_sharding(_start(world_size, _backend(device)), config.sharding)
     try:
         group.send(config)  # the followers build the same trainer from it
         return LocalTrainer(replace(config, device=device), group)
     except BaseException:
         group.close(finished=False)
         raise
+
+
+def with_sharding(group: WorkerGroup, sharding: str) -> WorkerGroup:
+    """``group`` as the workers of ``sharding``: replicated (``none``) or FSDP2-sharded (``fsdp``,
+    :mod:`ewtune.agent.distributed.sharded`)."""
+    return ShardedWorkerGroup.of(group) if sharding == "fsdp" else group
 
 
 def _threads_per_worker(world_size: int) -> int:

@@ -50,22 +50,6 @@ from ewtune.agent.dpsgd.noise import add_gaussian_noise_
 from ewtune.agent.dpsgd.step import DPSGDStep, StepStats
 from ewtune.agent.dpsgd.unpadded import own_padding_parts
 
-SHARDINGS = ("none", "fsdp")
-
-
-def check_sharding(sharding: str, processes: int, mode: str) -> None:
-    """Refuse, in one line, a sharding that is unknown or cannot work with these settings."""
-    if sharding not in SHARDINGS:
-        raise InvalidInputError(f"sharding must be one of {', '.join(SHARDINGS)}, got {sharding!r}")
-    if sharding == "none":
-        return
-    if processes < 2:
-        raise InvalidInputError("sharding fsdp shards across N >= 2 worker processes: give --nproc 2 or more (or sharding none)")
-    if mode != "full":
-        raise InvalidInputError(f"sharding fsdp is for full fine-tuning (mode full), got mode {mode!r}: a LoRA adapter's or a "
-                                "head's parameters, gradients and optimizer state are small, use sharding none")
-
-
 def shard_module(module: nn.Module, mesh) -> None:
     """``fully_shard`` every block of the module's layer lists (the transformer layers), then the module itself
     (the embeddings, norms and head): a block's parameters are whole only while it runs."""
@@ -263,7 +247,7 @@ class ShardedWorkerGroup(WorkerGroup):
                 stacked[:, offset : offset + width] = padded.reshape(self.world_size, width)
             offset += width
         mine = torch.empty(sum(widths), dtype=stacked.dtype, device=stacked.device)
-        self.collective(dist.reduce_scatter_tensor, mine, stacked.reshape(-1))
+        self.collective(dist.reduce_scatter_single, mine, stacked.reshape(-1))
         offset = 0
         for name, width in zip(names, widths):
             shard = shards[name]

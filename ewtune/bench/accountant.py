@@ -219,10 +219,9 @@ def _prv_accountant(phases, delta: float) -> float:
 def _opacus(phases, delta: float, kind: str) -> float:
     # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     import torch
-
-    torch.set_num_threads(1)
     from opacus.accountants import PRVAccountant, RDPAccountant
 
+    torch.set_num_threads(1)
     accountant = RDPAccountant() if kind == "rdp" else PRVAccountant()
     accountant.history = [(sigma, q, steps) for q, sigma, steps in phases]
     return float(accountant.get_epsilon(delta))

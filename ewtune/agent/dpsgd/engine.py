@@ -11,7 +11,9 @@ How (Bu et al. 2023, "Differentially private optimization on large model at smal
    forms no weight gradient ("ghost differentiation").
 3. Per layer, a rule (``rules``) turns (input, output gradient) into factored or direct per-example
    gradients; ``ghost`` computes the squared norms (Gram matrices or instantiation, whichever is cheaper)
-   and, once the clip factors c_i are known, the clipped sum as one weighted matrix product per layer.
+   and, once the clip factors c_i are known, the clipped sum as one weighted matrix product per layer, formed
+   on demand (:class:`ClippedSum`): in fresh tensors, or added in place into a step's running sum over earlier
+   micro-batches (``addmm_``, ``index_add_``), which then needs no gradient-sized buffer per micro-batch.
 
 Exactness needs each example's output to depend on that example only, and privacy needs each example's loss
 and gradient to depend on that example and the weights only: a padded batch breaks both when weights make the
@@ -34,7 +36,9 @@ float32 with autocast disabled: the rules upcast the activations and output grad
 weighted sums sum_i c_i g_i are float32 and the summed gradients have the parameters' dtype (float32: autocast
 leaves parameters in float32), as the noise added to them (:mod:`ewtune.agent.dpsgd.noise`). The norm ||g_i|| is computed
 from the same float32 factors the clipped sum is formed from, so the clipped contribution c_i g_i has norm at most
-C up to float32 rounding, whatever rounding the bfloat16 forward pass introduced into g_i itself.
+C up to float32 rounding, whatever rounding the bfloat16 forward pass introduced into g_i itself. Whether a
+micro-batch's sum is formed in fresh tensors or added in place into a running sum, each record's c_i g_i enters it
+through the same float32 products (same factors, same c_i); only the order of the float32 additions differs.
 """
 
 from __future__ import annotations
@@ -61,14 +65,73 @@ class PerExampleGradientError(EwtuneError):
     """The model mixes examples or changes a layer output in place, so per-example gradients are unsound."""
 
 
-@dataclass(frozen=True)
-class ClippedSum:
-    """The sum over a micro-batch of per-example gradients, each clipped to norm C."""
+@dataclass
+class PendingSums:
+    """One micro-batch's clipped sums sum_i c_i g_i, not formed yet: each parameter's uses (the layers' kept inputs
+    and output gradients, or per-example gradients ``squared_norms`` instantiated) and the clip factors c_i."""
 
-    grads: dict[str, torch.Tensor]
-    per_example_norms: torch.Tensor
-    loss_sum: float
-    count: int
+    params: dict[str, nn.Parameter]
+    uses: dict[str, list[Use]]
+    instantiated: dict[str, torch.Tensor | None]
+    factors: torch.Tensor
+
+    def form(self, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The sums in fresh tensors, or added in place into ``into`` (and ``into`` returned). The uses are
+        consumed: each layer's activations and output gradients are freed once summed."""
+        sums, scaled = ({} if into is None else into), RecentCache()
+        with torch.no_grad(), torch.autocast(self.factors.device.type, enabled=False):  # sums stay in float32
+            for name, p in self.params.items():
+                if name in self.uses:
+                    out = None if into is None else into[name]
+                    sums[name] = weighted_sum(self.uses.pop(name), self.factors, p.dtype, self.instantiated.pop(name), scaled, out)
+                elif into is None:
+                    sums[name] = torch.zeros_like(p)
+        return sums
+
+
+class ClippedSum:
+    """The sum over a micro-batch of per-example gradients, each clipped to norm C (``grads``, a tensor per
+    trainable parameter), with the examples' gradient norms, summed loss and count.
+
+    The engine hands the sum over unformed (:class:`PendingSums`) and it is formed once, on demand: reading
+    ``grads`` forms it in fresh tensors; ``add_to(sums)`` adds it in place into a running sum over micro-batches,
+    so that a step over several micro-batches allocates, fills and adds no gradient-sized buffer per micro-batch
+    (MiniLM's word-embedding gradient alone is 47 MB). Both compute the same products (ghost.weighted_sum); only
+    the order of the float32 additions differs. After ``add_to`` the sum lives in ``sums`` alone.
+    """
+
+    def __init__(self, grads, per_example_norms: torch.Tensor, loss_sum: float, count: int, pending: PendingSums | None = None):
+        self._grads = grads
+        self._pending = pending
+        self.per_example_norms = per_example_norms
+        self.loss_sum = loss_sum
+        self.count = count
+
+    def form(self) -> dict[str, torch.Tensor]:
+        """The clipped sums, formed now if they were not yet."""
+        if self._grads is None:
+            if self._pending is None:
+                raise EwtuneError("this clipped sum was added into a running sum; it has no gradients of its own")
+            self._grads, self._pending = self._pending.form(), None
+        return self._grads
+
+    @property
+    def grads(self) -> dict[str, torch.Tensor]:
+        return self.form()
+
+    def add_to(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``sums`` (every parameter's running sum) with this clipped sum added in place; returns ``sums``."""
+        if self._pending is None:
+            for name, grad in self.form().items():
+                sums[name].add_(grad)
+            return sums
+        pending, self._pending = self._pending, None
+        return pending.form(into=sums)
+
+
+def running_sum(sums: dict[str, torch.Tensor] | None, clipped: ClippedSum) -> dict[str, torch.Tensor]:
+    """``clipped`` added into the running sum ``sums``, or ``clipped``'s own gradients when there is none yet."""
+    return clipped.form() if sums is None else clipped.add_to(sums)
 
 
 def batch_size_of(batch: Mapping[str, torch.Tensor]) -> int:
@@ -203,11 +266,10 @@ class PerExampleClipper:
         parts = own_padding_parts(batch)
         if len(parts) <= 1:
             return self._same_padding_sum(parts[0][1] if parts else batch)
-        grads, rows, norms, loss_sum = self.zero_grads(), [], [], 0.0
+        grads, rows, norms, loss_sum = None, [], [], 0.0
         for part_rows, part in parts:
             clipped = self._same_padding_sum(part)
-            for name, grad in clipped.grads.items():
-                grads[name].add_(grad)
+            grads = running_sum(grads, clipped)
             rows.append(part_rows)
             norms.append(clipped.per_example_norms)
             loss_sum += clipped.loss_sum
@@ -231,11 +293,11 @@ class PerExampleClipper:
             del grams
             norms = norms_squared.sqrt()
             usable = torch.isfinite(norms) & torch.isfinite(losses.detach())
-            grads = self._weighted_sums(uses, instantiated, norms) if self.all_usable(usable) else None
-        if grads is None:
+            pending = self._weighted_sums(uses, instantiated, norms) if self.all_usable(usable) else None
+        if pending is None:
             del uses, instantiated
             return self._sum_of_usable(batch, usable, norms)
-        return ClippedSum(grads, norms, float(losses.detach().sum()), size)
+        return ClippedSum(None, norms, float(losses.detach().sum()), size, pending)
 
     def all_usable(self, usable: torch.Tensor) -> bool:
         """Whether every example of the part has a finite loss and gradient norm (else the usable ones are computed
@@ -243,16 +305,10 @@ class PerExampleClipper:
         (:mod:`ewtune.agent.distributed.sharded`)."""
         return bool(usable.all())
 
-    def _weighted_sums(self, uses, instantiated, norms: torch.Tensor) -> dict[str, torch.Tensor]:
-        """sum_i c_i g_i per parameter, with c_i = min(1, C / (||g_i|| + 1e-6))."""
+    def _weighted_sums(self, uses, instantiated, norms: torch.Tensor) -> PendingSums:
+        """sum_i c_i g_i per parameter, with c_i = min(1, C / (||g_i|| + 1e-6)), to be formed by the caller."""
         factors = (self.clip_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
-        scaled = RecentCache()
-        return {  # pop: each layer's activations and output gradients are freed once summed
-            name: weighted_sum(uses.pop(name), factors, p.dtype, instantiated.pop(name), scaled)
-            if name in uses
-            else torch.zeros_like(p)
-            for name, p in self.params.items()
-        }
+        return PendingSums(self.params, uses, instantiated, factors)
 
     def _sum_of_usable(self, batch: Mapping[str, torch.Tensor], usable: torch.Tensor, norms: torch.Tensor) -> ClippedSum:
         """The clipped sum over the examples whose loss and gradient norm are finite; the others contribute

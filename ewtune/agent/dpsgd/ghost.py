@@ -161,14 +161,17 @@ def squared_norms(uses: list[Use], batch: int, cache: RecentCache | None = None)
     return grads.reshape(batch, -1).pow(2).sum(dim=1), grads
 
 
-def _weighted_outer(left: Factor, right: Factor, weights: torch.Tensor, cache: RecentCache | None) -> torch.Tensor:
-    """sum_i w_i sum_t left_{i,t} right_{i,t}^T as a [d_left, d_right] matrix.
+def _weighted_outer(
+    left: Factor, right: Factor, weights: torch.Tensor, cache: RecentCache | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum_i w_i sum_t left_{i,t} right_{i,t}^T as a [d_left, d_right] matrix, or added in place into ``out``
+    (a float32 [d_left, d_right] matrix: the running sum of a step, which then needs no buffer of its own).
 
     The narrower factor is scaled, in float32 (a clip factor rounded to bfloat16 could let a gradient
     exceed C); ``cache`` finds the scaled factor of an input shared with the previous layer.
     """
     if isinstance(right, OneHot) or (isinstance(left, Dense) and _width(left) < _width(right)):
-        return _weighted_outer(right, left, weights, cache).T
+        return _weighted_outer(right, left, weights, cache, None if out is None else out.T).T
     values = right.values
 
     def scale() -> torch.Tensor:
@@ -176,9 +179,11 @@ def _weighted_outer(left: Factor, right: Factor, weights: torch.Tensor, cache: R
 
     scaled = cache.get(values, scale) if cache is not None else scale()
     if isinstance(left, OneHot):
-        out = scaled.new_zeros(left.size, scaled.shape[-1])
+        if out is None:
+            out = scaled.new_zeros(left.size, scaled.shape[-1])
         return out.index_add_(0, left.ids.reshape(-1), scaled)
-    return left.values.float().reshape(-1, left.values.shape[-1]).T @ scaled
+    rows = left.values.float().reshape(-1, left.values.shape[-1]).T
+    return rows @ scaled if out is None else out.addmm_(rows, scaled)
 
 
 def weighted_sum(
@@ -187,14 +192,28 @@ def weighted_sum(
     dtype: torch.dtype,
     instantiated: torch.Tensor | None = None,
     cache: RecentCache | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum_i w_i sum_u G_i^u, the book-keeping clipped sum when w_i is example i's clip factor.
 
     ``instantiated`` is what ``squared_norms`` returned; ``cache`` is shared by all parameters of one batch
-    (same weights).
+    (same weights). With ``out`` (the parameter's running sum over earlier micro-batches) the sum is added into
+    it in place and ``out`` is returned: a float32 ``out`` receives every product directly (``addmm_``,
+    ``index_add_``: the products are formed in float32 as without ``out``, only the order of the float32
+    additions differs); any other dtype receives the float32 sum rounded once, as a fresh sum would be.
     """
+    if out is not None and out.dtype != torch.float32:
+        return out.add_(weighted_sum(uses, weights, dtype, instantiated, cache))
     if instantiated is not None:
-        return torch.einsum("b,b...->...", weights, instantiated).to(dtype)
+        total = torch.einsum("b,b...->...", weights, instantiated)
+        return total.to(dtype) if out is None else out.add_(total)
+    if out is not None:
+        for use in uses:
+            if isinstance(use, Direct):
+                out.add_(torch.einsum("b,b...->...", weights, use.values.float()))
+            else:
+                _weighted_outer(use.left, use.right, weights, cache, _as_matrix(out, use))
+        return out
     total = None
     for use in uses:
         if isinstance(use, Direct):
@@ -204,3 +223,8 @@ def weighted_sum(
         part = part.to(dtype)
         total = part if total is None else total + part
     return total
+
+
+def _as_matrix(out: torch.Tensor, use: Outer) -> torch.Tensor:
+    """``out`` (shaped like the parameter) viewed as the [d_left, d_right] matrix of ``use``'s outer products."""
+    return out.view(_width(use.left), _width(use.right))

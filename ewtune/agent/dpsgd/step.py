@@ -4,7 +4,9 @@
 
 The logical batch may have any size, including 0, and is processed in physical micro-batches of records of
 one padded length, each padded by its own length alone (:mod:`ewtune.agent.dpsgd.unpadded`), whose clipped sums are
-added up; the noise is drawn once per logical step, and the sum is divided by the
+added up: the first micro-batch's sum is formed in fresh tensors and every later one is added into it in place
+(:class:`ewtune.agent.dpsgd.engine.ClippedSum`), so a step holds one gradient-sized buffer, not one per micro-batch.
+The noise is drawn once per logical step, and the sum is divided by the
 *expected* batch size q N, never by the realised one, whose scale would then depend on the data and
 leak the batch size (Opacus' ``expected_batch_size`` does the same). An empty batch still takes
 a step: a noise-only update, which the accountant counts like any other.
@@ -13,7 +15,9 @@ A micro-batch that runs out of memory (``torch.OutOfMemoryError`` on a GPU, the 
 "not enough memory") is computed again in halves, and halves of those, down to one record: each record's
 clipped gradient depends on that record and the weights alone (:mod:`ewtune.agent.dpsgd.unpadded`), so the
 parts add up to the same clipped sum, up to the order of float32 additions. A part's sum is added only once its
-computation has finished, so no record is counted twice or half; a record that does not fit even alone ends the
+forward pass, backward pass and norms have finished; an addition that runs out of memory part-way has left part of
+that micro-batch in the running sum, so the running sum is dropped and the step's sum computed again from nothing
+in micro-batches of at most half that size. No record is counted twice or half; a record that does not fit even alone ends the
 step before any noise is drawn or any parameter moves, with a one-line :class:`OutOfMemoryStepError`. The
 largest size that fitted then bounds the micro-batches of the later steps, which would run out of memory again.
 """
@@ -42,6 +46,12 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "not enough memory" in str(error)
     )
+
+
+def _release_cached_device_memory() -> None:
+    """Give a failed attempt's blocks, cached by the GPU allocator, back to the device."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)
@@ -92,50 +102,72 @@ class DPSGDStep:
 
         Sums, noise and scaling happen in place, so the step holds one gradient-sized buffer at a time.
         """
-        sums, rows, norms, loss_sum, micro_batches = None, [], [], 0.0, 0
-        pending = own_padding_parts(batch, self.physical_batch_size)
-        while pending:
-            micro_rows, micro_batch = pending.pop(0)
-            clipped = self._clipped_sum_or_none(micro_batch)
-            if clipped is None:  # out of memory: its halves go first, in order; nothing of it was added
-                pending[:0] = self._halves(micro_rows, micro_batch)
-                continue
-            micro_batches += 1
-            if sums is None:
-                sums = clipped.grads
-            else:
-                for name, grad in clipped.grads.items():
-                    sums[name].add_(grad)
-            rows.append(micro_rows)
-            norms.append(clipped.per_example_norms)
-            loss_sum += clipped.loss_sum
+        sums, rows, norms, loss_sum = self._clipped_sums(batch)
         if sums is None:
             sums = self.clipper.zero_grads()
         std = self.noise_multiplier * self.clip_norm
         add_gaussian_noise_(sums, std, self.noise_source)
         for grad in sums.values():
             grad.div_(self.expected_batch_size)
-        norms = in_batch_order(rows, norms) if norms else torch.zeros(0)
+        norms_in_order = in_batch_order(rows, norms) if norms else torch.zeros(0)
         stats = StepStats(
             examples=batch_size_of(batch),
-            micro_batches=micro_batches,
+            micro_batches=len(rows),
             loss_sum=loss_sum,
-            clipped=int((norms > self.clip_norm).sum()),
-            per_example_norms=norms,
+            clipped=int((norms_in_order > self.clip_norm).sum()),
+            per_example_norms=norms_in_order,
         )
         return sums, stats
 
-    def _clipped_sum_or_none(self, micro_batch: Mapping[str, torch.Tensor]) -> ClippedSum | None:
-        """The micro-batch's clipped sum, or None when computing it ran out of memory (the error, and with it
-        every tensor its frames held, is dropped before the caller retries)."""
+    def _clipped_sums(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict | None, list, list, float]:
+        """The clipped sum over the logical batch (None when it is empty), with each micro-batch's rows, norms and
+        the summed loss. The first micro-batch's sum becomes the running sum, and every later one is added into it
+        in place (``ClippedSum.add_to``). Running out of memory while a micro-batch is computed splits it; running
+        out part-way through adding it leaves the running sum holding part of it, so the sum is started again from
+        nothing, in micro-batches no larger than half that one's."""
+        sums, rows, norms, loss_sum = None, [], [], 0.0
+        pending = own_padding_parts(batch, self.physical_batch_size)
+        while pending:
+            micro_rows, micro_batch = pending.pop(0)
+            clipped = self._clipped_sum_or_none(micro_batch, formed=sums is None)
+            if clipped is None:  # out of memory: its halves go first, in order; nothing of it was added
+                pending[:0] = self._halves(micro_rows, micro_batch)
+                continue
+            if sums is not None and not self._added(clipped, sums):
+                self._halves(micro_rows, micro_batch)  # the later micro-batches' bound (a single record: the error)
+                return self._clipped_sums(batch)
+            sums = clipped.form() if sums is None else sums
+            rows.append(micro_rows)
+            norms.append(clipped.per_example_norms)
+            loss_sum += clipped.loss_sum
+        return sums, rows, norms, loss_sum
+
+    def _clipped_sum_or_none(self, micro_batch: Mapping[str, torch.Tensor], formed: bool) -> ClippedSum | None:
+        """The micro-batch's clipped sum (``formed``: its gradients formed already, as they become the running
+        sum), or None when computing it ran out of memory (the error, and with it every tensor its frames held, is
+        dropped before the caller retries)."""
         try:
-            return self.clipper.clipped_grad_sum(micro_batch)
+            clipped = self.clipper.clipped_grad_sum(micro_batch)
+            if formed:
+                clipped.form()
+            return clipped
         except RuntimeError as error:
             if not is_out_of_memory(error):
                 raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the failed attempt's blocks, cached by the allocator, go back to the device
+        _release_cached_device_memory()
         return None
+
+    @staticmethod
+    def _added(clipped: ClippedSum, sums: dict[str, torch.Tensor]) -> bool:
+        """Whether ``clipped`` was added into ``sums``; False when that ran out of memory part-way."""
+        try:
+            clipped.add_to(sums)
+            return True
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+        _release_cached_device_memory()
+        return False
 
     def _halves(self, micro_rows: torch.Tensor, micro_batch: Mapping[str, torch.Tensor]) -> list[tuple]:
         """The micro-batch that ran out of memory as two parts (rows of the logical batch, sub-batch), and the

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -253,3 +254,38 @@ def test_train_local_sharded_trains_every_planned_step_and_reports_each_workers_
     assert all(worker["parameter_bytes"] < 0.6 * whole and worker["peak_rss_bytes"] > 0 for worker in workers)
     assert all(worker["optimizer_state_bytes"] >= worker["parameter_bytes"] for worker in workers)
     assert (tmp_path / "out" / "run.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dies_in", ["step", "clipped sum"])
+def test_a_worker_killed_in_a_sharded_step_fails_the_run_in_one_line_with_the_steps_begun_charged(dies_in, tiny_bert_dir,
+                                                                                                   mr_csv, tmp_path):
+    """As with replicated workers (tests/test_distributed.py): the follower dies as its step 2 begins, or as its
+    third micro-batch's clipped sum begins, while rank 0 waits in FSDP2's own all-gather of a forward pass."""
+    from test_distributed import KILLING_LAUNCHER, _holder_ledger
+
+    from ewtune.accountant.verify import verify_ledger
+
+    kill_at = 2 if dies_in == "step" else 3
+    launcher = KILLING_LAUNCHER if dies_in == "step" else KILLING_LAUNCHER.replace(
+        "from ewtune.agent.dpsgd.step import DPSGDStep", "from ewtune.agent.dpsgd.engine import PerExampleClipper as DPSGDStep"
+    ).replace("DPSGDStep.step", "DPSGDStep.clipped_grad_sum")
+    argv = ["agent", "train-local", "--model", str(tiny_bert_dir), "--data", str(mr_csv), "--epsilon", "8", "--delta", "1e-5",
+            "--mode", "full", "--tune-layers", "0", "--probe-epochs", "0", "--tune-epochs", "1", "--tune-batch", "16",
+            "--max-examples", "80", "--max-length", "24", "--physical-batch-size", "8", "--device", "cpu", "--nproc", "2",
+            "--sharding", "fsdp", "--quiet", *_holder_ledger(tmp_path)]  # fmt: skip
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", launcher, str(kill_at), *argv], cwd=REPO, env=environment,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    failed = re.fullmatch(r"ewtune: error: training failed \(failed in step (\d+) of \d+ after (\d+) completed step\(s\); "
+                          r"(\d+) step\(s\) charged\): WorkerFailed: worker 1 of 2 was killed by signal SIGKILL", lines[0])  # fmt: skip
+    assert failed, lines[0]
+    begun = int(failed.group(1))
+    assert int(failed.group(3)) == begun == int(failed.group(2)) + 1 and (dies_in != "step" or begun == kill_at)
+    entries = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    tune = [entry for entry in entries if entry["kind"] == "commit" and entry["payload"].get("extra", {}).get("phase") == "tune"]
+    assert len(tune) == 1 and tune[0]["payload"]["event"]["event"]["steps"] == begun
+    assert verify_ledger(tmp_path / "ledger.jsonl").ok

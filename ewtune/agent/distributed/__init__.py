@@ -11,4 +11,8 @@ with the privacy semantics of one process (Abadi et al. 2016, Algorithm 1, compu
 - before each step rank 0 says whether the step runs (a broadcast), so no worker begins a step that rank 0 has
   not counted; rank 0 counts the steps, writes the ledger and the outputs, and a worker that dies fails the run
   with the steps begun charged, as a failure of one process is (:mod:`ewtune.agent.distributed.launch`).
+
+With ``sharding = "fsdp"`` (:mod:`ewtune.agent.distributed.sharding`) the workers hold 1/N each of the parameters,
+gradients and optimizer state (FSDP2); each then noises the coordinates it owns instead of rank 0 noising them all
+(:mod:`ewtune.agent.distributed.sharded`).
 """

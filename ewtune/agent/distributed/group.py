@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ewtune.accountant.errors import EwtuneError
-from ewtune.agent.distributed.memory import worker_memory
+from ewtune.agent.distributed.memory import start_run_peak, worker_memory
 from ewtune.agent.dpsgd.step import DPSGDStep
 from ewtune.agent.sampler import PoissonSampler
 
@@ -59,11 +59,13 @@ class SingleProcess:
     rank = 0
     world_size = 1
     is_leader = True
+    run_peak_known = False  # whether the run's own RSS peak could be reset when its engine was built
 
     def sampler(self, num_examples: int, sampling_rate: float, steps: int, source) -> PoissonSampler:
         return PoissonSampler(num_examples, sampling_rate, steps, source)
 
     def engine(self, **settings) -> DPSGDStep:
+        self.run_peak_known = start_run_peak()
         return DPSGDStep(**settings)
 
     def stop_signal(self, should_stop):
@@ -86,7 +88,7 @@ class SingleProcess:
 
     def memory_report(self, engine) -> list[dict]:
         """This process's memory figures for the run of ``engine`` (:func:`ewtune.agent.distributed.memory.worker_memory`)."""
-        return [worker_memory(0, engine)]
+        return [worker_memory(0, engine, self.run_peak_known)]
 
 
 SINGLE_PROCESS = SingleProcess()
@@ -120,6 +122,7 @@ class WorkerGroup:
         self.world_size = world_size
         self.device = torch.device(device)  # where collective operations' tensors live (the CPU for gloo)
         self.followers = followers
+        self.run_peak_known = False  # whether the run's own RSS peak could be reset when its engine was built
 
     @property
     def is_leader(self) -> bool:
@@ -131,6 +134,7 @@ class WorkerGroup:
 
     def engine(self, noise_source, **settings) -> DistributedDPSGDStep:
         """The engine of this worker: the noise from ``noise_source`` on rank 0, none elsewhere."""
+        self.run_peak_known = start_run_peak()
         return DistributedDPSGDStep(self, noise_source=noise_source if self.is_leader else NoNoise(), **settings)
 
     def stop_signal(self, should_stop):
@@ -187,7 +191,7 @@ class WorkerGroup:
     def memory_report(self, engine) -> list[dict]:
         """Every worker's memory figures for the run of ``engine``, by rank (an all-gather; every worker calls it)."""
         reports = [None] * self.world_size
-        self.collective(dist.all_gather_object, reports, worker_memory(self.rank, engine))
+        self.collective(dist.all_gather_object, reports, worker_memory(self.rank, engine, self.run_peak_known))
         return reports
 
     def close(self, finished: bool = True) -> None:

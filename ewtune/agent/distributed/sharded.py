@@ -45,6 +45,7 @@ from torch.distributed.tensor import DTensor
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent.distributed.group import BUCKET_ELEMENTS, WorkerFailed, WorkerGroup
+from ewtune.agent.distributed.memory import start_run_peak
 from ewtune.agent.dpsgd.engine import ClippedSum, PerExampleClipper, batch_size_of, in_batch_order
 from ewtune.agent.dpsgd.noise import add_gaussian_noise_
 from ewtune.agent.dpsgd.step import DPSGDStep, StepStats
@@ -177,6 +178,20 @@ class ShardedDPSGDStep(DPSGDStep):
         return released, stats
 
 
+    def step(self, batch):
+        """The engine's step; when it fails on rank 0 because a worker ended (gloo reports a peer gone inside FSDP2's
+        own all-gathers as a plain RuntimeError), a :class:`WorkerFailed` naming the worker and how it ended, as
+        the group's own collective operations do; any other error as it is."""
+        try:
+            return super().step(batch)
+        except RuntimeError:
+            followers = self.group.followers
+            reason = followers.exit_reason(wait_s=5.0) if followers is not None else None
+            if reason is None:
+                raise
+            raise WorkerFailed(reason) from None
+
+
 class ShardedWorkerGroup(WorkerGroup):
     """A :class:`WorkerGroup` whose runs shard the model with FSDP2 (module docstring)."""
 
@@ -199,6 +214,7 @@ class ShardedWorkerGroup(WorkerGroup):
             raise WorkerFailed("an earlier sharded run failed and left the model's parameters released: start the training again")
         if self.mesh is None:
             self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.run_peak_known = start_run_peak()
         clipper.close()  # the whole model does not run during a sharded run: its copy does
         self.run = ShardedRun(model, self.mesh)
         sharded = self.run.module
@@ -223,7 +239,8 @@ class ShardedWorkerGroup(WorkerGroup):
 
     def reduce_scatter_add_(self, shards: dict, sums: dict | None, params: dict) -> None:
         """Add to each shard this worker's rows of the sum over the workers of ``sums`` (every worker's full-size
-        clipped sums; None: this worker adds zeros), reduce-scattered in buckets of whole parameters."""
+        clipped sums, each dropped from ``sums`` once copied out; None: this worker adds zeros), reduce-scattered in
+        buckets of whole parameters."""
         names, size = [], 0
         for name, param in params.items():
             if names and size + param.numel() > BUCKET_ELEMENTS:
@@ -235,19 +252,23 @@ class ShardedWorkerGroup(WorkerGroup):
             self._reduce_scatter_bucket(names, shards, sums, params)
 
     def _reduce_scatter_bucket(self, names, shards, sums, params) -> None:
+        """One reduce-scatter: row block r of every parameter (``torch.chunk``'s, as FSDP2 shards, zero-padded to
+        equal blocks) goes to worker r."""
         rows = [math.ceil(params[name].shape[0] / self.world_size) for name in names]
         widths = [row * math.prod(params[name].shape[1:]) for name, row in zip(names, rows)]
         stacked = torch.zeros(self.world_size, sum(widths), dtype=torch.float32, device=shards[names[0]].device)
         offset = 0
         for name, row, width in zip(names, rows, widths):
             if sums is not None:
-                full = sums[name].reshape(params[name].shape[0], -1)
-                padded = torch.zeros(row * self.world_size, full.shape[1], dtype=stacked.dtype, device=stacked.device)
-                padded[: full.shape[0]] = full
-                stacked[:, offset : offset + width] = padded.reshape(self.world_size, width)
+                full = sums.pop(name).reshape(params[name].shape[0], -1)
+                blocks = stacked[:, offset : offset + width].view(self.world_size, row, -1)
+                for rank, block in enumerate(full.split(row)):
+                    blocks[rank, : block.shape[0]] = block
+                del full
             offset += width
         mine = torch.empty(sum(widths), dtype=stacked.dtype, device=stacked.device)
         self.collective(dist.reduce_scatter_single, mine, stacked.reshape(-1))
+        del stacked
         offset = 0
         for name, width in zip(names, widths):
             shard = shards[name]

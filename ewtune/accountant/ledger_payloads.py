@@ -6,11 +6,13 @@ The entries themselves are built and appended by :class:`ewtune.accountant.ledge
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.events import ComposedEvent, PoissonGaussianEvent
-from ewtune.accountant.spend import HolderSpend
+
+if TYPE_CHECKING:  # the annotation only: spend.py reads entries through entries.py, which imports this module
+    from ewtune.accountant.spend import HolderSpend
 
 # A commit's ``extra.purpose`` for a release that is not a training update (a holder's private evaluation):
 # charged like any event, but never aggregated, so the coordinator's ledger has no commit to match it.

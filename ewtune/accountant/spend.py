@@ -20,6 +20,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
+from ewtune.accountant.entries import (
+    AbortEntry,
+    AuditEntry,
+    CommitEntry,
+    GenesisEntry,
+    HolderEntry,
+    RepairEntry,
+    ReserveEntry,
+    entry_view,
+)
 from ewtune.accountant.errors import EwtuneError, InvalidInputError, UnknownEventKindError
 from ewtune.accountant.events import (
     ComposedEvent,
@@ -32,7 +42,6 @@ from ewtune.accountant.events import (
 from ewtune.accountant.signing import load_public_key
 
 LEDGER_SCHEMA = 1
-KINDS = ("genesis", "holder", "reserve", "commit", "abort", "repair", "audit")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 MechanismKey = tuple[tuple[tuple[float, float, Neighbouring], int], ...]
@@ -180,15 +189,12 @@ class LedgerState:
         return self.prepare(entry)()
 
     def prepare(self, entry: Mapping[str, Any]) -> Callable[[], str | None]:
-        kind = entry.get("kind")
-        if kind not in KINDS:
-            raise UnknownEventKindError(f"unknown entry kind {kind!r}: this release cannot account it")
-        payload = entry.get("payload")
-        if not isinstance(payload, dict):
-            raise InvalidInputError(f"the payload of a {kind} entry must be a JSON object")
-        if kind != "genesis" and self.writer is None:
+        """Check ``entry`` (read through its view, :mod:`ewtune.accountant.entries`) against the rules; the change
+        to apply. A field it lacks or holds with the wrong type is refused here, naming the field."""
+        view = entry_view(entry)
+        if not isinstance(view, GenesisEntry) and self.writer is None:
             raise InvalidInputError("the first entry must be the genesis entry")
-        return getattr(self, f"_prepare_{kind}")(entry["seq"], payload)
+        return getattr(self, f"_prepare_{view.kind}")(view)
 
     def spend(self, holder_id: str) -> HolderSpend:
         return self.holders[holder_id].spend()
@@ -200,20 +206,20 @@ class LedgerState:
             raise InvalidInputError(f"reservation {seq} was already closed by entry {self.closed[seq]}")
         return self.reservations[seq]
 
-    def _prepare_genesis(self, seq: int, payload: dict) -> Callable[[], None]:
-        if self.writer is not None or seq != 0:
+    def _prepare_genesis(self, genesis: GenesisEntry) -> Callable[[], None]:
+        if self.writer is not None or genesis.seq != 0:
             raise InvalidInputError("a ledger has exactly one genesis entry, at seq 0")
-        if payload.get("schema") != LEDGER_SCHEMA:
+        if genesis.schema != LEDGER_SCHEMA:
             raise UnknownEventKindError(
-                f"unknown ledger schema {payload.get('schema')!r} (this release reads {LEDGER_SCHEMA})"
+                f"unknown ledger schema {genesis.schema!r} (this release reads {LEDGER_SCHEMA})"
             )
-        writer = _text(payload, "writer")
-        public_key = _public_key(payload)
-        policy = payload.get("policy")
-        if not isinstance(policy, dict):
+        writer = _text(genesis.writer, "writer")
+        public_key = _public_key(genesis.public_key)
+        if not isinstance(genesis.policy, dict):
             raise InvalidInputError("genesis lacks the policy object")
-        account = HolderAccount(writer, public_key, *_budget(policy), accountants=self.accountants)
-        accountant = payload.get("accountant")
+        budget = _budget(genesis.budget_epsilon, genesis.budget_delta)
+        account = HolderAccount(writer, public_key, *budget, accountants=self.accountants)
+        accountant = genesis.accountant
 
         def change() -> None:
             self.writer, self.public_key, self.accountant = writer, public_key, accountant
@@ -221,26 +227,29 @@ class LedgerState:
 
         return change
 
-    def _prepare_holder(self, seq: int, payload: dict) -> Callable[[], None]:
-        holder_id = _text(payload, "holder")
+    def _prepare_holder(self, registration: HolderEntry) -> Callable[[], None]:
+        holder_id = _text(registration.holder, "holder")
         if holder_id in self.holders:
             raise InvalidInputError(f"holder {holder_id!r} is already registered")
-        account = HolderAccount(holder_id, _public_key(payload), *_budget(payload), accountants=self.accountants)
+        public_key = _public_key(registration.public_key)
+        budget = _budget(registration.budget_epsilon, registration.budget_delta)
+        account = HolderAccount(holder_id, public_key, *budget, accountants=self.accountants)
 
         def change() -> None:
             self.holders[holder_id] = account
 
         return change
 
-    def _prepare_reserve(self, seq: int, payload: dict) -> Callable[[], str]:
-        holder_id = _text(payload, "holder")
+    def _prepare_reserve(self, reserve: ReserveEntry) -> Callable[[], str]:
+        holder_id = _text(reserve.holder, "holder")
         if holder_id not in self.holders:
             raise InvalidInputError(f"reservation for the unregistered holder {holder_id!r}")
-        run_id = _text(payload, "run_id")
-        round_ = payload.get("round")
+        run_id = _text(reserve.run_id, "run_id")
+        round_ = reserve.round
         if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
             raise InvalidInputError(f"round must be an integer >= 0, got {round_!r}")
-        reservation = Reservation(seq, holder_id, run_id, round_, _event(payload))
+        seq = reserve.seq
+        reservation = Reservation(seq, holder_id, run_id, round_, _event(reserve.event))
 
         def change() -> str:
             self.reservations[seq] = reservation
@@ -249,13 +258,14 @@ class LedgerState:
 
         return change
 
-    def _prepare_commit(self, seq: int, payload: dict) -> Callable[[], str]:
-        reservation = self.open_reservation(payload.get("reservation"))
-        executed = _event(payload)
+    def _prepare_commit(self, commit: CommitEntry) -> Callable[[], str]:
+        reservation = self.open_reservation(commit.reservation)
+        executed = _event(commit.event)
         check_within(executed, reservation.event)
-        digest = payload.get("receipt_sha256")
+        digest = commit.receipt_sha256
         if digest is not None and not (isinstance(digest, str) and _SHA256_HEX.fullmatch(digest)):
             raise InvalidInputError("receipt_sha256 must be 64 lower-case hex digits")
+        seq = commit.seq
 
         def change() -> str:
             account = self.holders[reservation.holder_id]
@@ -266,32 +276,32 @@ class LedgerState:
 
         return change
 
-    def _prepare_abort(self, seq: int, payload: dict) -> Callable[[], str]:
-        reservation = self.open_reservation(payload.get("reservation"))
-        _text(payload, "reason")
+    def _prepare_abort(self, abort: AbortEntry) -> Callable[[], str]:
+        reservation = self.open_reservation(abort.reservation)
+        _text(abort.reason, "reason")
 
         def change() -> str:
             del self.holders[reservation.holder_id].open[reservation.seq]
-            self.closed[reservation.seq] = seq
+            self.closed[reservation.seq] = abort.seq
             return reservation.holder_id
 
         return change
 
-    def _prepare_audit(self, seq: int, payload: dict) -> Callable[[], None]:
+    def _prepare_audit(self, audit: AuditEntry) -> Callable[[], None]:
         """A federated audit's lower bounds (:meth:`ewtune.accountant.ledger.Ledger.record_audit`): per registered
         holder and pooled; it changes no spend."""
-        run_id = _text(payload, "run_id")
-        holders = payload.get("holders")
+        run_id = _text(audit.run_id, "run_id")
+        holders = audit.holders
         if not isinstance(holders, dict) or not holders:
             raise InvalidInputError("an audit entry needs the object 'holders' (holder id -> its lower bound)")
         for holder_id, bound in holders.items():
             if holder_id not in self.holders:
                 raise InvalidInputError(f"audit of the unregistered holder {holder_id!r}")
             check_audit_bound(bound, f"holders.{holder_id}")
-        check_audit_bound(payload.get("pooled"), "pooled")
+        check_audit_bound(audit.pooled, "pooled")
 
         def change() -> None:
-            self.audits[seq] = run_id
+            self.audits[audit.seq] = run_id
 
         return change
 
@@ -304,15 +314,15 @@ class LedgerState:
             if reservation.holder_id == holder_id and reservation.run_id == run_id and self.closed.get(seq) in account.committed
         )
 
-    def _prepare_repair(self, seq: int, payload: dict) -> Callable[[], None]:
-        length = payload.get("torn_bytes")
+    def _prepare_repair(self, repair: RepairEntry) -> Callable[[], None]:
+        length = repair.torn_bytes
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise InvalidInputError("a repair entry needs torn_bytes >= 1")
-        if not (isinstance(payload.get("torn_sha256"), str) and _SHA256_HEX.fullmatch(payload["torn_sha256"])):
+        if not (isinstance(repair.torn_sha256, str) and _SHA256_HEX.fullmatch(repair.torn_sha256)):
             raise InvalidInputError("a repair entry needs torn_sha256 (64 hex digits)")
 
         def change() -> None:
-            self.repairs.append(seq)
+            self.repairs.append(repair.seq)
 
         return change
 
@@ -380,21 +390,20 @@ def _event_of(key: MechanismKey) -> ComposedEvent:
     return ComposedEvent(tuple(PoissonGaussianEvent(q, sigma, steps, relation) for (q, sigma, relation), steps in key))
 
 
-def _text(payload: Mapping[str, Any], name: str) -> str:
-    value = payload.get(name)
+def _text(value: Any, name: str) -> str:
+    """``value``, the entry's field ``name``, which must be a non-empty string (the name is for the message)."""
     if not isinstance(value, str) or not value:
         raise InvalidInputError(f"{name} must be a non-empty string, got {value!r}")
     return value
 
 
-def _public_key(payload: Mapping[str, Any]) -> str:
-    text = _text(payload, "public_key")
+def _public_key(value: Any) -> str:
+    text = _text(value, "public_key")
     load_public_key(text)
     return text
 
 
-def _budget(policy: Mapping[str, Any]) -> tuple[float, float]:
-    epsilon, delta = policy.get("budget_epsilon"), policy.get("budget_delta")
+def _budget(epsilon: Any, delta: Any) -> tuple[float, float]:
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (0 < epsilon < math.inf):
         raise InvalidInputError(f"budget epsilon must be a finite number > 0, got {epsilon!r}")
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (0 < delta < 1):
@@ -402,8 +411,8 @@ def _budget(policy: Mapping[str, Any]) -> tuple[float, float]:
     return float(epsilon), float(delta)
 
 
-def _event(payload: Mapping[str, Any]) -> DpEvent:
-    event = event_from_json(payload.get("event"))
+def _event(document: Any) -> DpEvent:
+    event = event_from_json(document)
     if not mechanisms(event):
         raise InvalidInputError("an event with no steps cannot be reserved or committed")
     return event

@@ -23,11 +23,20 @@ from typing import Any, Mapping
 
 from ewtune.accountant import certified as certified_engine  # its CERTIFIED_ACCOUNTANT read at each check
 from ewtune.accountant.certified import certified_epsilon
+from ewtune.accountant.entries import (
+    AbortEntry,
+    AuditEntry,
+    CommitEntry,
+    EntryView,
+    GenesisEntry,
+    RepairEntry,
+    ReserveEntry,
+    entry_view,
+)
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.events import ComposedEvent, event_from_json
 from ewtune.accountant.ledger_head import Head, default_head_path, head_mismatch, parse_head
 from ewtune.accountant.ledger_lines import ChainChecker, SplitFile, entry_hash, parse_line, split_lines
-from ewtune.accountant.ledger_payloads import STATED_EPSILONS
 from ewtune.accountant.signing import canonical_json
 from ewtune.accountant.spend import HolderSpend, LedgerState, check_audit_bound, mechanism_rows
 
@@ -191,34 +200,41 @@ def _check_entries(report: VerificationReport, lines: tuple[bytes, ...], chain: 
             entry = parse_line(line)
             chain.check(entry)
             holder_id = state.apply(entry)
+            view = entry_view(entry)  # the rules passed: a kind this release reads, and a payload object
             if number == 1:
                 report.writer, report.public_key = state.writer, state.public_key
                 report.accountant_mismatch = _accountant_mismatch(state.accountant)
-            _check_repair_offset(entry, offset)
-            _check_statements(report, entry, state, holder_id)
+            _check_repair_offset(view, offset)
+            _check_statements(report, view, state, holder_id)
         except InvalidInputError as error:
             report.first_bad = BadEntry(seq, number, str(error))
             break
-        if entry["kind"] == "repair":
-            report.repairs.append({"seq": entry["seq"], "line": number, **entry["payload"]})
+        if isinstance(view, RepairEntry):
+            report.repairs.append(_repair_row(view, number))
         report.entries_verified += 1
         hashes.append(entry_hash(entry))
         offset += len(line) + 1
     return hashes
 
 
-def _check_statements(report: VerificationReport, entry: Mapping[str, Any], state: LedgerState,
-                      holder_id: str | None) -> None:
-    """Recompute what an entry states (its spend, an audit's lower bounds) unless the pinned accountant differs."""
+def _check_statements(report: VerificationReport, view: EntryView, state: LedgerState, holder_id: str | None) -> None:
+    """Recompute what an entry states (its spend, an audit's lower bounds) unless the pinned accountant differs.
+    An entry that changed a holder's spend (``holder_id``) is a reservation, a commit or an abort."""
     if report.accountant_mismatch is not None:
         return
-    if entry["kind"] == "audit":
-        report.audits.extend(federated_audit_statements(entry, state))
-    if holder_id is not None and _states_or_reserves(entry):
-        _check_spend(entry, state.spend(holder_id))
-        audit = audit_statement(entry, state.spend(holder_id).budget_delta)
+    if isinstance(view, AuditEntry):
+        report.audits.extend(federated_audit_statements(view, state))
+    if holder_id is not None and _states_or_reserves(view):
+        _check_spend(view, state.spend(holder_id))
+        audit = audit_statement(view, state.spend(holder_id).budget_delta)
         if audit is not None:
             report.audits.append(audit)
+
+
+def _repair_row(repair: RepairEntry, line: int) -> dict[str, Any]:
+    """A repair as the report lists it: its seq and line, and what its entry states."""
+    return {"seq": repair.seq, "line": line, "offset": repair.offset, "saved_as": repair.saved_as,
+            "torn_bytes": repair.torn_bytes, "torn_sha256": repair.torn_sha256}
 
 
 def _report_torn_tail(report: VerificationReport, split: SplitFile, chain: ChainChecker,
@@ -269,19 +285,18 @@ def verify_with_its_head(path: str | Path, public_keys: str | Mapping[str, str] 
     return verify_ledger(path, public_keys, head_path=head if head.is_file() else None)
 
 
-def audit_statement(entry: Mapping[str, Any], delta: float) -> dict[str, Any] | None:
+def audit_statement(view: EntryView, delta: float) -> dict[str, Any] | None:
     """The lower bound of an audit run's commit (``extra.audit``, written by ``ewtune audit --ledger``) beside
     the certified epsilon of that commit's event alone, recomputed here (the stated lifetime epsilon is checked
     like any other); None for any other entry. A malformed statement raises ``InvalidInputError``."""
-    extra = entry["payload"].get("extra")
-    if entry["kind"] != "commit" or not isinstance(extra, dict) or "audit" not in extra:
+    if not isinstance(view, CommitEntry) or not view.states_audit:
         return None
-    audit = extra["audit"]
+    audit = view.audit
     check_audit_bound(audit, "extra.audit")
     bound, confidence, canaries = audit["epsilon_lower_bound"], audit["confidence"], audit["canaries"]
-    certified = certified_epsilon(event_from_json(entry["payload"]["event"]), delta)
+    certified = certified_epsilon(event_from_json(view.event), delta)
     return {
-        "seq": entry["seq"],
+        "seq": view.seq,
         "epsilon_lower_bound": bound,
         "confidence": confidence,
         "canaries": canaries,
@@ -290,18 +305,17 @@ def audit_statement(entry: Mapping[str, Any], delta: float) -> dict[str, Any] | 
     }
 
 
-def federated_audit_statements(entry: Mapping[str, Any], state: LedgerState) -> list[dict[str, Any]]:
-    """The lower bounds of a federated audit entry (kind ``audit``), each beside the certified epsilon of what
-    the coordinator committed for that holder in that run, recomputed here; the pooled bound beside the
-    largest of them (each canary belongs to one holder, so the run is (max epsilon, delta)-DP for every canary)."""
-    payload = entry["payload"]
+def federated_audit_statements(audit: AuditEntry, state: LedgerState) -> list[dict[str, Any]]:
+    """The lower bounds of a federated audit entry (checked by the rules before), each beside the certified
+    epsilon of what the coordinator committed for that holder in that run, recomputed here; the pooled bound beside
+    the largest of them (each canary belongs to one holder, so the run is (max epsilon, delta)-DP for every canary)."""
     statements, largest = [], 0.0
-    for holder_id, bound in payload["holders"].items():
-        events = state.run_events(holder_id, payload["run_id"])
+    for holder_id, bound in audit.holders.items():
+        events = state.run_events(holder_id, audit.run_id)
         certified = certified_epsilon(ComposedEvent(events), state.spend(holder_id).budget_delta) if events else 0.0
         largest = max(largest, certified)
-        statements.append(_audit_row(entry["seq"], bound, certified, holder=holder_id))
-    statements.append(_audit_row(entry["seq"], payload["pooled"], largest, holder="pooled"))
+        statements.append(_audit_row(audit.seq, bound, certified, holder=holder_id))
+    statements.append(_audit_row(audit.seq, audit.pooled, largest, holder="pooled"))
     return statements
 
 
@@ -346,9 +360,13 @@ def _genesis_writer(path: Path, lines: tuple[bytes, ...]) -> str | None:
         genesis = parse_line(lines[0])
     except InvalidInputError as error:
         raise InvalidInputError(f"{path} is not a ledger: line 1: {error}") from None
-    if genesis["kind"] != "genesis" or not isinstance(genesis["payload"], dict):
+    try:
+        view = entry_view(genesis)
+    except InvalidInputError:
+        view = None  # a kind this release does not read
+    if not isinstance(view, GenesisEntry):
         raise InvalidInputError(f"{path} is not a ledger: line 1 is not a genesis entry")
-    return genesis["payload"].get("writer")
+    return view.writer
 
 
 def _accountant_mismatch(pinned: Any) -> str | None:
@@ -360,32 +378,28 @@ def _accountant_mismatch(pinned: Any) -> str | None:
     )
 
 
-def _check_repair_offset(entry: Mapping[str, Any], offset: int) -> None:
+def _check_repair_offset(view: EntryView, offset: int) -> None:
     """A repair entry is appended right where the torn bytes were cut: its own line starts at that offset."""
-    if entry["kind"] == "repair" and entry["payload"].get("offset") != offset:
-        raise InvalidInputError(
-            f"the repair entry states offset {entry['payload'].get('offset')!r} but starts at byte {offset}"
-        )
+    if isinstance(view, RepairEntry) and view.offset != offset:
+        raise InvalidInputError(f"the repair entry states offset {view.offset!r} but starts at byte {offset}")
 
 
-def _states_or_reserves(entry: Mapping[str, Any]) -> bool:
+def _states_or_reserves(view: ReserveEntry | CommitEntry | AbortEntry) -> bool:
     """Whether the spend an entry leads to needs recomputing: a reservation (checked against the budget) or
     an entry stating an epsilon."""
-    return entry["kind"] == "reserve" or any(name in entry["payload"] for name in STATED_EPSILONS)
+    return isinstance(view, ReserveEntry) or bool(view.stated)
 
 
-def _check_spend(entry: Mapping[str, Any], spend: HolderSpend) -> None:
+def _check_spend(view: ReserveEntry | CommitEntry | AbortEntry, spend: HolderSpend) -> None:
     """Stated epsilons must equal the recomputed spend the entry leads to; a reservation must fit the budget."""
-    if entry["kind"] == "reserve" and spend.epsilon_certified > spend.budget_epsilon * (1 + RELATIVE_TOLERANCE):
+    if isinstance(view, ReserveEntry) and spend.epsilon_certified > spend.budget_epsilon * (1 + RELATIVE_TOLERANCE):
         raise InvalidInputError(
             f"the reservation takes holder {spend.holder_id!r} to certified epsilon "
             f"{spend.epsilon_certified!r} beyond its budget {spend.budget_epsilon!r}"
         )
     recomputed = {"epsilon_certified": spend.epsilon_certified, "epsilon_edgeworth": spend.epsilon_edgeworth}
-    for name in STATED_EPSILONS:
-        if name not in entry["payload"]:
-            continue
-        stated, actual = entry["payload"][name], recomputed[name]
+    for name, stated in view.stated.items():
+        actual = recomputed[name]
         if isinstance(stated, bool) or not isinstance(stated, (int, float)):
             raise InvalidInputError(f"{name} must be a number, got {stated!r}")
         if actual is None or not math.isclose(stated, actual, rel_tol=RELATIVE_TOLERANCE, abs_tol=1e-12):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from ewtune.accountant.entries import commit_entries, reservations_and_commits
 from ewtune.accountant.ledger_payloads import EVALUATION_PURPOSE
 
 
@@ -13,22 +14,12 @@ def evaluations_since(entries, since: datetime) -> int:
     """Private evaluations committed at or after ``since``, whatever their run: commits marked with the
     evaluation purpose (a failed one that read records included). Ledger times are fixed-width UTC text."""
     cutoff = since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return sum(
-        1
-        for entry in entries
-        if entry["kind"] == "commit"
-        and entry["payload"].get("extra", {}).get("purpose") == EVALUATION_PURPOSE
-        and entry["time"] >= cutoff
-    )
+    evaluations = [commit for commit in commit_entries(entries) if commit.purpose == EVALUATION_PURPOSE]
+    return sum(1 for commit in evaluations if commit.time >= cutoff)
 
 
 def released_rounds(entries, run_id: str) -> list[int]:
     """Rounds of ``run_id`` whose training update was released: commits that carry a receipt's digest."""
-    reserved = {entry["seq"]: entry["payload"] for entry in entries if entry["kind"] == "reserve"}
-    return [
-        reserved[entry["payload"]["reservation"]]["round"]
-        for entry in entries
-        if entry["kind"] == "commit"
-        and "receipt_sha256" in entry["payload"]
-        and reserved.get(entry["payload"]["reservation"], {}).get("run_id") == run_id
-    ]
+    reservations, commits = reservations_and_commits(entries)
+    released = [reservations.get(commit.reservation) for commit in commits if commit.receipt_sha256 is not None]
+    return [reserved.round for reserved in released if reserved is not None and reserved.run_id == run_id]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ewtune.accountant.entries import commit_entries
 from ewtune.accountant.errors import EwtuneError
 from ewtune.accountant.events import PoissonGaussianEvent
 from ewtune.accountant.ledger import Ledger
@@ -72,10 +73,9 @@ def count_facts(value: int, noise: float) -> dict[str, Any]:
 def latest_count(entries: Iterable[Mapping[str, Any]]) -> ReleasedCount | None:
     """The last count the ledger's entries released (a commit whose purpose is the data set size), or None."""
     found = None
-    for entry in entries:
-        extra = entry["payload"].get("extra", {}) if entry["kind"] == "commit" else {}
-        if extra.get("purpose") == DATASET_SIZE_PURPOSE and "public" in extra:
-            found = ReleasedCount(int(extra["public"]["dataset_size"]), entry["seq"])
+    for commit in commit_entries(entries):
+        if commit.released_count is not None:
+            found = ReleasedCount(commit.released_count, commit.seq)
     return found
 
 

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from ewtune.accountant.entries import reservations_and_commits
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.ledger import Ledger
 from ewtune.accountant.receipts import Receipt, receipt_digest
@@ -255,28 +256,27 @@ def _last_checkpoint(output_dir: Path, run_ids: set[str]) -> tuple[int, dict[str
 
 def _commits_of_round(entries: Iterable[Mapping[str, Any]], run_ids: set[str], round: int) -> dict[str, str]:
     """holder id -> run id of the commits of ``round`` in ``run_ids`` (only the latest run that reserved it)."""
-    reservations, latest_run = {}, None
-    for entry in entries:
-        payload = entry["payload"]
-        if entry["kind"] == "reserve" and payload["run_id"] in run_ids and payload["round"] == round:
-            reservations[entry["seq"]] = (payload["holder"], payload["run_id"])
-            latest_run = payload["run_id"]
+    reservations, commits = reservations_and_commits(entries)
+    of_round = {
+        seq: reserved for seq, reserved in reservations.items() if reserved.run_id in run_ids and reserved.round == round
+    }
+    latest_run = list(of_round.values())[-1].run_id if of_round else None
     committed = {}
-    for entry in entries:
-        if entry["kind"] == "commit" and entry["payload"]["reservation"] in reservations:
-            holder_id, run_id = reservations[entry["payload"]["reservation"]]
-            if run_id == latest_run:
-                committed[holder_id] = run_id
+    for commit in commits:
+        reserved = of_round.get(commit.reservation)
+        if reserved is not None and reserved.run_id == latest_run:
+            committed[reserved.holder] = reserved.run_id
     return committed
 
 
 def committed_rounds(entries: Iterable[Mapping[str, Any]], run_ids: Iterable[str]) -> dict[str, int]:
     """holder id -> how many of its reservations in ``run_ids`` were committed."""
     run_ids = set(run_ids)
-    reservations = {entry["seq"]: entry["payload"]["holder"] for entry in entries if entry["kind"] == "reserve" and entry["payload"]["run_id"] in run_ids}
+    reservations, commits = reservations_and_commits(entries)
+    holders = {seq: reserved.holder for seq, reserved in reservations.items() if reserved.run_id in run_ids}
     counts: dict[str, int] = {}
-    for entry in entries:
-        if entry["kind"] == "commit" and entry["payload"]["reservation"] in reservations:
-            holder_id = reservations[entry["payload"]["reservation"]]
+    for commit in commits:
+        if commit.reservation in holders:
+            holder_id = holders[commit.reservation]
             counts[holder_id] = counts.get(holder_id, 0) + 1
     return counts

@@ -42,7 +42,7 @@ def _check(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"{path} has neither a [holder] table (agent.toml) nor a [federation] table "
                                 "(federation.toml); pass --role")
     if role == "agent":
-        from ewtune.agent.config_check import check_agent_config as check  # deferred: loads torch, transformers (7 s)
+        from ewtune.agent.config_check import check_agent_config as check  # deferred: 35 ms, every command
     else:
         from ewtune.coordinator.config_check import check_federation_config as check  # deferred: 25 ms, every command
     problems = check(path)

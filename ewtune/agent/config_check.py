@@ -3,6 +3,9 @@ and ``start``): every table and key against the dataclasses the loader builds (:
 then what the file names: the model directory (a Hugging Face ``config.json``), the data file (readable; the
 budget's delta below 1/N for its N records), the ledger key (readable by its owner only), the ledger's
 directory (writable), the SuperNode's certificate and key. Every problem is reported at once.
+
+Imports neither torch, transformers, pandas nor flwr for a valid file (a data file the light count cannot vouch
+for is read by the loader, see :func:`_records`), so the check answers at once.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from ewtune.accountant.config_check import (
 from ewtune.accountant.errors import EwtuneError
 from ewtune.accountant.privacy_accountant import delta_too_large
 from ewtune.accountant.tomlfiles import read_toml
-from ewtune.agent.audit.holder import AuditHolderConfig
-from ewtune.agent.data import read_table
+from ewtune.agent.audit.holder_config import AuditHolderConfig
 from ewtune.agent.policy import HolderPolicy, SuperNodeConfig, load_agent_config
-from ewtune.agent.training import TrainingConfig
+from ewtune.agent.record_count import count_records
+from ewtune.agent.training_config import TrainingConfig
 
 TABLES = ("holder", "budget", "ledger", "rpc")
 OPTIONAL_TABLES = ("policy", "supernode", "training", "audit")  # one of training and audit (an audit daemon)
@@ -85,7 +88,7 @@ def _check_training(training, budget, base: Path, problems: Problems) -> None:
 def _check_delta_against_records(data_file: Path, training, delta: float, problems: Problems) -> None:
     """The budget's delta must be below 1/N for the N records the data file holds (at most ``max_examples``)."""
     try:
-        records = len(read_table(str(data_file)))
+        records = _records(data_file)
     except (EwtuneError, OSError, ValueError) as error:
         problems.add(key_name("training", "data_file"), f"cannot read the examples of {data_file}: {error}")
         return
@@ -97,6 +100,18 @@ def _check_delta_against_records(data_file: Path, training, delta: float, proble
     too_large = delta_too_large(delta, records)
     if too_large:
         problems.add(key_name("budget", "delta"), f"{too_large} (N: the {records} records of {data_file})")
+
+
+def _records(data_file: Path) -> int:
+    """The records of ``data_file``: counted alone (:mod:`ewtune.agent.record_count`), or, for a file that count
+    cannot vouch for, read by the loader, whose error is then the problem reported."""
+    records = count_records(data_file)
+    if records is None:
+        # deferred: the loader imports torch, transformers and datasets (7 s); only such a file needs it
+        from ewtune.agent.data import read_table
+
+        records = len(read_table(str(data_file)))
+    return records
 
 
 def _check_supernode(values, base: Path, problems: Problems) -> None:

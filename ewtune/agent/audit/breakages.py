@@ -13,7 +13,7 @@ from unittest import mock
 import torch
 
 import ewtune.agent.dpsgd.step as step_module
-from ewtune.accountant.errors import InvalidInputError
+from ewtune.agent.audit.holder_config import BREAKAGE_NAMES, check_breakage
 from ewtune.agent.dpsgd.engine import PerExampleClipper
 from ewtune.agent.dpsgd.step import DPSGDStep
 from ewtune.agent.sampler import PoissonSampler
@@ -53,19 +53,15 @@ def _every_record(self):
     return (torch.arange(self.num_examples) for _ in range(self.steps))
 
 
-BREAKAGES = {
-    "noise off": (step_module, "add_gaussian_noise_", _no_noise),
-    "clipping bypassed": (PerExampleClipper, "_weighted_sums", _unclipped),
-    "every record in every step": (PoissonSampler, "__iter__", _every_record),
-    "noise 4x too small": (step_module, "add_gaussian_noise_", _noise_divided_by(4.0)),
-    "noise halved": (step_module, "add_gaussian_noise_", _noise_divided_by(2.0)),
-    "noise std sigma, not sigma C": (DPSGDStep, "__init__", _noise_std_sigma_not_sigma_c),
-}
-
-
-def check_breakage(name: str | None) -> None:
-    if name is not None and name not in BREAKAGES:
-        raise InvalidInputError(f"unknown engine breakage {name!r}: one of {', '.join(BREAKAGES)}")
+# name (BREAKAGE_NAMES, importable without torch for the configuration check) -> what it patches
+BREAKAGES = dict(zip(BREAKAGE_NAMES, (
+    (step_module, "add_gaussian_noise_", _no_noise),  # noise off
+    (PerExampleClipper, "_weighted_sums", _unclipped),  # clipping bypassed
+    (PoissonSampler, "__iter__", _every_record),  # every record in every step
+    (step_module, "add_gaussian_noise_", _noise_divided_by(4.0)),  # noise 4x too small
+    (step_module, "add_gaussian_noise_", _noise_divided_by(2.0)),  # noise halved
+    (DPSGDStep, "__init__", _noise_std_sigma_not_sigma_c),  # noise std sigma, not sigma C
+), strict=True))
 
 
 @contextmanager

@@ -21,17 +21,16 @@ leaves the holder before the reveal. ``breakage`` (tests and benchmarks) runs a 
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent import models
-from ewtune.agent.audit.breakages import broken, check_breakage
+from ewtune.agent.audit.breakages import broken
 from ewtune.agent.audit.canaries import AuditedModel, CanaryCollator, audited_loss
+from ewtune.agent.audit.holder_config import AuditHolderConfig
 from ewtune.agent.audit.run import FeatureClassifier
 from ewtune.agent.audit.run import synthetic_records
 from ewtune.agent.dpsgd.engine import PerExampleClipper
@@ -43,31 +42,6 @@ from ewtune.agent.sampler import PoissonSampler
 
 MODEL_ID = "ewtune-audit-linear"
 PHYSICAL_BATCH = 256
-
-
-@dataclass(frozen=True)
-class AuditHolderConfig:
-    """``[audit]`` of an audit daemon's agent.toml."""
-
-    block: int  # the audit block's coordinates, over all holders of the audit
-    first: int  # this holder's first canary coordinate
-    count: int  # this holder's canaries
-    records: int = 1000  # synthetic records
-    features: int = 20
-    raw_norm: float = 10.0  # a canary's gradient norm in units of C: above 1, so clipping is exercised
-    data_seed: int = 0  # the synthetic records' public recipe (nobody's secret)
-    breakage: str | None = None  # tests and benchmarks: an engine broken on purpose (ewtune.agent.audit.breakages)
-
-    def __post_init__(self) -> None:
-        for name, minimum in (("block", 2), ("first", 0), ("count", 2), ("records", 1), ("features", 1), ("data_seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise InvalidInputError(f"[audit] {name} must be an integer >= {minimum}, got {value!r}")
-        if self.first + self.count > self.block:
-            raise InvalidInputError(f"[audit] canaries {self.first}..{self.first + self.count - 1} lie outside the block of {self.block}")
-        if isinstance(self.raw_norm, bool) or not isinstance(self.raw_norm, (int, float)) or not 1.0 < self.raw_norm < math.inf:
-            raise InvalidInputError(f"[audit] raw_norm must be a finite number above 1, got {self.raw_norm!r}")
-        check_breakage(self.breakage)
 
 
 def audit_model(block: int, features: int) -> AuditedModel:

@@ -114,6 +114,10 @@ class ShardedClipper(PerExampleClipper):
         self.group.collective(dist.all_reduce, flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
+    def zero_grads(self) -> dict[str, torch.Tensor]:
+        """Full-size zeros (the parameters are sharded DTensors; these are reduce-scattered like any clipped sum)."""
+        return {name: torch.zeros(p.shape, dtype=p.dtype, device=p.device) for name, p in self.params.items()}
+
     def _sum_of_usable(self, batch, usable: torch.Tensor, norms: torch.Tensor) -> ClippedSum:
         if bool(usable.any()):
             return super()._sum_of_usable(batch, usable, norms)
@@ -159,7 +163,7 @@ class ShardedDPSGDStep(DPSGDStep):
                 rows.append(part_rows)
                 norms.append(clipped.per_example_norms)
                 loss_sum += clipped.loss_sum
-                self.group.reduce_scatter_add_(shards, clipped.grads, params)
+                self.group.reduce_scatter_add_(shards, clipped.each(), params)
                 del clipped
             else:
                 self.clipper.placeholder_pass(self._template)
@@ -237,21 +241,23 @@ class ShardedWorkerGroup(WorkerGroup):
         self.collective(dist.all_reduce, value, op=dist.ReduceOp.MAX)
         return int(value.item())
 
-    def reduce_scatter_add_(self, shards: dict, sums: dict | None, params: dict) -> None:
-        """Add to each shard this worker's rows of the sum over the workers of ``sums`` (every worker's full-size
-        clipped sums, each dropped from ``sums`` once copied out; None: this worker adds zeros), reduce-scattered in
-        buckets of whole parameters."""
+    def reduce_scatter_add_(self, shards: dict, sums, params: dict) -> None:
+        """Add to each shard this worker's rows of the sum over the workers of ``sums``: every worker's full-size
+        clipped sums as (name, sum) in the parameters' order, formed one at a time and dropped once copied
+        (:meth:`ewtune.agent.dpsgd.engine.ClippedSum.each`); None: this worker adds zeros. Reduce-scattered in buckets
+        of whole parameters."""
+        given = None if sums is None else iter(sums)
         names, size = [], 0
         for name, param in params.items():
             if names and size + param.numel() > BUCKET_ELEMENTS:
-                self._reduce_scatter_bucket(names, shards, sums, params)
+                self._reduce_scatter_bucket(names, shards, given, params)
                 names, size = [], 0
             names.append(name)
             size += param.numel()
         if names:
-            self._reduce_scatter_bucket(names, shards, sums, params)
+            self._reduce_scatter_bucket(names, shards, given, params)
 
-    def _reduce_scatter_bucket(self, names, shards, sums, params) -> None:
+    def _reduce_scatter_bucket(self, names, shards, given, params) -> None:
         """One reduce-scatter: row block r of every parameter (``torch.chunk``'s, as FSDP2 shards, zero-padded to
         equal blocks) goes to worker r."""
         rows = [math.ceil(params[name].shape[0] / self.world_size) for name in names]
@@ -259,10 +265,12 @@ class ShardedWorkerGroup(WorkerGroup):
         stacked = torch.zeros(self.world_size, sum(widths), dtype=torch.float32, device=shards[names[0]].device)
         offset = 0
         for name, row, width in zip(names, rows, widths):
-            if sums is not None:
-                full = sums.pop(name).reshape(params[name].shape[0], -1)
+            if given is not None:
+                summed, full = next(given)
+                if summed != name:
+                    raise WorkerFailed(f"the clipped sums came in another order than the parameters: {summed!r} for {name!r}")
                 blocks = stacked[:, offset : offset + width].view(self.world_size, row, -1)
-                for rank, block in enumerate(full.split(row)):
+                for rank, block in enumerate(full.reshape(params[name].shape[0], -1).split(row)):
                     blocks[rank, : block.shape[0]] = block
                 del full
             offset += width

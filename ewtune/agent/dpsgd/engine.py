@@ -88,6 +88,19 @@ class PendingSums:
                     sums[name] = torch.zeros_like(p)
         return sums
 
+    def each(self):
+        """(name, sum) one parameter at a time, in the parameters' order, each formed only when asked for, so that
+        a caller that hands each on (a sharded step reduce-scatters it: :mod:`ewtune.agent.distributed.sharded`)
+        holds one parameter's sum at a time; the uses are consumed as by :meth:`form`."""
+        scaled = RecentCache()
+        for name, p in self.params.items():
+            if name not in self.uses:
+                yield name, torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+                continue
+            with torch.no_grad(), torch.autocast(self.factors.device.type, enabled=False):  # sums stay in float32
+                total = weighted_sum(self.uses.pop(name), self.factors, p.dtype, self.instantiated.pop(name), scaled, None)
+            yield name, total
+
 
 class ClippedSum:
     """The sum over a micro-batch of per-example gradients, each clipped to norm C (``grads``, a tensor per
@@ -118,6 +131,14 @@ class ClippedSum:
     @property
     def grads(self) -> dict[str, torch.Tensor]:
         return self.form()
+
+    def each(self):
+        """(name, sum) one parameter at a time (:meth:`PendingSums.each`); a sum already formed, from its tensors."""
+        if self._pending is None:
+            yield from self.form().items()
+            return
+        pending, self._pending = self._pending, None
+        yield from pending.each()
 
     def add_to(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``sums`` (every parameter's running sum) with this clipped sum added in place; returns ``sums``."""

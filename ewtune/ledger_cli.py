@@ -94,7 +94,8 @@ def _add_report(actions) -> None:
         "holder's ledger pinned to the key the coordinator registered for it). A ledger is 'verified' only against "
         "a pinned key; without one it is 'chain intact, signatures not checked against a pinned key'. Figures of "
         "a ledger that fails are withheld. Exit 0 when everything verifies or is intact, 1 otherwise (the report "
-        "is written either way), 2 on unreadable input.",
+        "is written either way), 2 on unreadable input, or without matplotlib (pip install 'ewtune[report]'; "
+        "then nothing is written).",
     )
     report.add_argument("ledgers", nargs="+", metavar="LEDGER", help="ledgers (JSON Lines): a coordinator's, holders'")
     report.add_argument("--public-key", metavar="KEY_OR_FILE",

@@ -3,7 +3,9 @@
 The page embeds every plot as a ``data:`` URI and carries no script, stylesheet or font from elsewhere, so
 an auditor opens it offline in any browser, with no ewtune installed; the same plots are written beside it
 as PNG files. matplotlib is imported here only, when a report is drawn: a refused ``ewtune ledger report`` (a
-ledger given twice, say) answers in 0.65 s without it, 0.95 s with it (measured).
+ledger given twice, say) answers in 0.65 s without it, 0.95 s with it (measured). It comes with the ``report``
+extra; without it a report with plots is a one-line error naming ``pip install 'ewtune[report]'``, and nothing
+is written.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ewtune.accountant.errors import InvalidInputError
 from ewtune.report.audit_report import FAILED, VERIFIED, AuditReport, HolderCurve, ledger_verdict
 
 GUARANTEE = "certified"  # the accountant whose epsilon is the guarantee: drawn solid and thick
@@ -33,16 +36,18 @@ code { font-size: 0.85em; word-break: break-all; }
 
 
 def write_report(report: AuditReport, out_dir: str | Path) -> Path:
-    """Draw the plots into ``out_dir`` and write ``out_dir/report.html``; returns the page's path."""
+    """Draw the plots, then write them into ``out_dir`` and the page as ``out_dir/report.html``; returns the
+    page's path. Every plot is drawn before anything is written, so a plot that cannot be drawn (matplotlib
+    missing: a one-line error naming the extra that installs it) leaves neither a directory nor a file."""
+    figures = {_curve_key(curve): (_epsilon_figure(curve), f"epsilon-{index + 1}-{_slug(curve.holder_id)}.png")
+               for index, curve in enumerate(report.curves)}
+    if report.curves:
+        figures["budget"] = (_budget_figure(report.curves), "budget.png")
+    if report.accuracy:
+        figures["accuracy"] = (_accuracy_figure(report.accuracy), "accuracy.png")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    images: dict[str, Path] = {}
-    for index, curve in enumerate(report.curves):
-        images[_curve_key(curve)] = _save(_epsilon_figure(curve), out / f"epsilon-{index + 1}-{_slug(curve.holder_id)}.png")
-    if report.curves:
-        images["budget"] = _save(_budget_figure(report.curves), out / "budget.png")
-    if report.accuracy:
-        images["accuracy"] = _save(_accuracy_figure(report.accuracy), out / "accuracy.png")
+    images = {key: _save(figure, out / name) for key, (figure, name) in figures.items()}
     page = out / "report.html"
     page.write_text(render_html(report, {key: _data_uri(path) for key, path in images.items()}), encoding="utf-8")
     return page
@@ -151,8 +156,11 @@ def _accuracy_figure(series: list[dict[str, Any]]):
 
 
 def _figure():
-    from matplotlib.figure import Figure  # deferred: +0.3 s on a refused `ewtune ledger report` (module docstring)
-
+    try:
+        from matplotlib.figure import Figure  # deferred: +0.3 s on a refused `ewtune ledger report` (module docstring)
+    except ImportError as missing:  # installed with the report extra only (pyproject.toml)
+        reason = (str(missing).splitlines() or [type(missing).__name__])[0]
+        raise InvalidInputError(f"the report's plots need matplotlib ({reason}): pip install 'ewtune[report]'") from None
     figure = Figure(figsize=(9, 4), dpi=100, layout="constrained")
     return figure, figure.add_subplot()
 

@@ -43,7 +43,8 @@ class HolderPolicy:
       below 1 buys nothing at practical epsilons.
     - ``evaluation``: ``"none"`` (default) releases no evaluation metrics at all; ``"private"`` releases the
       confusion matrix of the held-out split with Gaussian noise of std ``evaluation_noise_multiplier`` per
-      cell (sensitivity 1 under add/remove-one), charged to the ledger as an event, at most
+      cell (sensitivity 1 under add/remove-one; a causal LM: its two clipped loss sums, a perplexity, with the
+      same noise and sensitivity, :mod:`ewtune.agent.evaluation`), charged to the ledger as an event, at most
       ``max_evaluations_per_day`` times in any 24 hours, counted from the ledger's own evaluation commits (a
       limit per run would be no limit: the coordinator chooses the run ids; a restart does not reset it).
     - ``dataset_size_noise``: N never leaves exactly (add/remove neighbours differ in N); the daemon releases

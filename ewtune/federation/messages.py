@@ -21,7 +21,8 @@ is a message of :mod:`ewtune.federation.contract`, encoded and decoded there, th
   the last round and after the coordinator has fixed its canary scores) -> :data:`CANARIES` {holder_id, first,
   count, included: one "0"/"1" per canary, breakage}: an audit daemon's canaries and inclusion bits, revealed once;
 - ``evaluate``: the weights and :data:`CONFIG`, an :class:`~ewtune.federation.contract.EvaluationRequest` ->
-  :data:`METRICS` (accuracy, f1, num_examples, noise_multiplier) from a noised confusion matrix, only when the
+  :data:`METRICS` (accuracy, f1, num_examples, noise_multiplier) from a noised confusion matrix (a causal LM:
+  perplexity, loss, num_examples, noise_multiplier from its noised clipped loss sums), only when the
   holder opts in to private evaluation; otherwise a refusal. Sent alone only after the last round.
 
 A refusal or failure is a Flower ``Error`` with one of the codes below and the daemon's reason (generic for

@@ -232,7 +232,8 @@ class Daemon:
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any] | None = None) -> dict[str, float]:
         """Private evaluation of ``arrays`` on the held-out split (policy ``evaluation = "private"``): the
-        confusion matrix noised and charged to the ledger as one Gaussian-mechanism event; at most
+        confusion matrix (a causal LM: its clipped loss sums) noised and charged to the ledger as one
+        Gaussian-mechanism event; at most
         ``max_evaluations_per_day`` in any 24 hours, whatever the run ids. The trainer's own weights are
         restored afterwards."""
         if self.policy.evaluation != "private":

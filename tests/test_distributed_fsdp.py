@@ -289,3 +289,22 @@ def test_a_worker_killed_in_a_sharded_step_fails_the_run_in_one_line_with_the_st
     tune = [entry for entry in entries if entry["kind"] == "commit" and entry["payload"].get("extra", {}).get("phase") == "tune"]
     assert len(tune) == 1 and tune[0]["payload"]["event"]["event"]["steps"] == begun
     assert verify_ledger(tmp_path / "ledger.jsonl").ok
+
+
+@pytest.mark.slow
+def test_bench_fsdp_memory_reports_each_workers_memory_for_both_shardings(tmp_path, capsys):
+    from ewtune.cli import main
+
+    out = tmp_path / "fsdp-memory.json"
+    assert main(["bench", "fsdp-memory", "--scale", "tiny", "--json", str(out), "--markdown", str(tmp_path / "m.md")]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    whole = 4 * runs["none"]["trainable_parameters"]
+    for sharding, held in (("none", whole), ("fsdp", None)):
+        workers = runs[sharding]["workers"]
+        assert [worker["rank"] for worker in workers] == [0, 1] and runs[sharding]["steps"] >= 1
+        assert all(worker["run_peak_rss_bytes"] > 0 and worker["optimizer_state_bytes"] >= 2 * worker["parameter_bytes"]
+                   for worker in workers)  # fmt: skip (AdamW: two moments and a step count)
+        if held is not None:
+            assert all(worker["parameter_bytes"] == held for worker in workers)
+    assert sum(worker["parameter_bytes"] for worker in runs["fsdp"]["workers"]) == whole
+    assert "| fsdp | " in capsys.readouterr().out

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-epochs", type=float, default=0.2, help="expected passes over the data (default 0.2)")
     parser.add_argument("--batch", type=int, default=8, help="expected batch per step, over all the workers (default 8)")
     parser.add_argument("--max-length", type=int, default=32, help="tokens per sentence at most (default 32)")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw",
+                        help="the tune phase's optimizer: adamw (two moments per parameter, default) or sgd (momentum)")
     parser.add_argument("--json", default="benchmarks/results/fsdp-memory.json")
     parser.add_argument("--markdown", default="benchmarks/results/fsdp-memory.md")
 
@@ -76,8 +78,8 @@ def _train_local(model_dir: Path, data_file: Path, sharding: str, args) -> dict:
     command = [sys.executable, "-m", "ewtune", "agent", "train-local", "--model", str(model_dir), "--data", str(data_file),
                "--epsilon", "8", "--delta", "1e-5", "--mode", "full", "--tune-layers", "0", "--probe-epochs", "0",
                "--tune-epochs", str(args.tune_epochs), "--tune-batch", str(args.batch), "--max-length", str(args.max_length),
-               "--physical-batch-size", str(args.batch), "--device", args.device, "--nproc", str(args.nproc),
-               "--sharding", sharding, "--json", "--quiet"]  # fmt: skip
+               "--physical-batch-size", str(args.batch), "--tune-optimizer", args.optimizer, "--device", args.device,
+               "--nproc", str(args.nproc), "--sharding", sharding, "--json", "--quiet"]  # fmt: skip
     done, seconds = timed(lambda: subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}))
     if done.returncode != 0:
         raise InvalidInputError(f"train-local --sharding {sharding} failed: {(done.stderr.strip().splitlines() or [''])[-1]}")

@@ -10,8 +10,9 @@ then the whole, with ``fully_shard``, so that each worker keeps 1/N of every par
   frees them; the engine's forward hooks keep each layer's input and output, and the per-example norms and clipped
   sums ``S_k = sum_i c_i g_i`` of this worker's own Poisson-sampled records come from those alone, as in one process
   (:mod:`ewtune.agent.dpsgd.engine`), each record clipped to norm C over the whole model;
-- each micro-batch's clipped sum is reduce-scattered (summed, not averaged) at once, so a worker accumulates
-  only its shard of ``sum_k S_k``;
+- each micro-batch's clipped sum is reduce-scattered (summed, not averaged) one parameter at a time as it is
+  formed (:meth:`ewtune.agent.dpsgd.engine.ClippedSum.each`), so a worker holds one parameter's whole sum at a time
+  and accumulates only its shard of ``sum_k S_k``;
 - each worker adds the noise of the coordinates it owns: every coordinate gets exactly one N(0, sigma^2 C^2) draw,
   from the secure generator the operating system keys on the worker that owns it
   (:class:`ewtune.agent.dpsgd.randomness.SecureRandom`), and no worker ever holds another's un-noised shard;
@@ -33,6 +34,7 @@ replicated run. A run that fails leaves the model's trainable parameters release
 from __future__ import annotations
 
 import copy
+import ctypes
 import inspect
 import math
 
@@ -50,6 +52,10 @@ from ewtune.agent.dpsgd.engine import ClippedSum, PerExampleClipper, batch_size_
 from ewtune.agent.dpsgd.noise import add_gaussian_noise_
 from ewtune.agent.dpsgd.step import DPSGDStep, StepStats
 from ewtune.agent.dpsgd.unpadded import own_padding_parts
+
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+MMAP_THRESHOLD_BYTES = 1 << 20
+
 
 def shard_module(module: nn.Module, mesh) -> None:
     """``fully_shard`` every block of the module's layer lists (the transformer layers), then the module itself
@@ -196,13 +202,30 @@ class ShardedDPSGDStep(DPSGDStep):
             raise WorkerFailed(reason) from None
 
 
+def map_large_buffers() -> bool:
+    """Have glibc's malloc serve every allocation of 1 MiB or more with its own mmap, returned to the system when
+    freed (mallopt(3), M_MMAP_THRESHOLD; setting it turns the dynamic threshold off). By default glibc raises the
+    threshold to the largest block freed (up to 32 MiB), after which FSDP2's per-block all-gather buffers, freed and
+    allocated again at every block, come from the heap and stay resident: measured on a random-init BERT-base,
+    2 gloo workers, 4 records x 32 tokens a step, a worker's peak RSS over two steps was 2241 MiB by default and
+    1510 MiB with this (1782 MiB replicated). Whether it was set (False where the C library is not glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
 class ShardedWorkerGroup(WorkerGroup):
-    """A :class:`WorkerGroup` whose runs shard the model with FSDP2 (module docstring)."""
+    """A :class:`WorkerGroup` whose runs shard the model with FSDP2 (module docstring); on the CPU with glibc,
+    large buffers are mapped apart (:func:`map_large_buffers`)."""
 
     sharding = "fsdp"
 
     def __init__(self, rank: int, world_size: int, device: torch.device, followers=None):
         super().__init__(rank, world_size, device, followers)
+        if self.device.type == "cpu":
+            map_large_buffers()
         self.mesh = None
         self.run: ShardedRun | None = None
 

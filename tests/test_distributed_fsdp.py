@@ -3,7 +3,8 @@ what one process computes: the clipped sums and per-example norms of each worker
 engine's on the same records; the released update, with the single process's noise replayed shard by shard, equals
 the single process's; the noise is added once (the variance of a noise-only update is sigma^2 C^2 / B^2, not twice
 that); the parameters gathered back after two steps equal the single process's on every worker. A tiny random BERT
-with 101 token ids and 3 labels, so that some parameters split unevenly (51 + 50 rows, 2 + 1).
+with 101 token ids and 3 labels, so that some parameters split unevenly (51 + 50 rows, 2 + 1); and a tiny Llama-style
+decoder with tied embeddings takes the single process's step as a causal LM.
 
 The last test runs ``ewtune agent train-local --nproc 2 --sharding fsdp`` end to end and reads each worker's
 memory in its JSON."""
@@ -23,12 +24,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as multiprocessing
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from ewtune.agent.distributed.group import WorkerGroup
 from ewtune.agent.distributed.sharded import ShardedWorkerGroup
 from ewtune.agent.dpsgd.engine import PerExampleClipper
-from ewtune.agent.dpsgd.losses import classification_loss
+from ewtune.agent.dpsgd.losses import causal_lm_loss, classification_loss
 from ewtune.agent.dpsgd.randomness import SecureRandom
 from ewtune.agent.dpsgd.step import DPSGDStep
 
@@ -133,6 +134,33 @@ def _trained(group=None) -> dict:
     return {"released": released, "parameters": torch.cat([p.detach().reshape(-1) for p in model.parameters()])}
 
 
+def _tiny_llama() -> LlamaForCausalLM:
+    """A random 2-layer Llama-style decoder (RMSNorm, rotary positions, grouped-query attention, tied embeddings)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True)  # fmt: skip
+    return LlamaForCausalLM(config).train()
+
+
+def _causal_step(group=None) -> dict:
+    """One noise-free step of the tiny Llama on test (a)'s first batch as a causal LM: the update, the parameters after."""
+    model = _tiny_llama()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    settings = dict(model=model, clipper=PerExampleClipper(model, CLIP, causal_lm_loss), optimizer=optimizer,
+                    noise_multiplier=0.0, clip_norm=CLIP, expected_batch_size=EXPECTED_BATCH, physical_batch_size=4)  # fmt: skip
+    engine = DPSGDStep(**settings) if group is None else group.engine(noise_source=None, **settings)
+    records = _batch(STEP_BATCHES[0] if group is None else _mine(STEP_BATCHES[0], group.rank))
+    records["labels"] = records["input_ids"].masked_fill(records["attention_mask"] == 0, -100)
+    update, _ = engine.noisy_gradient(records)
+    for name, param in engine.clipper.params.items():
+        param.grad = update[name]
+    engine.optimizer.step()
+    if group is not None:
+        group.check_in_sync(model)
+    return {"update": _full(update), "parameters": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+            "tied": model.lm_head.weight is model.model.embed_tokens.weight}  # fmt: skip
+
+
 def _noise_only_updates(group) -> list[torch.Tensor]:
     """Updates released from empty batches with each worker's secure source."""
     model = _tiny_bert()
@@ -147,7 +175,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     try:
         group = ShardedWorkerGroup.of(WorkerGroup(rank, WORLD_SIZE, torch.device("cpu")))
-        results = {"sums": _clipped_sums(group), "trained": _trained(group), "noise_only": _noise_only_updates(group)}
+        results = {"sums": _clipped_sums(group), "trained": _trained(group), "noise_only": _noise_only_updates(group),
+                   "causal": _causal_step(group)}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -187,6 +216,15 @@ def test_sharded_update_with_replayed_noise_and_parameters_after_equal_one_proce
         torch.testing.assert_close(worker["parameters"], alone["parameters"], rtol=1e-5, atol=1e-6)
     assert torch.equal(workers[0]["trained"]["parameters"], workers[1]["trained"]["parameters"])
     assert not torch.allclose(alone["parameters"], torch.cat([p.detach().reshape(-1) for p in _tiny_bert().parameters()]))
+
+
+def test_a_sharded_tied_llama_style_decoder_steps_as_one_process(workers):
+    alone = _causal_step()
+    assert alone["update"].abs().max() > 1e-3 and alone["tied"]
+    for worker in (worker["causal"] for worker in workers):
+        torch.testing.assert_close(worker["update"], alone["update"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(worker["parameters"], alone["parameters"], rtol=1e-5, atol=1e-7)
+        assert worker["tied"]  # the tied embedding is one parameter again after the run
 
 
 def test_sharded_noise_is_added_once_per_coordinate(workers):

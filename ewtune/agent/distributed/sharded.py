@@ -89,9 +89,9 @@ class ShardedRun:
         self.module = copy.deepcopy(model, memo=shared)
         del shared
         shard_module(self.module, mesh)
-        self.released = [param for param in model.parameters() if param.requires_grad]
-        for param in self.released:
-            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
 
     def write_back(self, model: nn.Module) -> None:
         """Every worker: each trainable parameter of ``model`` becomes its whole trained value (an all-gather of
@@ -100,7 +100,6 @@ class ShardedRun:
         for name, sharded in self.module.named_parameters():
             if targets[name].requires_grad:
                 targets[name].data = sharded.full_tensor().detach()
-        self.released = []
 
 
 class ShardedClipper(PerExampleClipper):
@@ -153,6 +152,8 @@ class ShardedDPSGDStep(DPSGDStep):
         self._template = None  # a batch's keys and shapes, for placeholder passes
 
     def noisy_gradient(self, batch):
+        """This worker's shard of (sum of every worker's clipped sums + N(0, sigma^2 C^2 I)) / B, as DTensors, and
+        the step's statistics summed over the workers (the per-example norms stay this worker's)."""
         parts = own_padding_parts(batch, self.physical_batch_size) if batch_size_of(batch) else []
         if batch:
             self._template = {key: value[:0] for key, value in batch.items()}
@@ -186,7 +187,6 @@ class ShardedDPSGDStep(DPSGDStep):
         examples, loss_sum, clipped_count = totals.tolist()
         stats = StepStats(int(examples), len(parts), loss_sum, int(clipped_count), norms)
         return released, stats
-
 
     def step(self, batch):
         """The engine's step; when it fails on rank 0 because a worker ended (gloo reports a peer gone inside FSDP2's
@@ -237,7 +237,7 @@ class ShardedWorkerGroup(WorkerGroup):
         """This worker's engine over a sharded copy of ``model`` (:class:`ShardedRun`), with a clipper and an
         optimizer like ``clipper`` and ``optimizer`` over the shards; the noise of its own shard from
         ``noise_source`` (each worker's own secure source)."""
-        if self.run is not None and self.run.released:
+        if self.run is not None:
             raise WorkerFailed("an earlier sharded run failed and left the model's parameters released: start the training again")
         if self.mesh is None:
             self.mesh = init_device_mesh(self.device.type, (self.world_size,))
@@ -246,16 +246,18 @@ class ShardedWorkerGroup(WorkerGroup):
         self.run = ShardedRun(model, self.mesh)
         sharded = self.run.module
         trainable = [param for param in sharded.parameters() if param.requires_grad]
-        self.optimizer = _like(optimizer, trainable)
         sharded_clipper = ShardedClipper(sharded, self, clipper.clip_norm, clipper.loss_fn, clipper.autocast_dtype)
-        return ShardedDPSGDStep(self, model=sharded, clipper=sharded_clipper, optimizer=self.optimizer,
+        return ShardedDPSGDStep(self, model=sharded, clipper=sharded_clipper, optimizer=_like(optimizer, trainable),
                                 noise_source=noise_source, **settings)  # fmt: skip
 
     def check_in_sync(self, module) -> None:
         """The run's shards gathered back into ``module``'s trainable parameters on every worker
-        (:meth:`ShardedRun.write_back`), then checked equal on every worker (:meth:`WorkerGroup.check_in_sync`)."""
-        if self.run is not None and self.run.released:
+        (:meth:`ShardedRun.write_back`), then checked equal on every worker (:meth:`WorkerGroup.check_in_sync`). The
+        group then lets the run go (its shards and optimizer state live on in its engine alone); a run that failed
+        is never written back, and the group refuses another."""
+        if self.run is not None:
             self.run.write_back(module)
+            self.run = None
         super().check_in_sync(module)
 
     def most(self, count: int) -> int:

@@ -4,9 +4,9 @@ coordinator aggregates, a holder that allows private evaluation releases a noise
 and the final PEFT adapter loads as a causal LM.
 
 The pieces run in-process in the default suite (the private perplexity's sensitivity and its value without noise,
-the daemon's causal-LM round and evaluation, the adapter export, the status table); the whole federation with real
-Flower processes on 127.0.0.1 (two holders, two rounds of two steps) takes about 75 s on 2 busy cores, so it is
-marked slow."""
+the daemon's causal-LM round and evaluation, the adapter export, the status table, the offline report); the whole
+federation with real Flower processes on 127.0.0.1 (two holders, two rounds of two steps) takes about 75 to 110 s
+on 2 busy cores, so it is marked slow, as is the same federation with full fine-tuning (one round, about 55 s)."""
 
 from __future__ import annotations
 
@@ -236,3 +236,31 @@ def test_a_causal_lm_federation_finishes_verifies_reports_perplexity_and_exports
     assert type(model.get_base_model()).__name__ == "LlamaForCausalLM"
     lora = {name: param for name, param in model.named_parameters() if "lora_" in name}
     assert lora and all(torch.equal(param.detach(), torch.from_numpy(after[name])) for name, param in lora.items())
+
+
+@pytest.mark.slow
+def test_a_full_fine_tuning_federation_of_a_causal_lm_moves_every_weight(tiny_llama_dir, mr_csv, tmp_path):
+    """``mode = "full"``: every weight of the decoder travels and is averaged; the final weights load into the
+    decoder (no adapter: there are no LoRA factors to export)."""
+    partitions = partition_csv(mr_csv, tmp_path / "data", 2, ["h0", "h1"])
+    training = {"model_dir": str(tiny_llama_dir), "task": "causal_lm", "mode": "full", "max_length": 32, "eval_fraction": 0.2}
+    holders = [HolderSetup(name, path, training=training) for name, path in zip(["h0", "h1"], partitions)]
+    initial = initial_weights(tiny_llama_dir, tmp_path / "initial.safetensors", training)
+    job = FederationJob(
+        federation={"name": "full", "rounds": 1, "local_steps": 2, "expected_batch_size": 16, "clip_norm": 1.0, "learning_rate": 0.01,
+                    "target_epsilon": 8.0, "delta": 1e-5, "min_holders": 2, "expected_holders": 2},
+        model={"initial_weights": str(initial), "base_model_dir": str(tiny_llama_dir), "task": "causal_lm", "mode": "full",
+               "evaluate": "never"},
+        timeouts={"nodes": 240, "query": 120, "round": 300},
+    )  # fmt: skip
+    with LocalFederation(tmp_path, holders) as federation:
+        federation.start()
+        federation.wait_for_daemons()
+        status = federation.run(job, timeout=900)
+    assert status["state"] == "finished" and status["rounds_completed"] == 1, status.get("reason")
+    assert status["adapter"] is None
+    before, after = load_weights(initial), load_weights(tmp_path / "coordinator" / "run" / "final.safetensors")
+    model = models.load_model(tiny_llama_dir, task="causal_lm", mode="full")
+    assert set(after) == set(models.trainable_state(model)) == set(before)
+    assert all(not np.array_equal(before[name], after[name]) for name in before)
+    models.load_trainable_state(model, {name: torch.from_numpy(array) for name, array in after.items()})

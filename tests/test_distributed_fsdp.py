@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as multiprocessing
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from ewtune.agent.distributed.group import WorkerGroup
+from ewtune.agent.distributed.group import WorkerFailed, WorkerGroup
 from ewtune.agent.distributed.sharded import ShardedWorkerGroup
 from ewtune.agent.dpsgd.engine import PerExampleClipper
 from ewtune.agent.dpsgd.losses import causal_lm_loss, classification_loss
@@ -134,6 +134,46 @@ def _trained(group=None) -> dict:
     return {"released": released, "parameters": torch.cat([p.detach().reshape(-1) for p in model.parameters()])}
 
 
+POISONED_TOKEN = 7  # its embedding row is made infinite: a record holding it has a non-finite loss
+
+
+def _with_poisoned_record(indices) -> dict[str, torch.Tensor]:
+    """Test (a)'s records at ``indices`` and then record 1 with its first token poisoned."""
+    records = _batch([*indices, 1])
+    records["input_ids"][-1, 0] = POISONED_TOKEN
+    return records
+
+
+def _nonfinite_sums(group=None) -> dict:
+    """Without noise: the update and the examples counted when worker 1's only record has a non-finite loss (every
+    worker computes its part again; worker 1, left with no record, runs a placeholder pass); in one process, on the
+    same records."""
+    model = _tiny_bert()
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight[POISONED_TOKEN] = math.inf
+    engine = _engine(model, group, sigma=0.0)
+    if group is None:
+        records = _with_poisoned_record([0, 2, 4])
+    else:
+        records = _batch([0, 2, 4]) if group.rank == 0 else {key: value[-1:] for key, value in _with_poisoned_record([]).items()}
+    released, stats = engine.noisy_gradient(records)
+    update = _full(released)
+    if group is not None:
+        group.check_in_sync(model)
+        refused = _refused_after_a_run_not_written_back(model, group)
+    return {"update": update, "examples": stats.examples, "refused": None if group is None else refused}
+
+
+def _refused_after_a_run_not_written_back(model, group) -> str:
+    """A run whose shards were never gathered back (it failed) leaves the model released: the next is refused."""
+    _engine(model, group, sigma=0.0)
+    try:
+        _engine(model, group, sigma=0.0)
+    except WorkerFailed as refusal:
+        return str(refusal)
+    return ""
+
+
 def _tiny_llama() -> LlamaForCausalLM:
     """A random 2-layer Llama-style decoder (RMSNorm, rotary positions, grouped-query attention, tied embeddings)."""
     torch.manual_seed(0)
@@ -176,7 +216,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         group = ShardedWorkerGroup.of(WorkerGroup(rank, WORLD_SIZE, torch.device("cpu")))
         results = {"sums": _clipped_sums(group), "trained": _trained(group), "noise_only": _noise_only_updates(group),
-                   "causal": _causal_step(group)}
+                   "causal": _causal_step(group), "nonfinite": _nonfinite_sums(group)}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -225,6 +265,15 @@ def test_a_sharded_tied_llama_style_decoder_steps_as_one_process(workers):
         torch.testing.assert_close(worker["update"], alone["update"], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(worker["parameters"], alone["parameters"], rtol=1e-5, atol=1e-7)
         assert worker["tied"]  # the tied embedding is one parameter again after the run
+
+
+def test_a_non_finite_record_on_one_worker_is_dropped_as_in_one_process(workers):
+    alone = _nonfinite_sums()
+    assert torch.isfinite(alone["update"]).all() and alone["update"].abs().max() > 1e-3 and alone["examples"] == 4
+    for worker in (worker["nonfinite"] for worker in workers):
+        torch.testing.assert_close(worker["update"], alone["update"], rtol=1e-5, atol=1e-7)
+        assert worker["examples"] == 4
+        assert worker["refused"].startswith("an earlier sharded run failed and left the model's parameters released")
 
 
 def test_sharded_noise_is_added_once_per_coordinate(workers):

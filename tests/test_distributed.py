@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as multiprocessing
 from scipy import stats
+from support.distributed import KILLING_LAUNCHER
+from support.training import _holder_ledger as holder_ledger
 from transformers import BertConfig, BertForSequenceClassification
 
-from ewtune.accountant.ledger import Ledger
 from ewtune.accountant.sampling import executable_sampling_rate
-from ewtune.accountant.signing import SigningKey
 from ewtune.agent.distributed.group import WorkerGroup
 from ewtune.agent.dpsgd.engine import PerExampleClipper
 from ewtune.agent.dpsgd.losses import classification_loss
@@ -214,34 +214,6 @@ def test_each_record_joins_each_step_with_probability_q_in_exactly_one_shard(wor
     assert sizes.var(ddof=1) == pytest.approx(SAMPLING["records"] * q * (1 - q), rel=0.15)
 
 
-KILLING_LAUNCHER = """
-import sys
-from ewtune.agent.distributed import launch
-
-FOLLOWER = '''
-import os, signal, sys
-from ewtune.agent.dpsgd.step import DPSGDStep
-kill_at, original, calls = int(sys.argv[1]), DPSGDStep.step, []
-def killing(self, batch):
-    calls.append(1)
-    if len(calls) == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)  # the worker dies as its step kill_at begins
-    return original(self, batch)
-DPSGDStep.step = killing
-from ewtune.agent.distributed.follower import main
-sys.exit(main())
-'''
-launch.FOLLOWER_COMMAND = [sys.executable, "-c", FOLLOWER, sys.argv[1]]
-from ewtune.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
-def _holder_ledger(directory: Path) -> list[str]:
-    key = SigningKey.generate()
-    key.save(directory / "ledger.key")
-    Ledger.create(directory / "ledger.jsonl", key, "holder", {"budget_epsilon": 9.0, "budget_delta": 1e-5}).close()
-    return ["--ledger", str(directory / "ledger.jsonl"), "--signing-key", str(directory / "ledger.key")]
 
 
 def test_a_killed_worker_fails_the_run_in_one_line_with_the_steps_begun_charged(tiny_bert_dir, mr_csv, tmp_path):
@@ -251,7 +223,7 @@ def test_a_killed_worker_fails_the_run_in_one_line_with_the_steps_begun_charged(
     argv = ["agent", "train-local", "--model", str(tiny_bert_dir), "--data", str(mr_csv), "--epsilon", "8", "--delta", "1e-5",
             "--mode", "head", "--probe-epochs", "3", "--probe-batch", "16", "--probe-lr", "0.5", "--max-examples", "80",
             "--max-length", "24", "--physical-batch-size", "16", "--device", "cpu", "--nproc", "2", "--quiet",
-            *_holder_ledger(tmp_path)]  # fmt: skip
+            *holder_ledger(tmp_path, 9.0)]  # fmt: skip
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", KILLING_LAUNCHER, str(kill_at), *argv], cwd=REPO, env=environment,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -291,7 +263,7 @@ def test_train_local_with_two_workers_charges_the_planned_steps_of_each_phase(ti
     argv = ["agent", "train-local", "--model", str(tiny_bert_dir), "--data", str(mr_csv), "--epsilon", "8", "--delta", "1e-5",
             "--probe-epochs", "1", "--probe-batch", "16", "--probe-lr", "0.5", "--mode", "lora", "--tune-epochs", "1",
             "--tune-batch", "16", "--tune-layers", "0", "--max-examples", "80", "--max-length", "24",
-            "--physical-batch-size", "16", "--device", "cpu", "--nproc", "2", "--json", "--quiet", *_holder_ledger(tmp_path)]  # fmt: skip
+            "--physical-batch-size", "16", "--device", "cpu", "--nproc", "2", "--json", "--quiet", *holder_ledger(tmp_path, 9.0)]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["processes"] == 2
@@ -384,7 +356,7 @@ def test_ctrl_c_on_rank_0_charges_the_steps_begun_and_stops_the_workers(tiny_ber
     argv = ["agent", "train-local", "--model", str(tiny_bert_dir), "--data", str(mr_csv), "--epsilon", "8", "--delta", "1e-5",
             "--mode", "head", "--probe-epochs", "3", "--probe-batch", "16", "--probe-lr", "0.5", "--max-examples", "80",
             "--max-length", "24", "--physical-batch-size", "16", "--device", "cpu", "--nproc", "2", "--quiet",
-            *_holder_ledger(tmp_path)]  # fmt: skip
+            *holder_ledger(tmp_path, 9.0)]  # fmt: skip
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", INTERRUPTING_LAUNCHER, str(interrupt_at), *argv], cwd=REPO,
                             env=environment, capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -349,7 +349,8 @@ def test_a_worker_killed_in_a_sharded_step_fails_the_run_in_one_line_with_the_st
                                                                                                    mr_csv, tmp_path):
     """As with replicated workers (tests/test_distributed.py): the follower dies as its step 2 begins, or as its
     third micro-batch's clipped sum begins, while rank 0 waits in FSDP2's own all-gather of a forward pass."""
-    from test_distributed import KILLING_LAUNCHER, _holder_ledger
+    from support.distributed import KILLING_LAUNCHER
+    from support.training import _holder_ledger
 
     from ewtune.accountant.verify import verify_ledger
 
@@ -360,7 +361,7 @@ def test_a_worker_killed_in_a_sharded_step_fails_the_run_in_one_line_with_the_st
     argv = ["agent", "train-local", "--model", str(tiny_bert_dir), "--data", str(mr_csv), "--epsilon", "8", "--delta", "1e-5",
             "--mode", "full", "--tune-layers", "0", "--probe-epochs", "0", "--tune-epochs", "1", "--tune-batch", "16",
             "--max-examples", "80", "--max-length", "24", "--physical-batch-size", "8", "--device", "cpu", "--nproc", "2",
-            "--sharding", "fsdp", "--quiet", *_holder_ledger(tmp_path)]  # fmt: skip
+            "--sharding", "fsdp", "--quiet", *_holder_ledger(tmp_path, 9.0)]  # fmt: skip
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", launcher, str(kill_at), *argv], cwd=REPO, env=environment,
                             capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -5,7 +5,8 @@
 - ``support.daemon``: the agent daemon's holder, budget, plan, tiny-BERT trainer and agent.toml;
 - ``support.fake_grid``: a Flower Grid of fake holders (honest, forging or silent) for the ServerApp's round logic;
 - ``support.training``: ``ewtune agent train-local``'s arguments, a holder ledger for it, and the GPU marker.
-- ``support.dpsgd``: a padded token batch and the check of the engine's clipped sum against a per-example loop.
+- ``support.dpsgd``: a padded token batch and the check of the engine's clipped sum against a per-example loop;
+- ``support.distributed``: the launcher whose workers are killed as a chosen step begins.
 
 Real Flower federations have their own helper module, ``tiny_federation``.
 """

@@ -321,3 +321,15 @@ def test_the_page_shows_why_a_holder_sent_no_evaluation_in_chromium(tmp_path):
         assert rows["bank-b"][-1] == "no evaluation of rounds 0, 1: refused: this holder releases no evaluation metrics"
         assert rows["hospital-a"][-1] == "0: 0.500; no evaluation of round 1: no reply within the timeout"
         assert rows["clinic-c"][-1] == "-"
+
+
+def test_the_page_shows_a_causal_lms_released_perplexity_in_chromium(tmp_path):
+    """A causal LM's holders release a (noised) perplexity, not an accuracy: the cell shows it per round."""
+    document = status(2)
+    document["holders"]["hospital-a"].update(perplexity={"0": 148.04, "2": 137.4, "1": 145.3}, evaluation={})
+    path = tmp_path / "status.json"
+    write(path, document)
+    with StatusServer(path) as server, chromium_page() as page:
+        page.goto(server.url)
+        wait_for_text(page, "#round", "2/3", 10)
+        assert holder_rows(page)["hospital-a"][-1] == "0: ppl 148.0; 1: ppl 145.3; 2: ppl 137.4"

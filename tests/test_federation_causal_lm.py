@@ -160,6 +160,26 @@ def test_the_status_table_shows_a_causal_lms_perplexity():
     assert "| 0:ppl 1520.2 1:ppl 1490.5 |" in table
 
 
+def test_the_runs_progress_reports_a_causal_lms_released_perplexity_once():
+    import io
+
+    from ewtune.coordinator.run_progress import RunProgress
+    from ewtune.federation.progress import Progress
+
+    stream = io.StringIO()
+    follow = RunProgress(Progress(stream, "json"))
+    holder = {"dataset_size": 100, "sampling_rate": 0.16, "noise_multiplier": 1.1, "planned_epsilon_certified": 7.9,
+              "epsilon_certified": 0.5, "accuracy": {}, "perplexity": {"0": 148.04}, "evaluation": {"0": {"perplexity": 148.04}}}  # fmt: skip
+    status = {"state": "running", "reason": None, "rounds_planned": 2, "holders": {"h0": holder}, "skipped": {}, "rounds": []}
+    follow(status)
+    follow(status)  # the same status again: nothing new
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    (released,) = [r for r in records if r["event"] == "perplexity"]
+    assert (released["holder"], released["round"], released["perplexity"]) == ("h0", 0, 148.04)
+    assert "released a private (noised) perplexity of the global model after round 0: 148.04" in released["message"]
+    assert not [r for r in records if r["event"] == "accuracy"]
+
+
 def test_the_offline_report_draws_a_causal_lms_released_perplexity(tmp_path, capsys):
     """``ewtune ledger report --accuracy status.json`` of a causal LM's run: each holder's released perplexity is a
     series of metric "perplexity" (drawn on a log scale), a refusing holder keeps its reason."""

@@ -32,6 +32,7 @@ from ewtune.agent.keys import init_holder_keys
 from ewtune.coordinator import superlink
 from ewtune.coordinator.checkpoints import save_weights
 from ewtune.coordinator.cli import follow_run
+from ewtune.coordinator.config import load_federation_config
 from ewtune.coordinator.credentials import add_holder, init_credentials, load_credentials
 from ewtune.federation.processes import flower_environment, stop_process_group
 
@@ -270,8 +271,11 @@ class LocalFederation:
         return path
 
     def run(self, job: FederationJob, on_status: Callable[[dict], None] | None = None, timeout: float = 3600, name: str = "run") -> dict[str, Any]:
-        """Submit the job with ``flwr run`` and follow ``status.json`` until the run ends; returns the status."""
+        """Submit the job with ``flwr run`` and follow ``status.json`` until the run ends; returns the status. A job
+        that federation.toml's reader refuses is a one-line error here, as with ``ewtune coordinator run``, before
+        anything is submitted (the ServerApp would otherwise fail before it wrote any status)."""
         config_path = self.federation_toml(job, name)
+        load_federation_config(config_path)
         status_path = self.work_dir / "coordinator" / name / "status.json"
         superlink.stop_unfinished_runs(self.flwr_home, status_path.parent)  # as `ewtune coordinator run` does
         process = self._spawn(

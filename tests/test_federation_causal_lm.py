@@ -201,6 +201,21 @@ def test_the_offline_report_draws_a_causal_lms_released_perplexity(tmp_path, cap
     assert (tmp_path / "out" / "accuracy.png").is_file()
 
 
+def test_a_job_that_federation_toml_refuses_is_a_one_line_error_before_anything_is_submitted(tmp_path):
+    from ewtune.accountant.errors import InvalidInputError
+    from ewtune.coordinator.credentials import init_credentials
+
+    federation = LocalFederation(tmp_path, [])
+    federation.credentials = init_credentials(tmp_path / "keys")
+    (tmp_path / "coordinator").mkdir()  # as start() leaves it
+    job = FederationJob(federation={"name": "bad", "rounds": 1, "local_steps": 1, "expected_batch_size": 8, "clip_norm": 1.0,
+                                    "learning_rate": 0.01, "target_epsilon": 8.0, "delta": 1e-5},
+                        model={"initial_weights": "initial.safetensors", "task": "causal_lm", "lora_rank": 4})  # fmt: skip
+    with pytest.raises(InvalidInputError, match=r"\[model\].*lora_rank"):
+        federation.run(job)
+    assert federation.processes == {}
+
+
 # --- the whole federation, real Flower processes ----------------------------------------------------------
 
 

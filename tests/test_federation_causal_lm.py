@@ -5,8 +5,9 @@ and the final PEFT adapter loads as a causal LM.
 
 The pieces run in-process in the default suite (the private perplexity's sensitivity and its value without noise,
 the daemon's causal-LM round and evaluation, the adapter export, the status table, the offline report); the whole
-federation with real Flower processes on 127.0.0.1 (two holders, two rounds of two steps) takes about 75 to 110 s
-on 2 busy cores, so it is marked slow, as is the same federation with full fine-tuning (one round, about 55 s)."""
+federation with real Flower processes on 127.0.0.1 (two holders, two rounds of two steps) takes about 30 s on 2 quiet
+cores and 50 to 110 s on busy ones, so it is marked slow, as is the same federation with full fine-tuning (one round,
+20 to 45 s)."""
 
 from __future__ import annotations
 

@@ -300,3 +300,22 @@ def test_a_full_fine_tuning_federation_of_a_causal_lm_moves_every_weight(tiny_ll
     assert set(after) == set(models.trainable_state(model)) == set(before)
     assert all(not np.array_equal(before[name], after[name]) for name in before)
     models.load_trainable_state(model, {name: torch.from_numpy(array) for name, array in after.items()})
+
+
+@pytest.mark.slow
+def test_the_federated_causal_lm_benchmark_runs_and_writes_its_results(tiny_llama_dir, tmp_path, capsys):
+    """``ewtune bench federation-causal-lm`` end to end on the tiny Llama (one round of one step; 26 s on quiet cores)."""
+    from ewtune.cli import main
+
+    json_path, markdown = tmp_path / "result.json", tmp_path / "result.md"
+    code = main(["bench", "federation-causal-lm", "--model", str(tiny_llama_dir), "--rows-per-holder", "60", "--held-out-rows", "20",
+                 "--rounds", "1", "--local-steps", "1", "--json", str(json_path), "--markdown", str(markdown)])  # fmt: skip
+    assert code == 0
+    report = json.loads(json_path.read_text())
+    federated = report["federated"]
+    assert federated["ledger_verified"] and federated["adapter_is_the_final_model"] and federated["rounds_completed"] == 1
+    assert all(0 < holder["holder_ledger_epsilon_certified"] <= 8.0 for holder in federated["holders"])
+    assert [row["round"] for row in federated["perplexity_by_round"]] == [0, 1]
+    assert all(row["num_examples"] == 20 and math.isfinite(row["perplexity"]) for row in federated["perplexity_by_round"])
+    assert math.isfinite(report["non_private"]["perplexity_after"]) and report["non_private"]["training_sentences"] == 120
+    assert "| 1 | " in markdown.read_text() and "Ledgers verified and cross-checked: True" in capsys.readouterr().out

@@ -195,6 +195,7 @@ def perplexity_by_round(training: dict[str, Any], held_out: Path, weight_files: 
 
 def _perplexities(model, examples, pad_token_id: int, states) -> list[dict[str, Any]]:
     """Round by round, the exact perplexity of ``model`` with each trainable state of ``states`` on ``examples``."""
+    # deferred: torch loads only when the benchmark runs
     from ewtune.agent import models
     from ewtune.agent.evaluation import evaluate_model
 

@@ -128,6 +128,16 @@ def test_every_problem_of_a_federation_toml_is_reported_at_once(federation_toml,
     assert "[federation] delta" in capsys.readouterr().err
 
 
+def test_a_federation_of_an_unknown_task_is_refused_before_it_runs(federation_toml, capsys):
+    """The coordinator writes the final adapter for [model] task: an unknown task is refused, not exported as some model."""
+    federation_toml.write_text(FEDERATION.replace('[model]', '[model]\ntask = "translation"'))
+    assert [str(problem).removeprefix(f"{federation_toml}: ") for problem in check_federation_config(federation_toml).found] == [
+        "[model] task: must be one of classification, causal_lm, got 'translation'"
+    ]
+    assert main(["coordinator", "run", "--config", str(federation_toml), "--state-dir", str(federation_toml.parent)]) == 2
+    assert "[model] task" in capsys.readouterr().err
+
+
 def test_a_file_of_neither_role_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "x.toml").write_text("[something]\na = 1\n")
     assert main(["config", "check", str(tmp_path / "x.toml")]) == 2

@@ -20,8 +20,8 @@ from transformers import AutoTokenizer
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.agent.heads import PooledClassifier, copy_pooling_files, read_pooling
 from ewtune.agent.top_layers import LAYER_PATTERN, encoder_layers, top_layer_indices
+from ewtune.federation.contract import TASKS
 
-TASKS = ("classification", "causal_lm")
 MODES = ("lora", "full", "head")
 
 # Where transformers' *ForSequenceClassification models keep their classification head: BERT, RoBERTa, ELECTRA,

@@ -57,6 +57,7 @@ from typing import Any, Mapping
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.accountant.tomlfiles import read_toml, required, resolve, table
 from ewtune.coordinator.planner import FederationSettings
+from ewtune.federation.contract import TASKS
 
 EVALUATE_MODES = ("every_round", "final", "never")
 
@@ -125,6 +126,8 @@ def load_federation_config(path: str | os.PathLike) -> FederationConfig:
     model_config = _build(ModelConfig, model, "model", path)
     if model_config.evaluate not in EVALUATE_MODES:
         raise InvalidInputError(f"{path}: [model] evaluate must be one of {', '.join(EVALUATE_MODES)}")
+    if model_config.task not in TASKS:
+        raise InvalidInputError(f"{path}: [model] task must be one of {', '.join(TASKS)}, got {model_config.task!r}")
     timeouts = _build(Timeouts, dict(document.get("timeouts", {})), "timeouts", path)
     if isinstance(expected, bool) or not isinstance(expected, int) or expected < settings.min_holders:
         raise InvalidInputError(f"{path}: expected_holders must be an integer >= min_holders, got {expected!r}")

@@ -26,6 +26,7 @@ from ewtune.accountant.errors import EwtuneError
 from ewtune.accountant.tomlfiles import read_toml
 from ewtune.coordinator.config import AuditSettings, ModelConfig, Timeouts, load_federation_config
 from ewtune.coordinator.planner import FederationSettings
+from ewtune.federation.contract import TASKS
 
 TABLES = ("federation", "coordinator", "model")
 OPTIONAL_TABLES = ("timeouts", "audit")
@@ -57,6 +58,8 @@ def check_federation_config(path: str | os.PathLike) -> Problems:
     check_dataclass_table(ModelConfig, model, "model", problems, base={"initial_weights": ""})
     check_readable_file(model, "model", "initial_weights", base, problems)
     check_directory(model, "model", "base_model_dir", base, problems, must_contain="config.json")
+    if model.get("task", "classification") not in TASKS:  # the final adapter is written for this task
+        problems.add(key_name("model", "task"), f"must be one of {', '.join(TASKS)}, got {model['task']!r}")
     if "audit" in document:
         check_dataclass_table(AuditSettings, section(document, "audit"), "audit", problems)
     timeouts = section(document, "timeouts")

@@ -38,6 +38,10 @@ DAEMON_ADDRESS_KEY = "daemon-address"  # the agent daemon's gRPC address
 DAEMON_TIMEOUT_KEY = "daemon-timeout-s"  # how long the ClientApp waits for the daemon (optional)
 HOLDER_ID_KEY = "holder-id"
 
+# What a federation trains: the coordinator's [model] task (how the final adapter is written) and each holder's
+# [training] task name the same set.
+TASKS = ("classification", "causal_lm")
+
 MAX_SPENT_MECHANISMS = 256  # distinct (q, sigma) a description may list: each costs the planner's accountant time
 MAX_REASON_CHARACTERS = 500  # the longest refusal reason an evaluation reply carries
 

@@ -106,3 +106,28 @@ def test_running_out_of_memory_part_way_through_an_addition_starts_the_sum_again
     torch.testing.assert_close(stats.per_example_norms, unsplit.per_example_norms, rtol=1e-5, atol=1e-7)
     for name, grad in unsplit_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_step_reuses_the_last_steps_buffers_zeroed():
+    """The running sums a step handed to the optimizer (released by zero_grad) are the next sums' buffers; what
+    they held must not leak into the next release."""
+    model = _model()
+    engine = _engine(model, physical=8)
+    engine.noise_multiplier = 0.0
+    handed_over = {}
+    real_optimizer_step = engine.optimizer.step
+
+    def record_then_step():
+        handed_over.update({name: p.grad for name, p in engine.clipper.params.items()})
+        real_optimizer_step()
+
+    engine.optimizer.step = record_then_step
+    engine.step(_batch())
+    later = {key: value[:5] for key, value in _batch().items()}
+    reused, _ = engine.noisy_gradient(later)
+    fresh_engine = _engine(model, physical=8)
+    fresh_engine.noise_multiplier = 0.0
+    fresh, _ = fresh_engine.noisy_gradient(later)
+    for name, grad in reused.items():
+        assert grad is handed_over[name]
+        torch.testing.assert_close(grad, fresh[name], rtol=1e-6, atol=1e-7)

@@ -4,8 +4,10 @@
 
 The logical batch may have any size, including 0, and is processed in physical micro-batches of records of
 one padded length, each padded by its own length alone (:mod:`ewtune.agent.dpsgd.unpadded`), whose clipped sums are
-added up: the first micro-batch's sum is formed in fresh tensors and every later one is added into it in place
-(:class:`ewtune.agent.dpsgd.engine.ClippedSum`), so a step holds one gradient-sized buffer, not one per micro-batch.
+added up: every micro-batch's sum is added in place into one zeroed running sum
+(:class:`ewtune.agent.dpsgd.engine.ClippedSum`), so a step holds one gradient-sized buffer, not one per micro-batch;
+``step`` hands that buffer, once the optimizer has used it, to the next step, which zeroes it in place rather than
+allocating (and page-faulting) a fresh one.
 The noise is drawn once per logical step, and the sum is divided by the
 *expected* batch size q N, never by the realised one, whose scale would then depend on the data and
 leak the batch size (Opacus' ``expected_batch_size`` does the same). An empty batch still takes
@@ -16,7 +18,7 @@ A micro-batch that runs out of memory (``torch.OutOfMemoryError`` on a GPU, the 
 clipped gradient depends on that record and the weights alone (:mod:`ewtune.agent.dpsgd.unpadded`), so the
 parts add up to the same clipped sum, up to the order of float32 additions. A part's sum is added only once its
 forward pass, backward pass and norms have finished; an addition that runs out of memory part-way has left part of
-that micro-batch in the running sum, so the running sum is dropped and the step's sum computed again from nothing
+that micro-batch in the running sum, so the running sum is zeroed and the step's sum computed again from nothing
 in micro-batches of at most half that size. No record is counted twice or half; a record that does not fit even alone ends the
 step before any noise is drawn or any parameter moves, with a one-line :class:`OutOfMemoryStepError`. The
 largest size that fitted then bounds the micro-batches of the later steps, which would run out of memory again.
@@ -96,15 +98,16 @@ class DPSGDStep:
         self.expected_batch_size = float(expected_batch_size)
         self.physical_batch_size = int(physical_batch_size)
         self.noise_source = noise_source or SecureRandom()
+        self._lent = None  # the running sums the last noisy_gradient returned
+        self._spare = None  # the running sums a finished step handed back, reused by the next (zeroed)
 
     def noisy_gradient(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], StepStats]:
         """(sum of clipped gradients + noise) / expected batch size, and the step's statistics.
 
         Sums, noise and scaling happen in place, so the step holds one gradient-sized buffer at a time.
         """
-        sums, rows, norms, loss_sum = self._clipped_sums(batch)
-        if sums is None:
-            sums = self.clipper.zero_grads()
+        sums = self._lent = self._zeroed_sums()
+        rows, norms, loss_sum = self._clipped_sums(batch, sums)
         std = self.noise_multiplier * self.clip_norm
         add_gaussian_noise_(sums, std, self.noise_source)
         for grad in sums.values():
@@ -119,38 +122,45 @@ class DPSGDStep:
         )
         return sums, stats
 
-    def _clipped_sums(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict | None, list, list, float]:
-        """The clipped sum over the logical batch (None when it is empty), with each micro-batch's rows, norms and
-        the summed loss. The first micro-batch's sum becomes the running sum, and every later one is added into it
-        in place (``ClippedSum.add_to``). Running out of memory while a micro-batch is computed splits it; running
-        out part-way through adding it leaves the running sum holding part of it, so the sum is started again from
-        nothing, in micro-batches no larger than half that one's."""
-        sums, rows, norms, loss_sum = None, [], [], 0.0
+    def _zeroed_sums(self) -> dict[str, torch.Tensor]:
+        """Zeroed running sums, one per parameter: the buffers the previous ``step`` handed back, zeroed in place
+        (a fresh gradient-sized allocation costs its page faults again at every step), else new ones."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return self.clipper.zero_grads()
+        for grad in spare.values():
+            grad.zero_()
+        return spare
+
+    def _clipped_sums(self, batch: Mapping[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> tuple[list, list, float]:
+        """Adds the clipped sum over the logical batch into the zeroed ``sums``, micro-batch by micro-batch, in place
+        (``ClippedSum.add_to``); returns each micro-batch's rows and norms and the summed loss. Running out of
+        memory while a micro-batch is computed splits it; running out part-way through adding it leaves part of it
+        in ``sums``, so ``sums`` is zeroed and the whole sum computed again, in micro-batches no larger than half
+        that one's."""
+        rows, norms, loss_sum = [], [], 0.0
         pending = own_padding_parts(batch, self.physical_batch_size)
         while pending:
             micro_rows, micro_batch = pending.pop(0)
-            clipped = self._clipped_sum_or_none(micro_batch, formed=sums is None)
+            clipped = self._clipped_sum_or_none(micro_batch)
             if clipped is None:  # out of memory: its halves go first, in order; nothing of it was added
                 pending[:0] = self._halves(micro_rows, micro_batch)
                 continue
-            if sums is not None and not self._added(clipped, sums):
+            if not self._added(clipped, sums):
                 self._halves(micro_rows, micro_batch)  # the later micro-batches' bound (a single record: the error)
-                return self._clipped_sums(batch)
-            sums = clipped.form() if sums is None else sums
+                for grad in sums.values():
+                    grad.zero_()
+                return self._clipped_sums(batch, sums)
             rows.append(micro_rows)
             norms.append(clipped.per_example_norms)
             loss_sum += clipped.loss_sum
-        return sums, rows, norms, loss_sum
+        return rows, norms, loss_sum
 
-    def _clipped_sum_or_none(self, micro_batch: Mapping[str, torch.Tensor], formed: bool) -> ClippedSum | None:
-        """The micro-batch's clipped sum (``formed``: its gradients formed already, as they become the running
-        sum), or None when computing it ran out of memory (the error, and with it every tensor its frames held, is
-        dropped before the caller retries)."""
+    def _clipped_sum_or_none(self, micro_batch: Mapping[str, torch.Tensor]) -> ClippedSum | None:
+        """The micro-batch's clipped sum (not formed yet), or None when computing it ran out of memory (the error,
+        and with it every tensor its frames held, is dropped before the caller retries)."""
         try:
-            clipped = self.clipper.clipped_grad_sum(micro_batch)
-            if formed:
-                clipped.form()
-            return clipped
+            return self.clipper.clipped_grad_sum(micro_batch)
         except RuntimeError as error:
             if not is_out_of_memory(error):
                 raise
@@ -190,4 +200,7 @@ class DPSGDStep:
             param.grad = grads[name]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if grads is self._lent:  # this step's own running sums, which no parameter holds now: the next step's
+            self._spare = grads
+        self._lent = None
         return stats

@@ -13,7 +13,9 @@ from support.dpsgd import BATCH, LENGTH, VOCAB, _batch, _check_against_reference
 from torch import nn
 
 from ewtune.agent.dpsgd import DPSGDStep, PerExampleClipper, PerExampleGradientError, causal_lm_loss, classification_loss
+from ewtune.agent.dpsgd.ghost import Dense, Direct, OneHot, Outer, squared_norms, weighted_sum
 from ewtune.agent.dpsgd.randomness import InsecureSeededRandom
+from ewtune.agent.dpsgd.unpadded import own_padding_parts
 
 
 def _bert(mode: str) -> nn.Module:
@@ -340,3 +342,58 @@ def test_batch_statistics_are_refused():
         clipper.clipped_grad_sum(batch)
     model.eval()  # running statistics: a function of the weights alone
     assert torch.isfinite(clipper.clipped_grad_sum(batch).per_example_norms).all()
+
+
+_SUM_BATCH, _SUM_LENGTH, _SUM_VOCAB = 3, 4, 7
+
+
+def _uses(case: str, generator: torch.Generator):
+    def dense(width):
+        return Dense(torch.randn(_SUM_BATCH, _SUM_LENGTH, width, generator=generator))
+
+    ids = OneHot(torch.randint(0, _SUM_VOCAB, (_SUM_BATCH, _SUM_LENGTH), generator=generator), _SUM_VOCAB)
+    return {
+        "ghost": [Outer(dense(20), dense(30), torch.Size((20, 30)))],
+        "narrow-left": [Outer(dense(3), dense(5), torch.Size((3, 5)))],
+        "reshaped": [Outer(dense(5), dense(3), torch.Size((15,)))],
+        "embedding": [Outer(ids, dense(6), torch.Size((_SUM_VOCAB, 6)))],
+        "tied": [Outer(ids, dense(6), torch.Size((_SUM_VOCAB, 6))), Outer(dense(_SUM_VOCAB), dense(6), torch.Size((_SUM_VOCAB, 6)))],
+        "direct": [Direct(torch.randn(_SUM_BATCH, 4, 6, generator=generator))],
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["ghost", "narrow-left", "reshaped", "embedding", "tied", "direct"])
+@pytest.mark.parametrize("instantiate", [False, True], ids=["factored", "instantiated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_sum_added_in_place_equals_the_running_sum_plus_the_fresh_sum(case, instantiate, dtype):
+    """float32: the products go straight into the running sum; another dtype: the float32 sum is added once."""
+    uses = _uses(case, torch.Generator().manual_seed(21))
+    explicit = sum(_explicit(use, _SUM_BATCH) for use in uses)
+    weights = torch.tensor([0.3, 1.0, 0.7])
+    instantiated = squared_norms(uses, _SUM_BATCH)[1] if instantiate else None
+    running = torch.randn(explicit.shape[1:], generator=torch.Generator().manual_seed(22), dtype=torch.float64).to(dtype)
+    out = running.clone()
+    got = weighted_sum(uses, weights, dtype, instantiated, None, out)
+    assert got is out and got.dtype == dtype
+    expected = running.double() + torch.einsum("b,b...->...", weights.double(), explicit)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_added_into_one_running_sum_equal_every_records_clipped_gradient():
+    """A BERT batch in 4 micro-batches of records of one padded length (physical size 2): the step's running sum
+    (no noise) against every record's clipped gradient formed on its own and added up in float64."""
+    torch.manual_seed(23)
+    model = _bert("full")
+    model.train()
+    batch = _batch("classification", torch.Generator().manual_seed(24))
+    clipper = PerExampleClipper(model, 0.5, classification_loss)
+    step = DPSGDStep(model, clipper, torch.optim.SGD(clipper.params.values(), lr=1.0), 0.0, 0.5, 1.0, 2,
+                     noise_source=InsecureSeededRandom(0))  # fmt: skip
+    grads, stats = step.noisy_gradient(batch)
+    assert stats.micro_batches == 4
+    expected = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in clipper.params.items()}
+    for _, record in own_padding_parts(batch, 1):
+        for name, grad in clipper.clipped_grad_sum(record).grads.items():
+            expected[name] += grad.double()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad.double(), expected[name], rtol=1e-5, atol=1e-6)

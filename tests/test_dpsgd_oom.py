@@ -1,14 +1,17 @@
 """Out of memory in a DP-SGD step (issue 24, bad input): the micro-batch is computed again in halves down to one
 record, through the real step, and the released sum is the unsplit one; a record that does not fit alone is a
-one-line error before any noise is drawn or any parameter moves."""
+one-line error before any noise is drawn or any parameter moves. The step's running sum: every micro-batch's clipped
+sum is added into it in place, a sum once added has no gradients of its own, an addition that fails part-way starts
+the sum again, and the buffers a step hands back are the next step's, zeroed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from ewtune.accountant.errors import EwtuneError
 from ewtune.agent.dpsgd import DPSGDStep, PerExampleClipper, classification_loss
-from ewtune.agent.dpsgd.engine import batch_size_of
+from ewtune.agent.dpsgd.engine import ClippedSum, batch_size_of
 from ewtune.agent.dpsgd.randomness import InsecureSeededRandom
 from ewtune.agent.dpsgd.step import OutOfMemoryStepError
 
@@ -141,3 +144,65 @@ def test_other_runtime_errors_are_not_taken_for_out_of_memory(monkeypatch):
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         engine.noisy_gradient(_batch())
     assert len(limit.failed_sizes) == 1 and engine.physical_batch_size == 8
+
+
+def test_a_sum_added_into_a_running_sum_has_no_gradients_of_its_own():
+    model = _model()
+    clipper = PerExampleClipper(model, 0.5, classification_loss)
+    batch = {key: value[[0, 3, 5]] for key, value in _batch().items()}  # lengths 10, 10, 9: one padded length
+    running = clipper.clipped_grad_sum(batch).grads
+    added = clipper.clipped_grad_sum(batch)
+    added.add_to(running)
+    with pytest.raises(EwtuneError, match="added into a running sum"):
+        added.grads
+
+
+def test_running_out_of_memory_part_way_through_an_addition_starts_the_sum_again(monkeypatch):
+    """The attack on the release: an addition that fails half-way leaves part of a micro-batch in the running
+    sum; retrying that micro-batch alone would count those records' partial sums twice."""
+    model = _model()
+    unsplit_grads, unsplit = _engine(model, physical=8).noisy_gradient(_batch())
+    engine = _engine(model, physical=8)  # the same seeded noise
+    real_add_to = ClippedSum.add_to
+    attempts = []
+
+    def fails_half_way_once(self, sums):
+        attempts.append(len(attempts))
+        if len(attempts) == 1:
+            next(iter(sums.values())).add_(1.0)  # part of the sum went in
+            raise RuntimeError(CPU_OUT_OF_MEMORY)
+        return real_add_to(self, sums)
+
+    monkeypatch.setattr(ClippedSum, "add_to", fails_half_way_once)
+    grads, stats = engine.noisy_gradient(_batch())
+    assert len(attempts) > 1 and engine.physical_batch_size < 8
+    assert stats.examples == unsplit.examples and stats.micro_batches > unsplit.micro_batches
+    assert stats.loss_sum == pytest.approx(unsplit.loss_sum, rel=1e-5)
+    torch.testing.assert_close(stats.per_example_norms, unsplit.per_example_norms, rtol=1e-5, atol=1e-7)
+    for name, grad in unsplit_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_step_reuses_the_last_steps_buffers_zeroed():
+    """The running sums a step handed to the optimizer (released by zero_grad) are the next sums' buffers; what
+    they held must not leak into the next release."""
+    model = _model()
+    engine = _engine(model, physical=8)
+    engine.noise_multiplier = 0.0
+    handed_over = {}
+    real_optimizer_step = engine.optimizer.step
+
+    def record_then_step():
+        handed_over.update({name: p.grad for name, p in engine.clipper.params.items()})
+        real_optimizer_step()
+
+    engine.optimizer.step = record_then_step
+    engine.step(_batch())
+    later = {key: value[:5] for key, value in _batch().items()}
+    reused, _ = engine.noisy_gradient(later)
+    fresh_engine = _engine(model, physical=8)
+    fresh_engine.noise_multiplier = 0.0
+    fresh, _ = fresh_engine.noisy_gradient(later)
+    for name, grad in reused.items():
+        assert grad is handed_over[name]
+        torch.testing.assert_close(grad, fresh[name], rtol=1e-6, atol=1e-7)

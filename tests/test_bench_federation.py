@@ -4,7 +4,8 @@ requests counted inside the SuperLink, each holder's resident memory, and the ch
 import os
 import time
 
-from ewtune.bench.federation import SuperLinkCpu, nothing_lost, round_overheads
+from ewtune.accountant.signing import canonical_json
+from ewtune.bench.federation import SuperLinkCpu, committed_rounds, ledger_breakdown, nothing_lost, round_overheads
 from ewtune.bench.holder_memory import HolderMemory
 from ewtune.bench.superlink_requests import (
     RequestRecorder,
@@ -202,3 +203,35 @@ def test_nothing_lost_needs_every_round_every_reply_and_every_ledger_commit():
     check = nothing_lost(status, unrecorded, 2)
     assert not check["complete"] and check["ledger_commits"]["b"] == [2, 1]
     assert not nothing_lost({**status, "rounds_completed": 1}, holders, 2)["complete"]
+
+
+def _entry(seq, kind, second, **payload):
+    """An entry as the timing reads it (the breakdown reads verified ledgers; the signature is not its concern)."""
+    return {"seq": seq, "prev": "", "time": f"2026-12-05T03:00:{second:02d}.000000Z", "writer": "w", "kind": kind,
+            "payload": payload, "signature": ""}
+
+
+def _write_ledger(path, entries):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(canonical_json(entry).decode() + "\n" for entry in entries))
+
+
+def test_the_breakdown_times_each_training_round_from_both_ledgers_and_leaves_evaluations_and_other_runs_out(tmp_path):
+    _write_ledger(tmp_path / "coordinator" / "ledger.jsonl", [
+        _entry(1, "reserve", 0, holder="h0", run_id="r", round=1),
+        _entry(2, "reserve", 1, holder="h0", run_id="other", round=1),  # another run
+        _entry(3, "reserve", 1, holder="h1", run_id="r", round=1),  # another holder
+        _entry(4, "commit", 9, reservation=1, extra={}),
+        _entry(5, "commit", 9, reservation=2, extra={}),
+        _entry(6, "reserve", 10, holder="h0", run_id="r", round=2),
+        _entry(7, "commit", 11, reservation=6, extra={"purpose": "evaluation"}),  # an evaluation, not a round
+    ])
+    _write_ledger(tmp_path / "holders" / "h0" / "ledger.jsonl", [
+        _entry(1, "reserve", 2, run_id="r", round=1),  # a holder's own ledger names no holder: it is the writer
+        _entry(2, "commit", 7, reservation=1, extra={"receipt_sha256": "ab"}),
+    ])
+    committed = committed_rounds(tmp_path, "r", ["h0"])
+    assert {holder: (sorted(ours), sorted(own)) for holder, (ours, own) in committed.items()} == {"h0": ([1], [1])}
+    assert ledger_breakdown(committed) == [
+        {"round": 1, "holder": "h0", "deliver_seconds": 2.0, "train_seconds": 5.0, "return_seconds": 2.0}
+    ]

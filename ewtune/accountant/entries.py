@@ -106,12 +106,13 @@ class ReserveEntry:
     round: int | None
     event: Mapping[str, Any] | None
     stated: Mapping[str, Any]
+    time: str | None = None
 
     @classmethod
     def of(cls, entry: Entry) -> "ReserveEntry":
         seq, payload = _seq_and_payload(entry)
         return cls(seq, payload.get("holder"), payload.get("run_id"), payload.get("round"), payload.get("event"),
-                   _stated(payload))
+                   _stated(payload), entry.get("time"))
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,15 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ewtune.accountant.errors import InvalidInputError
 from ewtune.bench.report import machine, write
+
+if TYPE_CHECKING:
+    from ewtune.accountant.entries import CommitEntry, ReserveEntry
+
+    Rounds = dict[int, tuple[ReserveEntry, CommitEntry]]  # round -> (reserve, commit) of one holder in one ledger
 
 # name -> settings of the SuperNode, the ServerApp's reply polling and its object backoff, the weights' packing.
 CONFIGURATIONS = {
@@ -176,7 +181,7 @@ class SuperLinkCpu:
         return (self.at_rounds[last] - self.at_rounds[first]) / (last - first)
 
 
-def committed_rounds(work: Path, run_id: str, holders) -> dict[str, tuple[dict, dict]]:
+def committed_rounds(work: Path, run_id: str, holders) -> dict[str, tuple[Rounds, Rounds]]:
     """holder -> (round -> (reserve, commit) of its training in the coordinator's ledger, the same in its own)."""
     # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from ewtune.coordinator.ledger_crosscheck import read_entries
@@ -191,7 +196,7 @@ def committed_rounds(work: Path, run_id: str, holders) -> dict[str, tuple[dict, 
     }
 
 
-def nothing_lost(status: dict[str, Any], committed: dict[str, tuple[dict, dict]], rounds: int) -> dict[str, Any]:
+def nothing_lost(status: dict[str, Any], committed: dict[str, tuple[Rounds, Rounds]], rounds: int) -> dict[str, Any]:
     """Whether the run lost nothing: every round completed, every holder's reply accepted (committed) in every
     round, and ``rounds`` training commits per holder in the coordinator's ledger and in the holder's own."""
     holders = len(committed)
@@ -207,7 +212,7 @@ def nothing_lost(status: dict[str, Any], committed: dict[str, tuple[dict, dict]]
     }
 
 
-def ledger_breakdown(committed: dict[str, tuple[dict, dict]]) -> list[dict[str, Any]]:
+def ledger_breakdown(committed: dict[str, tuple[Rounds, Rounds]]) -> list[dict[str, Any]]:
     """Per round and holder, from the ledgers' timestamps (one clock, one machine): ``deliver`` = coordinator
     reserve -> holder reserve (Flower's delivery, the ClientApp, the daemon's evaluation, plan and budget
     checks), ``train`` = holder reserve -> holder commit (DP-SGD and the holder's ledger), ``return`` = holder
@@ -226,27 +231,25 @@ def ledger_breakdown(committed: dict[str, tuple[dict, dict]]) -> list[dict[str, 
     return rows
 
 
-def _reserve_commit_by_round(entries, run_id: str, holder: str) -> dict[int, tuple[dict, dict]]:
+def _reserve_commit_by_round(entries, run_id: str, holder: str) -> Rounds:
     """round -> (reserve, commit) of the training events of ``holder`` in ``run_id`` (evaluations left out)."""
     # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
+    from ewtune.accountant.entries import reservations_and_commits
     from ewtune.accountant.ledger_payloads import EVALUATION_PURPOSE
 
-    reserves = {
-        e["seq"]: e for e in entries
-        if e["kind"] == "reserve" and e["payload"]["run_id"] == run_id and e["payload"].get("holder", holder) == holder
+    reservations, commits = reservations_and_commits(entries)
+    reserves = {seq: r for seq, r in reservations.items() if r.run_id == run_id and (r.holder or holder) == holder}
+    return {
+        reserves[commit.reservation].round: (reserves[commit.reservation], commit) for commit in commits
+        if commit.reservation in reserves and commit.purpose != EVALUATION_PURPOSE
     }
-    commits = {
-        e["payload"]["reservation"]: e for e in entries
-        if e["kind"] == "commit" and e["payload"]["reservation"] in reserves and (e["payload"].get("extra") or {}).get("purpose") != EVALUATION_PURPOSE
-    }
-    return {reserves[seq]["payload"]["round"]: (reserves[seq], commit) for seq, commit in commits.items()}
 
 
-def _seconds(entry: dict) -> float:
+def _seconds(entry: ReserveEntry | CommitEntry) -> float:
     # deferred: ewtune/bench/cli.py imports every bench module to register its arguments; a benchmark loads its parts when run
     from ewtune.accountant.ledger_lines import parse_time
 
-    return parse_time(entry["time"]).timestamp()
+    return parse_time(entry.time).timestamp()
 
 
 def round_overheads(rounds: list[dict[str, Any]], breakdown: list[dict[str, Any]]) -> list[dict[str, Any]]:

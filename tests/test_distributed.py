@@ -15,7 +15,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +23,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as multiprocessing
 from scipy import stats
-from support.distributed import KILLING_LAUNCHER
+from support.distributed import KILLING_LAUNCHER, spawned_results
 from support.training import _holder_ledger as holder_ledger
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -145,18 +143,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
     """What each of the two gloo workers computed, by rank."""
     out_dir = tmp_path_factory.mktemp("workers")
-    multiprocessing.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    return spawned_results(_worker, out_dir, WORLD_SIZE)
 
 
 def test_two_workers_release_the_update_of_one_process_given_the_same_batches_and_noise(workers):

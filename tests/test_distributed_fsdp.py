@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as multiprocessing
+from support.distributed import spawned_results
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from ewtune.agent.distributed.group import WorkerFailed, WorkerGroup
@@ -222,18 +221,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
     """What each of the two gloo workers computed, by rank."""
     out_dir = tmp_path_factory.mktemp("fsdp_workers")
-    multiprocessing.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    return spawned_results(_worker, out_dir, WORLD_SIZE)
 
 
 def test_sharded_clipped_sums_and_norms_equal_the_unsharded_engine_on_the_same_records(workers):

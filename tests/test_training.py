@@ -32,7 +32,11 @@ def test_private_run_on_real_model_and_data_lowers_the_loss_within_its_certified
     from ewtune.accountant.certified import certified_epsilon
 
     torch.set_num_threads(1)
-    trainer = LocalTrainer(_config(minilm_1layer_dir, mr_csv, physical_batch_size=64))
+    # Seeded batches and noise (seed 0, the split it always had): under the secure source the loss's fall varied
+    # by chance (40 runs: mean 0.0143, sd 0.0026, least 0.0071), under 0.005 in about 1.6e-4 of runs. This checks
+    # the private step on a real model, not the noise: one replayed draw falls by 0.0165, which an update of the
+    # wrong sign (the loss rises) or none (it stays) cannot reach
+    trainer = LocalTrainer(_config(minilm_1layer_dir, mr_csv, physical_batch_size=64, insecure_seeded_randomness=True))
     rate, steps, target, delta = 0.2, 15, 8.0, 1e-5
     sigma = calibrate_noise_multiplier(target, delta, [(rate, steps)]).noise_multiplier
     before = trainer.evaluate()

@@ -126,7 +126,7 @@ def _noise_only_updates(group) -> list[torch.Tensor]:
 def _inclusions(group) -> torch.Tensor:
     """Test (c): which records this worker's sampler put in each step's batch (steps x records, 0/1). Each rank's
     draws are seeded (its own seed): the test is about the shards and the rate the sampler executes, and with the
-    secure source its six statistical bounds together failed about 2 runs in 10^4 by chance."""
+    secure source its four statistical bounds together failed about 2 runs in 10^4 by chance."""
     source = InsecureSeededRandom(SAMPLING["seed"] + group.rank)
     sampler = group.sampler(SAMPLING["records"], SAMPLING["rate"], SAMPLING["steps"], source)
     joins = torch.zeros(SAMPLING["steps"], SAMPLING["records"], dtype=torch.int8)

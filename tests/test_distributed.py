@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from scipy import stats
 from support.distributed import KILLING_LAUNCHER, spawned_results
+from support.training import INTERRUPTING_LAUNCHER
 from support.training import _holder_ledger as holder_ledger
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -208,8 +209,6 @@ def test_each_record_joins_each_step_with_probability_q_in_exactly_one_shard(wor
     assert sizes.var(ddof=1) == pytest.approx(SAMPLING["records"] * q * (1 - q), rel=0.15)
 
 
-
-
 def test_a_killed_worker_fails_the_run_in_one_line_with_the_steps_begun_charged(tiny_bert_dir, mr_csv, tmp_path):
     from ewtune.accountant.verify import verify_ledger
 
@@ -324,24 +323,6 @@ def test_a_worker_that_fails_to_start_is_one_line_before_anything_trains(tiny_be
     assert str(failure.value) == ("worker 1 of 2 exited with status 3: ImportError: no module named cuda_kernels, "
                                   "before the workers had joined")
     assert not dist.is_initialized() and torch.get_num_threads() == threads
-
-
-INTERRUPTING_LAUNCHER = """
-import os, signal, sys
-from ewtune.agent.dpsgd.step import DPSGDStep
-
-interrupt_at, original, calls = int(sys.argv[1]), DPSGDStep.step, []
-
-def interrupting(self, batch):
-    calls.append(1)
-    if len(calls) == interrupt_at:
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaches rank 0 (the workers run in sessions of their own)
-    return original(self, batch)
-
-DPSGDStep.step = interrupting
-from ewtune.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
 
 
 @pytest.mark.slow

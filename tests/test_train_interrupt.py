@@ -12,27 +12,9 @@ import sys
 from pathlib import Path
 
 from support.ledgers import read_entries as _entries
-from support.training import _argv, _holder_ledger
+from support.training import INTERRUPTING_LAUNCHER, _argv, _holder_ledger
 
 REPO = Path(__file__).resolve().parents[1]
-
-INTERRUPTING_LAUNCHER = """
-import os, signal, sys
-from ewtune.agent.dpsgd.step import DPSGDStep
-
-interrupt_at = int(sys.argv[1])
-original, calls = DPSGDStep.step, []
-
-def interrupting(self, batch):
-    calls.append(1)
-    if len(calls) == interrupt_at:
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while step interrupt_at runs
-    return original(self, batch)
-
-DPSGDStep.step = interrupting
-from ewtune.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
 
 
 def test_ctrl_c_charges_the_steps_that_began_and_leaves_no_open_reservation(tiny_bert_dir, mr_csv, tmp_path):

@@ -26,3 +26,28 @@ def _holder_ledger(tmp_path, epsilon):
     key.save(tmp_path / "ledger.key")
     Ledger.create(tmp_path / "ledger.jsonl", key, "holder", {"budget_epsilon": epsilon, "budget_delta": 1e-5}).close()
     return ["--ledger", str(tmp_path / "ledger.jsonl"), "--signing-key", str(tmp_path / "ledger.key")]
+
+
+# ``python -c INTERRUPTING_LAUNCHER <K> <ewtune argv...>``: ewtune sends itself SIGINT as its DP-SGD step K begins
+# (after the step's Poisson sample was drawn and its batch built; in a run of workers, rank 0, whose workers run in
+# sessions of their own). SIGINT is first given a terminal's disposition, unblocked and raising KeyboardInterrupt: a
+# blocked or ignored SIGINT is inherited across exec, and a test runner's process once passed one down in CI, so that
+# the Ctrl-C never arrived.
+INTERRUPTING_LAUNCHER = """
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from ewtune.agent.dpsgd.step import DPSGDStep
+
+interrupt_at, original, calls = int(sys.argv[1]), DPSGDStep.step, []
+
+def interrupting(self, batch):
+    calls.append(1)
+    if len(calls) == interrupt_at:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while step interrupt_at runs
+    return original(self, batch)
+
+DPSGDStep.step = interrupting
+from ewtune.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
